@@ -1,0 +1,214 @@
+"""Every tunable of braze-subs, in one class, read from the environment and a `.env` file.
+
+Environment variables override `.env`. Every default lives here, each with a comment that
+says why it is what it is. A missing or malformed value stops the process at start with one
+line that names the variable (`SettingsError`), never a traceback and never a late failure on
+the first request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Braze's published REST endpoints (SPEC.md). Braze adds instances over time, which is why
+# BRAZE_REST_ENDPOINT can always be given directly instead.
+INSTANCES: dict[str, str] = {
+    "US-01": "https://rest.iad-01.braze.com",
+    "US-02": "https://rest.iad-02.braze.com",
+    "US-03": "https://rest.iad-03.braze.com",
+    "US-04": "https://rest.iad-04.braze.com",
+    "US-05": "https://rest.iad-05.braze.com",
+    "US-06": "https://rest.iad-06.braze.com",
+    "US-08": "https://rest.iad-08.braze.com",
+    "EU-01": "https://rest.fra-01.braze.eu",
+    "EU-02": "https://rest.fra-02.braze.eu",
+}
+
+# Braze's hard cap on identifiers in one subscription-status request.
+BRAZE_MAX_IDENTIFIERS = 50
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        case_sensitive=False,
+        extra="ignore",
+        # Keep the secret out of reprs and validation errors.
+        hide_input_in_errors=True,
+    )
+
+    # --- Braze --------------------------------------------------------------------------
+    # REST API key with the subscription.status.set permission. Only processes that post
+    # need it (workers); producers and the CLI work without it. Secret: never logged.
+    braze_api_key: SecretStr | None = None
+    # Base URL of the workspace's REST API; plain http://127.0.0.1:PORT works for simulators.
+    braze_rest_endpoint: str | None = None
+    # Alternative to BRAZE_REST_ENDPOINT: an instance name from the INSTANCES table.
+    braze_instance: str | None = None
+    # Which endpoint this process posts to: v1 (one group per request) or v2 (several).
+    braze_api_version: Literal["v1", "v2"] = "v1"
+    # Requests allowed per window, shared by v1 and v2 (Braze's documented 5,000/minute).
+    braze_rate_limit: int = Field(default=5000, gt=0)
+    # Length of that window in seconds (Braze: one minute).
+    braze_rate_limit_window_seconds: float = Field(default=60.0, gt=0)
+    # Seconds for one HTTP exchange with Braze (connect + write + read). Braze answers in
+    # well under a second; ten leaves room for bad days without pinning a worker slot.
+    http_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    # --- Redis ----------------------------------------------------------------------------
+    # Broker, change buffer, limiter and dead letters all live in this one Redis.
+    redis_url: str = "redis://localhost:6379/0"
+    # Prefix of every key braze-subs writes, so it can share a Redis with other apps.
+    redis_key_prefix: str = Field(default="braze-subs", min_length=1)
+
+    # --- Batching -------------------------------------------------------------------------
+    # Identifiers per request; Braze allows 50 and full batches make the rate budget go
+    # furthest, so lower it only to test.
+    batch_max_identifiers: int = Field(default=BRAZE_MAX_IDENTIFIERS, ge=1)
+    # Period of the beat task that cuts pending changes into batches. One second keeps the
+    # latency low while each tick still sees enough changes to fill batches under load.
+    coalesce_interval_seconds: float = Field(default=1.0, gt=0)
+    # How long a partial batch may wait for company before it is sent anyway, counted from
+    # when its oldest change became due. Two ticks: enough to fill batches from a steady
+    # stream, short enough that a lone change still reaches Braze within seconds.
+    batch_linger_seconds: float = Field(default=2.0, ge=0)
+    # Most due changes one coalescer tick reads from the buffer. 20,000 is 400 full batches,
+    # more than a whole fleet can send in the time of a tick at Braze's limit.
+    coalesce_max_changes_per_tick: int = Field(default=20_000, ge=1)
+    # Most batches cut but not yet acknowledged. Beyond it the coalescer leaves changes in the
+    # buffer, where a newer change for the same identifier still replaces an older one for
+    # free. 500 is six seconds of requests at 5,000/minute: the queue never runs dry.
+    max_batches_in_flight: int = Field(default=500, ge=1)
+
+    # --- Delivery -------------------------------------------------------------------------
+    # Attempts per batch before its identifiers go to the dead-letter store. With the
+    # backoff below (base 2 s, doubling, full jitter, cap 300 s), 15 attempts span about
+    # 20 minutes on average: a real Braze outage of several minutes dead-letters nothing.
+    max_attempts: int = Field(default=15, ge=1)
+    # First backoff step in seconds; each further attempt doubles it, up to the cap.
+    retry_backoff_base_seconds: float = Field(default=2.0, gt=0)
+    # Cap of the exponential backoff between attempts.
+    retry_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    # How long a worker holds a batch it is posting before others may take it over. Must
+    # exceed the HTTP timeout so that a live request never runs beside its own take-over.
+    batch_claim_seconds: float = Field(default=60.0, gt=0)
+    # A batch whose task has not finished this long after it was sent to the queue is sent
+    # again by the coalescer's sweep (the message was lost, or its worker died).
+    batch_redispatch_seconds: float = Field(default=120.0, gt=0)
+
+    # --- Worker process -------------------------------------------------------------------
+    # Posting is I/O-bound: a thread pool of 16 keeps ~16 requests in the air per container,
+    # enough for Braze's whole budget at up to ~200 ms per request.
+    worker_concurrency: int = Field(default=16, ge=1)
+
+    # --- Logs -----------------------------------------------------------------------------
+    # Level of our own loggers.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "text" for people, "json" for log shippers.
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("braze_instance")
+    @classmethod
+    def _known_instance(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        name = value.strip().upper()
+        if name not in INSTANCES:
+            raise ValueError(f"unknown instance {value!r}; known: {', '.join(INSTANCES)}")
+        return name
+
+    @field_validator("braze_rest_endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        url = value.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return url
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("batch_max_identifiers")
+    @classmethod
+    def _braze_cap(cls, value: int) -> int:
+        if value > BRAZE_MAX_IDENTIFIERS:
+            raise ValueError(f"Braze accepts at most {BRAZE_MAX_IDENTIFIERS} identifiers")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        endpoint = self.braze_rest_endpoint
+        if self.braze_instance and endpoint and INSTANCES[self.braze_instance] != endpoint:
+            raise ValueError("BRAZE_INSTANCE: disagrees with BRAZE_REST_ENDPOINT; set one")
+        if self.batch_claim_seconds <= self.http_timeout_seconds:
+            raise ValueError("BATCH_CLAIM_SECONDS: must exceed HTTP_TIMEOUT_SECONDS")
+        return self
+
+    # --- Derived values -------------------------------------------------------------------
+
+    @property
+    def rest_endpoint(self) -> str | None:
+        """The REST base URL, from BRAZE_REST_ENDPOINT or BRAZE_INSTANCE."""
+        if self.braze_rest_endpoint:
+            return self.braze_rest_endpoint
+        if self.braze_instance:
+            return INSTANCES[self.braze_instance]
+        return None
+
+    @property
+    def workspace_id(self) -> str:
+        """A stable, non-secret name for the workspace: endpoint host + a hash of the key.
+
+        Used in Redis key names so that every process posting for one workspace shares one
+        rate budget, while the key itself never appears anywhere.
+        """
+        key = self.braze_api_key.get_secret_value() if self.braze_api_key else ""
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        host = urlsplit(self.rest_endpoint or "").netloc or "unset"
+        return f"{host}:{digest}"
+
+    def require_braze(self) -> None:
+        """Raise SettingsError unless this process can talk to Braze."""
+        if self.braze_api_key is None or not self.braze_api_key.get_secret_value().strip():
+            raise SettingsError("BRAZE_API_KEY: missing (required to post to Braze)")
+        if self.rest_endpoint is None:
+            raise SettingsError(
+                "BRAZE_REST_ENDPOINT: missing (set it, or BRAZE_INSTANCE, e.g. US-01)"
+            )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings, turning pydantic's report into one line that names the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        location = error.get("loc") or ()
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if location:  # a field error; model-level errors already name their variable
+            message = f"{str(location[0]).upper()}: {message}"
+        raise SettingsError(message) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

@@ -1,0 +1,1 @@
+"""Entry points: the producer API and the Celery tasks."""

@@ -1,0 +1,85 @@
+"""The producer API: put subscription changes into the buffer.
+
+    from tasks.producer import enqueue_change
+    enqueue_change(subscription_group_id="newsletter", subscription_state="unsubscribed",
+                   email="jane@example.com")
+
+Input uses the field names of an import row. Everything is validated before anything is
+written: invalid input raises and enqueues nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from worker.changes import Change, InvalidChange, parse_change
+from worker.services import services
+
+
+class ChangesRejected(ValueError):
+    """Some of the changes given to `enqueue_changes` are invalid; none was enqueued."""
+
+    def __init__(self, errors: list[tuple[int, InvalidChange]]) -> None:
+        self.errors = errors
+        shown = "; ".join(f"item {index}: {error}" for index, error in errors[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        super().__init__(f"{len(errors)} invalid change(s), nothing enqueued: {shown}{more}")
+
+
+def _without_none(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def enqueue_change(
+    *,
+    subscription_group_id: str,
+    subscription_state: str,
+    external_id: str | None = None,
+    email: str | None = None,
+    phone: str | None = None,
+    use_double_opt_in_logic: bool | None = None,
+    delay_seconds: float | None = None,
+) -> Change:
+    """Validate and enqueue one change; returns it normalised. Raises `InvalidChange`."""
+    change = parse_change(
+        _without_none(
+            {
+                "subscription_group_id": subscription_group_id,
+                "subscription_state": subscription_state,
+                "external_id": external_id,
+                "email": email,
+                "phone": phone,
+                "use_double_opt_in_logic": use_double_opt_in_logic,
+                "delay_seconds": delay_seconds,
+            }
+        )
+    )
+    services().buffer.enqueue([change])
+    return change
+
+
+def validate_changes(items: Iterable[Mapping[str, Any] | Change]) -> list[Change]:
+    """Parse every item; raise `ChangesRejected` listing every invalid one."""
+    changes: list[Change] = []
+    errors: list[tuple[int, InvalidChange]] = []
+    for index, item in enumerate(items):
+        if isinstance(item, Change):
+            changes.append(item)
+            continue
+        try:
+            changes.append(parse_change(_without_none(item)))
+        except InvalidChange as error:
+            errors.append((index, error))
+    if errors:
+        raise ChangesRejected(errors)
+    return changes
+
+
+def enqueue_changes(items: Iterable[Mapping[str, Any] | Change]) -> int:
+    """Validate all items, then enqueue them in order (later items win); returns the count.
+
+    One Redis round trip per chunk of changes. Raises `ChangesRejected` (listing every bad
+    item by index) and enqueues nothing if any item is invalid.
+    """
+    return services().buffer.enqueue(validate_changes(items))

@@ -1,0 +1,49 @@
+"""The Celery tasks, by the names other services and Flower see.
+
+- `subscriptions.record_change(**row)`: a producer in another service, sharing only the
+  broker, records one change (same keyword arguments as an import row).
+- `subscriptions.coalesce()`: the beat task that cuts due changes into batches.
+- `subscriptions.post_batch(batch_id)`: posts one batch; its message carries only the id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from celery import Task
+
+from tasks.producer import enqueue_change
+from worker.app import app
+from worker.coalescer import Coalescer
+from worker.poster import Poster
+from worker.services import services
+
+
+@app.task(name="subscriptions.record_change")
+def record_change(**row: Any) -> dict[str, Any]:
+    """Validate and enqueue one change. Invalid input fails the task with the reason."""
+    change = enqueue_change(**row)
+    # Flower shows the result: keep it free of the identifier itself.
+    return {"group": change.group_id, "state": change.state.value, "kind": change.kind.value}
+
+
+@app.task(name="subscriptions.coalesce")
+def coalesce() -> dict[str, Any]:
+    found = services()
+    coalescer = Coalescer(found.settings, found.buffer, found.batches, dispatch=_dispatch)
+    return asdict(coalescer.tick())
+
+
+def _dispatch(batch_id: str) -> None:
+    post_batch.apply_async(args=(batch_id,))
+
+
+@app.task(name="subscriptions.post_batch", bind=True, max_retries=None)
+def post_batch(self: Task, batch_id: str) -> dict[str, Any]:
+    found = services()
+    report = Poster(found.settings, found.batches, found.braze).post(batch_id)
+    if report.retry_in is not None:
+        # The attempt count lives in the batch record, so Celery's own count is not used.
+        raise self.retry(countdown=report.retry_in, max_retries=None)
+    return asdict(report)

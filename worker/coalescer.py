@@ -1,0 +1,88 @@
+"""One coalescer tick: sweep lost batches, then cut due changes into batches and send them.
+
+Runs as the beat task `subscriptions.coalesce`. Two beats by mistake are harmless: a Redis
+lock makes their ticks take turns, and even without it `take_batch.lua` lets each change
+enter one batch only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from config.settings import Settings
+from worker.batches import BatchStore
+from worker.batching import plan_batches
+from worker.buffer import Buffer, server_time_ms
+
+logger = logging.getLogger("braze_subs.coalescer")
+
+
+@dataclass(frozen=True, slots=True)
+class TickReport:
+    redispatched: int = 0
+    batches: int = 0
+    identifiers: int = 0
+    skipped: bool = False  # another tick held the lock
+
+
+class Coalescer:
+    def __init__(
+        self,
+        settings: Settings,
+        buffer: Buffer,
+        store: BatchStore,
+        dispatch: Callable[[str], object],
+    ) -> None:
+        self.settings = settings
+        self.buffer = buffer
+        self.store = store
+        self.dispatch = dispatch
+
+    def tick(self) -> TickReport:
+        settings = self.settings
+        lock = self.buffer.client.lock(
+            self.buffer.keys.coalesce_lock,
+            timeout=max(30.0, settings.coalesce_interval_seconds * 10),
+            blocking=False,
+        )
+        if not lock.acquire():
+            return TickReport(skipped=True)
+        try:
+            return self._tick()
+        finally:
+            lock.release()
+
+    def _tick(self) -> TickReport:
+        settings = self.settings
+        now_ms = server_time_ms(self.buffer.client)
+        redispatch_ms = round(settings.batch_redispatch_seconds * 1000)
+
+        # Batches whose task should long have finished: the message or its worker was lost.
+        overdue = self.store.overdue(now_ms)
+        for batch_id in overdue:
+            self.dispatch(batch_id)
+        self.store.postpone(overdue, now_ms + redispatch_ms)
+        if overdue:
+            logger.warning("re-dispatched %d batches whose task was lost", len(overdue))
+
+        budget = settings.max_batches_in_flight - self.store.count()
+        if budget <= 0:
+            return TickReport(redispatched=len(overdue))
+        limit = min(settings.coalesce_max_changes_per_tick, budget * settings.batch_max_identifiers)
+        changes, _more = self.buffer.read_due(now_ms, limit)
+        plan = plan_batches(
+            changes,
+            now_ms=now_ms,
+            max_identifiers=settings.batch_max_identifiers,
+            linger_ms=round(settings.batch_linger_seconds * 1000),
+            max_batches=budget,
+        )
+        taken = self.buffer.take(plan, redispatch_ms)
+        for batch_id, _size in taken:
+            self.dispatch(batch_id)
+        identifiers = sum(size for _batch_id, size in taken)
+        if taken:
+            logger.info("cut %d batches holding %d identifiers", len(taken), identifiers)
+        return TickReport(redispatched=len(overdue), batches=len(taken), identifiers=identifiers)

@@ -1,0 +1,93 @@
+"""The Redis key names braze-subs uses, in one place.
+
+Every key carries the configured prefix inside a hash tag (`{prefix}:...`), so that on a
+Redis Cluster all of them live in one slot and the Lua scripts may touch any of them.
+No key name ever contains the API key: the workspace is named by `Settings.workspace_id`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Separates group, identifier kind and value in a buffer field. Validation refuses control
+# characters in group ids and external ids, and emails and E.164 phones cannot hold them,
+# so the separator never occurs inside a part.
+FIELD_SEPARATOR = "\x1f"
+
+
+def buffer_field(group_id: str, kind: str, value: str) -> str:
+    """The buffer slot of one identifier in one group: its last change lives here."""
+    return f"{group_id}{FIELD_SEPARATOR}{kind}{FIELD_SEPARATOR}{value}"
+
+
+def split_field(field: str) -> tuple[str, str, str]:
+    group_id, kind, value = field.split(FIELD_SEPARATOR, 2)
+    return group_id, kind, value
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one prefix."""
+
+    prefix: str
+
+    def _key(self, name: str) -> str:
+        return f"{{{self.prefix}}}:{name}"
+
+    @property
+    def seq(self) -> str:
+        """STRING counter: the sequence number of every enqueued change."""
+        return self._key("seq")
+
+    @property
+    def pending(self) -> str:
+        """HASH buffer field -> the newest change for it not yet taken into a batch."""
+        return self._key("pending")
+
+    @property
+    def due(self) -> str:
+        """ZSET buffer field -> due time (ms); holds exactly the pending fields not locked."""
+        return self._key("due")
+
+    @property
+    def inflight(self) -> str:
+        """HASH buffer field -> id of the one unacknowledged batch that holds it."""
+        return self._key("inflight")
+
+    @property
+    def batches(self) -> str:
+        """ZSET batch id -> time (ms) after which the sweep dispatches it again."""
+        return self._key("batches")
+
+    def batch(self, batch_id: str) -> str:
+        """STRING JSON record of one batch, written when its changes leave the buffer."""
+        return self._key(f"batch:{batch_id}")
+
+    def claim(self, batch_id: str) -> str:
+        """STRING token of the worker posting the batch now; expires with its lease."""
+        return self._key(f"claim:{batch_id}")
+
+    @property
+    def dead_letters(self) -> str:
+        """HASH dead-letter entry id -> JSON entry."""
+        return self._key("dlq")
+
+    @property
+    def dead_letter_index(self) -> str:
+        """ZSET dead-letter entry id -> time it was dead-lettered (ms)."""
+        return self._key("dlq:index")
+
+    @property
+    def dead_letter_identifiers(self) -> str:
+        """STRING count of identifiers held in the dead-letter store."""
+        return self._key("dlq:identifiers")
+
+    @property
+    def stats(self) -> str:
+        """HASH counters since start: enqueued, batches, identifiers_sent, requests..."""
+        return self._key("stats")
+
+    @property
+    def coalesce_lock(self) -> str:
+        """STRING held by the coalescer tick in progress (saves duplicate work)."""
+        return self._key("coalesce:lock")

@@ -1,0 +1,33 @@
+"""Logging for every braze-subs process: text for people, JSON (LOG_FORMAT=json) for shippers."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pythonjsonlogger.json import JsonFormatter
+
+from config.settings import Settings
+
+LOGGER_NAME = "braze_subs"
+
+
+def configure_logging(settings: Settings) -> None:
+    """Give our `braze_subs.*` loggers one handler on stderr, in the configured format."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if any(getattr(handler, "_braze_subs", False) for handler in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler._braze_subs = True  # type: ignore[attr-defined]
+    if settings.log_format == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(settings.log_level)
+    logger.propagate = False
