@@ -51,7 +51,6 @@ def create_app(settings: Settings) -> Celery:
         },
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
-        worker_hijack_root_logger=False,
         # Task events for Flower.
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -1,0 +1,136 @@
+"""The Braze endpoints: v1/v2 `subscription/status/set` and `subscription/status/get`.
+
+A subscription post goes through: latency fault, auth (401), outage fault (503), the rate
+limit (429; from here on the request counts in the window, as at Braze), error-rate fault
+(500), reject fault (400), body validation (400), then the state change (201). The answer is
+logged and counted, then held while the `hold` fault is on. Every answer carries the
+X-RateLimit-* headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from simulator.hold import HoldGate
+from simulator.model import Endpoint, Kind, ValidatedRequest
+from simulator.ratelimit import WindowStatus
+from simulator.state import Outcome, RequestRecord, SimulatorState
+from simulator.validation import collect_identifiers, validate
+
+_NOT_JSON = object()
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header, None when absent or malformed."""
+    if not authorization:
+        return None
+    scheme, _, key = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return None
+    return key.strip()
+
+
+def _parse_json(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return _NOT_JSON
+
+
+class BrazeApi:
+    """Request handlers bound to one simulator state."""
+
+    def __init__(self, state: SimulatorState, gate: HoldGate) -> None:
+        self._state = state
+        self._gate = gate
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/subscription/status/set", self.post_v1, methods=["POST"]),
+            Route("/v2/subscription/status/set", self.post_v2, methods=["POST"]),
+            Route("/subscription/status/get", self.get_status, methods=["GET"]),
+        ]
+
+    async def post_v1(self, request: Request) -> Response:
+        return await self._post(request, "v1")
+
+    async def post_v2(self, request: Request) -> Response:
+        return await self._post(request, "v2")
+
+    async def _post(self, request: Request, endpoint: Endpoint) -> Response:
+        latency_ms = self._state.faults().latency_ms
+        if latency_ms > 0:
+            await asyncio.sleep(latency_ms / 1000)
+        raw = await request.body()
+        response = self._answer(endpoint, raw, request.headers.get("authorization"))
+        await self._gate.wait()
+        return response
+
+    def _answer(self, endpoint: Endpoint, raw: bytes, authorization: str | None) -> Response:
+        state = self._state
+        now = state.now()
+        body = _parse_json(raw)
+        identifiers, entries = collect_identifiers(endpoint, body)
+        distinct = len(set(identifiers))
+
+        def reply(
+            status: int,
+            message: str,
+            outcome: Outcome,
+            window: WindowStatus,
+            validated: ValidatedRequest | None = None,
+        ) -> Response:
+            record = RequestRecord(now, endpoint, distinct, entries, status)
+            state.finish(record, outcome, validated)
+            return JSONResponse({"message": message}, status, headers=window.headers())
+
+        if not state.authorize(bearer_key(authorization)):
+            message = "Invalid API key: missing or not recognised"
+            return reply(401, message, Outcome.UNAUTHORIZED, state.peek_window(now))
+        if state.faults().outage:
+            message = "Service unavailable (simulated outage)"
+            return reply(503, message, Outcome.SERVER_ERROR, state.peek_window(now))
+        window = state.consume(now)
+        if not window.allowed:
+            return reply(429, "Rate limit exceeded", Outcome.RATE_LIMITED, window)
+        if state.roll_server_error():
+            message = "Internal server error (simulated)"
+            return reply(500, message, Outcome.SERVER_ERROR, window)
+        rejected = state.rejected_identifier(identifiers)
+        if rejected is not None:
+            kind, value = rejected
+            return reply(400, f"Invalid {kind}: {value}", Outcome.REJECTED, window)
+        if body is _NOT_JSON:
+            return reply(400, "Request body must be valid JSON", Outcome.MALFORMED, window)
+        result = validate(endpoint, body, state.validation_rules())
+        if isinstance(result, str):
+            return reply(400, result, Outcome.MALFORMED, window)
+        return reply(201, "success", Outcome.OK, window, result)
+
+    async def get_status(self, request: Request) -> Response:
+        """`GET /subscription/status/get`: not counted against the status/set budget."""
+        state = self._state
+        if not state.authorize(bearer_key(request.headers.get("authorization"))):
+            return _error(401, "Invalid API key: missing or not recognised")
+        params = request.query_params
+        group = params.get("subscription_group_id")
+        if not group:
+            return _error(400, "Missing subscription_group_id")
+        if state.group_channel(group) is None and not state.config.auto_groups:
+            return _error(400, f"Unknown subscription_group_id: {group}")
+        kinds: tuple[Kind, ...] = ("external_id", "email", "phone")
+        identifiers = [(kind, value) for kind in kinds for value in params.getlist(kind)]
+        if not identifiers:
+            return _error(400, "One of external_id, email or phone is required")
+        status: dict[str, Any] = state.lookup(group, identifiers)
+        return JSONResponse({"status": status, "message": "success"})
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"message": message}, status)

@@ -1,0 +1,307 @@
+"""Validation of v1 and v2 `subscription/status/set` bodies, as SPEC.md describes Braze's rules.
+
+Pure functions: `validate_v1` and `validate_v2` return either a `ValidatedRequest` or the
+error message Braze would put in `{"message": ...}` of its 400 answer. Messages naming one bad
+identifier read `Invalid <kind>: <value>` (kind: external_id, email or phone).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import cast
+
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+
+from simulator.model import (
+    SUBSCRIPTION_STATES,
+    Channel,
+    Endpoint,
+    Kind,
+    SubscriptionState,
+    Update,
+    ValidatedRequest,
+)
+
+BOTH_EMAIL_AND_PHONE = "Either an email address or a phone number should be provided, but not both."
+MAX_PER_LIST = 50
+
+E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+
+V1_IDENTIFIER_FIELDS: dict[str, Kind] = {
+    "external_id": "external_id",
+    "email": "email",
+    "phone": "phone",
+}
+V2_IDENTIFIER_FIELDS: dict[str, Kind] = {
+    "external_ids": "external_id",
+    "emails": "email",
+    "phones": "phone",
+}
+_COMMON_FIELDS = ("subscription_group_id", "subscription_state", "use_double_opt_in_logic")
+V1_FIELDS = frozenset((*_COMMON_FIELDS, *V1_IDENTIFIER_FIELDS))
+V2_ENTRY_FIELDS = frozenset((*_COMMON_FIELDS, *V2_IDENTIFIER_FIELDS))
+V2_FIELDS = frozenset(("subscription_groups",))
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRules:
+    """What validation needs to know about the workspace."""
+
+    groups: Mapping[str, Channel]
+    auto_groups: bool = False
+    max_identifiers: int = 50
+
+
+class _Invalid(Exception):
+    """Raised inside this module; turned into the returned message."""
+
+
+def validate_v1(body: object, rules: GroupRules) -> ValidatedRequest | str:
+    """Validate a v1 body; return the normalised request or Braze's error message."""
+    try:
+        return _validate_v1(body, rules)
+    except _Invalid as error:
+        return str(error)
+
+
+def validate_v2(body: object, rules: GroupRules) -> ValidatedRequest | str:
+    """Validate a v2 body; return the normalised request or Braze's error message."""
+    try:
+        return _validate_v2(body, rules)
+    except _Invalid as error:
+        return str(error)
+
+
+def validate(endpoint: Endpoint, body: object, rules: GroupRules) -> ValidatedRequest | str:
+    """Validate a body for `endpoint` ("v1" or "v2")."""
+    return validate_v1(body, rules) if endpoint == "v1" else validate_v2(body, rules)
+
+
+def collect_identifiers(endpoint: Endpoint, body: object) -> tuple[list[tuple[Kind, str]], int]:
+    """Leniently list the (kind, value) identifiers of a body and count its entries.
+
+    For bodies that may be invalid: used for the request log and the `reject` fault,
+    both of which act before validation. Anything malformed is skipped.
+    """
+    if not isinstance(body, dict):
+        return [], 0
+    if endpoint == "v1":
+        return _lenient_identifiers(body, V1_IDENTIFIER_FIELDS), 1
+    entries = body.get("subscription_groups")
+    if not isinstance(entries, list):
+        return [], 0
+    found: list[tuple[Kind, str]] = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            found.extend(_lenient_identifiers(entry, V2_IDENTIFIER_FIELDS))
+    return found, len(entries)
+
+
+def _lenient_identifiers(obj: dict[str, object], fields: dict[str, Kind]) -> list[tuple[Kind, str]]:
+    found: list[tuple[Kind, str]] = []
+    for field, kind in fields.items():
+        value = obj.get(field)
+        if isinstance(value, str):
+            found.append((kind, value))
+        elif isinstance(value, list):
+            found.extend((kind, item) for item in value if isinstance(item, str))
+    return found
+
+
+def _validate_v1(body: object, rules: GroupRules) -> ValidatedRequest:
+    obj = _require_object(body, "Request body must be a JSON object")
+    _reject_unknown_fields(obj, V1_FIELDS, prefix="")
+    group, state, double_opt_in = _common_fields(obj, prefix="")
+    if "email" in obj and "phone" in obj:
+        raise _Invalid(BOTH_EMAIL_AND_PHONE)
+    lists = _identifier_lists(obj, V1_IDENTIFIER_FIELDS, rules, allow_string=True, prefix="")
+    learned: dict[str, Channel] = {}
+    _check_group(group, lists, rules, learned, prefix="")
+    _check_values(lists)
+    updates = _updates(group, state, double_opt_in, lists)
+    distinct = {(u.kind, u.value) for u in updates}
+    return ValidatedRequest(tuple(updates), len(distinct), 1, learned)
+
+
+def _validate_v2(body: object, rules: GroupRules) -> ValidatedRequest:
+    obj = _require_object(body, "Request body must be a JSON object")
+    _reject_unknown_fields(obj, V2_FIELDS, prefix="")
+    if "subscription_groups" not in obj:
+        raise _Invalid("Missing subscription_groups")
+    entries = obj["subscription_groups"]
+    if not isinstance(entries, list) or not entries:
+        raise _Invalid("subscription_groups must be a non-empty array")
+    learned: dict[str, Channel] = {}
+    updates: list[Update] = []
+    distinct: set[tuple[Kind, str]] = set()
+    channels_used: set[Channel] = set()
+    has_contacts = False
+    for index, raw_entry in enumerate(entries):
+        prefix = f"subscription_groups[{index}]: "
+        entry = _require_object(raw_entry, f"subscription_groups[{index}] must be an object")
+        _reject_unknown_fields(entry, V2_ENTRY_FIELDS, prefix=prefix)
+        group, state, double_opt_in = _common_fields(entry, prefix=prefix)
+        if "emails" in entry and "phones" in entry:
+            raise _Invalid(prefix + BOTH_EMAIL_AND_PHONE)
+        lists = _identifier_lists(
+            entry, V2_IDENTIFIER_FIELDS, rules, allow_string=False, prefix=prefix
+        )
+        channel = _check_group(group, lists, rules, learned, prefix=prefix)
+        if channel is not None:
+            channels_used.add(channel)
+        has_contacts = has_contacts or "email" in lists or "phone" in lists
+        _check_values(lists)
+        entry_updates = _updates(group, state, double_opt_in, lists)
+        distinct.update((u.kind, u.value) for u in entry_updates)
+        if len(distinct) > rules.max_identifiers:
+            raise _Invalid(
+                f"Too many identifiers: more than {rules.max_identifiers} distinct identifiers "
+                f"in one request, at most {rules.max_identifiers} are allowed"
+            )
+        updates.extend(entry_updates)
+    if has_contacts and len(channels_used) > 1:
+        raise _Invalid(
+            "A request with emails or phones cannot mix email and SMS subscription groups"
+        )
+    return ValidatedRequest(tuple(updates), len(distinct), len(entries), learned)
+
+
+def _require_object(value: object, message: str) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise _Invalid(message)
+    return value
+
+
+def _reject_unknown_fields(obj: dict[str, object], allowed: frozenset[str], prefix: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise _Invalid(f"{prefix}Unknown field: {key}")
+
+
+def _common_fields(obj: dict[str, object], prefix: str) -> tuple[str, SubscriptionState, bool]:
+    if "subscription_group_id" not in obj:
+        raise _Invalid(f"{prefix}Missing subscription_group_id")
+    group = obj["subscription_group_id"]
+    if not isinstance(group, str) or not group:
+        raise _Invalid(f"{prefix}subscription_group_id must be a non-empty string")
+    if "subscription_state" not in obj:
+        raise _Invalid(f"{prefix}Missing subscription_state")
+    state = obj["subscription_state"]
+    if state not in SUBSCRIPTION_STATES:
+        raise _Invalid(f"{prefix}subscription_state must be 'subscribed' or 'unsubscribed'")
+    double_opt_in = obj.get("use_double_opt_in_logic", False)
+    if not isinstance(double_opt_in, bool):
+        raise _Invalid(f"{prefix}use_double_opt_in_logic must be a boolean")
+    return group, cast(SubscriptionState, state), double_opt_in
+
+
+def _identifier_lists(
+    obj: dict[str, object],
+    fields: dict[str, Kind],
+    rules: GroupRules,
+    *,
+    allow_string: bool,
+    prefix: str,
+) -> dict[Kind, list[str]]:
+    limit = min(MAX_PER_LIST, rules.max_identifiers)
+    lists: dict[Kind, list[str]] = {}
+    for field, kind in fields.items():
+        if field not in obj:
+            continue
+        value = obj[field]
+        if allow_string and isinstance(value, str):
+            items: list[object] = [value]
+        elif isinstance(value, list):
+            items = value
+        else:
+            expected = "a string or an array of strings" if allow_string else "an array of strings"
+            raise _Invalid(f"{prefix}{field} must be {expected}")
+        if not items:
+            raise _Invalid(f"{prefix}{field} must not be empty")
+        if len(items) > limit:
+            raise _Invalid(
+                f"{prefix}Too many identifiers: {field} holds {len(items)}, "
+                f"at most {limit} are allowed"
+            )
+        for item in items:
+            if not isinstance(item, str):
+                raise _Invalid(f"{prefix}{field} must contain only strings")
+            if not item:
+                raise _Invalid(f"{prefix}{field} must not contain empty strings")
+        lists[kind] = cast(list[str], items)
+    if not lists:
+        names = ", ".join(fields)
+        raise _Invalid(f"{prefix}One of {names} is required")
+    return lists
+
+
+def _check_group(
+    group: str,
+    lists: dict[Kind, list[str]],
+    rules: GroupRules,
+    learned: dict[str, Channel],
+    prefix: str,
+) -> Channel | None:
+    """Check the identifier kinds fit the group's channel; return that channel if known."""
+    channel = rules.groups.get(group) or learned.get(group)
+    if channel is None:
+        if not rules.auto_groups:
+            raise _Invalid(f"{prefix}Unknown subscription_group_id: {group}")
+        if "email" in lists:
+            channel = learned[group] = "email"
+        elif "phone" in lists:
+            channel = learned[group] = "sms"
+    if channel == "sms" and "email" in lists:
+        raise _Invalid(
+            f"{prefix}Subscription group {group} is an SMS group: emails are not accepted"
+        )
+    if channel == "email" and "phone" in lists:
+        raise _Invalid(
+            f"{prefix}Subscription group {group} is an email group: phones are not accepted"
+        )
+    return channel
+
+
+def _check_values(lists: dict[Kind, list[str]]) -> None:
+    for value in lists.get("email", ()):
+        if not is_valid_email(value):
+            raise _Invalid(f"Invalid email: {value}")
+    for value in lists.get("phone", ()):
+        if not is_valid_phone(value):
+            raise _Invalid(f"Invalid phone: {value}")
+
+
+def _updates(
+    group: str, state: SubscriptionState, double_opt_in: bool, lists: dict[Kind, list[str]]
+) -> list[Update]:
+    updates: list[Update] = []
+    for kind, values in lists.items():
+        for value in dict.fromkeys(values):  # duplicates within a list are fine; apply once
+            updates.append(Update(group, state, kind, value, double_opt_in))
+    return updates
+
+
+@lru_cache(maxsize=65536)
+def is_valid_email(value: str) -> bool:
+    """Syntactic check (no DNS), as Braze would reject an unusable address."""
+    try:
+        validate_email(value, check_deliverability=False)
+    except EmailNotValidError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=65536)
+def is_valid_phone(value: str) -> bool:
+    """E.164 (`+` then up to 15 digits) that phonenumbers parses as a possible number."""
+    if not E164.match(value):
+        return False
+    try:
+        number = phonenumbers.parse(value)
+    except phonenumbers.NumberParseException:
+        return False
+    return phonenumbers.is_possible_number(number)

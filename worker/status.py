@@ -1,0 +1,60 @@
+"""Where the work stands, read from Redis in one round trip and without scanning big keys."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from redis import Redis
+
+from worker.buffer import server_time_ms
+from worker.keys import Keys
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    pending: int  # distinct group + identifier pairs waiting, not yet in a batch
+    due_now: int  # of those, the ones due (the rest wait for their delay or for a lock)
+    oldest_due_age_seconds: float | None  # how long the oldest due change has waited
+    in_flight: int  # identifiers in batches not yet acknowledged by Braze
+    batches_in_flight: int
+    dead_letter: int  # identifiers in the dead-letter store
+    dead_letter_entries: int
+    enqueued_total: int
+    batches_total: int
+    delivered_total: int
+    dead_lettered_total: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_status(client: Redis, keys: Keys) -> Status:
+    now_ms = server_time_ms(client)
+    pipe = client.pipeline(transaction=False)
+    pipe.hlen(keys.pending)
+    pipe.zcount(keys.due, "-inf", now_ms)
+    pipe.zrange(keys.due, 0, 0, withscores=True)
+    pipe.hlen(keys.inflight)
+    pipe.zcard(keys.batches)
+    pipe.get(keys.dead_letter_identifiers)
+    pipe.hlen(keys.dead_letters)
+    pipe.hgetall(keys.stats)
+    pending, due_now, oldest, inflight, batches, dlq_ids, dlq_entries, stats = pipe.execute()
+    oldest_age = None
+    if oldest and oldest[0][1] <= now_ms:
+        oldest_age = round((now_ms - oldest[0][1]) / 1000, 3)
+    counters = {name.decode(): int(value) for name, value in stats.items()}
+    return Status(
+        pending=int(pending),
+        due_now=int(due_now),
+        oldest_due_age_seconds=oldest_age,
+        in_flight=int(inflight),
+        batches_in_flight=int(batches),
+        dead_letter=int(dlq_ids or 0),
+        dead_letter_entries=int(dlq_entries),
+        enqueued_total=counters.get("enqueued", 0),
+        batches_total=counters.get("batches", 0),
+        delivered_total=counters.get("delivered", 0),
+        dead_lettered_total=counters.get("dead_lettered", 0),
+    )
