@@ -8,6 +8,7 @@ simulator, and flushes Redis afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -144,10 +145,8 @@ class Processes:
         return self.start("beat", "--loglevel", "INFO", name=name)
 
     def kill(self, process: Any, sig: int = signal.SIGKILL) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
         process.wait(timeout=30)
 
     def stop_all(self) -> None:

@@ -58,9 +58,7 @@ def test_thousands_of_flipping_changes_end_in_last_written_state(env, sim, proce
             group = rng.choice(GROUPS[kind])
             value = identifier(kind, rng.randrange(600))
             state = rng.choice(["subscribed", "unsubscribed"])
-            rows.append(
-                {"subscription_group_id": group, "subscription_state": state, kind: value}
-            )
+            rows.append({"subscription_group_id": group, "subscription_state": state, kind: value})
             expected[(group, kind, value)] = state
         enqueue_changes(rows)
         # Let the coalescer cut part of this wave before the next one flips it again.

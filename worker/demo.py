@@ -63,8 +63,19 @@ def local_redis(workdir: Path) -> Iterator[str]:
         raise DemoError("redis-server not found; run ./dev demo, which installs it")
     port = free_port()
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -168,8 +179,11 @@ def run_demo(*, changes: int, console: Console, out: Console) -> None:
         waves = 4
         per_wave = -(-len(rows) // waves)
         with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=console,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
         ) as bar:
             task = bar.add_task("enqueued", total=len(rows))
             for start in range(0, len(rows), per_wave):
@@ -213,9 +227,7 @@ def run_demo(*, changes: int, console: Console, out: Console) -> None:
         table.add_row("distinct group + identifier pairs", f"{len(expected):,}")
         table.add_row("requests accepted (201)", f"{len(requests):,}")
         table.add_row("identifiers posted", f"{identifiers:,}")
-        table.add_row(
-            "identifiers per request", f"{identifiers / max(1, len(requests)):.1f}"
-        )
+        table.add_row("identifiers per request", f"{identifiers / max(1, len(requests)):.1f}")
         table.add_row("malformed requests", str(stats["malformed"]))
         table.add_row("429 answers", str(stats["rate_limited_429"]))
         table.add_row(
