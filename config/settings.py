@@ -46,6 +46,8 @@ class Settings(BaseSettings):
         extra="ignore",
         # Keep the secret out of reprs and validation errors.
         hide_input_in_errors=True,
+        # inf and nan are never meaningful here.
+        allow_inf_nan=False,
     )
 
     # --- Braze --------------------------------------------------------------------------
@@ -62,6 +64,17 @@ class Settings(BaseSettings):
     braze_rate_limit: int = Field(default=5000, gt=0)
     # Length of that window in seconds (Braze: one minute).
     braze_rate_limit_window_seconds: float = Field(default=60.0, gt=0)
+    # Share of the limit never spent: room for the jitter between when we send and when
+    # Braze counts. 2 % keeps every window under the limit while sustaining 97 % of it.
+    rate_limit_headroom: float = Field(default=0.02, ge=0, lt=0.5)
+    # Requests that may go at once after a quiet spell, as a share of the limit (at least
+    # one). Small, because every request of a burst is one fewer for the steady rate.
+    rate_limit_burst_fraction: float = Field(default=0.01, ge=0, lt=0.5)
+    # Longest a worker waits for its turn inside its task slot. A turn further off re-queues
+    # the batch with a countdown instead (not counted as an attempt). Two seconds covers a
+    # fleet of ~160 threads at 5,000/minute without re-queueing, and frees slots during a
+    # pause after a 429.
+    token_wait_max_seconds: float = Field(default=2.0, gt=0)
     # Seconds for one HTTP exchange with Braze (connect + write + read). Braze answers in
     # well under a second; ten leaves room for bad days without pinning a worker slot.
     http_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -125,7 +138,8 @@ class Settings(BaseSettings):
             return None
         name = value.strip().upper()
         if name not in INSTANCES:
-            raise ValueError(f"unknown instance {value!r}; known: {', '.join(INSTANCES)}")
+            # The value is not echoed: a key pasted into the wrong variable stays secret.
+            raise ValueError(f"not a known instance; known: {', '.join(INSTANCES)}")
         return name
 
     @field_validator("braze_rest_endpoint")

@@ -35,14 +35,15 @@ def coalesce() -> dict[str, Any]:
     return asdict(coalescer.tick())
 
 
-def _dispatch(batch_id: str) -> None:
-    post_batch.apply_async(args=(batch_id,))
+def _dispatch(batch_id: str, countdown: float = 0.0) -> None:
+    post_batch.apply_async(args=(batch_id,), countdown=countdown or None)
 
 
 @app.task(name="subscriptions.post_batch", bind=True, max_retries=None)
 def post_batch(self: Task, batch_id: str) -> dict[str, Any]:
     found = services()
-    report = Poster(found.settings, found.batches, found.braze).post(batch_id)
+    poster = Poster(found.settings, found.batches, found.braze, found.limiter, dispatch=_dispatch)
+    report = poster.post(batch_id)
     if report.retry_in is not None:
         # The attempt count lives in the batch record, so Celery's own count is not used.
         raise self.retry(countdown=report.retry_in, max_retries=None)

@@ -27,6 +27,7 @@ class BatchRecord:
     attempts: int
     created_ms: int
     last_error: str | None = None
+    pack: tuple[str, ...] = ()  # ids of the batches planned to share one v2 request
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> BatchRecord:
@@ -43,6 +44,8 @@ class BatchRecord:
             attempts=int(data["attempts"]),
             created_ms=int(data["created"]),
             last_error=data.get("error"),
+            # Lua's cjson writes an empty list as {}.
+            pack=tuple(data.get("pack") or ()),
         )
 
     @property

@@ -100,3 +100,48 @@ def plan_batches(
     # Oldest first, so that under back-pressure no key waits behind a busier one forever.
     planned.sort(key=lambda batch: (batch.oldest_due_ms, batch.key))
     return planned if max_batches is None else planned[: max(0, max_batches)]
+
+
+# Most entries (groups) in one v2 request. SPEC.md sets no number; 50 keeps a request's
+# size in line with v1's 50 identifiers.
+MAX_PACK_ENTRIES = 50
+
+
+def pack_batches(
+    batches: Iterable[PlannedBatch],
+    *,
+    max_identifiers: int,
+    max_entries: int = MAX_PACK_ENTRIES,
+) -> list[list[PlannedBatch]]:
+    """Group batches into packs that one v2 request can carry together.
+
+    A pack holds batches of one identifier kind only (SPEC: a request with emails or phones
+    cannot mix email and SMS groups; one kind per request is always safe), at most
+    `max_identifiers` distinct identifiers in all (the same user in several groups counts
+    once), no group twice, and at most `max_entries` batches. Batches with the same members
+    sort next to each other, so "the same users changed several groups" packs fully.
+    """
+    packs: list[list[PlannedBatch]] = []
+    ordered = sorted(batches, key=lambda b: (b.key.kind, tuple(m.value for m in b.members), b.key))
+    current: list[PlannedBatch] = []
+    values: set[str] = set()
+    groups: set[str] = set()
+    for batch in ordered:
+        batch_values = {member.value for member in batch.members}
+        fits = (
+            current
+            and current[0].key.kind == batch.key.kind
+            and len(current) < max_entries
+            and batch.key.group_id not in groups
+            and len(values | batch_values) <= max_identifiers
+        )
+        if not fits:
+            if current:
+                packs.append(current)
+            current, values, groups = [], set(), set()
+        current.append(batch)
+        values |= batch_values
+        groups.add(batch.key.group_id)
+    if current:
+        packs.append(current)
+    return packs

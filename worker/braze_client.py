@@ -29,6 +29,25 @@ def v1_body(key: BatchKey, values: tuple[str, ...] | list[str]) -> dict[str, Any
     return body
 
 
+# v2 names each identifier list in the plural.
+V2_LIST_NAMES = {"external_id": "external_ids", "email": "emails", "phone": "phones"}
+
+
+def v2_body(entries: list[tuple[BatchKey, tuple[str, ...]]]) -> dict[str, Any]:
+    """The body of one v2 request: several (group, state) entries."""
+    groups: list[dict[str, Any]] = []
+    for key, values in entries:
+        entry: dict[str, Any] = {
+            "subscription_group_id": key.group_id,
+            "subscription_state": key.state.value,
+            V2_LIST_NAMES[key.kind.value]: list(values),
+        }
+        if key.double_opt_in and key.state is SubscriptionState.SUBSCRIBED:
+            entry["use_double_opt_in_logic"] = True
+        groups.append(entry)
+    return {"subscription_groups": groups}
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """One exchange with Braze: a status and body, or the transport error that stopped it."""

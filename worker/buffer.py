@@ -100,17 +100,28 @@ class Buffer:
             )
         return changes, more
 
-    def take(self, batches: Sequence[PlannedBatch], redispatch_ms: int) -> list[tuple[str, int]]:
+    def take(
+        self, packs: Sequence[Sequence[PlannedBatch]], redispatch_ms: int
+    ) -> list[tuple[str, int]]:
         """Move planned batches out of the buffer into batch records, in one round trip.
 
-        Returns (batch id, members taken) for every batch that took at least one member.
+        `packs` groups the batches that may share one v2 request (see `pack_batches`); each
+        record lists its pack. Returns (batch id, members taken) for every batch that took
+        at least one member.
         """
+        batches = [batch for pack in packs for batch in pack]
         if not batches:
             return []
         k = self.keys
         ids = [uuid.uuid4().hex for _ in batches]
+        pack_of: list[str] = []
+        start = 0
+        for pack in packs:
+            siblings = ids[start : start + len(pack)]
+            pack_of += [json.dumps(siblings)] * len(pack)
+            start += len(pack)
         pipe = self.client.pipeline(transaction=False)
-        for batch_id, batch in zip(ids, batches, strict=True):
+        for batch_id, batch, pack_json in zip(ids, batches, pack_of, strict=True):
             args: list[str | int] = [
                 batch_id,
                 batch.key.group_id,
@@ -118,6 +129,7 @@ class Buffer:
                 batch.key.kind.value,
                 int(batch.key.double_opt_in),
                 redispatch_ms,
+                pack_json,
             ]
             for member in batch.members:
                 args += (member.value, member.seq)

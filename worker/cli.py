@@ -45,8 +45,8 @@ app = typer.Typer(
 dlq_app = typer.Typer(help="The dead-letter store: list, replay, purge.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 # Exit codes: 1 = the input was refused (bad rows, bad change); 2 = usage or environment.
 EXIT_REFUSED = 1
@@ -164,13 +164,17 @@ def status(
 ) -> None:
     """Where the work stands."""
     found = services()
-    snapshot = read_status(found.redis, found.keys)
+    snapshot = read_status(found.redis, found.keys, found.limiter)
     if as_json:
         out.print_json(json.dumps(snapshot.as_dict()))
         return
     table = Table(title="braze-subs", show_header=False, title_justify="left")
     for name, value in snapshot.as_dict().items():
-        table.add_row(name.replace("_", " "), "-" if value is None else f"{value:,}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            shown = "-" if value is None else str(value)
+        else:
+            shown = f"{value:,}"
+        table.add_row(name.replace("_", " "), shown)
     out.print(table)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from config.settings import Settings
 from worker.batches import BatchStore
-from worker.batching import plan_batches
+from worker.batching import pack_batches, plan_batches
 from worker.buffer import Buffer, server_time_ms
 
 logger = logging.getLogger("braze_subs.coalescer")
@@ -79,7 +79,8 @@ class Coalescer:
             linger_ms=round(settings.batch_linger_seconds * 1000),
             max_batches=budget,
         )
-        taken = self.buffer.take(plan, redispatch_ms)
+        packs = pack_batches(plan, max_identifiers=settings.batch_max_identifiers)
+        taken = self.buffer.take(packs, redispatch_ms)
         for batch_id, _size in taken:
             self.dispatch(batch_id)
         identifiers = sum(size for _batch_id, size in taken)

@@ -87,6 +87,14 @@ class Keys:
         """HASH counters since start: enqueued, batches, identifiers_sent, requests..."""
         return self._key("stats")
 
+    def limiter(self, workspace_id: str) -> str:
+        """HASH the workspace's shared rate budget (see acquire_token.lua)."""
+        return self._key(f"limiter:{workspace_id}")
+
+    def metrics(self, epoch_second: int) -> str:
+        """HASH counters of one second: requests, identifiers, throttled (429s); expires."""
+        return self._key(f"metrics:{epoch_second}")
+
     @property
     def coalesce_lock(self) -> str:
         """STRING held by the coalescer tick in progress (saves duplicate work)."""

@@ -8,6 +8,7 @@ is the retry schedule. All three are exhaustively unit-tested.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ def braze_message(body: str) -> str:
 def classify(status: int | None, body: str = "", error: str | None = None) -> Classified:
     """Classify one exchange. `status` is None when no response arrived (`error` says why)."""
     if status is None:
-        return Classified(Outcome.RETRYABLE, error or "no response")
+        detail = " ".join((error or "no response").split())[:MAX_DETAIL]
+        return Classified(Outcome.RETRYABLE, detail)
     detail = braze_message(body) or f"HTTP {status}"
     if 200 <= status < 300:
         return Classified(Outcome.DELIVERED, detail)
@@ -81,7 +83,7 @@ def _number(headers: Mapping[str, str], name: str) -> float | None:
         value = float(raw.strip())
     except ValueError:
         return None
-    return value if value == value and value >= 0 else None  # rejects NaN and negatives
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def parse_rate_limit(headers: Mapping[str, str]) -> RateLimit:

@@ -1,8 +1,14 @@
-"""Posting one batch: claim it, send it, and act on Braze's answer.
+"""Posting one batch (v1), or one batch and its pack (v2): claim, wait for a turn in the
+shared rate budget, send, and act on Braze's answer.
 
-Delivered batches end (their identifiers unlock); failed attempts are deferred with
-exponential backoff and full jitter, and after `max_attempts` the batch is dead-lettered.
-A 429 or a credentials error is not the batch's fault and costs no attempt.
+- delivered: the batches end and their identifiers unlock;
+- 429: every worker pauses until Braze's reset; the batches go again after it, no attempt
+  spent;
+- credentials (401/403/404): retried later, no attempt spent;
+- 400: dead-lettered with Braze's message;
+- anything else: retried with exponential backoff and full jitter, and dead-lettered after
+  `max_attempts`.
+Waiting for a turn is not a failed attempt either.
 """
 
 from __future__ import annotations
@@ -11,12 +17,16 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from config.settings import Settings
-from worker.batches import BatchStore, ClaimStatus
-from worker.braze_client import V1_PATH, BrazeClient, v1_body
-from worker.outcome import Outcome, backoff_seconds, classify, parse_rate_limit
+from worker import metrics
+from worker.batches import BatchRecord, BatchStore, ClaimStatus
+from worker.braze_client import V1_PATH, V2_PATH, BrazeClient, Reply, v1_body, v2_body
+from worker.buffer import server_time_ms
+from worker.limiter import RateLimiter
+from worker.outcome import Classified, Outcome, backoff_seconds, classify, parse_rate_limit
 
 logger = logging.getLogger("braze_subs.poster")
 
@@ -30,13 +40,18 @@ class PostReport:
     """What happened to one batch in one task run (also the task's Flower-visible result)."""
 
     batch_id: str
-    status: str  # delivered | dead_lettered | retry | gone | busy | empty
-    size: int = 0
+    status: str  # delivered | dead_lettered | retry | waiting | gone | busy | empty
+    size: int = 0  # identifiers in the request (all entries of a v2 pack)
+    entries: int = 0  # batches in the request
     http_status: int | None = None
     latency_ms: float | None = None
     attempt: int = 0
     retry_in: float | None = None
     detail: str = ""
+
+
+def _no_dispatch(_batch_id: str, _countdown: float) -> None:
+    return None
 
 
 class Poster:
@@ -45,98 +60,195 @@ class Poster:
         settings: Settings,
         store: BatchStore,
         braze: BrazeClient,
+        limiter: RateLimiter | None = None,
         *,
+        dispatch: Callable[[str, float], object] = _no_dispatch,
         rng: random.Random | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
         self.store = store
         self.braze = braze
+        self.limiter = limiter
+        self.dispatch = dispatch  # re-sends a pack sibling's message after a deferral
         self.rng = rng or random.Random()
+        self.sleep = sleep
+
+    # --- the steps ------------------------------------------------------------------------
 
     def post(self, batch_id: str) -> PostReport:
-        settings = self.settings
         token = uuid.uuid4().hex
-        lease_ms = round(settings.batch_claim_seconds * 1000)
+        lease_ms = round(self.settings.batch_claim_seconds * 1000)
         claim = self.store.claim(batch_id, token, lease_ms)
         if claim.status is not ClaimStatus.CLAIMED or claim.record is None:
             return PostReport(batch_id, claim.status.value)
-        record = claim.record
-        attempt = record.attempts + 1
-
-        reply = self.braze.post(V1_PATH, v1_body(record.key, record.values))
-        result = classify(reply.status, reply.body, reply.error)
+        records = [claim.record]
+        if self.settings.braze_api_version == "v2":
+            records += self._claim_siblings(claim.record, token, lease_ms)
         report = PostReport(
             batch_id,
             "retry",
-            size=record.size,
+            size=len({value for record in records for value in record.values}),
+            entries=len(records),
+            attempt=claim.record.attempts + 1,
+        )
+
+        if self.limiter is not None:
+            grant = self.limiter.acquire()
+            if not grant.granted:
+                wait = grant.wait_seconds + self.rng.uniform(0, max(0.05, grant.wait_seconds / 2))
+                return self._defer(
+                    records,
+                    token,
+                    replace(report, status="waiting"),
+                    wait,
+                    detail="waiting for the rate budget",
+                    count_attempt=False,
+                )
+            if grant.wait_seconds > 0:
+                self.sleep(grant.wait_seconds)
+
+        reply = self._send(records)
+        result = classify(reply.status, reply.body, reply.error)
+        report = replace(
+            report,
             http_status=reply.status,
             latency_ms=round(reply.latency_ms, 1),
-            attempt=attempt,
             detail=result.detail,
         )
-
-        if result.outcome is Outcome.DELIVERED:
-            self.store.delivered(batch_id, token)
-            report = replace(report, status="delivered", detail="")
-        elif result.outcome is Outcome.RATE_LIMITED:
-            reset = parse_rate_limit(reply.headers).reset_epoch
-            wait = (reset - time.time()) if reset else settings.braze_rate_limit_window_seconds
-            wait = min(max(wait, 0.5), settings.braze_rate_limit_window_seconds)
-            report = self._defer(report, token, wait, count_attempt=False)
-        elif result.outcome is Outcome.CREDENTIALS:
-            wait = min(CREDENTIALS_RETRY_SECONDS, settings.retry_backoff_max_seconds)
-            report = self._defer(report, token, wait, count_attempt=False)
-        elif result.outcome is Outcome.BAD_REQUEST or attempt >= settings.max_attempts:
-            self.store.dead_letter(batch_id, token, result.detail)
-            report = replace(report, status="dead_lettered")
-        else:
-            wait = backoff_seconds(
-                attempt,
-                base=settings.retry_backoff_base_seconds,
-                cap=settings.retry_backoff_max_seconds,
-                rng=self.rng,
-            )
-            report = self._defer(report, token, wait, count_attempt=True)
-
-        log = logger.warning if report.status in ("retry", "dead_lettered") else logger.info
-        log(
-            "batch %s group=%s state=%s kind=%s size=%d status=%s http=%s latency_ms=%s "
-            "attempt=%d%s",
-            batch_id,
-            record.key.group_id,
-            record.key.state.value,
-            record.key.kind.value,
-            record.size,
-            report.status,
-            reply.status,
-            report.latency_ms,
-            attempt,
-            f" detail={report.detail!r}" if report.status != "delivered" else "",
-            extra={"batch": _log_fields(report, record.key.group_id)},
-        )
+        report = self._settle(records, token, report, reply, result)
+        self._log(records, report)
         return report
 
-    def _defer(
-        self, report: PostReport, token: str, wait: float, *, count_attempt: bool
+    def _claim_siblings(self, lead: BatchRecord, token: str, lease_ms: int) -> list[BatchRecord]:
+        siblings: list[BatchRecord] = []
+        values = set(lead.values)
+        for sibling_id in lead.pack:
+            if sibling_id == lead.id:
+                continue
+            claim = self.store.claim(sibling_id, token, lease_ms)
+            record = claim.record
+            if claim.status is not ClaimStatus.CLAIMED or record is None:
+                continue
+            if (
+                record.key.kind is not lead.key.kind
+                or len(values | set(record.values)) > self.settings.batch_max_identifiers
+            ):
+                # Cannot happen for packs the planner made; never send an oversized request.
+                self.store.defer(sibling_id, token, error="", count_attempt=False, redispatch_ms=0)
+                self.dispatch(sibling_id, 0.0)
+                continue
+            values |= set(record.values)
+            siblings.append(record)
+        return siblings
+
+    def _send(self, records: list[BatchRecord]) -> Reply:
+        if self.settings.braze_api_version == "v2":
+            return self.braze.post(V2_PATH, v2_body([(r.key, r.values) for r in records]))
+        (record,) = records
+        return self.braze.post(V1_PATH, v1_body(record.key, record.values))
+
+    def _settle(
+        self,
+        records: list[BatchRecord],
+        token: str,
+        report: PostReport,
+        reply: Reply,
+        result: Classified,
     ) -> PostReport:
-        grace_ms = round(self.settings.batch_redispatch_seconds * 1000)
-        self.store.defer(
-            report.batch_id,
-            token,
-            error=report.detail,
-            count_attempt=count_attempt,
-            redispatch_ms=round(wait * 1000) + grace_ms,
+        settings = self.settings
+        rate = parse_rate_limit(reply.headers)
+        client = self.store.client
+        metrics.record(
+            client,
+            self.store.keys,
+            server_time_ms(client),
+            identifiers=report.size,
+            throttled=result.outcome is Outcome.RATE_LIMITED,
         )
-        return replace(report, status="retry", retry_in=round(wait, 3))
+        if self.limiter is not None and reply.status is not None:
+            self.limiter.observe(rate)
 
+        if result.outcome is Outcome.DELIVERED:
+            for record in records:
+                self.store.delivered(record.id, token)
+            return replace(report, status="delivered", detail="")
+        if result.outcome is Outcome.RATE_LIMITED:
+            window = settings.braze_rate_limit_window_seconds
+            reset = rate.reset_epoch or (time.time() + window)
+            if self.limiter is not None:
+                self.limiter.pause_until(reset, "429 from Braze")
+            wait = min(max(reset - time.time(), 0.5), window) + self.rng.uniform(0, 0.5)
+            return self._defer(records, token, report, wait, count_attempt=False)
+        if result.outcome is Outcome.CREDENTIALS:
+            wait = min(CREDENTIALS_RETRY_SECONDS, settings.retry_backoff_max_seconds)
+            return self._defer(records, token, report, wait, count_attempt=False)
+        if result.outcome is Outcome.BAD_REQUEST or report.attempt >= settings.max_attempts:
+            for record in records:
+                self.store.dead_letter(record.id, token, result.detail)
+            return replace(report, status="dead_lettered")
+        wait = backoff_seconds(
+            report.attempt,
+            base=settings.retry_backoff_base_seconds,
+            cap=settings.retry_backoff_max_seconds,
+            rng=self.rng,
+        )
+        return self._defer(records, token, report, wait, count_attempt=True)
 
-def _log_fields(report: PostReport, group_id: str) -> dict[str, object]:
-    return {
-        "id": report.batch_id,
-        "group": group_id,
-        "size": report.size,
-        "status": report.status,
-        "http_status": report.http_status,
-        "latency_ms": report.latency_ms,
-        "attempt": report.attempt,
-    }
+    def _defer(
+        self,
+        records: list[BatchRecord],
+        token: str,
+        report: PostReport,
+        wait: float,
+        *,
+        count_attempt: bool,
+        detail: str | None = None,
+    ) -> PostReport:
+        """Put the batches back, keeping their locks; the lead retries via its task, and
+        every sibling gets a message of its own (a duplicate message finds it gone)."""
+        grace_ms = round(self.settings.batch_redispatch_seconds * 1000)
+        for record in records:
+            self.store.defer(
+                record.id,
+                token,
+                error=detail if detail is not None else report.detail,
+                count_attempt=count_attempt,
+                redispatch_ms=round(wait * 1000) + grace_ms,
+            )
+        for record in records[1:]:
+            self.dispatch(record.id, wait)
+        return replace(report, retry_in=round(wait, 3))
+
+    def _log(self, records: list[BatchRecord], report: PostReport) -> None:
+        lead = records[0].key
+        log = logger.warning if report.status in ("retry", "dead_lettered") else logger.info
+        log(
+            "batch %s group=%s state=%s kind=%s entries=%d size=%d status=%s http=%s "
+            "latency_ms=%s attempt=%d%s",
+            report.batch_id,
+            lead.group_id,
+            lead.state.value,
+            lead.kind.value,
+            report.entries,
+            report.size,
+            report.status,
+            report.http_status,
+            report.latency_ms,
+            report.attempt,
+            f" detail={report.detail!r}" if report.status != "delivered" else "",
+            extra={
+                "batch": {
+                    "id": report.batch_id,
+                    "group": lead.group_id,
+                    "state": lead.state.value,
+                    "kind": lead.kind.value,
+                    "entries": report.entries,
+                    "size": report.size,
+                    "status": report.status,
+                    "http_status": report.http_status,
+                    "latency_ms": report.latency_ms,
+                    "attempt": report.attempt,
+                }
+            },
+        )

@@ -13,7 +13,7 @@ def mask_email(email: str) -> str:
 
 def mask_phone(phone: str) -> str:
     """`+14155550100` -> `+1*******100` (country code and last three digits)."""
-    if len(phone) <= 5:
+    if len(phone) < 10:  # too short to show anything but its length
         return "*" * len(phone)
     return f"{phone[:2]}{'*' * (len(phone) - 5)}{phone[-3:]}"
 

@@ -31,4 +31,8 @@ class Scripts:
         self.replay_dead_letter: Script = client.register_script(
             script_source("replay_dead_letter")
         )
+        self.acquire_token: Script = client.register_script(script_source("acquire_token"))
+        self.observe_rate_limit: Script = client.register_script(
+            script_source("observe_rate_limit")
+        )
         self.purge_dead_letter: Script = client.register_script(script_source("purge_dead_letter"))

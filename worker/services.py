@@ -17,6 +17,7 @@ from worker.batches import BatchStore
 from worker.braze_client import BrazeClient
 from worker.buffer import Buffer
 from worker.keys import Keys
+from worker.limiter import Budget, RateLimiter
 from worker.scripts import Scripts
 
 
@@ -40,6 +41,23 @@ class Services:
     @cached_property
     def batches(self) -> BatchStore:
         return BatchStore(self.redis, self.keys, self.scripts)
+
+    @cached_property
+    def limiter(self) -> RateLimiter:
+        settings = self.settings
+        budget = Budget.for_limit(
+            settings.braze_rate_limit,
+            settings.braze_rate_limit_window_seconds,
+            headroom=settings.rate_limit_headroom,
+            burst_fraction=settings.rate_limit_burst_fraction,
+        )
+        return RateLimiter(
+            self.redis,
+            self.keys.limiter(settings.workspace_id),
+            budget,
+            max_wait_seconds=settings.token_wait_max_seconds,
+            scripts=self.scripts,
+        )
 
     @cached_property
     def braze(self) -> BrazeClient:

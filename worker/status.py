@@ -7,8 +7,10 @@ from typing import Any
 
 from redis import Redis
 
+from worker import metrics
 from worker.buffer import server_time_ms
 from worker.keys import Keys
+from worker.limiter import RateLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,12 +26,20 @@ class Status:
     batches_total: int
     delivered_total: int
     dead_lettered_total: int
+    tokens_left: int | None = None  # requests the shared budget would grant at once now
+    paused: bool = False  # posting paused for every worker (after a 429)
+    paused_until: float | None = None  # epoch seconds
+    pause_reason: str | None = None
+    requests_last_minute: int = 0
+    identifiers_last_minute: int = 0
+    throttled_last_minute: int = 0  # 429 answers
+    identifiers_per_request: float | None = None  # over the last minute
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def read_status(client: Redis, keys: Keys) -> Status:
+def read_status(client: Redis, keys: Keys, limiter: RateLimiter | None = None) -> Status:
     now_ms = server_time_ms(client)
     pipe = client.pipeline(transaction=False)
     pipe.hlen(keys.pending)
@@ -45,6 +55,9 @@ def read_status(client: Redis, keys: Keys) -> Status:
     if oldest and oldest[0][1] <= now_ms:
         oldest_age = round((now_ms - oldest[0][1]) / 1000, 3)
     counters = {name.decode(): int(value) for name, value in stats.items()}
+    minute = metrics.last_minute(client, keys, now_ms)
+    budget = limiter.state() if limiter is not None else None
+    paused_until = budget.paused_until_ms if budget else None
     return Status(
         pending=int(pending),
         due_now=int(due_now),
@@ -57,4 +70,12 @@ def read_status(client: Redis, keys: Keys) -> Status:
         batches_total=counters.get("batches", 0),
         delivered_total=counters.get("delivered", 0),
         dead_lettered_total=counters.get("dead_lettered", 0),
+        tokens_left=budget.tokens_left if budget else None,
+        paused=paused_until is not None,
+        paused_until=round(paused_until / 1000, 3) if paused_until else None,
+        pause_reason=budget.pause_reason if budget else None,
+        requests_last_minute=minute.requests,
+        identifiers_last_minute=minute.identifiers,
+        throttled_last_minute=minute.throttled,
+        identifiers_per_request=minute.identifiers_per_request,
     )

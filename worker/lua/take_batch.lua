@@ -7,7 +7,8 @@
 -- KEYS[5] batch     STRING the new batch record (JSON)
 -- KEYS[6] stats     HASH   "batches" += 1, "batched" += members taken
 -- ARGV[1] batch id  ARGV[2] group  ARGV[3] state  ARGV[4] kind  ARGV[5] double opt-in 0|1
--- ARGV[6] redispatch after (ms)    ARGV[7..] pairs: value, sequence number planned
+-- ARGV[6] redispatch after (ms)    ARGV[7] JSON array: ids of the batches planned to share
+-- one v2 request with this one (its pack)   ARGV[8..] pairs: value, sequence number planned
 --
 -- Guarantees: a member is taken only if the buffer still holds exactly the planned change
 -- (same sequence number) and no batch locks its field. So a change enters at most one
@@ -19,7 +20,7 @@
 local sep = '\31'
 local prefix = ARGV[2] .. sep .. ARGV[4] .. sep
 local members = {}
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   local field = prefix .. ARGV[i]
   local current = redis.call('HGET', KEYS[1], field)
   if current and cjson.decode(current).q == tonumber(ARGV[i + 1])
@@ -37,7 +38,8 @@ local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('SET', KEYS[5], cjson.encode({
   id = ARGV[1], group = ARGV[2], state = ARGV[3], kind = ARGV[4],
-  doi = tonumber(ARGV[5]), members = members, attempts = 0, created = now_ms}))
+  doi = tonumber(ARGV[5]), members = members, attempts = 0, created = now_ms,
+  pack = cjson.decode(ARGV[7])}))
 redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[6]), ARGV[1])
 redis.call('HINCRBY', KEYS[6], 'batches', 1)
 redis.call('HINCRBY', KEYS[6], 'batched', #members)
