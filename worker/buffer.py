@@ -102,12 +102,12 @@ class Buffer:
 
     def take(
         self, packs: Sequence[Sequence[PlannedBatch]], redispatch_ms: int
-    ) -> list[tuple[str, int]]:
+    ) -> list[list[tuple[str, int]]]:
         """Move planned batches out of the buffer into batch records, in one round trip.
 
         `packs` groups the batches that may share one v2 request (see `pack_batches`); each
-        record lists its pack. Returns (batch id, members taken) for every batch that took
-        at least one member.
+        record lists its pack. Returns, pack by pack, (batch id, members taken) for every
+        batch that took at least one member (packs that took nothing are left out).
         """
         batches = [batch for pack in packs for batch in pack]
         if not batches:
@@ -138,8 +138,13 @@ class Buffer:
                 args=args,
                 client=pipe,
             )
-        taken = pipe.execute()
-        return [(bid, int(n)) for bid, n in zip(ids, taken, strict=True) if int(n) > 0]
+        taken = iter(zip(ids, pipe.execute(), strict=True))
+        result = []
+        for pack in packs:
+            members = [(bid, int(n)) for bid, n in (next(taken) for _ in pack) if int(n) > 0]
+            if members:
+                result.append(members)
+        return result
 
     def pending_count(self) -> int:
         """Distinct group + identifier pairs waiting, not yet in a batch."""

@@ -81,9 +81,17 @@ class Coalescer:
         )
         packs = pack_batches(plan, max_identifiers=settings.batch_max_identifiers)
         taken = self.buffer.take(packs, redispatch_ms)
-        for batch_id, _size in taken:
-            self.dispatch(batch_id)
-        identifiers = sum(size for _batch_id, size in taken)
+        # One message per pack, for its first batch: a v2 worker claims the rest of the pack
+        # and sends it in one request; a v1 worker sends the others messages of their own.
+        for pack in taken:
+            self.dispatch(pack[0][0])
+        batches = sum(len(pack) for pack in taken)
+        identifiers = sum(size for pack in taken for _batch_id, size in pack)
         if taken:
-            logger.info("cut %d batches holding %d identifiers", len(taken), identifiers)
-        return TickReport(redispatched=len(overdue), batches=len(taken), identifiers=identifiers)
+            logger.info(
+                "cut %d batches (%d requests for v2) holding %d identifiers",
+                batches,
+                len(taken),
+                identifiers,
+            )
+        return TickReport(redispatched=len(overdue), batches=batches, identifiers=identifiers)

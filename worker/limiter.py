@@ -137,6 +137,14 @@ class RateLimiter:
         """Pause every worker sharing this budget until `reset_epoch` (after a 429)."""
         return self._observe(0, reset_epoch, "pause", reason)
 
+    def paused_for(self) -> float:
+        """Seconds left of a pause every worker must respect now (0 if none)."""
+        paused = self.client.hget(self.key, "paused_until")
+        if not paused:
+            return 0.0
+        seconds, micros = self.client.time()
+        return max(0.0, (float(paused) - (seconds * 1000 + micros / 1000)) / 1000)
+
     def state(self) -> LimiterState:
         seconds, micros = self.client.time()
         now = seconds * 1000 + micros / 1000  # the scripts' precision, not whole ms

@@ -85,6 +85,12 @@ class Poster:
         records = [claim.record]
         if self.settings.braze_api_version == "v2":
             records += self._claim_siblings(claim.record, token, lease_ms)
+        elif claim.record.attempts == 0:
+            # A pack travels as one message; a v1 worker posts only its first batch and
+            # gives every other batch of the pack a message of its own.
+            for sibling_id in claim.record.pack:
+                if sibling_id != batch_id:
+                    self.dispatch(sibling_id, 0.0)
         report = PostReport(
             batch_id,
             "retry",
@@ -107,6 +113,19 @@ class Poster:
                 )
             if grant.wait_seconds > 0:
                 self.sleep(grant.wait_seconds)
+            # A turn reserved before another worker hit a 429 must not go into the
+            # exhausted window: the pause wins over the reservation.
+            paused = self.limiter.paused_for()
+            if paused > 0:
+                wait = paused + self.rng.uniform(0, 0.5)
+                return self._defer(
+                    records,
+                    token,
+                    replace(report, status="waiting"),
+                    wait,
+                    detail="posting paused after a 429",
+                    count_attempt=False,
+                )
 
         reply = self._send(records)
         result = classify(reply.status, reply.body, reply.error)
