@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     # when its oldest change became due. Two ticks: enough to fill batches from a steady
     # stream, short enough that a lone change still reaches Braze within seconds.
     batch_linger_seconds: float = Field(default=2.0, ge=0)
+    # While a backlog drains (more due changes than one tick reads), a partial batch waits
+    # up to this long for the rest of its key to come within reach: full requests stretch
+    # the rate budget furthest. Bounded, so a rare key never starves behind busy ones.
+    batch_max_hold_seconds: float = Field(default=30.0, ge=0)
     # Most due changes one coalescer tick reads from the buffer. 20,000 is 400 full batches,
     # more than a whole fleet can send in the time of a tick at Braze's limit.
     coalesce_max_changes_per_tick: int = Field(default=20_000, ge=1)

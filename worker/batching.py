@@ -67,6 +67,8 @@ def plan_batches(
     max_identifiers: int,
     linger_ms: int = 0,
     max_batches: int | None = None,
+    backlog: bool = False,
+    max_hold_ms: int = 0,
 ) -> list[PlannedBatch]:
     """Cut the due changes into batches, oldest first.
 
@@ -74,7 +76,8 @@ def plan_batches(
     - every batch is uniform in its `BatchKey` and holds 1..`max_identifiers` members, each
       identifier at most once;
     - a key's partial remainder is planned only once its oldest member has been due for
-      `linger_ms` (a lone change is never held longer than that);
+      `linger_ms`; while a `backlog` is being drained (more due changes than were read),
+      only once it has been due for `max_hold_ms`, since more of its key may be coming;
     - at most `max_batches` batches (back-pressure); what is left stays in the buffer.
 
     Members are ordered by value, so the same users changing several groups land in
@@ -93,8 +96,10 @@ def plan_batches(
         members.sort(key=lambda change: change.value)
         for start in range(0, len(members), max_identifiers):
             batch = PlannedBatch(key, tuple(members[start : start + max_identifiers]))
-            full = len(batch.members) == max_identifiers
-            if full or now_ms - batch.oldest_due_ms >= linger_ms:
+            waited = now_ms - batch.oldest_due_ms
+            if len(batch.members) == max_identifiers or (
+                waited >= linger_ms and (not backlog or waited >= max_hold_ms)
+            ):
                 planned.append(batch)
 
     # Oldest first, so that under back-pressure no key waits behind a busier one forever.

@@ -70,14 +70,17 @@ class Coalescer:
         budget = settings.max_batches_in_flight - self.store.count()
         if budget <= 0:
             return TickReport(redispatched=len(overdue))
-        limit = min(settings.coalesce_max_changes_per_tick, budget * settings.batch_max_identifiers)
-        changes, _more = self.buffer.read_due(now_ms, limit)
+        # Read a full tick's worth even under back-pressure: the more of each key is seen,
+        # the fuller its batches.
+        changes, more = self.buffer.read_due(now_ms, settings.coalesce_max_changes_per_tick)
         plan = plan_batches(
             changes,
             now_ms=now_ms,
             max_identifiers=settings.batch_max_identifiers,
             linger_ms=round(settings.batch_linger_seconds * 1000),
             max_batches=budget,
+            backlog=more,
+            max_hold_ms=round(settings.batch_max_hold_seconds * 1000),
         )
         packs = pack_batches(plan, max_identifiers=settings.batch_max_identifiers)
         taken = self.buffer.take(packs, redispatch_ms)
