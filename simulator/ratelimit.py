@@ -91,3 +91,14 @@ class FixedWindowCounter:
             remaining=max(0, self._limit - self._count),
             reset=math.ceil(round((index + 1) * self._window_seconds, 6)),
         )
+
+
+def sliding_window_max(times: list[float], window: float) -> int:
+    """Most events in any half-open window [t, t + window) (any start, not only aligned)."""
+    ordered = sorted(times)
+    best = start = 0
+    for end, t in enumerate(ordered):
+        while ordered[start] <= t - window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best

@@ -18,7 +18,7 @@ from typing import Any
 from simulator.config import SimulatorConfig
 from simulator.faults import Faults, FaultUpdate
 from simulator.model import Channel, Endpoint, Kind, SubscriptionState, ValidatedRequest
-from simulator.ratelimit import FixedWindowCounter, WindowStatus
+from simulator.ratelimit import FixedWindowCounter, WindowStatus, sliding_window_max
 from simulator.validation import GroupRules
 
 
@@ -251,10 +251,14 @@ class SimulatorState:
             max_in_window = self._window.max_in_window
             held = self._held
             log = list(self._log) if include_log else None
+            # The requests the window counted (401, 429 and 503 answers spend nothing).
+            counted = [r.t for r in self._log if r.status not in (401, 429, 503)]
+        sliding_max = sliding_window_max(counted, self._window.window_seconds)
         stats: dict[str, Any] = {
             **counters,
             "held": held,
             "max_requests_in_window": max_in_window,
+            "max_requests_in_sliding_window": sliding_max,
             "window_requests": window_requests,
             "window_remaining": window.remaining,
             "window_reset": window.reset,

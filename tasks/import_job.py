@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from tasks.importing import ImportFileError, RowError, iter_changes
+from tasks.importing import ImportFileError, RowError, iter_changes, validate_file
 from worker.buffer import Buffer
 from worker.changes import Change
 
@@ -56,16 +56,10 @@ def _noop(_phase: str, _done: int) -> None:
 
 def validate(path: Path, progress: Progress = _noop) -> ImportResult:
     """First pass: every row is parsed, only errors are kept."""
-    result = ImportResult()
-    for line, item in iter_changes(path):
-        result.rows += 1
-        if isinstance(item, RowError):
-            result.rejected += 1
-            if len(result.errors) < MAX_ERRORS_KEPT:
-                result.errors.append(item)
-        if result.rows % IMPORT_CHUNK == 0:
-            progress("validating", line)
-    return result
+    report = validate_file(
+        path, max_errors=MAX_ERRORS_KEPT, progress=lambda line: progress("validating", line)
+    )
+    return ImportResult(rows=report.rows, rejected=report.invalid, errors=report.errors)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import codecs
 import contextlib
 import csv
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ from worker.changes import (
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 CSV_SUFFIXES = frozenset({".csv"})
 REQUIRED_COLUMNS: tuple[str, ...] = ("subscription_group_id", "subscription_state")
+# Rows between two calls of a progress callback.
+PROGRESS_EVERY = 1000
 
 Row = dict[str, Any]
 
@@ -115,14 +117,21 @@ def iter_changes(path: Path) -> Iterator[tuple[int, Change | RowError]]:
     return _changes(read_rows(path))
 
 
-def validate_file(path: Path, max_errors: int | None = None) -> ValidationReport:
+def validate_file(
+    path: Path,
+    max_errors: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ValidationReport:
     """Stream the whole file and count rows; keep the first `max_errors` errors (all if None).
 
-    Only errors are stored, never rows.
+    Only errors are stored, never rows. `progress`, if given, is called with the current
+    line number every `PROGRESS_EVERY` rows.
     """
     report = ValidationReport()
-    for _line, item in iter_changes(path):
+    for line, item in iter_changes(path):
         report.rows += 1
+        if progress is not None and report.rows % PROGRESS_EVERY == 0:
+            progress(line)
         if isinstance(item, RowError):
             report.invalid += 1
             if max_errors is None or len(report.errors) < max_errors:

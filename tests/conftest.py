@@ -23,6 +23,8 @@ import pytest
 from redis import Redis
 
 from simulator import SimulatorConfig, SimulatorServer
+from worker.batching import PlannedBatch
+from worker.buffer import Buffer
 from worker.services import reset_services
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +56,20 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)
+
+
+def email(n: int) -> str:
+    """A valid, distinct email address for test data."""
+    return f"user{n}@example.com"
+
+
+def take_each(
+    buffer: Buffer, plan: list[PlannedBatch], redispatch_ms: int
+) -> list[tuple[str, int]]:
+    """Take planned batches, each in a pack of its own; (batch id, members taken) each."""
+    return [
+        pair for pack in buffer.take([[batch] for batch in plan], redispatch_ms) for pair in pack
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -9,21 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from simulator.ratelimit import sliding_window_max
 from worker.buffer import server_time_ms
 from worker.limiter import Budget, RateLimiter
 from worker.outcome import RateLimit
-
-
-def sliding_window_max(times: list[float], window: float) -> int:
-    """Most events in any half-open window [t, t + window)."""
-    ordered = sorted(times)
-    best = start = 0
-    for end, t in enumerate(ordered):
-        while ordered[start] <= t - window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
 
 # --- the arithmetic ------------------------------------------------------------------------
 

@@ -57,7 +57,8 @@ class ClaimStatus(StrEnum):
     CLAIMED = "claimed"  # this worker may post it now
     GONE = "gone"  # already finished: nothing to do
     BUSY = "busy"  # another worker holds a live claim
-    EMPTY = "empty"  # every member was superseded by a newer change; finished
+    EMPTY = "empty"  # every member was superseded by a newer change; finished (the record
+    # is returned as it was, for its pack)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,7 @@ class BatchStore:
             keys=self._lock_keys(batch_id), args=[batch_id, token, lease_ms]
         )
         status = ClaimStatus(reply[0].decode() if isinstance(reply[0], bytes) else reply[0])
-        record = BatchRecord.from_json(reply[1]) if status is ClaimStatus.CLAIMED else None
+        record = BatchRecord.from_json(reply[1]) if len(reply) > 1 else None
         return Claim(status, record)
 
     def _finish(self, batch_id: str, token: str, outcome: str, error: str) -> int:
@@ -100,7 +101,8 @@ class BatchStore:
         return self._finish(batch_id, token, "delivered", "")
 
     def dead_letter(self, batch_id: str, token: str, error: str) -> int:
-        """Give up on the batch: move it whole to the dead-letter store with its error."""
+        """Give up on the batch after a failed attempt: move it whole to the dead-letter
+        store with its error and the attempts made (this one included)."""
         return self._finish(batch_id, token, "dead", error)
 
     def defer(

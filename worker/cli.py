@@ -45,8 +45,9 @@ app = typer.Typer(
 dlq_app = typer.Typer(help="The dead-letter store: list, replay, purge.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# markup=False: user data (group ids, file names, Braze messages) is printed as it is.
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 
 # Exit codes: 1 = the input was refused (bad rows, bad change); 2 = usage or environment.
 EXIT_REFUSED = 1
@@ -310,3 +311,6 @@ def main() -> None:
     except CliError as exc:
         err.print(f"braze-subs: {exc}", markup=False, highlight=False)
         sys.exit(exc.code)
+    except OSError as exc:  # a file that cannot be read or written
+        err.print(f"braze-subs: {exc.strerror or exc}: {exc.filename or ''}", highlight=False)
+        sys.exit(EXIT_ENVIRONMENT)

@@ -146,9 +146,9 @@ def run_demo(*, changes: int, console: Console, out: Console) -> None:
     rng = random.Random(2026)
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="braze-subs-")))
-        console.print("[bold]1/5[/] starting a local redis-server")
+        console.print("1/5 starting a local redis-server")
         redis_url = stack.enter_context(local_redis(workdir))
-        console.print("[bold]2/5[/] starting the Braze simulator")
+        console.print("2/5 starting the Braze simulator")
         sim = SimulatorServer(
             SimulatorConfig(
                 api_keys={DEMO_KEY},
@@ -166,7 +166,7 @@ def run_demo(*, changes: int, console: Console, out: Console) -> None:
             "BRAZE_API_KEY": DEMO_KEY,
             "BRAZE_API_VERSION": "v1",
         }
-        console.print(f"[bold]3/5[/] starting a worker and beat (logs in {workdir})")
+        console.print(f"3/5 starting a worker and beat (logs in {workdir})")
         stack.enter_context(celery_process("worker", env, workdir / "worker.log"))
         stack.enter_context(celery_process("beat", env, workdir / "beat.log"))
 
@@ -175,7 +175,7 @@ def run_demo(*, changes: int, console: Console, out: Console) -> None:
         buffer = Buffer(client, keys)
         rows = sample_changes(changes, rng)
         expected: dict[tuple[str, str, str], str] = {}
-        console.print(f"[bold]4/5[/] feeding {changes:,} changes in 4 waves that flip identifiers")
+        console.print(f"4/5 feeding {changes:,} changes in 4 waves that flip identifiers")
         waves = 4
         per_wave = -(-len(rows) // waves)
         with Progress(
@@ -198,7 +198,7 @@ def run_demo(*, changes: int, console: Console, out: Console) -> None:
                     bar.advance(task, len(chunk))
                 time.sleep(0.5)  # let a coalescer tick or two run between waves
 
-        console.print("[bold]5/5[/] waiting for Braze to have everything")
+        console.print("5/5 waiting for Braze to have everything")
         started = time.monotonic()
         with console.status("") as spinner:
             while True:
@@ -247,4 +247,4 @@ def run_demo(*, changes: int, console: Console, out: Console) -> None:
         del buffer_field  # imported for symmetry with tests; not needed here
         if mismatches:
             raise DemoError(f"{mismatches} identifiers are not in their last-written state")
-        console.print("[green]done[/]: every identifier is in its last-written state")
+        console.print("done: every identifier is in its last-written state", style="green")

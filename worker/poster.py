@@ -80,17 +80,15 @@ class Poster:
         token = uuid.uuid4().hex
         lease_ms = round(self.settings.batch_claim_seconds * 1000)
         claim = self.store.claim(batch_id, token, lease_ms)
+        if claim.status is ClaimStatus.EMPTY and claim.record is not None:
+            self._dispatch_siblings(claim.record)  # the pack's message was this one
         if claim.status is not ClaimStatus.CLAIMED or claim.record is None:
             return PostReport(batch_id, claim.status.value)
         records = [claim.record]
         if self.settings.braze_api_version == "v2":
             records += self._claim_siblings(claim.record, token, lease_ms)
-        elif claim.record.attempts == 0:
-            # A pack travels as one message; a v1 worker posts only its first batch and
-            # gives every other batch of the pack a message of its own.
-            for sibling_id in claim.record.pack:
-                if sibling_id != batch_id:
-                    self.dispatch(sibling_id, 0.0)
+        else:
+            self._dispatch_siblings(claim.record)
         report = PostReport(
             batch_id,
             "retry",
@@ -138,6 +136,15 @@ class Poster:
         report = self._settle(records, token, report, reply, result)
         self._log(records, report)
         return report
+
+    def _dispatch_siblings(self, lead: BatchRecord) -> None:
+        """A pack travels as one message, for its first batch. A worker that does not send
+        the pack whole gives every other batch of it a message of its own (once: on the
+        first attempt; a duplicate message would find the batch gone or busy anyway)."""
+        if lead.attempts == 0:
+            for sibling_id in lead.pack:
+                if sibling_id != lead.id:
+                    self.dispatch(sibling_id, 0.0)
 
     def _claim_siblings(self, lead: BatchRecord, token: str, lease_ms: int) -> list[BatchRecord]:
         siblings: list[BatchRecord] = []

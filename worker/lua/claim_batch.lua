@@ -13,7 +13,8 @@
 -- it leaves the batch and its lock is released, so the newer change becomes due and the
 -- older state is never sent after it. Returns {"gone"} (finished already), {"busy"}
 -- (another live claim), {"empty"} (every member superseded; the batch is finished) or
--- {"claimed", record}.
+-- {"claimed", record}; "empty" also carries the record as it was, so that the rest of its
+-- pack can still be sent.
 local record_json = redis.call('GET', KEYS[1])
 if not record_json then
   return {'gone'}
@@ -41,7 +42,7 @@ end
 if #kept == 0 then
   redis.call('DEL', KEYS[1], KEYS[2])
   redis.call('ZREM', KEYS[3], ARGV[1])
-  return {'empty'}
+  return {'empty', record_json}
 end
 if #kept < #record.members then
   record.members = kept

@@ -47,7 +47,8 @@ if ARGV[3] == 'dead' then
   redis.call('HSET', KEYS[7], ARGV[1], cjson.encode({
     id = ARGV[1], subscription_group_id = record.group, subscription_state = record.state,
     use_double_opt_in_logic = record.doi == 1, identifiers = identifiers, error = ARGV[4],
-    attempts = record.attempts, created_at = record.created, dead_lettered_at = now_ms}))
+    -- the attempt that just failed is not yet in the record (defer_batch.lua counts)
+    attempts = record.attempts + 1, created_at = record.created, dead_lettered_at = now_ms}))
   redis.call('ZADD', KEYS[8], now_ms, ARGV[1])
   redis.call('INCRBY', KEYS[9], #identifiers)
   redis.call('HINCRBY', KEYS[10], 'dead_lettered', #identifiers)

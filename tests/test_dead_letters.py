@@ -1,0 +1,185 @@
+"""The dead-letter store (`worker.dead_letters.DeadLetters`) against real Redis.
+
+Covers `replay_dead_letter.lua` and `purge_dead_letter.lua`: entries leave in one step
+with their share of the identifier count, and a replay never overwrites a newer change.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.conftest import email, take_each, wait_for
+from worker.batching import plan_batches
+from worker.buffer import server_time_ms
+from worker.changes import parse_change
+from worker.dead_letters import DeadLetters
+from worker.keys import buffer_field
+from worker.services import services
+from worker.status import read_status
+
+
+def row(group: str, value: str, state: str = "subscribed", kind: str = "email", **extra: Any):
+    return parse_change(
+        {"subscription_group_id": group, "subscription_state": state, kind: value, **extra}
+    )
+
+
+def take_one_batch(changes: list) -> str:
+    buffer = services().buffer
+    buffer.enqueue(changes)
+    now = server_time_ms(buffer.client)
+    wanted = {(c.group_id, c.kind, c.value) for c in changes}
+    due = [c for c in buffer.read_due(now, 1000)[0] if (c.group_id, c.kind, c.value) in wanted]
+    plan = plan_batches(due, now_ms=now, max_identifiers=50)
+    [(batch_id, size)] = take_each(buffer, plan, 60_000)
+    assert size == len(changes)
+    return batch_id
+
+
+def dead_letter(group: str, values: list[str], state: str = "subscribed", **extra: Any) -> str:
+    batch_id = take_one_batch([row(group, v, state, **extra) for v in values])
+    assert services().batches.dead_letter(batch_id, "t", f"error of {group}") == len(values)
+    return batch_id
+
+
+def store() -> DeadLetters:
+    found = services()
+    return DeadLetters(found.redis, found.keys)
+
+
+def assert_count_consistent(redis_client: Any) -> int:
+    keys = services().keys
+    entries = store().list()
+    held = sum(len(entry.identifiers) for entry in entries)
+    counted = int(redis_client.get(keys.dead_letter_identifiers) or 0)
+    assert counted == held
+    assert read_status(redis_client, keys).dead_letter == held
+    assert redis_client.hlen(keys.dead_letters) == len(entries)
+    assert redis_client.zcard(keys.dead_letter_index) == len(entries)
+    return held
+
+
+def pending(redis_client: Any) -> dict[str, dict[str, Any]]:
+    keys = services().keys
+    return {
+        raw_field.decode(): json.loads(raw)
+        for raw_field, raw in redis_client.hgetall(keys.pending).items()
+    }
+
+
+def test_list_is_oldest_first(env, redis_client):
+    ids = []
+    for group in ("g-c", "g-a", "g-b", "g-d"):
+        before = server_time_ms(redis_client)
+        ids.append(dead_letter(group, [email(1)]))
+        # The next entry is dead-lettered at a later millisecond.
+        wait_for(lambda before=before: server_time_ms(redis_client) > before + 1, timeout=2)
+
+    entries = store().list()
+    assert [entry.id for entry in entries] == ids
+    assert [entry.subscription_group_id for entry in entries] == ["g-c", "g-a", "g-b", "g-d"]
+    times = [entry.dead_lettered_at for entry in entries]
+    assert times == sorted(times)
+    assert store().ids() == ids
+    first = entries[0].as_dict()
+    assert first["error"] == "error of g-c"
+    assert first["identifiers"] == [{"kind": "email", "value": email(1)}]
+    assert first["created_at"] <= first["dead_lettered_at"]
+    assert assert_count_consistent(redis_client) == 4
+
+
+def test_empty_store(env, redis_client):
+    assert store().list() == []
+    report = store().replay(None)
+    assert (report.entries, report.requeued, report.superseded, report.missing) == (0, 0, 0, [])
+    purge = store().purge(None)
+    assert (purge.entries, purge.identifiers, purge.missing) == (0, 0, [])
+    assert assert_count_consistent(redis_client) == 0
+
+
+def test_replay_counts_requeued_superseded_and_missing(env, redis_client):
+    first = dead_letter("news", [email(1), email(2), email(3)], "unsubscribed")
+    second = dead_letter("promo", [email(1), email(2)], "subscribed")
+    assert assert_count_consistent(redis_client) == 5
+
+    # A newer pending change for news/email(2) and an in-flight batch holding promo/email(1).
+    services().buffer.enqueue([row("news", email(2), "subscribed")])
+    newer = pending(redis_client)[buffer_field("news", "email", email(2))]
+    holder = take_one_batch([row("promo", email(1), "unsubscribed")])
+
+    report = store().replay([first, "no-such-entry", second])
+    assert report.entries == 2
+    assert report.requeued == 3
+    assert report.superseded == 2
+    assert report.missing == ["no-such-entry"]
+    assert store().list() == []
+    assert assert_count_consistent(redis_client) == 0
+
+    now = pending(redis_client)
+    assert now[buffer_field("news", "email", email(2))] == newer  # never overwritten
+    assert now[buffer_field("news", "email", email(1))]["s"] == "unsubscribed"
+    assert now[buffer_field("news", "email", email(3))]["s"] == "unsubscribed"
+    assert now[buffer_field("promo", "email", email(2))]["s"] == "subscribed"
+    assert buffer_field("promo", "email", email(1)) not in now  # the batch holds a change
+    assert redis_client.hget(services().keys.inflight, buffer_field("promo", "email", email(1)))
+    assert holder
+
+    # Replayed changes are due at once, with fresh sequence numbers.
+    due, _ = services().buffer.read_due(server_time_ms(redis_client), 100)
+    assert {(c.group_id, c.value) for c in due} == {
+        ("news", email(1)),
+        ("news", email(2)),
+        ("news", email(3)),
+        ("promo", email(2)),
+    }
+    assert len({c.seq for c in due}) == 4
+
+    again = store().replay([first])
+    assert (again.entries, again.requeued, again.missing) == (0, 0, [first])
+
+
+def test_replay_all_keeps_the_double_opt_in_flag(env, redis_client):
+    dead_letter("sms", ["+14155550101"], "subscribed", kind="phone", use_double_opt_in_logic=True)
+    dead_letter("news", [email(1)])
+    report = store().replay(None)
+    assert (report.entries, report.requeued, report.superseded) == (2, 2, 0)
+    now = pending(redis_client)
+    assert now[buffer_field("sms", "phone", "+14155550101")]["o"] == 1
+    assert now[buffer_field("news", "email", email(1))]["o"] == 0
+    assert assert_count_consistent(redis_client) == 0
+
+
+def test_purge_counts_and_missing_ids(env, redis_client):
+    first = dead_letter("news", [email(1), email(2)])
+    second = dead_letter("promo", [email(3)])
+    third = dead_letter("other", [email(4), email(5), email(6)])
+    assert assert_count_consistent(redis_client) == 6
+
+    report = store().purge([second, "nope"])
+    assert (report.entries, report.identifiers, report.missing) == (1, 1, ["nope"])
+    assert [entry.id for entry in store().list()] == [first, third]
+    assert assert_count_consistent(redis_client) == 5
+
+    report = store().purge([second])
+    assert (report.entries, report.identifiers, report.missing) == (0, 0, [second])
+
+    report = store().purge(None)
+    assert (report.entries, report.identifiers, report.missing) == (2, 5, [])
+    assert assert_count_consistent(redis_client) == 0
+    # Purging puts nothing back in the buffer.
+    assert pending(redis_client) == {}
+
+
+def test_count_stays_consistent_through_mixed_operations(env, redis_client):
+    ids = [dead_letter(f"g{n}", [email(m) for m in range(n + 1)]) for n in range(5)]
+    assert assert_count_consistent(redis_client) == 15
+    store().replay([ids[0], ids[3]])
+    assert assert_count_consistent(redis_client) == 10
+    store().purge([ids[1]])
+    assert assert_count_consistent(redis_client) == 8
+    ids.append(dead_letter("late", [email(90), email(91)]))
+    assert assert_count_consistent(redis_client) == 10
+    store().replay(None)
+    assert assert_count_consistent(redis_client) == 0
+    assert int(redis_client.get(services().keys.dead_letter_identifiers)) == 0
