@@ -17,7 +17,7 @@ from worker.status import read_status
 pytestmark = pytest.mark.slow
 
 LIMIT = 40
-WINDOW = 1.0
+WINDOW = 2.0
 
 
 def budget_env() -> dict[str, str]:
