@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -19,7 +21,7 @@ from worker.changes import parse_change
 from worker.coalescer import Coalescer
 from worker.dead_letters import DeadLetters
 from worker.keys import buffer_field
-from worker.poster import Poster
+from worker.poster import Poster, PostReport
 from worker.services import services
 
 GROUP = "news"
@@ -196,26 +198,43 @@ def test_dead_letter_entry_counts_every_attempt_made(sim, limited_poster, redis_
     assert entry.attempts == 2  # two requests were made; the entry says 1
 
 
-def test_rejected_identifier_dead_letters_the_whole_batch_at_once(sim, poster, redis_client):
-    values = [email(n) for n in range(4)]
-    batch_id = email_batch(values)
-    faults(sim, reject=[email(2)])
+def drive(poster: Poster, first: str) -> list[PostReport]:
+    """Post a batch and every batch its posting dispatches (halves), like a worker would."""
+    queue, reports = [first], []
+    poster.dispatch = lambda batch_id, _countdown: queue.append(batch_id)
+    while queue:
+        reports.append(poster.post(queue.pop(0)))
+    return reports
 
-    report = poster.post(batch_id)
-    assert report.status == "dead_lettered"
-    assert report.http_status == 400
-    assert report.attempt == 1
+
+@pytest.mark.parametrize("named", [True, False])
+def test_only_the_rejected_identifier_is_dead_lettered(sim, poster, redis_client, named):
+    values = [email(n) for n in range(50)]
+    batch_id = email_batch(values)
+    faults(sim, reject=[email(17)])
+    if not named:  # Braze's message does not say which identifier: halving finds it
+        original = poster.braze.post
+
+        def anonymous(path, body):
+            reply = original(path, body)
+            return (
+                replace(reply, body='{"message": "Bad request"}') if reply.status == 400 else reply
+            )
+
+        poster.braze.post = anonymous
+
+    reports = drive(poster, batch_id)
 
     [entry] = DeadLetters(redis_client, services().keys).list()
-    assert "400" in entry.error
-    assert email(2) in entry.error
-    # Current behaviour: the whole batch is dead-lettered, not only the bad identifier.
-    assert sorted(i["value"] for i in entry.identifiers) == values
+    assert [i["value"] for i in entry.identifiers] == [email(17)]
+    assert entry.error.startswith("HTTP 400")
+    assert entry.attempts == 1
+    delivered = {value for (_g, _k, value) in sim_state(sim)}
+    assert delivered == set(values) - {email(17)}
     assert inflight(redis_client) == {}
-    assert sim_state(sim) == {}
-    stats = sim_stats(sim)
-    assert stats["rejected_400"] == 1
-    assert stats["malformed"] == 0
+    extra = len(reports) - 1
+    assert extra <= (2 if named else 2 * math.ceil(math.log2(50))), [r.status for r in reports]
+    assert sim_stats(sim)["malformed"] == 0
 
 
 def test_revoked_key_is_retried_without_spending_an_attempt(sim, poster, redis_client):

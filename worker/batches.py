@@ -8,6 +8,7 @@ posts it carries only the id; everything else is read here.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -106,16 +107,53 @@ class BatchStore:
         return self._finish(batch_id, token, "dead", error)
 
     def defer(
-        self, batch_id: str, token: str, *, error: str, count_attempt: bool, redispatch_ms: int
+        self,
+        batch_id: str,
+        token: str,
+        *,
+        error: str,
+        count_attempt: bool,
+        redispatch_ms: int,
+        solo: bool = False,
     ) -> int:
-        """Release the claim after a failed try; returns the attempts so far (-1: not ours)."""
+        """Release the claim after a failed try; returns the attempts so far (-1: not ours).
+        `solo` takes the batch out of its v2 pack."""
         k = self.keys
         return int(
             self.scripts.defer_batch(
                 keys=[k.batch(batch_id), k.claim(batch_id), k.batches],
-                args=[batch_id, token, int(count_attempt), error, redispatch_ms],
+                args=[
+                    batch_id,
+                    token,
+                    int(count_attempt),
+                    error,
+                    redispatch_ms,
+                    "solo" if solo else "",
+                ],
             )
         )
+
+    def split(
+        self, batch_id: str, token: str, *, isolate: str | None, redispatch_ms: int
+    ) -> tuple[str, str] | None:
+        """Replace a refused batch by two halves (the first is `isolate` alone when it is a
+        member); returns their ids, or None if the batch cannot be split."""
+        k = self.keys
+        first, second = uuid.uuid4().hex, uuid.uuid4().hex
+        size = int(
+            self.scripts.split_batch(
+                keys=[
+                    k.batch(batch_id),
+                    k.claim(batch_id),
+                    k.batches,
+                    k.inflight,
+                    k.batch(first),
+                    k.batch(second),
+                ],
+                args=[batch_id, token, first, second, redispatch_ms, isolate or ""],
+            )
+        )
+        return (first, second) if size > 0 else None
 
     def overdue(self, now_ms: int, limit: int = 1000) -> list[str]:
         """Batches whose task should have finished by now: their message was lost."""

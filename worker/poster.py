@@ -5,7 +5,8 @@ shared rate budget, send, and act on Braze's answer.
 - 429: every worker pauses until Braze's reset; the batches go again after it, no attempt
   spent;
 - credentials (401/403/404): retried later, no attempt spent;
-- 400: dead-lettered with Braze's message;
+- 400: split (halves, or the identifier Braze names) until only the identifiers Braze
+  refuses remain; those are dead-lettered with Braze's message;
 - anything else: retried with exponential backoff and full jitter, and dead-lettered after
   `max_attempts`.
 Waiting for a turn is not a failed attempt either.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -40,7 +42,7 @@ class PostReport:
     """What happened to one batch in one task run (also the task's Flower-visible result)."""
 
     batch_id: str
-    status: str  # delivered | dead_lettered | retry | waiting | gone | busy | empty
+    status: str  # delivered | dead_lettered | split | retry | waiting | gone | busy | empty
     size: int = 0  # identifiers in the request (all entries of a v2 pack)
     entries: int = 0  # batches in the request
     http_status: int | None = None
@@ -52,6 +54,16 @@ class PostReport:
 
 def _no_dispatch(_batch_id: str, _countdown: float) -> None:
     return None
+
+
+_TOKEN_SEPARATORS = re.compile(r"""[\s,;"'\[\]{}()<>]+""")
+
+
+def named_identifier(message: str, values: tuple[str, ...]) -> str | None:
+    """The one identifier of the batch that Braze's message names, if exactly one."""
+    tokens = {token.strip(".:") for token in _TOKEN_SEPARATORS.split(message)}
+    named = [value for value in values if value in tokens]
+    return named[0] if len(named) == 1 else None
 
 
 class Poster:
@@ -209,7 +221,9 @@ class Poster:
         if result.outcome is Outcome.CREDENTIALS:
             wait = min(CREDENTIALS_RETRY_SECONDS, settings.retry_backoff_max_seconds)
             return self._defer(records, token, report, wait, count_attempt=False)
-        if result.outcome is Outcome.BAD_REQUEST or report.attempt >= settings.max_attempts:
+        if result.outcome is Outcome.BAD_REQUEST:
+            return self._isolate(records, token, report)
+        if report.attempt >= settings.max_attempts:
             for record in records:
                 self.store.dead_letter(record.id, token, result.detail)
             return replace(report, status="dead_lettered")
@@ -220,6 +234,39 @@ class Poster:
             rng=self.rng,
         )
         return self._defer(records, token, report, wait, count_attempt=True)
+
+    def _isolate(self, records: list[BatchRecord], token: str, report: PostReport) -> PostReport:
+        """Braze refused the request (400): find the identifiers at fault by splitting, so
+        that only they are dead-lettered and the rest is delivered. Splits cost no attempt;
+        each half goes through the rate budget like any request. One bad identifier in 50
+        costs about 2 * log2(50) extra requests, or 2 when Braze's message names it."""
+        grace_ms = round(self.settings.batch_redispatch_seconds * 1000)
+        if len(records) > 1:  # a v2 pack: first find the batch at fault, each sent alone
+            for record in records:
+                self.store.defer(
+                    record.id,
+                    token,
+                    error=report.detail,
+                    count_attempt=False,
+                    redispatch_ms=grace_ms,
+                    solo=True,
+                )
+            for record in records[1:]:
+                self.dispatch(record.id, 0.0)
+            return replace(report, status="retry", retry_in=0.0)
+        (record,) = records
+        if record.size == 1:
+            self.store.dead_letter(record.id, token, report.detail)
+            return replace(report, status="dead_lettered")
+        halves = self.store.split(
+            record.id,
+            token,
+            isolate=named_identifier(report.detail, record.values),
+            redispatch_ms=grace_ms,
+        )
+        for half in halves or ():
+            self.dispatch(half, 0.0)
+        return replace(report, status="split" if halves else "busy")
 
     def _defer(
         self,

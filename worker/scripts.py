@@ -28,6 +28,7 @@ class Scripts:
         self.claim_batch: Script = client.register_script(script_source("claim_batch"))
         self.finish_batch: Script = client.register_script(script_source("finish_batch"))
         self.defer_batch: Script = client.register_script(script_source("defer_batch"))
+        self.split_batch: Script = client.register_script(script_source("split_batch"))
         self.replay_dead_letter: Script = client.register_script(
             script_source("replay_dead_letter")
         )

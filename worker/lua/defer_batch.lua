@@ -5,6 +5,7 @@
 -- KEYS[3] batches   ZSET   batch id -> redispatch time; set past the planned retry
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] attempts to add (0 or 1)
 -- ARGV[4] error text  ARGV[5] redispatch after (ms): retry delay plus the sweep's grace
+-- ARGV[6] "solo" to take the batch out of its v2 pack (it will be sent alone), else ""
 --
 -- Guarantees: the batch keeps its identifiers and their locks (no newer change can
 -- overtake it); the attempt is counted in the record itself, so the count survives a lost
@@ -21,6 +22,9 @@ end
 local record = cjson.decode(record_json)
 record.attempts = record.attempts + tonumber(ARGV[3])
 record.error = ARGV[4]
+if ARGV[6] == 'solo' then
+  record.pack = {ARGV[1]}
+end
 redis.call('SET', KEYS[1], cjson.encode(record))
 redis.call('DEL', KEYS[2])
 local now = redis.call('TIME')
