@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # fleet of ~160 threads at 5,000/minute without re-queueing, and frees slots during a
     # pause after a 429.
     token_wait_max_seconds: float = Field(default=2.0, gt=0)
+    # After Braze refuses the key (401/403/404) every worker stops posting; one request is
+    # let through this often as a probe, and its success resumes posting everywhere.
+    credentials_probe_seconds: float = Field(default=60.0, gt=0)
     # Seconds for one HTTP exchange with Braze (connect + write + read). Braze answers in
     # well under a second; ten leaves room for bad days without pinning a worker slot.
     http_timeout_seconds: float = Field(default=10.0, gt=0)

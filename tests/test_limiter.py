@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simulator.ratelimit import sliding_window_max
+from tests.conftest import wait_for
 from worker.buffer import server_time_ms
 from worker.limiter import Budget, RateLimiter
 from worker.outcome import RateLimit
@@ -151,3 +152,26 @@ def test_state_reports_tokens_left(limiter_for):
     assert limiter.state().tokens_left == limiter.budget.burst
     reserve(limiter, 3)
     assert limiter.state().tokens_left == limiter.budget.burst - 3
+
+
+def test_open_circuit_lets_one_probe_through_per_interval(redis_client):
+    budget = Budget.for_limit(1000, 10, headroom=0.02, burst_fraction=0.01)
+    limiter = RateLimiter(
+        redis_client, "{test}:limiter", budget, max_wait_seconds=1000, probe_interval_seconds=0.3
+    )
+    assert limiter.open_circuit("HTTP 401: Invalid API key")
+    assert not limiter.open_circuit("HTTP 401: again")  # already open: since stays
+    state = limiter.state()
+    assert state.circuit == "HTTP 401: again" and state.circuit_since_ms is not None
+    first = limiter.acquire()
+    assert not first.granted and 0 < first.wait_seconds <= 0.3
+
+    probe = wait_for(lambda: (g := limiter.acquire()).granted and g, timeout=5, interval=0.02)
+    assert probe.probe
+    others = [limiter.acquire() for _ in range(5)]
+    assert not any(g.granted for g in others), "one probe per interval, nobody else"
+
+    assert limiter.close_circuit()
+    assert limiter.state().circuit is None
+    resumed = limiter.acquire()
+    assert resumed.granted and not resumed.probe

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from config.settings import Settings, load_settings
-from tests.conftest import email, take_each
+from tests.conftest import email, take_each, wait_for
 from worker.batches import BatchRecord
 from worker.batching import plan_batches
 from worker.braze_client import BrazeClient
@@ -21,8 +21,10 @@ from worker.changes import parse_change
 from worker.coalescer import Coalescer
 from worker.dead_letters import DeadLetters
 from worker.keys import buffer_field
+from worker.limiter import RateLimiter
 from worker.poster import Poster, PostReport
 from worker.services import services
+from worker.status import read_status
 
 GROUP = "news"
 SMS_GROUP = "sms-promos"
@@ -245,7 +247,7 @@ def test_revoked_key_is_retried_without_spending_an_attempt(sim, poster, redis_c
     report = poster.post(batch_id)
     assert report.status == "retry"
     assert report.http_status == 401
-    assert 0 < report.retry_in <= services().settings.retry_backoff_max_seconds
+    assert 0 < report.retry_in <= services().settings.credentials_probe_seconds * 1.25
     kept = record(redis_client, batch_id)
     assert kept["attempts"] == 0
     assert "401" in kept["error"]
@@ -373,3 +375,38 @@ def test_pack_sibling_is_sent_when_its_lead_was_superseded(sim, redis_client):
     assert poster.post(lead).status == "empty"
     assert redis_client.get(found.keys.batch(sibling)) is not None  # still waiting
     assert sibling in [batch_id for batch_id, _countdown in handed]
+
+
+def test_a_refused_key_stops_every_worker_until_a_probe_gets_through(sim, redis_client):
+    found = services()
+    settings = load_settings(credentials_probe_seconds=0.3)
+    limiter = RateLimiter(
+        redis_client,
+        found.limiter.key,
+        found.limiter.budget,
+        max_wait_seconds=2,
+        probe_interval_seconds=settings.credentials_probe_seconds,
+    )
+    poster = Poster(settings, found.batches, found.braze, limiter)
+    first, second = email_batch([email(1)]), email_batch([email(2)], "unsubscribed")
+    faults(sim, api_keys=["revoked"])
+
+    report = poster.post(first)
+    assert (report.status, report.http_status) == ("retry", 401)
+    status = read_status(redis_client, found.keys, limiter)
+    assert status.credentials_refused and "401" in status.credentials_refused
+    assert status.credentials_refused_since is not None
+    assert status.paused and status.tokens_left == 0
+    # Every other worker stops too: the second batch is not even sent.
+    assert poster.post(second).status == "waiting"
+    assert sim_stats(sim)["unauthorized"] == 1
+
+    faults(sim, api_keys=["revoked", "sim-key"])  # the key works again
+    delivered = wait_for(
+        lambda: (r := poster.post(first)).status == "delivered" and r, timeout=5, interval=0.05
+    )
+    assert delivered.attempt == 1, "a refused key spends no attempt"
+    assert limiter.state().circuit is None
+    assert poster.post(second).status == "delivered"
+    assert DeadLetters(redis_client, found.keys).list() == []
+    assert read_status(redis_client, found.keys, limiter).credentials_refused is None

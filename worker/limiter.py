@@ -70,6 +70,7 @@ class Grant:
     granted: bool
     wait_seconds: float  # granted: sleep this long, then send; else: try again after it
     send_at_ms: float | None = None  # granted: the reserved send time, Redis clock
+    probe: bool = False  # granted as the one probe of an open credentials circuit
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,8 @@ class LimiterState:
     tokens_left: int  # requests that could go at once right now
     paused_until_ms: float | None
     pause_reason: str | None
+    circuit: str | None = None  # why posting stopped (credentials), while it is stopped
+    circuit_since_ms: float | None = None
 
 
 class RateLimiter:
@@ -87,27 +90,45 @@ class RateLimiter:
         budget: Budget,
         *,
         max_wait_seconds: float,
+        probe_interval_seconds: float = 60.0,
         scripts: Scripts | None = None,
     ) -> None:
         self.client = client
         self.key = key
         self.budget = budget
         self.max_wait_ms = max_wait_seconds * 1000
+        self.probe_interval_ms = round(probe_interval_seconds * 1000)
         self.scripts = scripts or Scripts(client)
 
     def acquire(self) -> Grant:
         """Reserve one request. Granted only if its turn comes within `max_wait_seconds`."""
         budget = self.budget
-        granted, wait_ms, send_at = self.scripts.acquire_token(
+        granted, wait_ms, send_at, probe = self.scripts.acquire_token(
             keys=[self.key],
             args=[
                 budget.interval_ms,
                 budget.tolerance_ms,
                 self.max_wait_ms,
                 round(budget.window_ms * 2),
+                self.probe_interval_ms,
             ],
         )
-        return Grant(bool(int(granted)), int(wait_ms) / 1000, float(send_at) if send_at else None)
+        return Grant(
+            bool(int(granted)),
+            int(wait_ms) / 1000,
+            float(send_at) if send_at else None,
+            probe=bool(probe),
+        )
+
+    def open_circuit(self, reason: str) -> bool:
+        """Stop posting everywhere (the key is refused); probe again every interval."""
+        return bool(
+            self.scripts.circuit(keys=[self.key], args=["open", reason, self.probe_interval_ms])
+        )
+
+    def close_circuit(self) -> bool:
+        """A probe got through: posting resumes everywhere."""
+        return bool(self.scripts.circuit(keys=[self.key], args=["close", "", 0]))
 
     def _observe(self, remaining: int, reset_epoch: float, mode: str, reason: str) -> bool:
         budget = self.budget
@@ -148,7 +169,9 @@ class RateLimiter:
     def state(self) -> LimiterState:
         seconds, micros = self.client.time()
         now = seconds * 1000 + micros / 1000  # the scripts' precision, not whole ms
-        tat, paused, reason = self.client.hmget(self.key, "tat", "paused_until", "pause_reason")
+        tat, paused, reason, circuit, since = self.client.hmget(
+            self.key, "tat", "paused_until", "pause_reason", "circuit", "circuit_since"
+        )
         budget = self.budget
         ahead = max(float(tat or 0) - now, 0.0)  # how far the budget is spent into the future
         free = math.floor((budget.tolerance_ms - ahead) / budget.interval_ms + 1e-6) + 1
@@ -157,4 +180,6 @@ class RateLimiter:
             tokens_left=0 if paused_ms else max(0, min(budget.burst, free)),
             paused_until_ms=paused_ms,
             pause_reason=reason.decode() if paused_ms and reason else None,
+            circuit=circuit.decode() if circuit else None,
+            circuit_since_ms=float(since) if circuit and since else None,
         )

@@ -4,7 +4,8 @@ shared rate budget, send, and act on Braze's answer.
 - delivered: the batches end and their identifiers unlock;
 - 429: every worker pauses until Braze's reset; the batches go again after it, no attempt
   spent;
-- credentials (401/403/404): retried later, no attempt spent;
+- credentials (401/403/404): every worker stops posting (a circuit in the shared budget),
+  one probe per interval tries again, no attempt is spent and nothing is dead-lettered;
 - 400: split (halves, or the identifier Braze names) until only the identifiers Braze
   refuses remain; those are dead-lettered with Braze's message;
 - anything else: retried with exponential backoff and full jitter, and dead-lettered after
@@ -31,10 +32,6 @@ from worker.limiter import RateLimiter
 from worker.outcome import Classified, Outcome, backoff_seconds, classify, parse_rate_limit
 
 logger = logging.getLogger("braze_subs.poster")
-
-# Wait after a credentials error before the batch tries again (the key must be fixed by a
-# person; trying often helps nobody). Bounded by RETRY_BACKOFF_MAX_SECONDS.
-CREDENTIALS_RETRY_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +106,7 @@ class Poster:
             attempt=claim.record.attempts + 1,
         )
 
+        grant = None
         if self.limiter is not None:
             grant = self.limiter.acquire()
             if not grant.granted:
@@ -125,7 +123,7 @@ class Poster:
                 self.sleep(grant.wait_seconds)
             # A turn reserved before another worker hit a 429 must not go into the
             # exhausted window: the pause wins over the reservation.
-            paused = self.limiter.paused_for()
+            paused = 0.0 if grant.probe else self.limiter.paused_for()
             if paused > 0:
                 wait = paused + self.rng.uniform(0, 0.5)
                 return self._defer(
@@ -146,6 +144,9 @@ class Poster:
             detail=result.detail,
         )
         report = self._settle(records, token, report, reply, result)
+        probe_passed = grant is not None and grant.probe and result.outcome is Outcome.DELIVERED
+        if probe_passed and self.limiter is not None and self.limiter.close_circuit():
+            logger.warning("credentials accepted again: posting resumes")
         self._log(records, report)
         return report
 
@@ -219,8 +220,14 @@ class Poster:
             wait = min(max(reset - time.time(), 0.5), window) + self.rng.uniform(0, 0.5)
             return self._defer(records, token, report, wait, count_attempt=False)
         if result.outcome is Outcome.CREDENTIALS:
-            wait = min(CREDENTIALS_RETRY_SECONDS, settings.retry_backoff_max_seconds)
-            return self._defer(records, token, report, wait, count_attempt=False)
+            # The key, not the changes, is at fault: stop everyone, spend nothing, and let
+            # one probe per interval find out when it works again.
+            wait = settings.credentials_probe_seconds
+            if self.limiter is not None and self.limiter.open_circuit(result.detail):
+                logger.error("Braze refused the API key (%s): posting stopped", result.detail)
+            return self._defer(
+                records, token, report, wait + self.rng.uniform(0, wait / 4), count_attempt=False
+            )
         if result.outcome is Outcome.BAD_REQUEST:
             return self._isolate(records, token, report)
         if report.attempt >= settings.max_attempts:

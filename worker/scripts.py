@@ -32,6 +32,7 @@ class Scripts:
         self.replay_dead_letter: Script = client.register_script(
             script_source("replay_dead_letter")
         )
+        self.circuit: Script = client.register_script(script_source("circuit"))
         self.acquire_token: Script = client.register_script(script_source("acquire_token"))
         self.observe_rate_limit: Script = client.register_script(
             script_source("observe_rate_limit")

@@ -56,6 +56,7 @@ class Services:
             self.keys.limiter(settings.workspace_id),
             budget,
             max_wait_seconds=settings.token_wait_max_seconds,
+            probe_interval_seconds=settings.credentials_probe_seconds,
             scripts=self.scripts,
         )
 

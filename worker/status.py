@@ -30,6 +30,8 @@ class Status:
     paused: bool = False  # posting paused for every worker (after a 429)
     paused_until: float | None = None  # epoch seconds
     pause_reason: str | None = None
+    credentials_refused: str | None = None  # why posting stopped: Braze refused the key
+    credentials_refused_since: float | None = None  # epoch seconds
     requests_last_minute: int = 0
     identifiers_last_minute: int = 0
     throttled_last_minute: int = 0  # 429 answers
@@ -74,6 +76,10 @@ def read_status(client: Redis, keys: Keys, limiter: RateLimiter | None = None) -
         paused=paused_until is not None,
         paused_until=round(paused_until / 1000, 3) if paused_until else None,
         pause_reason=budget.pause_reason if budget else None,
+        credentials_refused=budget.circuit if budget else None,
+        credentials_refused_since=(
+            round(budget.circuit_since_ms / 1000, 3) if budget and budget.circuit_since_ms else None
+        ),
         requests_last_minute=minute.requests,
         identifiers_last_minute=minute.identifiers,
         throttled_last_minute=minute.throttled,
