@@ -127,6 +127,11 @@ class Settings(BaseSettings):
     # again by the coalescer's sweep (the message was lost, or its worker died).
     batch_redispatch_seconds: float = Field(default=120.0, gt=0)
 
+    # Days a dead-letter entry is kept for an operator to replay or purge. Older entries
+    # are removed by the coalescer's sweep, each with a WARNING log line and counted in
+    # `status` (dead_letters_expired): the store stays bounded and nothing goes silently.
+    dead_letter_retention_days: float = Field(default=30.0, gt=0)
+
     # --- Worker process -------------------------------------------------------------------
     # Posting is I/O-bound: a thread pool of 16 keeps ~16 requests in the air per container,
     # enough for Braze's whole budget at up to ~200 ms per request.

@@ -7,6 +7,7 @@ with their share of the identifier count, and a replay never overwrites a newer 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from tests.conftest import email, take_each, wait_for
@@ -183,3 +184,68 @@ def test_count_stays_consistent_through_mixed_operations(env, redis_client):
     store().replay(None)
     assert assert_count_consistent(redis_client) == 0
     assert int(redis_client.get(services().keys.dead_letter_identifiers)) == 0
+
+
+def batch_everything_due() -> str:
+    buffer = services().buffer
+    now = server_time_ms(buffer.client)
+    plan = plan_batches(buffer.read_due(now, 1000)[0], now_ms=now, max_identifiers=50)
+    [(batch_id, _size)] = take_each(buffer, plan, 60_000)
+    return batch_id
+
+
+def test_replay_never_resurrects_a_state_a_newer_delivered_change_replaced(env, redis_client):
+    found = services()
+    old = take_one_batch([row("news", email(1), "subscribed")])
+    # A newer change arrives while the old batch is in flight, and waits for its lock.
+    found.buffer.enqueue([row("news", email(1), "unsubscribed")])
+    assert found.batches.dead_letter(old, "t", "HTTP 400: Invalid email") == 1
+    # The newer change is batched and delivered before anyone replays the old one.
+    newer = batch_everything_due()
+    assert found.batches.delivered(newer, "t2") == 1
+    assert pending(redis_client) == {}
+
+    report = store().replay(None)
+    assert (report.entries, report.requeued, report.superseded) == (1, 0, 1)
+    assert pending(redis_client) == {}, "the dead-lettered 'subscribed' must not come back"
+    assert_count_consistent(redis_client)
+
+
+def test_a_change_enqueued_after_dead_lettering_supersedes_the_dead_letter(env, redis_client):
+    found = services()
+    entry = dead_letter("news", [email(1), email(2)], "subscribed")
+    found.buffer.enqueue([row("news", email(2), "unsubscribed")])
+    batch = batch_everything_due()
+    found.batches.delivered(batch, "t")
+
+    report = store().replay([entry])
+    assert (report.requeued, report.superseded) == (1, 1)
+    assert set(pending(redis_client)) == {buffer_field("news", "email", email(1))}
+
+
+def test_entries_past_retention_expire_counted_and_logged(env, redis_client, caplog):
+    from config.settings import load_settings
+    from worker.coalescer import Coalescer
+
+    found = services()
+    old = dead_letter("news", [email(1), email(2)])
+    young = dead_letter("promo", [email(3)])
+    # Make the first entry 31 days old.
+    now = server_time_ms(redis_client)
+    redis_client.zadd(found.keys.dead_letter_index, {old: now - 31 * 86_400_000})
+
+    settings = load_settings(dead_letter_retention_days=30)
+    # Our loggers may not propagate to the root (worker.app configures them): listen directly.
+    logger = logging.getLogger("braze_subs.coalescer")
+    logger.addHandler(caplog.handler)
+    try:
+        Coalescer(settings, found.buffer, found.batches, dispatch=lambda _id: None).tick()
+    finally:
+        logger.removeHandler(caplog.handler)
+
+    assert [entry.id for entry in store().list()] == [young]
+    assert any(old in record.getMessage() for record in caplog.records)
+    status = read_status(redis_client, found.keys)
+    assert status.dead_letters_expired == 1
+    assert status.dead_letter == 1
+    assert_count_consistent(redis_client)

@@ -94,6 +94,7 @@ class BatchStore:
             k.dead_letter_index,
             k.dead_letter_identifiers,
             k.stats,
+            k.dead_letter_fields,
         ]
         return int(self.scripts.finish_batch(keys=keys, args=[batch_id, token, outcome, error]))
 

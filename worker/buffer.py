@@ -44,7 +44,7 @@ class Buffer:
 
     def _enqueue_keys(self) -> list[str]:
         k = self.keys
-        return [k.seq, k.pending, k.due, k.inflight, k.stats]
+        return [k.seq, k.pending, k.due, k.inflight, k.stats, k.dead_letter_fields]
 
     @staticmethod
     def _enqueue_args(changes: Sequence[Change]) -> list[str | int]:

@@ -15,6 +15,7 @@ from config.settings import Settings
 from worker.batches import BatchStore
 from worker.batching import pack_batches, plan_batches
 from worker.buffer import Buffer, server_time_ms
+from worker.dead_letters import DeadLetters
 
 logger = logging.getLogger("braze_subs.coalescer")
 
@@ -66,6 +67,21 @@ class Coalescer:
         self.store.postpone(overdue, now_ms + redispatch_ms)
         if overdue:
             logger.warning("re-dispatched %d batches whose task was lost", len(overdue))
+
+        retention_ms = settings.dead_letter_retention_days * 86_400_000
+        for entry in DeadLetters(self.buffer.client, self.buffer.keys).expire(
+            now_ms - retention_ms
+        ):
+            logger.warning(
+                "dead-letter entry %s expired after %g days: group=%s state=%s identifiers=%d "
+                "error=%r",
+                entry.id,
+                settings.dead_letter_retention_days,
+                entry.subscription_group_id,
+                entry.subscription_state,
+                len(entry.identifiers),
+                entry.error,
+            )
 
         budget = settings.max_batches_in_flight - self.store.count()
         if budget <= 0:

@@ -102,6 +102,7 @@ class DeadLetters:
                     k.pending,
                     k.due,
                     k.inflight,
+                    k.dead_letter_fields,
                 ],
                 args=[entry_id],
             )
@@ -113,6 +114,22 @@ class DeadLetters:
             report.superseded += int(skipped)
         return report
 
+    def expire(self, before_ms: float, limit: int = 100) -> list[DeadLetter]:
+        """Remove (and return) entries dead-lettered before `before_ms`, oldest first."""
+        ids = [
+            raw.decode()
+            for raw in self.client.zrangebyscore(
+                self.keys.dead_letter_index, "-inf", before_ms, start=0, num=limit
+            )
+        ]
+        if not ids:
+            return []
+        raws = self.client.hmget(self.keys.dead_letters, ids)
+        entries = [DeadLetter.from_json(raw) for raw in raws if raw is not None]
+        self.purge(ids)
+        self.client.hincrby(self.keys.stats, "dead_letters_expired", len(entries))
+        return entries
+
     def purge(self, ids: list[str] | None) -> PurgeReport:
         """Delete entries (all if `ids` is None) for good."""
         k = self.keys
@@ -120,7 +137,12 @@ class DeadLetters:
         for entry_id in self.ids() if ids is None else ids:
             removed = int(
                 self.scripts.purge_dead_letter(
-                    keys=[k.dead_letters, k.dead_letter_index, k.dead_letter_identifiers],
+                    keys=[
+                        k.dead_letters,
+                        k.dead_letter_index,
+                        k.dead_letter_identifiers,
+                        k.dead_letter_fields,
+                    ],
                     args=[entry_id],
                 )
             )

@@ -78,6 +78,12 @@ class Keys:
         return self._key("dlq:index")
 
     @property
+    def dead_letter_fields(self) -> str:
+        """HASH buffer field -> the dead-letter entry holding its latest change; a newer
+        change removes the field (the dead letter is superseded and must not be replayed)."""
+        return self._key("dlq:fields")
+
+    @property
     def dead_letter_identifiers(self) -> str:
         """STRING count of identifiers held in the dead-letter store."""
         return self._key("dlq:identifiers")

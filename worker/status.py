@@ -26,6 +26,7 @@ class Status:
     batches_total: int
     delivered_total: int
     dead_lettered_total: int
+    dead_letters_expired: int  # entries removed after DEAD_LETTER_RETENTION_DAYS
     tokens_left: int | None = None  # requests the shared budget would grant at once now
     paused: bool = False  # posting paused for every worker (after a 429)
     paused_until: float | None = None  # epoch seconds
@@ -72,6 +73,7 @@ def read_status(client: Redis, keys: Keys, limiter: RateLimiter | None = None) -
         batches_total=counters.get("batches", 0),
         delivered_total=counters.get("delivered", 0),
         dead_lettered_total=counters.get("dead_lettered", 0),
+        dead_letters_expired=counters.get("dead_letters_expired", 0),
         tokens_left=budget.tokens_left if budget else None,
         paused=paused_until is not None,
         paused_until=round(paused_until / 1000, 3) if paused_until else None,

@@ -5,6 +5,7 @@
 -- KEYS[3] due       ZSET   field -> due ms; holds the pending fields that no batch locks
 -- KEYS[4] inflight  HASH   field -> batch id (read only here)
 -- KEYS[5] stats     HASH   "enqueued" += number of changes
+-- KEYS[6] dlq fields HASH  field -> dead-letter entry id; a newer change removes the field
 -- ARGV    groups of four: field, state, double opt-in (0|1), delay in ms
 --
 -- Guarantees: the changes are applied in argument order, with increasing sequence numbers
@@ -12,7 +13,8 @@
 -- from this call or any before it. A field that an in-flight batch locks is not made due:
 -- that batch's end makes it due (finish_batch.lua), so an identifier is never in two
 -- batches at once. Due times are Redis server time plus the delay. Returns the last
--- sequence number given.
+-- sequence number given. A dead-lettered change for the same field is superseded: replay
+-- will skip it.
 local n = #ARGV / 4
 local last = redis.call('INCRBY', KEYS[1], n)
 local seq = last - n
@@ -27,6 +29,7 @@ for i = 1, #ARGV, 4 do
   if redis.call('HEXISTS', KEYS[4], field) == 0 then
     redis.call('ZADD', KEYS[3], due, field)
   end
+  redis.call('HDEL', KEYS[6], field)
 end
 redis.call('HINCRBY', KEYS[5], 'enqueued', n)
 return last

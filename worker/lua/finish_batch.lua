@@ -10,6 +10,7 @@
 -- KEYS[8] dlq index ZSET   entry id -> dead-lettered at ms
 -- KEYS[9] dlq count STRING identifiers in the dead-letter store
 -- KEYS[10] stats    HASH   "delivered" / "dead_lettered" += members
+-- KEYS[11] dlq fields HASH field -> entry id, for the members no newer change supersedes
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] "delivered" | "dead"  ARGV[4] error text
 --
 -- Guarantees: the batch ends exactly once, in one step with the release of its locks, so
@@ -41,7 +42,12 @@ for _, member in ipairs(record.members) do
       redis.call('ZADD', KEYS[5], cjson.decode(newer).t, field)
     end
   end
-  identifiers[#identifiers + 1] = {kind = record.kind, value = member[1], seq = member[2]}
+  local superseded = redis.call('HEXISTS', KEYS[4], field) == 1
+  if ARGV[3] == 'dead' and not superseded then
+    redis.call('HSET', KEYS[11], field, ARGV[1])
+  end
+  identifiers[#identifiers + 1] = {
+    kind = record.kind, value = member[1], seq = member[2], superseded = superseded}
 end
 if ARGV[3] == 'dead' then
   redis.call('HSET', KEYS[7], ARGV[1], cjson.encode({

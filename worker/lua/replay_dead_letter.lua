@@ -7,10 +7,13 @@
 -- KEYS[5] pending   HASH   field -> change; re-queued changes are written here
 -- KEYS[6] due       ZSET   field -> due ms; re-queued changes are due now
 -- KEYS[7] inflight  HASH   field -> batch id (read: a batch holds a newer change)
+-- KEYS[8] dlq fields HASH  field -> entry id; only fields still pointing here are replayed
 -- ARGV[1] entry id
 --
--- Guarantees: an identifier for which the buffer or an in-flight batch holds a change is
--- skipped, so a replay never overwrites a newer change; the others are due at once. The
+-- Guarantees: an identifier is replayed only while this entry still holds its latest
+-- change: any change enqueued since (pending, in flight, or already delivered) removed it
+-- from the dlq fields, so a replay never overwrites a newer change. The others are due
+-- at once, and locked fields wait for their batch like any enqueued change. The
 -- entry leaves the store in the same step. Returns {re-queued, skipped}, or {-1, 0} when
 -- there is no such entry.
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
@@ -28,13 +31,16 @@ end
 local requeued, skipped = 0, 0
 for _, identifier in ipairs(entry.identifiers) do
   local field = entry.subscription_group_id .. sep .. identifier.kind .. sep .. identifier.value
-  if redis.call('HEXISTS', KEYS[5], field) == 1 or redis.call('HEXISTS', KEYS[7], field) == 1 then
+  if redis.call('HGET', KEYS[8], field) ~= ARGV[1] then
     skipped = skipped + 1
   else
+    redis.call('HDEL', KEYS[8], field)
     local seq = redis.call('INCR', KEYS[4])
     redis.call('HSET', KEYS[5], field,
       cjson.encode({s = entry.subscription_state, o = doi, q = seq, t = now_ms}))
-    redis.call('ZADD', KEYS[6], now_ms, field)
+    if redis.call('HEXISTS', KEYS[7], field) == 0 then
+      redis.call('ZADD', KEYS[6], now_ms, field)
+    end
     requeued = requeued + 1
   end
 end
