@@ -20,7 +20,7 @@ from worker.poster import Poster
 from worker.services import services
 
 
-@app.task(name="subscriptions.record_change")
+@app.task(name="subscriptions.record_change", Request="worker.redacted_request:RedactedRequest")
 def record_change(**row: Any) -> dict[str, Any]:
     """Validate and enqueue one change. Invalid input fails the task with the reason."""
     change = enqueue_change(**row)

@@ -1,0 +1,67 @@
+"""The deployment files agree with each other and with the README."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from config.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PROCESSES = ("worker", "beat", "flower")
+
+
+def procfile() -> dict[str, list[str]]:
+    entries = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, command = line.split(":", 1)
+            entries[name.strip()] = shlex.split(command)
+    return entries
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_procfile_has_the_three_processes():
+    assert set(procfile()) == set(PROCESSES)
+
+
+def test_compose_runs_the_procfile_commands():
+    services = compose()["services"]
+    for name in PROCESSES:
+        assert services[name]["command"] == procfile()[name], name
+
+
+def test_compose_redis_persists_and_is_health_checked():
+    redis = compose()["services"]["redis"]
+    assert "--appendonly" in redis["command"] and "yes" in redis["command"]
+    assert "healthcheck" in redis
+    for name in PROCESSES:
+        depends = compose()["services"][name]["depends_on"]
+        assert depends["redis"]["condition"] == "service_healthy"
+
+
+def test_flower_is_behind_basic_auth():
+    flower = compose()["services"]["flower"]
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]
+
+
+def test_the_worker_scales_without_a_fixed_name_or_port():
+    worker = compose()["services"]["worker"]
+    assert "container_name" not in worker and "ports" not in worker
+
+
+def test_every_variable_is_documented():
+    readme = (ROOT / "README.md").read_text()
+    text = (ROOT / "docker-compose.yml").read_text()
+    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", text))
+    for service in compose()["services"].values():
+        used |= set(service.get("environment") or {})
+    used |= {name.upper() for name in Settings.model_fields}
+    missing = sorted(name for name in used if f"`{name}`" not in readme)
+    assert not missing, f"not documented in README.md: {missing}"
