@@ -65,3 +65,37 @@ def test_every_variable_is_documented():
     used |= {name.upper() for name in Settings.model_fields}
     missing = sorted(name for name in used if f"`{name}`" not in readme)
     assert not missing, f"not documented in README.md: {missing}"
+
+
+def test_json_logs_hold_no_key_and_no_identifiers(env, sim, processes, tmp_path):
+    """A worker with LOG_FORMAT=json: every line is JSON; no key, no email, no phone."""
+    import json as jsonlib
+
+    from tasks.producer import enqueue_changes
+    from tests.conftest import SIM_KEY, wait_for
+
+    worker = processes.worker("json", extra_env={"LOG_FORMAT": "json"})
+    processes.beat()
+    enqueue_changes(
+        [
+            {
+                "subscription_group_id": "news",
+                "subscription_state": "subscribed",
+                "email": "jane.doe@example.com",
+            },
+            {
+                "subscription_group_id": "sms",
+                "subscription_state": "subscribed",
+                "phone": "+14155550123",
+            },
+        ]
+    )
+    log = Path(worker.log_path)
+    wait_for(lambda: log.read_text().count("status=delivered") >= 2, timeout=30)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    records = [jsonlib.loads(line) for line in lines]
+    batches = [r for r in records if "batch" in r]
+    assert len(batches) >= 2 and all(r["batch"]["status"] == "delivered" for r in batches)
+    text = log.read_text()
+    assert SIM_KEY not in text
+    assert "jane.doe@example.com" not in text and "14155550123" not in text

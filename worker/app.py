@@ -8,11 +8,11 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init
 from kombu import Queue
 
 from config.settings import Settings, SettingsError, get_settings
-from worker.logs import configure_logging
+from worker.logs import configure_logging, use_json_for_celery
 
 # The queue of `subscriptions.record_change` is Celery's default one, because services
 # that only share the broker call send_task() without knowing our routes.
@@ -78,6 +78,9 @@ def create_app(settings: Settings) -> Celery:
 settings = _settings_or_exit()
 configure_logging(settings)
 app = create_app(settings)
+if settings.log_format == "json":
+    after_setup_logger.connect(use_json_for_celery, weak=False)
+    after_setup_task_logger.connect(use_json_for_celery, weak=False)
 
 
 @worker_init.connect

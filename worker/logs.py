@@ -12,6 +12,19 @@ from config.settings import Settings
 LOGGER_NAME = "braze_subs"
 
 
+def json_formatter() -> logging.Formatter:
+    return JsonFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s",
+        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+    )
+
+
+def use_json_for_celery(logger: logging.Logger, **_: object) -> None:
+    """Celery's `after_setup_logger` hook: its own lines in JSON too."""
+    for handler in logger.handlers:
+        handler.setFormatter(json_formatter())
+
+
 def configure_logging(settings: Settings) -> None:
     """Give our `braze_subs.*` loggers one handler on stderr, in the configured format."""
     logger = logging.getLogger(LOGGER_NAME)
@@ -20,12 +33,7 @@ def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler._braze_subs = True  # type: ignore[attr-defined]
     if settings.log_format == "json":
-        handler.setFormatter(
-            JsonFormatter(
-                "%(asctime)s %(levelname)s %(name)s %(message)s",
-                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            )
-        )
+        handler.setFormatter(json_formatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logger.addHandler(handler)

@@ -16,7 +16,8 @@ from worker.limiter import RateLimiter
 @dataclass(frozen=True, slots=True)
 class Status:
     pending: int  # distinct group + identifier pairs waiting, not yet in a batch
-    due_now: int  # of those, the ones due (the rest wait for their delay or for a lock)
+    due_now: int  # of those, the ones due now
+    due_later: int  # the others: waiting for their delay, or behind an in-flight batch
     oldest_due_age_seconds: float | None  # how long the oldest due change has waited
     in_flight: int  # identifiers in batches not yet acknowledged by Braze
     batches_in_flight: int
@@ -64,6 +65,7 @@ def read_status(client: Redis, keys: Keys, limiter: RateLimiter | None = None) -
     return Status(
         pending=int(pending),
         due_now=int(due_now),
+        due_later=int(pending) - int(due_now),
         oldest_due_age_seconds=oldest_age,
         in_flight=int(inflight),
         batches_in_flight=int(batches),
