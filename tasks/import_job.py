@@ -1,5 +1,9 @@
 """`braze-subs import`: validate a whole file, then enqueue it in chunks, streaming both passes.
 
+Pass 1 validates every row and spools the valid changes to a temporary file; pass 2
+enqueues from the spool, so nothing is parsed twice and a file changed meanwhile cannot
+slip unvalidated rows in.
+
 By default nothing is enqueued unless every row is valid. With `skip_invalid`, valid rows
 are enqueued and the bad ones are written, with their reasons, to a rejects file. Memory
 stays bounded by the chunk size and the number of errors kept, whatever the file's size.
@@ -8,15 +12,16 @@ stays bounded by the chunk size and the number of errors kept, whatever the file
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from tasks.importing import ImportFileError, RowError, iter_changes, validate_file
+from tasks.importing import RowError, iter_changes, validate_file
 from worker.buffer import Buffer
-from worker.changes import Change
+from worker.changes import Change, IdentifierKind, SubscriptionState
 
 # Rows per enqueue call: one Redis round trip each.
 IMPORT_CHUNK = 1000
@@ -54,12 +59,37 @@ def _noop(_phase: str, _done: int) -> None:
     return None
 
 
-def validate(path: Path, progress: Progress = _noop) -> ImportResult:
-    """First pass: every row is parsed, only errors are kept."""
+def validate(path: Path, progress: Progress = _noop, spool: IO[str] | None = None) -> ImportResult:
+    """First pass: every row is parsed, only errors are kept; valid changes go to `spool`."""
     report = validate_file(
-        path, max_errors=MAX_ERRORS_KEPT, progress=lambda line: progress("validating", line)
+        path,
+        max_errors=MAX_ERRORS_KEPT,
+        progress=lambda line: progress("validating", line),
+        on_change=None if spool is None else lambda change: spool.write(_spooled(change)),
     )
     return ImportResult(rows=report.rows, rejected=report.invalid, errors=report.errors)
+
+
+# The spool keeps pass 1's validated changes on disk, one tab-separated line each, so that
+# pass 2 enqueues without parsing and validating every row again (phonenumbers alone costs
+# ~50 µs a row). Tabs cannot occur inside the values: validation refuses control characters.
+def _spooled(change: Change) -> str:
+    return (
+        f"{change.group_id}\t{change.state.value}\t{change.kind.value}\t{change.value}\t"
+        f"{int(change.double_opt_in)}\t{change.delay_seconds!r}\n"
+    )
+
+
+def _unspooled(line: str) -> Change:
+    group_id, state, kind, value, double_opt_in, delay = line.rstrip("\n").split("\t")
+    return Change(
+        group_id,
+        SubscriptionState(state),
+        IdentifierKind(kind),
+        value,
+        double_opt_in == "1",
+        float(delay),
+    )
 
 
 @contextmanager
@@ -81,19 +111,30 @@ def enqueue_file(
 ) -> ImportResult:
     """Import a file: validate it all first (unless `skip_invalid`), then enqueue in order."""
     if not skip_invalid:
-        checked = validate(path, progress)
-        if not checked.ok:
-            return checked
-    before = path.stat()
+        with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+            checked = validate(path, progress, spool)
+            if not checked.ok:
+                return checked
+            spool.seek(0)
+            result = ImportResult(rows=checked.rows)
+            chunk: list[Change] = []
+            for done, line in enumerate(spool, 1):
+                chunk.append(_unspooled(line))
+                if len(chunk) >= IMPORT_CHUNK:
+                    result.enqueued += buffer.enqueue(chunk)
+                    chunk.clear()
+                    progress("enqueuing", done)
+            if chunk:
+                result.enqueued += buffer.enqueue(chunk)
+            return result
 
+    # --skip-invalid: one pass; bad rows go to the rejects file as they come.
     result = ImportResult()
     chunk: list[Change] = []
     with _rejects_writer(rejects) as rejects_file:
         for line, item in iter_changes(path):
             result.rows += 1
             if isinstance(item, RowError):
-                if not skip_invalid:  # valid a moment ago: the file changed under us
-                    raise ImportFileError(f"{path}: changed during import (line {line})")
                 result.rejected += 1
                 if len(result.errors) < MAX_ERRORS_KEPT:
                     result.errors.append(item)
@@ -108,7 +149,4 @@ def enqueue_file(
                 progress("enqueuing", line)
         if chunk:
             result.enqueued += buffer.enqueue(chunk)
-    after = path.stat()
-    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-        raise ImportFileError(f"{path}: changed during import")
     return result

@@ -121,11 +121,12 @@ def validate_file(
     path: Path,
     max_errors: int | None = None,
     progress: Callable[[int], None] | None = None,
+    on_change: Callable[[Change], None] | None = None,
 ) -> ValidationReport:
     """Stream the whole file and count rows; keep the first `max_errors` errors (all if None).
 
     Only errors are stored, never rows. `progress`, if given, is called with the current
-    line number every `PROGRESS_EVERY` rows.
+    line number every `PROGRESS_EVERY` rows; `on_change`, if given, with every valid change.
     """
     report = ValidationReport()
     for line, item in iter_changes(path):
@@ -138,6 +139,8 @@ def validate_file(
                 report.errors.append(item)
         else:
             report.valid += 1
+            if on_change is not None:
+                on_change(item)
     return report
 
 
