@@ -481,7 +481,7 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     server.kill()
 
 
-def test_redis_restart_with_append_only_persistence(env, sim, processes, own_redis, monkeypatch):
+def test_redis_restart_with_append_only_persistence(env, sim, own_redis, processes, monkeypatch):
     rng = random.Random(7)
     monkeypatch.setenv("REDIS_URL", own_redis.url)
     reset_services()
@@ -518,3 +518,47 @@ def test_redis_restart_with_append_only_persistence(env, sim, processes, own_red
         f"redis restart: {delivered_at_kill} requests ok before the kill, "
         f"{stats['requests_ok']} in all; drained {recovered:.1f}s after the restart"
     )
+
+
+# --------------------------------------------------------------------------------------
+# 8. A worker killed in the middle of a coalescer tick
+# --------------------------------------------------------------------------------------
+
+
+def test_worker_killed_mid_tick_does_not_stall_coalescing(env, sim, processes):
+    found = services()
+    client, lock = found.redis, found.keys.coalesce_lock
+    start_beat(processes, "beat", {})
+
+    # Kill the only worker while its tick holds the lock. Pausing writes for the moment of
+    # the kill keeps the tick from releasing it in between (reads go on).
+    for attempt in range(5):
+        worker = processes.worker(f"w{attempt}", concurrency=2)
+        wait_for(
+            lambda: client.exists(lock),
+            timeout=20,
+            interval=0.001,
+            what="a tick to hold the coalescer lock",
+        )
+        client.client_pause(5000, all=False)
+        try:
+            processes.kill(worker)
+        finally:
+            client.client_unpause()
+        if client.exists(lock):
+            break
+    else:
+        pytest.fail("could not kill a worker in the middle of a tick")
+    left_ms = client.pttl(lock)
+
+    processes.worker("w-new", concurrency=2)
+    expected = {("news", "email", identifier("email", 1)): "unsubscribed"}
+    enqueue([row("news", "email", identifier("email", 1), "unsubscribed")])
+    started = time.monotonic()
+    wait_for(lambda: sim_states(sim) == expected, timeout=45, what="the change in Braze")
+    delay = time.monotonic() - started
+    wait_drained(sim, processes, timeout=10)
+    assert_final(sim, expected)
+    print(f"killed mid-tick: lock left for {left_ms} ms; one change took {delay:.1f}s")
+    # Linger (0.3 s) plus a tick (0.2 s) in normal operation; a few seconds is generous.
+    assert delay < 5, f"a change took {delay:.1f}s behind the dead tick's lock ({left_ms} ms)"

@@ -45,7 +45,9 @@ class Coalescer:
         settings = self.settings
         lock = self.buffer.client.lock(
             self.buffer.keys.coalesce_lock,
-            timeout=max(30.0, settings.coalesce_interval_seconds * 10),
+            # Short: a worker killed mid-tick must not stop coalescing for long. A tick that
+            # outlives it only lets another run beside it, which take_batch.lua makes safe.
+            timeout=max(3.0, settings.coalesce_interval_seconds * 3),
             blocking=False,
         )
         if not lock.acquire():
