@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +101,23 @@ def _rejects_writer(path: Path | None) -> Iterator[IO[str] | None]:
         yield handle
 
 
+def _enqueue(buffer: Buffer, numbered: Iterable[tuple[int, Change]], progress: Progress) -> int:
+    """Enqueue (position, change) pairs in order, a chunk per round trip, with progress."""
+    count = 0
+    chunk: list[Change] = []
+    position = 0
+    for position, change in numbered:
+        chunk.append(change)
+        if len(chunk) >= IMPORT_CHUNK:
+            count += buffer.enqueue(chunk)
+            chunk.clear()
+            progress("enqueuing", position)
+    if chunk:
+        count += buffer.enqueue(chunk)
+        progress("enqueuing", position)
+    return count
+
+
 def enqueue_file(
     path: Path,
     buffer: Buffer,
@@ -116,37 +133,26 @@ def enqueue_file(
             if not checked.ok:
                 return checked
             spool.seek(0)
-            result = ImportResult(rows=checked.rows)
-            chunk: list[Change] = []
-            for done, line in enumerate(spool, 1):
-                chunk.append(_unspooled(line))
-                if len(chunk) >= IMPORT_CHUNK:
-                    result.enqueued += buffer.enqueue(chunk)
-                    chunk.clear()
-                    progress("enqueuing", done)
-            if chunk:
-                result.enqueued += buffer.enqueue(chunk)
-            return result
+            spooled = ((done, _unspooled(line)) for done, line in enumerate(spool, 1))
+            checked.enqueued = _enqueue(buffer, spooled, progress)
+            return checked
 
     # --skip-invalid: one pass; bad rows go to the rejects file as they come.
     result = ImportResult()
-    chunk: list[Change] = []
     with _rejects_writer(rejects) as rejects_file:
-        for line, item in iter_changes(path):
-            result.rows += 1
-            if isinstance(item, RowError):
+
+        def valid_rows() -> Iterator[tuple[int, Change]]:
+            for line, item in iter_changes(path):
+                result.rows += 1
+                if not isinstance(item, RowError):
+                    yield line, item
+                    continue
                 result.rejected += 1
                 if len(result.errors) < MAX_ERRORS_KEPT:
                     result.errors.append(item)
                 if rejects_file is not None:
                     record = {"line": item.line, "field": item.field, "error": item.message}
                     rejects_file.write(json.dumps(record) + "\n")
-                continue
-            chunk.append(item)
-            if len(chunk) >= IMPORT_CHUNK:
-                result.enqueued += buffer.enqueue(chunk)
-                chunk.clear()
-                progress("enqueuing", line)
-        if chunk:
-            result.enqueued += buffer.enqueue(chunk)
+
+        result.enqueued = _enqueue(buffer, valid_rows(), progress)
     return result
