@@ -28,7 +28,7 @@ from worker import metrics
 from worker.batches import BatchRecord, BatchStore, ClaimStatus
 from worker.braze_client import V1_PATH, V2_PATH, BrazeClient, Reply, v1_body, v2_body
 from worker.buffer import server_time_ms
-from worker.limiter import RateLimiter
+from worker.limiter import Grant, RateLimiter
 from worker.outcome import Classified, Outcome, backoff_seconds, classify, parse_rate_limit
 
 logger = logging.getLogger("braze_subs.poster")
@@ -109,31 +109,9 @@ class Poster:
         grant = None
         if self.limiter is not None:
             grant = self.limiter.acquire()
-            if not grant.granted:
-                wait = grant.wait_seconds + self.rng.uniform(0, max(0.05, grant.wait_seconds / 2))
-                return self._defer(
-                    records,
-                    token,
-                    replace(report, status="waiting"),
-                    wait,
-                    detail="waiting for the rate budget",
-                    count_attempt=False,
-                )
-            if grant.wait_seconds > 0:
-                self.sleep(grant.wait_seconds)
-            # A turn reserved before another worker hit a 429 must not go into the
-            # exhausted window: the pause wins over the reservation.
-            paused = 0.0 if grant.probe else self.limiter.paused_for()
-            if paused > 0:
-                wait = paused + self.rng.uniform(0, 0.5)
-                return self._defer(
-                    records,
-                    token,
-                    replace(report, status="waiting"),
-                    wait,
-                    detail="posting paused after a 429",
-                    count_attempt=False,
-                )
+            waiting = self._wait_for_turn(grant, records, token, report)
+            if waiting is not None:
+                return waiting
 
         reply = self._send(records)
         result = classify(reply.status, reply.body, reply.error)
@@ -149,6 +127,34 @@ class Poster:
             logger.warning("credentials accepted again: posting resumes")
         self._log(records, report)
         return report
+
+    def _wait_for_turn(
+        self, grant: Grant, records: list[BatchRecord], token: str, report: PostReport
+    ) -> PostReport | None:
+        """Sleep until the reserved turn; or put the batches back (no attempt spent) when
+        the turn is too far off, or posting was paused meanwhile. None: go ahead."""
+        assert self.limiter is not None
+        if not grant.granted:
+            jitter = self.rng.uniform(0, max(0.05, grant.wait_seconds / 2))
+            return self._waiting(
+                records, token, report, grant.wait_seconds + jitter, "waiting for the rate budget"
+            )
+        if grant.wait_seconds > 0:
+            self.sleep(grant.wait_seconds)
+        # A turn reserved before another worker hit a 429 must not go into the exhausted
+        # window: the pause wins over the reservation (a probe is the pause's exception).
+        paused = 0.0 if grant.probe else self.limiter.paused_for()
+        if paused > 0:
+            wait = paused + self.rng.uniform(0, 0.5)
+            return self._waiting(records, token, report, wait, "posting paused after a 429")
+        return None
+
+    def _waiting(
+        self, records: list[BatchRecord], token: str, report: PostReport, wait: float, why: str
+    ) -> PostReport:
+        return self._defer(
+            records, token, replace(report, status="waiting"), wait, detail=why, count_attempt=False
+        )
 
     def _dispatch_siblings(self, lead: BatchRecord) -> None:
         """A pack travels as one message, for its first batch. A worker that does not send
