@@ -64,6 +64,25 @@ def email(n: int) -> str:
     return f"user{n}@example.com"
 
 
+def identifier(kind: str, n: int) -> str:
+    """A valid, distinct identifier of the given kind for test data."""
+    if kind == "email":
+        return email(n)
+    if kind == "phone":
+        return f"+1415555{n:04d}"
+    return f"user-{n}"
+
+
+def drained() -> bool:
+    """Nothing pending, nothing in flight, no batch left: the pipeline has finished."""
+    from worker.services import services
+    from worker.status import read_status
+
+    found = services()
+    status = read_status(found.redis, found.keys)
+    return status.pending == 0 and status.in_flight == 0 and status.batches_in_flight == 0
+
+
 def take_each(
     buffer: Buffer, plan: list[PlannedBatch], redispatch_ms: int
 ) -> list[tuple[str, int]]:

@@ -27,7 +27,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from tasks.producer import enqueue_changes
-from tests.conftest import SIM_KEY, wait_for
+from tests.conftest import SIM_KEY, identifier, wait_for
 from worker.dead_letters import DeadLetter, DeadLetters
 from worker.services import reset_services, services
 from worker.status import Status, read_status
@@ -47,14 +47,6 @@ STATES = ("subscribed", "unsubscribed")
 # --------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------
-
-
-def identifier(kind: str, n: int) -> str:
-    if kind == "email":
-        return f"user{n}@example.com"
-    if kind == "phone":
-        return f"+1415555{n:04d}"
-    return f"user-{n}"
 
 
 def row(group: str, kind: str, value: str, state: str) -> dict[str, Any]:

@@ -9,9 +9,7 @@ import httpx
 import pytest
 
 from tasks.producer import enqueue_changes
-from tests.conftest import wait_for
-from worker.services import services
-from worker.status import read_status
+from tests.conftest import drained, identifier, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -29,20 +27,6 @@ def sim_state(url: str) -> dict[tuple[str, str, str], str]:
 
 def sim_stats(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/_sim/stats").json()
-
-
-def identifier(kind: str, n: int) -> str:
-    if kind == "email":
-        return f"user{n}@example.com"
-    if kind == "phone":
-        return f"+1415555{n:04d}"
-    return f"user-{n}"
-
-
-def drained() -> bool:
-    found = services()
-    status = read_status(found.redis, found.keys)
-    return status.pending == 0 and status.in_flight == 0
 
 
 def test_thousands_of_flipping_changes_end_in_last_written_state(env, sim, processes):

@@ -10,9 +10,7 @@ import httpx
 import pytest
 
 from tasks.producer import enqueue_changes
-from tests.conftest import wait_for
-from worker.services import services
-from worker.status import read_status
+from tests.conftest import drained, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +39,6 @@ def stats(url: str) -> dict[str, Any]:
 def state(url: str) -> dict[tuple[str, str, str], str]:
     data = httpx.get(f"{url}/_sim/state?log=0").json()
     return {(s["group"], s["kind"], s["value"]): s["state"] for s in data["subscriptions"]}
-
-
-def drained() -> bool:
-    found = services()
-    status = read_status(found.redis, found.keys)
-    return status.pending == 0 and status.in_flight == 0
 
 
 def start_fleet(processes: Any, env: dict[str, str], versions: list[str]) -> None:

@@ -10,7 +10,7 @@ import pytest
 from celery import Celery
 
 from tasks.producer import ChangesRejected, enqueue_changes
-from tests.conftest import wait_for
+from tests.conftest import drained, wait_for
 from worker.services import services
 from worker.status import read_status
 
@@ -40,12 +40,6 @@ def sim_states(sim: Any) -> dict[tuple[str, str, str], str]:
 
 def sim_stats(sim: Any) -> dict[str, Any]:
     return httpx.get(f"{sim.url}/_sim/stats", params={"log": "0"}).json()
-
-
-def drained() -> bool:
-    found = services()
-    status = read_status(found.redis, found.keys)
-    return status.pending == 0 and status.in_flight == 0 and status.batches_in_flight == 0
 
 
 def producer_app(env: dict[str, str]) -> Celery:
