@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from config.settings import Settings
+from worker.durability import findings
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSES = ("worker", "beat", "flower")
@@ -39,7 +40,11 @@ def test_compose_runs_the_procfile_commands():
 
 def test_compose_redis_persists_and_is_health_checked():
     redis = compose()["services"]["redis"]
-    assert "--appendonly" in redis["command"] and "yes" in redis["command"]
+    flags = dict(zip(redis["command"][1::2], redis["command"][2::2], strict=True))
+    # The same rules `status` and the worker's start-up check apply to a live server.
+    assert findings({name.lstrip("-"): value for name, value in flags.items()}) == []
+    assert flags["--appendonly"] == "yes"
+    assert flags["--maxmemory-policy"] == "noeviction"
     assert "healthcheck" in redis
     for name in PROCESSES:
         depends = compose()["services"][name]["depends_on"]

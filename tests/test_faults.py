@@ -114,7 +114,10 @@ def describe(sim: Any, processes: Any = None) -> str:
     """What is going on, for a failure message."""
     lines = [f"status: {status(limiter=True)}", f"stats: {sim_stats(sim)}"]
     for process in getattr(processes, "started", []):
-        tail = Path(process.log_path).read_text(errors="replace").splitlines()[-15:]
+        log = Path(process.log_path).read_text(errors="replace").splitlines()
+        # From the first fatal line if there is one (the cause), else the last lines.
+        fatal = [n for n, line in enumerate(log) if "CRITICAL" in line or "Unrecoverable" in line]
+        tail = log[fatal[0] : fatal[0] + 120] if fatal else log[-15:]
         lines.append(f"--- {process.log_path.name} (rc={process.poll()})")
         lines += tail
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_init
+from celery.signals import after_setup_logger, after_setup_task_logger, beat_init, worker_init
 from kombu import Queue
 
 from config.settings import Settings, SettingsError, get_settings
@@ -90,3 +90,16 @@ def _require_braze(**_: Any) -> None:
         settings.require_braze()
     except SettingsError as exc:
         raise SystemExit(f"braze-subs: {exc}") from None
+    _warn_if_redis_can_lose_changes()
+
+
+@beat_init.connect
+def _check_redis_at_beat_start(**_: Any) -> None:
+    _warn_if_redis_can_lose_changes()
+
+
+def _warn_if_redis_can_lose_changes() -> None:
+    from worker import durability
+    from worker.services import services
+
+    durability.warn_if_unsafe(services().redis)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -16,6 +17,7 @@ import typer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,6 +27,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from config.settings import SettingsError, get_settings
 from tasks.import_job import count_lines, enqueue_file
@@ -33,7 +36,8 @@ from tasks.producer import ChangesRejected, enqueue_change
 from worker.changes import InvalidChange
 from worker.demo import DemoError, run_demo
 from worker.services import services
-from worker.status import read_status
+from worker.status import Status, read_status
+from worker.status_view import sections, warnings
 
 app = typer.Typer(
     name="braze-subs",
@@ -162,21 +166,50 @@ def import_(
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    watch: Annotated[
+        float | None,
+        typer.Option(
+            "--watch", min=0.5, help="Redraw every SECONDS until Ctrl-C.", metavar="SECONDS"
+        ),
+    ] = None,
 ) -> None:
-    """Where the work stands."""
+    """Where the work stands: buffer, batches in flight, dead letters, the rate budget."""
     found = services()
-    snapshot = read_status(found.redis, found.keys, found.limiter)
+
+    def snapshot() -> Status:
+        return read_status(found.redis, found.keys, found.limiter)
+
     if as_json:
-        out.print_json(json.dumps(snapshot.as_dict()))
+        out.print_json(json.dumps(snapshot().as_dict()))
         return
-    table = Table(title="braze-subs", show_header=False, title_justify="left")
-    for name, value in snapshot.as_dict().items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            shown = "-" if value is None else str(value)
-        else:
-            shown = f"{value:,}"
-        table.add_row(name.replace("_", " "), shown)
-    out.print(table)
+    if watch is None:
+        out.print(_status_table(snapshot()))
+        return
+    with Live(_status_table(snapshot()), console=out, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(watch)
+                live.update(_status_table(snapshot()), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+def _status_table(snapshot: Status) -> Table:
+    table = Table(title="braze-subs status", show_header=False, title_justify="left", box=None)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for number, section in enumerate(sections(snapshot, time.time())):
+        if number:
+            table.add_row("", "")
+        table.add_row(Text(section.title.upper(), style="cyan"), "")
+        for label, value in section.rows:
+            table.add_row(f"  {label}", value)
+    notes = warnings(snapshot)
+    if notes:
+        table.add_row("", "")
+        for note in notes:
+            table.add_row(Text(f"! {note}", style="yellow"), "")
+    return table
 
 
 @dlq_app.command("list")

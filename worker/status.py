@@ -7,7 +7,7 @@ from typing import Any
 
 from redis import Redis
 
-from worker import metrics
+from worker import durability, metrics
 from worker.buffer import server_time_ms
 from worker.keys import Keys
 from worker.limiter import RateLimiter
@@ -38,6 +38,9 @@ class Status:
     identifiers_last_minute: int = 0
     throttled_last_minute: int = 0  # 429 answers
     identifiers_per_request: float | None = None  # over the last minute
+    # What in Redis's configuration can lose changes (eviction, no persistence); None when
+    # the server refuses CONFIG GET (managed services), [] when sound.
+    redis_findings: list[str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,4 +91,5 @@ def read_status(client: Redis, keys: Keys, limiter: RateLimiter | None = None) -
         identifiers_last_minute=minute.identifiers,
         throttled_last_minute=minute.throttled,
         identifiers_per_request=minute.identifiers_per_request,
+        redis_findings=durability.check(client),
     )
