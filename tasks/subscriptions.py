@@ -15,17 +15,39 @@ from celery import Task
 
 from tasks.producer import enqueue_change
 from worker.app import app
+from worker.changes import IDENTIFIER_FIELDS, InvalidChange
 from worker.coalescer import Coalescer
 from worker.poster import Poster
+from worker.redaction import mask_identifier
 from worker.services import services
+
+
+class ChangeRefused(ValueError):
+    """An invalid change sent to `subscriptions.record_change`. Its message names the field
+    and the reason with the identifier masked: it reaches Flower and the ERROR log."""
 
 
 @app.task(name="subscriptions.record_change", Request="worker.redacted_request:RedactedRequest")
 def record_change(**row: Any) -> dict[str, Any]:
     """Validate and enqueue one change. Invalid input fails the task with the reason."""
-    change = enqueue_change(**row)
+    try:
+        change = enqueue_change(**row)
+    except InvalidChange as exc:
+        # `from None`: the original exception, which quotes the value, is not chained.
+        raise ChangeRefused(masked(str(exc), row)) from None
     # Flower shows the result: keep it free of the identifier itself.
     return {"group": change.group_id, "state": change.state.value, "kind": change.kind.value}
+
+
+def masked(message: str, row: dict[str, Any]) -> str:
+    """`message` with every identifier of `row` it quotes masked as the logs mask them."""
+    for kind in IDENTIFIER_FIELDS:
+        value = row.get(kind)
+        if not isinstance(value, str):
+            continue
+        for shown in {value, value.strip()} - {""}:
+            message = message.replace(shown, mask_identifier(kind, shown))
+    return message
 
 
 @app.task(name="subscriptions.coalesce")

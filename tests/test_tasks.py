@@ -11,6 +11,7 @@ from celery import Celery
 
 from tasks.producer import ChangesRejected, enqueue_changes
 from tests.conftest import drained, wait_for
+from worker.redaction import mask_phone
 from worker.services import services
 from worker.status import read_status
 
@@ -129,6 +130,28 @@ def test_record_change_task_from_another_service(env, sim, processes, redis_clie
         if f"[{bad.id}] raised" in line
     )
     assert "email: " in failure  # the reason names the field
+
+    # Refused values are personal data too: the log and Flower see them masked.
+    refused = {"phone": "+1415555012345678901", "email": "jane.doe@@example.com"}
+    for kind, value in refused.items():
+        task = foreign.send_task(
+            "subscriptions.record_change",
+            kwargs={
+                "subscription_group_id": GROUP,
+                "subscription_state": "subscribed",
+                kind: value,
+            },
+        )
+        wait_for(
+            lambda task=task: f"[{task.id}] raised" in log.read_text(errors="replace"),
+            timeout=20,
+            what=f"the task with a bad {kind} to fail",
+        )
+    text = log.read_text(errors="replace")
+    assert "ChangeRefused" in text and "phone: " in text
+    for value in refused.values():
+        assert value not in text
+    assert f"phone: '{mask_phone(refused['phone'])}' is too long" in text  # as batch lines mask
     keys = services().keys
     assert int(redis_client.hget(keys.stats, "enqueued")) == 2
     wait_for(drained, timeout=10, what="the buffer to drain")
