@@ -318,9 +318,13 @@ def simulate(
 @app.command()
 def demo(
     changes: Annotated[int, typer.Option(help="How many changes to feed.")] = 20_000,
+    keep_running: Annotated[
+        bool,
+        typer.Option("--keep-running", help="Then add Flower and keep everything up until Ctrl-C."),
+    ] = False,
 ) -> None:
     """Run the whole pipeline locally: Redis, the simulator, a worker and beat; feed changes."""
-    run_demo(changes=changes, console=err, out=out)
+    run_demo(changes=changes, console=err, out=out, keep_running=keep_running)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_KEY = "demo-key"
 EMAIL_GROUPS = ("newsletter", "product-updates")
 SMS_GROUPS = ("sms-promos",)
+LOG_LEVEL = ("--loglevel", "INFO")
+FLOWER_PORT = 5555
 
 
 class DemoError(Exception):
@@ -97,10 +100,13 @@ def local_redis(workdir: Path) -> Iterator[str]:
 
 
 @contextmanager
-def celery_process(role: str, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def celery_process(
+    role: str, env: dict[str, str], log: Path, *options: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`celery -A worker.app ROLE` as the Procfile runs it; `options` replace the log level."""
     handle = open(log, "wb")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.app", role, "--loglevel", "INFO"],
+        [sys.executable, "-m", "celery", "-A", "worker.app", role, *(options or LOG_LEVEL)],
         cwd=ROOT,
         env=env,
         stdout=handle,
@@ -137,7 +143,7 @@ def sample_changes(count: int, rng: random.Random) -> list[dict[str, Any]]:
     return rows
 
 
-def run_demo(*, changes: int, console: Console, out: Console) -> None:
+def run_demo(*, changes: int, console: Console, out: Console, keep_running: bool = False) -> None:
     from tasks.producer import validate_changes
     from worker.buffer import Buffer
     from worker.keys import Keys, buffer_field
@@ -154,7 +160,9 @@ def run_demo(*, changes: int, console: Console, out: Console) -> None:
                 api_keys={DEMO_KEY},
                 email_groups=set(EMAIL_GROUPS),
                 sms_groups=set(SMS_GROUPS),
-                auto_groups=False,
+                # Kept running, it accepts any group id, so that imports of your own files
+                # land (as an email or SMS group by their identifiers).
+                auto_groups=keep_running,
             )
         )
         sim.start()
@@ -248,3 +256,57 @@ def run_demo(*, changes: int, console: Console, out: Console) -> None:
         if mismatches:
             raise DemoError(f"{mismatches} identifiers are not in their last-written state")
         console.print("done: every identifier is in its last-written state", style="green")
+        if keep_running:
+            serve_until_interrupted(stack, env, workdir, sim.url, console)
+
+
+def serve_until_interrupted(
+    stack: ExitStack, env: dict[str, str], workdir: Path, sim_url: str, console: Console
+) -> None:
+    """Add Flower and keep the whole stack up for exploring, until Ctrl-C."""
+    port = FLOWER_PORT if port_is_free(FLOWER_PORT) else free_port()
+    password = secrets.token_urlsafe(9)
+    stack.enter_context(
+        celery_process(
+            "flower",
+            env,
+            workdir / "flower.log",
+            f"--port={port}",
+            "--address=127.0.0.1",
+            f"--basic-auth=demo:{password}",
+        )
+    )
+    console.print(
+        "\nThe stack keeps running until Ctrl-C:\n"
+        f"  Flower     http://127.0.0.1:{port}  (user demo, password {password})\n"
+        f"  simulator  {sim_url}/_sim/stats\n"
+        f"  logs       {workdir}\n"
+        "In another terminal:\n"
+        f"  export REDIS_URL={env['REDIS_URL']}\n"
+        "  .venv/bin/braze-subs status --watch 2\n"
+        "  .venv/bin/braze-subs import YOUR_FILE.csv\n"
+        "  .venv/bin/braze-subs enqueue --group newsletter --state unsubscribed "
+        "--email jane@example.com",
+        highlight=False,
+    )
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C, and `kill` too; SIGINT is set explicitly because a shell starts background
+    # jobs with it ignored.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
