@@ -1,0 +1,103 @@
+"""What `braze-subs status` costs against a busy Redis: the time of one status read, and of
+the Redis commands it sends, with a large buffer, many batches in flight and dead letters.
+
+    .venv/bin/python -m bench.status_cost --pending 500000
+
+Fills a private redis-server through the real code paths (producer enqueue, coalescer
+take, dead-letter), then reads the status N times and prints p50/p99 of the read and the
+slowest command Redis logged for it (SLOWLOG, threshold 0). A read that scanned a big key
+would grow with the buffer; this one should not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from config.settings import load_settings
+from worker.batching import plan_batches
+from worker.buffer import server_time_ms
+from worker.changes import Change, IdentifierKind, SubscriptionState
+from worker.demo import local_redis
+from worker.services import Services
+from worker.status import read_status
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def fill(found: Services, pending: int) -> None:
+    buffer = found.buffer
+    chunk = 50_000
+    for start in range(0, pending, chunk):
+        buffer.enqueue(
+            [
+                Change(
+                    f"group-{n % 8}",
+                    SubscriptionState.SUBSCRIBED,
+                    IdentifierKind.EMAIL,
+                    f"user{n}@example.com",
+                )
+                for n in range(start, min(start + chunk, pending))
+            ]
+        )
+    # 500 batches in flight (25,000 identifiers), as MAX_BATCHES_IN_FLIGHT allows.
+    now = server_time_ms(found.redis)
+    due, _ = buffer.read_due(now, 25_000)
+    plan = plan_batches(due, now_ms=now, max_identifiers=50)
+    buffer.take([[batch] for batch in plan], 600_000)
+
+
+def run(args: argparse.Namespace) -> dict[str, float | int]:
+    with ExitStack() as stack:
+        workdir = stack.enter_context(TemporaryDirectory(prefix="braze-subs-bench-"))
+        url = stack.enter_context(local_redis(Path(workdir)))
+        found = Services(
+            load_settings(
+                redis_url=url,
+                braze_api_key="bench-key",
+                braze_rest_endpoint="http://127.0.0.1:9",
+            )
+        )
+        client, keys, limiter = found.redis, found.keys, found.limiter
+        started = time.perf_counter()
+        fill(found, args.pending)
+        filled = time.perf_counter() - started
+        client.config_set("slowlog-log-slower-than", 0)
+        client.slowlog_reset()
+        timings = []
+        for _ in range(args.reads):
+            began = time.perf_counter()
+            status = read_status(client, keys, limiter)
+            timings.append((time.perf_counter() - began) * 1000)
+        slowest = max(entry["duration"] for entry in client.slowlog_get(1000))
+        timings.sort()
+        return {
+            "pending": status.pending,
+            "in_flight": status.in_flight,
+            "fill_seconds": round(filled, 1),
+            "reads": args.reads,
+            "read_ms_p50": round(statistics.median(timings), 2),
+            "read_ms_p99": round(timings[int(len(timings) * 0.99) - 1], 2),
+            "slowest_redis_command_us": int(slowest),
+            "used_memory_mib": round(client.info("memory")["used_memory"] / 2**20, 1),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pending", type=int, default=500_000)
+    parser.add_argument("--reads", type=int, default=200)
+    figures = run(parser.parse_args())
+    for name, value in figures.items():
+        print(f"{name:>26}  {value}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "status-cost.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
