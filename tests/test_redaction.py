@@ -93,3 +93,39 @@ def test_mask_identifier_accepts_the_enum():
     assert mask_identifier(IdentifierKind.EMAIL, "jane@example.com") == "j***@example.com"
     assert mask_identifier(IdentifierKind.PHONE, "+14155550100") == "+1*******100"
     assert mask_identifier(IdentifierKind.EXTERNAL_ID, "u-1") == "u-1"
+
+
+# --------------------------------------------------------------------------------------
+# What this project's Celery app puts in a record_change message and its task-sent event
+# --------------------------------------------------------------------------------------
+
+
+def _message(name: str, kwargs: dict, **options):
+    from celery import Celery
+
+    # A fresh app with the same message factory, so the test needs no broker or settings.
+    app = Celery("t", amqp="worker.redacted_request:MaskingAMQP", set_as_current=False)
+    app.conf.task_send_sent_event = True
+    return app.amqp.create_task_message("id-1", name, (), kwargs, create_sent_event=True, **options)
+
+
+def test_record_change_messages_and_sent_events_carry_masked_identifiers():
+    kwargs = {
+        "subscription_group_id": "sms",
+        "subscription_state": "subscribed",
+        "phone": "+14155550123",
+    }
+    headers, _properties, body, sent_event = _message("subscriptions.record_change", kwargs)
+    for shown in (headers["kwargsrepr"], sent_event["kwargs"]):
+        assert "+14155550123" not in shown
+        assert "'phone': '+1*******123'" in shown and "'subscription_group_id': 'sms'" in shown
+    assert body[1] == kwargs  # the task itself still gets the real value
+
+
+def test_other_tasks_and_explicit_renderings_are_left_alone():
+    headers, *_ = _message("subscriptions.post_batch", {"batch_id": "abc"})
+    assert headers["kwargsrepr"] == "{'batch_id': 'abc'}"
+    headers, *_ = _message(
+        "subscriptions.record_change", {"email": "jane@example.com"}, kwargsrepr="<given>"
+    )
+    assert headers["kwargsrepr"] == "<given>"

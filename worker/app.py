@@ -30,7 +30,12 @@ def _settings_or_exit() -> Settings:
 
 
 def create_app(settings: Settings) -> Celery:
-    app = Celery("braze-subs", broker=settings.redis_url, include=["tasks.subscriptions"])
+    app = Celery(
+        "braze-subs",
+        broker=settings.redis_url,
+        include=["tasks.subscriptions"],
+        amqp="worker.redacted_request:MaskingAMQP",
+    )
     interval = settings.coalesce_interval_seconds
     app.conf.update(
         # At-least-once: a message is acknowledged after its task ran, and redelivered if
