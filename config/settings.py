@@ -137,6 +137,13 @@ class Settings(BaseSettings):
     # enough for Braze's whole budget at up to ~200 ms per request.
     worker_concurrency: int = Field(default=16, ge=1)
 
+    # --- Import ---------------------------------------------------------------------------
+    # Processes that validate a `braze-subs import` file (`--jobs` overrides). Unset: one
+    # per CPU, since phone validation (~50 µs a row) is CPU-bound; 1 validates in the
+    # importing process. Files under 1 MiB are always validated in-process: starting the
+    # workers would cost more than they save.
+    import_jobs: int | None = Field(default=None, ge=1)
+
     # --- Logs -----------------------------------------------------------------------------
     # Level of our own loggers.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -1,15 +1,21 @@
 """Streaming readers for import files (JSON Lines and CSV).
 
 Rows carry the v1 field names of `worker.changes.parse_change`. Everything here streams:
-one physical line at a time, O(1) memory in the size of the file, so an import can be
-validated in full (`validate_file`) and then read again to enqueue (`iter_changes`)
-without holding either pass in memory.
+one physical line (or one chunk of lines) at a time, O(1) memory in the size of the file,
+so a file can be validated in full and then enqueued without holding it in memory.
 
 Line numbers are 1-based physical lines of the file. In CSV the header is line 1, and a
 record whose quoted field spans several lines is reported at the line where it starts.
 Files are read as UTF-8 (a leading BOM is ignored); a line that is not valid UTF-8 is a
 bad row, not a crash. Problems with the file as a whole (unknown suffix, unreadable file,
 missing CSV column) raise `ImportFileError`.
+
+`read_rows` / `iter_changes` / `validate_file` go row by row. For bulk work (`braze-subs
+import`) the file is read in chunks instead (`read_chunks`): a few thousand lines, with
+their line numbers, that `check_chunk` validates on its own, in this process or in a worker
+process (`tasks.parallel`). A chunk's result carries its errors and the enqueue-script
+arguments of its valid changes, not `Change` objects, so it is cheap to send between
+processes. Both ways share the row readers below, so they agree on every row and message.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import itertools
 import json
-from collections.abc import Callable, Iterable, Iterator
+import pickle
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +35,22 @@ from worker.changes import (
     IDENTIFIER_FIELDS,
     Change,
     InvalidChange,
+    SubscriptionState,
     parse_change,
 )
+from worker.keys import buffer_field
 
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 CSV_SUFFIXES = frozenset({".csv"})
 REQUIRED_COLUMNS: tuple[str, ...] = ("subscription_group_id", "subscription_state")
 # Rows between two calls of a progress callback.
 PROGRESS_EVERY = 1000
+# Physical lines per chunk of `read_chunks`: big enough that sending a chunk to a worker
+# process costs little beside validating it (2,000 rows are 10-100 ms of work), small
+# enough that the chunks in flight hold little memory.
+CHUNK_LINES = 2000
+# Arguments per change of the buffer's enqueue script (see `enqueue_args`).
+ARGS_PER_CHANGE = 4
 
 Row = dict[str, Any]
 
@@ -99,14 +115,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, Row | InvalidRow]]:
     missing header column raises it on the first `next()`, before any row.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        return _read_jsonl(path)
-    if suffix in CSV_SUFFIXES:
-        return _read_csv(path)
-    raise ImportFileError(
-        f"{path}: unsupported file type {suffix or '(no suffix)'}; use .jsonl, .ndjson or .csv"
-    )
+    return _read_jsonl(path) if _is_jsonl(path) else _read_csv(path)
 
 
 def iter_changes(path: Path) -> Iterator[tuple[int, Change | RowError]]:
@@ -142,6 +151,156 @@ def validate_file(
             if on_change is not None:
                 on_change(item)
     return report
+
+
+@dataclass(frozen=True, slots=True)
+class JsonlChunk:
+    """Consecutive physical lines of a JSON Lines file, the first of them at `first_line`."""
+
+    first_line: int
+    lines: list[bytes]
+
+    @property
+    def last_line(self) -> int:
+        return self.first_line + len(self.lines) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class CsvChunk:
+    """Consecutive CSV records (start line, cells or why it is no row); ends at `last_line`."""
+
+    columns: list[str]
+    records: list[tuple[int, list[str] | InvalidRow]]
+    last_line: int
+
+
+Chunk = JsonlChunk | CsvChunk
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkResult:
+    """What one chunk holds: rows, errors in line order, and its valid changes.
+
+    The changes are the buffer's enqueue-script arguments (`ARGS_PER_CHANGE` each, in file
+    order), pickled into one bytes object: it crosses from a worker process in one piece,
+    and can be spooled to disk as it is.
+    """
+
+    last_line: int
+    rows: int
+    valid: int
+    errors: list[RowError]
+    packed_args: bytes
+
+    @property
+    def args(self) -> list[bytes]:
+        return unpack_args(self.packed_args)
+
+
+def unpack_args(packed: bytes) -> list[bytes]:
+    """The enqueue-script arguments of a `ChunkResult.packed_args`."""
+    args: list[bytes] = pickle.loads(packed)
+    return args
+
+
+def read_chunks(path: Path, lines: int = CHUNK_LINES) -> Iterator[Chunk]:
+    """Yield the file lazily as chunks of about `lines` physical lines each, in order.
+
+    Raises `ImportFileError` like `read_rows`. A JSON Lines chunk is raw lines, so the
+    reading process only splits the file; CSV is parsed here (records may span lines) and
+    its chunks hold cells. Either way a chunk is validated by `check_chunk` alone.
+    """
+    if lines < 1:
+        raise ValueError("lines must be at least 1")
+    path = Path(path)
+    return _jsonl_chunks(path, lines) if _is_jsonl(path) else _csv_chunks(path, lines)
+
+
+def check_chunk(chunk: Chunk) -> ChunkResult:
+    """Validate one chunk: what `iter_changes` says of its rows, in compact form.
+
+    A plain function of its argument, so it runs the same in a worker process.
+    """
+    if isinstance(chunk, JsonlChunk):
+        rows = _jsonl_rows(enumerate(chunk.lines, chunk.first_line))
+    else:
+        rows = _csv_rows(chunk.columns, chunk.records)
+    count = 0
+    errors: list[RowError] = []
+    args: list[bytes] = []
+    for line, row in rows:
+        count += 1
+        item = _to_change(line, row)
+        if isinstance(item, RowError):
+            errors.append(item)
+            continue
+        try:
+            args += _change_args(item)
+        except UnicodeEncodeError:
+            errors.append(_unencodable(line, item))
+    packed = pickle.dumps(args, pickle.HIGHEST_PROTOCOL)
+    return ChunkResult(chunk.last_line, count, len(args) // ARGS_PER_CHANGE, errors, packed)
+
+
+def enqueue_args(changes: Iterable[Change]) -> list[bytes]:
+    """The enqueue script's arguments for changes: the bytes `Buffer.enqueue` sends.
+
+    redis-py would encode the same str and int arguments to these very bytes (UTF-8,
+    decimal); encoding them here, where rows are validated (in parallel), spares the
+    enqueuing process the work and finds text UTF-8 cannot carry before anything is sent.
+    Raises `UnicodeEncodeError` for such text (a lone surrogate from a JSON escape).
+    """
+    args: list[bytes] = []
+    for change in changes:
+        args += _change_args(change)
+    return args
+
+
+_STATE_BYTES: dict[SubscriptionState, bytes] = {
+    state: state.value.encode() for state in SubscriptionState
+}
+
+
+def _change_args(change: Change) -> tuple[bytes, bytes, bytes, bytes]:
+    # Must match `worker.buffer.Buffer._enqueue_args`, encoded (a test holds them equal).
+    return (
+        buffer_field(change.group_id, change.kind, change.value).encode(),
+        _STATE_BYTES[change.state],
+        b"1" if change.double_opt_in else b"0",
+        b"%d" % round(change.delay_seconds * 1000),
+    )
+
+
+def _unencodable(line: int, change: Change) -> RowError:
+    """The error of a change whose text UTF-8 cannot carry: a lone surrogate, which a JSON
+    escape can produce. Redis could not store it, so the row is refused like any bad row."""
+    name, value = "subscription_group_id", change.group_id
+    found = _lone_surrogate(value)
+    if found is None:
+        name, value = change.kind.value, change.value
+        found = _lone_surrogate(value) or 0
+    return RowError(
+        line, name, f"must not contain lone surrogates, found {value[found]!r} at position {found}"
+    )
+
+
+def _lone_surrogate(text: str) -> int | None:
+    for position, char in enumerate(text):
+        if "\ud800" <= char <= "\udfff":
+            return position
+    return None
+
+
+def _is_jsonl(path: Path) -> bool:
+    """True for JSON Lines, False for CSV; raises `ImportFileError` for anything else."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return True
+    if suffix in CSV_SUFFIXES:
+        return False
+    raise ImportFileError(
+        f"{path}: unsupported file type {suffix or '(no suffix)'}; use .jsonl, .ndjson or .csv"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -196,15 +355,34 @@ def _utf8_problem(exc: UnicodeDecodeError) -> str:
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Row | InvalidRow]]:
     lines = _physical_lines(path)
     with contextlib.closing(lines):
-        for number, raw in lines:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, InvalidRow(_utf8_problem(exc))
-                continue
-            if text.isspace() or not text:
-                continue
-            yield number, _json_object(text)
+        yield from _jsonl_rows(lines)
+
+
+def _jsonl_rows(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, Row | InvalidRow]]:
+    """Rows of numbered raw lines (BOM already removed); blank lines yield nothing."""
+    for number, raw in lines:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield number, InvalidRow(_utf8_problem(exc))
+            continue
+        if text.isspace() or not text:
+            continue
+        yield number, _json_object(text)
+
+
+def _jsonl_chunks(path: Path, size: int) -> Iterator[JsonlChunk]:
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise ImportFileError(f"{path}: cannot open: {exc.strerror or exc}") from None
+    with handle:
+        first_line = 1
+        while lines := list(itertools.islice(handle, size)):
+            if first_line == 1 and lines[0].startswith(codecs.BOM_UTF8):
+                lines[0] = lines[0][len(codecs.BOM_UTF8) :]
+            yield JsonlChunk(first_line, lines)
+            first_line += len(lines)
 
 
 def _json_object(text: str) -> Row | InvalidRow:
@@ -268,27 +446,89 @@ class _DecodedLines:
         return message if number == start else f"{message} on line {number}"
 
 
+class _CsvRecords:
+    """The records of a CSV file after its header: (start line, cells or `InvalidRow`).
+
+    Opening the file and checking the header happen on the first `next()`, which then
+    raises `ImportFileError` if the file as a whole cannot be imported. `columns` and
+    `line_num` (the last physical line read so far) are valid after that.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._records: Generator[tuple[int, list[str] | InvalidRow], None, None] | None = None
+        self.columns: list[str] = []
+        self.line_num = 0
+
+    def __iter__(self) -> Iterator[tuple[int, list[str] | InvalidRow]]:
+        return self
+
+    def __next__(self) -> tuple[int, list[str] | InvalidRow]:
+        if self._records is None:
+            self._records = self._read()
+        return next(self._records)
+
+    def close(self) -> None:
+        if self._records is not None:
+            self._records.close()
+
+    def _read(self) -> Generator[tuple[int, list[str] | InvalidRow], None, None]:
+        lines = _physical_lines(self._path)
+        with contextlib.closing(lines):
+            source = _DecodedLines(lines)
+            reader = csv.reader(source)
+            self.columns = _csv_header(self._path, reader, source)
+            while True:
+                start = reader.line_num + 1
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    self.line_num = reader.line_num
+                    source.take_problem(start)
+                    yield start, InvalidRow(f"malformed CSV: {exc}")
+                    continue
+                self.line_num = reader.line_num
+                problem = source.take_problem(start)
+                yield start, cells if problem is None else InvalidRow(problem)
+
+
 def _read_csv(path: Path) -> Iterator[tuple[int, Row | InvalidRow]]:
-    lines = _physical_lines(path)
-    with contextlib.closing(lines):
-        source = _DecodedLines(lines)
-        reader = csv.reader(source)
-        columns = _csv_header(path, reader, source)
+    records = _CsvRecords(path)
+    with contextlib.closing(records):
+        try:
+            first = next(records)
+        except StopIteration:
+            return
+        yield from _csv_rows(records.columns, itertools.chain((first,), records))
+
+
+def _csv_rows(
+    columns: list[str], records: Iterable[tuple[int, list[str] | InvalidRow]]
+) -> Iterator[tuple[int, Row | InvalidRow]]:
+    """Rows of records; records whose cells are all blank yield nothing."""
+    for start, cells in records:
+        if isinstance(cells, InvalidRow):
+            yield start, cells
+        elif any(cell and not cell.isspace() for cell in cells):
+            yield start, _csv_row(columns, cells)
+
+
+def _csv_chunks(path: Path, size: int) -> Iterator[CsvChunk]:
+    records = _CsvRecords(path)
+    with contextlib.closing(records):
         while True:
-            start = reader.line_num + 1
-            try:
-                cells = next(reader)
-            except StopIteration:
+            # Cut at a record boundary once the chunk spans `size` physical lines.
+            chunk: list[tuple[int, list[str] | InvalidRow]] = []
+            first = records.line_num + 1
+            for record in records:
+                chunk.append(record)
+                if records.line_num - first + 1 >= size:
+                    break
+            if not chunk:
                 return
-            except csv.Error as exc:
-                source.take_problem(start)
-                yield start, InvalidRow(f"malformed CSV: {exc}")
-                continue
-            problem = source.take_problem(start)
-            if problem is not None:
-                yield start, InvalidRow(problem)
-            elif any(cell and not cell.isspace() for cell in cells):
-                yield start, _csv_row(columns, cells)
+            yield CsvChunk(records.columns, chunk, records.line_num)
 
 
 def _csv_header(path: Path, reader: Iterator[list[str]], source: _DecodedLines) -> list[str]:

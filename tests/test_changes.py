@@ -366,3 +366,16 @@ def test_email_fast_path_agrees_with_the_library(address: str) -> None:
         assert actual.message == expected.message or not address.strip()
     else:
         assert actual == expected
+
+
+@pytest.mark.parametrize("field", ["external_id", "email", "phone", "subscription_group_id"])
+def test_lone_surrogates_are_refused_with_their_position(field):
+    # json.loads('"a\\ud800b"') gives such a string; UTF-8 (Redis, Braze) cannot carry it.
+    row = {"subscription_group_id": "g", "subscription_state": "subscribed", "external_id": "x"}
+    if field in ("email", "phone"):
+        del row["external_id"]
+    row[field] = "a\ud800b"
+    with pytest.raises(InvalidChange) as caught:
+        parse_change(row)
+    assert caught.value.field == field
+    assert "lone surrogates" in caught.value.message and "position 1" in caught.value.message

@@ -519,3 +519,82 @@ def test_import_across_chunks_keeps_file_order(env, redis_client, tmp_path):
     assert got[(GROUP, "email", email(5000))]["s"] == "unsubscribed"
     assert got[(GROUP, "external_id", "u-1")]["s"] == "subscribed"
     assert int(redis_client.get(services().keys.seq)) == 2500
+
+
+# Rows of ~260 bytes: 4,500 of them pass the 1 MiB under which an import is validated
+# in-process, and span three validation chunks of 2,000 lines.
+PAD = "x" * 200
+BIG_ROWS = 4500
+
+
+def parallel_file(tmp_path: Path, bad: dict[int, Any] | None = None) -> Path:
+    """Each external id comes back every 1,500 rows (so in another chunk): subscribed,
+    subscribed, then unsubscribed. `bad` replaces rows, by 1-based line number."""
+    states = ("subscribed", "subscribed", "unsubscribed")
+    lines: list[Any] = [
+        row(f"u-{n % 1500}-{PAD}", states[n // 1500], kind="external_id") for n in range(BIG_ROWS)
+    ]
+    for line, replacement in (bad or {}).items():
+        lines[line - 1] = replacement
+    path = write_jsonl(tmp_path / "parallel.jsonl", lines)
+    assert path.stat().st_size > 1 << 20
+    return path
+
+
+def test_import_with_jobs_validates_in_parallel_and_later_rows_win(env, redis_client, tmp_path):
+    path = parallel_file(tmp_path)
+    result = run_cli("import", str(path), "--jobs", "2")
+    assert result.returncode == 0, result.stderr
+    assert f"{BIG_ROWS} changes enqueued" in result.stderr
+    got = pending(redis_client)
+    assert len(got) == 1500
+    assert {change["s"] for change in got.values()} == {"unsubscribed"}
+    assert [change["q"] for _, change in sorted(got.items())][:2] == [3001, 3002]
+    assert int(redis_client.get(services().keys.seq)) == BIG_ROWS
+
+
+def test_import_with_jobs_names_bad_lines_across_chunks_in_order(env, redis_client, tmp_path):
+    bad_lines = [1, 1999, 2000, 2001, 4001, BIG_ROWS]
+    bad = {line: row(f"bad-{line}@", kind="email") for line in bad_lines}
+    bad[2000] = "{not json"
+    path = parallel_file(tmp_path, bad)
+    result = run_cli("import", str(path), "--jobs", "2")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    reported = [text.split(":")[0] for text in stderr_lines(result) if text.startswith("line ")]
+    assert reported == [f"line {line}" for line in bad_lines]
+    assert f"{len(bad_lines)} of {BIG_ROWS} rows invalid; nothing enqueued" in result.stderr
+    assert_nothing_enqueued(redis_client)
+
+
+def test_import_with_jobs_skip_invalid_rejects_across_chunks(env, redis_client, tmp_path):
+    bad_lines = [2000, 2001, 3999, 4000, 4001]
+    path = parallel_file(tmp_path, {line: row("+1415", kind="phone") for line in bad_lines})
+    rejects = tmp_path / "rejects.jsonl"
+    result = run_cli(
+        "import", str(path), "--jobs", "2", "--skip-invalid", "--rejects", str(rejects)
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{BIG_ROWS - len(bad_lines)} changes enqueued, 5 rejected" in result.stderr
+    records = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(r["line"], r["field"]) for r in records] == [(n, "phone") for n in bad_lines]
+    got = pending(redis_client)
+    assert len(got) == 1500
+    # Rows 3999-4001 were the last word for three ids; their second rows win instead.
+    second = {f"u-{n % 1500}-{PAD}" for n in (3998, 3999, 4000)}
+    assert {value for (_, _, value), c in got.items() if c["s"] == "subscribed"} == second
+
+
+def test_import_jobs_must_be_at_least_one(env, redis_client, tmp_path):
+    path = write_jsonl(tmp_path / "ok.jsonl", [row(email(1))])
+    result = run_cli("import", str(path), "--jobs", "0")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "--jobs" in result.stderr
+    assert_nothing_enqueued(redis_client)
+    result = run_cli("import", str(path), extra_env={"IMPORT_JOBS": "0"})
+    assert_one_line_error(result, "IMPORT_JOBS")
+    assert_nothing_enqueued(redis_client)
+    result = run_cli("import", str(path), extra_env={"IMPORT_JOBS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert set(pending(redis_client)) == {(GROUP, "email", email(1))}

@@ -295,6 +295,7 @@ def _plain_string(field: str, value: Any, max_length: int) -> str:
         raise InvalidChange(field, "is required" if not value else "must not be blank")
     if len(text) > max_length:
         raise InvalidChange(field, f"must be at most {max_length} characters, got {len(text)}")
+    _check_encodable(field, text)
     return text
 
 
@@ -304,7 +305,21 @@ def _required_string(field: str, value: Any) -> str:
     text = value.strip()
     if not text:
         raise InvalidChange(field, "is required" if not value else "must not be blank")
+    _check_encodable(field, text)
     return text
+
+
+def _check_encodable(field: str, text: str) -> None:
+    """Reject text UTF-8 cannot carry: a lone surrogate, e.g. from a JSON "\\ud800"."""
+    if text.isascii():
+        return
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidChange(
+            field,
+            f"must not contain lone surrogates, found {text[exc.start]!r} at position {exc.start}",
+        ) from None
 
 
 def _raise_missing_or_type(field: str, value: Any) -> NoReturn:

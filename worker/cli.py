@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Annotated, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -116,12 +117,23 @@ def import_(
         Path | None,
         typer.Option("--rejects", help="With --skip-invalid: write bad rows here (JSONL)."),
     ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            min=1,
+            help="Processes that validate rows (default: IMPORT_JOBS, else one per CPU). "
+            "With 1, or for a file under 1 MiB, this process validates alone.",
+        ),
+    ] = None,
 ) -> None:
     """Enqueue many changes from JSON Lines or CSV; by default all-or-nothing."""
     if rejects is not None and not skip_invalid:
         _fail("--rejects needs --skip-invalid")
     if not file.is_file():
         _fail(f"{file}: no such file")
+    if jobs is None:
+        jobs = get_settings().import_jobs
     total = count_lines(file)
     buffer = services().buffer
     columns = (
@@ -143,9 +155,18 @@ def import_(
             speed = task.speed
             bar.update(tasks[phase], completed=line, rate=f"{speed:,.0f}/s" if speed else "")
 
-        result = enqueue_file(
-            file, buffer, skip_invalid=skip_invalid, rejects=rejects, progress=progress
-        )
+        try:
+            result = enqueue_file(
+                file,
+                buffer,
+                skip_invalid=skip_invalid,
+                rejects=rejects,
+                progress=progress,
+                jobs=jobs,
+            )
+        except BrokenProcessPool:
+            done = "some rows may be enqueued" if skip_invalid else "nothing enqueued"
+            _fail(f"{file}: a validating process died (out of memory?); {done}; try --jobs 1")
         for task_id in tasks.values():
             bar.update(task_id, completed=total)
 

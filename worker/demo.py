@@ -289,6 +289,7 @@ def serve_until_interrupted(
         "--email jane@example.com",
         highlight=False,
     )
+
     def interrupt(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
