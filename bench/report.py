@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from simulator.ratelimit import sliding_window_max
+
 Key = tuple[str, str, str]
 Arrival = tuple[float, str]  # time, state
 Figure = float | int | bool | None
@@ -23,17 +25,6 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     rank = (len(ordered) - 1) * q / 100
     low, high = math.floor(rank), math.ceil(rank)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def sliding_window_max(times: Sequence[float], window: float) -> int:
-    """Most events in any half-open window [t, t + window), whatever its start."""
-    ordered = sorted(times)
-    best = start = 0
-    for end, t in enumerate(ordered):
-        while ordered[start] <= t - window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def fixed_window_max(times: Sequence[float], window: float) -> int:
