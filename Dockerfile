@@ -6,7 +6,7 @@ WORKDIR /app
 
 # Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes.
 COPY pyproject.toml README.md ./
-RUN mkdir -p config worker/lua tasks simulator \
+RUN mkdir -p config stores/lua tasks simulator \
     && touch config/__init__.py worker/__init__.py tasks/__init__.py simulator/__init__.py \
     && python -m venv .venv \
     && .venv/bin/pip install --no-cache-dir . \

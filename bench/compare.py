@@ -29,11 +29,10 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from bench import plots, report
-from bench.procs import ProcessGroup
 from bench.recording import RecordingState, start_simulator
 from bench.systems import FAST_RECOVERY, System, systems_for
 from bench.workloads import FULL, QUICK, Key, Workload, Write, build
-from worker.demo import local_redis
+from devtools.processes import ProcessGroup, local_redis
 
 RESULTS = Path(__file__).resolve().parent / "results"
 API_KEY = "bench-key"

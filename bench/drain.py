@@ -26,12 +26,12 @@ from typing import Any
 import httpx
 from redis import Redis
 
+from admin.status import read_status
+from core.changes import Change, IdentifierKind, SubscriptionState
+from devtools.processes import celery_process, local_redis
 from simulator import SimulatorConfig, SimulatorServer
-from worker.buffer import Buffer
-from worker.changes import Change, IdentifierKind, SubscriptionState
-from worker.demo import celery_process, local_redis
-from worker.keys import Keys
-from worker.status import read_status
+from stores.buffer import Buffer
+from stores.keys import Keys
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

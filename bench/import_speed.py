@@ -24,11 +24,11 @@ from tempfile import TemporaryDirectory
 
 from redis import Redis
 
-from tasks.import_job import enqueue_file
+from devtools.processes import local_redis
+from stores.buffer import Buffer
+from stores.keys import Keys
+from tasks.bulk_import import enqueue_file
 from tasks.parallel import cpu_count
-from worker.buffer import Buffer
-from worker.demo import local_redis
-from worker.keys import Keys
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -19,13 +19,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from admin.status import read_status
 from config.settings import load_settings
-from worker.batching import plan_batches
-from worker.buffer import server_time_ms
-from worker.changes import Change, IdentifierKind, SubscriptionState
-from worker.demo import local_redis
-from worker.services import Services
-from worker.status import read_status
+from core.changes import Change, IdentifierKind, SubscriptionState
+from core.planning import plan_batches
+from delivery.services import Services
+from devtools.processes import local_redis
+from stores.buffer import server_time_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -10,16 +10,16 @@ from typing import Protocol
 from celery import Celery
 from redis import Redis
 
-from bench.procs import CeleryProcess, ProcessGroup
+from admin.status import read_status
 from bench.workloads import Write
-from worker.buffer import Buffer
-from worker.changes import Change, IdentifierKind, SubscriptionState
-from worker.keys import Keys
-from worker.status import read_status
+from core.changes import Change, IdentifierKind, SubscriptionState
+from devtools.processes import CeleryProcess, ProcessGroup
+from stores.buffer import Buffer
+from stores.keys import Keys
 
 # Recovery timers of braze-subs for the kill workloads, scaled down like the rate window (the
 # defaults, 60 s claim and 120 s redispatch, would outlast the run); the same values as the
-# kill -9 test in tests/test_faults.py.
+# kill -9 test in tests/e2e/test_faults.py.
 FAST_RECOVERY = {
     "HTTP_TIMEOUT_SECONDS": "3",
     "BATCH_CLAIM_SECONDS": "6",
@@ -70,8 +70,8 @@ class BrazeSubs:
         return {"BRAZE_API_VERSION": self.version, "LOG_LEVEL": "INFO", **extra}
 
     def start(self, procs: ProcessGroup, workers: int) -> list[CeleryProcess]:
-        started = [procs.worker("worker.app", f"w{n}") for n in range(workers)]
-        procs.start("worker.app", "beat", "beat")
+        started = [procs.worker(f"w{n}") for n in range(workers)]
+        procs.beat()
         return started
 
     def connect(self, redis_url: str) -> None:
@@ -126,7 +126,7 @@ class CeleryAlternative:
         return {"BENCH_WORKERS": str(workers)}
 
     def start(self, procs: ProcessGroup, workers: int) -> list[CeleryProcess]:
-        return [procs.worker(self.app, f"w{n}") for n in range(workers)]
+        return [procs.worker(f"w{n}", app=self.app) for n in range(workers)]
 
     def connect(self, redis_url: str) -> None:
         self._client = Redis.from_url(redis_url)

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.errors import BrazeSubsError
+
 # Braze's published REST endpoints (SPEC.md). Braze adds instances over time, which is why
 # BRAZE_REST_ENDPOINT can always be given directly instead.
 INSTANCES: dict[str, str] = {
@@ -34,7 +36,7 @@ INSTANCES: dict[str, str] = {
 BRAZE_MAX_IDENTIFIERS = 50
 
 
-class SettingsError(Exception):
+class SettingsError(BrazeSubsError):
     """A setting is missing or malformed; the message is one line naming the variable."""
 
 

@@ -1,1 +1,1 @@
-"""Entry points: the producer API and the Celery tasks."""
+"""Entry points: the Celery app and its tasks, the producer API and the bulk import."""

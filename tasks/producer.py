@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from worker.changes import Change, InvalidChange, parse_change
-from worker.services import services
+from core.changes import Change, InvalidChange, parse_change
+from core.errors import InputRefused
+from delivery.services import services
 
 
-class ChangesRejected(ValueError):
+class ChangesRejected(InputRefused, ValueError):
     """Some of the changes given to `enqueue_changes` are invalid; none was enqueued."""
 
     def __init__(self, errors: list[tuple[int, InvalidChange]]) -> None:

@@ -13,21 +13,22 @@ from typing import Any
 
 from celery import Task
 
+from core.changes import IDENTIFIER_FIELDS, InvalidChange
+from core.errors import InputRefused
+from core.redaction import mask_identifier
+from delivery.coalescer import Coalescer
+from delivery.poster import Poster
+from delivery.services import services
+from tasks.celery_app import app
 from tasks.producer import enqueue_change
-from worker.app import app
-from worker.changes import IDENTIFIER_FIELDS, InvalidChange
-from worker.coalescer import Coalescer
-from worker.poster import Poster
-from worker.redaction import mask_identifier
-from worker.services import services
 
 
-class ChangeRefused(ValueError):
+class ChangeRefused(InputRefused, ValueError):
     """An invalid change sent to `subscriptions.record_change`. Its message names the field
     and the reason with the identifier masked: it reaches Flower and the ERROR log."""
 
 
-@app.task(name="subscriptions.record_change", Request="worker.redacted_request:RedactedRequest")
+@app.task(name="subscriptions.record_change", Request="tasks.masked_messages:RedactedRequest")
 def record_change(**row: Any) -> dict[str, Any]:
     """Validate and enqueue one change. Invalid input fails the task with the reason."""
     try:

@@ -8,12 +8,8 @@ simulator, and flushes Redis afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +18,14 @@ import httpx
 import pytest
 from redis import Redis
 
+from core.planning import PlannedBatch
+from delivery.services import reset_services
+from devtools.processes import CeleryProcess, ProcessGroup, wait_until
 from simulator import SimulatorConfig, SimulatorServer
-from worker.batching import PlannedBatch
-from worker.buffer import Buffer
-from worker.services import reset_services
+from stores.buffer import Buffer
 
 ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("unit", "integration", "e2e")
 SIM_KEY = "sim-key"
 
 # Settings every integration test starts from: a fast coalescer, short linger and backoff.
@@ -48,15 +46,13 @@ BASE_ENV = {
 def wait_for(
     condition: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05, what: str = ""
 ) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        time.sleep(interval)
+    """Poll `condition` until it returns something truthy; fail the test after `timeout`."""
+    try:
+        return wait_until(
+            condition, timeout=timeout, what=what or str(condition), interval=interval
+        )
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def email(n: int) -> str:
@@ -75,8 +71,8 @@ def identifier(kind: str, n: int) -> str:
 
 def drained() -> bool:
     """Nothing pending, nothing in flight, no batch left: the pipeline has finished."""
-    from worker.services import services
-    from worker.status import read_status
+    from admin.status import read_status
+    from delivery.services import services
 
     found = services()
     status = read_status(found.redis, found.keys)
@@ -131,68 +127,35 @@ def redis_client(env: dict[str, str]) -> Redis:
     return Redis.from_url(env["REDIS_URL"])
 
 
-class Processes:
-    """Real `celery` processes started for one test; killed (hard) at its end."""
+class Processes(ProcessGroup):
+    """Real `celery -A worker.app` processes started for one test; killed (hard) at its end."""
 
-    def __init__(self, env: dict[str, str], tmp_path: Path) -> None:
-        self.env = {**os.environ, **env}
-        self.tmp_path = tmp_path
-        self.started: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *args: str, name: str, extra_env: dict[str, str] | None = None) -> Any:
-        log = open(self.tmp_path / f"{name}.log", "ab")  # noqa: SIM115 (closed with process)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", *args],
-            cwd=ROOT,
-            env={**self.env, **(extra_env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        process.log_path = self.tmp_path / f"{name}.log"  # type: ignore[attr-defined]
-        self.started.append(process)
-        return process
-
-    def worker(
+    def worker(  # type: ignore[override]
         self, name: str = "w1", concurrency: int = 8, extra_env: dict[str, str] | None = None
-    ) -> Any:
-        process = self.start(
-            "worker",
-            "--loglevel",
-            "INFO",
-            "--hostname",
-            f"{name}@%h",
-            "--concurrency",
-            str(concurrency),
-            "--without-gossip",
-            "--without-mingle",
-            name=name,
-            extra_env=extra_env,
-        )
-        wait_for(
-            lambda: b"ready." in Path(process.log_path).read_bytes() or process.poll() is not None,
-            timeout=60,
-            what=f"worker {name} to be ready",
-        )
-        assert process.poll() is None, Path(process.log_path).read_text()
+    ) -> CeleryProcess:
+        process = super().worker(name, ["--concurrency", str(concurrency)], extra_env)
+        self.wait_ready([process])
         return process
 
-    def beat(self, name: str = "beat") -> Any:
-        return self.start("beat", "--loglevel", "INFO", name=name)
-
-    def kill(self, process: Any, sig: int = signal.SIGKILL) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
+    def kill(self, process: CeleryProcess, sig: int = signal.SIGKILL) -> None:  # type: ignore[override]
+        process.signal_group(sig)
         process.wait(timeout=30)
 
-    def stop_all(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                self.kill(process)
+    def stop_all(self, grace: float = 0.0) -> None:
+        super().stop_all(grace)
 
 
 @pytest.fixture
 def processes(env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
-    running = Processes(env, tmp_path)
+    running = Processes(tmp_path, {**os.environ, **env})
     yield running
     running.stop_all()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its kind, from its folder: `pytest -m unit` runs the pure tests
+    alone, `-m "not e2e"` everything without Celery processes."""
+    for item in items:
+        kind = Path(str(item.fspath)).parent.name
+        if kind in KINDS:
+            item.add_marker(getattr(pytest.mark, kind))

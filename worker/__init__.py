@@ -1,1 +1,3 @@
-"""braze-subs worker: the Celery app and its mechanisms (buffer, batching, Braze client)."""
+"""Process entry points: `celery -A worker.app ...` (the worker, beat and Flower processes)
+and `python -m worker` (the admin CLI, same as `braze-subs`). Everything they run lives in
+the layers below: core <- stores <- delivery <- tasks <- admin."""

@@ -1,3 +1,3 @@
-from worker.cli import main
+from admin.cli import main
 
 main()

@@ -1,0 +1,363 @@
+"""The `braze-subs` command (also `python -m worker`).
+
+User mistakes (bad flags, bad rows, bad settings, an unreachable Redis) end with one line on
+stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Annotated, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+import typer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rich.console import Console
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from admin.status import Status, read_status
+from admin.status_view import sections, warnings
+from config.settings import get_settings
+from core.errors import EXIT_ENVIRONMENT, EXIT_REFUSED, BrazeSubsError
+from delivery.services import services
+from tasks.bulk_import import count_lines, enqueue_file
+from tasks.producer import enqueue_change
+
+app = typer.Typer(
+    name="braze-subs",
+    help="Keep Braze subscription groups in step with your applications.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+dlq_app = typer.Typer(help="The dead-letter store: list, replay, purge.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+# markup=False: user data (group ids, file names, Braze messages) is printed as it is.
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
+
+
+class CliError(BrazeSubsError):
+    """A usage or environment problem found by a command; `code` is the exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ENVIRONMENT) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+def _fail(message: str, code: int = EXIT_ENVIRONMENT) -> NoReturn:
+    raise CliError(message, code)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+@app.command()
+def enqueue(
+    group: Annotated[str, typer.Option("--group", help="Subscription group id.")],
+    state: Annotated[str, typer.Option("--state", help="subscribed or unsubscribed.")],
+    external_id: Annotated[str | None, typer.Option("--external-id")] = None,
+    email: Annotated[str | None, typer.Option("--email")] = None,
+    phone: Annotated[str | None, typer.Option("--phone", help="E.164, e.g. +14155550100")] = None,
+    double_opt_in: Annotated[
+        bool, typer.Option("--double-opt-in", help="Enter the SMS double opt-in workflow.")
+    ] = False,
+    delay: Annotated[
+        float | None, typer.Option("--delay", help="Seconds before the change is due.")
+    ] = None,
+) -> None:
+    """Enqueue one change."""
+    change = enqueue_change(
+        subscription_group_id=group,
+        subscription_state=state,
+        external_id=external_id,
+        email=email,
+        phone=phone,
+        use_double_opt_in_logic=double_opt_in or None,
+        delay_seconds=delay,
+    )
+    err.print(f"enqueued: {change.group_id} {change.state.value} ({change.kind.value})")
+
+
+@app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(help="A .jsonl or .csv file of changes.")],
+    skip_invalid: Annotated[
+        bool,
+        typer.Option("--skip-invalid", help="Enqueue the valid rows even if some are bad."),
+    ] = False,
+    rejects: Annotated[
+        Path | None,
+        typer.Option("--rejects", help="With --skip-invalid: write bad rows here (JSONL)."),
+    ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            min=1,
+            help="Processes that validate rows (default: IMPORT_JOBS, else one per CPU). "
+            "With 1, or for a file under 1 MiB, this process validates alone.",
+        ),
+    ] = None,
+) -> None:
+    """Enqueue many changes from JSON Lines or CSV; by default all-or-nothing."""
+    if rejects is not None and not skip_invalid:
+        _fail("--rejects needs --skip-invalid")
+    if not file.is_file():
+        _fail(f"{file}: no such file")
+    if jobs is None:
+        jobs = get_settings().import_jobs
+    total = count_lines(file)
+    buffer = services().buffer
+    columns = (
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("lines"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, line: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total, rate="")
+            task = bar.tasks[tasks[phase]]
+            speed = task.speed
+            bar.update(tasks[phase], completed=line, rate=f"{speed:,.0f}/s" if speed else "")
+
+        try:
+            result = enqueue_file(
+                file,
+                buffer,
+                skip_invalid=skip_invalid,
+                rejects=rejects,
+                progress=progress,
+                jobs=jobs,
+            )
+        except BrokenProcessPool:
+            done = "some rows may be enqueued" if skip_invalid else "nothing enqueued"
+            _fail(f"{file}: a validating process died (out of memory?); {done}; try --jobs 1")
+        for task_id in tasks.values():
+            bar.update(task_id, completed=total)
+
+    if not result.ok and not skip_invalid:
+        for error in result.errors:
+            err.print(str(error), markup=False, highlight=False)
+        if result.rejected > len(result.errors):
+            err.print(f"... and {result.rejected - len(result.errors)} more")
+        _fail(
+            f"{file}: {result.rejected} of {result.rows} rows invalid; nothing enqueued",
+            EXIT_REFUSED,
+        )
+    note = f", {result.rejected} rejected" if result.rejected else ""
+    where = f" (see {rejects})" if result.rejected and rejects else ""
+    err.print(f"{file}: {result.enqueued} changes enqueued{note}{where}")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    watch: Annotated[
+        float | None,
+        typer.Option(
+            "--watch", min=0.5, help="Redraw every SECONDS until Ctrl-C.", metavar="SECONDS"
+        ),
+    ] = None,
+) -> None:
+    """Where the work stands: buffer, batches in flight, dead letters, the rate budget."""
+    found = services()
+
+    def snapshot() -> Status:
+        return read_status(found.redis, found.keys, found.limiter)
+
+    if as_json:
+        out.print_json(json.dumps(snapshot().as_dict()))
+        return
+    if watch is None:
+        out.print(_status_table(snapshot()))
+        return
+    with Live(_status_table(snapshot()), console=out, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(watch)
+                live.update(_status_table(snapshot()), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+def _status_table(snapshot: Status) -> Table:
+    table = Table(title="braze-subs status", show_header=False, title_justify="left", box=None)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for number, section in enumerate(sections(snapshot, time.time())):
+        if number:
+            table.add_row("", "")
+        table.add_row(Text(section.title.upper(), style="cyan"), "")
+        for label, value in section.rows:
+            table.add_row(f"  {label}", value)
+    notes = warnings(snapshot)
+    if notes:
+        table.add_row("", "")
+        for note in notes:
+            table.add_row(Text(f"! {note}", style="yellow"), "")
+    return table
+
+
+@dlq_app.command("list")
+def dlq_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List dead-letter entries, oldest first."""
+    from stores.dead_letters import DeadLetters
+
+    found = services()
+    entries = DeadLetters(found.redis, found.keys).list()
+    if as_json:
+        out.print_json(json.dumps([entry.as_dict() for entry in entries]))
+        return
+    table = Table("id", "group", "state", "identifiers", "attempts", "error")
+    for entry in entries:
+        table.add_row(
+            entry.id,
+            entry.subscription_group_id,
+            entry.subscription_state,
+            str(len(entry.identifiers)),
+            str(entry.attempts),
+            entry.error,
+        )
+    out.print(table)
+
+
+def _ids_or_all(ids: list[str] | None, all_: bool) -> list[str] | None:
+    if all_ and ids:
+        _fail("give entry ids or --all, not both")
+    if not all_ and not ids:
+        _fail("give entry ids or --all")
+    return None if all_ else list(ids or [])
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
+) -> None:
+    """Return dead-lettered identifiers to the buffer (a newer change for one wins)."""
+    from stores.dead_letters import DeadLetters
+
+    found = services()
+    report = DeadLetters(found.redis, found.keys).replay(_ids_or_all(ids, all_))
+    err.print(
+        f"replayed {report.entries} entries: {report.requeued} identifiers back in the buffer, "
+        f"{report.superseded} skipped (a newer change exists)"
+    )
+    if report.missing:
+        _fail(f"no such entries: {', '.join(report.missing)}", EXIT_REFUSED)
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
+) -> None:
+    """Delete dead-letter entries for good."""
+    from stores.dead_letters import DeadLetters
+
+    found = services()
+    report = DeadLetters(found.redis, found.keys).purge(_ids_or_all(ids, all_))
+    err.print(f"purged {report.entries} entries ({report.identifiers} identifiers)")
+    if report.missing:
+        _fail(f"no such entries: {', '.join(report.missing)}", EXIT_REFUSED)
+
+
+@app.command()
+def simulate(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8700,
+    api_key: Annotated[
+        list[str] | None, typer.Option("--api-key", help="Accepted key (repeatable).")
+    ] = None,
+    email_group: Annotated[
+        list[str] | None, typer.Option("--email-group", help="An email group id (repeatable).")
+    ] = None,
+    sms_group: Annotated[
+        list[str] | None, typer.Option("--sms-group", help="An SMS group id (repeatable).")
+    ] = None,
+    auto_groups: Annotated[
+        bool, typer.Option(help="Accept unknown group ids, typed by first use.")
+    ] = True,
+    rate_limit: Annotated[int, typer.Option(help="Requests per window.")] = 5000,
+    window_seconds: Annotated[float, typer.Option(help="Rate-limit window.")] = 60.0,
+    latency_ms: Annotated[float, typer.Option(help="Added latency per request.")] = 0.0,
+    error_rate: Annotated[float, typer.Option(help="Fraction of requests answering 500.")] = 0.0,
+) -> None:
+    """Run a local Braze stand-in (v1 and v2, rate limits, faults) for development and demos."""
+    from simulator import SimulatorConfig
+    from simulator.server import serve
+
+    config = SimulatorConfig(
+        api_keys=set(api_key or ["sim-key"]),
+        email_groups=set(email_group or []),
+        sms_groups=set(sms_group or []),
+        auto_groups=auto_groups,
+        rate_limit=rate_limit,
+        window_seconds=window_seconds,
+        latency_ms=latency_ms,
+        error_rate=error_rate,
+    )
+    err.print(f"Braze simulator on http://{host}:{port} (control API under /_sim/)")
+    serve(config, host=host, port=port)
+
+
+@app.command()
+def demo(
+    changes: Annotated[int, typer.Option(help="How many changes to feed.")] = 20_000,
+    keep_running: Annotated[
+        bool,
+        typer.Option("--keep-running", help="Then add Flower and keep everything up until Ctrl-C."),
+    ] = False,
+) -> None:
+    """Run the whole pipeline locally: Redis, the simulator, a worker and beat; feed changes."""
+    from devtools.demo import run_demo  # dev tooling: imported only when the demo runs
+
+    run_demo(changes=changes, console=err, out=out, keep_running=keep_running)
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning user mistakes into one line and an exit code."""
+    try:
+        get_settings()
+        app()
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        url = redact_url(get_settings().redis_url)
+        err.print(f"braze-subs: cannot reach Redis at {url}: {exc}", markup=False, highlight=False)
+        sys.exit(EXIT_ENVIRONMENT)
+    except BrazeSubsError as exc:  # every user-facing error: one line, its exit code
+        err.print(f"braze-subs: {exc}", markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except OSError as exc:  # a file that cannot be read or written
+        err.print(f"braze-subs: {exc.strerror or exc}: {exc.filename or ''}", highlight=False)
+        sys.exit(EXIT_ENVIRONMENT)

@@ -1,0 +1,96 @@
+"""Where the work stands, read from Redis in one round trip and without scanning big keys."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from redis import Redis
+
+from stores import counters as metrics
+from stores import durability
+from stores.buffer import server_time_ms
+from stores.keys import Keys
+from stores.limiter import RateLimiter
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    pending: int  # distinct group + identifier pairs waiting, not yet in a batch
+    due_now: int  # of those, the ones due now
+    due_later: int  # the others: waiting for their delay, or behind an in-flight batch
+    oldest_due_age_seconds: float | None  # how long the oldest due change has waited
+    in_flight: int  # identifiers in batches not yet acknowledged by Braze
+    batches_in_flight: int
+    dead_letter: int  # identifiers in the dead-letter store
+    dead_letter_entries: int
+    enqueued_total: int
+    batches_total: int
+    delivered_total: int
+    dead_lettered_total: int
+    dead_letters_expired: int  # entries removed after DEAD_LETTER_RETENTION_DAYS
+    tokens_left: int | None = None  # requests the shared budget would grant at once now
+    paused: bool = False  # posting paused for every worker (after a 429)
+    paused_until: float | None = None  # epoch seconds
+    pause_reason: str | None = None
+    credentials_refused: str | None = None  # why posting stopped: Braze refused the key
+    credentials_refused_since: float | None = None  # epoch seconds
+    requests_last_minute: int = 0
+    identifiers_last_minute: int = 0
+    throttled_last_minute: int = 0  # 429 answers
+    identifiers_per_request: float | None = None  # over the last minute
+    # What in Redis's configuration can lose changes (eviction, no persistence); None when
+    # the server refuses CONFIG GET (managed services), [] when sound.
+    redis_findings: list[str] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_status(client: Redis, keys: Keys, limiter: RateLimiter | None = None) -> Status:
+    now_ms = server_time_ms(client)
+    pipe = client.pipeline(transaction=False)
+    pipe.hlen(keys.pending)
+    pipe.zcount(keys.due, "-inf", now_ms)
+    pipe.zrange(keys.due, 0, 0, withscores=True)
+    pipe.hlen(keys.inflight)
+    pipe.zcard(keys.batches)
+    pipe.get(keys.dead_letter_identifiers)
+    pipe.hlen(keys.dead_letters)
+    pipe.hgetall(keys.stats)
+    pending, due_now, oldest, inflight, batches, dlq_ids, dlq_entries, stats = pipe.execute()
+    oldest_age = None
+    if oldest and oldest[0][1] <= now_ms:
+        oldest_age = round((now_ms - oldest[0][1]) / 1000, 3)
+    counters = {name.decode(): int(value) for name, value in stats.items()}
+    minute = metrics.last_minute(client, keys, now_ms)
+    budget = limiter.state() if limiter is not None else None
+    paused_until = budget.paused_until_ms if budget else None
+    return Status(
+        pending=int(pending),
+        due_now=int(due_now),
+        due_later=int(pending) - int(due_now),
+        oldest_due_age_seconds=oldest_age,
+        in_flight=int(inflight),
+        batches_in_flight=int(batches),
+        dead_letter=int(dlq_ids or 0),
+        dead_letter_entries=int(dlq_entries),
+        enqueued_total=counters.get("enqueued", 0),
+        batches_total=counters.get("batches", 0),
+        delivered_total=counters.get("delivered", 0),
+        dead_lettered_total=counters.get("dead_lettered", 0),
+        dead_letters_expired=counters.get("dead_letters_expired", 0),
+        tokens_left=budget.tokens_left if budget else None,
+        paused=paused_until is not None,
+        paused_until=round(paused_until / 1000, 3) if paused_until else None,
+        pause_reason=budget.pause_reason if budget else None,
+        credentials_refused=budget.circuit if budget else None,
+        credentials_refused_since=(
+            round(budget.circuit_since_ms / 1000, 3) if budget and budget.circuit_since_ms else None
+        ),
+        requests_last_minute=minute.requests,
+        identifiers_last_minute=minute.identifiers,
+        throttled_last_minute=minute.throttled,
+        identifiers_per_request=minute.identifiers_per_request,
+        redis_findings=durability.check(client),
+    )

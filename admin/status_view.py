@@ -1,0 +1,133 @@
+"""How a `Status` reads to an operator: sections of labelled values and the warnings worth a
+look. Pure (no I/O, the clock is an argument) so every wording is tested."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from admin.status import Status
+
+Rows = list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    title: str
+    rows: Rows
+
+
+def count(value: int) -> str:
+    return f"{value:,}"
+
+
+def duration(seconds: float | None) -> str:
+    """12.3 s, 4 min 05 s, 2 h 03 min."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def moment(epoch: float | None, now: float) -> str:
+    """An instant as UTC time of day and its distance from now."""
+    if epoch is None:
+        return "-"
+    clock = datetime.fromtimestamp(epoch, UTC).strftime("%H:%M:%S UTC")
+    delta = epoch - now
+    relative = f"in {duration(delta)}" if delta >= 0 else f"{duration(-delta)} ago"
+    return f"{clock} ({relative})"
+
+
+def sections(status: Status, now: float) -> list[Section]:
+    """The status table, top to bottom: what waits, what is out, what failed, the budget."""
+    posting = "running"
+    if status.credentials_refused:
+        posting = "stopped: Braze refuses the API key"
+    elif status.paused:
+        posting = f"paused: {status.pause_reason or 'rate limited'}"
+    budget: Rows = [
+        ("posting", posting),
+        ("tokens left", "-" if status.tokens_left is None else count(status.tokens_left)),
+    ]
+    if status.paused:
+        budget.append(("paused until", moment(status.paused_until, now)))
+    if status.credentials_refused:
+        budget.append(("refused since", moment(status.credentials_refused_since, now)))
+        budget.append(("Braze said", status.credentials_refused))
+    per_request = status.identifiers_per_request
+    return [
+        Section(
+            "buffer",
+            [
+                ("pending changes", count(status.pending)),
+                ("due now", count(status.due_now)),
+                ("oldest due waiting", duration(status.oldest_due_age_seconds)),
+                ("due later (delay or behind a batch)", count(status.due_later)),
+            ],
+        ),
+        Section(
+            "in flight",
+            [
+                ("identifiers", count(status.in_flight)),
+                ("batches", count(status.batches_in_flight)),
+            ],
+        ),
+        Section(
+            "dead letters",
+            [
+                ("identifiers", count(status.dead_letter)),
+                ("entries", count(status.dead_letter_entries)),
+                ("expired after retention", count(status.dead_letters_expired)),
+            ],
+        ),
+        Section("rate budget", budget),
+        Section(
+            "last minute",
+            [
+                ("requests", count(status.requests_last_minute)),
+                ("identifiers", count(status.identifiers_last_minute)),
+                ("identifiers per request", "-" if per_request is None else f"{per_request:.1f}"),
+                ("429 answers", count(status.throttled_last_minute)),
+            ],
+        ),
+        Section(
+            "since the start",
+            [
+                ("changes enqueued", count(status.enqueued_total)),
+                ("batches cut", count(status.batches_total)),
+                ("identifiers delivered", count(status.delivered_total)),
+                ("identifiers dead-lettered", count(status.dead_lettered_total)),
+            ],
+        ),
+    ]
+
+
+def warnings(status: Status) -> list[str]:
+    """What an operator should look at, each with where the runbook answers it."""
+    found = []
+    if status.credentials_refused:
+        found.append("Braze refuses the API key: posting is stopped (runbook: the key was revoked)")
+    if status.throttled_last_minute:
+        found.append(
+            f"{status.throttled_last_minute} 429 answers in the last minute "
+            "(runbook: Braze answers 429)"
+        )
+    if status.dead_letter_entries:
+        found.append(
+            f"{status.dead_letter_entries:,} dead-letter entries "
+            "(runbook: the dead-letter store is filling)"
+        )
+    for finding in status.redis_findings or []:
+        found.append(f"redis: {finding} (README: Redis settings that keep every change)")
+    if (status.oldest_due_age_seconds or 0) > 300:
+        found.append(
+            f"the oldest due change has waited {duration(status.oldest_due_age_seconds)} "
+            "(runbook: a backlog is growing)"
+        )
+    return found

@@ -1,0 +1,369 @@
+"""What a subscription change is, and how raw input becomes one.
+
+A `Change` is always valid and normalised: the identifier is trimmed (and lower-cased for
+emails, E.164 for phones) before it becomes part of a Redis key, so the same person never
+occupies two slots in the buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, NoReturn
+
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+
+from core.errors import InputRefused
+
+
+class SubscriptionState(StrEnum):
+    SUBSCRIBED = "subscribed"
+    UNSUBSCRIBED = "unsubscribed"
+
+
+class IdentifierKind(StrEnum):
+    EXTERNAL_ID = "external_id"
+    EMAIL = "email"
+    PHONE = "phone"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One validated, normalised subscription change."""
+
+    group_id: str
+    state: SubscriptionState
+    kind: IdentifierKind
+    value: str
+    double_opt_in: bool = False
+    delay_seconds: float = 0.0
+
+
+class InvalidChange(InputRefused, ValueError):
+    """Input that cannot become a `Change`; `field` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------
+# Parsing. This runs once per row of imports with millions of rows, so it is a plain
+# function with cheap checks first and no per-row model objects.
+# --------------------------------------------------------------------------------------
+
+MAX_GROUP_ID_LENGTH = 128
+MAX_EXTERNAL_ID_LENGTH = 512
+MAX_DELAY_SECONDS = 7 * 24 * 60 * 60  # 604800
+
+IDENTIFIER_FIELDS: tuple[str, ...] = ("external_id", "email", "phone")
+OPTIONAL_FIELDS: tuple[str, ...] = ("use_double_opt_in_logic", "delay_seconds")
+KNOWN_FIELDS: frozenset[str] = frozenset(
+    ("subscription_group_id", "subscription_state", *IDENTIFIER_FIELDS, *OPTIONAL_FIELDS)
+)
+
+# Control characters separate the parts of keys internally, so they never enter a Change.
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+
+_STATES: dict[str, SubscriptionState] = {state.value: state for state in SubscriptionState}
+_KINDS: dict[str, IdentifierKind] = {kind.value: kind for kind in IdentifierKind}
+
+_BOOL_STRINGS: dict[str, bool] = {
+    "true": True,
+    "1": True,
+    "yes": True,
+    "false": False,
+    "0": False,
+    "no": False,
+    "": False,
+}
+
+# The common shape of an address: an ASCII dot-atom local part and an ASCII host name.
+# Every local part this matches is one email-validator accepts unchanged (its own
+# DOT_ATOM_TEXT rule is a superset), so for such addresses only the domain needs the
+# library's (expensive, IDNA-based) check, and that result is cached per domain.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_EMAIL = re.compile(rf"({_ATEXT}(?:\.{_ATEXT})*)@([A-Za-z0-9.-]+)\Z")
+_EMAIL_MAX_LENGTH = 254  # RFC 5321 as enforced by email-validator, in UTF-8 bytes
+
+_PHONE_CHARS = re.compile(r"\+[0-9 ().\-/]+\Z")
+_PHONE_EXAMPLE = "+14155550100"
+_PHONE_PARSE_ERRORS: dict[int, str] = {
+    phonenumbers.NumberParseException.INVALID_COUNTRY_CODE: "has an unknown country code",
+    phonenumbers.NumberParseException.NOT_A_NUMBER: "is not a phone number",
+    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD: "is too short",
+    phonenumbers.NumberParseException.TOO_SHORT_NSN: "is too short",
+    phonenumbers.NumberParseException.TOO_LONG: "is too long",
+}
+
+
+def parse_change(data: Mapping[str, Any]) -> Change:
+    """Validate and normalise one change given with the v1 field names of an import row.
+
+    Absent keys, ``None`` and blank strings mean "not given" (CSV rows have empty
+    cells; keyword-argument producers pass ``None``). Raises `InvalidChange` naming the
+    first offending field.
+    """
+    if type(data) is not dict and not isinstance(data, Mapping):
+        raise InvalidChange("change", f"must be a mapping of field names, got {_type(data)}")
+    if not KNOWN_FIELDS.issuperset(data):
+        for key in data:
+            if key not in KNOWN_FIELDS:
+                raise InvalidChange(_show_key(key), "unknown field")
+
+    group_id = _parse_group_id(data.get("subscription_group_id"))
+    state = _parse_state(data.get("subscription_state"))
+    kind, raw_value = _pick_identifier(data)
+    if kind is IdentifierKind.EXTERNAL_ID:
+        value = normalise_external_id(raw_value)
+    elif kind is IdentifierKind.EMAIL:
+        value = normalise_email(raw_value)
+    else:
+        value = normalise_phone(raw_value)
+
+    double_opt_in = _parse_double_opt_in(data.get("use_double_opt_in_logic"))
+    if double_opt_in:
+        if state is not SubscriptionState.SUBSCRIBED:
+            raise InvalidChange(
+                "use_double_opt_in_logic", "only meaningful with subscribed, not unsubscribed"
+            )
+        if kind is IdentifierKind.EMAIL:
+            raise InvalidChange(
+                "use_double_opt_in_logic", "only for SMS groups (phone or external_id)"
+            )
+
+    delay = _parse_delay(data.get("delay_seconds"))
+    return Change(group_id, state, kind, value, double_opt_in, delay)
+
+
+def change_to_row(change: Change) -> dict[str, Any]:
+    """The inverse of `parse_change`: an import row (v1 field names) for a change."""
+    return {
+        "subscription_group_id": change.group_id,
+        "subscription_state": change.state.value,
+        change.kind.value: change.value,
+        "use_double_opt_in_logic": change.double_opt_in,
+        "delay_seconds": change.delay_seconds,
+    }
+
+
+def normalise_external_id(value: Any) -> str:
+    """Trim an external_id; reject empty, over-long or control-character values."""
+    return _plain_string("external_id", value, MAX_EXTERNAL_ID_LENGTH)
+
+
+def normalise_email(value: Any) -> str:
+    """Validate an email address (syntax only, no DNS) and return its normalised form.
+
+    The whole address is lower-cased, not only the domain: Braze matches email addresses
+    case-insensitively, and one spelling per person keeps a person in one buffer slot.
+    """
+    text = _required_string("email", value)
+    match = _SIMPLE_EMAIL.match(text)
+    if match is not None:
+        local, domain = match.groups()
+        checked = _checked_email_domain(domain)
+        if checked is not None:
+            normalised_domain, domain_bytes = checked
+            # email-validator checks the length of the address as given, normalised and
+            # IDNA-encoded; the longest domain form decides. Over the limit: the slow
+            # path gives the library's exact message.
+            if len(local) + 1 + max(len(domain), domain_bytes) <= _EMAIL_MAX_LENGTH:
+                return local.lower() + "@" + normalised_domain
+    return _normalise_email_fully(text)
+
+
+def normalise_phone(value: Any) -> str:
+    """Validate a phone number in international format and return it in E.164."""
+    text = _required_string("phone", value)
+    if not text.startswith("+"):
+        raise InvalidChange(
+            "phone", f"must be in international format, e.g. {_PHONE_EXAMPLE}, got {_show(text)}"
+        )
+    if _PHONE_CHARS.match(text) is None:
+        raise InvalidChange(
+            "phone",
+            f"may contain only digits, spaces and ( ) - . / after the leading +, got {_show(text)}",
+        )
+    try:
+        number = phonenumbers.parse(text, None)
+    except phonenumbers.NumberParseException as exc:
+        reason = _PHONE_PARSE_ERRORS.get(exc.error_type, "is not a phone number")
+        raise InvalidChange("phone", f"{_show(text)} {reason}") from None
+    if not phonenumbers.is_valid_number(number):
+        raise InvalidChange("phone", f"{_show(text)} is not a valid phone number")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+# --------------------------------------------------------------------------------------
+# Field helpers
+# --------------------------------------------------------------------------------------
+
+
+def _parse_group_id(value: Any) -> str:
+    return _plain_string("subscription_group_id", value, MAX_GROUP_ID_LENGTH)
+
+
+def _parse_state(value: Any) -> SubscriptionState:
+    text = _required_string("subscription_state", value)
+    state = _STATES.get(text)
+    if state is None:
+        raise InvalidChange(
+            "subscription_state", f"must be 'subscribed' or 'unsubscribed', got {_show(text)}"
+        )
+    return state
+
+
+def _pick_identifier(data: Mapping[str, Any]) -> tuple[IdentifierKind, Any]:
+    given = [name for name in IDENTIFIER_FIELDS if not _is_blank(data.get(name))]
+    if len(given) == 1:
+        name = given[0]
+        return _KINDS[name], data[name]
+    if not given:
+        raise InvalidChange("identifier", "exactly one of external_id, email, phone is required")
+    raise InvalidChange(
+        "identifier",
+        f"exactly one of external_id, email, phone is allowed, got {', '.join(given)}",
+    )
+
+
+def _parse_double_opt_in(value: Any) -> bool:
+    if value is None or value is False:
+        return False
+    if value is True:
+        return True
+    if isinstance(value, str):
+        parsed = _BOOL_STRINGS.get(value.strip().lower())
+        if parsed is not None:
+            return parsed
+    raise InvalidChange(
+        "use_double_opt_in_logic", f"must be true or false (or yes/no, 1/0), got {_show(value)}"
+    )
+
+
+def _parse_delay(value: Any) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool):
+        raise InvalidChange("delay_seconds", f"must be a number of seconds, got {_show(value)}")
+    if isinstance(value, int | float):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return 0.0
+        try:
+            number = float(text)
+        except ValueError:
+            raise InvalidChange(
+                "delay_seconds", f"must be a number of seconds, got {_show(value)}"
+            ) from None
+    else:
+        raise InvalidChange("delay_seconds", f"must be a number of seconds, got {_type(value)}")
+    try:
+        seconds = float(number) + 0.0  # + 0.0 turns -0.0 into 0.0
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise InvalidChange("delay_seconds", f"must be a finite number, got {_show(value)}")
+    if seconds < 0:
+        raise InvalidChange("delay_seconds", f"must not be negative, got {_show(value)}")
+    if seconds > MAX_DELAY_SECONDS:
+        raise InvalidChange(
+            "delay_seconds", f"must be at most {MAX_DELAY_SECONDS} (7 days), got {_show(value)}"
+        )
+    return seconds
+
+
+def _plain_string(field: str, value: Any, max_length: int) -> str:
+    """A trimmed, non-empty string without control characters, at most `max_length`."""
+    if not isinstance(value, str):
+        _raise_missing_or_type(field, value)
+    found = _CONTROL_CHAR.search(value)
+    if found is not None:
+        raise InvalidChange(
+            field,
+            f"must not contain control characters, found {found.group()!r} "
+            f"at position {found.start()}",
+        )
+    text = value.strip()
+    if not text:
+        raise InvalidChange(field, "is required" if not value else "must not be blank")
+    if len(text) > max_length:
+        raise InvalidChange(field, f"must be at most {max_length} characters, got {len(text)}")
+    _check_encodable(field, text)
+    return text
+
+
+def _required_string(field: str, value: Any) -> str:
+    if not isinstance(value, str):
+        _raise_missing_or_type(field, value)
+    text = value.strip()
+    if not text:
+        raise InvalidChange(field, "is required" if not value else "must not be blank")
+    _check_encodable(field, text)
+    return text
+
+
+def _check_encodable(field: str, text: str) -> None:
+    """Reject text UTF-8 cannot carry: a lone surrogate, e.g. from a JSON "\\ud800"."""
+    if text.isascii():
+        return
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidChange(
+            field,
+            f"must not contain lone surrogates, found {text[exc.start]!r} at position {exc.start}",
+        ) from None
+
+
+def _raise_missing_or_type(field: str, value: Any) -> NoReturn:
+    if value is None:
+        raise InvalidChange(field, "is required")
+    raise InvalidChange(field, f"must be a string, got {_type(value)}")
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and (not value or value.isspace()))
+
+
+@functools.lru_cache(maxsize=8192)
+def _checked_email_domain(domain: str) -> tuple[str, int] | None:
+    """The normalised (lower-case) domain and its longest encoded length, or None.
+
+    Validates the domain through email-validator itself, with a trivially valid local
+    part, so the rules stay the library's. Cached: bulk imports repeat few domains.
+    """
+    try:
+        checked = validate_email("a@" + domain, check_deliverability=False)
+    except EmailNotValidError:
+        return None
+    return checked.domain.lower(), max(len(checked.domain.encode()), len(checked.ascii_domain))
+
+
+def _normalise_email_fully(text: str) -> str:
+    try:
+        checked = validate_email(text, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise InvalidChange("email", " ".join(str(exc).split())) from None
+    return checked.normalized.lower()
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
+
+
+def _show_key(key: Any) -> str:
+    return " ".join(str(key).split())[:60] or repr(key)
+
+
+def _type(value: Any) -> str:
+    return type(value).__name__

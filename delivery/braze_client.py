@@ -1,0 +1,114 @@
+"""Talking to Braze: request bodies (pure) and one pooled httpx client per process."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from core.changes import SubscriptionState
+from core.planning import BatchKey
+
+V1_PATH = "/subscription/status/set"
+V2_PATH = "/v2/subscription/status/set"
+
+
+def v1_body(key: BatchKey, values: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """The body of one v1 request: one group, one state, one identifier kind."""
+    body: dict[str, Any] = {
+        "subscription_group_id": key.group_id,
+        "subscription_state": key.state.value,
+        key.kind.value: list(values),
+    }
+    # Braze: double opt-in is for SMS groups and only meaningful with "subscribed".
+    if key.double_opt_in and key.state is SubscriptionState.SUBSCRIBED:
+        body["use_double_opt_in_logic"] = True
+    return body
+
+
+# v2 names each identifier list in the plural.
+V2_LIST_NAMES = {"external_id": "external_ids", "email": "emails", "phone": "phones"}
+
+
+def v2_body(entries: list[tuple[BatchKey, tuple[str, ...]]]) -> dict[str, Any]:
+    """The body of one v2 request: several (group, state) entries."""
+    groups: list[dict[str, Any]] = []
+    for key, values in entries:
+        entry: dict[str, Any] = {
+            "subscription_group_id": key.group_id,
+            "subscription_state": key.state.value,
+            V2_LIST_NAMES[key.kind.value]: list(values),
+        }
+        if key.double_opt_in and key.state is SubscriptionState.SUBSCRIBED:
+            entry["use_double_opt_in_logic"] = True
+        groups.append(entry)
+    return {"subscription_groups": groups}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One exchange with Braze: a status and body, or the transport error that stopped it."""
+
+    status: int | None
+    body: str
+    headers: dict[str, str]
+    latency_ms: float
+    error: str | None = None
+
+
+class BrazeClient:
+    """A keep-alive connection pool to one REST endpoint. Thread-safe (httpx.Client is)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        api_key: SecretStr,
+        *,
+        timeout_seconds: float,
+        max_connections: int = 16,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self._http = httpx.Client(
+            base_url=endpoint,
+            # The key goes only into this header; httpx never logs header values.
+            headers={
+                "Authorization": f"Bearer {api_key.get_secret_value()}",
+                "Content-Type": "application/json",
+                "User-Agent": "braze-subs",
+            },
+            timeout=timeout_seconds,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"BrazeClient(endpoint={self.endpoint!r})"
+
+    def post(self, path: str, body: dict[str, Any]) -> Reply:
+        started = time.perf_counter()
+        try:
+            response = self._http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            # The exception's text can hold the URL, never the key (it is a header).
+            return Reply(
+                status=None,
+                body="",
+                headers={},
+                latency_ms=(time.perf_counter() - started) * 1000,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
+        return Reply(
+            status=response.status_code,
+            body=response.text,
+            headers=dict(response.headers),
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    def close(self) -> None:
+        self._http.close()

@@ -1,0 +1,100 @@
+"""The long-lived objects one process needs, built once per process (and again after a fork).
+
+Redis clients keep a connection pool; the Braze client keeps keep-alive connections. Both
+are created lazily, so a producer that never posts never needs an API key.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from functools import cached_property
+
+from redis import Redis
+
+from config.settings import Settings, get_settings
+from delivery.braze_client import BrazeClient
+from stores.batch_records import BatchStore
+from stores.buffer import Buffer
+from stores.keys import Keys
+from stores.limiter import Budget, RateLimiter
+from stores.scripts import Scripts
+
+
+class Services:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.redis_key_prefix)
+
+    @cached_property
+    def redis(self) -> Redis:
+        return Redis.from_url(self.settings.redis_url, health_check_interval=30)
+
+    @cached_property
+    def scripts(self) -> Scripts:
+        return Scripts(self.redis)
+
+    @cached_property
+    def buffer(self) -> Buffer:
+        return Buffer(self.redis, self.keys, self.scripts)
+
+    @cached_property
+    def batches(self) -> BatchStore:
+        return BatchStore(self.redis, self.keys, self.scripts)
+
+    @cached_property
+    def limiter(self) -> RateLimiter:
+        settings = self.settings
+        budget = Budget.for_limit(
+            settings.braze_rate_limit,
+            settings.braze_rate_limit_window_seconds,
+            headroom=settings.rate_limit_headroom,
+            burst_fraction=settings.rate_limit_burst_fraction,
+        )
+        return RateLimiter(
+            self.redis,
+            self.keys.limiter(settings.workspace_id),
+            budget,
+            max_wait_seconds=settings.token_wait_max_seconds,
+            probe_interval_seconds=settings.credentials_probe_seconds,
+            scripts=self.scripts,
+        )
+
+    @cached_property
+    def braze(self) -> BrazeClient:
+        settings = self.settings
+        settings.require_braze()
+        assert settings.braze_api_key is not None and settings.rest_endpoint is not None
+        return BrazeClient(
+            settings.rest_endpoint,
+            settings.braze_api_key,
+            timeout_seconds=settings.http_timeout_seconds,
+            max_connections=settings.worker_concurrency,
+        )
+
+
+_lock = threading.Lock()
+_services: dict[int, Services] = {}
+
+
+def services() -> Services:
+    """This process's services (threads share them; a forked child builds its own)."""
+    pid = os.getpid()
+    found = _services.get(pid)
+    if found is None:
+        with _lock:
+            found = _services.get(pid)
+            if found is None:
+                _services.clear()
+                found = _services[pid] = Services(get_settings())
+    return found
+
+
+def reset_services() -> None:
+    """Forget this process's services (tests that change settings call this)."""
+    with _lock:
+        for found in _services.values():
+            if "braze" in found.__dict__:
+                found.braze.close()
+        _services.clear()
+    get_settings.cache_clear()

@@ -1,0 +1,171 @@
+"""Batch records in Redis: claimed by one worker, then finished (delivered or dead) or deferred.
+
+A batch record is written by `take_batch.lua` when its changes leave the buffer, and it
+stays until Braze has acknowledged it or it has been dead-lettered. The Celery message that
+posts it carries only the id; everything else is read here.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+
+from redis import Redis
+
+from core.changes import IdentifierKind, SubscriptionState
+from core.planning import BatchKey
+from stores.keys import Keys
+from stores.scripts import Scripts
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    id: str
+    key: BatchKey
+    values: tuple[str, ...]
+    attempts: int
+    created_ms: int
+    last_error: str | None = None
+    pack: tuple[str, ...] = ()  # ids of the batches planned to share one v2 request
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> BatchRecord:
+        data = json.loads(raw)
+        return cls(
+            id=data["id"],
+            key=BatchKey(
+                group_id=data["group"],
+                state=SubscriptionState(data["state"]),
+                kind=IdentifierKind(data["kind"]),
+                double_opt_in=bool(data["doi"]),
+            ),
+            values=tuple(member[0] for member in data["members"]),
+            attempts=int(data["attempts"]),
+            created_ms=int(data["created"]),
+            last_error=data.get("error"),
+            # Lua's cjson writes an empty list as {}.
+            pack=tuple(data.get("pack") or ()),
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.values)
+
+
+class ClaimStatus(StrEnum):
+    CLAIMED = "claimed"  # this worker may post it now
+    GONE = "gone"  # already finished: nothing to do
+    BUSY = "busy"  # another worker holds a live claim
+    EMPTY = "empty"  # every member was superseded by a newer change; finished (the record
+    # is returned as it was, for its pack)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    status: ClaimStatus
+    record: BatchRecord | None = None
+
+
+class BatchStore:
+    def __init__(self, client: Redis, keys: Keys, scripts: Scripts | None = None) -> None:
+        self.client = client
+        self.keys = keys
+        self.scripts = scripts or Scripts(client)
+
+    def _lock_keys(self, batch_id: str) -> list[str]:
+        k = self.keys
+        return [k.batch(batch_id), k.claim(batch_id), k.batches, k.pending, k.due, k.inflight]
+
+    def claim(self, batch_id: str, token: str, lease_ms: int) -> Claim:
+        reply = self.scripts.claim_batch(
+            keys=self._lock_keys(batch_id), args=[batch_id, token, lease_ms]
+        )
+        status = ClaimStatus(reply[0].decode() if isinstance(reply[0], bytes) else reply[0])
+        record = BatchRecord.from_json(reply[1]) if len(reply) > 1 else None
+        return Claim(status, record)
+
+    def _finish(self, batch_id: str, token: str, outcome: str, error: str) -> int:
+        k = self.keys
+        keys = [
+            *self._lock_keys(batch_id),
+            k.dead_letters,
+            k.dead_letter_index,
+            k.dead_letter_identifiers,
+            k.stats,
+            k.dead_letter_fields,
+        ]
+        return int(self.scripts.finish_batch(keys=keys, args=[batch_id, token, outcome, error]))
+
+    def delivered(self, batch_id: str, token: str) -> int:
+        """Braze accepted the batch: end it and let waiting newer changes become due."""
+        return self._finish(batch_id, token, "delivered", "")
+
+    def dead_letter(self, batch_id: str, token: str, error: str) -> int:
+        """Give up on the batch after a failed attempt: move it whole to the dead-letter
+        store with its error and the attempts made (this one included)."""
+        return self._finish(batch_id, token, "dead", error)
+
+    def defer(
+        self,
+        batch_id: str,
+        token: str,
+        *,
+        error: str,
+        count_attempt: bool,
+        redispatch_ms: int,
+        solo: bool = False,
+    ) -> int:
+        """Release the claim after a failed try; returns the attempts so far (-1: not ours).
+        `solo` takes the batch out of its v2 pack."""
+        k = self.keys
+        return int(
+            self.scripts.defer_batch(
+                keys=[k.batch(batch_id), k.claim(batch_id), k.batches],
+                args=[
+                    batch_id,
+                    token,
+                    int(count_attempt),
+                    error,
+                    redispatch_ms,
+                    "solo" if solo else "",
+                ],
+            )
+        )
+
+    def split(
+        self, batch_id: str, token: str, *, isolate: str | None, redispatch_ms: int
+    ) -> tuple[str, str] | None:
+        """Replace a refused batch by two halves (the first is `isolate` alone when it is a
+        member); returns their ids, or None if the batch cannot be split."""
+        k = self.keys
+        first, second = uuid.uuid4().hex, uuid.uuid4().hex
+        size = int(
+            self.scripts.split_batch(
+                keys=[
+                    k.batch(batch_id),
+                    k.claim(batch_id),
+                    k.batches,
+                    k.inflight,
+                    k.batch(first),
+                    k.batch(second),
+                ],
+                args=[batch_id, token, first, second, redispatch_ms, isolate or ""],
+            )
+        )
+        return (first, second) if size > 0 else None
+
+    def overdue(self, now_ms: int, limit: int = 1000) -> list[str]:
+        """Batches whose task should have finished by now: their message was lost."""
+        ids = self.client.zrangebyscore(self.keys.batches, "-inf", now_ms, start=0, num=limit)
+        return [raw.decode() for raw in ids]
+
+    def postpone(self, batch_ids: list[str], until_ms: int) -> None:
+        """Push the sweep deadline of re-dispatched batches forward."""
+        if batch_ids:
+            self.client.zadd(self.keys.batches, dict.fromkeys(batch_ids, until_ms), xx=True)
+
+    def count(self) -> int:
+        """Batches cut and not yet finished."""
+        return int(self.client.zcard(self.keys.batches))

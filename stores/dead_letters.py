@@ -1,0 +1,154 @@
+"""The dead-letter store: batches given up on, kept whole with their error until an operator
+replays or purges them. Entries are never dropped silently; see README for retention."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+
+from stores.keys import Keys
+from stores.scripts import Scripts
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    subscription_group_id: str
+    subscription_state: str
+    use_double_opt_in_logic: bool
+    identifiers: list[dict[str, str]]
+    error: str
+    attempts: int
+    created_at: int  # ms, when the batch was cut
+    dead_lettered_at: int  # ms
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> DeadLetter:
+        data = json.loads(raw)
+        return cls(
+            id=data["id"],
+            subscription_group_id=data["subscription_group_id"],
+            subscription_state=data["subscription_state"],
+            use_double_opt_in_logic=bool(data.get("use_double_opt_in_logic", False)),
+            identifiers=[
+                {"kind": item["kind"], "value": item["value"]} for item in data["identifiers"]
+            ],
+            error=data.get("error", ""),
+            attempts=int(data.get("attempts", 0)),
+            created_at=int(data.get("created_at", 0)),
+            dead_lettered_at=int(data.get("dead_lettered_at", 0)),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "subscription_group_id": self.subscription_group_id,
+            "subscription_state": self.subscription_state,
+            "use_double_opt_in_logic": self.use_double_opt_in_logic,
+            "identifiers": self.identifiers,
+            "error": self.error,
+            "attempts": self.attempts,
+            "created_at": self.created_at,
+            "dead_lettered_at": self.dead_lettered_at,
+        }
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    entries: int = 0
+    requeued: int = 0
+    superseded: int = 0
+    missing: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PurgeReport:
+    entries: int = 0
+    identifiers: int = 0
+    missing: list[str] = field(default_factory=list)
+
+
+class DeadLetters:
+    def __init__(self, client: Redis, keys: Keys, scripts: Scripts | None = None) -> None:
+        self.client = client
+        self.keys = keys
+        self.scripts = scripts or Scripts(client)
+
+    def ids(self) -> list[str]:
+        return [raw.decode() for raw in self.client.zrange(self.keys.dead_letter_index, 0, -1)]
+
+    def list(self) -> list[DeadLetter]:
+        """Every entry, oldest first."""
+        ids = self.ids()
+        if not ids:
+            return []
+        raws = self.client.hmget(self.keys.dead_letters, ids)
+        return [DeadLetter.from_json(raw) for raw in raws if raw is not None]
+
+    def replay(self, ids: list[str] | None) -> ReplayReport:
+        """Return entries (all if `ids` is None) to the buffer, newer changes winning."""
+        k = self.keys
+        report = ReplayReport()
+        for entry_id in self.ids() if ids is None else ids:
+            requeued, skipped = self.scripts.replay_dead_letter(
+                keys=[
+                    k.dead_letters,
+                    k.dead_letter_index,
+                    k.dead_letter_identifiers,
+                    k.seq,
+                    k.pending,
+                    k.due,
+                    k.inflight,
+                    k.dead_letter_fields,
+                ],
+                args=[entry_id],
+            )
+            if int(requeued) < 0:
+                report.missing.append(entry_id)
+                continue
+            report.entries += 1
+            report.requeued += int(requeued)
+            report.superseded += int(skipped)
+        return report
+
+    def expire(self, before_ms: float, limit: int = 100) -> list[DeadLetter]:
+        """Remove (and return) entries dead-lettered before `before_ms`, oldest first."""
+        ids = [
+            raw.decode()
+            for raw in self.client.zrangebyscore(
+                self.keys.dead_letter_index, "-inf", before_ms, start=0, num=limit
+            )
+        ]
+        if not ids:
+            return []
+        raws = self.client.hmget(self.keys.dead_letters, ids)
+        entries = [DeadLetter.from_json(raw) for raw in raws if raw is not None]
+        self.purge(ids)
+        self.client.hincrby(self.keys.stats, "dead_letters_expired", len(entries))
+        return entries
+
+    def purge(self, ids: list[str] | None) -> PurgeReport:
+        """Delete entries (all if `ids` is None) for good."""
+        k = self.keys
+        report = PurgeReport()
+        for entry_id in self.ids() if ids is None else ids:
+            removed = int(
+                self.scripts.purge_dead_letter(
+                    keys=[
+                        k.dead_letters,
+                        k.dead_letter_index,
+                        k.dead_letter_identifiers,
+                        k.dead_letter_fields,
+                    ],
+                    args=[entry_id],
+                )
+            )
+            if removed < 0:
+                report.missing.append(entry_id)
+                continue
+            report.entries += 1
+            report.identifiers += removed
+        return report

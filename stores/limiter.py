@@ -1,0 +1,185 @@
+"""One rate budget for the whole fleet: a Redis-held cell-rate limiter, shared by every worker
+process and by v1 and v2, named by the workspace (endpoint + hash of the key).
+
+Why not Celery's `rate_limit`: it is per worker instance, so N containers would spend N
+times the budget. Why not the `limits` library: its moving-window and fixed-window
+strategies answer only "allowed now?", which leaves callers polling; the budget here
+*reserves* a send time, so a worker either sleeps exactly until its turn or re-queues the
+batch, and it has to yield to Braze's own count (X-RateLimit-Remaining), which no
+general-purpose limiter does. The arithmetic (`Budget`) is pure; the state lives in two
+small Lua scripts (`acquire_token.lua`, `observe_rate_limit.lua`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from redis import Redis
+
+from core.outcome import RateLimit
+from stores.scripts import Scripts
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """How a limit of `limit` requests per `window_ms` is spent: a burst, then a steady rate.
+
+    In any half-open interval of length W, a cell-rate limiter with burst B and spacing T
+    grants at most B - 1 + ceil(W/T) sends. Choosing B + W/T = limit * (1 - headroom)
+    keeps every sliding window (and so every fixed window Braze counts) under the limit,
+    with `headroom` left for the jitter between our clock and Braze's arrival times; the
+    sustained rate is then (1 - headroom) * limit - B per window.
+    """
+
+    limit: int
+    window_ms: float
+    burst: int
+    interval_ms: float  # spacing of sends at the sustained rate
+
+    @classmethod
+    def for_limit(
+        cls, limit: int, window_seconds: float, *, headroom: float, burst_fraction: float
+    ) -> Budget:
+        if limit < 1 or window_seconds <= 0:
+            raise ValueError("the limit and its window must be positive")
+        burst = max(1, math.floor(limit * burst_fraction))
+        # For tiny limits the formula leaves less than one request a window; spend half a
+        # request a window then: under-using a tiny budget beats exceeding it.
+        steady = max(limit * (1 - headroom) - burst, 0.5)
+        window_ms = window_seconds * 1000
+        return cls(limit=limit, window_ms=window_ms, burst=burst, interval_ms=window_ms / steady)
+
+    @property
+    def tolerance_ms(self) -> float:
+        return (self.burst - 1) * self.interval_ms
+
+    @property
+    def sustained_per_window(self) -> float:
+        return self.window_ms / self.interval_ms
+
+    @property
+    def max_per_window(self) -> int:
+        """The most sends any half-open window of `window_ms` can hold: the burst's
+        extra requests plus one send per interval."""
+        return self.burst - 1 + math.ceil(self.sustained_per_window - 1e-9)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    granted: bool
+    wait_seconds: float  # granted: sleep this long, then send; else: try again after it
+    send_at_ms: float | None = None  # granted: the reserved send time, Redis clock
+    probe: bool = False  # granted as the one probe of an open credentials circuit
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterState:
+    tokens_left: int  # requests that could go at once right now
+    paused_until_ms: float | None
+    pause_reason: str | None
+    circuit: str | None = None  # why posting stopped (credentials), while it is stopped
+    circuit_since_ms: float | None = None
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        client: Redis,
+        key: str,
+        budget: Budget,
+        *,
+        max_wait_seconds: float,
+        probe_interval_seconds: float = 60.0,
+        scripts: Scripts | None = None,
+    ) -> None:
+        self.client = client
+        self.key = key
+        self.budget = budget
+        self.max_wait_ms = max_wait_seconds * 1000
+        self.probe_interval_ms = round(probe_interval_seconds * 1000)
+        self.scripts = scripts or Scripts(client)
+
+    def acquire(self) -> Grant:
+        """Reserve one request. Granted only if its turn comes within `max_wait_seconds`."""
+        budget = self.budget
+        granted, wait_ms, send_at, probe = self.scripts.acquire_token(
+            keys=[self.key],
+            args=[
+                budget.interval_ms,
+                budget.tolerance_ms,
+                self.max_wait_ms,
+                round(budget.window_ms * 2),
+                self.probe_interval_ms,
+            ],
+        )
+        return Grant(
+            bool(int(granted)),
+            int(wait_ms) / 1000,
+            float(send_at) if send_at else None,
+            probe=bool(probe),
+        )
+
+    def open_circuit(self, reason: str) -> bool:
+        """Stop posting everywhere (the key is refused); probe again every interval."""
+        return bool(
+            self.scripts.circuit(keys=[self.key], args=["open", reason, self.probe_interval_ms])
+        )
+
+    def close_circuit(self) -> bool:
+        """A probe got through: posting resumes everywhere."""
+        return bool(self.scripts.circuit(keys=[self.key], args=["close", "", 0]))
+
+    def _observe(self, remaining: int, reset_epoch: float, mode: str, reason: str) -> bool:
+        budget = self.budget
+        return bool(
+            self.scripts.observe_rate_limit(
+                keys=[self.key],
+                args=[
+                    remaining,
+                    round(reset_epoch * 1000),
+                    budget.interval_ms,
+                    budget.tolerance_ms,
+                    budget.burst,
+                    budget.window_ms,
+                    mode,
+                    reason,
+                ],
+            )
+        )
+
+    def observe(self, rate: RateLimit) -> bool:
+        """Yield to Braze's count when it says less is left than we would still spend."""
+        if rate.remaining is None or rate.reset_epoch is None:
+            return False
+        return self._observe(rate.remaining, rate.reset_epoch, "observe", "")
+
+    def pause_until(self, reset_epoch: float, reason: str) -> bool:
+        """Pause every worker sharing this budget until `reset_epoch` (after a 429)."""
+        return self._observe(0, reset_epoch, "pause", reason)
+
+    def paused_for(self) -> float:
+        """Seconds left of a pause every worker must respect now (0 if none)."""
+        paused = self.client.hget(self.key, "paused_until")
+        if not paused:
+            return 0.0
+        seconds, micros = self.client.time()
+        return max(0.0, (float(paused) - (seconds * 1000 + micros / 1000)) / 1000)
+
+    def state(self) -> LimiterState:
+        seconds, micros = self.client.time()
+        now = seconds * 1000 + micros / 1000  # the scripts' precision, not whole ms
+        tat, paused, reason, circuit, since = self.client.hmget(
+            self.key, "tat", "paused_until", "pause_reason", "circuit", "circuit_since"
+        )
+        budget = self.budget
+        ahead = max(float(tat or 0) - now, 0.0)  # how far the budget is spent into the future
+        free = math.floor((budget.tolerance_ms - ahead) / budget.interval_ms + 1e-6) + 1
+        paused_ms = float(paused) if paused and float(paused) > now else None
+        return LimiterState(
+            tokens_left=0 if paused_ms else max(0, min(budget.burst, free)),
+            paused_until_ms=paused_ms,
+            pause_reason=reason.decode() if paused_ms and reason else None,
+            circuit=circuit.decode() if circuit else None,
+            circuit_since_ms=float(since) if circuit and since else None,
+        )

@@ -1,0 +1,64 @@
+-- finish_batch.lua: end a batch, delivered or dead-lettered, and unlock its identifiers.
+--
+-- KEYS[1] batch     STRING batch record; deleted
+-- KEYS[2] claim     STRING claim token; must be ours or expired; deleted
+-- KEYS[3] batches   ZSET   batch id -> redispatch time; the batch leaves it
+-- KEYS[4] pending   HASH   field -> change (read: a newer change waiting for the lock)
+-- KEYS[5] due       ZSET   field -> due ms; a waiting newer change becomes due
+-- KEYS[6] inflight  HASH   field -> batch id; this batch's locks are released
+-- KEYS[7] dlq       HASH   entry id -> JSON entry (written when dead-lettering)
+-- KEYS[8] dlq index ZSET   entry id -> dead-lettered at ms
+-- KEYS[9] dlq count STRING identifiers in the dead-letter store
+-- KEYS[10] stats    HASH   "delivered" / "dead_lettered" += members
+-- KEYS[11] dlq fields HASH field -> entry id, for the members no newer change supersedes
+-- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] "delivered" | "dead"  ARGV[4] error text
+--
+-- Guarantees: the batch ends exactly once, in one step with the release of its locks, so
+-- a newer change for one of its identifiers becomes due only after this batch's state has
+-- reached Braze or the dead-letter store (order per identifier). A dead-lettered batch is
+-- recorded whole, with its error and attempts: nothing is dropped silently. Returns the
+-- number of members ended; 0 if the batch was already gone; -1 if another worker holds a
+-- live claim on it (that worker will end it).
+local record_json = redis.call('GET', KEYS[1])
+if not record_json then
+  return 0
+end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[2] then
+  return -1
+end
+local record = cjson.decode(record_json)
+local prefix = record.group .. SEP .. record.kind .. SEP
+local now = now_ms()
+local identifiers = {}
+for _, member in ipairs(record.members) do
+  local field = prefix .. member[1]
+  if redis.call('HGET', KEYS[6], field) == ARGV[1] then
+    redis.call('HDEL', KEYS[6], field)
+    local newer = redis.call('HGET', KEYS[4], field)
+    if newer then
+      redis.call('ZADD', KEYS[5], cjson.decode(newer).t, field)
+    end
+  end
+  local superseded = redis.call('HEXISTS', KEYS[4], field) == 1
+  if ARGV[3] == 'dead' and not superseded then
+    redis.call('HSET', KEYS[11], field, ARGV[1])
+  end
+  identifiers[#identifiers + 1] = {
+    kind = record.kind, value = member[1], seq = member[2], superseded = superseded}
+end
+if ARGV[3] == 'dead' then
+  redis.call('HSET', KEYS[7], ARGV[1], cjson.encode({
+    id = ARGV[1], subscription_group_id = record.group, subscription_state = record.state,
+    use_double_opt_in_logic = record.doi == 1, identifiers = identifiers, error = ARGV[4],
+    -- the attempt that just failed is not yet in the record (defer_batch.lua counts)
+    attempts = record.attempts + 1, created_at = record.created, dead_lettered_at = now}))
+  redis.call('ZADD', KEYS[8], now, ARGV[1])
+  redis.call('INCRBY', KEYS[9], #identifiers)
+  redis.call('HINCRBY', KEYS[10], 'dead_lettered', #identifiers)
+else
+  redis.call('HINCRBY', KEYS[10], 'delivered', #identifiers)
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return #identifiers

@@ -1,0 +1,44 @@
+-- take_batch.lua: move planned changes from the buffer into a new batch record, atomically.
+--
+-- KEYS[1] pending   HASH   field -> change; the members taken are deleted
+-- KEYS[2] due       ZSET   field -> due ms; the members taken leave it
+-- KEYS[3] inflight  HASH   field -> batch id; the members taken are locked to this batch
+-- KEYS[4] batches   ZSET   batch id -> redispatch time ms; the new batch is added
+-- KEYS[5] batch     STRING the new batch record (JSON)
+-- KEYS[6] stats     HASH   "batches" += 1, "batched" += members taken
+-- ARGV[1] batch id  ARGV[2] group  ARGV[3] state  ARGV[4] kind  ARGV[5] double opt-in 0|1
+-- ARGV[6] redispatch after (ms)    ARGV[7] JSON array: ids of the batches planned to share
+-- one v2 request with this one (its pack)   ARGV[8..] pairs: value, sequence number planned
+--
+-- Guarantees: a member is taken only if the buffer still holds exactly the planned change
+-- (same sequence number) and no batch locks its field. So a change enters at most one
+-- batch even with two coalescers running, and a change written after planning stays in the
+-- buffer for the next tick. The record is written in the same step that removes its
+-- changes from the buffer: a crash on either side of this script loses nothing, and the
+-- sweep re-dispatches a record whose task message never left. Returns the members taken
+-- (0: nothing was written).
+local prefix = ARGV[2] .. SEP .. ARGV[4] .. SEP
+local members = {}
+for i = 8, #ARGV, 2 do
+  local field = prefix .. ARGV[i]
+  local current = redis.call('HGET', KEYS[1], field)
+  if current and cjson.decode(current).q == tonumber(ARGV[i + 1])
+      and redis.call('HEXISTS', KEYS[3], field) == 0 then
+    redis.call('HDEL', KEYS[1], field)
+    redis.call('ZREM', KEYS[2], field)
+    redis.call('HSET', KEYS[3], field, ARGV[1])
+    members[#members + 1] = {ARGV[i], tonumber(ARGV[i + 1])}
+  end
+end
+if #members == 0 then
+  return 0
+end
+local now = now_ms()
+redis.call('SET', KEYS[5], cjson.encode({
+  id = ARGV[1], group = ARGV[2], state = ARGV[3], kind = ARGV[4],
+  doi = tonumber(ARGV[5]), members = members, attempts = 0, created = now,
+  pack = cjson.decode(ARGV[7])}))
+redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), ARGV[1])
+redis.call('HINCRBY', KEYS[6], 'batches', 1)
+redis.call('HINCRBY', KEYS[6], 'batched', #members)
+return #members

@@ -1,0 +1,110 @@
+"""The Celery app: `celery -A worker.app worker` posts batches, `celery -A worker.app beat`
+runs the coalescer. Settings are validated on import, so a bad variable stops the process
+at start with one line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger, beat_init, worker_init
+from kombu import Queue
+
+from config.settings import Settings, SettingsError, get_settings
+from tasks.logs import configure_logging, use_json_for_celery
+
+# The queue of `subscriptions.record_change` is Celery's default one, because services
+# that only share the broker call send_task() without knowing our routes.
+RECORD_QUEUE = "celery"
+# The coalescer's ticks get their own queue so that a backlog of posts never delays them.
+COALESCE_QUEUE = "braze-subs.coalesce"
+POST_QUEUE = "braze-subs.post"
+
+
+def _settings_or_exit() -> Settings:
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        sys.exit(f"braze-subs: {exc}")
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery(
+        "braze-subs",
+        broker=settings.redis_url,
+        include=["tasks.subscriptions"],
+        amqp="tasks.masked_messages:MaskingAMQP",
+    )
+    interval = settings.coalesce_interval_seconds
+    app.conf.update(
+        # At-least-once: a message is acknowledged after its task ran, and redelivered if
+        # the worker died. Batches are idempotent to resend; order is kept by the buffer's
+        # per-identifier locks, not by message order.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        # Redelivery of an unacknowledged message. It must exceed the longest countdown
+        # (RETRY_BACKOFF_MAX_SECONDS), or a waiting retry would be delivered twice; a lost
+        # batch comes back much sooner through the coalescer's sweep.
+        broker_transport_options={
+            "visibility_timeout": max(3600, int(settings.retry_backoff_max_seconds * 2)),
+        },
+        worker_pool="threads",
+        worker_concurrency=settings.worker_concurrency,
+        # Task events for Flower.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_queues=(Queue(RECORD_QUEUE), Queue(COALESCE_QUEUE), Queue(POST_QUEUE)),
+        task_default_queue=RECORD_QUEUE,
+        task_routes={
+            "subscriptions.coalesce": {"queue": COALESCE_QUEUE},
+            "subscriptions.post_batch": {"queue": POST_QUEUE},
+        },
+        # In-memory schedule: no shelve file to share or lock, so two beats can run (by
+        # mistake) side by side; the coalescer's own lock and scripts keep that harmless.
+        beat_scheduler="celery.beat:Scheduler",
+        beat_schedule={
+            "coalesce": {
+                "task": "subscriptions.coalesce",
+                "schedule": interval,
+                # A tick that could not run in time is replaced by the next one.
+                "options": {"expires": max(interval * 5, 5.0)},
+            }
+        },
+    )
+    return app
+
+
+settings = _settings_or_exit()
+configure_logging(settings)
+app = create_app(settings)
+if settings.log_format == "json":
+    after_setup_logger.connect(use_json_for_celery, weak=False)
+    after_setup_task_logger.connect(use_json_for_celery, weak=False)
+
+
+@worker_init.connect
+def _require_braze(**_: Any) -> None:
+    """A worker that cannot reach Braze stops at start, not on its first batch."""
+    try:
+        settings.require_braze()
+    except SettingsError as exc:
+        raise SystemExit(f"braze-subs: {exc}") from None
+    _warn_if_redis_can_lose_changes()
+
+
+@beat_init.connect
+def _check_redis_at_beat_start(**_: Any) -> None:
+    _warn_if_redis_can_lose_changes()
+
+
+def _warn_if_redis_can_lose_changes() -> None:
+    from delivery.services import services
+    from stores import durability
+
+    durability.warn_if_unsafe(services().redis)

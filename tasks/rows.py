@@ -1,0 +1,577 @@
+"""Streaming readers for import files (JSON Lines and CSV).
+
+Rows carry the v1 field names of `core.changes.parse_change`. Everything here streams:
+one physical line (or one chunk of lines) at a time, O(1) memory in the size of the file,
+so a file can be validated in full and then enqueued without holding it in memory.
+
+Line numbers are 1-based physical lines of the file. In CSV the header is line 1, and a
+record whose quoted field spans several lines is reported at the line where it starts.
+Files are read as UTF-8 (a leading BOM is ignored); a line that is not valid UTF-8 is a
+bad row, not a crash. Problems with the file as a whole (unknown suffix, unreadable file,
+missing CSV column) raise `ImportFileError`.
+
+`read_rows` / `iter_changes` / `validate_file` go row by row. For bulk work (`braze-subs
+import`) the file is read in chunks instead (`read_chunks`): a few thousand lines, with
+their line numbers, that `check_chunk` validates on its own, in this process or in a worker
+process (`tasks.parallel`). A chunk's result carries its errors and the enqueue-script
+arguments of its valid changes, not `Change` objects, so it is cheap to send between
+processes. Both ways share the row readers below, so they agree on every row and message.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import itertools
+import json
+import pickle
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.changes import (
+    IDENTIFIER_FIELDS,
+    Change,
+    InvalidChange,
+    SubscriptionState,
+    parse_change,
+)
+from core.errors import InputRefused
+from stores.keys import buffer_field
+
+JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+CSV_SUFFIXES = frozenset({".csv"})
+REQUIRED_COLUMNS: tuple[str, ...] = ("subscription_group_id", "subscription_state")
+# Rows between two calls of a progress callback.
+PROGRESS_EVERY = 1000
+# Physical lines per chunk of `read_chunks`: big enough that sending a chunk to a worker
+# process costs little beside validating it (2,000 rows are 10-100 ms of work), small
+# enough that the chunks in flight hold little memory.
+CHUNK_LINES = 2000
+# Arguments per change of the buffer's enqueue script (see `enqueue_args`).
+ARGS_PER_CHANGE = 4
+
+Row = dict[str, Any]
+
+
+class ImportFileError(InputRefused):
+    """The file as a whole cannot be imported; the message is one line naming the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidRow:
+    """A line that does not even yield a row (bad JSON, bad UTF-8, malformed CSV)."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    """Why the row at `line` is not a valid change; `field` is "" for whole-line problems."""
+
+    line: int
+    field: str
+    message: str
+
+    def __post_init__(self) -> None:
+        # One line, whatever the library messages contain.
+        object.__setattr__(self, "message", " ".join(self.message.split()))
+
+    def __str__(self) -> str:
+        if self.field:
+            return f"line {self.line}: {self.field}: {self.message}"
+        return f"line {self.line}: {self.message}"
+
+
+@dataclass(slots=True)
+class ValidationReport:
+    """Counts for a whole file, and its row errors (possibly capped by `max_errors`)."""
+
+    rows: int = 0
+    valid: int = 0
+    invalid: int = 0
+    errors: list[RowError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.invalid == 0
+
+    @property
+    def errors_truncated(self) -> bool:
+        """True when more rows were invalid than `errors` holds."""
+        return self.invalid > len(self.errors)
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, Row | InvalidRow]]:
+    """Yield (line number, row) lazily; a line that is not a row yields `InvalidRow`.
+
+    An unsupported suffix raises `ImportFileError` at once; an unreadable file or (CSV) a
+    missing header column raises it on the first `next()`, before any row.
+    """
+    path = Path(path)
+    return _read_jsonl(path) if _is_jsonl(path) else _read_csv(path)
+
+
+def iter_changes(path: Path) -> Iterator[tuple[int, Change | RowError]]:
+    """Yield (line number, `Change` or `RowError`) for every row, in file order.
+
+    Stateless: each call reopens and streams the file, so it is cheap to call twice.
+    """
+    return _changes(read_rows(path))
+
+
+def validate_file(
+    path: Path,
+    max_errors: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_change: Callable[[Change], None] | None = None,
+) -> ValidationReport:
+    """Stream the whole file and count rows; keep the first `max_errors` errors (all if None).
+
+    Only errors are stored, never rows. `progress`, if given, is called with the current
+    line number every `PROGRESS_EVERY` rows; `on_change`, if given, with every valid change.
+    """
+    report = ValidationReport()
+    for line, item in iter_changes(path):
+        report.rows += 1
+        if progress is not None and report.rows % PROGRESS_EVERY == 0:
+            progress(line)
+        if isinstance(item, RowError):
+            report.invalid += 1
+            if max_errors is None or len(report.errors) < max_errors:
+                report.errors.append(item)
+        else:
+            report.valid += 1
+            if on_change is not None:
+                on_change(item)
+    return report
+
+
+@dataclass(frozen=True, slots=True)
+class JsonlChunk:
+    """Consecutive physical lines of a JSON Lines file, the first of them at `first_line`."""
+
+    first_line: int
+    lines: list[bytes]
+
+    @property
+    def last_line(self) -> int:
+        return self.first_line + len(self.lines) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class CsvChunk:
+    """Consecutive CSV records (start line, cells or why it is no row); ends at `last_line`."""
+
+    columns: list[str]
+    records: list[tuple[int, list[str] | InvalidRow]]
+    last_line: int
+
+
+Chunk = JsonlChunk | CsvChunk
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkResult:
+    """What one chunk holds: rows, errors in line order, and its valid changes.
+
+    The changes are the buffer's enqueue-script arguments (`ARGS_PER_CHANGE` each, in file
+    order), pickled into one bytes object: it crosses from a worker process in one piece,
+    and can be spooled to disk as it is.
+    """
+
+    last_line: int
+    rows: int
+    valid: int
+    errors: list[RowError]
+    packed_args: bytes
+
+    @property
+    def args(self) -> list[bytes]:
+        return unpack_args(self.packed_args)
+
+
+def unpack_args(packed: bytes) -> list[bytes]:
+    """The enqueue-script arguments of a `ChunkResult.packed_args`."""
+    args: list[bytes] = pickle.loads(packed)
+    return args
+
+
+def read_chunks(path: Path, lines: int = CHUNK_LINES) -> Iterator[Chunk]:
+    """Yield the file lazily as chunks of about `lines` physical lines each, in order.
+
+    Raises `ImportFileError` like `read_rows`. A JSON Lines chunk is raw lines, so the
+    reading process only splits the file; CSV is parsed here (records may span lines) and
+    its chunks hold cells. Either way a chunk is validated by `check_chunk` alone.
+    """
+    if lines < 1:
+        raise ValueError("lines must be at least 1")
+    path = Path(path)
+    return _jsonl_chunks(path, lines) if _is_jsonl(path) else _csv_chunks(path, lines)
+
+
+def check_chunk(chunk: Chunk) -> ChunkResult:
+    """Validate one chunk: what `iter_changes` says of its rows, in compact form.
+
+    A plain function of its argument, so it runs the same in a worker process.
+    """
+    if isinstance(chunk, JsonlChunk):
+        rows = _jsonl_rows(enumerate(chunk.lines, chunk.first_line))
+    else:
+        rows = _csv_rows(chunk.columns, chunk.records)
+    count = 0
+    errors: list[RowError] = []
+    args: list[bytes] = []
+    for line, row in rows:
+        count += 1
+        item = _to_change(line, row)
+        if isinstance(item, RowError):
+            errors.append(item)
+            continue
+        try:
+            args += _change_args(item)
+        except UnicodeEncodeError:
+            errors.append(_unencodable(line, item))
+    packed = pickle.dumps(args, pickle.HIGHEST_PROTOCOL)
+    return ChunkResult(chunk.last_line, count, len(args) // ARGS_PER_CHANGE, errors, packed)
+
+
+def enqueue_args(changes: Iterable[Change]) -> list[bytes]:
+    """The enqueue script's arguments for changes: the bytes `Buffer.enqueue` sends.
+
+    redis-py would encode the same str and int arguments to these very bytes (UTF-8,
+    decimal); encoding them here, where rows are validated (in parallel), spares the
+    enqueuing process the work and finds text UTF-8 cannot carry before anything is sent.
+    Raises `UnicodeEncodeError` for such text (a lone surrogate from a JSON escape).
+    """
+    args: list[bytes] = []
+    for change in changes:
+        args += _change_args(change)
+    return args
+
+
+_STATE_BYTES: dict[SubscriptionState, bytes] = {
+    state: state.value.encode() for state in SubscriptionState
+}
+
+
+def _change_args(change: Change) -> tuple[bytes, bytes, bytes, bytes]:
+    # Must match `stores.buffer.Buffer._enqueue_args`, encoded (a test holds them equal).
+    return (
+        buffer_field(change.group_id, change.kind, change.value).encode(),
+        _STATE_BYTES[change.state],
+        b"1" if change.double_opt_in else b"0",
+        b"%d" % round(change.delay_seconds * 1000),
+    )
+
+
+def _unencodable(line: int, change: Change) -> RowError:
+    """The error of a change whose text UTF-8 cannot carry: a lone surrogate, which a JSON
+    escape can produce. Redis could not store it, so the row is refused like any bad row."""
+    name, value = "subscription_group_id", change.group_id
+    found = _lone_surrogate(value)
+    if found is None:
+        name, value = change.kind.value, change.value
+        found = _lone_surrogate(value) or 0
+    return RowError(
+        line, name, f"must not contain lone surrogates, found {value[found]!r} at position {found}"
+    )
+
+
+def _lone_surrogate(text: str) -> int | None:
+    for position, char in enumerate(text):
+        if "\ud800" <= char <= "\udfff":
+            return position
+    return None
+
+
+def _is_jsonl(path: Path) -> bool:
+    """True for JSON Lines, False for CSV; raises `ImportFileError` for anything else."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return True
+    if suffix in CSV_SUFFIXES:
+        return False
+    raise ImportFileError(
+        f"{path}: unsupported file type {suffix or '(no suffix)'}; use .jsonl, .ndjson or .csv"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Rows to changes
+# --------------------------------------------------------------------------------------
+
+
+def _changes(
+    rows: Iterable[tuple[int, Row | InvalidRow]],
+) -> Iterator[tuple[int, Change | RowError]]:
+    for line, row in rows:
+        yield line, _to_change(line, row)
+
+
+def _to_change(line: int, row: Row | InvalidRow) -> Change | RowError:
+    if isinstance(row, InvalidRow):
+        return RowError(line, "", row.message)
+    try:
+        return parse_change(row)
+    except InvalidChange as exc:
+        return RowError(line, exc.field, exc.message)
+
+
+# --------------------------------------------------------------------------------------
+# Physical lines
+# --------------------------------------------------------------------------------------
+
+
+def _physical_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes) for each line, a leading UTF-8 BOM removed."""
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise ImportFileError(f"{path}: cannot open: {exc.strerror or exc}") from None
+    with handle:
+        for number, raw in enumerate(handle, 1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            yield number, raw
+
+
+def _utf8_problem(exc: UnicodeDecodeError) -> str:
+    byte = exc.object[exc.start]
+    return f"line is not valid UTF-8 (byte 0x{byte:02x} at byte {exc.start + 1})"
+
+
+# --------------------------------------------------------------------------------------
+# JSON Lines
+# --------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Row | InvalidRow]]:
+    lines = _physical_lines(path)
+    with contextlib.closing(lines):
+        yield from _jsonl_rows(lines)
+
+
+def _jsonl_rows(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, Row | InvalidRow]]:
+    """Rows of numbered raw lines (BOM already removed); blank lines yield nothing."""
+    for number, raw in lines:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield number, InvalidRow(_utf8_problem(exc))
+            continue
+        if text.isspace() or not text:
+            continue
+        yield number, _json_object(text)
+
+
+def _jsonl_chunks(path: Path, size: int) -> Iterator[JsonlChunk]:
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise ImportFileError(f"{path}: cannot open: {exc.strerror or exc}") from None
+    with handle:
+        first_line = 1
+        while lines := list(itertools.islice(handle, size)):
+            if first_line == 1 and lines[0].startswith(codecs.BOM_UTF8):
+                lines[0] = lines[0][len(codecs.BOM_UTF8) :]
+            yield JsonlChunk(first_line, lines)
+            first_line += len(lines)
+
+
+def _json_object(text: str) -> Row | InvalidRow:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return InvalidRow(f"line is not a JSON object: {exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return InvalidRow("line is not a JSON object: nested too deeply")
+    if not isinstance(value, dict):
+        return InvalidRow(f"line is not a JSON object: found {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return "a number"
+
+
+# --------------------------------------------------------------------------------------
+# CSV
+# --------------------------------------------------------------------------------------
+
+
+class _DecodedLines:
+    """Feeds `csv.reader` decoded lines and remembers the first undecodable one.
+
+    A bad line is decoded with replacement characters so the CSV parser stays in step;
+    the record that contains it is then reported instead of parsed.
+    """
+
+    def __init__(self, lines: Iterator[tuple[int, bytes]]) -> None:
+        self._lines = lines
+        self.problem: tuple[int, str] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        number, raw = next(self._lines)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if self.problem is None:
+                self.problem = (number, _utf8_problem(exc))
+            return raw.decode("utf-8", "replace")
+
+    def take_problem(self, start: int) -> str | None:
+        """The decoding problem of the record starting at `start`, if any; then reset."""
+        problem, self.problem = self.problem, None
+        if problem is None:
+            return None
+        number, message = problem
+        return message if number == start else f"{message} on line {number}"
+
+
+class _CsvRecords:
+    """The records of a CSV file after its header: (start line, cells or `InvalidRow`).
+
+    Opening the file and checking the header happen on the first `next()`, which then
+    raises `ImportFileError` if the file as a whole cannot be imported. `columns` and
+    `line_num` (the last physical line read so far) are valid after that.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._records: Generator[tuple[int, list[str] | InvalidRow], None, None] | None = None
+        self.columns: list[str] = []
+        self.line_num = 0
+
+    def __iter__(self) -> Iterator[tuple[int, list[str] | InvalidRow]]:
+        return self
+
+    def __next__(self) -> tuple[int, list[str] | InvalidRow]:
+        if self._records is None:
+            self._records = self._read()
+        return next(self._records)
+
+    def close(self) -> None:
+        if self._records is not None:
+            self._records.close()
+
+    def _read(self) -> Generator[tuple[int, list[str] | InvalidRow], None, None]:
+        lines = _physical_lines(self._path)
+        with contextlib.closing(lines):
+            source = _DecodedLines(lines)
+            reader = csv.reader(source)
+            self.columns = _csv_header(self._path, reader, source)
+            while True:
+                start = reader.line_num + 1
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    self.line_num = reader.line_num
+                    source.take_problem(start)
+                    yield start, InvalidRow(f"malformed CSV: {exc}")
+                    continue
+                self.line_num = reader.line_num
+                problem = source.take_problem(start)
+                yield start, cells if problem is None else InvalidRow(problem)
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, Row | InvalidRow]]:
+    records = _CsvRecords(path)
+    with contextlib.closing(records):
+        try:
+            first = next(records)
+        except StopIteration:
+            return
+        yield from _csv_rows(records.columns, itertools.chain((first,), records))
+
+
+def _csv_rows(
+    columns: list[str], records: Iterable[tuple[int, list[str] | InvalidRow]]
+) -> Iterator[tuple[int, Row | InvalidRow]]:
+    """Rows of records; records whose cells are all blank yield nothing."""
+    for start, cells in records:
+        if isinstance(cells, InvalidRow):
+            yield start, cells
+        elif any(cell and not cell.isspace() for cell in cells):
+            yield start, _csv_row(columns, cells)
+
+
+def _csv_chunks(path: Path, size: int) -> Iterator[CsvChunk]:
+    records = _CsvRecords(path)
+    with contextlib.closing(records):
+        while True:
+            # Cut at a record boundary once the chunk spans `size` physical lines.
+            chunk: list[tuple[int, list[str] | InvalidRow]] = []
+            first = records.line_num + 1
+            for record in records:
+                chunk.append(record)
+                if records.line_num - first + 1 >= size:
+                    break
+            if not chunk:
+                return
+            yield CsvChunk(records.columns, chunk, records.line_num)
+
+
+def _csv_header(path: Path, reader: Iterator[list[str]], source: _DecodedLines) -> list[str]:
+    """Read and check the header line; name blank columns "column N"."""
+    try:
+        cells = next(reader)
+    except StopIteration:
+        raise ImportFileError(f"{path}: empty file; expected a header line") from None
+    except csv.Error as exc:
+        raise ImportFileError(f"{path}: malformed CSV header: {exc}") from None
+    problem = source.take_problem(1)
+    if problem is not None:
+        raise ImportFileError(f"{path}: header {problem}")
+    columns = [cell.strip() or f"column {index}" for index, cell in enumerate(cells, 1)]
+    _check_columns(path, columns)
+    return columns
+
+
+def _check_columns(path: Path, columns: list[str]) -> None:
+    seen: set[str] = set()
+    for name in columns:
+        if name in seen:
+            raise ImportFileError(f"{path}: duplicate column {name}")
+        seen.add(name)
+    missing = [name for name in REQUIRED_COLUMNS if name not in seen]
+    if missing:
+        plural = "s" if len(missing) > 1 else ""
+        raise ImportFileError(f"{path}: missing column{plural} {', '.join(missing)}")
+    if seen.isdisjoint(IDENTIFIER_FIELDS):
+        raise ImportFileError(
+            f"{path}: missing identifier column: one of {', '.join(IDENTIFIER_FIELDS)}"
+        )
+
+
+def _csv_row(columns: list[str], cells: list[str]) -> Row | InvalidRow:
+    """A row of the non-blank cells; blank cells are absent fields."""
+    if len(cells) > len(columns) and any(
+        cell and not cell.isspace() for cell in cells[len(columns) :]
+    ):
+        return InvalidRow(f"row has {len(cells)} cells but the header has {len(columns)} columns")
+    return {
+        name: cell
+        for name, cell in zip(columns, cells, strict=False)
+        if cell and not cell.isspace()
+    }

@@ -1,0 +1,195 @@
+"""The Celery side, with real worker and beat processes and the simulator over HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from celery import Celery
+
+from admin.status import read_status
+from core.redaction import mask_phone
+from delivery.services import services
+from tasks.producer import ChangesRejected, enqueue_changes
+from tests.conftest import drained, wait_for
+
+GROUP = "news"
+
+
+def email(n: int) -> str:
+    return f"user{n}@example.com"
+
+
+def row(value: str, state: str = "subscribed", kind: str = "email") -> dict[str, Any]:
+    return {"subscription_group_id": GROUP, "subscription_state": state, kind: value}
+
+
+def faults(sim: Any, **switches: Any) -> None:
+    httpx.post(f"{sim.url}/_sim/faults", json=switches).raise_for_status()
+
+
+def sim_subscriptions(sim: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
+    data = httpx.get(f"{sim.url}/_sim/state", params={"log": "0"}).json()
+    return {(s["group"], s["kind"], s["value"]): s for s in data["subscriptions"]}
+
+
+def sim_states(sim: Any) -> dict[tuple[str, str, str], str]:
+    return {key: s["state"] for key, s in sim_subscriptions(sim).items()}
+
+
+def sim_stats(sim: Any) -> dict[str, Any]:
+    return httpx.get(f"{sim.url}/_sim/stats", params={"log": "0"}).json()
+
+
+def producer_app(env: dict[str, str]) -> Celery:
+    """This project's own Celery app, bound to the test broker."""
+    from tasks.celery_app import app, create_app
+
+    if app.conf.broker_url == env["REDIS_URL"]:
+        return app
+    from config.settings import get_settings
+
+    return create_app(get_settings())  # imported earlier under other settings
+
+
+# --------------------------------------------------------------------------------------
+# Python producer API (no processes)
+# --------------------------------------------------------------------------------------
+
+
+def test_enqueue_changes_with_one_invalid_item_enqueues_nothing(env, redis_client):
+    items = [row(email(n)) for n in range(5)]
+    items.insert(3, row("not-an-email"))
+    with pytest.raises(ChangesRejected) as caught:
+        enqueue_changes(items)
+    assert [index for index, _error in caught.value.errors] == [3]
+    assert "email" in str(caught.value)
+    keys = services().keys
+    assert redis_client.hlen(keys.pending) == 0
+    assert redis_client.exists(keys.seq) == 0
+    assert redis_client.hget(keys.stats, "enqueued") is None
+
+    assert enqueue_changes(items[:3] + items[4:]) == 5
+    assert redis_client.hlen(keys.pending) == 5
+
+
+# --------------------------------------------------------------------------------------
+# With worker and beat
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_record_change_task_from_another_service(env, sim, processes, redis_client):
+    worker = processes.worker("w1", concurrency=4)
+    processes.beat()
+
+    # A service that shares only the broker: a bare Celery app, send_task by name.
+    foreign = Celery("other-service", broker=env["REDIS_URL"])
+    foreign.send_task(
+        "subscriptions.record_change",
+        kwargs={
+            "subscription_group_id": GROUP,
+            "subscription_state": "unsubscribed",
+            "email": " Jane@Example.COM ",
+        },
+    )
+    # And this project's own app, the way the INTERFACE names it.
+    own = producer_app(env)
+    own.send_task(
+        "subscriptions.record_change",
+        kwargs={
+            "subscription_group_id": "sms-promos",
+            "subscription_state": "subscribed",
+            "phone": "+14155550123",
+            "use_double_opt_in_logic": True,
+        },
+    )
+    expected = {
+        (GROUP, "email", "jane@example.com"): "unsubscribed",
+        ("sms-promos", "phone", "+14155550123"): "subscribed",
+    }
+    wait_for(lambda: sim_states(sim) == expected, timeout=30, what="both changes in Braze")
+    assert sim_subscriptions(sim)[("sms-promos", "phone", "+14155550123")]["double_opt_in"]
+
+    # An invalid change fails its task and enqueues nothing.
+    bad = foreign.send_task(
+        "subscriptions.record_change",
+        kwargs={"subscription_group_id": GROUP, "subscription_state": "subscribed", "email": "x"},
+    )
+    log = Path(worker.log_path)
+    wait_for(
+        lambda: f"[{bad.id}] raised" in log.read_text(errors="replace"),
+        timeout=20,
+        what="the invalid task to fail",
+    )
+    failure = next(
+        line
+        for line in log.read_text(errors="replace").splitlines()
+        if f"[{bad.id}] raised" in line
+    )
+    assert "email: " in failure  # the reason names the field
+
+    # Refused values are personal data too: the log and Flower see them masked.
+    refused = {"phone": "+1415555012345678901", "email": "jane.doe@@example.com"}
+    for kind, value in refused.items():
+        task = foreign.send_task(
+            "subscriptions.record_change",
+            kwargs={
+                "subscription_group_id": GROUP,
+                "subscription_state": "subscribed",
+                kind: value,
+            },
+        )
+        wait_for(
+            lambda task=task: f"[{task.id}] raised" in log.read_text(errors="replace"),
+            timeout=20,
+            what=f"the task with a bad {kind} to fail",
+        )
+    text = log.read_text(errors="replace")
+    assert "ChangeRefused" in text and "phone: " in text
+    for value in refused.values():
+        assert value not in text
+    assert f"phone: '{mask_phone(refused['phone'])}' is too long" in text  # as batch lines mask
+    keys = services().keys
+    assert int(redis_client.hget(keys.stats, "enqueued")) == 2
+    wait_for(drained, timeout=10, what="the buffer to drain")
+    assert sim_states(sim) == expected
+    assert sim_stats(sim)["malformed"] == 0
+    foreign.close()
+
+
+@pytest.mark.slow
+def test_batch_of_a_killed_worker_is_swept_and_ends_right(env, sim, processes, redis_client):
+    fast = {
+        "HTTP_TIMEOUT_SECONDS": "4",
+        "BATCH_CLAIM_SECONDS": "5",
+        "BATCH_REDISPATCH_SECONDS": "2",
+    }
+    faults(sim, hold=True)
+    w1 = processes.worker("w1", concurrency=4, extra_env=fast)
+    processes.start("beat", "beat", extra_env=fast)
+
+    values = [email(n) for n in range(6)]
+    enqueue_changes([row(v, "subscribed") for v in values])
+    wait_for(lambda: sim_stats(sim)["held"] >= 1, timeout=20, what="the post to be held")
+    # Newer changes for half of the batch, while its answer is held: they wait for the lock.
+    enqueue_changes([row(v, "unsubscribed") for v in values[:3]])
+
+    processes.kill(w1)
+    assert services().buffer.inflight_count() == 6
+    faults(sim, hold=False)
+    processes.worker("w2", concurrency=4, extra_env=fast)
+
+    wait_for(drained, timeout=40, what="the swept batch and the newer changes to finish")
+    expected = {(GROUP, "email", v): "unsubscribed" for v in values[:3]}
+    expected |= {(GROUP, "email", v): "subscribed" for v in values[3:]}
+    subscriptions = sim_subscriptions(sim)
+    assert {key: s["state"] for key, s in subscriptions.items()} == expected
+    # The held request reached Braze once; after the sweep every identifier went once more:
+    # the unchanged ones in the redelivered batch, the flipped ones in a batch of their own.
+    assert {key: s["updates"] for key, s in subscriptions.items()} == dict.fromkeys(expected, 2)
+    stats = sim_stats(sim)
+    assert stats["malformed"] == 0
+    assert read_status(redis_client, services().keys).dead_letter == 0

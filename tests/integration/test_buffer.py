@@ -1,0 +1,457 @@
+"""The Redis change buffer and the coalescer, against a real redis-server.
+
+Covers the guarantees stated at the top of `stores/lua/enqueue.lua` and
+`stores/lua/take_batch.lua`, and `delivery.coalescer.Coalescer.tick` with a dispatch that
+only records batch ids (no Celery).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from config.settings import load_settings
+from core.changes import Change, parse_change
+from core.planning import PlannedBatch, plan_batches
+from delivery.coalescer import Coalescer
+from delivery.services import services
+from stores.batch_records import BatchStore
+from stores.buffer import Buffer, server_time_ms
+from stores.keys import buffer_field
+from tests.conftest import email, wait_for
+
+GROUP = "news"
+
+
+def change(value: str, state: str = "subscribed", *, kind: str = "email", **extra: Any) -> Change:
+    row = {"subscription_group_id": extra.pop("group", GROUP), "subscription_state": state}
+    row[kind] = value
+    row.update(extra)
+    return parse_change(row)
+
+
+def pending_record(buffer: Buffer, group: str, kind: str, value: str) -> dict[str, Any] | None:
+    raw = buffer.client.hget(buffer.keys.pending, buffer_field(group, kind, value))
+    return None if raw is None else json.loads(raw)
+
+
+def due_fields(buffer: Buffer) -> set[str]:
+    return {raw.decode() for raw in buffer.client.zrange(buffer.keys.due, 0, -1)}
+
+
+def field(value: str, kind: str = "email", group: str = GROUP) -> str:
+    return buffer_field(group, kind, value)
+
+
+def take_each(
+    buffer: Buffer, plan: list[PlannedBatch], redispatch_ms: int
+) -> list[tuple[str, int]]:
+    """Take planned batches, each in a pack of its own; (batch id, members taken) each."""
+    return [
+        pair for pack in buffer.take([[batch] for batch in plan], redispatch_ms) for pair in pack
+    ]
+
+
+def take_all(buffer: Buffer, redispatch_ms: int = 60_000) -> list[tuple[str, int]]:
+    """Cut every due change into batches now (no linger) and take them."""
+    now = server_time_ms(buffer.client)
+    changes, _ = buffer.read_due(now, 100_000)
+    plan = plan_batches(changes, now_ms=now, max_identifiers=50, linger_ms=0)
+    return take_each(buffer, plan, redispatch_ms)
+
+
+def batch_record(buffer: Buffer, batch_id: str) -> dict[str, Any]:
+    raw = buffer.client.get(buffer.keys.batch(batch_id))
+    assert raw is not None, f"no record for batch {batch_id}"
+    return json.loads(raw)
+
+
+def script_calls(client: Any) -> int:
+    stats = client.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval")
+    )
+
+
+class Recorder:
+    """A dispatch callable that remembers the batch ids it was given."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, batch_id: str) -> None:
+        with self._lock:
+            self.ids.append(batch_id)
+
+
+def coalescer(dispatch: Recorder, **overrides: Any) -> Coalescer:
+    found = services()
+    settings = load_settings(**overrides)
+    return Coalescer(settings, found.buffer, found.batches, dispatch)
+
+
+# --------------------------------------------------------------------------------------
+# enqueue: last write wins, normalisation, sequence numbers, delays
+# --------------------------------------------------------------------------------------
+
+
+def test_last_write_wins_within_one_call(env):
+    buffer = services().buffer
+    buffer.enqueue(
+        [
+            change(email(1), "subscribed"),
+            change(email(2), "subscribed"),
+            change(email(1), "unsubscribed"),
+        ]
+    )
+    assert buffer.pending_count() == 2
+    assert pending_record(buffer, GROUP, "email", email(1))["s"] == "unsubscribed"
+    assert pending_record(buffer, GROUP, "email", email(2))["s"] == "subscribed"
+    changes, more = buffer.read_due(server_time_ms(buffer.client), 100)
+    assert not more
+    assert {(c.value, c.state.value) for c in changes} == {
+        (email(1), "unsubscribed"),
+        (email(2), "subscribed"),
+    }
+
+
+def test_last_write_wins_across_calls(env):
+    buffer = services().buffer
+    buffer.enqueue([change(email(1), "unsubscribed")])
+    buffer.enqueue([change(email(1), "subscribed")])
+    buffer.enqueue([change(email(1), "unsubscribed")])
+    assert buffer.pending_count() == 1
+    record = pending_record(buffer, GROUP, "email", email(1))
+    assert record["s"] == "unsubscribed"
+    assert record["q"] == 3
+
+
+def test_same_identifier_in_other_group_or_kind_is_another_slot(env):
+    buffer = services().buffer
+    buffer.enqueue(
+        [
+            change("u1", kind="external_id"),
+            change("u1", kind="external_id", group="promo"),
+            change(email(1)),
+        ]
+    )
+    assert buffer.pending_count() == 3
+
+
+def test_normalised_spellings_share_one_slot(env):
+    buffer = services().buffer
+    buffer.enqueue([change(" Jane@Example.COM ", "subscribed")])
+    buffer.enqueue([change("jane@example.com", "unsubscribed")])
+    assert buffer.pending_count() == 1
+    assert pending_record(buffer, GROUP, "email", "jane@example.com")["s"] == "unsubscribed"
+
+    buffer.enqueue([change("+1 (415) 555-0101", kind="phone", group="sms")])
+    buffer.enqueue([change("+14155550101", "unsubscribed", kind="phone", group="sms")])
+    assert buffer.pending_count() == 2
+    assert pending_record(buffer, "sms", "phone", "+14155550101")["s"] == "unsubscribed"
+
+
+def test_sequence_numbers_increase_in_enqueue_order(env, redis_client):
+    buffer = services().buffer
+    buffer.enqueue([change(email(n)) for n in range(5)])
+    buffer.enqueue([change(email(n)) for n in range(5, 8)])
+    seqs = [pending_record(buffer, GROUP, "email", email(n))["q"] for n in range(8)]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 8
+    assert int(redis_client.get(buffer.keys.seq)) == seqs[-1] == 8
+
+
+def test_delayed_change_is_not_due_until_its_delay_passed(env):
+    buffer = services().buffer
+    now = server_time_ms(buffer.client)
+    buffer.enqueue([change(email(1), delay_seconds=60)])
+    assert buffer.pending_count() == 1
+    assert buffer.read_due(server_time_ms(buffer.client), 100) == ([], False)
+    assert buffer.read_due(now + 30_000, 100) == ([], False)
+    later, _ = buffer.read_due(server_time_ms(buffer.client) + 61_000, 100)
+    assert [c.value for c in later] == [email(1)]
+    assert later[0].due_ms >= now + 60_000
+
+
+def test_newer_undelayed_change_replaces_a_delayed_one(env):
+    buffer = services().buffer
+    buffer.enqueue([change(email(1), "subscribed", delay_seconds=3600)])
+    buffer.enqueue([change(email(1), "unsubscribed")])
+    changes, _ = buffer.read_due(server_time_ms(buffer.client), 100)
+    assert [(c.value, c.state.value) for c in changes] == [(email(1), "unsubscribed")]
+    assert buffer.pending_count() == 1
+
+
+def test_one_script_call_per_chunk(env, redis_client):
+    buffer = services().buffer
+    buffer.enqueue([change("warm-up", kind="external_id")])  # the script is loaded now
+    before = script_calls(redis_client)
+    count = buffer.enqueue(
+        (change(f"user-{n}", kind="external_id") for n in range(2500)), chunk_size=1000
+    )
+    after = script_calls(redis_client)
+    assert count == 2500
+    assert after - before == 3
+    assert buffer.pending_count() == 2501
+
+
+# --------------------------------------------------------------------------------------
+# take: the buffer -> batch record step
+# --------------------------------------------------------------------------------------
+
+
+def test_take_moves_members_into_a_locked_batch_record(env, redis_client):
+    buffer = services().buffer
+    keys = buffer.keys
+    buffer.enqueue([change(email(n)) for n in range(3)])
+    now = server_time_ms(redis_client)
+    changes, _ = buffer.read_due(now, 100)
+    plan = plan_batches(changes, now_ms=now, max_identifiers=50)
+    assert len(plan) == 1
+
+    taken = take_each(buffer, plan, 60_000)
+    assert len(taken) == 1
+    batch_id, size = taken[0]
+    assert size == 3
+
+    assert buffer.pending_count() == 0
+    assert redis_client.zcard(keys.due) == 0
+    inflight = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.inflight).items()}
+    assert inflight == {field(email(n)): batch_id for n in range(3)}
+
+    record = batch_record(buffer, batch_id)
+    assert record["group"] == GROUP
+    assert record["state"] == "subscribed"
+    assert record["kind"] == "email"
+    assert record["attempts"] == 0
+    assert sorted(member[0] for member in record["members"]) == [email(n) for n in range(3)]
+
+    score = redis_client.zscore(keys.batches, batch_id)
+    assert score is not None
+    assert now + 60_000 <= score <= server_time_ms(redis_client) + 60_000
+    assert BatchStore(redis_client, keys).count() == 1
+
+
+def test_change_rewritten_after_read_stays_in_the_buffer(env, redis_client):
+    buffer = services().buffer
+    buffer.enqueue([change(email(n), "subscribed") for n in range(3)])
+    now = server_time_ms(redis_client)
+    changes, _ = buffer.read_due(now, 100)
+    plan = plan_batches(changes, now_ms=now, max_identifiers=50)
+
+    buffer.enqueue([change(email(1), "unsubscribed")])  # after planning, before take
+    (batch_id, size), *rest = take_each(buffer, plan, 60_000)
+    assert rest == []
+    assert size == 2
+    assert sorted(m[0] for m in batch_record(buffer, batch_id)["members"]) == [email(0), email(2)]
+
+    assert buffer.pending_count() == 1
+    assert pending_record(buffer, GROUP, "email", email(1))["s"] == "unsubscribed"
+    assert redis_client.hget(buffer.keys.inflight, field(email(1))) is None
+    later, _ = buffer.read_due(server_time_ms(redis_client), 100)
+    assert [(c.value, c.state.value) for c in later] == [(email(1), "unsubscribed")]
+
+
+def test_take_with_nothing_current_writes_no_record(env, redis_client):
+    buffer = services().buffer
+    buffer.enqueue([change(email(1))])
+    now = server_time_ms(redis_client)
+    plan = plan_batches(buffer.read_due(now, 10)[0], now_ms=now, max_identifiers=50)
+    buffer.enqueue([change(email(1), "unsubscribed")])
+    assert take_each(buffer, plan, 1000) == []
+    assert redis_client.zcard(buffer.keys.batches) == 0
+    assert redis_client.hlen(buffer.keys.inflight) == 0
+
+
+def test_locked_field_waits_in_pending_until_its_batch_is_finished(env, redis_client):
+    found = services()
+    buffer, store = found.buffer, found.batches
+    buffer.enqueue([change(email(1), "subscribed"), change(email(2), "subscribed")])
+    [(batch_id, _)] = take_all(buffer)
+
+    buffer.enqueue([change(email(1), "unsubscribed")])
+    assert buffer.pending_count() == 1
+    assert field(email(1)) not in due_fields(buffer)
+    assert buffer.read_due(server_time_ms(redis_client) + 3_600_000, 100) == ([], False)
+    # Nor can a coalescer take it while it is locked.
+    assert take_all(buffer) == []
+
+    assert store.delivered(batch_id, "some-token") == 2
+    assert due_fields(buffer) == {field(email(1))}
+    changes, _ = buffer.read_due(server_time_ms(redis_client), 100)
+    assert [(c.value, c.state.value) for c in changes] == [(email(1), "unsubscribed")]
+    [(second, size)] = take_all(buffer)
+    assert size == 1
+    assert second != batch_id
+
+
+def test_interleaved_coalescers_never_share_a_change(env, redis_client):
+    buffer = services().buffer
+    buffer.enqueue([change(email(n)) for n in range(120)])
+    now = server_time_ms(redis_client)
+    changes_a, _ = buffer.read_due(now, 1000)
+    changes_b, _ = buffer.read_due(now, 1000)
+    plan_a = plan_batches(changes_a, now_ms=now, max_identifiers=50)
+    plan_b = plan_batches(changes_b, now_ms=now, max_identifiers=50)
+    assert sum(len(b.members) for b in plan_a) == 120
+
+    taken_a = take_each(buffer, plan_a, 60_000)
+    taken_b = take_each(buffer, plan_b, 60_000)
+    assert taken_b == []
+    assert sum(size for _, size in taken_a) == 120
+    assert redis_client.hlen(buffer.keys.inflight) == 120
+
+
+def test_concurrent_coalescer_ticks_never_put_a_change_in_two_batches(env, redis_client):
+    """Four coalescers tick at once, bypassing the tick lock (as two beats without it would):
+    the take script alone must keep every change in one batch."""
+    buffer = services().buffer
+    distinct = 1200
+    changes = [change(f"user-{n % distinct}", kind="external_id") for n in range(2000)]
+    changes += [change(f"user-{n}", "unsubscribed", kind="external_id") for n in range(0, 600, 3)]
+    buffer.enqueue(changes)
+
+    recorder = Recorder()
+    workers = [
+        coalescer(
+            recorder,
+            batch_linger_seconds=0,
+            coalesce_max_changes_per_tick=400,
+            max_batches_in_flight=10_000,
+        )
+        for _ in range(4)
+    ]
+    barrier = threading.Barrier(len(workers))
+    failures: list[BaseException] = []
+
+    def run(worker: Coalescer) -> None:
+        try:
+            for _ in range(10):
+                barrier.wait(timeout=30)
+                worker._tick()  # no lock: the scripts must keep the guarantee alone
+        except BaseException as exc:
+            failures.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(worker,)) for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not failures, failures
+    assert buffer.pending_count() == 0
+
+    assert len(recorder.ids) == len(set(recorder.ids))
+    seen: dict[str, str] = {}
+    total = 0
+    for batch_id in recorder.ids:
+        record = batch_record(buffer, batch_id)
+        assert 1 <= len(record["members"]) <= 50
+        for value, _seq in record["members"]:
+            assert value not in seen, f"{value} in batches {seen[value]} and {batch_id}"
+            seen[value] = batch_id
+            total += 1
+    assert total == distinct == len(seen)
+    assert redis_client.hlen(buffer.keys.inflight) == distinct
+    unsubscribed = {f"user-{n}" for n in range(0, 600, 3)}
+    for batch_id in recorder.ids:
+        record = batch_record(buffer, batch_id)
+        expected = {v[0] in unsubscribed for v in record["members"]}
+        assert expected == {record["state"] == "unsubscribed"}
+
+
+# --------------------------------------------------------------------------------------
+# Coalescer.tick
+# --------------------------------------------------------------------------------------
+
+
+def test_tick_cuts_full_batches_at_once_and_holds_a_partial_one_for_linger(env, redis_client):
+    buffer = services().buffer
+    buffer.enqueue([change(email(n)) for n in range(120)])
+
+    recorder = Recorder()
+    report = coalescer(recorder, batch_linger_seconds=3600).tick()
+    assert report.batches == 2
+    assert report.identifiers == 100
+    assert len(recorder.ids) == 2
+    assert [len(batch_record(buffer, bid)["members"]) for bid in recorder.ids] == [50, 50]
+    assert buffer.pending_count() == 20
+
+    # Still lingering: a second tick cuts nothing.
+    assert coalescer(recorder, batch_linger_seconds=3600).tick().batches == 0
+    assert buffer.pending_count() == 20
+
+    report = coalescer(recorder, batch_linger_seconds=0).tick()
+    assert (report.batches, report.identifiers) == (1, 20)
+    assert len(batch_record(buffer, recorder.ids[-1])["members"]) == 20
+    assert buffer.pending_count() == 0
+    assert redis_client.hlen(buffer.keys.inflight) == 120
+
+
+def test_tick_sends_a_lone_change_once_its_linger_passed(env, redis_client):
+    buffer = services().buffer
+    buffer.enqueue([change(email(1))])
+    due_ms = pending_record(buffer, GROUP, "email", email(1))["t"]
+    recorder = Recorder()
+    worker = coalescer(recorder, batch_linger_seconds=1)
+    assert worker.tick().batches == 0
+    wait_for(lambda: worker.tick().batches == 1, timeout=10, what="the linger to pass")
+    assert server_time_ms(redis_client) - due_ms >= 1000
+    assert len(recorder.ids) == 1
+
+
+def test_tick_respects_max_batches_in_flight(env, redis_client):
+    found = services()
+    buffer = found.buffer
+    buffer.enqueue([change(email(n)) for n in range(120)])
+    recorder = Recorder()
+    limited = coalescer(recorder, batch_linger_seconds=0, max_batches_in_flight=1)
+
+    assert limited.tick().batches == 1
+    assert buffer.pending_count() == 70
+    # The budget is used up: nothing more leaves the buffer.
+    assert limited.tick().batches == 0
+    assert buffer.pending_count() == 70
+    # A change for a buffered identifier still replaces the older one for free.
+    waiting = sorted(redis_client.hkeys(buffer.keys.pending))[0].decode().split("\x1f")[2]
+    buffer.enqueue([change(waiting, "unsubscribed")])
+    assert buffer.pending_count() == 70
+    assert pending_record(buffer, GROUP, "email", waiting)["s"] == "unsubscribed"
+
+    [first] = recorder.ids
+    assert found.batches.delivered(first, "t") == 50
+    assert limited.tick().batches == 1
+    assert buffer.pending_count() == 20
+
+
+def test_tick_skips_while_another_tick_holds_the_lock(env, redis_client):
+    buffer = services().buffer
+    buffer.enqueue([change(email(1))])
+    recorder = Recorder()
+    lock = redis_client.lock(buffer.keys.coalesce_lock, timeout=30)
+    assert lock.acquire(blocking=False)
+    try:
+        assert coalescer(recorder, batch_linger_seconds=0).tick().skipped
+    finally:
+        lock.release()
+    assert coalescer(recorder, batch_linger_seconds=0).tick().batches == 1
+
+
+def test_sweep_redispatches_a_batch_whose_message_was_lost(env, redis_client):
+    buffer = services().buffer
+    keys = buffer.keys
+    buffer.enqueue([change(email(n)) for n in range(3)])
+    [(lost, _)] = take_all(buffer, redispatch_ms=0)  # taken, but its message never left
+
+    recorder = Recorder()
+    report = coalescer(recorder, batch_redispatch_seconds=120).tick()
+    assert report.redispatched == 1
+    assert report.batches == 0
+    assert recorder.ids == [lost]
+    # The sweep pushed its deadline forward: the next tick does not send it again.
+    assert redis_client.zscore(keys.batches, lost) > server_time_ms(redis_client) + 60_000
+    assert coalescer(recorder).tick().redispatched == 0
+    assert recorder.ids == [lost]
+    assert batch_record(buffer, lost)["attempts"] == 0

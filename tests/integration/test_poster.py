@@ -1,0 +1,412 @@
+"""The poster against the Braze simulator over real HTTP, with batch records in real Redis."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+
+from admin.status import read_status
+from config.settings import Settings, load_settings
+from core.changes import parse_change
+from core.planning import plan_batches
+from delivery.braze_client import BrazeClient
+from delivery.coalescer import Coalescer
+from delivery.poster import Poster, PostReport
+from delivery.services import services
+from stores.batch_records import BatchRecord
+from stores.buffer import server_time_ms
+from stores.dead_letters import DeadLetters
+from stores.keys import buffer_field
+from stores.limiter import RateLimiter
+from tests.conftest import email, take_each, wait_for
+
+GROUP = "news"
+SMS_GROUP = "sms-promos"
+
+
+def faults(sim: Any, **switches: Any) -> None:
+    httpx.post(f"{sim.url}/_sim/faults", json=switches).raise_for_status()
+
+
+def sim_state(sim: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
+    data = httpx.get(f"{sim.url}/_sim/state").json()
+    return {(s["group"], s["kind"], s["value"]): s for s in data["subscriptions"]}
+
+
+def sim_stats(sim: Any) -> dict[str, Any]:
+    return httpx.get(f"{sim.url}/_sim/stats").json()
+
+
+def make_batch(rows: list[dict[str, Any]]) -> str:
+    found = services()
+    buffer = found.buffer
+    buffer.enqueue([parse_change(row) for row in rows])
+    now = server_time_ms(buffer.client)
+    changes, _ = buffer.read_due(now, 1000)
+    plan = plan_batches(changes, now_ms=now, max_identifiers=50)
+    [(batch_id, _size)] = take_each(buffer, plan, 60_000)
+    return batch_id
+
+
+def email_batch(values: list[str], state: str = "subscribed") -> str:
+    return make_batch(
+        [{"subscription_group_id": GROUP, "subscription_state": state, "email": v} for v in values]
+    )
+
+
+def inflight(redis_client: Any) -> dict[str, str]:
+    keys = services().keys
+    return {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.inflight).items()}
+
+
+def record(redis_client: Any, batch_id: str) -> dict[str, Any] | None:
+    raw = redis_client.get(services().keys.batch(batch_id))
+    return None if raw is None else json.loads(raw)
+
+
+@pytest.fixture
+def poster(env) -> Poster:
+    found = services()
+    return Poster(found.settings, found.batches, found.braze)
+
+
+@pytest.fixture
+def limited_poster(env) -> Iterator[Poster]:
+    """A poster whose settings allow two attempts, with a Braze client of its own."""
+    settings: Settings = load_settings(max_attempts=2)
+    assert settings.rest_endpoint is not None and settings.braze_api_key is not None
+    braze = BrazeClient(
+        settings.rest_endpoint, settings.braze_api_key, timeout_seconds=5, max_connections=2
+    )
+    yield Poster(settings, services().batches, braze)
+    braze.close()
+
+
+def test_delivered_batch_ends_in_the_simulator(sim, poster, redis_client):
+    values = [email(n) for n in range(3)]
+    batch_id = email_batch(values, "unsubscribed")
+
+    report = poster.post(batch_id)
+    assert report.status == "delivered"
+    assert report.http_status == 201
+    assert report.size == 3
+    assert report.attempt == 1
+
+    state = sim_state(sim)
+    assert {key: s["state"] for key, s in state.items()} == {
+        (GROUP, "email", v): "unsubscribed" for v in values
+    }
+    assert record(redis_client, batch_id) is None
+    assert inflight(redis_client) == {}
+    assert services().batches.count() == 0
+    stats = sim_stats(sim)
+    assert stats["malformed"] == 0
+    assert stats["requests_ok"] == 1
+    assert [(r["identifiers"], r["entries"], r["status"]) for r in stats["requests"]] == [
+        (3, 1, 201)
+    ]
+    # A message for a finished batch finds nothing to do.
+    assert poster.post(batch_id).status == "gone"
+
+
+def test_phone_batch_with_double_opt_in_is_a_valid_v1_body(sim, poster):
+    phones = ["+14155550101", "+14155550102"]
+    batch_id = make_batch(
+        [
+            {
+                "subscription_group_id": SMS_GROUP,
+                "subscription_state": "subscribed",
+                "phone": p,
+                "use_double_opt_in_logic": True,
+            }
+            for p in phones
+        ]
+    )
+    assert poster.post(batch_id).status == "delivered"
+    state = sim_state(sim)
+    for phone in phones:
+        assert state[(SMS_GROUP, "phone", phone)]["state"] == "subscribed"
+        assert state[(SMS_GROUP, "phone", phone)]["double_opt_in"] is True
+    assert sim_stats(sim)["malformed"] == 0
+
+
+def test_outage_is_retried_with_the_attempt_counted_and_locks_kept(sim, poster, redis_client):
+    keys = services().keys
+    batch_id = email_batch([email(1), email(2)])
+    locks = inflight(redis_client)
+    faults(sim, outage=True)
+
+    report = poster.post(batch_id)
+    assert report.status == "retry"
+    assert report.http_status == 503
+    assert report.attempt == 1
+    assert report.retry_in is not None
+    assert 0 <= report.retry_in <= services().settings.retry_backoff_max_seconds
+
+    kept = record(redis_client, batch_id)
+    assert kept is not None
+    assert kept["attempts"] == 1
+    assert "503" in kept["error"]
+    assert inflight(redis_client) == locks
+    assert redis_client.exists(keys.claim(batch_id)) == 0
+    assert sim_state(sim) == {}
+    assert sim_stats(sim)["server_errors"] == 1
+
+    # The outage ends: the next try delivers.
+    faults(sim, outage=False)
+    report = poster.post(batch_id)
+    assert (report.status, report.attempt) == ("delivered", 2)
+    assert set(sim_state(sim)) == {(GROUP, "email", email(1)), (GROUP, "email", email(2))}
+    assert inflight(redis_client) == {}
+
+
+def test_dead_lettered_after_max_attempts_with_the_error(sim, limited_poster, redis_client):
+    keys = services().keys
+    values = [email(1), email(2)]
+    batch_id = email_batch(values)
+    faults(sim, outage=True)
+
+    first = limited_poster.post(batch_id)
+    assert (first.status, first.attempt) == ("retry", 1)
+    second = limited_poster.post(batch_id)
+    assert (second.status, second.attempt) == ("dead_lettered", 2)
+
+    assert record(redis_client, batch_id) is None
+    assert inflight(redis_client) == {}
+    [entry] = DeadLetters(redis_client, keys).list()
+    assert entry.id == batch_id
+    assert entry.subscription_group_id == GROUP
+    assert entry.subscription_state == "subscribed"
+    assert "503" in entry.error
+    assert "outage" in entry.error
+    assert sorted(i["value"] for i in entry.identifiers) == values
+    assert int(redis_client.get(keys.dead_letter_identifiers)) == 2
+    assert sim_stats(sim)["malformed"] == 0
+
+
+def test_dead_letter_entry_counts_every_attempt_made(sim, limited_poster, redis_client):
+    batch_id = email_batch([email(1)])
+    faults(sim, outage=True)
+    limited_poster.post(batch_id)
+    assert limited_poster.post(batch_id).status == "dead_lettered"
+    assert sim_stats(sim)["server_errors"] == 2
+    [entry] = DeadLetters(redis_client, services().keys).list()
+    assert entry.attempts == 2  # two requests were made; the entry says 1
+
+
+def drive(poster: Poster, first: str) -> list[PostReport]:
+    """Post a batch and every batch its posting dispatches (halves), like a worker would."""
+    queue, reports = [first], []
+    poster.dispatch = lambda batch_id, _countdown: queue.append(batch_id)
+    while queue:
+        reports.append(poster.post(queue.pop(0)))
+    return reports
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_only_the_rejected_identifier_is_dead_lettered(sim, poster, redis_client, named):
+    values = [email(n) for n in range(50)]
+    batch_id = email_batch(values)
+    faults(sim, reject=[email(17)])
+    if not named:  # Braze's message does not say which identifier: halving finds it
+        original = poster.braze.post
+
+        def anonymous(path, body):
+            reply = original(path, body)
+            return (
+                replace(reply, body='{"message": "Bad request"}') if reply.status == 400 else reply
+            )
+
+        poster.braze.post = anonymous
+
+    reports = drive(poster, batch_id)
+
+    [entry] = DeadLetters(redis_client, services().keys).list()
+    assert [i["value"] for i in entry.identifiers] == [email(17)]
+    assert entry.error.startswith("HTTP 400")
+    assert entry.attempts == 1
+    delivered = {value for (_g, _k, value) in sim_state(sim)}
+    assert delivered == set(values) - {email(17)}
+    assert inflight(redis_client) == {}
+    extra = len(reports) - 1
+    assert extra <= (2 if named else 2 * math.ceil(math.log2(50))), [r.status for r in reports]
+    assert sim_stats(sim)["malformed"] == 0
+
+
+def test_revoked_key_is_retried_without_spending_an_attempt(sim, poster, redis_client):
+    batch_id = email_batch([email(1)])
+    locks = inflight(redis_client)
+    faults(sim, api_keys=["other"])
+
+    report = poster.post(batch_id)
+    assert report.status == "retry"
+    assert report.http_status == 401
+    assert 0 < report.retry_in <= services().settings.credentials_probe_seconds * 1.25
+    kept = record(redis_client, batch_id)
+    assert kept["attempts"] == 0
+    assert "401" in kept["error"]
+    assert inflight(redis_client) == locks
+    assert sim_stats(sim)["unauthorized"] == 1
+
+    faults(sim, api_keys=["other", "sim-key"])
+    report = poster.post(batch_id)
+    assert (report.status, report.attempt) == ("delivered", 1)
+    assert (GROUP, "email", email(1)) in sim_state(sim)
+
+
+def test_rate_limited_is_retried_after_the_window_without_spending_an_attempt(
+    sim, poster, redis_client
+):
+    batch_id = email_batch([email(1), email(2)])
+    locks = inflight(redis_client)
+    faults(sim, rate_limit=2, window_seconds=60, spend=2)
+
+    report = poster.post(batch_id)
+    assert report.status == "retry"
+    assert report.http_status == 429
+    assert report.attempt == 1
+    # Until Braze's reset (at most one window), plus the poster's jitter of up to 0.5 s.
+    assert 0 < report.retry_in <= 60 + 0.5
+    kept = record(redis_client, batch_id)
+    assert kept["attempts"] == 0
+    assert inflight(redis_client) == locks
+    stats = sim_stats(sim)
+    assert stats["rate_limited_429"] == 1
+    assert stats["requests_ok"] == 0
+    assert stats["malformed"] == 0
+    assert sim_state(sim) == {}
+
+
+def test_superseded_member_is_not_sent(sim, poster, redis_client):
+    batch_id = email_batch([email(1), email(2)], "subscribed")
+    services().buffer.enqueue(
+        [
+            parse_change(
+                {
+                    "subscription_group_id": GROUP,
+                    "subscription_state": "unsubscribed",
+                    "email": email(1),
+                }
+            )
+        ]
+    )
+    report = poster.post(batch_id)
+    assert (report.status, report.size) == ("delivered", 1)
+    assert set(sim_state(sim)) == {(GROUP, "email", email(2))}
+    # The newer change is now due, no longer locked.
+    field = buffer_field(GROUP, "email", email(1))
+    assert redis_client.zscore(services().keys.due, field) is not None
+
+
+# --------------------------------------------------------------------------------------
+# Packs: the coalescer sends one message per pack; a v1 poster hands out the rest
+# --------------------------------------------------------------------------------------
+
+
+def cut_pack_of_two(values: list[str]) -> tuple[str, str, str]:
+    """The same users change two groups: one tick cuts a pack of two batches and sends
+    one message. Returns (lead id, its group, sibling id)."""
+    found = services()
+    found.buffer.enqueue(
+        [
+            parse_change(
+                {"subscription_group_id": g, "subscription_state": "subscribed", "email": v}
+            )
+            for g in (GROUP, "promo")
+            for v in values
+        ]
+    )
+    sent: list[str] = []
+    settings = load_settings(batch_linger_seconds=0)
+    report = Coalescer(settings, found.buffer, found.batches, sent.append).tick()
+    assert report.batches == 2
+    [lead] = sent
+    record = BatchRecord.from_json(found.redis.get(found.keys.batch(lead)))
+    [sibling] = [batch_id for batch_id in record.pack if batch_id != lead]
+    return lead, record.key.group_id, sibling
+
+
+def test_v1_lead_of_a_pack_hands_its_sibling_a_message(sim, redis_client):
+    found = services()
+    values = [email(1), email(2)]
+    lead, _group, sibling = cut_pack_of_two(values)
+    handed: list[tuple[str, float]] = []
+    poster = Poster(
+        found.settings, found.batches, found.braze, dispatch=lambda *a: handed.append(a)
+    )
+
+    report = poster.post(lead)
+    assert (report.status, report.size, report.entries) == ("delivered", 2, 1)
+    assert handed == [(sibling, 0.0)]
+    assert poster.post(sibling).status == "delivered"
+    assert set(sim_state(sim)) == {(g, "email", v) for g in (GROUP, "promo") for v in values}
+    stats = sim_stats(sim)
+    assert (stats["requests_ok"], stats["malformed"]) == (2, 0)
+    assert inflight(redis_client) == {}
+
+
+def test_pack_sibling_is_sent_when_its_lead_was_superseded(sim, redis_client):
+    found = services()
+    values = [email(1), email(2)]
+    lead, lead_group, sibling = cut_pack_of_two(values)
+    found.buffer.enqueue(
+        [
+            parse_change(
+                {
+                    "subscription_group_id": lead_group,
+                    "subscription_state": "unsubscribed",
+                    "email": v,
+                }
+            )
+            for v in values
+        ]
+    )
+    handed: list[tuple[str, float]] = []
+    poster = Poster(
+        found.settings, found.batches, found.braze, dispatch=lambda *a: handed.append(a)
+    )
+
+    assert poster.post(lead).status == "empty"
+    assert redis_client.get(found.keys.batch(sibling)) is not None  # still waiting
+    assert sibling in [batch_id for batch_id, _countdown in handed]
+
+
+def test_a_refused_key_stops_every_worker_until_a_probe_gets_through(sim, redis_client):
+    found = services()
+    settings = load_settings(credentials_probe_seconds=0.3)
+    limiter = RateLimiter(
+        redis_client,
+        found.limiter.key,
+        found.limiter.budget,
+        max_wait_seconds=2,
+        probe_interval_seconds=settings.credentials_probe_seconds,
+    )
+    poster = Poster(settings, found.batches, found.braze, limiter)
+    first, second = email_batch([email(1)]), email_batch([email(2)], "unsubscribed")
+    faults(sim, api_keys=["revoked"])
+
+    report = poster.post(first)
+    assert (report.status, report.http_status) == ("retry", 401)
+    status = read_status(redis_client, found.keys, limiter)
+    assert status.credentials_refused and "401" in status.credentials_refused
+    assert status.credentials_refused_since is not None
+    assert status.paused and status.tokens_left == 0
+    # Every other worker stops too: the second batch is not even sent.
+    assert poster.post(second).status == "waiting"
+    assert sim_stats(sim)["unauthorized"] == 1
+
+    faults(sim, api_keys=["revoked", "sim-key"])  # the key works again
+    delivered = wait_for(
+        lambda: (r := poster.post(first)).status == "delivered" and r, timeout=5, interval=0.05
+    )
+    assert delivered.attempt == 1, "a refused key spends no attempt"
+    assert limiter.state().circuit is None
+    assert poster.post(second).status == "delivered"
+    assert DeadLetters(redis_client, found.keys).list() == []
+    assert read_status(redis_client, found.keys, limiter).credentials_refused is None

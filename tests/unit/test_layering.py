@@ -1,0 +1,79 @@
+"""The architecture as a test: one direction of dependency, dev tooling out of the product.
+
+core <- config <- stores <- delivery <- tasks <- admin <- worker. A module may import its
+own package or any package below it; `devtools` and `simulator` (dev tooling) may be
+imported by the product only inside a function (the demo and simulate commands), never at
+module level.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYERS = ["core", "config", "stores", "delivery", "tasks", "admin", "worker"]
+DEV_ONLY = {"devtools", "simulator"}
+# The pure core does no I/O: none of these may appear in it.
+IO_LIBRARIES = {"redis", "httpx", "celery", "kombu", "socket", "subprocess", "requests"}
+
+
+def imports(path: Path) -> list[tuple[str, bool]]:
+    """(top-level package imported, imported at module level) for every import in `path`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    module_level = {id(node) for node in tree.body}
+    for node in tree.body:  # `if TYPE_CHECKING:` blocks count as module level
+        if isinstance(node, ast.If):
+            module_level |= {id(child) for child in node.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [(name.split(".")[0], id(node) in module_level) for name in names]
+    return found
+
+
+def product_modules() -> list[tuple[str, Path]]:
+    return [
+        (package, path) for package in LAYERS for path in sorted((ROOT / package).rglob("*.py"))
+    ]
+
+
+@pytest.mark.parametrize(
+    ("package", "path"), product_modules(), ids=lambda v: str(v).split("braze")[-1]
+)
+def test_imports_point_down_only(package: str, path: Path) -> None:
+    rank = LAYERS.index(package)
+    for imported, at_module_level in imports(path):
+        if imported in LAYERS:
+            assert LAYERS.index(imported) <= rank, (
+                f"{path.relative_to(ROOT)} imports {imported}, a layer above {package}"
+            )
+        if imported in DEV_ONLY:
+            assert not at_module_level, (
+                f"{path.relative_to(ROOT)} imports dev tooling {imported} at module level"
+            )
+        if package == "core":
+            assert imported not in IO_LIBRARIES, f"{path.relative_to(ROOT)} does I/O ({imported})"
+
+
+def test_the_admin_cli_loads_no_dev_tooling() -> None:
+    """`braze-subs status` must not pay for (or depend on) the simulator's web stack."""
+    probe = (
+        "import sys, admin.cli; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'simulator', 'devtools', 'starlette', 'uvicorn'}); "
+        "print(','.join(bad))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""

@@ -1,0 +1,283 @@
+"""Unit tests for `core.outcome`: classify, parse_rate_limit, backoff_seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core.outcome import (
+    MAX_DETAIL,
+    Outcome,
+    RateLimit,
+    backoff_seconds,
+    braze_message,
+    classify,
+    parse_rate_limit,
+)
+
+# --------------------------------------------------------------------------------------
+# classify
+# --------------------------------------------------------------------------------------
+
+
+def expected_outcome(status: int) -> Outcome:
+    """The rules, written independently of the code under test."""
+    if 200 <= status <= 299:
+        return Outcome.DELIVERED
+    if status == 429:
+        return Outcome.RATE_LIMITED
+    if status in (401, 403, 404):
+        return Outcome.CREDENTIALS
+    if status == 408 or 500 <= status <= 599:
+        return Outcome.RETRYABLE
+    if 400 <= status <= 499:
+        return Outcome.BAD_REQUEST
+    assert 100 <= status <= 199 or 300 <= status <= 399
+    return Outcome.RETRYABLE
+
+
+@pytest.mark.parametrize("body", ["", '{"message":"x"}', "<html>oops</html>"])
+def test_every_status_from_100_to_599(body):
+    wrong = {
+        status: (classify(status, body).outcome, expected_outcome(status))
+        for status in range(100, 600)
+        if classify(status, body).outcome is not expected_outcome(status)
+    }
+    assert wrong == {}
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (200, Outcome.DELIVERED),
+        (201, Outcome.DELIVERED),
+        (202, Outcome.DELIVERED),
+        (400, Outcome.BAD_REQUEST),
+        (401, Outcome.CREDENTIALS),
+        (403, Outcome.CREDENTIALS),
+        (404, Outcome.CREDENTIALS),
+        (408, Outcome.RETRYABLE),
+        (409, Outcome.BAD_REQUEST),
+        (413, Outcome.BAD_REQUEST),
+        (422, Outcome.BAD_REQUEST),
+        (429, Outcome.RATE_LIMITED),
+        (500, Outcome.RETRYABLE),
+        (502, Outcome.RETRYABLE),
+        (503, Outcome.RETRYABLE),
+        (504, Outcome.RETRYABLE),
+        (100, Outcome.RETRYABLE),
+        (301, Outcome.RETRYABLE),
+        (302, Outcome.RETRYABLE),
+        (307, Outcome.RETRYABLE),
+    ],
+)
+def test_named_statuses(status, outcome):
+    assert classify(status, "").outcome is outcome
+
+
+@pytest.mark.parametrize(
+    "error", ["ConnectError: [Errno 111] Connection refused", "ReadTimeout: timed out"]
+)
+def test_no_response_is_retryable_with_the_error_text(error):
+    result = classify(None, "", error)
+    assert result.outcome is Outcome.RETRYABLE
+    assert error in result.detail
+
+
+def test_no_response_without_error_text_still_has_a_detail():
+    result = classify(None)
+    assert result.outcome is Outcome.RETRYABLE
+    assert result.detail
+
+
+def test_no_response_detail_is_one_short_line():
+    result = classify(None, "", "SSLError: handshake failed\nline two\r\n" + "x" * 1000)
+    assert result.outcome is Outcome.RETRYABLE
+    assert "\n" not in result.detail and "\r" not in result.detail
+    assert len(result.detail) <= MAX_DETAIL + len("HTTP 000: ")
+
+
+def test_200_with_non_fatal_errors_is_delivered():
+    body = json.dumps({"message": "success", "errors": ["invalid email: x"]})
+    result = classify(200, body)
+    assert result.outcome is Outcome.DELIVERED
+    assert "success" in result.detail
+
+
+def test_201_success_is_delivered():
+    assert classify(201, '{"message":"success"}').outcome is Outcome.DELIVERED
+
+
+def test_202_queued_is_delivered():
+    result = classify(202, '{"message":"queued"}')
+    assert result.outcome is Outcome.DELIVERED
+    assert result.detail == "queued"
+
+
+def test_400_detail_carries_brazes_message():
+    message = "Either an email address or a phone number should be provided, but not both."
+    result = classify(400, json.dumps({"message": message}))
+    assert result.outcome is Outcome.BAD_REQUEST
+    assert message in result.detail
+    assert result.detail.startswith("HTTP 400")
+
+
+def test_400_detail_carries_brazes_errors_too():
+    body = json.dumps({"message": "Invalid", "errors": ["bad id: x"]})
+    result = classify(400, body)
+    assert "Invalid" in result.detail
+    assert "bad id: x" in result.detail
+
+
+def test_non_json_body_is_truncated_to_one_line():
+    body = ("<html>\n  <body>Bad Gateway</body>\r\n\t</html>\n" * 40).strip()
+    message = braze_message(body)
+    assert len(message) == MAX_DETAIL
+    assert "\n" not in message and "\r" not in message and "\t" not in message
+    assert message.startswith("<html> <body>Bad Gateway</body> </html>")
+    result = classify(400, body)
+    assert result.outcome is Outcome.BAD_REQUEST
+    assert result.detail == f"HTTP 400: {message}"
+
+
+def test_empty_body_detail_names_the_status():
+    assert "500" in classify(500, "").detail
+    assert "503" in classify(503, "   ").detail
+    assert classify(201, "").detail
+
+
+@settings(max_examples=200, deadline=None)
+@given(status=st.integers(100, 599), body=st.text(max_size=2_000))
+def test_detail_is_always_one_bounded_line(status, body):
+    detail = classify(status, body).detail
+    assert detail
+    assert len(detail.splitlines()) == 1
+    assert len(detail) <= MAX_DETAIL + len("HTTP 000: ")
+
+
+# --------------------------------------------------------------------------------------
+# parse_rate_limit
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-ratelimit-limit": "5000", "x-ratelimit-remaining": "42", "x-ratelimit-reset": "17"},
+        {"X-RateLimit-Limit": "5000", "X-RateLimit-Remaining": "42", "X-RateLimit-Reset": "17"},
+        {"X-RATELIMIT-LIMIT": "5000", "X-RATELIMIT-REMAINING": "42", "X-RATELIMIT-RESET": "17"},
+        {"x-RateLimit-LIMIT": " 5000 ", "X-ratelimit-remaining": "42", "X-RATELIMIT-reset": "17"},
+    ],
+)
+def test_rate_limit_headers_any_case(headers):
+    assert parse_rate_limit(headers) == RateLimit(limit=5000, remaining=42, reset_epoch=17.0)
+
+
+def test_rate_limit_missing_headers_are_none():
+    assert parse_rate_limit({}) == RateLimit(None, None, None)
+    assert parse_rate_limit({"content-type": "application/json"}) == RateLimit(None, None, None)
+    only_reset = parse_rate_limit({"X-RateLimit-Reset": "1700000000"})
+    assert only_reset == RateLimit(None, None, 1_700_000_000.0)
+
+
+def test_rate_limit_float_reset_is_accepted():
+    assert parse_rate_limit({"x-ratelimit-reset": "1700000000.25"}).reset_epoch == 1700000000.25
+
+
+def test_rate_limit_zero_remaining_is_zero_not_none():
+    assert parse_rate_limit({"x-ratelimit-remaining": "0"}).remaining == 0
+
+
+@pytest.mark.parametrize("raw", ["", "abc", "-1", "-0.5", "nan", "NaN", "12abc", "1,000"])
+def test_rate_limit_garbage_is_none(raw):
+    headers = {
+        "X-RateLimit-Limit": raw,
+        "X-RateLimit-Remaining": raw,
+        "X-RateLimit-Reset": raw,
+    }
+    assert parse_rate_limit(headers) == RateLimit(None, None, None)
+
+
+@pytest.mark.parametrize("raw", ["inf", "Infinity", "1e999"])
+def test_rate_limit_infinite_is_none(raw):
+    headers = {"X-RateLimit-Limit": raw, "X-RateLimit-Remaining": raw, "X-RateLimit-Reset": raw}
+    assert parse_rate_limit(headers) == RateLimit(None, None, None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    headers=st.dictionaries(
+        st.sampled_from(
+            ["X-RateLimit-Limit", "x-ratelimit-remaining", "X-RATELIMIT-RESET", "other"]
+        ),
+        # No "e"/"inf": overflowing values are the known bug tested above.
+        st.text(alphabet="0123456789.-+ xna_", max_size=8),
+    )
+)
+def test_rate_limit_never_raises_on_numeric_looking_garbage(headers):
+    result = parse_rate_limit(headers)
+    for value in (result.limit, result.remaining, result.reset_epoch):
+        assert value is None or value >= 0
+
+
+# --------------------------------------------------------------------------------------
+# backoff_seconds
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3, 4, 5, 8, 10])
+def test_backoff_within_exponential_ceiling(attempt):
+    rng = random.Random(1234)
+    ceiling = min(300.0, 2.0 * 2 ** (attempt - 1))
+    values = [backoff_seconds(attempt, base=2.0, cap=300.0, rng=rng) for _ in range(200)]
+    assert all(0.0 <= v <= ceiling for v in values)
+    # Full jitter: the values spread over the range, not clustered at the top.
+    assert min(values) < ceiling * 0.25
+    assert max(values) > ceiling * 0.75
+
+
+@pytest.mark.parametrize("attempt", [100, 1_000, 10**6])
+def test_backoff_cap_for_huge_attempts(attempt):
+    rng = random.Random(7)
+    values = [backoff_seconds(attempt, base=2.0, cap=300.0, rng=rng) for _ in range(200)]
+    assert all(0.0 <= v <= 300.0 for v in values)
+    assert max(values) > 200.0  # the cap, not some tiny overflowed number, is the ceiling
+
+
+@pytest.mark.parametrize("attempt", [0, -1, -1000])
+def test_backoff_attempt_below_one_is_like_one(attempt):
+    values = [backoff_seconds(attempt, base=2.0, cap=300.0, rng=random.Random(3)) for _ in "ab"]
+    assert values == [backoff_seconds(1, base=2.0, cap=300.0, rng=random.Random(3))] * 2
+    assert all(0.0 <= v <= 2.0 for v in values)
+
+
+def test_backoff_is_deterministic_with_a_seeded_rng():
+    first = [backoff_seconds(a, base=1.0, cap=60.0, rng=random.Random(42)) for a in range(1, 9)]
+    again = [backoff_seconds(a, base=1.0, cap=60.0, rng=random.Random(42)) for a in range(1, 9)]
+    assert first == again
+
+
+def test_backoff_without_rng_uses_the_global_one():
+    value = backoff_seconds(3, base=1.0, cap=60.0)
+    assert 0.0 <= value <= 4.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    attempt=st.integers(-10, 10_000),
+    base=st.floats(0.001, 1_000.0),
+    cap=st.floats(0.001, 100_000.0),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_backoff_bounds_property(attempt, base, cap, seed):
+    value = backoff_seconds(attempt, base=base, cap=cap, rng=random.Random(seed))
+    exponent = max(attempt, 1) - 1
+    ceiling = cap if exponent > 1_000 else min(cap, base * 2.0**exponent)
+    assert math.isfinite(value)
+    assert 0.0 <= value <= ceiling
+    assert value <= cap
