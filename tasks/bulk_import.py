@@ -27,12 +27,9 @@ from itertools import chain
 from pathlib import Path
 from typing import IO
 
-from redis import Redis
-
 from stores.buffer import Buffer
 from tasks.parallel import cpu_count, ordered_map
 from tasks.rows import (
-    ARGS_PER_CHANGE,
     CHUNK_LINES,
     ChunkResult,
     RowError,
@@ -40,8 +37,6 @@ from tasks.rows import (
     read_chunks,
 )
 
-# Rows per enqueue call: one Redis round trip each.
-IMPORT_CHUNK = 1000
 # Errors kept in memory for the report; beyond it they are only counted.
 MAX_ERRORS_KEPT = 10_000
 # Files smaller than this are validated in this process whatever `jobs` says: starting
@@ -50,9 +45,6 @@ PARALLEL_MIN_BYTES = 1 << 20
 # Chunks submitted to the pool and not yet consumed, per worker process: one being
 # validated and one waiting, so no worker idles while the consumer handles a result.
 IN_FLIGHT_PER_JOB = 2
-# Enqueue calls sent and not yet answered: while Redis runs one call's script (~5 µs a
-# change), this process encodes and sends the next (~4 µs a change) instead of waiting.
-CALLS_IN_FLIGHT = 3
 
 # Called with (phase, rows done so far): phase is "validating" or "enqueuing".
 Progress = Callable[[str, int], None]
@@ -124,70 +116,6 @@ def checked_chunks(
         yield from results
 
 
-class _Enqueuer:
-    """Sends enqueue-script calls, `IMPORT_CHUNK` changes each, in file order, on a
-    connection of its own, with up to `CALLS_IN_FLIGHT` calls unanswered.
-
-    Redis runs one connection's commands in the order sent, so the order of the changes and
-    the atomicity of each call are those of `Buffer.enqueue`; only the waiting overlaps.
-    Calls are EVAL with the script's source rather than EVALSHA: a Redis that has forgotten
-    the script (restarted, SCRIPT FLUSH) leaves no NOSCRIPT replies to sort out among the
-    calls in flight, for ~1.5 KB more per call of ~80 KB. Use it as a context manager: on an
-    error the connection is dropped, unread replies and all.
-    """
-
-    def __init__(self, buffer: Buffer) -> None:
-        self._client = Redis(
-            connection_pool=buffer.client.connection_pool, single_connection_client=True
-        )
-        self._connection = self._client.connection
-        self._keys = buffer._enqueue_keys()
-        self._head = ("EVAL", buffer.scripts.enqueue.script, len(self._keys))
-        self._size = IMPORT_CHUNK * ARGS_PER_CHANGE
-        self._args: list[bytes] = []
-        self._unanswered = 0
-        self.count = 0
-
-    def __enter__(self) -> _Enqueuer:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if kind is not None and self._connection is not None:
-            self._connection.disconnect()
-        self._client.close()
-
-    def add(self, args: list[bytes]) -> None:
-        """Queue changes' arguments; every full call's worth is sent."""
-        self._args += args
-        if len(self._args) < self._size:
-            return
-        pending = self._args
-        whole = len(pending) - len(pending) % self._size
-        for start in range(0, whole, self._size):
-            self._send(pending[start : start + self._size])
-        self._args = pending[whole:]
-
-    def finish(self) -> None:
-        """Send what is queued and wait until Redis has applied every call."""
-        if self._args:
-            self._send(self._args)
-            self._args = []
-        while self._unanswered:
-            self._answer()
-
-    def _send(self, args: list[bytes]) -> None:
-        # No health check: its PING would read a reply meant for a call in flight.
-        self._connection.send_command(*self._head, *self._keys, *args, check_health=False)
-        self._unanswered += 1
-        self.count += len(args) // ARGS_PER_CHANGE
-        if self._unanswered >= CALLS_IN_FLIGHT:
-            self._answer()
-
-    def _answer(self) -> None:
-        self._client.parse_response(self._connection, "EVAL")
-        self._unanswered -= 1
-
-
 def _tally(result: ImportResult, chunk: ChunkResult) -> None:
     result.rows += chunk.rows
     if chunk.errors:
@@ -230,7 +158,7 @@ def _validate_then_enqueue(
         if not result.ok:
             return
         spool.seek(0)
-        with _Enqueuer(buffer) as enqueuer:
+        with buffer.pipelined() as enqueuer:
             for args in _unspooled(spool):
                 done = enqueuer.count
                 enqueuer.add(args)
@@ -248,7 +176,7 @@ def _enqueue_valid_rows(
     result: ImportResult,
     rejects_file: IO[str] | None,
 ) -> None:
-    with _Enqueuer(buffer) as enqueuer:
+    with buffer.pipelined() as enqueuer:
         for chunk in results:
             _tally(result, chunk)
             if rejects_file is not None:

@@ -20,9 +20,9 @@ from typing import Any
 from celery.app.amqp import AMQP
 from celery.worker.request import Request
 
+from core.changes import IDENTIFIER_FIELDS
 from core.redaction import mask_identifier
 
-IDENTIFIER_FIELDS = ("external_id", "email", "phone")
 RECORD_CHANGE = "subscriptions.record_change"
 
 

@@ -35,11 +35,10 @@ from core.changes import (
     IDENTIFIER_FIELDS,
     Change,
     InvalidChange,
-    SubscriptionState,
     parse_change,
 )
 from core.errors import InputRefused
-from stores.keys import buffer_field
+from stores.buffer import ARGS_PER_CHANGE, encode_change
 
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 CSV_SUFFIXES = frozenset({".csv"})
@@ -50,8 +49,6 @@ PROGRESS_EVERY = 1000
 # process costs little beside validating it (2,000 rows are 10-100 ms of work), small
 # enough that the chunks in flight hold little memory.
 CHUNK_LINES = 2000
-# Arguments per change of the buffer's enqueue script (see `enqueue_args`).
-ARGS_PER_CHANGE = 4
 
 Row = dict[str, Any]
 
@@ -236,40 +233,11 @@ def check_chunk(chunk: Chunk) -> ChunkResult:
             errors.append(item)
             continue
         try:
-            args += _change_args(item)
+            args += encode_change(item)
         except UnicodeEncodeError:
             errors.append(_unencodable(line, item))
     packed = pickle.dumps(args, pickle.HIGHEST_PROTOCOL)
     return ChunkResult(chunk.last_line, count, len(args) // ARGS_PER_CHANGE, errors, packed)
-
-
-def enqueue_args(changes: Iterable[Change]) -> list[bytes]:
-    """The enqueue script's arguments for changes: the bytes `Buffer.enqueue` sends.
-
-    redis-py would encode the same str and int arguments to these very bytes (UTF-8,
-    decimal); encoding them here, where rows are validated (in parallel), spares the
-    enqueuing process the work and finds text UTF-8 cannot carry before anything is sent.
-    Raises `UnicodeEncodeError` for such text (a lone surrogate from a JSON escape).
-    """
-    args: list[bytes] = []
-    for change in changes:
-        args += _change_args(change)
-    return args
-
-
-_STATE_BYTES: dict[SubscriptionState, bytes] = {
-    state: state.value.encode() for state in SubscriptionState
-}
-
-
-def _change_args(change: Change) -> tuple[bytes, bytes, bytes, bytes]:
-    # Must match `stores.buffer.Buffer._enqueue_args`, encoded (a test holds them equal).
-    return (
-        buffer_field(change.group_id, change.kind, change.value).encode(),
-        _STATE_BYTES[change.state],
-        b"1" if change.double_opt_in else b"0",
-        b"%d" % round(change.delay_seconds * 1000),
-    )
 
 
 def _unencodable(line: int, change: Change) -> RowError:

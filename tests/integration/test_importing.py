@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from core.changes import Change, IdentifierKind
+from stores.buffer import encode_changes
 from tasks.bulk_import import checked_chunks
 from tasks.rows import (
     CsvChunk,
@@ -18,7 +19,6 @@ from tasks.rows import (
     InvalidRow,
     RowError,
     ValidationReport,
-    enqueue_args,
     iter_changes,
     read_chunks,
     read_rows,
@@ -363,7 +363,7 @@ def _expected(path: Path) -> tuple[int, list[RowError], list[bytes]]:
     items = list(iter_changes(path))
     errors = [item for _, item in items if isinstance(item, RowError)]
     changes = [item for _, item in items if isinstance(item, Change)]
-    return len(items), errors, enqueue_args(changes)
+    return len(items), errors, encode_changes(changes)
 
 
 def _chunked(path: Path, lines: int, jobs: int = 1) -> tuple[int, list[RowError], list[bytes]]:
@@ -422,24 +422,6 @@ def test_chunk_file_problems_raise_before_any_chunk(tmp_path: Path) -> None:
         next(read_chunks(tmp_path / "absent.jsonl"))
     with pytest.raises(ImportFileError, match="missing column"):
         next(checked_chunks(write(tmp_path, "c.csv", "email\na@b.co\n"), jobs=2))
-
-
-def test_enqueue_args_are_the_bytes_buffer_enqueue_sends() -> None:
-    from redis import Redis
-
-    from core.changes import parse_change
-    from stores.buffer import Buffer
-
-    changes = [
-        parse_change({**GOOD, "email": "Zoë@Exämple.com"}),
-        parse_change({**GOOD, "phone": "+44 7911 123456", "use_double_opt_in_logic": True}),
-        parse_change(
-            {**GOOD, "subscription_state": "unsubscribed", "external_id": "ü", "delay_seconds": 1.5}
-        ),
-        parse_change({**GOOD, "external_id": "x", "delay_seconds": "604800"}),
-    ]
-    encode = Redis().get_encoder().encode  # what redis-py sends for each argument
-    assert enqueue_args(changes) == [encode(arg) for arg in Buffer._enqueue_args(changes)]
 
 
 def test_a_lone_surrogate_is_a_row_error_not_a_crash(tmp_path: Path) -> None:
