@@ -152,6 +152,27 @@ class Settings(BaseSettings):
     # "text" for people, "json" for log shippers.
     log_format: Literal["text", "json"] = "text"
 
+    @field_validator("braze_api_key", mode="before")
+    @classmethod
+    def _header_safe_key(cls, value: object) -> object:
+        """Strip the whitespace a mounted secret or a quoted `.env` line leaves around the
+        key (Braze keys never hold any), and refuse what cannot go in an HTTP header: httpx
+        would otherwise fail every request with an error quoting the whole key."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        key = value.strip()
+        if not key:
+            return None
+        if not all("\x21" <= char <= "\x7e" for char in key):
+            # The value is not echoed (it is a secret): only what is wrong with it.
+            raise ValueError(
+                "holds characters that cannot go in an HTTP header "
+                "(spaces, control characters or non-ASCII inside the key)"
+            )
+        return key
+
     @field_validator("braze_instance")
     @classmethod
     def _known_instance(cls, value: str | None) -> str | None:

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from core.redaction import scrub
+
 # Longest error text kept from a response body (it goes into logs and dead letters).
 MAX_DETAIL = 300
 
@@ -45,13 +47,14 @@ def braze_message(body: str) -> str:
         if errors:
             message = f"{message} {json.dumps(errors, separators=(',', ':'))}".strip()
         text = message or text
-    return " ".join(text.split())[:MAX_DETAIL]
+    return scrub(" ".join(text.split()))[:MAX_DETAIL]
 
 
 def classify(status: int | None, body: str = "", error: str | None = None) -> Classified:
     """Classify one exchange. `status` is None when no response arrived (`error` says why)."""
     if status is None:
-        detail = " ".join((error or "no response").split())[:MAX_DETAIL]
+        # A transport error's text is never trusted: bearer tokens and URL userinfo go.
+        detail = scrub(" ".join((error or "no response").split()))[:MAX_DETAIL]
         return Classified(Outcome.RETRYABLE, detail)
     detail = braze_message(body) or f"HTTP {status}"
     if 200 <= status < 300:

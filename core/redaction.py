@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
 
 def mask_email(email: str) -> str:
     """`jane.doe@example.com` -> `j***@example.com`."""
@@ -28,3 +31,24 @@ def mask_identifier(kind: str, value: str) -> str:
     if kind == "phone":
         return mask_phone(value)
     return value  # external ids are pseudonymous by design
+
+
+# `scheme://user:password@host` -> `scheme://***@host`: URL userinfo is a credential.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]*@")
+# `Bearer <anything>` and `Authorization: <anything>`: whatever follows is a credential.
+_BEARER = re.compile(
+    r"(?i)(?P<name>\bbearer\s+|\bauthorization[\"']?\s*[:=]\s*[\"']?)[^\s,;'\"\]}]+"
+)
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` (an exception's message, an answer body) without credentials: every
+    occurrence of each secret, bearer tokens and URL userinfo become `***`.
+
+    Whatever a transport error says goes through this before it reaches a log line, a
+    batch record or a dead letter; the secrets are the process's own (its API key)."""
+    for secret in secrets:
+        for form in {secret, secret.strip(), repr(secret)[1:-1]} - {""}:
+            text = text.replace(form, "***")
+    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    return _BEARER.sub(r"\g<name>***", text)

@@ -11,6 +11,7 @@ from pydantic import SecretStr
 
 from core.changes import SubscriptionState
 from core.planning import BatchKey
+from core.redaction import scrub
 
 V1_PATH = "/subscription/status/set"
 V2_PATH = "/v2/subscription/status/set"
@@ -72,6 +73,8 @@ class BrazeClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.endpoint = endpoint
+        # Scrubbed out of every transport error (never stored elsewhere on the object).
+        self._secrets = (api_key.get_secret_value(),)
         self._http = httpx.Client(
             base_url=endpoint,
             # The key goes only into this header; httpx never logs header values.
@@ -95,13 +98,15 @@ class BrazeClient:
         try:
             response = self._http.post(path, json=body)
         except httpx.HTTPError as exc:
-            # The exception's text can hold the URL, never the key (it is a header).
+            # The exception's text can quote the request's headers (h11 quotes an illegal
+            # header value whole) and URLs with userinfo: it is scrubbed before it can
+            # reach a log line, a batch record or a dead letter.
             return Reply(
                 status=None,
                 body="",
                 headers={},
                 latency_ms=(time.perf_counter() - started) * 1000,
-                error=f"{type(exc).__name__}: {exc}"[:300],
+                error=scrub(f"{type(exc).__name__}: {exc}", self._secrets)[:300],
             )
         return Reply(
             status=response.status_code,
