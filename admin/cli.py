@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -32,11 +33,12 @@ from rich.text import Text
 
 from admin.status import Status, read_status
 from admin.status_view import sections, warnings
+from admin.verify import Mismatch, VerifyReport
 from config.settings import get_settings
 from core.errors import EXIT_ENVIRONMENT, EXIT_REFUSED, BrazeSubsError
 from delivery.services import services
 from tasks.bulk_import import count_lines, enqueue_file
-from tasks.producer import enqueue_change
+from tasks.producer import enqueue_change, enqueue_changes
 
 app = typer.Typer(
     name="braze-subs",
@@ -291,6 +293,154 @@ def dlq_purge(
     err.print(f"purged {report.entries} entries ({report.identifiers} identifiers)")
     if report.missing:
         _fail(f"no such entries: {', '.join(report.missing)}", EXIT_REFUSED)
+
+
+def _identifier_option(
+    external_id: str | None, email: str | None, phone: str | None
+) -> tuple[str, str]:
+    """The one identifier given, normalised as producers normalise it."""
+    from core.changes import normalise_email, normalise_external_id, normalise_phone
+
+    given = [
+        (kind, value)
+        for kind, value in (("external_id", external_id), ("email", email), ("phone", phone))
+        if value is not None
+    ]
+    if len(given) != 1:
+        _fail("give exactly one of --external-id, --email, --phone")
+    kind, value = given[0]
+    normalise = {
+        "external_id": normalise_external_id,
+        "email": normalise_email,
+        "phone": normalise_phone,
+    }[kind]
+    return kind, normalise(value)
+
+
+@app.command()
+def verify(
+    file: Annotated[Path, typer.Argument(help="A .jsonl or .csv file in import format.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Enqueue every drifted row again as a change.")
+    ] = False,
+) -> None:
+    """Read Braze back for every row of FILE and report drift (exit 0 none, 1 drift, 2
+    bad input or Braze unreachable)."""
+    from admin.verify import Verification, write_json
+
+    if not file.is_file():
+        _fail(f"{file}: no such file")
+    found = services()
+    found.settings.require_braze()
+    total_lines = count_lines(file)
+    columns = (
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    reader = found.reader(max_wait_seconds=None)
+    with Verification(reader, found.redis, found.keys, enqueue=enqueue_changes) as run:
+        with Progress(*columns, console=err, transient=False) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    unit = "lines" if phase == "validating" else "identifiers"
+                    tasks[phase] = bar.add_task(phase, total=total, rate="", unit=unit)
+                task = bar.tasks[tasks[phase]]
+                speed = task.speed
+                bar.update(tasks[phase], completed=done, rate=f"{speed:,.0f}/s" if speed else "")
+
+            distinct = run.load(file, progress, total_lines)
+            report = run.report
+            if report.ok:
+                run.check(repair=repair, progress=progress, total=distinct)
+        if not report.ok:
+            for error in report.errors:
+                err.print(str(error), markup=False, highlight=False)
+            if report.invalid > len(report.errors):
+                err.print(f"... and {report.invalid - len(report.errors)} more")
+            _fail(f"{file}: {report.invalid} of {report.rows} rows invalid; nothing checked")
+        if as_json:
+            write_json(report, run.mismatches(), sys.stdout)
+        else:
+            _print_verify(report, run.mismatches())
+    if report.drifted:
+        raise typer.Exit(EXIT_REFUSED)
+
+
+MISMATCHES_SHOWN = 50
+
+
+def _print_verify(report: VerifyReport, mismatches: Iterator[Mismatch]) -> None:
+    table = Table("group", "checked", "matching", "drift", "unknown", "changing")
+    for group, counts in sorted(report.groups.items()):
+        table.add_row(
+            group,
+            *(
+                f"{value:,}"
+                for value in (
+                    counts.checked,
+                    counts.matching,
+                    counts.drift,
+                    counts.unknown,
+                    counts.changing,
+                )
+            ),
+        )
+    out.print(table)
+    for shown, mismatch in enumerate(mismatches):
+        if shown == 0:
+            out.print("mismatches (line, group, identifier, expected -> Braze):")
+        if shown == MISMATCHES_SHOWN:
+            out.print(f"  ... more: --json lists all {report.totals.drift + report.totals.unknown}")
+            break
+        out.print(
+            f"  line {mismatch.line}: {mismatch.subscription_group_id} "
+            f"{mismatch.kind}={mismatch.value} {mismatch.expected} -> {mismatch.braze}"
+        )
+    totals = report.totals
+    note = f", {report.repaired} repaired (enqueued again)" if report.repaired else ""
+    err.print(
+        f"checked {totals.checked:,}: {totals.matching:,} matching, {totals.drift:,} drift, "
+        f"{totals.unknown:,} unknown, {totals.changing:,} changing{note}; "
+        f"{report.read_calls:,} read calls"
+    )
+
+
+@app.command()
+def lookup(
+    external_id: Annotated[str | None, typer.Option("--external-id")] = None,
+    email: Annotated[str | None, typer.Option("--email")] = None,
+    phone: Annotated[str | None, typer.Option("--phone", help="E.164, e.g. +14155550100")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """The identifier's subscription groups and states in Braze."""
+    kind, value = _identifier_option(external_id, email, phone)
+    found = services()
+    found.settings.require_braze()
+    users = found.reader(max_wait_seconds=None).user_groups(kind, value)
+    if as_json:
+        out.print_json(
+            json.dumps({"kind": kind, "value": value, "users": [u.as_dict() for u in users]})
+        )
+        return
+    if not users:
+        out.print(f"Braze holds no user for {kind} {value}")
+        return
+    table = Table("user", "group", "name", "channel", "state")
+    for user in users:
+        who = user.external_id or user.email or user.phone or "-"
+        for group in user.groups or ():
+            table.add_row(who, group.group_id, group.name, group.channel, group.state.value)
+        if not user.groups:
+            table.add_row(who, "-", "", "", "no groups")
+    out.print(table)
 
 
 @app.command()

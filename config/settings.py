@@ -80,6 +80,19 @@ class Settings(BaseSettings):
     # After Braze refuses the key (401/403/404) every worker stops posting; one request is
     # let through this often as a probe, and its success resumes posting everywhere.
     credentials_probe_seconds: float = Field(default=60.0, gt=0)
+    # Requests allowed per window on the read endpoints (/subscription/status/get and
+    # /subscription/user/status): Braze's general limit of 250,000 an hour, which the
+    # workspace's other endpoints share. A budget of its own, spent by `verify`, `lookup`
+    # and the opt-out check, so reads never take turns from posting.
+    braze_read_rate_limit: int = Field(default=250_000, gt=0)
+    # Length of that window in seconds (Braze: one hour).
+    braze_read_rate_limit_window_seconds: float = Field(default=3600.0, gt=0)
+    # An opt-out check read for a batch about to be posted (respect_opt_out) is also used
+    # for other batches of the same group read along with it (one read call of up to 100
+    # identifiers covers two batches of 50), while it is at most this old. Short, because
+    # an opt-out made in Braze after the read is not seen: 30 s is a few turns of a busy
+    # queue, and a stale read is simply read again.
+    opt_out_read_max_age_seconds: float = Field(default=30.0, gt=0)
     # Seconds for one HTTP exchange with Braze (connect + write + read). Braze answers in
     # well under a second; ten leaves room for bad days without pinning a worker slot.
     http_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,9 +95,12 @@ class BrazeClient:
         return f"BrazeClient(endpoint={self.endpoint!r})"
 
     def post(self, path: str, body: dict[str, Any]) -> Reply:
+        return self._exchange(lambda: self._http.post(path, json=body))
+
+    def _exchange(self, send: Callable[[], httpx.Response]) -> Reply:
         started = time.perf_counter()
         try:
-            response = self._http.post(path, json=body)
+            response = send()
         except httpx.HTTPError as exc:
             # The exception's text can quote the request's headers (h11 quotes an illegal
             # header value whole) and URLs with userinfo: it is scrubbed before it can
@@ -114,6 +118,10 @@ class BrazeClient:
             headers=dict(response.headers),
             latency_ms=(time.perf_counter() - started) * 1000,
         )
+
+    def get(self, path: str, params: list[tuple[str, str]]) -> Reply:
+        """One GET (the read endpoints); `params` may repeat a name (`email=a&email=b`)."""
+        return self._exchange(lambda: self._http.get(path, params=params))
 
     def close(self) -> None:
         self._http.close()

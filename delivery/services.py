@@ -14,6 +14,7 @@ from redis import Redis
 
 from config.settings import Settings, get_settings
 from delivery.braze_client import BrazeClient
+from delivery.braze_reads import BrazeReader, read_limiter
 from stores.batch_records import BatchStore
 from stores.buffer import Buffer
 from stores.keys import Keys
@@ -59,6 +60,23 @@ class Services:
             probe_interval_seconds=settings.credentials_probe_seconds,
             scripts=self.scripts,
         )
+
+    @cached_property
+    def read_limiter(self) -> RateLimiter:
+        """The workspace's budget for the read endpoints (BRAZE_READ_RATE_LIMIT)."""
+        settings = self.settings
+        return read_limiter(
+            settings,
+            self.redis,
+            self.keys.read_limiter(settings.workspace_id),
+            max_wait_seconds=settings.token_wait_max_seconds,
+            scripts=self.scripts,
+        )
+
+    def reader(self, *, max_wait_seconds: float | None) -> BrazeReader:
+        """Reads through the read budget; a worker waits at most `TOKEN_WAIT_MAX_SECONDS`
+        for a turn, the CLI (None) as long as it takes."""
+        return BrazeReader(self.braze, self.read_limiter, max_wait_seconds=max_wait_seconds)
 
     @cached_property
     def braze(self) -> BrazeClient:

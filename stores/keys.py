@@ -97,6 +97,16 @@ class Keys:
         """HASH the workspace's shared rate budget (see acquire_token.lua)."""
         return self._key(f"limiter:{workspace_id}")
 
+    def read_limiter(self, workspace_id: str) -> str:
+        """HASH the workspace's shared budget for the read endpoints (same layout as
+        `limiter`; a budget of its own, so reads never take turns from posting)."""
+        return self._key(f"limiter:read:{workspace_id}")
+
+    def opt_out_read(self, batch_id: str) -> str:
+        """STRING JSON: the opt-out check of a batch read ahead with another batch's
+        (read time, identifiers read, those Braze holds as unsubscribed); expires."""
+        return self._key(f"optout:{batch_id}")
+
     def metrics(self, epoch_second: int) -> str:
         """HASH counters of one second: requests, identifiers, throttled (429s); expires."""
         return self._key(f"metrics:{epoch_second}")
