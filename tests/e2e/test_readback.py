@@ -62,7 +62,11 @@ def test_verify_reports_exactly_the_rows_changed_in_braze_and_repair_brings_them
         {"subscription_group_id": "news", "subscription_state": "subscribed", "email": f"u{n}@x.io"}
         for n in range(300)
     ] + [
-        {"subscription_group_id": "sms", "subscription_state": "unsubscribed", "external_id": f"e{n}"}
+        {
+            "subscription_group_id": "sms",
+            "subscription_state": "unsubscribed",
+            "external_id": f"e{n}",
+        }
         for n in range(150)
     ]
     file = write_rows(tmp_path / "snapshot.jsonl", rows)
@@ -92,9 +96,10 @@ def test_verify_reports_exactly_the_rows_changed_in_braze_and_repair_brings_them
     )
     assert report["groups"]["news"]["drift"] == 3
     assert report["groups"]["sms"]["drift"] == 2
-    assert {(m["subscription_group_id"], m["kind"], m["value"], m["braze"]) for m in report[
-        "mismatches"
-    ]} == {("news", "email", v, "unsubscribed") for v in flipped_emails} | {
+    assert {
+        (m["subscription_group_id"], m["kind"], m["value"], m["braze"])
+        for m in report["mismatches"]
+    } == {("news", "email", v, "unsubscribed") for v in flipped_emails} | {
         ("sms", "external_id", v, "subscribed") for v in flipped_ids
     }
     assert report["mismatches"][0]["expected"] == "subscribed"
