@@ -29,6 +29,9 @@ class Status:
     delivered_total: int
     dead_lettered_total: int
     dead_letters_expired: int  # entries removed after DEAD_LETTER_RETENTION_DAYS
+    # identifiers left out of a post because Braze held them as unsubscribed and their
+    # change asked to respect that (respect_opt_out)
+    opt_out_skipped: int = 0
     tokens_left: int | None = None  # requests the shared budget would grant at once now
     paused: bool = False  # posting paused for every worker (after a 429)
     paused_until: float | None = None  # epoch seconds
@@ -80,6 +83,7 @@ def read_status(client: Redis, keys: Keys, limiter: RateLimiter | None = None) -
         delivered_total=counters.get("delivered", 0),
         dead_lettered_total=counters.get("dead_lettered", 0),
         dead_letters_expired=counters.get("dead_letters_expired", 0),
+        opt_out_skipped=counters.get("opt_out_skipped", 0),
         tokens_left=budget.tokens_left if budget else None,
         paused=paused_until is not None,
         paused_until=round(paused_until / 1000, 3) if paused_until else None,

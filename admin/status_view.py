@@ -103,6 +103,7 @@ def sections(status: Status, now: float) -> list[Section]:
                 ("batches cut", count(status.batches_total)),
                 ("identifiers delivered", count(status.delivered_total)),
                 ("identifiers dead-lettered", count(status.dead_lettered_total)),
+                ("left out: opted out in Braze", count(status.opt_out_skipped)),
             ],
         ),
     ]

@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 from config.settings import Settings
 from core.outcome import Classified, Outcome, backoff_seconds, classify, parse_rate_limit
 from delivery.braze_client import V1_PATH, V2_PATH, BrazeClient, Reply, v1_body, v2_body
+from delivery.braze_reads import BrazeReadError, ReadDeferred
+from delivery.opt_outs import OptOutCheck
 from stores import counters as metrics
 from stores.batch_records import BatchRecord, BatchStore, ClaimStatus
 from stores.buffer import server_time_ms
@@ -74,6 +76,7 @@ class Poster:
         dispatch: Callable[[str, float], object] = _no_dispatch,
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        opt_outs: OptOutCheck | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -82,6 +85,7 @@ class Poster:
         self.dispatch = dispatch  # re-sends a pack sibling's message after a deferral
         self.rng = rng or random.Random()
         self.sleep = sleep
+        self.opt_outs = opt_outs  # respect_opt_out: leave out who opted out in Braze
 
     # --- the steps ------------------------------------------------------------------------
 
@@ -113,6 +117,10 @@ class Poster:
             if waiting is not None:
                 return waiting
 
+        records_or_report = self._respect_opt_outs(records, token, report)
+        if isinstance(records_or_report, PostReport):
+            return records_or_report
+        records = records_or_report
         reply = self._send(records)
         result = classify(reply.status, reply.body, reply.error)
         report = replace(
@@ -155,6 +163,42 @@ class Poster:
         return self._defer(
             records, token, replace(report, status="waiting"), wait, detail=why, count_attempt=False
         )
+
+    def _respect_opt_outs(
+        self, records: list[BatchRecord], token: str, report: PostReport
+    ) -> list[BatchRecord] | PostReport:
+        """The records to post, without the identifiers Braze holds as unsubscribed where a
+        change asked for it (delivery/opt_outs.py); or the report when nothing is posted:
+        every identifier left out, or the check could not be made (then the batch waits
+        or is retried like a failed post: an opt-out that cannot be ruled out is not
+        overridden)."""
+        if self.opt_outs is None:
+            return records
+        try:
+            screened = self.opt_outs.screen(records)
+        except ReadDeferred as deferred:
+            wait = deferred.wait_seconds + self.rng.uniform(0, 0.5)
+            return self._waiting(records, token, report, wait, f"opt-out check: {deferred}")
+        except BrazeReadError as exc:
+            failed = replace(report, detail=f"opt-out check: {exc}")
+            if report.attempt >= self.settings.max_attempts:
+                for record in records:
+                    self.store.dead_letter(record.id, token, failed.detail)
+                return replace(failed, status="dead_lettered")
+            wait = backoff_seconds(
+                report.attempt,
+                base=self.settings.retry_backoff_base_seconds,
+                cap=self.settings.retry_backoff_max_seconds,
+                rng=self.rng,
+            )
+            return self._defer(records, token, failed, wait, count_attempt=True)
+        for record in screened.emptied:
+            self.store.delivered(record.id, token)
+        if not screened.send:
+            done = replace(report, status="delivered", size=0, detail="opted out in Braze")
+            self._log(records, done)
+            return done
+        return screened.send
 
     def _dispatch_siblings(self, lead: BatchRecord) -> None:
         """A pack travels as one message, for its first batch. A worker that does not send

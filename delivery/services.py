@@ -15,10 +15,12 @@ from redis import Redis
 from config.settings import Settings, get_settings
 from delivery.braze_client import BrazeClient
 from delivery.braze_reads import BrazeReader, read_limiter
+from delivery.opt_outs import OptOutCheck
 from stores.batch_records import BatchStore
 from stores.buffer import Buffer
 from stores.keys import Keys
 from stores.limiter import Budget, RateLimiter
+from stores.opt_out_reads import OptOutReads
 from stores.scripts import Scripts
 
 
@@ -77,6 +79,15 @@ class Services:
         """Reads through the read budget; a worker waits at most `TOKEN_WAIT_MAX_SECONDS`
         for a turn, the CLI (None) as long as it takes."""
         return BrazeReader(self.braze, self.read_limiter, max_wait_seconds=max_wait_seconds)
+
+    @cached_property
+    def opt_outs(self) -> OptOutCheck:
+        """The check a worker makes before posting changes with respect_opt_out."""
+        return OptOutCheck(
+            self.settings,
+            self.reader(max_wait_seconds=self.settings.token_wait_max_seconds),
+            OptOutReads(self.redis, self.keys),
+        )
 
     @cached_property
     def braze(self) -> BrazeClient:

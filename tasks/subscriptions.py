@@ -65,7 +65,14 @@ def _dispatch(batch_id: str, countdown: float = 0.0) -> None:
 @app.task(name="subscriptions.post_batch", bind=True, max_retries=None)
 def post_batch(self: Task, batch_id: str) -> dict[str, Any]:
     found = services()
-    poster = Poster(found.settings, found.batches, found.braze, found.limiter, dispatch=_dispatch)
+    poster = Poster(
+        found.settings,
+        found.batches,
+        found.braze,
+        found.limiter,
+        dispatch=_dispatch,
+        opt_outs=found.opt_outs,
+    )
     report = poster.post(batch_id)
     if report.retry_in is not None:
         # The attempt count lives in the batch record, so Celery's own count is not used.
