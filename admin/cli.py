@@ -90,6 +90,25 @@ def enqueue(
     delay: Annotated[
         float | None, typer.Option("--delay", help="Seconds before the change is due.")
     ] = None,
+    occurred_at: Annotated[
+        str | None,
+        typer.Option(
+            "--occurred-at",
+            help="When the change happened: RFC 3339 with an offset, or epoch seconds. "
+            "The change that occurred last wins.",
+        ),
+    ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option("--source", help="Who or what made the change (kept in the history)."),
+    ] = None,
+    respect_opt_out: Annotated[
+        bool,
+        typer.Option(
+            "--respect-opt-out",
+            help="Do not send 'subscribed' if Braze holds the identifier as unsubscribed.",
+        ),
+    ] = False,
 ) -> None:
     """Enqueue one change."""
     change = enqueue_change(
@@ -100,6 +119,9 @@ def enqueue(
         phone=phone,
         use_double_opt_in_logic=double_opt_in or None,
         delay_seconds=delay,
+        occurred_at=occurred_at,
+        source=source,
+        respect_opt_out=respect_opt_out or None,
     )
     err.print(f"enqueued: {change.group_id} {change.state.value} ({change.kind.value})")
 
@@ -124,6 +146,14 @@ def import_(
             "With 1, or for a file under 1 MiB, this process validates alone.",
         ),
     ] = None,
+    respect_opt_outs: Annotated[
+        bool,
+        typer.Option(
+            "--respect-opt-outs",
+            help="Set respect_opt_out on every row: no 'subscribed' is sent for an "
+            "identifier Braze holds as unsubscribed.",
+        ),
+    ] = False,
 ) -> None:
     """Enqueue many changes from JSON Lines or CSV; by default all-or-nothing."""
     if rejects is not None and not skip_invalid:
@@ -161,6 +191,7 @@ def import_(
                 rejects=rejects,
                 progress=progress,
                 jobs=jobs,
+                respect_opt_outs=respect_opt_outs,
             )
         except BrokenProcessPool:
             done = "some rows may be enqueued" if skip_invalid else "nothing enqueued"

@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NoReturn
 
@@ -42,6 +44,13 @@ class Change:
     value: str
     double_opt_in: bool = False
     delay_seconds: float = 0.0
+    # When the change happened at its source, in ms since the epoch; None: the time it
+    # reaches the buffer (Redis's clock) stands in.
+    occurred_ms: int | None = None
+    # Who or what said so ("checkout-form", "support:ticket-123"); kept in the history.
+    source: str = ""
+    # A `subscribed` change is not sent for an identifier Braze holds as unsubscribed.
+    respect_opt_out: bool = False
 
 
 class InvalidChange(InputRefused, ValueError):
@@ -61,9 +70,21 @@ class InvalidChange(InputRefused, ValueError):
 MAX_GROUP_ID_LENGTH = 128
 MAX_EXTERNAL_ID_LENGTH = 512
 MAX_DELAY_SECONDS = 7 * 24 * 60 * 60  # 604800
+# How far ahead of this machine's clock an `occurred_at` may lie. Producers' clocks drift by
+# seconds, not minutes; a time further ahead is a wrong unit (milliseconds given as seconds)
+# or a broken clock, and would win over every real change until that time, so it is refused.
+MAX_FUTURE_SECONDS = 5 * 60
+# Longest `source` text: a label ("checkout-form", "support:ticket-123"), not a document.
+MAX_SOURCE_LENGTH = 100
 
 IDENTIFIER_FIELDS: tuple[str, ...] = ("external_id", "email", "phone")
-OPTIONAL_FIELDS: tuple[str, ...] = ("use_double_opt_in_logic", "delay_seconds")
+OPTIONAL_FIELDS: tuple[str, ...] = (
+    "use_double_opt_in_logic",
+    "delay_seconds",
+    "occurred_at",
+    "source",
+    "respect_opt_out",
+)
 KNOWN_FIELDS: frozenset[str] = frozenset(
     ("subscription_group_id", "subscription_state", *IDENTIFIER_FIELDS, *OPTIONAL_FIELDS)
 )
@@ -103,12 +124,13 @@ _PHONE_PARSE_ERRORS: dict[int, str] = {
 }
 
 
-def parse_change(data: Mapping[str, Any]) -> Change:
+def parse_change(data: Mapping[str, Any], *, now: float | None = None) -> Change:
     """Validate and normalise one change given with the v1 field names of an import row.
 
     Absent keys, ``None`` and blank strings mean "not given" (CSV rows have empty
     cells; keyword-argument producers pass ``None``). Raises `InvalidChange` naming the
-    first offending field.
+    first offending field. `now` (epoch seconds, default: this machine's clock) is what
+    `occurred_at` may not lie more than `MAX_FUTURE_SECONDS` ahead of.
     """
     if type(data) is not dict and not isinstance(data, Mapping):
         raise InvalidChange("change", f"must be a mapping of field names, got {_type(data)}")
@@ -139,18 +161,100 @@ def parse_change(data: Mapping[str, Any]) -> Change:
             )
 
     delay = _parse_delay(data.get("delay_seconds"))
-    return Change(group_id, state, kind, value, double_opt_in, delay)
+    occurred = data.get("occurred_at")
+    occurred_ms = None if _is_blank(occurred) else parse_occurred_at(occurred, now)
+    source = data.get("source")
+    respect = data.get("respect_opt_out")
+    return Change(
+        group_id,
+        state,
+        kind,
+        value,
+        double_opt_in,
+        delay,
+        occurred_ms,
+        "" if source is None else _parse_source(source),
+        False if respect is None else _parse_bool("respect_opt_out", respect),
+    )
 
 
 def change_to_row(change: Change) -> dict[str, Any]:
     """The inverse of `parse_change`: an import row (v1 field names) for a change."""
-    return {
+    row: dict[str, Any] = {
         "subscription_group_id": change.group_id,
         "subscription_state": change.state.value,
         change.kind.value: change.value,
         "use_double_opt_in_logic": change.double_opt_in,
         "delay_seconds": change.delay_seconds,
     }
+    if change.occurred_ms is not None:
+        row["occurred_at"] = format_ms(change.occurred_ms)
+    if change.source:
+        row["source"] = change.source
+    if change.respect_opt_out:
+        row["respect_opt_out"] = True
+    return row
+
+
+def format_ms(ms: int) -> str:
+    """Milliseconds since the epoch as RFC 3339 in UTC, e.g. 2026-11-28T06:00:00.250Z."""
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_occurred_at(value: Any, now: float | None = None) -> int:
+    """`occurred_at` in ms since the epoch: RFC 3339 with a UTC offset ("Z" or "+02:00"),
+    or seconds since the epoch (a number, or a string of one). Refuses a time without an
+    offset (whose clock would it be?), before 1970, or more than `MAX_FUTURE_SECONDS`
+    ahead of `now`."""
+    field = "occurred_at"
+    if isinstance(value, bool):
+        raise InvalidChange(field, f"must be an RFC 3339 time or epoch seconds, got {_show(value)}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = _rfc3339_seconds(text)
+    else:
+        raise InvalidChange(field, f"must be an RFC 3339 time or epoch seconds, got {_type(value)}")
+    if not math.isfinite(seconds):
+        raise InvalidChange(field, f"must be a finite time, got {_show(value)}")
+    if seconds < 0:
+        raise InvalidChange(field, f"must not be before 1970, got {_show(value)}")
+    limit = (time.time() if now is None else now) + MAX_FUTURE_SECONDS
+    if seconds > limit:
+        hint = " (milliseconds? give seconds)" if seconds > limit * 100 else ""
+        raise InvalidChange(
+            field,
+            f"lies more than {MAX_FUTURE_SECONDS // 60} minutes in the future{hint}, "
+            f"got {_show(value)}",
+        )
+    return round(seconds * 1000)
+
+
+def _rfc3339_seconds(text: str) -> float:
+    # datetime.fromisoformat (Python 3.11+) reads RFC 3339, "Z" included; nothing to add
+    # a dependency for. Dates without a time and times without an offset are refused.
+    field = "occurred_at"
+    if len(text) < 11 or text[10] not in "Tt ":
+        raise InvalidChange(
+            field,
+            f"must be RFC 3339 (e.g. 2026-11-28T06:00:00Z) or epoch seconds, got {_show(text)}",
+        )
+    try:
+        moment = datetime.fromisoformat(text.upper() if text[10] == "t" else text)
+    except ValueError:
+        raise InvalidChange(
+            field, f"is not a valid RFC 3339 time (e.g. 2026-11-28T06:00:00Z), got {_show(text)}"
+        ) from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise InvalidChange(
+            field, f"needs a UTC offset, e.g. {text}Z or {text}+01:00, got {_show(text)}"
+        )
+    return moment.timestamp()
 
 
 def normalise_external_id(value: Any) -> str:
@@ -234,6 +338,10 @@ def _pick_identifier(data: Mapping[str, Any]) -> tuple[IdentifierKind, Any]:
 
 
 def _parse_double_opt_in(value: Any) -> bool:
+    return _parse_bool("use_double_opt_in_logic", value)
+
+
+def _parse_bool(field: str, value: Any) -> bool:
     if value is None or value is False:
         return False
     if value is True:
@@ -242,9 +350,15 @@ def _parse_double_opt_in(value: Any) -> bool:
         parsed = _BOOL_STRINGS.get(value.strip().lower())
         if parsed is not None:
             return parsed
-    raise InvalidChange(
-        "use_double_opt_in_logic", f"must be true or false (or yes/no, 1/0), got {_show(value)}"
-    )
+    raise InvalidChange(field, f"must be true or false (or yes/no, 1/0), got {_show(value)}")
+
+
+def _parse_source(value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidChange("source", f"must be a string, got {_type(value)}")
+    if _is_blank(value):
+        return ""
+    return _plain_string("source", value, MAX_SOURCE_LENGTH)
 
 
 def _parse_delay(value: Any) -> float:

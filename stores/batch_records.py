@@ -29,6 +29,9 @@ class BatchRecord:
     created_ms: int
     last_error: str | None = None
     pack: tuple[str, ...] = ()  # ids of the batches planned to share one v2 request
+    # The members whose change asked to respect an opt-out Braze holds (`respect_opt_out`):
+    # a `subscribed` change is not to be sent for them if Braze has them unsubscribed.
+    respect_opt_out: frozenset[str] = frozenset()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> BatchRecord:
@@ -47,6 +50,9 @@ class BatchRecord:
             last_error=data.get("error"),
             # Lua's cjson writes an empty list as {}.
             pack=tuple(data.get("pack") or ()),
+            respect_opt_out=frozenset(
+                member[0] for member in data["members"] if len(member) > 2 and member[2]
+            ),
         )
 
     @property

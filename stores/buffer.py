@@ -26,15 +26,18 @@ ENQUEUE_CHUNK = 1000
 # change), the importer encodes and sends the next (~4 µs a change) instead of waiting.
 CALLS_IN_FLIGHT = 3
 # The enqueue script's arguments per change (see `encode_change` and enqueue.lua).
-ARGS_PER_CHANGE = 4
+ARGS_PER_CHANGE = 7
 
 _STATE_BYTES: dict[SubscriptionState, bytes] = {
     state: state.value.encode() for state in SubscriptionState
 }
 
 
-def encode_change(change: Change) -> tuple[bytes, bytes, bytes, bytes]:
+def encode_change(change: Change) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes]:
     """The enqueue script's arguments for one change: the buffer's wire format, owned here.
+
+    field, state, double opt-in (0|1), delay (ms), occurred at (ms, or empty: Redis's clock
+    stands in), source (may be empty), respect opt-out (0|1); see enqueue.lua.
 
     Encoding to bytes here (rather than letting redis-py do it) lets the import encode rows
     where they are validated, in parallel, and finds text UTF-8 cannot carry (a lone
@@ -45,6 +48,9 @@ def encode_change(change: Change) -> tuple[bytes, bytes, bytes, bytes]:
         _STATE_BYTES[change.state],
         b"1" if change.double_opt_in else b"0",
         b"%d" % round(change.delay_seconds * 1000),
+        b"" if change.occurred_ms is None else b"%d" % change.occurred_ms,
+        change.source.encode(),
+        b"1" if change.respect_opt_out else b"0",
     )
 
 

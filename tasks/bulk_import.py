@@ -18,6 +18,7 @@ of errors kept, whatever the file's size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import pickle
 import tempfile
@@ -94,7 +95,7 @@ def parallel_jobs(path: Path, jobs: int | None, min_bytes: int = PARALLEL_MIN_BY
 
 
 def checked_chunks(
-    path: Path, jobs: int = 1, chunk_lines: int = CHUNK_LINES
+    path: Path, jobs: int = 1, chunk_lines: int = CHUNK_LINES, respect_opt_outs: bool = False
 ) -> Iterator[ChunkResult]:
     """Every chunk of the file validated, in file order: in this process when `jobs` is 1,
     else by `jobs` worker processes with at most `IN_FLIGHT_PER_JOB * jobs` chunks in flight.
@@ -103,14 +104,15 @@ def checked_chunks(
     worker starts. Close the iterator to stop early: queued chunks are dropped.
     """
     chunks = read_chunks(path, chunk_lines)
+    check = functools.partial(check_chunk, respect_opt_outs=respect_opt_outs)
     if jobs <= 1:
-        yield from map(check_chunk, chunks)
+        yield from map(check, chunks)
         return
     first = next(chunks, None)  # problems with the file as a whole surface here
     if first is None:
         return
     results = ordered_map(
-        check_chunk, chain((first,), chunks), jobs=jobs, in_flight=IN_FLIGHT_PER_JOB * jobs
+        check, chain((first,), chunks), jobs=jobs, in_flight=IN_FLIGHT_PER_JOB * jobs
     )
     with contextlib.closing(results):
         yield from results
@@ -200,23 +202,25 @@ def enqueue_file(
     jobs: int | None = None,
     chunk_lines: int = CHUNK_LINES,
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
+    respect_opt_outs: bool = False,
 ) -> ImportResult:
     """Import a file: validate it all first (unless `skip_invalid`), then enqueue in order.
 
     `jobs` processes validate it (None: one per CPU; 1: this process); files under
     `parallel_min_bytes` are validated here. `result.jobs` says how many did.
+    `respect_opt_outs` sets `respect_opt_out` on every row.
     """
     path = Path(path)
     result = ImportResult(jobs=parallel_jobs(path, jobs, parallel_min_bytes))
     if not skip_invalid:
-        results = checked_chunks(path, result.jobs, chunk_lines)
+        results = checked_chunks(path, result.jobs, chunk_lines, respect_opt_outs)
         with contextlib.closing(results):
             _validate_then_enqueue(results, buffer, progress, result)
         return result
 
     # --skip-invalid: one pass; bad rows go to the rejects file as they come.
     with _rejects_writer(rejects) as rejects_file:
-        results = checked_chunks(path, result.jobs, chunk_lines)
+        results = checked_chunks(path, result.jobs, chunk_lines, respect_opt_outs)
         with contextlib.closing(results):
             _enqueue_valid_rows(results, buffer, progress, result, rejects_file)
     return result

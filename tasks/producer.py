@@ -41,8 +41,16 @@ def enqueue_change(
     phone: str | None = None,
     use_double_opt_in_logic: bool | None = None,
     delay_seconds: float | None = None,
+    occurred_at: str | float | None = None,
+    source: str | None = None,
+    respect_opt_out: bool | None = None,
 ) -> Change:
-    """Validate and enqueue one change; returns it normalised. Raises `InvalidChange`."""
+    """Validate and enqueue one change; returns it normalised. Raises `InvalidChange`.
+
+    `occurred_at` (RFC 3339 with an offset, or epoch seconds) is when the change happened
+    at its source: the change that occurred last wins, whatever order changes arrive in.
+    `source` says who or what made it (kept in the history); `respect_opt_out` keeps a
+    `subscribed` change from being sent for an identifier Braze holds as unsubscribed."""
     change = parse_change(
         _without_none(
             {
@@ -53,6 +61,9 @@ def enqueue_change(
                 "phone": phone,
                 "use_double_opt_in_logic": use_double_opt_in_logic,
                 "delay_seconds": delay_seconds,
+                "occurred_at": occurred_at,
+                "source": source,
+                "respect_opt_out": respect_opt_out,
             }
         )
     )

@@ -214,10 +214,15 @@ def read_chunks(path: Path, lines: int = CHUNK_LINES) -> Iterator[Chunk]:
     return _jsonl_chunks(path, lines) if _is_jsonl(path) else _csv_chunks(path, lines)
 
 
-def check_chunk(chunk: Chunk) -> ChunkResult:
+# The position of `respect_opt_out` among a change's enqueue-script arguments.
+_RESPECT_OPT_OUT_ARG = 6
+
+
+def check_chunk(chunk: Chunk, respect_opt_outs: bool = False) -> ChunkResult:
     """Validate one chunk: what `iter_changes` says of its rows, in compact form.
 
-    A plain function of its argument, so it runs the same in a worker process.
+    A plain function of its arguments, so it runs the same in a worker process.
+    `respect_opt_outs` sets `respect_opt_out` on every valid row (`import --respect-opt-outs`).
     """
     if isinstance(chunk, JsonlChunk):
         rows = _jsonl_rows(enumerate(chunk.lines, chunk.first_line))
@@ -236,6 +241,8 @@ def check_chunk(chunk: Chunk) -> ChunkResult:
             args += encode_change(item)
         except UnicodeEncodeError:
             errors.append(_unencodable(line, item))
+    if respect_opt_outs:
+        args[_RESPECT_OPT_OUT_ARG::ARGS_PER_CHANGE] = [b"1"] * (len(args) // ARGS_PER_CHANGE)
     packed = pickle.dumps(args, pickle.HIGHEST_PROTOCOL)
     return ChunkResult(chunk.last_line, count, len(args) // ARGS_PER_CHANGE, errors, packed)
 

@@ -45,7 +45,8 @@ for _, member in ipairs(record.members) do
     redis.call('HSET', KEYS[11], field, ARGV[1])
   end
   identifiers[#identifiers + 1] = {
-    kind = record.kind, value = member[1], seq = member[2], superseded = superseded}
+    kind = record.kind, value = member[1], seq = member[2], superseded = superseded,
+    r = member[3] or 0, w = member[4]}
 end
 if ARGV[3] == 'dead' then
   redis.call('HSET', KEYS[7], ARGV[1], cjson.encode({

@@ -34,8 +34,9 @@ for _, identifier in ipairs(entry.identifiers) do
   else
     redis.call('HDEL', KEYS[8], field)
     local seq = redis.call('INCR', KEYS[4])
-    redis.call('HSET', KEYS[5], field,
-      cjson.encode({s = entry.subscription_state, o = doi, q = seq, t = now}))
+    redis.call('HSET', KEYS[5], field, cjson.encode({
+      s = entry.subscription_state, o = doi, q = seq, t = now, w = identifier.w or now,
+      r = identifier.r or 0}))
     if redis.call('HEXISTS', KEYS[7], field) == 0 then
       redis.call('ZADD', KEYS[6], now, field)
     end

@@ -10,6 +10,9 @@
 -- ARGV[6] redispatch after (ms)    ARGV[7] JSON array: ids of the batches planned to share
 -- one v2 request with this one (its pack)   ARGV[8..] pairs: value, sequence number planned
 --
+-- The record's members are [value, seq, respect opt-out 0|1, occurred at ms], so the poster
+-- sees per member whether Braze's opt-out is to be respected.
+--
 -- Guarantees: a member is taken only if the buffer still holds exactly the planned change
 -- (same sequence number) and no batch locks its field. So a change enters at most one
 -- batch even with two coalescers running, and a change written after planning stays in the
@@ -22,12 +25,13 @@ local members = {}
 for i = 8, #ARGV, 2 do
   local field = prefix .. ARGV[i]
   local current = redis.call('HGET', KEYS[1], field)
-  if current and cjson.decode(current).q == tonumber(ARGV[i + 1])
+  local change = current and cjson.decode(current)
+  if change and change.q == tonumber(ARGV[i + 1])
       and redis.call('HEXISTS', KEYS[3], field) == 0 then
     redis.call('HDEL', KEYS[1], field)
     redis.call('ZREM', KEYS[2], field)
     redis.call('HSET', KEYS[3], field, ARGV[1])
-    members[#members + 1] = {ARGV[i], tonumber(ARGV[i + 1])}
+    members[#members + 1] = {ARGV[i], change.q, change.r or 0, change.w or change.t}
   end
 end
 if #members == 0 then

@@ -349,7 +349,7 @@ def test_concurrent_coalescer_ticks_never_put_a_change_in_two_batches(env, redis
     for batch_id in recorder.ids:
         record = batch_record(buffer, batch_id)
         assert 1 <= len(record["members"]) <= 50
-        for value, _seq in record["members"]:
+        for value, _seq, *_ in record["members"]:
             assert value not in seen, f"{value} in batches {seen[value]} and {batch_id}"
             seen[value] = batch_id
             total += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import phonenumbers
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 from core.changes import (
     MAX_DELAY_SECONDS,
     MAX_EXTERNAL_ID_LENGTH,
+    MAX_FUTURE_SECONDS,
+    MAX_SOURCE_LENGTH,
     Change,
     IdentifierKind,
     InvalidChange,
@@ -379,3 +382,118 @@ def test_lone_surrogates_are_refused_with_their_position(field):
         parse_change(row)
     assert caught.value.field == field
     assert "lone surrogates" in caught.value.message and "position 1" in caught.value.message
+
+
+# --------------------------------------------------------------------------------------
+# occurred_at, source, respect_opt_out
+# --------------------------------------------------------------------------------------
+
+NOW = 1_795_845_600.0  # 2026-11-28T06:00:00Z
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected_ms"),
+    [
+        ("2026-11-28T06:00:00Z", 1_795_845_600_000),
+        ("2026-11-28t06:00:00z", 1_795_845_600_000),
+        ("2026-11-28T07:00:00+01:00", 1_795_845_600_000),
+        ("2026-11-28 05:59:59.250-00:00", 1_795_845_599_250),
+        ("2026-11-27T20:00:00-10:00", 1_795_845_600_000),
+        (1_795_845_600, 1_795_845_600_000),
+        (1_795_845_600.5, 1_795_845_600_500),
+        (" 1795845600 ", 1_795_845_600_000),
+        ("1795845600.001", 1_795_845_600_001),
+        (0, 0),
+        # Up to MAX_FUTURE_SECONDS ahead: clock skew between producers is tolerated.
+        (NOW + MAX_FUTURE_SECONDS, round((NOW + MAX_FUTURE_SECONDS) * 1000)),
+    ],
+)
+def test_occurred_at_values(raw: Any, expected_ms: int) -> None:
+    change = parse_change(row(external_id="u", occurred_at=raw), now=NOW)
+    assert change.occurred_ms == expected_ms
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ("2026-11-28T06:00:00", "needs a UTC offset"),
+        ("2026-11-28", "must be RFC 3339"),
+        ("yesterday", "must be RFC 3339"),
+        ("2026-13-01T00:00:00Z", "is not a valid RFC 3339 time"),
+        ("2026-11-28T25:00:00Z", "is not a valid RFC 3339 time"),
+        (True, "must be an RFC 3339 time or epoch seconds"),
+        ([1], "must be an RFC 3339 time or epoch seconds, got list"),
+        ("nan", "must be a finite time"),
+        (float("inf"), "must be a finite time"),
+        (-1, "must not be before 1970"),
+        (NOW + MAX_FUTURE_SECONDS + 1, "more than 5 minutes in the future"),
+        ("2026-11-29T06:00:00Z", "more than 5 minutes in the future"),
+        (NOW * 1000, "(milliseconds? give seconds)"),
+    ],
+)
+def test_occurred_at_refused(raw: Any, fragment: str) -> None:
+    with pytest.raises(InvalidChange) as caught:
+        parse_change(row(external_id="u", occurred_at=raw), now=NOW)
+    assert caught.value.field == "occurred_at"
+    assert fragment in caught.value.message
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("blank", [None, "", "   "])
+def test_blank_occurred_at_is_not_given(blank: Any) -> None:
+    assert parse_change(row(external_id="u", occurred_at=blank)).occurred_ms is None
+
+
+def test_occurred_at_future_limit_uses_the_clock() -> None:
+    """Without `now`, the limit is counted from this machine's clock."""
+    with pytest.raises(InvalidChange):
+        parse_change(row(external_id="u", occurred_at=time.time() + MAX_FUTURE_SECONDS + 60))
+    assert parse_change(row(external_id="u", occurred_at=time.time())).occurred_ms is not None
+
+
+def test_source_is_trimmed_bounded_and_plain() -> None:
+    assert parse_change(row(external_id="u", source=" checkout-form ")).source == "checkout-form"
+    assert parse_change(row(external_id="u", source="  ")).source == ""
+    assert parse_change(row(external_id="u")).source == ""
+    longest = "s" * MAX_SOURCE_LENGTH
+    assert parse_change(row(external_id="u", source=longest)).source == longest
+    for bad, fragment in [
+        ("s" * (MAX_SOURCE_LENGTH + 1), f"at most {MAX_SOURCE_LENGTH} characters"),
+        ("a\x1fb", "control characters"),
+        (5, "must be a string"),
+    ]:
+        with pytest.raises(InvalidChange) as caught:
+            parse_change(row(external_id="u", source=bad))
+        assert caught.value.field == "source"
+        assert fragment in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(None, False), (True, True), (False, False), ("yes", True), ("0", False), ("", False)],
+)
+def test_respect_opt_out_values(raw: Any, expected: bool) -> None:
+    assert parse_change(row(email="a@example.com", respect_opt_out=raw)).respect_opt_out is expected
+
+
+def test_respect_opt_out_refuses_non_booleans() -> None:
+    with pytest.raises(InvalidChange) as caught:
+        parse_change(row(email="a@example.com", respect_opt_out="maybe"))
+    assert caught.value.field == "respect_opt_out"
+
+
+def test_change_to_row_round_trip_with_event_fields() -> None:
+    change = Change(
+        "g",
+        SubscriptionState.UNSUBSCRIBED,
+        IdentifierKind.EMAIL,
+        "a@example.com",
+        False,
+        0.0,
+        occurred_ms=1_795_845_599_250,
+        source="support:ticket-123",
+        respect_opt_out=True,
+    )
+    row_ = change_to_row(change)
+    assert row_["occurred_at"] == "2026-11-28T05:59:59.250Z"
+    assert parse_change(row_, now=NOW) == change
