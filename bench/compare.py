@@ -28,11 +28,12 @@ from importlib.metadata import version
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from bench import plots, report
-from bench.recording import RecordingState, start_simulator
+from bench import plots, recording, report
+from bench.recording import start_simulator
 from bench.systems import FAST_RECOVERY, System, systems_for
 from bench.workloads import FULL, QUICK, Key, Workload, Write, build
 from devtools.processes import ProcessGroup, local_redis
+from simulator import SimulatorState
 
 RESULTS = Path(__file__).resolve().parent / "results"
 API_KEY = "bench-key"
@@ -87,7 +88,7 @@ def stream(
         sent = due
 
 
-def wait_until_idle(system: System, state: RecordingState, deadline: float) -> None:
+def wait_until_idle(system: System, state: SimulatorState, deadline: float) -> None:
     idle_since: float | None = None
     while time.time() < deadline:
         requests = state.requests()
@@ -149,7 +150,7 @@ def run_one(
         cut = time.time()
         left = sum(system.leftovers().values())
         requests = [(r.t, r.status, r.identifiers) for r in state.requests()]
-        arrivals = state.arrivals()
+        arrivals = recording.arrivals(state)
         final = {(s["group"], s["kind"], s["value"]): s["state"] for s in state.subscriptions()}
         stopping = time.time()
     say(

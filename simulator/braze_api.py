@@ -1,10 +1,13 @@
-"""The Braze endpoints: v1/v2 `subscription/status/set` and `subscription/status/get`.
+"""The Braze endpoints: v1/v2 `subscription/status/set` (here) and the two read endpoints
+(`simulator.reads`).
 
 A subscription post goes through: latency fault, auth (401), outage fault (503), the rate
 limit (429; from here on the request counts in the window, as at Braze), error-rate fault
-(500), reject fault (400), body validation (400), then the state change (201). The answer is
-logged and counted, then held while the `hold` fault is on. Every answer carries the
-X-RateLimit-* headers.
+(500), the reject faults (400: `reject` naming the identifier, `reject_anonymous` naming
+none, `reject_groups` naming the group), body validation (400), then the state change (201;
+202 under the `queued` fault; `errors: [...]` listing `soft_errors` identifiers, which are
+not applied). The answer is logged and counted, then held while the `hold` fault is on.
+Every answer carries the X-RateLimit-* headers.
 """
 
 from __future__ import annotations
@@ -17,23 +20,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from simulator.auth import bearer_key
 from simulator.hold import HoldGate
 from simulator.model import Endpoint, Kind, ValidatedRequest
 from simulator.ratelimit import WindowStatus
+from simulator.reads import ReadApi
 from simulator.state import Outcome, RequestRecord, SimulatorState
-from simulator.validation import collect_identifiers, validate
+from simulator.validation import collect_groups, collect_identifiers, validate
 
 _NOT_JSON = object()
 
-
-def bearer_key(authorization: str | None) -> str | None:
-    """The key of an `Authorization: Bearer <key>` header, None when absent or malformed."""
-    if not authorization:
-        return None
-    scheme, _, key = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        return None
-    return key.strip()
+# The `reject_anonymous` answer: Braze refuses the batch without saying which identifier.
+ANONYMOUS_REJECTION = "Bad request: the request could not be processed"
 
 
 def _parse_json(raw: bytes) -> object:
@@ -54,7 +52,7 @@ class BrazeApi:
         return [
             Route("/subscription/status/set", self.post_v1, methods=["POST"]),
             Route("/v2/subscription/status/set", self.post_v2, methods=["POST"]),
-            Route("/subscription/status/get", self.get_status, methods=["GET"]),
+            *ReadApi(self._state).routes(),
         ]
 
     async def post_v1(self, request: Request) -> Response:
@@ -85,10 +83,14 @@ class BrazeApi:
             outcome: Outcome,
             window: WindowStatus,
             validated: ValidatedRequest | None = None,
+            skipped: dict[tuple[Kind, str], None] | None = None,
         ) -> Response:
             record = RequestRecord(now, endpoint, distinct, entries, status)
-            state.finish(record, outcome, validated)
-            return JSONResponse({"message": message}, status, headers=window.headers())
+            state.finish(record, outcome, validated, skipped=frozenset(skipped or ()))
+            content: dict[str, Any] = {"message": message}
+            if skipped:
+                content["errors"] = [f"Invalid {kind}: {value}" for kind, value in skipped]
+            return JSONResponse(content, status, headers=window.headers())
 
         if not state.authorize(bearer_key(authorization)):
             message = "Invalid API key: missing or not recognised"
@@ -106,31 +108,20 @@ class BrazeApi:
         if rejected is not None:
             kind, value = rejected
             return reply(400, f"Invalid {kind}: {value}", Outcome.REJECTED, window)
+        if state.rejected_anonymously(identifiers):
+            return reply(400, ANONYMOUS_REJECTION, Outcome.REJECTED, window)
+        group = state.rejected_group(collect_groups(endpoint, body))
+        if group is not None:
+            message = f"Unknown subscription_group_id: {group}"
+            return reply(400, message, Outcome.REJECTED, window)
         if body is _NOT_JSON:
             return reply(400, "Request body must be valid JSON", Outcome.MALFORMED, window)
         result = validate(endpoint, body, state.validation_rules())
         if isinstance(result, str):
             return reply(400, result, Outcome.MALFORMED, window)
-        return reply(201, "success", Outcome.OK, window, result)
-
-    async def get_status(self, request: Request) -> Response:
-        """`GET /subscription/status/get`: not counted against the status/set budget."""
-        state = self._state
-        if not state.authorize(bearer_key(request.headers.get("authorization"))):
-            return _error(401, "Invalid API key: missing or not recognised")
-        params = request.query_params
-        group = params.get("subscription_group_id")
-        if not group:
-            return _error(400, "Missing subscription_group_id")
-        if state.group_channel(group) is None and not state.config.auto_groups:
-            return _error(400, f"Unknown subscription_group_id: {group}")
-        kinds: tuple[Kind, ...] = ("external_id", "email", "phone")
-        identifiers = [(kind, value) for kind in kinds for value in params.getlist(kind)]
-        if not identifiers:
-            return _error(400, "One of external_id, email or phone is required")
-        status: dict[str, Any] = state.lookup(group, identifiers)
-        return JSONResponse({"status": status, "message": "success"})
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"message": message}, status)
+        faults = state.faults()
+        soft = faults.soft_errors
+        skipped = dict.fromkeys((u.kind, u.value) for u in result.updates if u.value in soft)
+        if faults.queued:
+            return reply(202, "queued", Outcome.OK, window, result, skipped)
+        return reply(201, "success", Outcome.OK, window, result, skipped)

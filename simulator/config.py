@@ -13,9 +13,15 @@ DEFAULT_API_KEY = "sim-key"
 class SimulatorConfig:
     """How the simulated Braze workspace behaves.
 
-    `latency_ms` and `error_rate` are the initial values of the fault switches of the same
-    names; `POST /_sim/reset` restores them, as it restores `api_keys`, `rate_limit` and
-    `window_seconds`.
+    `latency_ms`, `error_rate` and `legacy_read_values` are the initial values of the fault
+    switches of the same names; `POST /_sim/reset` restores them, as it restores `api_keys`,
+    the write budget (`rate_limit` per `window_seconds`) and the read budget
+    (`read_rate_limit` per `read_window_seconds`, Braze's general 250,000 per hour, separate
+    from the 5,000 per minute of the subscription posts).
+
+    `applied_log_limit` caps the applied-states log (one small record per identifier a post
+    applied, see `SimulatorState.applied`): None keeps every one (tests, benchmarks); once
+    the cap is reached recording stops and the log says it is incomplete.
     """
 
     api_keys: set[str] = field(default_factory=lambda: {DEFAULT_API_KEY})
@@ -27,6 +33,11 @@ class SimulatorConfig:
     max_identifiers: int = 50
     latency_ms: float = 0
     error_rate: float = 0.0
+    read_rate_limit: int = 250_000
+    read_window_seconds: float = 3600
+    read_max_identifiers: int = 100
+    legacy_read_values: bool = False
+    applied_log_limit: int | None = None
 
     def __post_init__(self) -> None:
         self.api_keys = set(self.api_keys)
@@ -47,6 +58,14 @@ class SimulatorConfig:
             raise ValueError("latency_ms must not be negative")
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError("error_rate must be between 0 and 1")
+        if self.read_rate_limit < 1:
+            raise ValueError("read_rate_limit must be at least 1")
+        if self.read_window_seconds <= 0:
+            raise ValueError("read_window_seconds must be positive")
+        if self.read_max_identifiers < 1:
+            raise ValueError("read_max_identifiers must be at least 1")
+        if self.applied_log_limit is not None and self.applied_log_limit < 0:
+            raise ValueError("applied_log_limit must not be negative")
 
     def group_channels(self) -> dict[str, Channel]:
         """The configured groups and their channel."""

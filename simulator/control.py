@@ -1,8 +1,10 @@
-"""The control API under `/_sim/` (no auth): inspect state, reset, switch faults."""
+"""The control API under `/_sim/` (no auth): inspect state, reset, switch faults, read the
+applied-states log (`/_sim/applied`), set a state "in Braze" (`/_sim/set_state`)."""
 
 from __future__ import annotations
 
 import json
+from typing import Any, cast
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -10,6 +12,7 @@ from starlette.routing import Route
 
 from simulator.faults import parse_fault_update
 from simulator.hold import HoldGate
+from simulator.model import KINDS, Kind, SubscriptionState
 from simulator.state import SimulatorState
 
 
@@ -28,6 +31,8 @@ class ControlApi:
             Route("/_sim/reset", self.reset, methods=["POST"]),
             Route("/_sim/faults", self.get_faults, methods=["GET"]),
             Route("/_sim/faults", self.set_faults, methods=["POST"]),
+            Route("/_sim/applied", self.get_applied, methods=["GET"]),
+            Route("/_sim/set_state", self.set_state, methods=["POST"]),
         ]
 
     async def health(self, request: Request) -> Response:
@@ -47,10 +52,44 @@ class ControlApi:
     async def get_faults(self, request: Request) -> Response:
         return JSONResponse(self._state.faults().to_json())
 
-    async def set_faults(self, request: Request) -> Response:
+    async def get_applied(self, request: Request) -> Response:
+        """`{"complete": bool, "applied": [{"group", "kind", "value", "states": [{"t",
+        "state", "source", "request", "external"}]}]}`; `group`, `kind`, `value` filter."""
+        params = request.query_params
+        kind = params.get("kind")
+        if kind is not None and kind not in KINDS:
+            return JSONResponse({"message": f"kind must be one of {', '.join(KINDS)}"}, 400)
+        document = self._state.applied_document(
+            params.get("group"), cast(Kind | None, kind), params.get("value")
+        )
+        return JSONResponse(document)
+
+    async def set_state(self, request: Request) -> Response:
+        """`{"group", "kind", "value" | "values": [...], "state"}`: set states as Braze's own
+        channels would (footer link, STOP reply); logged as external, no budget spent."""
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            return JSONResponse({"message": "Body must be a JSON object"}, 400)
+        unknown = sorted(set(body) - {"group", "kind", "value", "values", "state"})
+        if unknown:
+            return JSONResponse({"message": f"Unknown field: {unknown[0]}"}, 400)
+        group, kind, state = body.get("group"), body.get("kind"), body.get("state")
+        if not isinstance(group, str) or not group:
+            return JSONResponse({"message": "group must be a non-empty string"}, 400)
+        if ("value" in body) == ("values" in body):
+            return JSONResponse({"message": "give one of value or values"}, 400)
+        values: Any = [body["value"]] if "value" in body else body["values"]
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            return JSONResponse({"message": "values must be an array of strings"}, 400)
         try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
+            self._state.set_states(group, cast(Kind, kind), values, cast(SubscriptionState, state))
+        except ValueError as error:
+            return JSONResponse({"message": str(error)}, 400)
+        return JSONResponse({"message": "set", "count": len(values)})
+
+    async def set_faults(self, request: Request) -> Response:
+        body = await _json_body(request)
+        if body is _NOT_JSON:
             return JSONResponse({"message": "Body must be valid JSON"}, 400)
         update = parse_fault_update(body)
         if isinstance(update, str):
@@ -58,6 +97,16 @@ class ControlApi:
         faults = self._state.update_faults(update)
         self._gate.notify()
         return JSONResponse(faults.to_json())
+
+
+_NOT_JSON = object()
+
+
+async def _json_body(request: Request) -> object:
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        return _NOT_JSON
 
 
 def _wants_log(request: Request) -> bool:

@@ -10,7 +10,21 @@ from simulator.config import SimulatorConfig
 
 @dataclass(frozen=True, slots=True)
 class Faults:
-    """The current switches. `rate_limit` and `window_seconds` start from the config."""
+    """The current switches. The budgets and `legacy_reads` start from the config.
+
+    - `reject`: a post holding one of these values is refused with a 400 naming it
+      (`Invalid <kind>: <value>`), as Braze names a bad identifier.
+    - `reject_anonymous`: a post holding one of these values is refused with a 400 that
+      names no identifier (the sender must find the culprit by splitting).
+    - `reject_groups`: posts and reads for these group ids are refused with a 400 naming
+      the group (`Unknown subscription_group_id: <id>`), as for a deleted group.
+    - `soft_errors`: a post holding one of these values is answered 201 with `message:
+      success` plus `errors: [...]` naming them (Braze's non-fatal errors); those
+      identifiers are not applied, the rest of the post is.
+    - `queued`: posts are answered 202 `{"message": "queued"}` (maintenance) and applied.
+    - `legacy_reads`: `/subscription/status/get` answers the older 0 (subscribed),
+      1 (unsubscribed), null (unknown) form.
+    """
 
     api_keys: frozenset[str]
     rate_limit: int
@@ -20,6 +34,13 @@ class Faults:
     latency_ms: float = 0.0
     reject: frozenset[str] = frozenset()
     hold: bool = False
+    read_rate_limit: int = 250_000
+    read_window_seconds: float = 3600.0
+    reject_anonymous: frozenset[str] = frozenset()
+    reject_groups: frozenset[str] = frozenset()
+    soft_errors: frozenset[str] = frozenset()
+    queued: bool = False
+    legacy_reads: bool = False
 
     @classmethod
     def from_config(cls, config: SimulatorConfig) -> Faults:
@@ -29,6 +50,9 @@ class Faults:
             window_seconds=float(config.window_seconds),
             error_rate=float(config.error_rate),
             latency_ms=float(config.latency_ms),
+            read_rate_limit=config.read_rate_limit,
+            read_window_seconds=float(config.read_window_seconds),
+            legacy_reads=config.legacy_read_values,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -41,15 +65,24 @@ class Faults:
             "hold": self.hold,
             "rate_limit": self.rate_limit,
             "window_seconds": self.window_seconds,
+            "read_rate_limit": self.read_rate_limit,
+            "read_window_seconds": self.read_window_seconds,
+            "reject_anonymous": sorted(self.reject_anonymous),
+            "reject_groups": sorted(self.reject_groups),
+            "soft_errors": sorted(self.soft_errors),
+            "queued": self.queued,
+            "legacy_reads": self.legacy_reads,
         }
 
 
 @dataclass(frozen=True, slots=True)
 class FaultUpdate:
-    """A parsed `POST /_sim/faults` body: switch changes, and requests to spend now."""
+    """A parsed `POST /_sim/faults` body: switch changes, and requests to spend now
+    (`spend` from the write budget, `read_spend` from the read budget)."""
 
     changes: dict[str, Any] = field(default_factory=dict)
     spend: int = 0
+    read_spend: int = 0
 
 
 def _is_number(value: object) -> bool:
@@ -67,9 +100,9 @@ def parse_fault_update(body: object) -> FaultUpdate | str:
     if not isinstance(body, dict):
         return "Body must be a JSON object"
     changes: dict[str, Any] = {}
-    spend = 0
+    spend = read_spend = 0
     for key, value in body.items():
-        if key in ("outage", "hold"):
+        if key in ("outage", "hold", "queued", "legacy_reads"):
             if not isinstance(value, bool):
                 return f"{key} must be a boolean"
             changes[key] = value
@@ -81,23 +114,26 @@ def parse_fault_update(body: object) -> FaultUpdate | str:
             if not _is_number(value) or value < 0:
                 return "latency_ms must be a non-negative number"
             changes[key] = float(value)
-        elif key in ("reject", "api_keys"):
+        elif key in ("reject", "api_keys", "reject_anonymous", "reject_groups", "soft_errors"):
             parsed = _string_set(value, key)
             if isinstance(parsed, str):
                 return parsed
             changes[key] = parsed
-        elif key == "rate_limit":
+        elif key in ("rate_limit", "read_rate_limit"):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                return "rate_limit must be a positive integer"
+                return f"{key} must be a positive integer"
             changes[key] = value
-        elif key == "window_seconds":
+        elif key in ("window_seconds", "read_window_seconds"):
             if not _is_number(value) or value <= 0:
-                return "window_seconds must be a positive number"
+                return f"{key} must be a positive number"
             changes[key] = float(value)
-        elif key == "spend":
+        elif key in ("spend", "read_spend"):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                return "spend must be a non-negative integer"
-            spend = value
+                return f"{key} must be a non-negative integer"
+            if key == "spend":
+                spend = value
+            else:
+                read_spend = value
         else:
             return f"Unknown fault: {key}"
-    return FaultUpdate(changes, spend)
+    return FaultUpdate(changes, spend, read_spend)

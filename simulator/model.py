@@ -9,8 +9,13 @@ Kind = Literal["external_id", "email", "phone"]
 Channel = Literal["email", "sms"]
 SubscriptionState = Literal["subscribed", "unsubscribed"]
 Endpoint = Literal["v1", "v2"]
+ReadEndpoint = Literal["status_get", "user_status"]
+# Where an applied state came from: a post to v1 or v2, or `/_sim/set_state` ("external":
+# a change made in Braze itself, e.g. a footer-link opt-out, not by braze-subs).
+Source = Literal["v1", "v2", "external"]
 
 SUBSCRIPTION_STATES: tuple[SubscriptionState, ...] = ("subscribed", "unsubscribed")
+KINDS: tuple[Kind, ...] = ("external_id", "email", "phone")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +41,30 @@ class ValidatedRequest:
     identifiers: int
     entries: int
     learned_groups: dict[str, Channel] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """One state applied to one (group, kind, value), in the order the simulator applied it.
+
+    `t` is the simulator's clock when the request arrived; `request` the position of that
+    post in the request log since the last reset (None for an external change).
+    """
+
+    t: float
+    state: SubscriptionState
+    source: Source
+    request: int | None
+
+    @property
+    def external(self) -> bool:
+        return self.source == "external"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "t": self.t,
+            "state": self.state,
+            "source": self.source,
+            "request": self.request,
+            "external": self.external,
+        }

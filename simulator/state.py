@@ -1,6 +1,11 @@
-"""The simulated workspace: subscriptions, request log, counters, rate window, fault switches.
+"""The simulated workspace: subscriptions, request logs, counters, rate windows, faults,
+and the applied-states log (the order oracle).
 
 Thread-safe: the server's event loop writes, tests and the control API read from anywhere.
+
+Memory: the request logs hold one small record per request; the applied-states log one
+per identifier a successful post applied (about 150 bytes each with its list slot, see
+`bench/sim_applied_memory.py`), kept until `reset()` unless `applied_log_limit` caps it.
 """
 
 from __future__ import annotations
@@ -17,9 +22,19 @@ from typing import Any
 
 from simulator.config import SimulatorConfig
 from simulator.faults import Faults, FaultUpdate
-from simulator.model import Channel, Endpoint, Kind, SubscriptionState, ValidatedRequest
+from simulator.model import (
+    KINDS,
+    SUBSCRIPTION_STATES,
+    Applied,
+    Channel,
+    Endpoint,
+    Kind,
+    ReadEndpoint,
+    SubscriptionState,
+    ValidatedRequest,
+)
 from simulator.ratelimit import FixedWindowCounter, WindowStatus, sliding_window_max
-from simulator.validation import GroupRules
+from simulator.validation import GroupRules, is_valid_email, is_valid_phone
 
 
 class Outcome(enum.Enum):
@@ -29,7 +44,7 @@ class Outcome(enum.Enum):
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
     MALFORMED = "malformed"  # 400 from body validation
-    REJECTED = "rejected"  # 400 injected by the `reject` fault
+    REJECTED = "rejected"  # 400 injected by `reject`, `reject_anonymous`, `reject_groups`
     SERVER_ERROR = "server_error"  # 500/503 injected by `error_rate` / `outage`
 
 
@@ -39,6 +54,19 @@ class RequestRecord:
     endpoint: Endpoint
     identifiers: int
     entries: int
+    status: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRecord:
+    """One call of a read endpoint; `identifiers` is how many it asked about."""
+
+    t: float
+    endpoint: ReadEndpoint
+    identifiers: int
     status: int
 
     def to_json(self) -> dict[str, Any]:
@@ -61,6 +89,9 @@ class Counters:
     unauthorized: int = 0
     rate_limited_429: int = 0
     server_errors: int = 0
+    soft_errors: int = 0  # identifiers answered in `errors` of a 201 and not applied
+    queued_202: int = 0
+    external_changes: int = 0  # states set through `/_sim/set_state`
 
     def count(self, outcome: Outcome) -> None:
         self.requests_total += 1
@@ -76,6 +107,29 @@ class Counters:
         elif outcome is Outcome.RATE_LIMITED:
             self.rate_limited_429 += 1
         elif outcome is Outcome.SERVER_ERROR:
+            self.server_errors += 1
+
+
+@dataclass(slots=True)
+class ReadCounters:
+    requests_total: int = 0
+    requests_ok: int = 0
+    rejected_400: int = 0
+    unauthorized: int = 0
+    rate_limited_429: int = 0
+    server_errors: int = 0
+
+    def count(self, status: int) -> None:
+        self.requests_total += 1
+        if status == 200:
+            self.requests_ok += 1
+        elif status == 400:
+            self.rejected_400 += 1
+        elif status == 401:
+            self.unauthorized += 1
+        elif status == 429:
+            self.rate_limited_429 += 1
+        elif status >= 500:
             self.server_errors += 1
 
 
@@ -99,10 +153,18 @@ class SimulatorState:
         self._configured_groups: dict[str, Channel] = config.group_channels()
         self._groups: dict[str, Channel] = dict(self._configured_groups)
         self._subscriptions: dict[SubscriptionKey, Subscription] = {}
+        # (kind, value) -> the groups holding a state for it: `/subscription/user/status`.
+        self._groups_of: dict[tuple[Kind, str], set[str]] = {}
         self._log: list[RequestRecord] = []
         self._counters = Counters()
         self._faults = Faults.from_config(config)
         self._window = FixedWindowCounter(config.rate_limit, config.window_seconds)
+        self._read_window = FixedWindowCounter(config.read_rate_limit, config.read_window_seconds)
+        self._read_log: list[ReadRecord] = []
+        self._read_counters = ReadCounters()
+        self._applied: dict[SubscriptionKey, list[Applied]] = {}
+        self._applied_count = 0
+        self._applied_complete = True
         self._held = 0
 
     @property
@@ -124,8 +186,13 @@ class SimulatorState:
         with self._lock:
             self._faults = dataclasses.replace(self._faults, **update.changes)
             self._window.configure(self._faults.rate_limit, self._faults.window_seconds)
+            self._read_window.configure(
+                self._faults.read_rate_limit, self._faults.read_window_seconds
+            )
             if update.spend:
                 self._window.spend(self._clock(), update.spend)
+            if update.read_spend:
+                self._read_window.spend(self._clock(), update.read_spend)
             return self._faults
 
     def roll_server_error(self) -> bool:
@@ -144,6 +211,18 @@ class SimulatorState:
         if not reject:
             return None
         return next(((kind, value) for kind, value in identifiers if value in reject), None)
+
+    def rejected_anonymously(self, identifiers: Iterable[tuple[Kind, str]]) -> bool:
+        """True when the `reject_anonymous` fault refuses a post holding these identifiers."""
+        reject = self._faults.reject_anonymous
+        return bool(reject) and any(value in reject for _, value in identifiers)
+
+    def rejected_group(self, groups: Iterable[str]) -> str | None:
+        """The first group id refused by the `reject_groups` fault, if any."""
+        reject = self._faults.reject_groups
+        if not reject:
+            return None
+        return next((group for group in groups if group in reject), None)
 
     # --- hold --------------------------------------------------------------------------------
 
@@ -173,6 +252,15 @@ class SimulatorState:
         with self._lock:
             return self._window.peek(now)
 
+    def consume_read(self, now: float) -> WindowStatus:
+        """As `consume`, from the read budget (the read endpoints' own limit)."""
+        with self._lock:
+            return self._read_window.consume(now)
+
+    def peek_read_window(self, now: float) -> WindowStatus:
+        with self._lock:
+            return self._read_window.peek(now)
+
     # --- validation and results -----------------------------------------------------------
 
     def validation_rules(self) -> GroupRules:
@@ -183,25 +271,98 @@ class SimulatorState:
         )
 
     def finish(
-        self, record: RequestRecord, outcome: Outcome, request: ValidatedRequest | None = None
+        self,
+        record: RequestRecord,
+        outcome: Outcome,
+        request: ValidatedRequest | None = None,
+        *,
+        skipped: frozenset[tuple[Kind, str]] = frozenset(),
     ) -> None:
-        """Log one subscription post; apply its updates when it succeeded."""
+        """Log one subscription post; apply its updates (but `skipped`) when it succeeded."""
         with self._lock:
+            position = len(self._log)
             self._log.append(record)
             self._counters.count(outcome)
             if outcome is not Outcome.OK or request is None:
                 return
+            self._counters.soft_errors += len(skipped)
+            if record.status == 202:
+                self._counters.queued_202 += 1
             for group, channel in request.learned_groups.items():
                 self._groups.setdefault(group, channel)
             for update in request.updates:
+                if (update.kind, update.value) in skipped:
+                    continue
                 key = (update.group, update.kind, update.value)
-                current = self._subscriptions.get(key)
-                if current is None:
-                    self._subscriptions[key] = Subscription(update.state, update.double_opt_in, 1)
-                else:
-                    current.state = update.state
-                    current.double_opt_in = update.double_opt_in
-                    current.updates += 1
+                self._apply(key, update.state, update.double_opt_in)
+                self._record(key, Applied(record.t, update.state, record.endpoint, position))
+
+    def _apply(self, key: SubscriptionKey, state: SubscriptionState, double_opt_in: bool) -> None:
+        current = self._subscriptions.get(key)
+        if current is None:
+            self._subscriptions[key] = Subscription(state, double_opt_in, 1)
+            group, kind, value = key
+            self._groups_of.setdefault((kind, value), set()).add(group)
+        else:
+            current.state = state
+            current.double_opt_in = double_opt_in
+            current.updates += 1
+
+    def _record(self, key: SubscriptionKey, applied: Applied) -> None:
+        limit = self._config.applied_log_limit
+        if limit is not None and self._applied_count >= limit:
+            self._applied_complete = False
+            return
+        self._applied_count += 1
+        self._applied.setdefault(key, []).append(applied)
+
+    def set_state(self, group: str, kind: Kind, value: str, state: SubscriptionState) -> None:
+        """Set a state "in Braze" directly, as a footer-link opt-out or a STOP reply would.
+
+        Recorded in the applied log as `external` (not a write by braze-subs); spends no
+        budget. Raises ValueError (one line) for an unknown group, kind, state or a value
+        the group's channel refuses.
+        """
+        self.set_states(group, kind, [value], state)
+
+    def set_states(
+        self, group: str, kind: Kind, values: Iterable[str], state: SubscriptionState
+    ) -> None:
+        """`set_state` for many values of one kind: all are checked before any is set."""
+        values = list(values)
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}")
+        if state not in SUBSCRIPTION_STATES:
+            raise ValueError("state must be 'subscribed' or 'unsubscribed'")
+        for value in values:
+            if not isinstance(value, str) or not value:
+                raise ValueError("value must be a non-empty string")
+            if kind == "email" and not is_valid_email(value):
+                raise ValueError(f"Invalid email: {value}")
+            if kind == "phone" and not is_valid_phone(value):
+                raise ValueError(f"Invalid phone: {value}")
+        with self._lock:
+            channel = self._groups.get(group)
+            if channel is None and not self._config.auto_groups:
+                raise ValueError(f"Unknown subscription_group_id: {group}")
+            if channel == "sms" and kind == "email":
+                raise ValueError(f"Subscription group {group} is an SMS group")
+            if channel == "email" and kind == "phone":
+                raise ValueError(f"Subscription group {group} is an email group")
+            if channel is None and kind != "external_id" and values:
+                self._groups[group] = "email" if kind == "email" else "sms"
+            now = self._clock()
+            for value in values:
+                key = (group, kind, value)
+                self._apply(key, state, False)
+                self._record(key, Applied(now, state, "external", None))
+                self._counters.external_changes += 1
+
+    def finish_read(self, record: ReadRecord) -> None:
+        """Log one call of a read endpoint."""
+        with self._lock:
+            self._read_log.append(record)
+            self._read_counters.count(record.status)
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -223,6 +384,55 @@ class SimulatorState:
                 result[value] = subscription.state if subscription else "unknown"
             return result
 
+    def user_groups(self, kind: Kind, value: str) -> list[tuple[str, Channel | None, str]]:
+        """`(group, channel, state)` of every group holding a state for the identifier,
+        sorted by group id: what `/subscription/user/status` lists."""
+        with self._lock:
+            groups = sorted(self._groups_of.get((kind, value), ()))
+            return [
+                (group, self._groups.get(group), self._subscriptions[(group, kind, value)].state)
+                for group in groups
+            ]
+
+    # --- the order oracle ----------------------------------------------------------------
+
+    def applied(
+        self, group: str | None = None, kind: Kind | None = None, value: str | None = None
+    ) -> dict[SubscriptionKey, list[Applied]]:
+        """Per (group, kind, value), every state applied to it since the last reset, in the
+        order applied (posts and, flagged `external`, `set_state`). Filters narrow it."""
+        with self._lock:
+            return {
+                key: list(entries)
+                for key, entries in self._applied.items()
+                if (group is None or key[0] == group)
+                and (kind is None or key[1] == kind)
+                and (value is None or key[2] == value)
+            }
+
+    def applied_complete(self) -> bool:
+        """False once `applied_log_limit` stopped the recording (the log misses states)."""
+        with self._lock:
+            return self._applied_complete
+
+    def applied_document(
+        self, group: str | None = None, kind: Kind | None = None, value: str | None = None
+    ) -> dict[str, Any]:
+        """The `GET /_sim/applied` document."""
+        applied = self.applied(group, kind, value)
+        return {
+            "complete": self.applied_complete(),
+            "applied": [
+                {
+                    "group": key_group,
+                    "kind": key_kind,
+                    "value": key_value,
+                    "states": [entry.to_json() for entry in entries],
+                }
+                for (key_group, key_kind, key_value), entries in applied.items()
+            ],
+        }
+
     def subscriptions(self) -> list[dict[str, Any]]:
         with self._lock:
             items = list(self._subscriptions.items())
@@ -242,6 +452,10 @@ class SimulatorState:
         with self._lock:
             return list(self._log)
 
+    def read_requests(self) -> list[ReadRecord]:
+        with self._lock:
+            return list(self._read_log)
+
     def stats(self, include_log: bool = True) -> dict[str, Any]:
         now = self._clock()
         with self._lock:
@@ -253,7 +467,27 @@ class SimulatorState:
             log = list(self._log) if include_log else None
             # The requests the window counted (401, 429 and 503 answers spend nothing).
             counted = [r.t for r in self._log if r.status not in (401, 429, 503)]
+            read_counters = dataclasses.asdict(self._read_counters)
+            read_window = self._read_window.peek(now)
+            read_window_requests = self._read_window.count(now)
+            read_max_in_window = self._read_window.max_in_window
+            read_log = list(self._read_log) if include_log else None
+            read_counted = [r.t for r in self._read_log if r.status not in (401, 429, 503)]
         sliding_max = sliding_window_max(counted, self._window.window_seconds)
+        reads: dict[str, Any] = {
+            **read_counters,
+            "max_requests_in_window": read_max_in_window,
+            "max_requests_in_sliding_window": sliding_window_max(
+                read_counted, self._read_window.window_seconds
+            ),
+            "window_requests": read_window_requests,
+            "window_remaining": read_window.remaining,
+            "window_reset": read_window.reset,
+            "rate_limit": read_window.limit,
+            "window_seconds": self._read_window.window_seconds,
+        }
+        if read_log is not None:
+            reads["requests"] = [record.to_json() for record in read_log]
         stats: dict[str, Any] = {
             **counters,
             "held": held,
@@ -264,6 +498,7 @@ class SimulatorState:
             "window_reset": window.reset,
             "rate_limit": window.limit,
             "window_seconds": self._window.window_seconds,
+            "reads": reads,
         }
         if log is not None:
             stats["requests"] = [record.to_json() for record in log]
@@ -276,11 +511,22 @@ class SimulatorState:
     # --- reset -------------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget subscriptions, learned groups, log, counters, the window; restore faults."""
+        """Forget subscriptions, learned groups, logs, counters, the windows, the applied
+        log; restore faults."""
+        config = self._config
         with self._lock:
             self._groups = dict(self._configured_groups)
             self._subscriptions.clear()
+            self._groups_of.clear()
             self._log = []
             self._counters = Counters()
-            self._faults = Faults.from_config(self._config)
-            self._window = FixedWindowCounter(self._config.rate_limit, self._config.window_seconds)
+            self._faults = Faults.from_config(config)
+            self._window = FixedWindowCounter(config.rate_limit, config.window_seconds)
+            self._read_window = FixedWindowCounter(
+                config.read_rate_limit, config.read_window_seconds
+            )
+            self._read_log = []
+            self._read_counters = ReadCounters()
+            self._applied = {}
+            self._applied_count = 0
+            self._applied_complete = True

@@ -101,6 +101,20 @@ def collect_identifiers(endpoint: Endpoint, body: object) -> tuple[list[tuple[Ki
     return found, len(entries)
 
 
+def collect_groups(endpoint: Endpoint, body: object) -> list[str]:
+    """Leniently list the group ids a body names (for the `reject_groups` fault)."""
+    if not isinstance(body, dict):
+        return []
+    if endpoint == "v1":
+        group = body.get("subscription_group_id")
+        return [group] if isinstance(group, str) else []
+    entries = body.get("subscription_groups")
+    if not isinstance(entries, list):
+        return []
+    groups = (entry.get("subscription_group_id") for entry in entries if isinstance(entry, dict))
+    return [group for group in groups if isinstance(group, str)]
+
+
 def _lenient_identifiers(obj: dict[str, object], fields: dict[str, Kind]) -> list[tuple[Kind, str]]:
     found: list[tuple[Kind, str]] = []
     for field, kind in fields.items():

@@ -528,6 +528,8 @@ def test_hold_keeps_responses_pending_until_released(client, server):
 def test_reset_clears_state_counters_and_faults(client):
     assert client.post(V1, json=v1("email-a", external_id="u1")).status_code == 201
     faults(client, outage=True, latency_ms=5, reject=["x"], api_keys=["other"], rate_limit=9)
+    faults(client, reject_anonymous=["y"], reject_groups=["g"], soft_errors=["z"], queued=True)
+    faults(client, read_rate_limit=3, read_window_seconds=5, legacy_reads=True)
     assert client.post("/_sim/reset").status_code == 200
     assert subscriptions(client) == set()
     counters = stats(client)
@@ -542,13 +544,31 @@ def test_reset_clears_state_counters_and_faults(client):
         "hold": False,
         "rate_limit": 5000,
         "window_seconds": 60,
+        "read_rate_limit": 250_000,
+        "read_window_seconds": 3600,
+        "reject_anonymous": [],
+        "reject_groups": [],
+        "soft_errors": [],
+        "queued": False,
+        "legacy_reads": False,
     }
     assert client.post(V1, json=v1("email-a", external_id="u1")).status_code == 201
 
 
 @pytest.mark.parametrize(
     "body",
-    [{"outage": "yes"}, {"error_rate": 2}, {"reject": "x"}, {"rate_limit": 0}, {"nope": 1}],
+    [
+        {"outage": "yes"},
+        {"error_rate": 2},
+        {"reject": "x"},
+        {"rate_limit": 0},
+        {"nope": 1},
+        {"reject_anonymous": [1]},
+        {"read_rate_limit": 0},
+        {"read_window_seconds": -1},
+        {"read_spend": -1},
+        {"legacy_reads": 1},
+    ],
 )
 def test_bad_fault_bodies_are_400(client, body):
     assert client.post("/_sim/faults", json=body).status_code == 400
