@@ -494,21 +494,38 @@ def simulate(
     window_seconds: Annotated[float, typer.Option(help="Rate-limit window.")] = 60.0,
     latency_ms: Annotated[float, typer.Option(help="Added latency per request.")] = 0.0,
     error_rate: Annotated[float, typer.Option(help="Fraction of requests answering 500.")] = 0.0,
+    read_rate_limit: Annotated[
+        int, typer.Option(help="Read requests per read window (status/get, user/status).")
+    ] = 250_000,
+    read_window_seconds: Annotated[float, typer.Option(help="Read rate-limit window.")] = 3600.0,
+    legacy_read_values: Annotated[
+        bool, typer.Option(help="status/get answers 0/1/null instead of the state names.")
+    ] = False,
+    applied_log_limit: Annotated[
+        int, typer.Option(help="Applied states kept for /_sim/applied (0: none).")
+    ] = 1_000_000,
 ) -> None:
     """Run a local Braze stand-in (v1 and v2, rate limits, faults) for development and demos."""
     from simulator import SimulatorConfig
     from simulator.server import serve
 
-    config = SimulatorConfig(
-        api_keys=set(api_key or ["sim-key"]),
-        email_groups=set(email_group or []),
-        sms_groups=set(sms_group or []),
-        auto_groups=auto_groups,
-        rate_limit=rate_limit,
-        window_seconds=window_seconds,
-        latency_ms=latency_ms,
-        error_rate=error_rate,
-    )
+    try:
+        config = SimulatorConfig(
+            api_keys=set(api_key or ["sim-key"]),
+            email_groups=set(email_group or []),
+            sms_groups=set(sms_group or []),
+            auto_groups=auto_groups,
+            rate_limit=rate_limit,
+            window_seconds=window_seconds,
+            latency_ms=latency_ms,
+            error_rate=error_rate,
+            read_rate_limit=read_rate_limit,
+            read_window_seconds=read_window_seconds,
+            legacy_read_values=legacy_read_values,
+            applied_log_limit=applied_log_limit,
+        )
+    except ValueError as error:  # one line naming the option, no traceback
+        _fail(f"simulate: {error}", EXIT_REFUSED)
     err.print(f"Braze simulator on http://{host}:{port} (control API under /_sim/)")
     serve(config, host=host, port=port)
 

@@ -19,9 +19,11 @@ class SimulatorConfig:
     (`read_rate_limit` per `read_window_seconds`, Braze's general 250,000 per hour, separate
     from the 5,000 per minute of the subscription posts).
 
-    `applied_log_limit` caps the applied-states log (one small record per identifier a post
-    applied, see `SimulatorState.applied`): None keeps every one (tests, benchmarks); once
-    the cap is reached recording stops and the log says it is incomplete.
+    `applied_log_limit` caps the applied-states log (one record per identifier a post
+    applied, see `SimulatorState.applied`; 1,000,000 records are about 90-200 MB, measured
+    by `bench/sim_applied_memory.py`), so a simulator kept running does not grow without
+    bound. Once the cap is reached, recording stops and the log says it is incomplete (the
+    order check then refuses it); None keeps every record.
     """
 
     api_keys: set[str] = field(default_factory=lambda: {DEFAULT_API_KEY})
@@ -37,7 +39,7 @@ class SimulatorConfig:
     read_window_seconds: float = 3600
     read_max_identifiers: int = 100
     legacy_read_values: bool = False
-    applied_log_limit: int | None = None
+    applied_log_limit: int | None = 1_000_000
 
     def __post_init__(self) -> None:
         self.api_keys = set(self.api_keys)

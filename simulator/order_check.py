@@ -158,6 +158,14 @@ def applied_from_document(document: Mapping[str, Any]) -> dict[Key, list[dict[st
     }
 
 
+def applied_from_state(state: Any) -> dict[Key, list[Any]]:
+    """`SimulatorState.applied()` as `check_order` takes it, refusing an incomplete log."""
+    if not state.applied_complete():
+        raise ValueError("the simulator's applied log is incomplete (applied_log_limit reached)")
+    applied: dict[Key, list[Any]] = state.applied()
+    return applied
+
+
 def parse_occurred_at(value: object) -> float:
     """Epoch seconds from a number or an RFC 3339 string with a UTC offset."""
     if isinstance(value, bool):
