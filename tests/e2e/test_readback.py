@@ -159,3 +159,17 @@ def test_verify_with_braze_unreachable_exits_2_with_one_line(env, tmp_path, monk
     assert len(lines) == 1, result.stderr
     assert "Braze unreachable at http://127.0.0.1:9" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_lookup_lists_the_groups_braze_holds(env, sim):
+    set_in_braze(sim.url, "news", "subscribed", "email", ["jane@x.io"])
+    set_in_braze(sim.url, "promo", "unsubscribed", "email", ["jane@x.io"])
+    result = run_cli("lookup", "--email", "Jane@X.io", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    states = {
+        group["subscription_group_id"]: group["state"]
+        for user in data["users"]
+        for group in user["groups"]
+    }
+    assert states == {"news": "subscribed", "promo": "unsubscribed"}
