@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis import Redis
@@ -12,6 +12,7 @@ from stores import durability
 from stores.buffer import server_time_ms
 from stores.keys import Keys
 from stores.limiter import RateLimiter
+from stores.refusals import Refusals
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,10 @@ class Status:
     # What in Redis's configuration can lose changes (eviction, no persistence); None when
     # the server refuses CONFIG GET (managed services), [] when sound.
     redis_findings: list[str] | None = None
+    # Groups Braze refuses as a whole (group, state, kind, detail, since/until epoch
+    # seconds): their batches are dead-lettered unsent while the refusal stands.
+    refused_groups: list[dict[str, Any]] = field(default_factory=list)
+    delivery_errors_total: int = 0  # `errors` in Braze's 2xx answers
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,4 +102,16 @@ def read_status(client: Redis, keys: Keys, limiter: RateLimiter | None = None) -
         throttled_last_minute=minute.throttled,
         identifiers_per_request=minute.identifiers_per_request,
         redis_findings=durability.check(client),
+        refused_groups=[
+            {
+                "group": refusal.group,
+                "state": refusal.state,
+                "kind": refusal.kind,
+                "detail": refusal.detail,
+                "since": round(refusal.since_ms / 1000, 3),
+                "until": round(refusal.until_ms / 1000, 3),
+            }
+            for refusal in Refusals(client, keys).listing(now_ms)
+        ],
+        delivery_errors_total=counters.get("delivery_errors", 0),
     )

@@ -86,6 +86,22 @@ def sections(status: Status, now: float) -> list[Section]:
                 ("expired after retention", count(status.dead_letters_expired)),
             ],
         ),
+        *(
+            [
+                Section(
+                    "refused by Braze (batches dead-lettered unsent)",
+                    [
+                        (
+                            f"{r['group']} {r['state']} {r['kind']}",
+                            f"until {moment(r['until'], now)}: {r['detail']}",
+                        )
+                        for r in status.refused_groups
+                    ],
+                )
+            ]
+            if status.refused_groups
+            else []
+        ),
         Section("rate budget", budget),
         Section(
             "last minute",
@@ -104,6 +120,7 @@ def sections(status: Status, now: float) -> list[Section]:
                 ("identifiers delivered", count(status.delivered_total)),
                 ("identifiers dead-lettered", count(status.dead_lettered_total)),
                 ("left out: opted out in Braze", count(status.opt_out_skipped)),
+                ("errors in Braze's 2xx answers", count(status.delivery_errors_total)),
             ],
         ),
     ]
@@ -122,6 +139,12 @@ def warnings(status: Status) -> list[str]:
     if status.dead_letter_entries:
         found.append(
             f"{status.dead_letter_entries:,} dead-letter entries "
+            "(runbook: the dead-letter store is filling)"
+        )
+    for refused in status.refused_groups:
+        found.append(
+            f"Braze refuses group {refused['group']} ({refused['state']}, {refused['kind']}) "
+            "as a whole: its batches are dead-lettered unsent "
             "(runbook: the dead-letter store is filling)"
         )
     for finding in status.redis_findings or []:

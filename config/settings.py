@@ -146,6 +146,12 @@ class Settings(BaseSettings):
     # are removed by the coalescer's sweep, each with a WARNING log line and counted in
     # `status` (dead_letters_expired): the store stays bounded and nothing goes silently.
     dead_letter_retention_days: float = Field(default=30.0, gt=0)
+    # After Braze refuses a whole batch (a group it does not know, emails in an SMS group),
+    # further batches for that group + state + identifier kind are dead-lettered without a
+    # request for this long; then the next batch is sent and tells whether the group was
+    # fixed. Ten minutes: one request per refused group per ten minutes costs nothing,
+    # while a fixed group resumes soon (at once with `dlq replay`, which lifts it).
+    group_refusal_seconds: float = Field(default=600.0, gt=0)
 
     # --- Worker process -------------------------------------------------------------------
     # Posting is I/O-bound: a thread pool of 16 keeps ~16 requests in the air per container,

@@ -7,7 +7,12 @@ shared rate budget, send, and act on Braze's answer.
 - credentials (401/403/404): every worker stops posting (a circuit in the shared budget),
   one probe per interval tries again, no attempt is spent and nothing is dead-lettered;
 - 400: split (halves, or the identifier Braze names) until only the identifiers Braze
-  refuses remain; those are dead-lettered with Braze's message;
+  refuses remain; those are dead-lettered with Braze's message. A batch refused as a whole
+  (the message names the group, or both halves of a split are refused) is dead-lettered at
+  once and its group + state + kind refused for a while: further batches of it are
+  dead-lettered unsent (`core.refusal`, `stores.refusals`);
+- 2xx with `errors`: delivered; the identifiers the errors name are dead-lettered, and the
+  errors are logged (masked) and counted;
 - anything else: retried with exponential backoff and full jitter, and dead-lettered after
   `max_attempts`.
 Waiting for a turn is not a failed attempt either.
@@ -15,9 +20,9 @@ Waiting for a turn is not a failed attempt either.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +30,14 @@ from dataclasses import dataclass, replace
 
 from config.settings import Settings
 from core.outcome import Classified, Outcome, backoff_seconds, classify, parse_rate_limit
+from core.redaction import mask_identifier
+from core.refusal import (
+    Decision,
+    Verdict,
+    decide_bad_request,
+    delivery_errors,
+    named_identifiers,
+)
 from delivery.braze_client import V1_PATH, V2_PATH, BrazeClient, Reply, v1_body, v2_body
 from delivery.braze_reads import BrazeReadError, ReadDeferred
 from delivery.opt_outs import OptOutCheck
@@ -32,6 +45,7 @@ from stores import counters as metrics
 from stores.batch_records import BatchRecord, BatchStore, ClaimStatus
 from stores.buffer import server_time_ms
 from stores.limiter import Grant, RateLimiter
+from stores.refusals import Refusals
 
 logger = logging.getLogger("braze_subs.poster")
 
@@ -55,14 +69,18 @@ def _no_dispatch(_batch_id: str, _countdown: float) -> None:
     return None
 
 
-_TOKEN_SEPARATORS = re.compile(r"""[\s,;"'\[\]{}()<>]+""")
+# How often a refused half of a split looks again whether its sibling was answered.
+HOLD_SECONDS = 1.0
 
 
-def named_identifier(message: str, values: tuple[str, ...]) -> str | None:
-    """The one identifier of the batch that Braze's message names, if exactly one."""
-    tokens = {token.strip(".:") for token in _TOKEN_SEPARATORS.split(message)}
-    named = [value for value in values if value in tokens]
-    return named[0] if len(named) == 1 else None
+def masked_detail(detail: str, records: list[BatchRecord]) -> str:
+    """`detail` (Braze's message) with every identifier of the batches it quotes masked,
+    for log lines; the batch record and the dead letter keep it whole."""
+    for record in records:
+        kind = record.key.kind.value
+        for value in named_identifiers(detail, record.values) if detail else ():
+            detail = detail.replace(value, mask_identifier(kind, value))
+    return detail
 
 
 class Poster:
@@ -86,6 +104,7 @@ class Poster:
         self.rng = rng or random.Random()
         self.sleep = sleep
         self.opt_outs = opt_outs  # respect_opt_out: leave out who opted out in Braze
+        self.refusals = Refusals(store.client, store.keys)
 
     # --- the steps ------------------------------------------------------------------------
 
@@ -109,6 +128,11 @@ class Poster:
             entries=len(records),
             attempt=claim.record.attempts + 1,
         )
+        unsent = self._refused_unsent(records, token, report)
+        if unsent is not None:
+            unsent = replace(unsent, detail=masked_detail(unsent.detail, records))
+            self._log(records, unsent)
+            return unsent
 
         grant = None
         if self.limiter is not None:
@@ -130,6 +154,8 @@ class Poster:
             detail=result.detail,
         )
         report = self._settle(records, token, report, reply, result)
+        # The report is the task's result, which Flower shows: identifiers masked.
+        report = replace(report, detail=masked_detail(report.detail, records))
         probe_passed = grant is not None and grant.probe and result.outcome is Outcome.DELIVERED
         if probe_passed and self.limiter is not None and self.limiter.close_circuit():
             logger.warning("credentials accepted again: posting resumes")
@@ -259,6 +285,9 @@ class Poster:
             self.limiter.observe(rate)
 
         if result.outcome is Outcome.DELIVERED:
+            errors = delivery_errors(reply.body)
+            if errors:
+                return self._delivered_with_errors(records, token, report, errors)
             for record in records:
                 self.store.delivered(record.id, token)
             return replace(report, status="delivered", detail="")
@@ -312,18 +341,152 @@ class Poster:
                 self.dispatch(record.id, 0.0)
             return replace(report, status="retry", retry_in=0.0)
         (record,) = records
-        if record.size == 1:
-            self.store.dead_letter(record.id, token, report.detail)
+        return self._refused(record, token, report, report.detail)
+
+    # --- refusals: a 400, and what it says about the group ----------------------------------
+
+    def _decide(self, record: BatchRecord, detail: str) -> Decision:
+        key = record.key
+        decision = decide_bad_request(detail, group_id=key.group_id, values=record.values)
+        if record.sibling and decision.verdict in (Verdict.SPLIT, Verdict.DEAD_LETTER):
+            # A half of a split that named nobody: the sibling's answer decides.
+            sibling = self.refusals.mark_half_refused(
+                record.id,
+                record.sibling,
+                detail,
+                ttl_seconds=self.settings.batch_redispatch_seconds * 2,
+            )
+            decision = decide_bad_request(
+                detail, group_id=key.group_id, values=record.values, sibling=sibling
+            )
+        return decision
+
+    def _refused(
+        self, record: BatchRecord, token: str, report: PostReport, detail: str
+    ) -> PostReport:
+        """Act on Braze's refusal (`detail`) of one batch: condemn its group, dead-letter
+        it, isolate or split it, or hold it until its sibling half is answered."""
+        decision = self._decide(record, detail)
+        verdict = decision.verdict
+        if verdict is not Verdict.HOLD:
+            self.refusals.forget_half(record.id)
+        if verdict is Verdict.CONDEMN:
+            return self._condemn(record, token, report, detail, decision.why)
+        if verdict is Verdict.DEAD_LETTER:
+            self.store.dead_letter(record.id, token, detail)
             return replace(report, status="dead_lettered")
+        if verdict is Verdict.HOLD:
+            wait = HOLD_SECONDS + self.rng.uniform(0, HOLD_SECONDS / 2)
+            return self._defer(
+                [record],
+                token,
+                replace(report, status="waiting"),
+                wait,
+                count_attempt=False,
+                detail=detail,
+            )
         halves = self.store.split(
             record.id,
             token,
-            isolate=named_identifier(report.detail, record.values),
-            redispatch_ms=grace_ms,
+            isolate=decision.isolate,
+            redispatch_ms=round(self.settings.batch_redispatch_seconds * 1000),
         )
         for half in halves or ():
             self.dispatch(half, 0.0)
         return replace(report, status="split" if halves else "busy")
+
+    def _condemn(
+        self, record: BatchRecord, token: str, report: PostReport, detail: str, why: str
+    ) -> PostReport:
+        key = record.key
+        refusal = self.refusals.refuse(
+            key.group_id,
+            key.state.value,
+            key.kind.value,
+            detail,
+            now_ms=server_time_ms(self.store.client),
+            seconds=self.settings.group_refusal_seconds,
+        )
+        logger.error(
+            "Braze refuses group=%s state=%s kind=%s as a whole (%s): %s; its batches are "
+            "dead-lettered unsent for %ss (until `dlq replay`)",
+            key.group_id,
+            key.state.value,
+            key.kind.value,
+            why,
+            masked_detail(detail, [record]),
+            round(self.settings.group_refusal_seconds),
+            extra={"refusal": {"group": key.group_id, "since_ms": refusal.since_ms}},
+        )
+        self.store.dead_letter(record.id, token, f"{detail} (group refused: {why})")
+        if record.sibling:  # the held half: it finds the refusal and follows unsent
+            self.dispatch(record.sibling, 0.0)
+        return replace(report, status="dead_lettered", detail=f"{detail} (group refused)")
+
+    def _refused_unsent(
+        self, records: list[BatchRecord], token: str, report: PostReport
+    ) -> PostReport | None:
+        """Before a request: a batch whose group Braze refuses as a whole is dead-lettered
+        unsent, and a refused half awaiting its sibling is decided without a request.
+        None: send the request."""
+        if len(records) == 1 and records[0].sibling:
+            (record,) = records
+            detail = self.refusals.half_refused(record.id)
+            if detail is not None:
+                return self._refused(record, token, replace(report, detail=detail), detail)
+        outcome = None
+        for record in records:
+            key = record.key
+            refusal = self.refusals.standing(key.group_id, key.state.value, key.kind.value)
+            if refusal is None:
+                continue
+            detail = f"not sent: group refused as a whole by Braze: {refusal.detail}"
+            self.store.dead_letter(record.id, token, detail)
+            outcome = replace(report, status="dead_lettered", detail=detail)
+        if outcome is not None and len(records) > 1:
+            # A pack: the others go alone (the refused ones find their batch gone).
+            grace_ms = round(self.settings.batch_redispatch_seconds * 1000)
+            for record in records:
+                self.store.defer(
+                    record.id,
+                    token,
+                    error="",
+                    count_attempt=False,
+                    redispatch_ms=grace_ms,
+                    solo=True,
+                )
+                if record is not records[0]:
+                    self.dispatch(record.id, 0.0)
+            return replace(outcome, retry_in=0.0)
+        return outcome
+
+    def _delivered_with_errors(
+        self, records: list[BatchRecord], token: str, report: PostReport, errors: list[str]
+    ) -> PostReport:
+        """A 2xx with `errors`: delivered, except the identifiers the errors name, which are
+        dead-lettered with them. The errors are logged masked and counted for `status`."""
+        text = "; ".join(errors)
+        dead = 0
+        for record in records:
+            named = named_identifiers(text, record.values)
+            if named:
+                error = f"HTTP {report.http_status} errors: {text}"[:500]
+                self.store.delivered_except(record.id, token, named, error)
+                dead += len(named)
+            else:
+                self.store.delivered(record.id, token)
+        pipe = self.store.client.pipeline(transaction=False)
+        pipe.hincrby(self.store.keys.stats, "delivery_errors", len(errors))
+        pipe.hincrby(self.store.keys.stats, "delivered_with_errors", 1)
+        pipe.execute()
+        logger.warning(
+            "batch %s delivered with %d error(s) from Braze, %d identifier(s) dead-lettered: %s",
+            report.batch_id,
+            len(errors),
+            dead,
+            json.dumps([masked_detail(error, records) for error in errors])[:1000],
+        )
+        return replace(report, status="delivered", detail=masked_detail(text, records)[:300])
 
     def _defer(
         self,
@@ -366,7 +529,9 @@ class Poster:
             report.http_status,
             report.latency_ms,
             report.attempt,
-            f" detail={report.detail!r}" if report.status != "delivered" else "",
+            f" detail={masked_detail(report.detail, records)!r}"
+            if report.status != "delivered"
+            else "",
             extra={
                 "batch": {
                     "id": report.batch_id,

@@ -32,6 +32,7 @@ class BatchRecord:
     # The members whose change asked to respect an opt-out Braze holds (`respect_opt_out`):
     # a `subscribed` change is not to be sent for them if Braze has them unsubscribed.
     respect_opt_out: frozenset[str] = frozenset()
+    sibling: str | None = None  # the other half, when split without Braze naming anyone
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> BatchRecord:
@@ -53,6 +54,7 @@ class BatchRecord:
             respect_opt_out=frozenset(
                 member[0] for member in data["members"] if len(member) > 2 and member[2]
             ),
+            sibling=data.get("sibling") or None,
         )
 
     @property
@@ -92,7 +94,9 @@ class BatchStore:
         record = BatchRecord.from_json(reply[1]) if len(reply) > 1 else None
         return Claim(status, record)
 
-    def _finish(self, batch_id: str, token: str, outcome: str, error: str) -> int:
+    def _finish(
+        self, batch_id: str, token: str, outcome: str, error: str, named: list[str] | None = None
+    ) -> int:
         k = self.keys
         keys = [
             *self._lock_keys(batch_id),
@@ -102,11 +106,17 @@ class BatchStore:
             k.stats,
             k.dead_letter_fields,
         ]
-        return int(self.scripts.finish_batch(keys=keys, args=[batch_id, token, outcome, error]))
+        args = [batch_id, token, outcome, error, json.dumps(named or [])]
+        return int(self.scripts.finish_batch(keys=keys, args=args))
 
     def delivered(self, batch_id: str, token: str) -> int:
         """Braze accepted the batch: end it and let waiting newer changes become due."""
         return self._finish(batch_id, token, "delivered", "")
+
+    def delivered_except(self, batch_id: str, token: str, named: list[str], error: str) -> int:
+        """Braze accepted the batch but its `errors` named some identifiers: those alone
+        are dead-lettered (with `error`), the rest delivered, in one step."""
+        return self._finish(batch_id, token, "delivered", error, named)
 
     def dead_letter(self, batch_id: str, token: str, error: str) -> int:
         """Give up on the batch after a failed attempt: move it whole to the dead-letter

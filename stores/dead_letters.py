@@ -10,6 +10,7 @@ from typing import Any
 from redis import Redis
 
 from stores.keys import Keys
+from stores.refusals import Refusals
 from stores.scripts import Scripts
 
 
@@ -89,9 +90,12 @@ class DeadLetters:
         return [DeadLetter.from_json(raw) for raw in raws if raw is not None]
 
     def replay(self, ids: list[str] | None) -> ReplayReport:
-        """Return entries (all if `ids` is None) to the buffer, newer changes winning."""
+        """Return entries (all if `ids` is None) to the buffer, newer changes winning. A
+        replay says the operator fixed the cause: it lifts the refusal of the entries'
+        groups (else their batches would be dead-lettered again unsent)."""
         k = self.keys
         report = ReplayReport()
+        self._lift_refusals(ids)
         for entry_id in self.ids() if ids is None else ids:
             requeued, skipped = self.scripts.replay_dead_letter(
                 keys=[
@@ -113,6 +117,19 @@ class DeadLetters:
             report.requeued += int(requeued)
             report.superseded += int(skipped)
         return report
+
+    def _lift_refusals(self, ids: list[str] | None) -> None:
+        refusals = Refusals(self.client, self.keys)
+        if ids is None:
+            refusals.lift(None)
+            return
+        fields = set()
+        for raw in self.client.hmget(self.keys.dead_letters, ids) if ids else []:
+            if raw is not None:
+                entry = DeadLetter.from_json(raw)
+                for kind in {item["kind"] for item in entry.identifiers}:
+                    fields.add((entry.subscription_group_id, entry.subscription_state, kind))
+        refusals.lift(sorted(fields))
 
     def expire(self, before_ms: float, limit: int = 100) -> list[DeadLetter]:
         """Remove (and return) entries dead-lettered before `before_ms`, oldest first."""

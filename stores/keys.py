@@ -112,6 +112,28 @@ class Keys:
         return self._key(f"metrics:{epoch_second}")
 
     @property
+    def refusals(self) -> str:
+        """HASH group/state/kind field -> JSON refusal (detail, since, until): an index of
+        the standing refusals below, read by `status` (never scanned for)."""
+        return self._key("refused")
+
+    def refusal(self, field: str) -> str:
+        """STRING JSON refusal of one group + state + identifier kind: Braze refused a whole
+        batch of it; further batches are dead-lettered unsent. Expires with the refusal."""
+        return self._key(f"refused:{field}")
+
+    def refused_half(self, batch_id: str) -> str:
+        """STRING Braze's message for a half of an anonymous split that was refused, while
+        its sibling's answer is awaited; expires."""
+        return self._key(f"refused-half:{batch_id}")
+
+    @property
+    def workspaces(self) -> str:
+        """HASH workspace id -> last time (ms) a worker posting for it started: lets `status`
+        find the budget without the API key."""
+        return self._key("workspaces")
+
+    @property
     def coalesce_lock(self) -> str:
         """STRING held by the coalescer tick in progress (saves duplicate work)."""
         return self._key("coalesce:lock")

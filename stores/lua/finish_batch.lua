@@ -12,6 +12,8 @@
 -- KEYS[10] stats    HASH   "delivered" / "dead_lettered" += members
 -- KEYS[11] dlq fields HASH field -> entry id, for the members no newer change supersedes
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] "delivered" | "dead"  ARGV[4] error text
+-- ARGV[5] JSON array of member values Braze's 2xx `errors` named (delivered only; may be
+--         absent): those members alone are dead-lettered, with ARGV[4]; the rest delivered
 --
 -- Guarantees: the batch ends exactly once, in one step with the release of its locks, so
 -- a newer change for one of its identifiers becomes due only after this batch's state has
@@ -30,8 +32,16 @@ end
 local record = cjson.decode(record_json)
 local prefix = record.group .. SEP .. record.kind .. SEP
 local now = now_ms()
+local named = {}
+if ARGV[5] and ARGV[5] ~= '' then
+  for _, value in ipairs(cjson.decode(ARGV[5])) do
+    named[value] = true
+  end
+end
 local identifiers = {}
+local delivered = 0
 for _, member in ipairs(record.members) do
+  local dead = ARGV[3] == 'dead' or named[member[1]] == true
   local field = prefix .. member[1]
   if redis.call('HGET', KEYS[6], field) == ARGV[1] then
     redis.call('HDEL', KEYS[6], field)
@@ -41,14 +51,18 @@ for _, member in ipairs(record.members) do
     end
   end
   local superseded = redis.call('HEXISTS', KEYS[4], field) == 1
-  if ARGV[3] == 'dead' and not superseded then
+  if dead and not superseded then
     redis.call('HSET', KEYS[11], field, ARGV[1])
   end
-  identifiers[#identifiers + 1] = {
-    kind = record.kind, value = member[1], seq = member[2], superseded = superseded,
-    r = member[3] or 0, w = member[4]}
+  if dead then
+    identifiers[#identifiers + 1] = {
+      kind = record.kind, value = member[1], seq = member[2], superseded = superseded,
+      r = member[3] or 0, w = member[4]}
+  else
+    delivered = delivered + 1
+  end
 end
-if ARGV[3] == 'dead' then
+if ARGV[3] == 'dead' or #identifiers > 0 then
   redis.call('HSET', KEYS[7], ARGV[1], cjson.encode({
     id = ARGV[1], subscription_group_id = record.group, subscription_state = record.state,
     use_double_opt_in_logic = record.doi == 1, identifiers = identifiers, error = ARGV[4],
@@ -57,9 +71,10 @@ if ARGV[3] == 'dead' then
   redis.call('ZADD', KEYS[8], now, ARGV[1])
   redis.call('INCRBY', KEYS[9], #identifiers)
   redis.call('HINCRBY', KEYS[10], 'dead_lettered', #identifiers)
-else
-  redis.call('HINCRBY', KEYS[10], 'delivered', #identifiers)
+end
+if delivered > 0 then
+  redis.call('HINCRBY', KEYS[10], 'delivered', delivered)
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
-return #identifiers
+return #record.members

@@ -12,7 +12,9 @@
 -- The first half is the named member alone when it is in the batch, else the first half of
 -- the members. Guarantees: the members are moved, not copied: each is in exactly one half and stays
 -- locked (no newer change can overtake it while it is being isolated); the halves carry
--- the attempts and the error so far and belong to no v2 pack. Returns the size of the
+-- the attempts and the error so far and belong to no v2 pack; halves of a split that named
+-- nobody (ARGV[6] "") each carry the other's id as `sibling`, so that if both are refused
+-- the whole batch is condemned (core/refusal.py). Returns the size of the
 -- first half, or -1 if the batch is gone, has a single member, or another worker holds it.
 local record_json = redis.call('GET', KEYS[1])
 if not record_json then
@@ -61,6 +63,10 @@ for half = 1, 2 do
   record.id = ARGV[2 + half]
   record.members = halves[half]
   record.pack = {ARGV[2 + half]}
+  record.sibling = nil
+  if named == 0 then
+    record.sibling = ARGV[5 - half]
+  end
   redis.call('SET', KEYS[4 + half], cjson.encode(record))
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[2 + half])
 end

@@ -1,0 +1,159 @@
+"""Issue 10: a batch Braze refuses as a whole, and 2xx answers with `errors` - the poster
+against the simulator over real HTTP, batch records and refusals in a real Redis."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from admin.status import read_status
+from admin.status_view import sections, warnings
+from delivery.poster import Poster
+from delivery.services import services
+from stores.dead_letters import DeadLetters
+from tests.conftest import email
+from tests.integration.test_poster import drive, make_batch, sim_state, sim_stats
+
+SMS = "sms-alerts"
+
+
+def phone(n: int) -> str:
+    return f"+1415555{n:04d}"
+
+
+def batch(kind: str, values: list[str], group: str = SMS, state: str = "subscribed") -> str:
+    return make_batch(
+        [{"subscription_group_id": group, "subscription_state": state, kind: v} for v in values]
+    )
+
+
+@pytest.fixture
+def poster(env) -> Poster:
+    found = services()
+    return Poster(found.settings, found.batches, found.braze)
+
+
+def make_sms_group(poster: Poster) -> None:
+    """The simulator types an auto group by its first use: make SMS an SMS group."""
+    assert poster.post(batch("phone", [phone(9000)])).status == "delivered"
+
+
+def requests(sim: Any) -> int:
+    return int(sim_stats(sim)["requests_total"])
+
+
+def anonymous_400s(poster: Poster) -> None:
+    """Braze's 400 says nothing about what it refuses."""
+    original = poster.braze.post
+
+    def post(path: str, body: dict[str, Any]):
+        reply = original(path, body)
+        if reply.status == 400:
+            return replace(reply, body='{"message": "Bad request"}')
+        return reply
+
+    poster.braze.post = post  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["message-names-group", "anonymous"])
+def test_a_group_refused_as_a_whole_costs_at_most_three_requests_then_none(
+    sim, poster, redis_client, caplog, named
+):
+    make_sms_group(poster)
+    if not named:
+        anonymous_400s(poster)
+    caplog.set_level(logging.INFO, logger="braze_subs")
+    before = requests(sim)
+    emails = [email(n) for n in range(50)]  # emails to an SMS group: every one refused
+
+    drive(poster, batch("email", emails))
+
+    assert requests(sim) - before <= 3
+    entries = DeadLetters(redis_client, services().keys).list()
+    assert sorted(i["value"] for e in entries for i in e.identifiers) == sorted(emails)
+    assert all("group refused" in e.error for e in entries), [e.error for e in entries]
+
+    # Further batches of that group + state + kind: dead-lettered without a request.
+    before = requests(sim)
+    later = [email(n) for n in range(100, 200)]
+    for part in (later[:50], later[50:]):
+        assert {r.status for r in drive(poster, batch("email", part))} == {"dead_lettered"}
+    assert requests(sim) == before
+    entries = DeadLetters(redis_client, services().keys).list()
+    assert sum(len(e.identifiers) for e in entries) == 150
+    # Phones for the same group are not refused.
+    assert poster.post(batch("phone", [phone(1), phone(2)])).status == "delivered"
+
+    found = services()
+    status = read_status(found.redis, found.keys)
+    [refused] = status.refused_groups
+    assert (refused["group"], refused["state"], refused["kind"]) == (SMS, "subscribed", "email")
+    shown = [row for section in sections(status, 0.0) for row in section.rows]
+    assert any(SMS in label for label, _value in shown)
+    assert any(SMS in note for note in warnings(status))
+    # No full email reached a log line, at any level.
+    assert not any(e in r.getMessage() for r in caplog.records for e in emails + later)
+    assert any("refuses group=sms-alerts" in r.getMessage() for r in caplog.records)
+
+
+def test_replay_lifts_the_refusal(sim, poster, redis_client):
+    make_sms_group(poster)
+    drive(poster, batch("email", [email(1), email(2)]))
+    found = services()
+    assert read_status(found.redis, found.keys).refused_groups
+    report = DeadLetters(redis_client, found.keys).replay(None)
+    assert report.requeued == 2
+    assert read_status(found.redis, found.keys).refused_groups == []
+
+
+def test_one_bad_identifier_among_anonymous_400s_is_still_isolated(sim, poster, redis_client):
+    """Halves: one refused, one delivered: the refused half keeps halving; no refusal."""
+    values = [email(n) for n in range(50)]
+    httpx_faults(sim, reject=[email(33)])
+    anonymous_400s(poster)
+    drive(poster, batch("email", values, group="news"))
+    [entry] = DeadLetters(redis_client, services().keys).list()
+    assert [i["value"] for i in entry.identifiers] == [email(33)]
+    assert {v for (_g, _k, v) in sim_state(sim)} == set(values) - {email(33)}
+    found = services()
+    assert read_status(found.redis, found.keys).refused_groups == []
+
+
+def httpx_faults(sim: Any, **switches: Any) -> None:
+    import httpx
+
+    httpx.post(f"{sim.url}/_sim/faults", json=switches).raise_for_status()
+
+
+def test_2xx_errors_are_logged_masked_counted_and_their_identifiers_dead_lettered(
+    sim, poster, redis_client, caplog
+):
+    values = [email(n) for n in range(5)]
+    original = poster.braze.post
+
+    def post(path: str, body: dict[str, Any]):
+        reply = original(path, body)
+        errors = f'[{{"type": "invalid email", "email": "{email(3)}"}}]'
+        return replace(reply, body=f'{{"message": "success", "errors": {errors}}}')
+
+    poster.braze.post = post  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="braze_subs")
+
+    report = poster.post(batch("email", values, group="news"))
+
+    assert report.status == "delivered"
+    [entry] = DeadLetters(redis_client, services().keys).list()
+    assert [i["value"] for i in entry.identifiers] == [email(3)]
+    assert "invalid email" in entry.error
+    found = services()
+    status = read_status(found.redis, found.keys)
+    assert status.delivery_errors_total == 1
+    assert status.delivered_total == 4 and status.dead_letter == 1
+    assert status.in_flight == 0
+    [line] = [r for r in caplog.records if "error(s) from Braze" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert email(3) not in line.getMessage() and "u***@example.com" in line.getMessage()
+    assert email(3) not in report.detail
