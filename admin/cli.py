@@ -390,7 +390,12 @@ def verify(
             distinct = run.load(file, progress, total_lines)
             report = run.report
             if report.ok:
-                run.check(repair=repair, progress=progress, total=distinct)
+                run.check(
+                    repair=repair,
+                    progress=progress,
+                    total=distinct,
+                    concurrency=found.settings.verify_concurrency,
+                )
         if not report.ok:
             for error in report.errors:
                 err.print(str(error), markup=False, highlight=False)

@@ -165,6 +165,11 @@ class Settings(BaseSettings):
     # workers would cost more than they save.
     import_jobs: int | None = Field(default=None, ge=1)
 
+    # --- Verify ---------------------------------------------------------------------------
+    # Reads `braze-subs verify` keeps in the air at once. Braze answers in ~0.1-0.3 s, and
+    # the read budget allows ~68 calls a second: 16 at once can spend it, one would not.
+    verify_concurrency: int = Field(default=16, ge=1)
+
     # --- Logs -----------------------------------------------------------------------------
     # Level of our own loggers.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

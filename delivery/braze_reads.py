@@ -13,6 +13,7 @@ Parsing the answers is pure (`parse_read_state`, `parse_status_reply`, `parse_us
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -237,6 +238,7 @@ class BrazeReader:
         self.backoff_base_seconds = backoff_base_seconds
         self.sleep = sleep
         self.rng = rng or random.Random()
+        self._calls = itertools.count()
         self.calls = 0  # requests sent (answered or not), for reports and benchmarks
 
     def __repr__(self) -> str:
@@ -298,7 +300,7 @@ class BrazeReader:
         while True:
             attempt += 1
             self._turn()
-            self.calls += 1
+            self.calls = next(self._calls) + 1  # atomic under threads, unlike += 1
             reply = self.braze.get(path, params)
             result = classify(reply.status, reply.body, reply.error)
             rate = parse_rate_limit(reply.headers)
