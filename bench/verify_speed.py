@@ -89,7 +89,7 @@ def post(client: httpx.Client, url: str, group: str, kind: str, values: list[str
     client.post(f"{url}/subscription/status/set", json=body).raise_for_status()
 
 
-def start_simulator(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
+def start_simulator(port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [
             sys.executable,
@@ -102,8 +102,6 @@ def start_simulator(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
             KEY,
             "--rate-limit",
             "100000000",
-            "--latency-ms",
-            str(latency_ms),
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -177,10 +175,13 @@ def main() -> None:
     with TemporaryDirectory(prefix="braze-subs-verify-") as tmp, local_redis(Path(tmp)) as url:
         workdir = Path(tmp)
         port = free_port()
-        simulator = start_simulator(port, args.latency_ms)
+        simulator = start_simulator(port)
         try:
             sim_url = f"http://127.0.0.1:{port}"
             seed_simulator(sim_url, max(args.rows, args.budget_rows))
+            # Latency from here on (the seeding above is not what is measured).
+            faults = {"latency_ms": args.latency_ms}
+            httpx.post(f"{sim_url}/_sim/faults", json=faults).raise_for_status()
             env = {
                 **os.environ,
                 "REDIS_URL": url,

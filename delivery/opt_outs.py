@@ -34,7 +34,7 @@ from stores.opt_out_reads import CLAIM, OptOutRead, OptOutReads
 logger = logging.getLogger("braze_subs.opt_outs")
 
 # Batches looked at, oldest first, for one to read along.
-COMPANIONS_SCANNED = 64
+COMPANIONS_SCANNED = 32
 # Identifiers shown (masked) in one log line.
 LOGGED_IDENTIFIERS = 20
 POLL_SECONDS = 0.05
