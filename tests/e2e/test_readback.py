@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import SIM_KEY, drained, wait_for
+from tests.conftest import drained, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +38,8 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 
 def set_in_braze(url: str, group: str, state: str, kind: str, values: list[str]) -> None:
     """What a footer link or a STOP reply does: Braze changes, braze-subs is not told."""
-    for start in range(0, len(values), 50):
-        httpx.post(
-            f"{url}/subscription/status/set",
-            json={
-                "subscription_group_id": group,
-                "subscription_state": state,
-                kind: values[start : start + 50],
-            },
-            headers={"Authorization": f"Bearer {SIM_KEY}"},
-        ).raise_for_status()
+    body = {"group": group, "kind": kind, "values": values, "state": state}
+    httpx.post(f"{url}/_sim/set_state", json=body).raise_for_status()
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:

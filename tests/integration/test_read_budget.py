@@ -34,11 +34,10 @@ def another_process_reader() -> BrazeReader:
 
 
 def test_a_429_pauses_every_reader_until_the_reset_and_not_posting(env, sim):
-    faults(sim.url, read_rate_limit=2, read_window_seconds=3600)
     found = services()
     reader = found.reader(max_wait_seconds=1.0)
-    reader.statuses("news", "external_id", ["a"])
-    reader.statuses("news", "external_id", ["b"])
+    reader.statuses("news", "external_id", ["a"])  # Braze: plenty left this hour
+    faults(sim.url, read_spend=250_000)  # then another client spends the rest
     with pytest.raises(ReadDeferred):
         reader.statuses("news", "external_id", ["c"])  # 429: the window is spent
     assert read_stats(sim.url)["rate_limited_429"] == 1

@@ -14,22 +14,14 @@ from admin.verify import Verification
 from delivery.braze_reads import BrazeReader, ReadState
 from delivery.services import services
 from tasks.producer import enqueue_changes
-from tests.conftest import SIM_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def set_in_braze(url: str, group: str, state: str, kind: str, values: list[str]) -> None:
-    for start in range(0, len(values), 50):
-        httpx.post(
-            f"{url}/subscription/status/set",
-            json={
-                "subscription_group_id": group,
-                "subscription_state": state,
-                kind: values[start : start + 50],
-            },
-            headers={"Authorization": f"Bearer {SIM_KEY}"},
-        ).raise_for_status()
+    """What a footer link or a STOP reply does: Braze changes, braze-subs is not told."""
+    body = {"group": group, "kind": kind, "values": values, "state": state}
+    httpx.post(f"{url}/_sim/set_state", json=body).raise_for_status()
 
 
 def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
