@@ -475,6 +475,11 @@ def _show(value: Any, limit: int = 40) -> str:
     return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
 
 
+def show_value(value: Any) -> str:
+    """How an error message quotes a value (cut off when long): maskers look for it."""
+    return _show(value)
+
+
 def _show_key(key: Any) -> str:
     return " ".join(str(key).split())[:60] or repr(key)
 

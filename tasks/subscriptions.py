@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from dataclasses import asdict
 from typing import Any
 
 from celery import Task
 
-from core.changes import IDENTIFIER_FIELDS, InvalidChange
+from core.changes import IDENTIFIER_FIELDS, InvalidChange, show_value
 from core.errors import InputRefused
 from core.redaction import mask_identifier
 from delivery.coalescer import Coalescer
@@ -28,9 +30,28 @@ class ChangeRefused(InputRefused, ValueError):
     and the reason with the identifier masked: it reaches Flower and the ERROR log."""
 
 
+# The keyword arguments record_change takes: those of the producer API.
+FIELDS = tuple(
+    name
+    for name, parameter in inspect.signature(enqueue_change).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
 @app.task(name="subscriptions.record_change", Request="tasks.masked_messages:RedactedRequest")
-def record_change(**row: Any) -> dict[str, Any]:
+def record_change(*args: Any, **row: Any) -> dict[str, Any]:
     """Validate and enqueue one change. Invalid input fails the task with the reason."""
+    if args:
+        raise ChangeRefused(f"takes keyword arguments only ({', '.join(FIELDS)}), got {len(args)}")
+    unknown = sorted(set(row) - set(FIELDS))
+    if unknown:
+        # Named, never shown with its value: `emial=` may well hold an email.
+        suggestions = {name: difflib.get_close_matches(name, FIELDS, n=1) for name in unknown}
+        shown = ", ".join(
+            f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            for name, hint in suggestions.items()
+        )
+        raise ChangeRefused(f"unknown field(s): {shown}")
     try:
         change = enqueue_change(**row)
     except InvalidChange as exc:
@@ -46,8 +67,13 @@ def masked(message: str, row: dict[str, Any]) -> str:
         value = row.get(kind)
         if not isinstance(value, str):
             continue
-        for shown in {value, value.strip()} - {""}:
-            message = message.replace(shown, mask_identifier(kind, shown))
+        for plain in {value, value.strip()} - {""}:
+            mask = mask_identifier(kind, plain)
+            # Longest first: the value as the message quotes it (cut off when long, so
+            # that the whole value would not be found in it), then the value itself.
+            for shown in (show_value(plain), repr(plain), plain):
+                replacement = repr(mask) if shown != plain else mask
+                message = message.replace(shown, replacement)
     return message
 
 

@@ -138,3 +138,17 @@ def test_2xx_errors_are_logged_masked_counted_and_their_identifiers_dead_lettere
     assert line.levelno == logging.WARNING
     assert email(3) not in line.getMessage() and "u***@example.com" in line.getMessage()
     assert email(3) not in report.detail
+
+
+def test_a_400_quoting_an_identifier_is_logged_masked(sim, poster, redis_client, caplog):
+    values = [email(n) for n in range(10)]
+    faults(sim, reject=[email(7)])  # `Invalid email: user7@example.com`
+    caplog.set_level(logging.INFO, logger="braze_subs")
+    reports = drive(poster, batch("email", values, group="news"))
+    assert "split" in [r.status for r in reports]
+    assert all(email(7) not in r.detail for r in reports)  # Flower shows these
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("status=split" in line and "u***@example.com" in line for line in lines)
+    assert not any(email(7) in line for line in lines)
+    [entry] = DeadLetters(redis_client, services().keys).list()
+    assert email(7) in entry.error  # the dead letter keeps Braze's message whole
