@@ -16,7 +16,9 @@ from typing import Annotated, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import typer
+from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
 from rich.live import Live
@@ -38,6 +40,7 @@ from config.settings import get_settings
 from core.errors import EXIT_ENVIRONMENT, EXIT_REFUSED, BrazeSubsError
 from delivery.services import services
 from tasks.bulk_import import count_lines, enqueue_file
+from tasks.health import ROLES, check_live, heartbeat_path
 from tasks.producer import enqueue_change, enqueue_changes
 
 app = typer.Typer(
@@ -49,6 +52,13 @@ app = typer.Typer(
 )
 dlq_app = typer.Typer(help="The dead-letter store: list, replay, purge.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+probe_app = typer.Typer(
+    help="Health probes for Kubernetes exec probes: exit 0 healthy, 1 not.", no_args_is_help=True
+)
+app.add_typer(probe_app, name="probe")
+
+# Exit code of a failed probe (Kubernetes only distinguishes 0 from the rest).
+EXIT_PROBE_FAILED = 1
 
 # markup=False: user data (group ids, file names, Braze messages) is printed as it is.
 out = Console(soft_wrap=True, markup=False)
@@ -533,6 +543,58 @@ def simulate(
         _fail(f"simulate: {error}", EXIT_REFUSED)
     err.print(f"Braze simulator on http://{host}:{port} (control API under /_sim/)")
     serve(config, host=host, port=port)
+
+
+@app.command()
+def metrics(
+    port: Annotated[
+        int | None, typer.Option(help="Port of /metrics (default: METRICS_PORT).", min=1, max=65535)
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
+) -> None:
+    """The Prometheus exporter: serves /metrics, reading Redis on every scrape."""
+    from admin.exporter import serve
+
+    found = services()
+    found.redis.ping()  # an unreachable Redis stops the exporter at start, in one line
+    port = port or found.settings.metrics_port
+    err.print(f"braze-subs metrics on http://{host}:{port}/metrics", highlight=False)
+    serve(port, host, found.redis, found.keys, found.limiter)
+
+
+@probe_app.command("live")
+def probe_live(
+    role: Annotated[str, typer.Option("--role", help="worker or beat.")],
+) -> None:
+    """Liveness: the process of ROLE in this container wrote its heartbeat recently."""
+    settings = get_settings()
+    if role not in ROLES:
+        _fail(f"--role: must be one of {', '.join(ROLES)}")
+    verdict = check_live(
+        heartbeat_path(settings.health_dir, role), settings.liveness_max_age_seconds
+    )
+    if not verdict.ok:
+        _fail(f"{role} not live: {verdict.message}", EXIT_PROBE_FAILED)
+    out.print(f"{role} {verdict.message}", highlight=False)
+
+
+@probe_app.command("ready")
+def probe_ready(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for Redis.", min=0.1)] = 2.0,
+) -> None:
+    """Readiness: the settings are valid and Redis answers."""
+    settings = get_settings()  # invalid settings already fail in main(), in one line
+    client = Redis.from_url(
+        settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+    )
+    try:
+        client.ping()
+    except RedisError as exc:
+        url = redact_url(settings.redis_url)
+        _fail(f"not ready: cannot reach Redis at {url}: {exc}", EXIT_PROBE_FAILED)
+    finally:
+        client.close()
+    out.print("ready", highlight=False)
 
 
 @app.command()

@@ -50,6 +50,7 @@ class Status:
     # seconds): their batches are dead-lettered unsent while the refusal stands.
     refused_groups: list[dict[str, Any]] = field(default_factory=list)
     delivery_errors_total: int = 0  # `errors` in Braze's 2xx answers
+    splits_total: int = 0  # batches split to isolate identifiers Braze refused
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,4 +115,5 @@ def read_status(client: Redis, keys: Keys, limiter: RateLimiter | None = None) -
             for refusal in Refusals(client, keys).listing(now_ms)
         ],
         delivery_errors_total=counters.get("delivery_errors", 0),
+        splits_total=counters.get("splits", 0),
     )

@@ -9,7 +9,9 @@ the first request.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -157,6 +159,19 @@ class Settings(BaseSettings):
     # Posting is I/O-bound: a thread pool of 16 keeps ~16 requests in the air per container,
     # enough for Braze's whole budget at up to ~200 ms per request.
     worker_concurrency: int = Field(default=16, ge=1)
+
+    # --- Operations: metrics and health probes ---------------------------------------------
+    # Port of the Prometheus exporter (`braze-subs metrics`, `/metrics`). 9717 is unused by
+    # the exporters listed in Prometheus's default port allocations.
+    metrics_port: int = Field(default=9717, ge=1, le=65535)
+    # Folder of the liveness heartbeat files (`<role>.alive`), touched by a thread in each
+    # worker and beat process and read by `braze-subs probe live`. The temporary folder is
+    # private to a container; processes of one role sharing a host need a folder each.
+    health_dir: str = Field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "braze-subs"))
+    # A heartbeat older than this fails the liveness probe. The heartbeat is written every
+    # fifth of it (one second by default), so a frozen or killed process fails within
+    # five seconds while a busy machine's scheduling hiccups (well under a second) do not.
+    liveness_max_age_seconds: float = Field(default=5.0, gt=0)
 
     # --- Import ---------------------------------------------------------------------------
     # Processes that validate a `braze-subs import` file (`--jobs` overrides). Unset: one

@@ -53,9 +53,13 @@ class Coalescer:
         if not lock.acquire():
             return TickReport(skipped=True)
         try:
-            return self._tick()
+            report = self._tick()
         finally:
             lock.release()
+        # When the coalescer last made progress: the exporter's "no coalescer tick" alert.
+        client = self.buffer.client
+        client.set(self.buffer.keys.coalesce_last_tick, server_time_ms(client))
+        return report
 
     def _tick(self) -> TickReport:
         settings = self.settings

@@ -280,6 +280,8 @@ class Poster:
             server_time_ms(client),
             identifiers=report.size,
             throttled=result.outcome is Outcome.RATE_LIMITED,
+            endpoint=V2_PATH if settings.braze_api_version == "v2" else V1_PATH,
+            status=reply.status,
         )
         if self.limiter is not None and reply.status is not None:
             self.limiter.observe(rate)
@@ -391,6 +393,8 @@ class Poster:
             isolate=decision.isolate,
             redispatch_ms=round(self.settings.batch_redispatch_seconds * 1000),
         )
+        if halves:
+            metrics.count(self.store.client, self.store.keys, "splits")
         for half in halves or ():
             self.dispatch(half, 0.0)
         return replace(report, status="split" if halves else "busy")

@@ -1,7 +1,12 @@
-"""Per-second counters of what was sent to Braze, kept for a few minutes, summed on demand.
+"""Counters of what was sent to Braze, fleet-wide, in Redis.
 
-One small hash per second (`requests`, `identifiers`, `throttled`) that expires by itself:
-`status` reads the last minute with one pipelined round trip and never scans a large key.
+- Per second: one small hash per second (`requests`, `identifiers`, `throttled`) that
+  expires by itself: `status` reads the last minute with one pipelined round trip and never
+  scans a large key.
+- Since start: monotonic totals for the Prometheus exporter, which is one process per
+  deployment and so cannot count in its own memory: requests by endpoint and HTTP status
+  (a hash of a few fields), and named events (splits, ...) in the `stats` hash that the
+  Lua scripts also count in (enqueued, batches, delivered, dead_lettered).
 """
 
 from __future__ import annotations
@@ -27,8 +32,22 @@ class Totals:
         return round(self.identifiers / self.requests, 1) if self.requests else None
 
 
-def record(client: Redis, keys: Keys, now_ms: float, *, identifiers: int, throttled: bool) -> None:
-    """Count one request (and its identifiers, unless Braze throttled it)."""
+# The HTTP status of a request that got no answer (timeout, connection error).
+NO_ANSWER = "none"
+
+
+def record(
+    client: Redis,
+    keys: Keys,
+    now_ms: float,
+    *,
+    identifiers: int,
+    throttled: bool,
+    endpoint: str = "",
+    status: int | None = None,
+) -> None:
+    """Count one request (and its identifiers, unless Braze throttled it); with `endpoint`,
+    also in the totals by endpoint and HTTP status."""
     key = keys.metrics(int(now_ms // 1000))
     pipe = client.pipeline(transaction=False)
     pipe.hincrby(key, "requests", 1)
@@ -37,7 +56,30 @@ def record(client: Redis, keys: Keys, now_ms: float, *, identifiers: int, thrott
     else:
         pipe.hincrby(key, "identifiers", identifiers)
     pipe.expire(key, RETENTION_SECONDS)
+    if endpoint:
+        pipe.hincrby(keys.request_totals, f"{endpoint} {status or NO_ANSWER}", 1)
     pipe.execute()
+
+
+def count(client: Redis, keys: Keys, event: str, amount: int = 1) -> None:
+    """Add to a named total since start (e.g. "splits")."""
+    client.hincrby(keys.stats, event, amount)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCount:
+    endpoint: str
+    status: str  # "201", "429", ... or NO_ANSWER
+    total: int
+
+
+def request_totals(raw: dict[bytes, bytes]) -> list[RequestCount]:
+    """Parse the reply of HGETALL request_totals (read in the caller's pipeline)."""
+    found = []
+    for field, value in raw.items():
+        endpoint, _, status = field.decode().rpartition(" ")
+        found.append(RequestCount(endpoint, status, int(value)))
+    return sorted(found, key=lambda c: (c.endpoint, c.status))
 
 
 def last_minute(client: Redis, keys: Keys, now_ms: float) -> Totals:

@@ -134,6 +134,17 @@ class Keys:
         return self._key("workspaces")
 
     @property
+    def request_totals(self) -> str:
+        """HASH "<endpoint> <HTTP status>" -> requests sent since start (status "none": no
+        answer); monotonic, fleet-wide, read by the Prometheus exporter."""
+        return self._key("requests")
+
+    @property
+    def coalesce_last_tick(self) -> str:
+        """STRING Redis time (ms) at which the last coalescer tick finished."""
+        return self._key("coalesce:last_tick")
+
+    @property
     def coalesce_lock(self) -> str:
         """STRING held by the coalescer tick in progress (saves duplicate work)."""
         return self._key("coalesce:lock")

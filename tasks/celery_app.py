@@ -8,10 +8,17 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, beat_init, worker_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    beat_init,
+    worker_init,
+    worker_shutdown,
+)
 from kombu import Queue
 
 from config.settings import Settings, SettingsError, get_settings
+from tasks.health import Heartbeat, heartbeat_path
 from tasks.logs import configure_logging, use_json_for_celery
 
 # The queue of `subscriptions.record_change` is Celery's default one, because services
@@ -96,11 +103,31 @@ def _require_braze(**_: Any) -> None:
     except SettingsError as exc:
         raise SystemExit(f"braze-subs: {exc}") from None
     _warn_if_redis_can_lose_changes()
+    _start_heartbeat("worker")
 
 
 @beat_init.connect
 def _check_redis_at_beat_start(**_: Any) -> None:
     _warn_if_redis_can_lose_changes()
+    _start_heartbeat("beat")
+
+
+_heartbeats: list[Heartbeat] = []
+
+
+def _start_heartbeat(role: str) -> None:
+    """The liveness heartbeat `braze-subs probe live --role ROLE` reads (tasks/health.py)."""
+    _heartbeats.append(
+        Heartbeat(
+            heartbeat_path(settings.health_dir, role), settings.liveness_max_age_seconds / 5
+        ).start()
+    )
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    while _heartbeats:
+        _heartbeats.pop().stop()
 
 
 def _warn_if_redis_can_lose_changes() -> None:
