@@ -1,3 +1,3 @@
-from admin.cli import main
+from admin.launcher import main
 
 main()
