@@ -153,8 +153,10 @@ def test_prometheus_sees_backlog_requests_429s_and_a_refused_key(
     processes.worker("w1", concurrency=8)
     processes.beat()
     wait_for(
-        lambda: prometheus.value("braze_subs_buffer_pending") == 0
-        and prometheus.value("braze_subs_in_flight_identifiers") == 0,
+        lambda: (
+            prometheus.value("braze_subs_buffer_pending") == 0
+            and prometheus.value("braze_subs_in_flight_identifiers") == 0
+        ),
         timeout=90,
         interval=0.5,
         what="Prometheus to see the backlog drained",
@@ -198,8 +200,10 @@ def test_prometheus_sees_backlog_requests_429s_and_a_refused_key(
     faults(sim, api_keys=["another-key"])
     enqueue_changes(changes(4000, 100, "unsubscribed"))
     wait_for(
-        lambda: prometheus.by_label("braze_subs_credentials_circuit_open == 1", "reason")
-        == {"401": 1.0},
+        lambda: (
+            prometheus.by_label("braze_subs_credentials_circuit_open == 1", "reason")
+            == {"401": 1.0}
+        ),
         timeout=60,
         interval=0.5,
         what="Prometheus to see the credentials circuit open (401)",
@@ -207,8 +211,10 @@ def test_prometheus_sees_backlog_requests_429s_and_a_refused_key(
     assert prometheus.by_label("braze_subs_posting_paused == 1", "reason") == {"credentials": 1.0}
     faults(sim, api_keys=[SIM_KEY])
     wait_for(
-        lambda: prometheus.value("max(braze_subs_credentials_circuit_open)") == 0
-        and prometheus.value("braze_subs_identifiers_delivered_total") == 4100,
+        lambda: (
+            prometheus.value("max(braze_subs_credentials_circuit_open)") == 0
+            and prometheus.value("braze_subs_identifiers_delivered_total") == 4100
+        ),
         timeout=60,
         interval=0.5,
         what="the circuit to close and the 100 changes to be delivered",
@@ -225,7 +231,9 @@ def test_prometheus_sees_backlog_requests_429s_and_a_refused_key(
     )
     seen = prometheus.by_label("sum by (code) (braze_subs_braze_requests_total)", "code")
     assert seen == {code: float(n) for code, n in codes.items() if n}, (seen, stats)
-    endpoints = prometheus.by_label("sum by (endpoint) (braze_subs_braze_requests_total)", "endpoint")
+    endpoints = prometheus.by_label(
+        "sum by (endpoint) (braze_subs_braze_requests_total)", "endpoint"
+    )
     assert set(endpoints) == {"/subscription/status/set"}
     assert prometheus.value("braze_subs_dead_letter_entries") == 0
     assert prometheus.value("braze_subs_redis_up") == 1
