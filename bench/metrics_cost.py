@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> dict[str, float | int]:
                     status=status,
                 )
         port = free_port()
-        server, thread = start_http_server(
+        server, _thread = start_http_server(
             port, addr="127.0.0.1", registry=registry_for(client, keys, found.limiter)
         )
         stack.callback(server.shutdown)
