@@ -198,6 +198,11 @@ def families(status: Status, extras: Extras) -> Iterator[Metric]:
         status.dead_letters_expired,
     )
     yield _counter(
+        "opt_out_skipped",
+        "Identifiers left out of a subscribe because they opted out in Braze (respect_opt_out).",
+        status.opt_out_skipped,
+    )
+    yield _counter(
         "batch_splits",
         "Batches split to isolate identifiers Braze refused (400).",
         status.splits_total,

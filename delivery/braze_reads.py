@@ -230,9 +230,11 @@ class BrazeReader:
         backoff_base_seconds: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        record: Callable[[str, int | None], object] | None = None,
     ) -> None:
         self.braze = braze
         self.limiter = limiter
+        self.record = record  # counts each request by path and HTTP status (the exporter's)
         self.max_wait_seconds = max_wait_seconds
         self.attempts = max(1, attempts)
         self.backoff_base_seconds = backoff_base_seconds
@@ -302,6 +304,8 @@ class BrazeReader:
             self._turn()
             self.calls = next(self._calls) + 1  # atomic under threads, unlike += 1
             reply = self.braze.get(path, params)
+            if self.record is not None:
+                self.record(path, reply.status)
             result = classify(reply.status, reply.body, reply.error)
             rate = parse_rate_limit(reply.headers)
             if self.limiter is not None and reply.status is not None:

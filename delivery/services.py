@@ -16,6 +16,7 @@ from config.settings import Settings, get_settings
 from delivery.braze_client import BrazeClient
 from delivery.braze_reads import BrazeReader, read_limiter
 from delivery.opt_outs import OptOutCheck
+from stores import counters
 from stores.batch_records import BatchStore
 from stores.buffer import Buffer
 from stores.keys import Keys
@@ -78,7 +79,14 @@ class Services:
     def reader(self, *, max_wait_seconds: float | None) -> BrazeReader:
         """Reads through the read budget; a worker waits at most `TOKEN_WAIT_MAX_SECONDS`
         for a turn, the CLI (None) as long as it takes."""
-        return BrazeReader(self.braze, self.read_limiter, max_wait_seconds=max_wait_seconds)
+        return BrazeReader(
+            self.braze,
+            self.read_limiter,
+            max_wait_seconds=max_wait_seconds,
+            record=lambda path, status: counters.record_request(
+                self.redis, self.keys, path, status
+            ),
+        )
 
     @cached_property
     def opt_outs(self) -> OptOutCheck:

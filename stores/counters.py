@@ -61,6 +61,12 @@ def record(
     pipe.execute()
 
 
+def record_request(client: Redis, keys: Keys, endpoint: str, status: int | None) -> None:
+    """Count one request in the totals by endpoint and HTTP status only (the reads, which
+    spend their own budget and so stay out of the per-second counters of posts)."""
+    client.hincrby(keys.request_totals, f"{endpoint} {status or NO_ANSWER}", 1)
+
+
 def count(client: Redis, keys: Keys, event: str, amount: int = 1) -> None:
     """Add to a named total since start (e.g. "splits")."""
     client.hincrby(keys.stats, event, amount)
