@@ -165,6 +165,12 @@ def families(status: Status, extras: Extras) -> Iterator[Metric]:
         unit="seconds",
     )
     yield _gauge(
+        "refused_groups",
+        "Group + state + identifier kind combinations Braze refuses as a whole right now "
+        "(their batches are dead-lettered unsent); `braze-subs status` names them.",
+        len(status.refused_groups),
+    )
+    yield _gauge(
         "redis_unsafe_settings",
         "Redis settings that can lose changes (eviction, no persistence); -1 when unknown.",
         len(status.redis_findings) if status.redis_findings is not None else -1,
@@ -196,6 +202,11 @@ def families(status: Status, extras: Extras) -> Iterator[Metric]:
         "dead_letters_expired",
         "Dead-letter entries removed after their retention.",
         status.dead_letters_expired,
+    )
+    yield _counter(
+        "delivery_errors",
+        "Errors Braze listed in its 2xx answers (their identifiers are dead-lettered).",
+        status.delivery_errors_total,
     )
     yield _counter(
         "opt_out_skipped",
