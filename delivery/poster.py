@@ -210,14 +210,18 @@ class Poster:
             if report.attempt >= self.settings.max_attempts:
                 for record in records:
                     self.store.dead_letter(record.id, token, failed.detail)
-                return replace(failed, status="dead_lettered")
-            wait = backoff_seconds(
-                report.attempt,
-                base=self.settings.retry_backoff_base_seconds,
-                cap=self.settings.retry_backoff_max_seconds,
-                rng=self.rng,
-            )
-            return self._defer(records, token, failed, wait, count_attempt=True)
+                failed = replace(failed, status="dead_lettered")
+            else:
+                wait = backoff_seconds(
+                    report.attempt,
+                    base=self.settings.retry_backoff_base_seconds,
+                    cap=self.settings.retry_backoff_max_seconds,
+                    rng=self.rng,
+                )
+                failed = self._defer(records, token, failed, wait, count_attempt=True)
+            failed = replace(failed, detail=masked_detail(failed.detail, records))
+            self._log(records, failed)
+            return failed
         for record in screened.emptied:
             self.store.delivered(record.id, token)
         if not screened.send:
