@@ -18,7 +18,8 @@ every answer, as Braze's round trip would. Three runs:
    verify process (getrusage), against that of run 1, shows whether memory grows with
    the file.
 
-Prints identifiers per second, read calls, seconds and peak RSS per run, and writes
+Prints identifiers per second, read calls, seconds and peak RSS per run, the spool's size
+on disk per row, and writes
 bench/results/verify.json.
 """
 
@@ -162,6 +163,18 @@ def spend_burst(env: dict[str, str]) -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
 
 
+def spool_bytes_per_row(path: Path) -> float:
+    """Disk the spool takes per distinct identifier (pass 1 alone: nothing is read)."""
+    from admin.verify import Verification
+
+    run = Verification(None, None, None)  # type: ignore[arg-type]
+    try:
+        rows = run.load(path)
+        return round((Path(run._dir.name) / "spool.sqlite3").stat().st_size / rows, 1)
+    finally:
+        run.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -191,6 +204,7 @@ def main() -> None:
             }
             small = workdir / "small.jsonl"
             write_rows(small, args.rows)
+            figures["spool_bytes_per_row"] = spool_bytes_per_row(small)
             figures["unbounded"] = {"rows": args.rows, **run_verify(small, env)}
             print("unbounded", figures["unbounded"], flush=True)
 
