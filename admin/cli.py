@@ -37,6 +37,7 @@ from admin.verify import Mismatch, VerifyReport
 from config.settings import get_settings
 from core.errors import EXIT_ENVIRONMENT, EXIT_REFUSED, BrazeSubsError
 from delivery.services import services
+from stores.dead_letters import DeadLetter, DeadLetters
 from tasks.bulk_import import count_lines, enqueue_file
 from tasks.producer import enqueue_change, enqueue_changes
 
@@ -267,15 +268,67 @@ def _status_table(snapshot: Status) -> Table:
 
 
 @dlq_app.command("list")
-def dlq_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List dead-letter entries, oldest first."""
-    from stores.dead_letters import DeadLetters
-
+def dlq_list(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=10_000, help="Entries per page.")
+    ] = 100,
+    cursor: Annotated[
+        str | None,
+        typer.Option("--cursor", help="Where the previous page ended (printed with it)."),
+    ] = None,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Every entry, read page by page (streamed).")
+    ] = False,
+) -> None:
+    """List dead-letter entries, oldest first, a page at a time."""
+    if cursor is not None and not _is_cursor(cursor):
+        _fail(f"--cursor: not a cursor printed by dlq list: {cursor!r}")
     found = services()
-    entries = DeadLetters(found.redis, found.keys).list()
+    store = DeadLetters(found.redis, found.keys)
+    if all_:
+        _dlq_list_all(store, as_json, cursor)
+        return
+    entries, next_cursor = store.page(cursor, limit)
     if as_json:
         out.print_json(json.dumps([entry.as_dict() for entry in entries]))
-        return
+    else:
+        out.print(_dlq_table(entries))
+    total = int(found.redis.hlen(found.keys.dead_letters))
+    if next_cursor is not None:
+        err.print(
+            f"{len(entries)} of {total:,} entries; next page: "
+            f"braze-subs dlq list --limit {limit} --cursor {next_cursor}",
+            highlight=False,
+        )
+
+
+def _is_cursor(cursor: str) -> bool:
+    score, sep, entry_id = cursor.partition(":")
+    return bool(sep) and score.isdigit() and bool(entry_id)
+
+
+def _dlq_list_all(store: DeadLetters, as_json: bool, cursor: str | None) -> None:
+    """Stream every entry in pages, so memory stays bounded by one page."""
+    first = True
+    if as_json:
+        sys.stdout.write("[")
+    while True:
+        entries, cursor = store.page(cursor, 1000)
+        if as_json:
+            for entry in entries:
+                sys.stdout.write(("\n" if first else ",\n") + json.dumps(entry.as_dict()))
+                first = False
+        elif entries:
+            out.print(_dlq_table(entries))
+        if cursor is None:
+            break
+    if as_json:
+        sys.stdout.write("\n]\n")
+        sys.stdout.flush()
+
+
+def _dlq_table(entries: list[DeadLetter]) -> Table:
     table = Table("id", "group", "state", "identifiers", "attempts", "error")
     for entry in entries:
         table.add_row(
@@ -286,7 +339,7 @@ def dlq_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
             str(entry.attempts),
             entry.error,
         )
-    out.print(table)
+    return table
 
 
 def _ids_or_all(ids: list[str] | None, all_: bool) -> list[str] | None:

@@ -60,6 +60,7 @@ def sample_changes(count: int, rng: random.Random) -> list[dict[str, Any]]:
 
 def run_demo(*, changes: int, console: Console, out: Console, keep_running: bool = False) -> None:
     from admin.status import read_status
+    from config.settings import get_settings
     from stores.buffer import Buffer
     from stores.keys import Keys, buffer_field
     from tasks.producer import validate_changes
@@ -85,8 +86,11 @@ def run_demo(*, changes: int, console: Console, out: Console, keep_running: bool
         )
         sim.start()
         stack.callback(sim.stop)
+        # Every process of the demo uses the prefix this one was configured with.
+        prefix = get_settings().redis_key_prefix
         env = {
             **os.environ,
+            "REDIS_KEY_PREFIX": prefix,
             "REDIS_URL": redis_url,
             "BRAZE_REST_ENDPOINT": sim.url,
             "BRAZE_API_KEY": DEMO_KEY,
@@ -97,7 +101,7 @@ def run_demo(*, changes: int, console: Console, out: Console, keep_running: bool
         stack.enter_context(celery_process("beat", env, workdir / "beat.log"))
 
         client = Redis.from_url(redis_url)
-        keys = Keys("braze-subs")
+        keys = Keys(prefix)
         buffer = Buffer(client, keys)
         rows = sample_changes(changes, rng)
         expected: dict[tuple[str, str, str], str] = {}
@@ -200,7 +204,7 @@ def serve_until_interrupted(
         f"  simulator  {sim_url}/_sim/stats\n"
         f"  logs       {workdir}\n"
         "In another terminal:\n"
-        f"  export REDIS_URL={env['REDIS_URL']}\n"
+        f"  export REDIS_URL={env['REDIS_URL']} REDIS_KEY_PREFIX={env['REDIS_KEY_PREFIX']}\n"
         "  .venv/bin/braze-subs status --watch 2\n"
         "  .venv/bin/braze-subs import YOUR_FILE.csv\n"
         "  .venv/bin/braze-subs enqueue --group newsletter --state unsubscribed "

@@ -89,6 +89,41 @@ class DeadLetters:
         raws = self.client.hmget(self.keys.dead_letters, ids)
         return [DeadLetter.from_json(raw) for raw in raws if raw is not None]
 
+    def page(
+        self, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[DeadLetter], str | None]:
+        """Up to `limit` entries after `cursor`, oldest first, and the cursor of the next
+        page (None at the end). Memory and Redis work stay bounded by `limit` whatever the
+        store holds. The cursor is the position (dead-lettered ms, id) of the last entry
+        shown, so entries purged or added meanwhile never shift a page."""
+        index = self.keys.dead_letter_index
+        ids: list[str] = []
+        if cursor is None:
+            ids = [raw.decode() for raw in self.client.zrange(index, 0, limit)]
+            last_score = None
+        else:
+            score_text, _, last_id = cursor.partition(":")
+            last_score = int(score_text)
+            # Entries dead-lettered in the same millisecond sort by id.
+            ties = self.client.zrangebyscore(index, last_score, last_score)
+            ids = [raw.decode() for raw in ties if raw.decode() > last_id][: limit + 1]
+            if len(ids) <= limit:
+                later = self.client.zrangebyscore(
+                    index, f"({last_score}", "+inf", start=0, num=limit + 1 - len(ids)
+                )
+                ids += [raw.decode() for raw in later]
+        more = len(ids) > limit
+        ids = ids[:limit]
+        if not ids:
+            return [], None
+        raws = self.client.hmget(self.keys.dead_letters, ids)
+        entries = [DeadLetter.from_json(raw) for raw in raws if raw is not None]
+        if not more:
+            return entries, None
+        score = self.client.zscore(index, ids[-1])
+        position = int(score) if score is not None else (last_score or 0)
+        return entries, f"{position}:{ids[-1]}"
+
     def replay(self, ids: list[str] | None) -> ReplayReport:
         """Return entries (all if `ids` is None) to the buffer, newer changes winning. A
         replay says the operator fixed the cause: it lifts the refusal of the entries'

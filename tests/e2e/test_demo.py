@@ -90,3 +90,22 @@ def test_demo_delivers_everything_then_keeps_running_until_stopped(tmp_path):
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait()
+
+
+@pytest.mark.slow
+def test_demo_honours_redis_key_prefix(tmp_path):
+    """Its processes inherit REDIS_KEY_PREFIX; the demo itself must read the same keys."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("BRAZE_", "REDIS_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "demo", "--changes", "400"],
+        cwd=ROOT,
+        env={**environ, "REDIS_KEY_PREFIX": "acme-subs"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "every identifier is in its last-written state" in result.stderr
+    (checked,) = re.findall(r"last-written state\s*│\s*([\d,]+) of ([\d,]+)", result.stdout)
+    assert checked[0] == checked[1] and int(checked[0]) > 100, result.stdout

@@ -598,3 +598,33 @@ def test_import_jobs_must_be_at_least_one(env, redis_client, tmp_path):
     result = run_cli("import", str(path), extra_env={"IMPORT_JOBS": "1"})
     assert result.returncode == 0, result.stderr
     assert set(pending(redis_client)) == {(GROUP, "email", email(1))}
+
+
+def test_dlq_list_pages_with_a_cursor_and_streams_all(env, redis_client):
+    made = [dead_letter([email(n)]) for n in range(250)]  # many share a millisecond
+    # Oldest first; entries of one millisecond by id.
+    ids = [raw.decode() for raw in redis_client.zrange(services().keys.dead_letter_index, 0, -1)]
+    assert sorted(ids) == sorted(made)
+    seen: list[str] = []
+    args = ["dlq", "list", "--json", "--limit", "100"]
+    pages = 0
+    while True:
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+        page = json.loads(result.stdout)
+        assert len(page) <= 100
+        seen += [entry["id"] for entry in page]
+        pages += 1
+        if pages == 1:  # an entry purged between pages shifts nothing
+            DeadLetters(redis_client, services().keys).purge([ids[0]])
+        if "--cursor" not in result.stderr:
+            break
+        cursor = result.stderr.split("--cursor ")[1].split()[0]
+        args = ["dlq", "list", "--json", "--limit", "100", "--cursor", cursor]
+    assert pages == 3
+    assert seen == ids  # oldest first, each once
+    result = run_cli("dlq", "list", "--json", "--all")
+    assert result.returncode == 0, result.stderr
+    assert [entry["id"] for entry in json.loads(result.stdout)] == ids[1:]
+    bad = run_cli("dlq", "list", "--cursor", "nonsense")
+    assert_one_line_error(bad, "--cursor")
