@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from admin.exporter import read_extras
 from admin.status import read_status
 from config.settings import Settings, load_settings
 from core.changes import parse_change
@@ -243,6 +244,13 @@ def test_only_the_rejected_identifier_is_dead_lettered(sim, poster, redis_client
     extra = sum(r.http_status is not None for r in reports) - 1  # requests after the first
     assert extra <= (2 if named else 2 * math.ceil(math.log2(50))), [r.status for r in reports]
     assert sim_stats(sim)["malformed"] == 0
+    # The exporter's totals: every split, and every request by its HTTP status.
+    splits = sum(r.status == "split" for r in reports)
+    assert splits >= 1
+    assert int(redis_client.hget(services().keys.stats, "splits")) == splits
+    by_code = {c.status: c.total for c in read_extras(redis_client, services().keys).requests}
+    answered = [r.http_status for r in reports if r.http_status is not None]
+    assert by_code == {str(code): answered.count(code) for code in set(answered)}
 
 
 def test_revoked_key_is_retried_without_spending_an_attempt(sim, poster, redis_client):
