@@ -159,6 +159,15 @@ def import_(
             "identifier Braze holds as unsubscribed.",
         ),
     ] = False,
+    from_line: Annotated[
+        int,
+        typer.Option(
+            "--from-line",
+            min=1,
+            help="Leave out the rows before this line: resume an import that Redis "
+            "interrupted (its error says from which line).",
+        ),
+    ] = 1,
 ) -> None:
     """Enqueue many changes from JSON Lines or CSV; by default all-or-nothing."""
     if rejects is not None and not skip_invalid:
@@ -197,6 +206,7 @@ def import_(
                 progress=progress,
                 jobs=jobs,
                 respect_opt_outs=respect_opt_outs,
+                from_line=from_line,
             )
         except BrokenProcessPool:
             done = "some rows may be enqueued" if skip_invalid else "nothing enqueued"

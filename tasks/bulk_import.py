@@ -28,10 +28,15 @@ from itertools import chain
 from pathlib import Path
 from typing import IO
 
-from stores.buffer import Buffer
+from redis.exceptions import OutOfMemoryError, RedisError
+
+from core.errors import BrazeSubsError
+from core.redaction import scrub
+from stores.buffer import Buffer, PipelinedEnqueue
 from tasks.parallel import cpu_count, ordered_map
 from tasks.rows import (
     CHUNK_LINES,
+    Chunk,
     ChunkResult,
     RowError,
     check_chunk,
@@ -62,6 +67,49 @@ class ImportResult:
     @property
     def ok(self) -> bool:
         return self.rejected == 0
+
+
+class ImportInterrupted(BrazeSubsError):
+    """Redis failed mid-import (full, gone): says how far the import got and where to go
+    on from. The changes Redis confirmed are in the buffer; the rest are not."""
+
+
+@dataclass(slots=True)
+class _Resume:
+    """Where to resume: the chunks handed to the enqueuer, as (changes up to the chunk's
+    end, the chunk's last line). One pair per chunk, so it stays small."""
+
+    ends: list[tuple[int, int]] = field(default_factory=list)
+    total: int = 0
+
+    def add(self, changes: int, last_line: int) -> None:
+        self.total += changes
+        self.ends.append((self.total, last_line))
+
+    def line_after(self, confirmed: int) -> int:
+        """The first line not known to be enqueued whole: every row before it is in."""
+        line = 0
+        for end, last_line in self.ends:
+            if end > confirmed:
+                break
+            line = last_line
+        return line + 1
+
+
+def _interrupted(
+    path: Path, exc: RedisError, enqueuer: PipelinedEnqueue, resume: _Resume, planned: int
+) -> ImportInterrupted:
+    if isinstance(exc, OutOfMemoryError):
+        why = "OOM: Redis is full (used memory > maxmemory) and refuses writes"
+    else:
+        detail = scrub(" ".join(str(exc).split()))[:200]
+        why = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    line = resume.line_after(enqueuer.count)
+    return ImportInterrupted(
+        f"{path}: Redis failed mid-import ({why}); "
+        f"{enqueuer.count:,} changes enqueued (of {planned:,} sent), every row before line "
+        f"{line:,} among them; resume with: braze-subs import {path} --from-line {line}"
+    )
 
 
 def count_lines(path: Path) -> int:
@@ -95,7 +143,11 @@ def parallel_jobs(path: Path, jobs: int | None, min_bytes: int = PARALLEL_MIN_BY
 
 
 def checked_chunks(
-    path: Path, jobs: int = 1, chunk_lines: int = CHUNK_LINES, respect_opt_outs: bool = False
+    path: Path,
+    jobs: int = 1,
+    chunk_lines: int = CHUNK_LINES,
+    respect_opt_outs: bool = False,
+    from_line: int = 1,
 ) -> Iterator[ChunkResult]:
     """Every chunk of the file validated, in file order: in this process when `jobs` is 1,
     else by `jobs` worker processes with at most `IN_FLIGHT_PER_JOB * jobs` chunks in flight.
@@ -103,8 +155,10 @@ def checked_chunks(
     Raises `ImportFileError` (bad suffix, unreadable file, bad CSV header) before any
     worker starts. Close the iterator to stop early: queued chunks are dropped.
     """
-    chunks = read_chunks(path, chunk_lines)
-    check = functools.partial(check_chunk, respect_opt_outs=respect_opt_outs)
+    chunks: Iterator[Chunk] = read_chunks(path, chunk_lines)
+    if from_line > 1:  # resuming: chunks wholly before the line are read, not validated
+        chunks = (chunk for chunk in chunks if chunk.last_line >= from_line)
+    check = functools.partial(check_chunk, respect_opt_outs=respect_opt_outs, from_line=from_line)
     if jobs <= 1:
         yield from map(check, chunks)
         return
@@ -149,46 +203,61 @@ def _rejects_writer(path: Path | None) -> Iterator[IO[str] | None]:
 
 
 def _validate_then_enqueue(
-    results: Iterable[ChunkResult], buffer: Buffer, progress: Progress, result: ImportResult
+    path: Path,
+    results: Iterable[ChunkResult],
+    buffer: Buffer,
+    progress: Progress,
+    result: ImportResult,
 ) -> None:
+    resume = _Resume()
     with tempfile.TemporaryFile("w+b") as spool:
         for chunk in results:
             _tally(result, chunk)
             if result.ok and chunk.valid:  # after a bad row, nothing will be enqueued
                 spool.write(chunk.packed_args)
+                resume.add(chunk.valid, chunk.last_line)
             progress("validating", chunk.last_line)
         if not result.ok:
             return
         spool.seek(0)
         with buffer.pipelined() as enqueuer:
-            for args in _unspooled(spool):
-                done = enqueuer.count
-                enqueuer.add(args)
-                if enqueuer.count != done:
-                    progress("enqueuing", enqueuer.count)
-            enqueuer.finish()
+            try:
+                for args in _unspooled(spool):
+                    done = enqueuer.count
+                    enqueuer.add(args)
+                    if enqueuer.count != done:
+                        progress("enqueuing", enqueuer.count)
+                enqueuer.finish()
+            except RedisError as exc:
+                raise _interrupted(path, exc, enqueuer, resume, resume.total) from None
         progress("enqueuing", enqueuer.count)
         result.enqueued = enqueuer.count
 
 
 def _enqueue_valid_rows(
+    path: Path,
     results: Iterable[ChunkResult],
     buffer: Buffer,
     progress: Progress,
     result: ImportResult,
     rejects_file: IO[str] | None,
 ) -> None:
+    resume = _Resume()
     with buffer.pipelined() as enqueuer:
-        for chunk in results:
-            _tally(result, chunk)
-            if rejects_file is not None:
-                for error in chunk.errors:
-                    record = {"line": error.line, "field": error.field, "error": error.message}
-                    rejects_file.write(json.dumps(record) + "\n")
-            if chunk.valid:
-                enqueuer.add(chunk.args)
-            progress("enqueuing", chunk.last_line)
-        enqueuer.finish()
+        try:
+            for chunk in results:
+                _tally(result, chunk)
+                if rejects_file is not None:
+                    for error in chunk.errors:
+                        record = {"line": error.line, "field": error.field, "error": error.message}
+                        rejects_file.write(json.dumps(record) + "\n")
+                resume.add(chunk.valid, chunk.last_line)
+                if chunk.valid:
+                    enqueuer.add(chunk.args)
+                progress("enqueuing", chunk.last_line)
+            enqueuer.finish()
+        except RedisError as exc:
+            raise _interrupted(path, exc, enqueuer, resume, resume.total) from None
     result.enqueued = enqueuer.count
 
 
@@ -203,24 +272,26 @@ def enqueue_file(
     chunk_lines: int = CHUNK_LINES,
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
     respect_opt_outs: bool = False,
+    from_line: int = 1,
 ) -> ImportResult:
     """Import a file: validate it all first (unless `skip_invalid`), then enqueue in order.
 
     `jobs` processes validate it (None: one per CPU; 1: this process); files under
     `parallel_min_bytes` are validated here. `result.jobs` says how many did.
-    `respect_opt_outs` sets `respect_opt_out` on every row.
+    `respect_opt_outs` sets `respect_opt_out` on every row. `from_line` skips the rows
+    before that line (resuming an import Redis interrupted: `ImportInterrupted` says where).
     """
     path = Path(path)
     result = ImportResult(jobs=parallel_jobs(path, jobs, parallel_min_bytes))
     if not skip_invalid:
-        results = checked_chunks(path, result.jobs, chunk_lines, respect_opt_outs)
+        results = checked_chunks(path, result.jobs, chunk_lines, respect_opt_outs, from_line)
         with contextlib.closing(results):
-            _validate_then_enqueue(results, buffer, progress, result)
+            _validate_then_enqueue(path, results, buffer, progress, result)
         return result
 
     # --skip-invalid: one pass; bad rows go to the rejects file as they come.
     with _rejects_writer(rejects) as rejects_file:
-        results = checked_chunks(path, result.jobs, chunk_lines, respect_opt_outs)
+        results = checked_chunks(path, result.jobs, chunk_lines, respect_opt_outs, from_line)
         with contextlib.closing(results):
-            _enqueue_valid_rows(results, buffer, progress, result, rejects_file)
+            _enqueue_valid_rows(path, results, buffer, progress, result, rejects_file)
     return result

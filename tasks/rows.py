@@ -29,7 +29,7 @@ import pickle
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from core.changes import (
     IDENTIFIER_FIELDS,
@@ -49,6 +49,36 @@ PROGRESS_EVERY = 1000
 # process costs little beside validating it (2,000 rows are 10-100 ms of work), small
 # enough that the chunks in flight hold little memory.
 CHUNK_LINES = 2000
+# ... and at most this many bytes, so a file of long lines does not make huge chunks.
+CHUNK_BYTES = 1 << 20
+# Longest line read as a row. A row is a few hundred bytes (three short fields and one
+# identifier of at most a few hundred characters); a longer line is reported as a bad row
+# without being held in memory whole, so a stray 100 MB line costs 64 KiB, not 400 MB.
+MAX_LINE_BYTES = 64 * 1024
+# Read size while skipping the rest of a line that is too long.
+_SKIP_BLOCK = 1 << 20
+
+
+def too_long_message(max_bytes: int = MAX_LINE_BYTES) -> str:
+    return f"line longer than {max_bytes:,} bytes (a row takes a few hundred); not read"
+
+
+def bounded_lines(handle: IO[bytes], max_bytes: int = MAX_LINE_BYTES) -> Iterator[bytes | None]:
+    """The physical lines of a binary file, each at most `max_bytes` long; a longer line
+    is skipped to its end in blocks and yields None. Memory stays O(max_bytes)."""
+    while True:
+        line = handle.readline(max_bytes + 1)
+        if not line:
+            return
+        if len(line) <= max_bytes or (line.endswith(b"\n") and len(line) == max_bytes + 1):
+            yield line
+            continue
+        while not line.endswith(b"\n"):  # skip the rest of it
+            line = handle.readline(_SKIP_BLOCK)
+            if not line:
+                break
+        yield None
+
 
 Row = dict[str, Any]
 
@@ -156,7 +186,7 @@ class JsonlChunk:
     """Consecutive physical lines of a JSON Lines file, the first of them at `first_line`."""
 
     first_line: int
-    lines: list[bytes]
+    lines: list[bytes | None]  # None: a line longer than MAX_LINE_BYTES, not read
 
     @property
     def last_line(self) -> int:
@@ -218,11 +248,12 @@ def read_chunks(path: Path, lines: int = CHUNK_LINES) -> Iterator[Chunk]:
 _RESPECT_OPT_OUT_ARG = 6
 
 
-def check_chunk(chunk: Chunk, respect_opt_outs: bool = False) -> ChunkResult:
+def check_chunk(chunk: Chunk, respect_opt_outs: bool = False, from_line: int = 1) -> ChunkResult:
     """Validate one chunk: what `iter_changes` says of its rows, in compact form.
 
     A plain function of its arguments, so it runs the same in a worker process.
-    `respect_opt_outs` sets `respect_opt_out` on every valid row (`import --respect-opt-outs`).
+    `respect_opt_outs` sets `respect_opt_out` on every valid row (`import --respect-opt-outs`);
+    rows before `from_line` are left out (`import --from-line`).
     """
     if isinstance(chunk, JsonlChunk):
         rows = _jsonl_rows(enumerate(chunk.lines, chunk.first_line))
@@ -232,6 +263,8 @@ def check_chunk(chunk: Chunk, respect_opt_outs: bool = False) -> ChunkResult:
     errors: list[RowError] = []
     args: list[bytes] = []
     for line, row in rows:
+        if line < from_line:  # resuming after an interrupted import: already enqueued
+            continue
         count += 1
         item = _to_change(line, row)
         if isinstance(item, RowError):
@@ -305,15 +338,16 @@ def _to_change(line: int, row: Row | InvalidRow) -> Change | RowError:
 # --------------------------------------------------------------------------------------
 
 
-def _physical_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes) for each line, a leading UTF-8 BOM removed."""
+def _physical_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, raw bytes) for each line, a leading UTF-8 BOM removed; None for a
+    line longer than MAX_LINE_BYTES (not read)."""
     try:
         handle = path.open("rb")
     except OSError as exc:
         raise ImportFileError(f"{path}: cannot open: {exc.strerror or exc}") from None
     with handle:
-        for number, raw in enumerate(handle, 1):
-            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+        for number, raw in enumerate(bounded_lines(handle), 1):
+            if number == 1 and raw is not None and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
             yield number, raw
 
@@ -334,9 +368,14 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Row | InvalidRow]]:
         yield from _jsonl_rows(lines)
 
 
-def _jsonl_rows(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, Row | InvalidRow]]:
+def _jsonl_rows(
+    lines: Iterable[tuple[int, bytes | None]],
+) -> Iterator[tuple[int, Row | InvalidRow]]:
     """Rows of numbered raw lines (BOM already removed); blank lines yield nothing."""
     for number, raw in lines:
+        if raw is None:
+            yield number, InvalidRow(too_long_message())
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -353,10 +392,22 @@ def _jsonl_chunks(path: Path, size: int) -> Iterator[JsonlChunk]:
     except OSError as exc:
         raise ImportFileError(f"{path}: cannot open: {exc.strerror or exc}") from None
     with handle:
+        source = bounded_lines(handle)
         first_line = 1
-        while lines := list(itertools.islice(handle, size)):
-            if first_line == 1 and lines[0].startswith(codecs.BOM_UTF8):
-                lines[0] = lines[0][len(codecs.BOM_UTF8) :]
+        while True:
+            # Cut after `size` lines or CHUNK_BYTES, whichever comes first.
+            lines: list[bytes | None] = []
+            taken = 0
+            for line in source:
+                lines.append(line)
+                taken += len(line) if line is not None else 0
+                if len(lines) >= size or taken >= CHUNK_BYTES:
+                    break
+            if not lines:
+                return
+            head = lines[0]
+            if first_line == 1 and head is not None and head.startswith(codecs.BOM_UTF8):
+                lines[0] = head[len(codecs.BOM_UTF8) :]
             yield JsonlChunk(first_line, lines)
             first_line += len(lines)
 
@@ -397,15 +448,21 @@ class _DecodedLines:
     the record that contains it is then reported instead of parsed.
     """
 
-    def __init__(self, lines: Iterator[tuple[int, bytes]]) -> None:
+    def __init__(self, lines: Iterator[tuple[int, bytes | None]]) -> None:
         self._lines = lines
         self.problem: tuple[int, str] | None = None
+        self.bytes_read = 0
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
         number, raw = next(self._lines)
+        if raw is None:  # too long: the parser sees an empty line, the record is bad
+            if self.problem is None:
+                self.problem = (number, too_long_message())
+            return "\n"
+        self.bytes_read += len(raw)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -435,6 +492,11 @@ class _CsvRecords:
         self._records: Generator[tuple[int, list[str] | InvalidRow], None, None] | None = None
         self.columns: list[str] = []
         self.line_num = 0
+        self._source: _DecodedLines | None = None
+
+    @property
+    def bytes_read(self) -> int:
+        return self._source.bytes_read if self._source is not None else 0
 
     def __iter__(self) -> Iterator[tuple[int, list[str] | InvalidRow]]:
         return self
@@ -451,7 +513,7 @@ class _CsvRecords:
     def _read(self) -> Generator[tuple[int, list[str] | InvalidRow], None, None]:
         lines = _physical_lines(self._path)
         with contextlib.closing(lines):
-            source = _DecodedLines(lines)
+            source = self._source = _DecodedLines(lines)
             reader = csv.reader(source)
             self.columns = _csv_header(self._path, reader, source)
             while True:
@@ -498,9 +560,12 @@ def _csv_chunks(path: Path, size: int) -> Iterator[CsvChunk]:
             # Cut at a record boundary once the chunk spans `size` physical lines.
             chunk: list[tuple[int, list[str] | InvalidRow]] = []
             first = records.line_num + 1
+            start_bytes = records.bytes_read
             for record in records:
                 chunk.append(record)
                 if records.line_num - first + 1 >= size:
+                    break
+                if records.bytes_read - start_bytes >= CHUNK_BYTES:
                     break
             if not chunk:
                 return

@@ -1,0 +1,110 @@
+"""Issue 10, imports that fail halfway: a real redis-server that fills up (maxmemory with
+noeviction) mid-import, and lines too long to be rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from devtools.processes import local_redis
+from stores.keys import Keys
+from tests.integration.test_cli import run_cli
+
+ROWS = 60_000
+
+
+def write_rows(path: Path, count: int) -> Path:
+    with open(path, "w") as handle:
+        for n in range(count):
+            row = {
+                "subscription_group_id": "newsletter",
+                "subscription_state": "subscribed",
+                "external_id": f"user-{n:06d}-with-a-long-enough-external-id",
+            }
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture
+def small_redis(tmp_path: Path):
+    with local_redis(tmp_path, "--maxmemory", "6mb", "--maxmemory-policy", "noeviction") as url:
+        yield url
+
+
+@pytest.mark.parametrize("skip_invalid", [False, True], ids=["all-or-nothing", "skip-invalid"])
+def test_a_full_redis_mid_import_says_how_far_it_got_and_the_rest_resumes(
+    tmp_path, small_redis, skip_invalid
+):
+    path = write_rows(tmp_path / "changes.jsonl", ROWS)
+    env = {"REDIS_URL": small_redis}
+    extra = ["--skip-invalid"] if skip_invalid else []
+    result = run_cli("import", str(path), "--jobs", "1", *extra, extra_env=env)
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = assert_last_line(result, "OOM")
+    assert "Traceback" not in result.stderr
+    assert line.startswith("braze-subs: ") and "Redis failed mid-import" in line
+    client = Redis.from_url(small_redis)
+    pending = int(client.hlen(Keys("braze-subs").pending))
+    assert 0 < pending < ROWS
+    enqueued = int(line.split(" changes enqueued")[0].rsplit(" ", 1)[1].replace(",", ""))
+    assert enqueued == pending  # the count is what Redis holds
+    resume = int(line.rsplit("--from-line ", 1)[1])
+    assert 1 < resume <= enqueued + 1  # every row before it is in
+
+    client.config_set("maxmemory", "0")  # the operator makes room, then resumes
+    again = run_cli("import", str(path), "--from-line", str(resume), *extra, extra_env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert int(client.hlen(Keys("braze-subs").pending)) == ROWS
+
+
+def assert_last_line(result, fragment: str) -> str:
+    last = result.stderr.strip().splitlines()[-1]
+    assert fragment in last, result.stderr[-2000:]
+    return last
+
+
+def test_a_line_too_long_is_a_bad_row_not_a_memory_spike(tmp_path, env, redis_client):
+    path = tmp_path / "long.jsonl"
+    good = json.dumps(
+        {"subscription_group_id": "g", "subscription_state": "subscribed", "external_id": "u1"}
+    )
+    with open(path, "w") as handle:
+        handle.write(good + "\n")
+        handle.write('{"subscription_group_id": "' + "x" * (20 << 20) + '"}\n')  # 20 MB
+        handle.write(good.replace("u1", "u2") + "\n")
+    result = run_cli("import", str(path))
+    assert result.returncode == 1
+    assert "line 2: line longer than 65,536 bytes" in result.stderr
+    assert "nothing enqueued" in result.stderr
+    skipped = run_cli("import", str(path), "--skip-invalid")
+    assert skipped.returncode == 0, skipped.stderr
+    assert "2 changes enqueued, 1 rejected" in skipped.stderr
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_chunks_are_cut_by_bytes_as_well_as_lines(tmp_path, suffix):
+    from tasks.rows import CHUNK_BYTES, MAX_LINE_BYTES, CsvChunk, read_chunks
+
+    source = "s" * 30_000  # long but valid lines: ~30 KB each
+    path = tmp_path / f"wide.{suffix}"
+    with open(path, "w") as handle:
+        if suffix == "csv":
+            handle.write("subscription_group_id,subscription_state,external_id,source\n")
+        for n in range(300):
+            if suffix == "csv":
+                handle.write(f"g,subscribed,u{n},{source}\n")
+            else:
+                row = {"subscription_group_id": "g", "subscription_state": "subscribed"}
+                handle.write(json.dumps({**row, "external_id": f"u{n}", "source": source}) + "\n")
+    chunks = list(read_chunks(path))
+    assert len(chunks) > 1  # 300 lines is far below CHUNK_LINES: bytes cut them
+    for chunk in chunks:
+        if isinstance(chunk, CsvChunk):
+            size = sum(len(cell) for _line, cells in chunk.records for cell in cells)
+        else:
+            size = sum(len(line or b"") for line in chunk.lines)
+        assert size <= CHUNK_BYTES + MAX_LINE_BYTES
