@@ -708,14 +708,13 @@ def test_small_files_are_validated_in_process(tmp_path: Path) -> None:
 def test_a_redis_error_while_enqueuing_is_raised_and_leaves_the_client_usable(
     redis_client: Any, tmp_path: Path
 ) -> None:
-    from redis.exceptions import ResponseError
-
     from stores.keys import Keys
+    from tasks.bulk_import import ImportInterrupted
 
     keys = Keys("broken")
     redis_client.set(keys.pending, "not a hash")  # every enqueue call now fails
     path = write(tmp_path, "mixed.jsonl", "".join(mixed_lines(3000, bad_lines=[])))
-    with pytest.raises(ResponseError, match="WRONGTYPE"):
+    with pytest.raises(ImportInterrupted, match=r"WRONGTYPE.*0 changes enqueued.*--from-line 1$"):
         import_into(redis_client, "broken", path, **PARALLEL)
     # The replies in flight went with their connection, not to the next user of the pool
     # (which takes the connection released last).
