@@ -89,13 +89,12 @@ class OptOutCheck:
         skipped: dict[str, tuple[str, ...]] = {}
         for record in records:
             checked = needs.get(record.id, ())
-            opted_out = results[record.id].unsubscribed if checked else frozenset()
-            left_out = tuple(value for value in checked if value in opted_out)
+            left_out = tuple(v for v in checked if results[record.id].holds_unsubscribed(v))
             if not left_out:
                 send.append(record)
                 continue
             skipped[record.id] = left_out
-            kept = tuple(value for value in record.values if value not in opted_out)
+            kept = tuple(value for value in record.values if value not in left_out)
             if kept:
                 send.append(replace(record, values=kept))
             else:
@@ -175,10 +174,8 @@ class OptOutCheck:
             except BaseException:
                 self.reads.release(ids)
                 raise
-            result = OptOutRead(
-                read_ms,
-                frozenset(values),
-                frozenset(v for v, s in states.items() if s is ReadState.UNSUBSCRIBED),
+            result = OptOutRead.of(
+                read_ms, values, (v for v, s in states.items() if s is ReadState.UNSUBSCRIBED)
             )
             found = dict.fromkeys(ids, result)
             self.reads.store(found, self.max_age_ms)

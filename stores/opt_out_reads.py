@@ -6,13 +6,14 @@ Per batch, one short-lived key (`Keys.opt_out_read`):
 - `claim <ms>`: a worker is reading Braze for it now (SET NX, so one reader per batch);
   it expires by itself if that worker dies;
 - a result `{"t": read time ms, "read": [...], "unsubscribed": [...]}`: what Braze held
-  then for the identifiers read; it expires after the freshness limit, and readers also
-  check its age against Redis's clock.
+  then for the identifiers read, as digests (`digest`); it expires after the freshness
+  limit, and readers also check its age against Redis's clock.
 Single commands (SET NX / MGET / SET PX), so no script is needed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,14 +26,27 @@ from stores.keys import Keys
 CLAIM = b"claim"
 
 
+def digest(value: str) -> str:
+    """What the result keeps of an identifier: enough to recognise it, not to read it
+    (no email or phone number sits in these keys, not even for their 30 seconds)."""
+    return hashlib.blake2b(value.encode(), digest_size=10).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class OptOutRead:
     read_ms: int
-    read: frozenset[str]
-    unsubscribed: frozenset[str]
+    read: frozenset[str]  # digests of the identifiers read
+    unsubscribed: frozenset[str]  # digests of those Braze held as unsubscribed
+
+    @classmethod
+    def of(cls, read_ms: int, read: Iterable[str], unsubscribed: Iterable[str]) -> OptOutRead:
+        return cls(read_ms, frozenset(map(digest, read)), frozenset(map(digest, unsubscribed)))
 
     def covers(self, values: Iterable[str], now_ms: int, max_age_ms: int) -> bool:
-        return now_ms - self.read_ms <= max_age_ms and self.read.issuperset(values)
+        return now_ms - self.read_ms <= max_age_ms and self.read.issuperset(map(digest, values))
+
+    def holds_unsubscribed(self, value: str) -> bool:
+        return digest(value) in self.unsubscribed
 
 
 class OptOutReads:
