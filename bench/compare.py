@@ -142,6 +142,8 @@ def run_one(
 
         if not workload.backlog:
             stream(system, workload.writes, last_writes, workload.kill_at, kill)
+        elif workload.during:
+            stream(system, workload.during, last_writes, None, kill)
         elif workload.kill_at is not None:
             time.sleep(max(0.0, ready + workload.kill_at - time.time()))
             kill()
@@ -170,6 +172,7 @@ def run_one(
         cut=cut,
         left_over=left,
         in_workers_at_kill=at_kill[0] if at_kill else None,
+        stream_keys=frozenset(w.key for w in workload.during),
     )
     done = report.satisfied_at(last_writes, arrivals)
     first = min((t for t, _s, _n in requests), default=ready)

@@ -41,6 +41,9 @@ class Workload:
     # SIGKILL.
     kill_at: float | None = None
     allows_packing: bool = False  # identifiers in several groups: v2 can pack them
+    # A backlog workload's stream of further writes, started when the workers are ready
+    # (a steady stream arriving while the backlog drains); its latency is reported apart.
+    during: tuple[Write, ...] = ()
 
     @property
     def keys(self) -> int:
@@ -62,12 +65,15 @@ def identity(n: int, group: int) -> tuple[str, str, str]:
     return f"email-{group}", kind, f"user-{n}"
 
 
-def stream_of_unique(rate: float, duration: float, groups: int, seed: int) -> list[Write]:
-    """`rate` changes per second for `duration` seconds, each a new identifier."""
+def stream_of_unique(
+    rate: float, duration: float, groups: int, seed: int, first: int = 0
+) -> list[Write]:
+    """`rate` changes per second for `duration` seconds, each a new identifier (numbered
+    from `first`)."""
     rng = random.Random(seed)
     writes = []
     for n in range(round(rate * duration)):
-        group_id, kind, value = identity(n, n % groups)
+        group_id, kind, value = identity(first + n, n % groups)
         writes.append(Write(group_id, rng.choice(STATES), kind, value, at=n / rate))
     return writes
 
@@ -124,6 +130,8 @@ class Sizes:
     # leaves the workload out.
     kill_backlog_at: float | None = None
     kill_backlog_timebox: float = 18.0
+    # Seconds of the steady stream that arrives while the backlog drains (0: left out).
+    mixed_stream_seconds: float = 0.0
 
 
 FULL = Sizes(
@@ -138,6 +146,7 @@ FULL = Sizes(
     grace=10,
     kill_grace=12,
     kill_backlog_at=3.0,
+    mixed_stream_seconds=6,
 )
 QUICK = Sizes(
     stream_rate=40,
@@ -207,6 +216,21 @@ def build(sizes: Sizes, worker_counts: list[int], seed: int = 6) -> list[Workloa
             kill_at=sizes.kill_seconds * 0.4,
         )
     )
+    if sizes.mixed_stream_seconds:
+        during = stream_of_unique(rate, sizes.mixed_stream_seconds, 4, seed + 2, first=10**6)
+        workloads.append(
+            Workload(
+                "mixed",
+                f"Stream during a backlog: the backlog above, and {rate:g} new identifiers/s "
+                f"for {sizes.mixed_stream_seconds:g} s from when the workers are ready, "
+                f"{workers} workers",
+                backlog,
+                workers,
+                backlog=True,
+                timebox=sizes.backlog_timebox,
+                during=tuple(during),
+            )
+        )
     if sizes.kill_backlog_at is not None:
         workloads.append(
             Workload(

@@ -109,13 +109,22 @@ class Settings(BaseSettings):
     # Identifiers per request; Braze allows 50 and full batches make the rate budget go
     # furthest, so lower it only to test.
     batch_max_identifiers: int = Field(default=BRAZE_MAX_IDENTIFIERS, ge=1)
-    # Period of the beat task that cuts pending changes into batches. One second keeps the
-    # latency low while each tick still sees enough changes to fill batches under load.
+    # Period of the beat task that cuts pending changes into batches. One second keeps
+    # Redis quiet; it is not the floor of the latency: while the pipeline is light, a tick
+    # stays up to one interval and ticks again as soon as a producer enqueues (a nudge).
     coalesce_interval_seconds: float = Field(default=1.0, gt=0)
-    # How long a partial batch may wait for company before it is sent anyway, counted from
-    # when its oldest change became due. Two ticks: enough to fill batches from a steady
-    # stream, short enough that a lone change still reaches Braze within seconds.
+    # The longest a partial batch may wait for company before it is sent anyway, counted
+    # from when its oldest change became due. The wait follows the pressure on the shared
+    # budget (core/linger.py): none while the budget is idle, this long once it is busy.
+    # Two seconds fill batches from a steady stream; a lone change still lands in seconds.
     batch_linger_seconds: float = Field(default=2.0, ge=0)
+    # Pressure on the budget (recent use, budget promised ahead, due work; 0..1) up to which
+    # partial batches go at once, and from which they wait the whole linger (linear
+    # between). At 0.25 / 0.75 a light stream settles where its own small requests use
+    # about a third of the budget (bench/results/compare.md), leaving the rest of the
+    # workspace's budget to its other clients, and a backlog always waits for full batches.
+    batch_linger_pressure_low: float = Field(default=0.5, ge=0, le=1)
+    batch_linger_pressure_high: float = Field(default=1.0, ge=0, le=1)
     # While a backlog drains (more due changes than one tick reads), a partial batch waits
     # up to this long for the rest of its key to come within reach: full requests stretch
     # the rate budget furthest. Bounded, so a rare key never starves behind busy ones.
@@ -255,6 +264,10 @@ class Settings(BaseSettings):
             raise ValueError("BRAZE_INSTANCE: disagrees with BRAZE_REST_ENDPOINT; set one")
         if self.batch_claim_seconds <= self.http_timeout_seconds:
             raise ValueError("BATCH_CLAIM_SECONDS: must exceed HTTP_TIMEOUT_SECONDS")
+        if self.batch_linger_pressure_high < self.batch_linger_pressure_low:
+            raise ValueError(
+                "BATCH_LINGER_PRESSURE_HIGH: must not be below BATCH_LINGER_PRESSURE_LOW"
+            )
         return self
 
     # --- Derived values -------------------------------------------------------------------

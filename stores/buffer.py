@@ -94,7 +94,23 @@ class Buffer:
         for chunk in _chunks(changes, chunk_size):
             self.scripts.enqueue(keys=keys, args=encode_changes(chunk))
             count += len(chunk)
+        if count:
+            self.nudge()
         return count
+
+    def nudge(self) -> None:
+        """Wake one coalescer waiting for work (`wait_for_nudge`). The list holds at most one
+        item, so a burst of enqueues wakes one tick, not a herd."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.lpush(self.keys.coalesce_nudge, 1)
+        pipe.ltrim(self.keys.coalesce_nudge, 0, 0)
+        pipe.execute()
+
+    def wait_for_nudge(self, timeout_seconds: float) -> bool:
+        """Block until a producer nudges or `timeout_seconds` pass; True if nudged."""
+        if timeout_seconds <= 0:
+            return False
+        return self.client.blpop([self.keys.coalesce_nudge], timeout=timeout_seconds) is not None
 
     def pipelined(self) -> PipelinedEnqueue:
         """An enqueue for streams of already-encoded changes (the bulk import): same order
@@ -204,6 +220,7 @@ class PipelinedEnqueue:
         )
         self._connection = self._client.connection
         assert self._connection is not None
+        self._buffer = buffer
         self._keys = buffer._enqueue_keys()
         self._head = ("EVAL", buffer.scripts.enqueue.script, len(self._keys))
         self._size = ENQUEUE_CHUNK * ARGS_PER_CHANGE
@@ -238,6 +255,8 @@ class PipelinedEnqueue:
             self._args = []
         while self._unanswered:
             self._answer()
+        if self.count:
+            self._buffer.nudge()
 
     def _send(self, args: list[bytes]) -> None:
         assert self._connection is not None

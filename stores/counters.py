@@ -89,9 +89,14 @@ def request_totals(raw: dict[bytes, bytes]) -> list[RequestCount]:
 
 
 def last_minute(client: Redis, keys: Keys, now_ms: float) -> Totals:
+    return recent(client, keys, now_ms, 60)
+
+
+def recent(client: Redis, keys: Keys, now_ms: float, seconds: int) -> Totals:
+    """Totals of the current second and the `seconds - 1` before it (one round trip)."""
     second = int(now_ms // 1000)
     pipe = client.pipeline(transaction=False)
-    for past in range(60):
+    for past in range(seconds):
         pipe.hmget(keys.metrics(second - past), "requests", "identifiers", "throttled")
     requests = identifiers = throttled = 0
     for reply in pipe.execute():

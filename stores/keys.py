@@ -145,6 +145,12 @@ class Keys:
         return self._key("coalesce:last_tick")
 
     @property
+    def coalesce_nudge(self) -> str:
+        """LIST of at most one item, pushed by producers after an enqueue: wakes a coalescer
+        waiting for work (BLPOP) so an idle pipeline does not wait for the next beat."""
+        return self._key("coalesce:nudge")
+
+    @property
     def coalesce_lock(self) -> str:
         """STRING held by the coalescer tick in progress (saves duplicate work)."""
         return self._key("coalesce:lock")

@@ -166,6 +166,17 @@ class RateLimiter:
         seconds, micros = self.client.time()
         return max(0.0, (float(paused) - (seconds * 1000 + micros / 1000)) / 1000)
 
+    def committed_ahead_ms(self, now_ms: float) -> float:
+        """How far into the future the shared budget is already promised at `now_ms` (Redis
+        clock): our reservations, and what Braze's headers said others spent."""
+        tat = self.client.hget(self.key, "tat")
+        return max(float(tat or 0) - now_ms, 0.0)
+
+    @property
+    def requests_per_second(self) -> float:
+        """The budget's sustained rate."""
+        return 1000 / self.budget.interval_ms
+
     def state(self) -> LimiterState:
         seconds, micros = self.client.time()
         now = seconds * 1000 + micros / 1000  # the scripts' precision, not whole ms

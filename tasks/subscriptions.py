@@ -80,8 +80,14 @@ def masked(message: str, row: dict[str, Any]) -> str:
 @app.task(name="subscriptions.coalesce")
 def coalesce() -> dict[str, Any]:
     found = services()
-    coalescer = Coalescer(found.settings, found.buffer, found.batches, dispatch=_dispatch)
-    return asdict(coalescer.tick())
+    coalescer = Coalescer(
+        found.settings, found.buffer, found.batches, found.limiter, dispatch=_dispatch
+    )
+    # Stay a little longer than one beat interval, ticking again on a producer's nudge or
+    # when a lingering batch becomes ready, so some run is always awake. Overlapping runs
+    # are harmless: each tick takes the coalescer lock, and a nudge wakes one run only, so
+    # at most two runs wait at once whatever the load (under a backlog: one tick a beat).
+    return asdict(coalescer.run(found.settings.coalesce_interval_seconds * 1.5))
 
 
 def _dispatch(batch_id: str, countdown: float = 0.0) -> None:

@@ -89,7 +89,7 @@ class Recorder:
 def coalescer(dispatch: Recorder, **overrides: Any) -> Coalescer:
     found = services()
     settings = load_settings(**overrides)
-    return Coalescer(settings, found.buffer, found.batches, dispatch)
+    return Coalescer(settings, found.buffer, found.batches, found.limiter, dispatch)
 
 
 # --------------------------------------------------------------------------------------
@@ -367,12 +367,16 @@ def test_concurrent_coalescer_ticks_never_put_a_change_in_two_batches(env, redis
 # --------------------------------------------------------------------------------------
 
 
+# A budget under full pressure: partial batches linger the whole BATCH_LINGER_SECONDS.
+BUSY = {"batch_linger_pressure_low": 0.0, "batch_linger_pressure_high": 0.0}
+
+
 def test_tick_cuts_full_batches_at_once_and_holds_a_partial_one_for_linger(env, redis_client):
     buffer = services().buffer
     buffer.enqueue([change(email(n)) for n in range(120)])
 
     recorder = Recorder()
-    report = coalescer(recorder, batch_linger_seconds=3600).tick()
+    report = coalescer(recorder, batch_linger_seconds=3600, **BUSY).tick()
     assert report.batches == 2
     assert report.identifiers == 100
     assert len(recorder.ids) == 2
@@ -380,7 +384,7 @@ def test_tick_cuts_full_batches_at_once_and_holds_a_partial_one_for_linger(env, 
     assert buffer.pending_count() == 20
 
     # Still lingering: a second tick cuts nothing.
-    assert coalescer(recorder, batch_linger_seconds=3600).tick().batches == 0
+    assert coalescer(recorder, batch_linger_seconds=3600, **BUSY).tick().batches == 0
     assert buffer.pending_count() == 20
 
     report = coalescer(recorder, batch_linger_seconds=0).tick()
@@ -395,11 +399,81 @@ def test_tick_sends_a_lone_change_once_its_linger_passed(env, redis_client):
     buffer.enqueue([change(email(1))])
     due_ms = pending_record(buffer, GROUP, "email", email(1))["t"]
     recorder = Recorder()
-    worker = coalescer(recorder, batch_linger_seconds=1)
+    worker = coalescer(recorder, batch_linger_seconds=1, **BUSY)
     assert worker.tick().batches == 0
     wait_for(lambda: worker.tick().batches == 1, timeout=10, what="the linger to pass")
     assert server_time_ms(redis_client) - due_ms >= 1000
     assert len(recorder.ids) == 1
+
+
+def test_an_idle_budget_sends_a_partial_batch_at_the_first_tick(env, redis_client):
+    """Defaults: nothing spent recently, nothing promised ahead, little due: no linger."""
+    buffer = services().buffer
+    buffer.enqueue([change(email(n)) for n in range(3)])
+    report = coalescer(Recorder()).tick()
+    assert (report.batches, report.identifiers, report.linger_ms) == (1, 3, 0)
+    assert report.pressure < 0.25
+
+
+def test_a_budget_spent_ahead_makes_partial_batches_wait(env, redis_client):
+    """Defaults, but the shared budget is promised 2 s ahead (our reservations, or Braze
+    reporting the workspace's other clients spending it): a partial batch waits."""
+    found = services()
+    now = server_time_ms(redis_client)
+    redis_client.hset(found.limiter.key, "tat", now + 2500)
+    found.buffer.enqueue([change(email(n)) for n in range(3)])
+    report = coalescer(Recorder()).tick()
+    assert report.batches == 0
+    assert report.linger_ms == round(found.settings.batch_linger_seconds * 1000)
+    assert report.next_check_ms is not None and report.next_check_ms > now
+
+
+def test_recent_requests_raise_the_linger_smoothly(env, redis_client):
+    """Our own recent requests count: three quarters of the budget spent over the last
+    seconds gives a linger between none and the whole."""
+    found = services()
+    now = server_time_ms(redis_client)
+    per_second = found.limiter.requests_per_second
+    for past in range(5):
+        requests = round(per_second * 0.75)
+        redis_client.hset(found.keys.metrics(now // 1000 - past), "requests", requests)
+    found.buffer.enqueue([change(email(1))])
+    report = coalescer(Recorder()).tick()
+    assert 0.7 < report.pressure < 0.95  # 5 seconds of counts over 4 to 5 seconds
+    assert 0 < report.linger_ms < round(found.settings.batch_linger_seconds * 1000)
+
+
+def test_a_large_due_backlog_keeps_batches_full_from_the_first_tick(env, redis_client):
+    """A bulk import at an idle budget: due work alone is pressure; the remainder waits."""
+    buffer = services().buffer
+    rate = services().limiter.requests_per_second
+    count = 50 * round(rate * 2) + 10  # more full requests than one linger can send
+    buffer.enqueue([change(email(n)) for n in range(count)])
+    report = coalescer(Recorder(), coalesce_max_changes_per_tick=count + 1).tick()
+    assert report.pressure == 1.0
+    assert report.identifiers == count - 10  # full batches only
+
+
+def test_run_ticks_again_on_a_nudge_while_idle(env, redis_client):
+    """The tick is not the floor: a coalescer waiting in `run` cuts a change enqueued
+    after it started, at once, not at the next beat."""
+    found = services()
+    recorder = Recorder()
+    worker = coalescer(recorder)
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(worker.run(3)))
+    thread.start()
+    try:
+        # `run` ticked once (nothing due) and now waits for a nudge.
+        wait_for(
+            lambda: any(c.get("cmd") == "blpop" for c in redis_client.client_list()),
+            what="the coalescer to wait for a nudge",
+        )
+        found.buffer.enqueue([change(email(1))])
+        wait_for(lambda: len(recorder.ids) == 1, timeout=5, what="a batch cut on the nudge")
+    finally:
+        thread.join(timeout=10)  # the run ends at its deadline
+    assert result and result[0].ticks >= 2 and result[0].identifiers == 1
 
 
 def test_tick_respects_max_batches_in_flight(env, redis_client):

@@ -239,7 +239,9 @@ def test_entries_past_retention_expire_counted_and_logged(env, redis_client, cap
     logger = logging.getLogger("braze_subs.coalescer")
     logger.addHandler(caplog.handler)
     try:
-        Coalescer(settings, found.buffer, found.batches, dispatch=lambda _id: None).tick()
+        Coalescer(
+            settings, found.buffer, found.batches, found.limiter, dispatch=lambda _id: None
+        ).tick()
     finally:
         logger.removeHandler(caplog.handler)
 

@@ -338,7 +338,7 @@ def cut_pack_of_two(values: list[str]) -> tuple[str, str, str]:
     )
     sent: list[str] = []
     settings = load_settings(batch_linger_seconds=0)
-    report = Coalescer(settings, found.buffer, found.batches, sent.append).tick()
+    report = Coalescer(settings, found.buffer, found.batches, found.limiter, sent.append).tick()
     assert report.batches == 2
     [lead] = sent
     record = BatchRecord.from_json(found.redis.get(found.keys.batch(lead)))
