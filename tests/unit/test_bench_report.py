@@ -175,7 +175,15 @@ def test_per_worker_rate_limit_splits_the_budget():
 def test_workloads_are_deterministic_and_the_same_for_everyone():
     assert build(QUICK, [2]) == build(QUICK, [2])
     names = [w.name for w in build(FULL, [2, 4])]
-    assert names == ["steady", "backlog-2w", "backlog-4w", "flips", "kill-stream", "kill-backlog"]
+    assert names == [
+        "steady",
+        "backlog-2w",
+        "backlog-4w",
+        "flips",
+        "kill-stream",
+        "mixed",
+        "kill-backlog",
+    ]
     assert [w.name for w in build(QUICK, [2])][-1] == "kill-stream"
 
 
