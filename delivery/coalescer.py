@@ -111,8 +111,7 @@ class Coalescer:
         finally:
             lock.release()
         # When the coalescer last made progress: the exporter's "no coalescer tick" alert.
-        client = self.buffer.client
-        client.set(self.buffer.keys.coalesce_last_tick, server_time_ms(client))
+        self.buffer.client.set(self.buffer.keys.coalesce_last_tick, report.now_ms)
         return report
 
     def _tick(self) -> TickReport:
