@@ -31,7 +31,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from admin.status import Status, read_status
+from admin.status import Status, find_budget, read_status
 from admin.status_view import sections, warnings
 from admin.verify import Mismatch, VerifyReport
 from config.settings import get_settings
@@ -241,8 +241,13 @@ def status(
     """Where the work stands: buffer, batches in flight, dead letters, the rate budget."""
     found = services()
 
+    # Without BRAZE_API_KEY (an operator's shell) the budget is the one the workers
+    # recorded; if none did, status says it cannot tell rather than show a fresh budget.
+    source = find_budget(found.redis, found.keys, found.settings)
+    limiter = found.limiter_for(source.workspace) if source.workspace else None
+
     def snapshot() -> Status:
-        return read_status(found.redis, found.keys, found.limiter)
+        return read_status(found.redis, found.keys, limiter, source)
 
     if as_json:
         out.print_json(json.dumps(snapshot().as_dict()))
@@ -620,7 +625,10 @@ def metrics(
     # braze_subs_redis_up 0 within seconds instead of hanging until Prometheus gives up.
     client = Redis.from_url(found.settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     client.ping()  # an unreachable Redis stops the exporter at start, in one line
-    shared = found.limiter
+    from admin.status import find_budget
+
+    source = find_budget(client, found.keys, found.settings)
+    shared = found.limiter_for(source.workspace or found.settings.workspace_id)
     limiter = RateLimiter(client, shared.key, shared.budget, max_wait_seconds=0)
     port = port or found.settings.metrics_port
     err.print(f"braze-subs metrics on http://{host}:{port}/metrics", highlight=False)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis import Redis
 
+from config.settings import Settings
 from stores import counters as metrics
 from stores import durability
 from stores.buffer import server_time_ms
@@ -34,7 +36,8 @@ class Status:
     # change asked to respect that (respect_opt_out)
     opt_out_skipped: int = 0
     tokens_left: int | None = None  # requests the shared budget would grant at once now
-    paused: bool = False  # posting paused for every worker (after a 429)
+    paused: bool | None = False  # posting paused for every worker (after a 429); None:
+    # unknown (no budget found: see budget_source)
     paused_until: float | None = None  # epoch seconds
     pause_reason: str | None = None
     credentials_refused: str | None = None  # why posting stopped: Braze refused the key
@@ -51,12 +54,50 @@ class Status:
     refused_groups: list[dict[str, Any]] = field(default_factory=list)
     delivery_errors_total: int = 0  # `errors` in Braze's 2xx answers
     splits_total: int = 0  # batches split to isolate identifiers Braze refused
+    # Whose rate budget the RATE BUDGET figures are: the workspace id (REST host + a hash
+    # of the key), and how it was found: "BRAZE_API_KEY" (this process has the key),
+    # "recorded by a worker" (status runs without the key), or "unknown" (neither: the
+    # budget figures are then absent, not made up).
+    budget_workspace: str | None = None
+    budget_source: str = "unknown"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def read_status(client: Redis, keys: Keys, limiter: RateLimiter | None = None) -> Status:
+@dataclass(frozen=True, slots=True)
+class BudgetSource:
+    workspace: str | None
+    how: str  # "BRAZE_API_KEY" | "recorded by a worker" | "unknown"
+
+
+def find_budget(client: Redis, keys: Keys, settings: Settings) -> BudgetSource:
+    """Whose budget to show. With the key, this process's workspace. Without it, the one
+    the workers recorded when they started (`Keys.workspaces`), for this endpoint if one
+    is set, the most recently started if several; else unknown."""
+    if settings.braze_api_key is not None:
+        return BudgetSource(settings.workspace_id, "BRAZE_API_KEY")
+    host = urlsplit(settings.rest_endpoint or "").netloc
+    recorded = {
+        workspace.decode(): int(started)
+        for workspace, started in client.hgetall(keys.workspaces).items()
+    }
+    candidates = {
+        workspace: started
+        for workspace, started in recorded.items()
+        if not host or workspace.startswith(f"{host}:")
+    }
+    if not candidates:
+        return BudgetSource(None, "unknown")
+    return BudgetSource(max(candidates, key=candidates.__getitem__), "recorded by a worker")
+
+
+def read_status(
+    client: Redis,
+    keys: Keys,
+    limiter: RateLimiter | None = None,
+    source: BudgetSource | None = None,
+) -> Status:
     now_ms = server_time_ms(client)
     pipe = client.pipeline(transaction=False)
     pipe.hlen(keys.pending)
@@ -91,7 +132,7 @@ def read_status(client: Redis, keys: Keys, limiter: RateLimiter | None = None) -
         dead_letters_expired=counters.get("dead_letters_expired", 0),
         opt_out_skipped=counters.get("opt_out_skipped", 0),
         tokens_left=budget.tokens_left if budget else None,
-        paused=paused_until is not None,
+        paused=(paused_until is not None) if budget else None,
         paused_until=round(paused_until / 1000, 3) if paused_until else None,
         pause_reason=budget.pause_reason if budget else None,
         credentials_refused=budget.circuit if budget else None,
@@ -115,5 +156,7 @@ def read_status(client: Redis, keys: Keys, limiter: RateLimiter | None = None) -
             for refusal in Refusals(client, keys).listing(now_ms)
         ],
         delivery_errors_total=counters.get("delivery_errors", 0),
+        budget_workspace=source.workspace if source else None,
+        budget_source=source.how if source else ("BRAZE_API_KEY" if limiter else "unknown"),
         splits_total=counters.get("splits", 0),
     )

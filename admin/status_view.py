@@ -47,7 +47,9 @@ def moment(epoch: float | None, now: float) -> str:
 def sections(status: Status, now: float) -> list[Section]:
     """The status table, top to bottom: what waits, what is out, what failed, the budget."""
     posting = "running"
-    if status.credentials_refused:
+    if status.budget_source == "unknown" and status.tokens_left is None:
+        posting = "unknown: no BRAZE_API_KEY here and no worker recorded its workspace"
+    elif status.credentials_refused:
         posting = "stopped: Braze refuses the API key"
     elif status.paused:
         posting = f"paused: {status.pause_reason or 'rate limited'}"
@@ -55,6 +57,8 @@ def sections(status: Status, now: float) -> list[Section]:
         ("posting", posting),
         ("tokens left", "-" if status.tokens_left is None else count(status.tokens_left)),
     ]
+    if status.budget_source == "recorded by a worker":
+        budget.append(("workspace (recorded by a worker)", status.budget_workspace or "-"))
     if status.paused:
         budget.append(("paused until", moment(status.paused_until, now)))
     if status.credentials_refused:

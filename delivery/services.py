@@ -18,7 +18,7 @@ from delivery.braze_reads import BrazeReader, read_limiter
 from delivery.opt_outs import OptOutCheck
 from stores import counters
 from stores.batch_records import BatchStore
-from stores.buffer import Buffer
+from stores.buffer import Buffer, server_time_ms
 from stores.keys import Keys
 from stores.limiter import Budget, RateLimiter
 from stores.opt_out_reads import OptOutReads
@@ -48,6 +48,10 @@ class Services:
 
     @cached_property
     def limiter(self) -> RateLimiter:
+        return self.limiter_for(self.settings.workspace_id)
+
+    def limiter_for(self, workspace_id: str) -> RateLimiter:
+        """The shared budget of a workspace (this process's, or one a worker recorded)."""
         settings = self.settings
         budget = Budget.for_limit(
             settings.braze_rate_limit,
@@ -57,7 +61,7 @@ class Services:
         )
         return RateLimiter(
             self.redis,
-            self.keys.limiter(settings.workspace_id),
+            self.keys.limiter(workspace_id),
             budget,
             max_wait_seconds=settings.token_wait_max_seconds,
             probe_interval_seconds=settings.credentials_probe_seconds,
@@ -96,6 +100,11 @@ class Services:
             self.reader(max_wait_seconds=self.settings.token_wait_max_seconds),
             OptOutReads(self.redis, self.keys),
         )
+
+    def record_workspace(self) -> None:
+        """A posting process says which workspace's budget it spends, and since when."""
+        now_ms = server_time_ms(self.redis)
+        self.redis.hset(self.keys.workspaces, self.settings.workspace_id, now_ms)
 
     @cached_property
     def braze(self) -> BrazeClient:

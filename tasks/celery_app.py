@@ -103,6 +103,7 @@ def _require_braze(**_: Any) -> None:
     except SettingsError as exc:
         raise SystemExit(f"braze-subs: {exc}") from None
     _warn_if_redis_can_lose_changes()
+    _record_workspace()
     _start_heartbeat("worker")
 
 
@@ -128,6 +129,14 @@ def _start_heartbeat(role: str) -> None:
 def _stop_heartbeat(**_: Any) -> None:
     while _heartbeats:
         _heartbeats.pop().stop()
+
+
+def _record_workspace() -> None:
+    """Tell `status`, which may run without the API key, whose budget the fleet spends:
+    the workspace id (endpoint host + a hash of the key, never the key) and when."""
+    from delivery.services import services
+
+    services().record_workspace()
 
 
 def _warn_if_redis_can_lose_changes() -> None:
