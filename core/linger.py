@@ -6,7 +6,7 @@ bottleneck every such request displaces up to 50 identifiers' worth of a full on
 linger follows the pressure on the budget, from 0 (send at the next tick) to the configured
 maximum:
 
-    pressure  = max(recent use, committed ahead, due work)        each in [0, 1]
+    pressure  = max(recent use, committed ahead, due work, arrivals)   each in [0, 1]
     linger    = max_linger * ramp(pressure; low, high)**2         0 below low, max above high
 
 - recent use: our requests over the last few seconds, as a share of what the budget allows
@@ -19,7 +19,10 @@ maximum:
   would wait for its turn anyway may as well wait for company;
 - due work: the requests the due changes need, as a share of what the budget allows over
   one longest linger. A backlog or a bulk import fills it at once, so batches stay full
-  from the first tick, before any request has been counted.
+  from the first tick, before any request has been counted;
+- arrivals: the full requests the changes arriving per second need, as a share of the
+  budget's rate. A producer feeding thousands of changes a second in small calls shows
+  here before the due work piles up, while a light stream stays near 0.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Load:
     committed_ahead_ms: float  # how far the shared budget is spent into the future
     due_changes: int  # changes due now (pending, not in a batch)
     more_due: bool  # more were due than one tick reads
+    arrivals_per_second: float = 0.0  # changes enqueued per second lately, fleet-wide
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +63,8 @@ def pressure(load: Load, rate: BudgetRate, *, max_linger_ms: float, max_identifi
     ahead = load.committed_ahead_ms / (horizon_s * 1000)
     needed = -(-load.due_changes // max(1, max_identifiers))  # full requests' worth
     due = needed / (per_second * horizon_s)
-    return clamp01(max(recent, ahead, due))
+    arriving = load.arrivals_per_second / max(1, max_identifiers) / per_second
+    return clamp01(max(recent, ahead, due, arriving))
 
 
 def linger_ms(pressure_now: float, *, max_linger_ms: float, low: float, high: float) -> int:

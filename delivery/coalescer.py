@@ -203,6 +203,9 @@ class Coalescer:
             committed_ahead_ms=self.limiter.committed_ahead_ms(now_ms),
             due_changes=due,
             more_due=more,
+            arrivals_per_second=counters.arrival_rate(
+                self.buffer.client, self.buffer.keys, now_ms, RECENT_SECONDS * 1000
+            ),
         )
 
 

@@ -104,3 +104,31 @@ def recent(client: Redis, keys: Keys, now_ms: float, seconds: int) -> Totals:
         identifiers += int(reply[1] or 0)
         throttled += int(reply[2] or 0)
     return Totals(requests, identifiers, throttled)
+
+
+# Arrival samples: one at most every SAMPLE_SPACING_MS, SAMPLES_KEPT kept (~6 s).
+SAMPLE_SPACING_MS = 500
+SAMPLES_KEPT = 12
+
+
+def arrival_rate(client: Redis, keys: Keys, now_ms: float, window_ms: float) -> float:
+    """Changes enqueued per second over about the last `window_ms`, fleet-wide, from the
+    buffer's monotonic `enqueued` counter; records a sample when the newest is old enough.
+    Two round trips; 0.0 until there are two samples."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hget(keys.stats, "enqueued")
+    pipe.lrange(keys.arrival_samples, 0, SAMPLES_KEPT - 1)
+    raw_total, raw_samples = pipe.execute()
+    total = int(raw_total or 0)
+    samples = [tuple(map(float, item.split())) for item in raw_samples]
+    if not samples or now_ms - samples[0][0] >= SAMPLE_SPACING_MS:
+        pipe = client.pipeline(transaction=False)
+        pipe.lpush(keys.arrival_samples, f"{now_ms:.0f} {total}")
+        pipe.ltrim(keys.arrival_samples, 0, SAMPLES_KEPT - 1)
+        pipe.execute()
+    within = [(ms, count) for ms, count in samples if now_ms - ms <= window_ms]
+    if not within:
+        return 0.0
+    oldest_ms, oldest_total = within[-1]
+    elapsed = max(now_ms - oldest_ms, SAMPLE_SPACING_MS)
+    return max(0.0, (total - oldest_total) * 1000 / elapsed)

@@ -145,6 +145,12 @@ class Keys:
         return self._key("coalesce:last_tick")
 
     @property
+    def arrival_samples(self) -> str:
+        """LIST of "ms total" samples of the buffer's `enqueued` counter, newest first, at
+        least half a second apart, a few seconds' worth: the fleet's recent arrival rate."""
+        return self._key("coalesce:arrivals")
+
+    @property
     def coalesce_nudge(self) -> str:
         """LIST of at most one item, pushed by producers after an enqueue: wakes a coalescer
         waiting for work (BLPOP) so an idle pipeline does not wait for the next beat."""

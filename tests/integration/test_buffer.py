@@ -454,6 +454,22 @@ def test_a_large_due_backlog_keeps_batches_full_from_the_first_tick(env, redis_c
     assert report.identifiers == count - 10  # full batches only
 
 
+def test_a_fast_producer_in_small_calls_is_pressure(env, redis_client):
+    """Changes arriving faster than the budget could send even in full batches: partial
+    batches wait, though each tick sees only a few hundred due."""
+    found = services()
+    recorder = Recorder()
+    worker = coalescer(recorder)
+    worker.tick()  # the first arrival sample
+    per_second = found.limiter.requests_per_second
+    found.buffer.enqueue([change(email(n)) for n in range(round(60 * per_second))])
+    wait_for(
+        lambda: worker.tick().pressure == 1.0,
+        timeout=10,
+        what="the arrival rate to register",
+    )
+
+
 def test_run_ticks_again_on_a_nudge_while_idle(env, redis_client):
     """The tick is not the floor: a coalescer waiting in `run` cuts a change enqueued
     after it started, at once, not at the next beat."""

@@ -38,6 +38,11 @@ def test_each_signal_alone_reaches_full_pressure() -> None:
     assert p(recent_requests=math.ceil(RATE.requests_per_second * 5)) == 1.0
     assert p(committed_ahead_ms=2000) == 1.0
     assert p(due_changes=50 * math.ceil(RATE.requests_per_second * 2)) == 1.0
+    assert p(arrivals_per_second=50 * RATE.requests_per_second) == 1.0
+
+
+def test_a_light_stream_of_arrivals_is_little_pressure() -> None:
+    assert p(arrivals_per_second=40) < 0.01
 
 
 def test_half_the_budget_spent_recently_is_half_the_pressure() -> None:
