@@ -615,15 +615,14 @@ def metrics(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
 ) -> None:
     """The Prometheus exporter: serves /metrics, reading Redis on every scrape."""
-    from redis import Redis
-
     from admin.exporter import serve
+    from stores.connection import redis_client
     from stores.limiter import RateLimiter
 
     found = services()
     # Its own client with timeouts: a scrape against an unreachable Redis answers
     # braze_subs_redis_up 0 within seconds instead of hanging until Prometheus gives up.
-    client = Redis.from_url(found.settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis_client(found.settings, socket_timeout=5, socket_connect_timeout=5)
     client.ping()  # an unreachable Redis stops the exporter at start, in one line
     from admin.status import find_budget
 

@@ -40,13 +40,12 @@ def live(role: str) -> tuple[int, str]:
 
 
 def ready(timeout: float) -> tuple[int, str]:
-    from redis import Redis
     from redis.exceptions import RedisError
 
+    from stores.connection import redis_client
+
     settings = get_settings()
-    client = Redis.from_url(
-        settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
-    )
+    client = redis_client(settings, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
         client.ping()
     except RedisError as exc:

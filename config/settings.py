@@ -13,7 +13,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -104,6 +104,15 @@ class Settings(BaseSettings):
     redis_url: str = "redis://localhost:6379/0"
     # Prefix of every key braze-subs writes, so it can share a Redis with other apps.
     redis_key_prefix: str = Field(default="braze-subs", min_length=1)
+    # PEM file of the CA(s) that sign the Redis server's certificate, for a rediss:// URL
+    # (the URL's `ssl_ca_certs` parameter works too). Unset: the system's CAs. The server's
+    # certificate is verified on every connection, the Celery broker's included; a URL
+    # asking not to verify (`ssl_cert_reqs=none`) is refused.
+    redis_ca_file: str | None = None
+    # With a sentinel:// REDIS_URL (`sentinel://h1:26379;sentinel://h2:26379/0`): the name
+    # of the master the sentinels watch, e.g. `mymaster`. No default: a wrong name would
+    # only fail later.
+    redis_sentinel_master: str | None = None
 
     # --- Batching -------------------------------------------------------------------------
     # Identifiers per request; Braze allows 50 and full batches make the rate budget go
@@ -246,9 +255,42 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        value = value.strip()
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "unix", "sentinel"):
+            raise ValueError("must start with redis://, rediss://, unix:// or sentinel://")
+        if scheme == "rediss":
+            query = dict(parse_qsl(urlsplit(value).query))
+            wanted = query.get("ssl_cert_reqs", "required").lower()
+            if wanted not in ("required", "cert_required"):
+                raise ValueError(
+                    "ssl_cert_reqs must stay 'required': braze-subs always verifies the "
+                    "server's certificate (pass its CA with REDIS_CA_FILE)"
+                )
+        if scheme == "unix" and not urlsplit(value).path:
+            raise ValueError("unix:// needs the socket's path, e.g. unix:///run/redis.sock")
+        if scheme == "sentinel":
+            for part in value.split(";"):
+                parts = urlsplit(part.strip())
+                if parts.scheme != "sentinel" or not parts.hostname:
+                    raise ValueError(
+                        "sentinel URLs are sentinel://HOST:PORT, several joined by ';'"
+                    )
+                try:
+                    parts.port  # noqa: B018 - raises on a malformed port
+                except ValueError:
+                    raise ValueError("a sentinel's port is not a number") from None
         return value
+
+    @field_validator("redis_ca_file")
+    @classmethod
+    def _readable_file(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        path = Path(value.strip()).expanduser()
+        if not path.is_file():
+            raise ValueError(f"no such file: {path}")
+        return str(path)
 
     @field_validator("batch_max_identifiers")
     @classmethod
@@ -262,6 +304,11 @@ class Settings(BaseSettings):
         endpoint = self.braze_rest_endpoint
         if self.braze_instance and endpoint and INSTANCES[self.braze_instance] != endpoint:
             raise ValueError("BRAZE_INSTANCE: disagrees with BRAZE_REST_ENDPOINT; set one")
+        if self.redis_url.startswith("sentinel://") and not self.redis_sentinel_master:
+            raise ValueError(
+                "REDIS_SENTINEL_MASTER: required with a sentinel:// REDIS_URL "
+                "(the master's name the sentinels watch, e.g. mymaster)"
+            )
         if self.batch_claim_seconds <= self.http_timeout_seconds:
             raise ValueError("BATCH_CLAIM_SECONDS: must exceed HTTP_TIMEOUT_SECONDS")
         if self.batch_linger_pressure_high < self.batch_linger_pressure_low:
@@ -292,6 +339,19 @@ class Settings(BaseSettings):
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         host = urlsplit(self.rest_endpoint or "").netloc or "unset"
         return f"{host}:{digest}"
+
+    def redis_tls(self) -> dict[str, str] | None:
+        """TLS options of every Redis connection (ours and the broker's) for a rediss://
+        URL: the certificate is always verified, against REDIS_CA_FILE or the URL's
+        `ssl_ca_certs` if given (else the system's CAs). None for other URLs."""
+        parts = urlsplit(self.redis_url)
+        if parts.scheme != "rediss":
+            return None
+        options = {"ssl_cert_reqs": "required"}
+        ca = self.redis_ca_file or dict(parse_qsl(parts.query)).get("ssl_ca_certs")
+        if ca:
+            options["ssl_ca_certs"] = ca
+        return options
 
     def require_braze(self) -> None:
         """Raise SettingsError unless this process can talk to Braze."""

@@ -19,6 +19,7 @@ from delivery.opt_outs import OptOutCheck
 from stores import counters
 from stores.batch_records import BatchStore
 from stores.buffer import Buffer, server_time_ms
+from stores.connection import redis_client
 from stores.keys import Keys
 from stores.limiter import Budget, RateLimiter
 from stores.opt_out_reads import OptOutReads
@@ -32,7 +33,7 @@ class Services:
 
     @cached_property
     def redis(self) -> Redis:
-        return Redis.from_url(self.settings.redis_url, health_check_interval=30)
+        return redis_client(self.settings, health_check_interval=30)
 
     @cached_property
     def scripts(self) -> Scripts:

@@ -18,6 +18,7 @@ from celery.signals import (
 from kombu import Queue
 
 from config.settings import Settings, SettingsError, get_settings
+from stores.connection import broker_options
 from tasks.health import Heartbeat, heartbeat_path
 from tasks.logs import configure_logging, use_json_for_celery
 
@@ -37,9 +38,12 @@ def _settings_or_exit() -> Settings:
 
 
 def create_app(settings: Settings) -> Celery:
+    # The broker's URL, TLS (certificate verified) and Sentinel master, as for our own
+    # Redis clients (stores/connection.py).
+    broker = broker_options(settings)
     app = Celery(
         "braze-subs",
-        broker=settings.redis_url,
+        broker=broker.pop("broker_url"),
         include=["tasks.subscriptions"],
         amqp="tasks.masked_messages:MaskingAMQP",
     )
@@ -60,7 +64,9 @@ def create_app(settings: Settings) -> Celery:
         # batch comes back much sooner through the coalescer's sweep.
         broker_transport_options={
             "visibility_timeout": max(3600, int(settings.retry_backoff_max_seconds * 2)),
+            **broker.pop("broker_transport_options"),
         },
+        **broker,
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
         # Task events for Flower.

@@ -375,3 +375,31 @@ def test_process_stops_with_one_line(command, env, variable):
     assert variable in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert SECRET not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"REDIS_URL": "unix://"}, "REDIS_URL: unix:// needs the socket's path"),
+        ({"REDIS_URL": "sentinel://:26379"}, "REDIS_URL: sentinel URLs are sentinel://HOST:PORT"),
+        ({"REDIS_URL": "sentinel://h1:26379"}, "REDIS_SENTINEL_MASTER: required"),
+        ({"REDIS_URL": "rediss://h:6380/0?ssl_cert_reqs=none"}, "REDIS_URL: ssl_cert_reqs"),
+        ({"REDIS_CA_FILE": "/nonexistent/ca.pem"}, "REDIS_CA_FILE: no such file"),
+        ({"REDIS_URL": "redis+cluster://h:7000"}, "REDIS_URL: must start with"),
+    ],
+)
+def test_redis_connection_settings_are_checked_at_start(monkeypatch, env, message):
+    found = settings_error(monkeypatch, **env)
+    assert found.startswith(message), found
+    assert len(found.splitlines()) == 1
+
+
+def test_rediss_always_verifies_with_the_ca_given(monkeypatch, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read here")
+    monkeypatch.setenv("REDIS_URL", "rediss://h:6380/0")
+    assert load_settings().redis_tls() == {"ssl_cert_reqs": "required"}
+    monkeypatch.setenv("REDIS_CA_FILE", str(ca))
+    assert load_settings().redis_tls() == {"ssl_cert_reqs": "required", "ssl_ca_certs": str(ca)}
+    monkeypatch.setenv("REDIS_URL", "redis://h:6379/0")
+    assert load_settings().redis_tls() is None
