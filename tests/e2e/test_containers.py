@@ -143,7 +143,7 @@ class Stack:
 
     def __init__(self, base: str, tmp_path: Path) -> None:
         self.project = f"braze-subs-test-{os.getpid()}"
-        self.flower_port, self.sim_port = free_port(), free_port()
+        self.flower_port, self.sim_port, self.metrics_port = free_port(), free_port(), free_port()
         self.flower_auth = ("admin", secrets.token_hex(8))
         self.tmp_path = tmp_path
         self.env = {
@@ -155,6 +155,7 @@ class Stack:
             "FLOWER_BASIC_AUTH": ":".join(self.flower_auth),
             "FLOWER_PUBLISH": f"127.0.0.1:{self.flower_port}",
             "SIMULATOR_PUBLISH": f"127.0.0.1:{self.sim_port}",
+            "METRICS_PUBLISH": f"127.0.0.1:{self.metrics_port}",
         }
         for name in ("BRAZE_INSTANCE", "REDIS_URL", "REDIS_MAXMEMORY", "LOG_FORMAT"):
             self.env.pop(name, None)
@@ -187,12 +188,14 @@ class Stack:
     def scale_down(self, workers: int) -> None:
         """What `docker compose up -d --scale worker=N` does to the extra workers (podman-
         compose only adds containers): stop them with the compose file's grace period, and
-        remove them."""
+        remove them..."""
         names = self.containers("worker", running=False)
         for name in sorted(names, key=lambda n: int(n.rsplit("_", 1)[1]))[workers:]:
             self.podman("stop", "--time", "30", name, timeout=60)
             self.save_log(name)
             self.podman("rm", name)
+        # ... and `up` starts the ones kept if they had stopped (a killed one, say).
+        self.up(workers)
 
     def import_file(self, rows: list[dict[str, Any]], name: str) -> str:
         """`braze-subs import` in a container of the worker's service."""
@@ -257,7 +260,7 @@ class Stack:
     # --- teardown -------------------------------------------------------------------------
 
     def save_logs(self) -> Path:
-        for service in ("redis", "worker", "beat", "flower", "simulator"):
+        for service in ("redis", "worker", "beat", "flower", "metrics", "simulator"):
             for name in self.containers(service, running=False):
                 self.save_log(name)
         return self.tmp_path / "logs"
@@ -410,8 +413,12 @@ def test_compose_stack_in_podman_keeps_every_last_write(stack: Stack) -> None:
         timeout=60,
     )
     assert denied.returncode != 0
-    for name in [redis, stack.one("beat"), stack.one("flower"), stack.one("simulator"), worker]:
+    others = [stack.one(service) for service in ("beat", "flower", "metrics", "simulator")]
+    for name in [redis, *others, *workers]:
         wait_for(lambda name=name: stack.healthy(name), timeout=90, interval=2.0, what=name)
+    # The exporter, on its published port.
+    metrics = httpx.get(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=30).text
+    assert "braze_subs_redis_up 1" in metrics
 
     # Wave 1, through `braze-subs import` in a container: every last write arrives.
     out = stack.import_file(wave(rng, expected), "wave-1")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
-from config.settings import Settings
+from config.settings import INSTANCES, Settings, SettingsError, load_settings
 from stores.durability import findings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +54,105 @@ def test_compose_redis_persists_and_is_health_checked():
     for name in PROCESSES:
         depends = compose()["services"][name]["depends_on"]
         assert depends["redis"]["condition"] == "service_healthy"
+
+
+def test_procfile_names_commands_on_path_not_a_virtualenv():
+    for name, command in procfile().items():
+        assert command[0] in ("celery", "braze-subs"), name
+        assert not any(".venv" in word or "/" in word for word in command), name
+
+
+def test_compose_redis_has_a_memory_cap_and_a_pinned_image():
+    redis = compose()["services"]["redis"]
+    flags = dict(zip(redis["command"][1::2], redis["command"][2::2], strict=True))
+    # Without maxmemory, noeviction never refuses a write: the OOM killer comes first.
+    assert re.fullmatch(r"\$\{REDIS_MAXMEMORY:-\d+[kmg]b\}", flags["--maxmemory"])
+    assert re.fullmatch(r"\$\{REDIS_IMAGE:-redis:\d+\.\d+\.\d+[-\w]*\}", redis["image"])
+
+
+def test_the_image_is_pinned_non_root_and_health_checked():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M)
+    assert base and re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", base.group(1))
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.M)
+    user = re.findall(r"^USER (\S+)$", dockerfile, re.M)
+    assert user and user[-1] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n.*probe\W+live\W+--role\W+worker", dockerfile, re.M)
+
+
+def test_the_image_copies_every_package():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    top = {name.split(".")[0] for name in pyproject["tool"]["setuptools"]["packages"]}
+    copied = set(re.findall(r"^COPY (\w+) /tmp/build/\1$", dockerfile, re.M))
+    assert copied == top
+
+
+def test_every_long_running_service_has_a_health_check():
+    """The image's HEALTHCHECK probes a worker; every other service brings its own."""
+    services = compose()["services"]
+    for name, service in services.items():
+        if name != "worker":
+            assert "healthcheck" in service, name
+
+
+def test_published_ports_are_loopback_by_default():
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            default = re.fullmatch(r"\$\{[A-Z_]+_PUBLISH:-(127\.0\.0\.1:\d+)\}:\d+", port)
+            assert default, f"{name}: {port}"
+
+
+def test_worker_grace_outlasts_the_longest_post():
+    worker = compose()["services"]["worker"]
+    grace = re.fullmatch(r"(\d+)s", worker["stop_grace_period"])
+    settings = Settings()
+    longest_post = settings.token_wait_max_seconds + settings.http_timeout_seconds
+    assert grace and int(grace.group(1)) >= 2 * longest_post
+
+
+def rendered(tmp_path: Path, environment: dict[str, str]) -> dict:
+    """docker-compose.yml as podman-compose reads it (its own interpolation of ${...}) with
+    `environment` as the shell's. `config` never calls the engine except for its version,
+    which a stand-in answers, so this runs where podman is not installed."""
+    podman = tmp_path / "podman"
+    podman.write_text("#!/bin/sh\necho 'podman version 4.3.1'\n")
+    podman.chmod(0o755)
+    tool = Path(sys.executable).parent / "podman-compose"
+    if not tool.exists():
+        pytest.skip("podman-compose is not installed (the dev extra brings it)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BRAZE_", "FLOWER_"))}
+    done = subprocess.run(
+        [str(tool), "--podman-path", str(podman), "-f", str(ROOT / "docker-compose.yml"),
+         "--profile", "local", "config"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        env={**clean, "FLOWER_BASIC_AUTH": "admin:secret", **environment},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+def settings_of(service: dict) -> Settings:
+    env = {k.lower(): v for k, v in service["environment"].items() if k != "FLOWER_BASIC_AUTH"}
+    return load_settings(**env)
+
+
+def test_braze_instance_as_the_readme_suggests(tmp_path):
+    config = rendered(tmp_path, {"BRAZE_API_KEY": "k-123", "BRAZE_INSTANCE": "US-03"})
+    for name in PROCESSES:
+        settings = settings_of(config["services"][name])
+        assert settings.rest_endpoint == INSTANCES["US-03"], name
+    settings_of(config["services"]["worker"]).require_braze()
+
+
+def test_production_services_never_default_to_the_simulator(tmp_path):
+    config = rendered(tmp_path, {})
+    for name in PROCESSES:
+        environment = config["services"][name]["environment"]
+        assert not environment.get("BRAZE_API_KEY") and not environment.get("BRAZE_REST_ENDPOINT")
+    # A worker without them stops at start, naming the variable.
+    with pytest.raises(SettingsError, match="BRAZE_API_KEY"):
+        settings_of(config["services"]["worker"]).require_braze()
 
 
 def test_flower_is_behind_basic_auth():
