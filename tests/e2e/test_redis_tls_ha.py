@@ -18,7 +18,6 @@ from config.settings import SettingsError, load_settings
 from delivery.services import reset_services, services
 from devtools.processes import free_port, wait_until
 from stores.connection import redis_client
-from tasks.celery_app import create_app
 from tasks.producer import enqueue_change
 from tests.conftest import wait_for
 from tests.e2e.test_tasks import sim_states
@@ -104,6 +103,10 @@ def test_our_clients_verify_the_certificate(tls_redis):
 
 
 def test_the_broker_verifies_the_certificate(tls_redis):
+    # Imported here: importing tasks.celery_app at collection would bind its module-level
+    # app to whatever REDIS_URL the collecting process had.
+    from tasks.celery_app import create_app
+
     server, good, bad = tls_redis
     app = create_app(load_settings(redis_url=server.url, redis_ca_file=str(good)))
     with app.connection_for_write() as connection:
