@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from celery import Task
+from celery.signals import worker_ready
 
 from core.changes import IDENTIFIER_FIELDS, InvalidChange, show_value
 from core.errors import InputRefused
@@ -88,6 +89,14 @@ def coalesce() -> dict[str, Any]:
     # are harmless: each tick takes the coalescer lock, and a nudge wakes one run only, so
     # at most two runs wait at once whatever the load (under a backlog: one tick a beat).
     return asdict(coalescer.run(found.settings.coalesce_interval_seconds * 1.5))
+
+
+@worker_ready.connect
+def _coalesce_at_start(**_: Any) -> None:
+    """A worker that has just started ticks at once rather than at beat's next interval:
+    after a deploy or a restart, changes already waiting do not wait for the schedule."""
+    interval = services().settings.coalesce_interval_seconds
+    coalesce.apply_async(expires=max(interval * 5, 5.0))
 
 
 def _dispatch(batch_id: str, countdown: float = 0.0) -> None:
