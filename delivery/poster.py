@@ -437,11 +437,6 @@ class Poster:
         """Before a request: a batch whose group Braze refuses as a whole is dead-lettered
         unsent, and a refused half awaiting its sibling is decided without a request.
         None: send the request."""
-        if len(records) == 1 and records[0].sibling:
-            (record,) = records
-            detail = self.refusals.half_refused(record.id)
-            if detail is not None:
-                return self._refused(record, token, replace(report, detail=detail), detail)
         outcome = None
         for record in records:
             key = record.key
@@ -450,7 +445,14 @@ class Poster:
                 continue
             detail = f"not sent: group refused as a whole by Braze: {refusal.detail}"
             self.store.dead_letter(record.id, token, detail)
+            if record.sibling:
+                self.refusals.forget_half(record.id)
             outcome = replace(report, status="dead_lettered", detail=detail)
+        if outcome is None and len(records) == 1 and records[0].sibling:
+            (record,) = records
+            detail = self.refusals.half_refused(record.id)
+            if detail is not None:
+                return self._refused(record, token, replace(report, detail=detail), detail)
         if outcome is not None and len(records) > 1:
             # A pack: the others go alone (the refused ones find their batch gone).
             grace_ms = round(self.settings.batch_redispatch_seconds * 1000)
