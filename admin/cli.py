@@ -73,7 +73,9 @@ def _fail(message: str, code: int = EXIT_ENVIRONMENT) -> NoReturn:
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages."""
+    """The URL without its password, for messages (each of a sentinel:// list too)."""
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url

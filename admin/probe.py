@@ -22,6 +22,8 @@ EXIT_USAGE = 2
 
 
 def _redacted(url: str) -> str:
+    if ";" in url:  # sentinel://...;sentinel://...
+        return ";".join(_redacted(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url

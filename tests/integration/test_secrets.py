@@ -113,3 +113,12 @@ def test_url_userinfo_in_a_transport_error_is_scrubbed(sim, env, redis_client):
     [entry] = DeadLetters(redis_client, services().keys).list()
     assert "hunter2" not in entry.error and "hunter2" not in report.detail
     braze.close()
+
+
+def test_every_password_of_a_sentinel_list_is_hidden_in_messages():
+    from admin.cli import redact_url
+
+    url = "sentinel://:pw-one@h1:26379;sentinel://:pw-two@h2:26379/0"
+    shown = redact_url(url)
+    assert "pw-one" not in shown and "pw-two" not in shown
+    assert shown.count("***") == 2
