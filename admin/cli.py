@@ -226,6 +226,8 @@ def import_(
             EXIT_REFUSED,
         )
     note = f", {result.rejected} rejected" if result.rejected else ""
+    if result.stale:
+        note += f", {result.stale} dropped as stale (a change that occurred later is accepted)"
     where = f" (see {rejects})" if result.rejected and rejects else ""
     err.print(f"{file}: {result.enqueued} changes enqueued{note}{where}")
 
@@ -302,7 +304,7 @@ def dlq_list(
     if cursor is not None and not _is_cursor(cursor):
         _fail(f"--cursor: not a cursor printed by dlq list: {cursor!r}")
     found = services()
-    store = DeadLetters(found.redis, found.keys)
+    store = found.dead_letters
     if all_:
         _dlq_list_all(store, as_json, cursor)
         return
@@ -373,10 +375,8 @@ def dlq_replay(
     all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
 ) -> None:
     """Return dead-lettered identifiers to the buffer (a newer change for one wins)."""
-    from stores.dead_letters import DeadLetters
-
     found = services()
-    report = DeadLetters(found.redis, found.keys).replay(_ids_or_all(ids, all_))
+    report = found.dead_letters.replay(_ids_or_all(ids, all_))
     err.print(
         f"replayed {report.entries} entries: {report.requeued} identifiers back in the buffer, "
         f"{report.superseded} skipped (a newer change exists)"
@@ -391,10 +391,8 @@ def dlq_purge(
     all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
 ) -> None:
     """Delete dead-letter entries for good."""
-    from stores.dead_letters import DeadLetters
-
     found = services()
-    report = DeadLetters(found.redis, found.keys).purge(_ids_or_all(ids, all_))
+    report = found.dead_letters.purge(_ids_or_all(ids, all_))
     err.print(f"purged {report.entries} entries ({report.identifiers} identifiers)")
     if report.missing:
         _fail(f"no such entries: {', '.join(report.missing)}", EXIT_REFUSED)
@@ -551,6 +549,76 @@ def lookup(
         if not user.groups:
             table.add_row(who, "-", "", "", "no groups")
     out.print(table)
+
+
+@app.command()
+def history(
+    external_id: Annotated[str | None, typer.Option("--external-id")] = None,
+    email: Annotated[str | None, typer.Option("--email")] = None,
+    phone: Annotated[str | None, typer.Option("--phone", help="E.164, e.g. +14155550100")] = None,
+    group: Annotated[str | None, typer.Option("--group", help="Only this group.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """What happened here to the identifier's changes, oldest first (consent history)."""
+    from stores.history import ConsentHistory
+
+    kind, value = _identifier_option(external_id, email, phone)
+    found = services()
+    reader = ConsentHistory(found.redis, found.keys)
+    events = reader.events(kind, value, group)
+    marks = reader.watermarks(kind, value)
+    if group is not None:
+        marks = {g: ms for g, ms in marks.items() if g == group}
+    if as_json:
+        from core.changes import format_ms
+
+        out.print_json(
+            json.dumps(
+                {
+                    "kind": kind,
+                    "value": value,
+                    "events": [event.as_dict() for event in events],
+                    "watermarks": {g: format_ms(ms) for g, ms in sorted(marks.items())},
+                }
+            )
+        )
+        return
+    if not events:
+        days = found.settings.history_retention_days
+        out.print(f"no history for {kind} {value} (kept {days:g} days after the last event)")
+        return
+    from core.changes import format_ms
+
+    table = Table("at (UTC)", "group", "what")
+    for event in events:
+        table.add_row(format_ms(event.at_ms), event.group_id or "-", event.describe())
+    out.print(table)
+
+
+@app.command()
+def forget(
+    external_id: Annotated[str | None, typer.Option("--external-id")] = None,
+    email: Annotated[str | None, typer.Option("--email")] = None,
+    phone: Annotated[str | None, typer.Option("--phone", help="E.164, e.g. +14155550100")] = None,
+) -> None:
+    """Erase everything braze-subs holds about the identifier (not Braze's copy)."""
+    from stores.erasure import forget as erase
+
+    kind, value = _identifier_option(external_id, email, phone)
+    found = services()
+    report = erase(
+        found.redis, found.keys, kind, value, scripts=found.scripts, retention=found.retention
+    )
+    out.print(
+        f"erased {kind} {value} from braze-subs: {report.pending} pending changes, "
+        f"{report.in_flight} batches in flight (they finish without it), "
+        f"{report.dead_letters} dead-letter entries, {report.history_events} history events, "
+        f"{report.watermarks} watermarks"
+    )
+    out.print(
+        "Braze is not changed: delete the user there with Braze's user deletion "
+        "(POST /users/delete, or the dashboard's user search) to erase Braze's copy."
+    )
 
 
 @app.command()

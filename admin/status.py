@@ -35,6 +35,12 @@ class Status:
     # identifiers left out of a post because Braze held them as unsubscribed and their
     # change asked to respect that (respect_opt_out)
     opt_out_skipped: int = 0
+    # changes dropped because one that occurred later was already accepted for their group
+    # and identifier (pending, in flight or delivered)
+    stale: int = 0
+    # accepted changes older than the watermark retention (compared with what was held)
+    beyond_retention: int = 0
+    erased: int = 0  # identifiers erased with `forget`
     tokens_left: int | None = None  # requests the shared budget would grant at once now
     paused: bool | None = False  # posting paused for every worker (after a 429); None:
     # unknown (no budget found: see budget_source)
@@ -131,6 +137,9 @@ def read_status(
         dead_lettered_total=counters.get("dead_lettered", 0),
         dead_letters_expired=counters.get("dead_letters_expired", 0),
         opt_out_skipped=counters.get("opt_out_skipped", 0),
+        stale=counters.get("stale", 0),
+        beyond_retention=counters.get("beyond_retention", 0),
+        erased=counters.get("erased", 0),
         tokens_left=budget.tokens_left if budget else None,
         paused=(paused_until is not None) if budget else None,
         paused_until=round(paused_until / 1000, 3) if paused_until else None,

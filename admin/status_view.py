@@ -120,11 +120,13 @@ def sections(status: Status, now: float) -> list[Section]:
             "since the start",
             [
                 ("changes enqueued", count(status.enqueued_total)),
+                ("dropped as stale (occurred earlier)", count(status.stale)),
                 ("batches cut", count(status.batches_total)),
                 ("identifiers delivered", count(status.delivered_total)),
                 ("identifiers dead-lettered", count(status.dead_lettered_total)),
                 ("left out: opted out in Braze", count(status.opt_out_skipped)),
                 ("errors in Braze's 2xx answers", count(status.delivery_errors_total)),
+                ("identifiers erased", count(status.erased)),
             ],
         ),
     ]

@@ -173,6 +173,22 @@ class Settings(BaseSettings):
     # while a fixed group resumes soon (at once with `dlq replay`, which lifts it).
     group_refusal_seconds: float = Field(default=600.0, gt=0)
 
+    # --- Event time and consent history -------------------------------------------------
+    # Days the watermark of a group + identifier (when its latest accepted change occurred)
+    # is kept after the identifier's last change, delivery or dead letter. Within it, a
+    # change that occurred earlier is dropped as stale even after delivery; one older than
+    # this is compared with what is still held, and its history says so. 30 days covers
+    # redelivered messages, retries of upstream services and nightly backfills; it costs
+    # ~200 bytes per identifier (bench/history_cost.py, README "Sizing").
+    watermark_retention_days: float = Field(default=30.0, gt=0)
+    # Days an identifier's consent history is kept after its last event (and no event
+    # older than this is kept). 30 days answers "why is this user unsubscribed, since
+    # when, who said so" for a month's changes; raise it for longer audit trails.
+    history_retention_days: float = Field(default=30.0, gt=0)
+    # Most history events kept per identifier, oldest dropped first: bounds the memory of
+    # an identifier that changes all the time (~80 bytes an event, bench/history_cost.py).
+    history_max_events: int = Field(default=50, ge=1)
+
     # --- Worker process -------------------------------------------------------------------
     # Posting is I/O-bound: a thread pool of 16 keeps ~16 requests in the air per container,
     # enough for Braze's whole budget at up to ~200 ms per request.

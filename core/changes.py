@@ -212,6 +212,10 @@ def parse_occurred_at(value: Any, now: float | None = None) -> int:
         raise InvalidChange(field, f"must be an RFC 3339 time or epoch seconds, got {_show(value)}")
     if isinstance(value, int | float):
         seconds = float(value)
+    elif isinstance(value, datetime):  # Python producers may pass one (aware)
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidChange(field, f"needs a UTC offset (an aware datetime), got {value}")
+        seconds = value.timestamp()
     elif isinstance(value, str):
         text = value.strip()
         try:

@@ -128,9 +128,10 @@ class Coalescer:
             logger.warning("re-dispatched %d batches whose task was lost", len(overdue))
 
         retention_ms = settings.dead_letter_retention_days * 86_400_000
-        for entry in DeadLetters(self.buffer.client, self.buffer.keys).expire(
-            now_ms - retention_ms
-        ):
+        dead_letters = DeadLetters(
+            self.buffer.client, self.buffer.keys, self.buffer.scripts, self.buffer.retention
+        )
+        for entry in dead_letters.expire(now_ms - retention_ms):
             logger.warning(
                 "dead-letter entry %s expired after %g days: group=%s state=%s identifiers=%d "
                 "error=%r",

@@ -223,7 +223,7 @@ class Poster:
             self._log(records, failed)
             return failed
         for record in screened.emptied:
-            self.store.delivered(record.id, token)
+            self.store.delivered(record.id, token, sent=())
         if not screened.send:
             done = replace(report, status="delivered", size=0, detail="opted out in Braze")
             self._log(records, done)
@@ -290,12 +290,13 @@ class Poster:
         if self.limiter is not None and reply.status is not None:
             self.limiter.observe(rate)
 
+        answer = {"http_status": reply.status, "latency_ms": report.latency_ms}  # for history
         if result.outcome is Outcome.DELIVERED:
             errors = delivery_errors(reply.body)
             if errors:
                 return self._delivered_with_errors(records, token, report, errors)
             for record in records:
-                self.store.delivered(record.id, token)
+                self.store.delivered(record.id, token, sent=record.values, **answer)
             return replace(report, status="delivered", detail="")
         if result.outcome is Outcome.RATE_LIMITED:
             window = settings.braze_rate_limit_window_seconds
@@ -317,7 +318,7 @@ class Poster:
             return self._isolate(records, token, report)
         if report.attempt >= settings.max_attempts:
             for record in records:
-                self.store.dead_letter(record.id, token, result.detail)
+                self.store.dead_letter(record.id, token, result.detail, **answer)
             return replace(report, status="dead_lettered")
         wait = backoff_seconds(
             report.attempt,
@@ -379,7 +380,7 @@ class Poster:
         if verdict is Verdict.CONDEMN:
             return self._condemn(record, token, report, detail, decision.why)
         if verdict is Verdict.DEAD_LETTER:
-            self.store.dead_letter(record.id, token, detail)
+            self.store.dead_letter(record.id, token, detail, http_status=report.http_status)
             return replace(report, status="dead_lettered")
         if verdict is Verdict.HOLD:
             wait = HOLD_SECONDS + self.rng.uniform(0, HOLD_SECONDS / 2)
@@ -476,15 +477,18 @@ class Poster:
         """A 2xx with `errors`: delivered, except the identifiers the errors name, which are
         dead-lettered with them. The errors are logged masked and counted for `status`."""
         text = "; ".join(errors)
+        answer = {"http_status": report.http_status, "latency_ms": report.latency_ms}
         dead = 0
         for record in records:
             named = named_identifiers(text, record.values)
             if named:
                 error = f"HTTP {report.http_status} errors: {text}"[:500]
-                self.store.delivered_except(record.id, token, named, error)
+                self.store.delivered_except(
+                    record.id, token, named, error, sent=record.values, **answer
+                )
                 dead += len(named)
             else:
-                self.store.delivered(record.id, token)
+                self.store.delivered(record.id, token, sent=record.values, **answer)
         pipe = self.store.client.pipeline(transaction=False)
         pipe.hincrby(self.store.keys.stats, "delivery_errors", len(errors))
         pipe.hincrby(self.store.keys.stats, "delivered_with_errors", 1)
@@ -518,6 +522,7 @@ class Poster:
                 error=detail if detail is not None else report.detail,
                 count_attempt=count_attempt,
                 redispatch_ms=round(wait * 1000) + grace_ms,
+                http_status=report.http_status,
             )
         for record in records[1:]:
             self.dispatch(record.id, wait)

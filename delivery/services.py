@@ -20,6 +20,8 @@ from stores import counters
 from stores.batch_records import BatchStore
 from stores.buffer import Buffer, server_time_ms
 from stores.connection import redis_client
+from stores.dead_letters import DeadLetters
+from stores.history import Retention
 from stores.keys import Keys
 from stores.limiter import Budget, RateLimiter
 from stores.opt_out_reads import OptOutReads
@@ -40,12 +42,20 @@ class Services:
         return Scripts(self.redis)
 
     @cached_property
+    def retention(self) -> Retention:
+        return Retention.from_settings(self.settings)
+
+    @cached_property
     def buffer(self) -> Buffer:
-        return Buffer(self.redis, self.keys, self.scripts)
+        return Buffer(self.redis, self.keys, self.scripts, self.retention)
 
     @cached_property
     def batches(self) -> BatchStore:
-        return BatchStore(self.redis, self.keys, self.scripts)
+        return BatchStore(self.redis, self.keys, self.scripts, self.retention)
+
+    @cached_property
+    def dead_letters(self) -> DeadLetters:
+        return DeadLetters(self.redis, self.keys, self.scripts, self.retention)
 
     @cached_property
     def limiter(self) -> RateLimiter:

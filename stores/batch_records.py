@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -16,6 +17,7 @@ from redis import Redis
 
 from core.changes import IdentifierKind, SubscriptionState
 from core.planning import BatchKey
+from stores.history import Retention
 from stores.keys import Keys
 from stores.scripts import Scripts
 
@@ -77,10 +79,17 @@ class Claim:
 
 
 class BatchStore:
-    def __init__(self, client: Redis, keys: Keys, scripts: Scripts | None = None) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        keys: Keys,
+        scripts: Scripts | None = None,
+        retention: Retention | None = None,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.scripts = scripts or Scripts(client)
+        self.retention = retention or Retention()
 
     def _lock_keys(self, batch_id: str) -> list[str]:
         k = self.keys
@@ -88,16 +97,26 @@ class BatchStore:
 
     def claim(self, batch_id: str, token: str, lease_ms: int) -> Claim:
         reply = self.scripts.claim_batch(
-            keys=self._lock_keys(batch_id), args=[batch_id, token, lease_ms]
+            keys=self._lock_keys(batch_id),
+            args=[batch_id, token, lease_ms, *self.retention.history_args],
         )
         status = ClaimStatus(reply[0].decode() if isinstance(reply[0], bytes) else reply[0])
         record = BatchRecord.from_json(reply[1]) if len(reply) > 1 else None
         return Claim(status, record)
 
     def _finish(
-        self, batch_id: str, token: str, outcome: str, error: str, named: list[str] | None = None
+        self,
+        batch_id: str,
+        token: str,
+        outcome: str,
+        error: str,
+        http_status: int | None,
+        latency_ms: float | None,
+        sent: Iterable[str] | None = None,
+        named: list[str] | None = None,
     ) -> int:
         k = self.keys
+        r = self.retention
         keys = [
             *self._lock_keys(batch_id),
             k.dead_letters,
@@ -106,22 +125,64 @@ class BatchStore:
             k.stats,
             k.dead_letter_fields,
         ]
-        args = [batch_id, token, outcome, error, json.dumps(named or [])]
+        args: list[str | int | float] = [
+            batch_id,
+            token,
+            outcome,
+            error,
+            json.dumps(named or []),
+            "" if http_status is None else http_status,
+            "" if latency_ms is None else round(latency_ms, 1),
+            *r.history_args,
+            r.subject_ms,
+        ]
+        args += ["all"] if sent is None else ["listed", *sent]
         return int(self.scripts.finish_batch(keys=keys, args=args))
 
-    def delivered(self, batch_id: str, token: str) -> int:
-        """Braze accepted the batch: end it and let waiting newer changes become due."""
-        return self._finish(batch_id, token, "delivered", "")
+    def delivered(
+        self,
+        batch_id: str,
+        token: str,
+        *,
+        http_status: int | None = None,
+        latency_ms: float | None = None,
+        sent: Iterable[str] | None = None,
+    ) -> int:
+        """Braze accepted the batch: end it and let waiting newer changes become due.
 
-    def delivered_except(self, batch_id: str, token: str, named: list[str], error: str) -> int:
+        For the history: Braze's status and answer time; `sent`, the members actually in
+        the request when some were left out (an opt-out Braze holds; None: all were)."""
+        return self._finish(batch_id, token, "delivered", "", http_status, latency_ms, sent)
+
+    def delivered_except(
+        self,
+        batch_id: str,
+        token: str,
+        named: list[str],
+        error: str,
+        *,
+        http_status: int | None = None,
+        latency_ms: float | None = None,
+        sent: Iterable[str] | None = None,
+    ) -> int:
         """Braze accepted the batch but its `errors` named some identifiers: those alone
         are dead-lettered (with `error`), the rest delivered, in one step."""
-        return self._finish(batch_id, token, "delivered", error, named)
+        return self._finish(
+            batch_id, token, "delivered", error, http_status, latency_ms, sent, named
+        )
 
-    def dead_letter(self, batch_id: str, token: str, error: str) -> int:
+    def dead_letter(
+        self,
+        batch_id: str,
+        token: str,
+        error: str,
+        *,
+        http_status: int | None = None,
+        latency_ms: float | None = None,
+    ) -> int:
         """Give up on the batch after a failed attempt: move it whole to the dead-letter
         store with its error and the attempts made (this one included)."""
-        return self._finish(batch_id, token, "dead", error)
+        return self._finish(batch_id, token, "dead", error, http_status, latency_ms)
 
     def defer(
         self,
@@ -132,9 +193,11 @@ class BatchStore:
         count_attempt: bool,
         redispatch_ms: int,
         solo: bool = False,
+        http_status: int | None = None,
     ) -> int:
         """Release the claim after a failed try; returns the attempts so far (-1: not ours).
-        `solo` takes the batch out of its v2 pack."""
+        `solo` takes the batch out of its v2 pack. After a post (`http_status`, or an
+        attempt counted) the members' history records the retry."""
         k = self.keys
         return int(
             self.scripts.defer_batch(
@@ -146,6 +209,8 @@ class BatchStore:
                     error,
                     redispatch_ms,
                     "solo" if solo else "",
+                    "" if http_status is None else http_status,
+                    *self.retention.history_args,
                 ],
             )
         )

@@ -16,6 +16,7 @@ from redis import Redis
 
 from core.changes import Change, IdentifierKind, SubscriptionState
 from core.planning import PendingChange, PlannedBatch
+from stores.history import Retention
 from stores.keys import Keys, buffer_field, split_field
 from stores.scripts import Scripts
 
@@ -74,25 +75,42 @@ def server_time_ms(client: Redis) -> int:
 
 
 class Buffer:
-    def __init__(self, client: Redis, keys: Keys, scripts: Scripts | None = None) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        keys: Keys,
+        scripts: Scripts | None = None,
+        retention: Retention | None = None,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.scripts = scripts or Scripts(client)
+        self.retention = retention or Retention()
+        self.stale = 0  # changes this buffer's `enqueue` calls dropped as stale, so far
 
     def _enqueue_keys(self) -> list[str]:
         k = self.keys
-        return [k.seq, k.pending, k.due, k.inflight, k.stats, k.dead_letter_fields]
+        return [k.seq, k.pending, k.due, k.inflight, k.stats, k.dead_letter_fields, k.groups]
+
+    def _enqueue_head(self) -> list[bytes]:
+        """The enqueue script's arguments before the changes: retention and history bound."""
+        r = self.retention
+        return [b"%d" % r.watermark_ms, b"%d" % r.history_ms, b"%d" % r.history_max_events]
 
     def enqueue(self, changes: Iterable[Change], *, chunk_size: int = ENQUEUE_CHUNK) -> int:
-        """Add changes in order (the last one per identifier wins); returns how many.
+        """Add changes in order (the one that occurred last per identifier wins; equal times:
+        the later); returns how many were given. Those older than a change already accepted
+        are dropped as stale (counted in `self.stale`, `status` and the history).
 
         Each chunk is one atomic script call; callers that need all-or-nothing validate
         everything before calling (the producer API does).
         """
         count = 0
         keys = self._enqueue_keys()
+        head = self._enqueue_head()
         for chunk in _chunks(changes, chunk_size):
-            self.scripts.enqueue(keys=keys, args=encode_changes(chunk))
+            _last, stale = self.scripts.enqueue(keys=keys, args=head + encode_changes(chunk))
+            self.stale += int(stale)
             count += len(chunk)
         if count:
             self.nudge()
@@ -176,6 +194,8 @@ class Buffer:
                 int(batch.key.double_opt_in),
                 redispatch_ms,
                 pack_json,
+                *self.retention.history_args,
+                self.retention.subject_ms,
             ]
             for member in batch.members:
                 args += (member.value, member.seq)
@@ -211,7 +231,8 @@ class PipelinedEnqueue:
     the script (restarted, SCRIPT FLUSH) leaves no NOSCRIPT replies to sort out among the
     calls in flight, for ~1.5 KB more per call of ~80 KB. Use it as a context manager: on an
     error the connection is dropped, unread replies and all. `count` is the changes Redis
-    has confirmed; `sent` those handed to it.
+    has confirmed (`stale` of them dropped as older than a change already accepted);
+    `sent` those handed to it.
     """
 
     def __init__(self, buffer: Buffer) -> None:
@@ -222,12 +243,19 @@ class PipelinedEnqueue:
         assert self._connection is not None
         self._buffer = buffer
         self._keys = buffer._enqueue_keys()
-        self._head = ("EVAL", buffer.scripts.enqueue.script, len(self._keys))
+        self._head = (
+            "EVAL",
+            buffer.scripts.enqueue.script,
+            len(self._keys),
+            *self._keys,
+            *buffer._enqueue_head(),
+        )
         self._size = ENQUEUE_CHUNK * ARGS_PER_CHANGE
         self._args: list[bytes] = []
         self._unanswered: list[int] = []  # changes per call sent and not yet answered
         self.sent = 0
         self.count = 0
+        self.stale = 0
 
     def __enter__(self) -> PipelinedEnqueue:
         return self
@@ -261,7 +289,7 @@ class PipelinedEnqueue:
     def _send(self, args: list[bytes]) -> None:
         assert self._connection is not None
         # No health check: its PING would read a reply meant for a call in flight.
-        self._connection.send_command(*self._head, *self._keys, *args, check_health=False)
+        self._connection.send_command(*self._head, *args, check_health=False)
         changes = len(args) // ARGS_PER_CHANGE
         self._unanswered.append(changes)
         self.sent += changes
@@ -269,5 +297,6 @@ class PipelinedEnqueue:
             self._answer()
 
     def _answer(self) -> None:
-        self._client.parse_response(self._connection, "EVAL")
+        _last, stale = self._client.parse_response(self._connection, "EVAL")
+        self.stale += int(stale)
         self.count += self._unanswered.pop(0)

@@ -9,6 +9,7 @@ from typing import Any
 
 from redis import Redis
 
+from stores.history import Retention
 from stores.keys import Keys
 from stores.refusals import Refusals
 from stores.scripts import Scripts
@@ -73,10 +74,17 @@ class PurgeReport:
 
 
 class DeadLetters:
-    def __init__(self, client: Redis, keys: Keys, scripts: Scripts | None = None) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        keys: Keys,
+        scripts: Scripts | None = None,
+        retention: Retention | None = None,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.scripts = scripts or Scripts(client)
+        self.retention = retention or Retention()
 
     def ids(self) -> list[str]:
         return [raw.decode() for raw in self.client.zrange(self.keys.dead_letter_index, 0, -1)]
@@ -143,7 +151,7 @@ class DeadLetters:
                     k.inflight,
                     k.dead_letter_fields,
                 ],
-                args=[entry_id],
+                args=[entry_id, *self.retention.history_args, self.retention.subject_ms],
             )
             if int(requeued) < 0:
                 report.missing.append(entry_id)
@@ -178,12 +186,12 @@ class DeadLetters:
             return []
         raws = self.client.hmget(self.keys.dead_letters, ids)
         entries = [DeadLetter.from_json(raw) for raw in raws if raw is not None]
-        self.purge(ids)
+        self.purge(ids, reason="expired")
         self.client.hincrby(self.keys.stats, "dead_letters_expired", len(entries))
         return entries
 
-    def purge(self, ids: list[str] | None) -> PurgeReport:
-        """Delete entries (all if `ids` is None) for good."""
+    def purge(self, ids: list[str] | None, *, reason: str = "purged") -> PurgeReport:
+        """Delete entries (all if `ids` is None) for good; `reason` goes into the history."""
         k = self.keys
         report = PurgeReport()
         for entry_id in self.ids() if ids is None else ids:
@@ -195,7 +203,7 @@ class DeadLetters:
                         k.dead_letter_identifiers,
                         k.dead_letter_fields,
                     ],
-                    args=[entry_id],
+                    args=[entry_id, reason, *self.retention.history_args],
                 )
             )
             if removed < 0:

@@ -7,6 +7,7 @@ No key name ever contains the API key: the workspace is named by `Settings.works
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 # Separates group, identifier kind and value in a buffer field. Validation refuses control
@@ -18,6 +19,12 @@ FIELD_SEPARATOR = "\x1f"
 def buffer_field(group_id: str, kind: str, value: str) -> str:
     """The buffer slot of one identifier in one group: its last change lives here."""
     return f"{group_id}{FIELD_SEPARATOR}{kind}{FIELD_SEPARATOR}{value}"
+
+
+def identity_digest(kind: str, value: str) -> str:
+    """SHA-1 of "kind \x1f value": names an identifier's own keys without holding it (the
+    Lua scripts compute the same, see `_prelude.lua`)."""
+    return hashlib.sha1(f"{kind}{FIELD_SEPARATOR}{value}".encode()).hexdigest()
 
 
 def split_field(field: str) -> tuple[str, str, str]:
@@ -87,6 +94,24 @@ class Keys:
     def dead_letter_identifiers(self) -> str:
         """STRING count of identifiers held in the dead-letter store."""
         return self._key("dlq:identifiers")
+
+    def subject(self, kind: str, value: str) -> str:
+        """HASH of one identifier across groups: "w\x1f<group>" -> occurred at (ms) of the
+        latest accepted change (watermark); "d\x1f<entry id>" -> group, per dead letter
+        holding it. Named by a hash of the identifier; expires (WATERMARK_RETENTION_DAYS)."""
+        return self._key(f"subject:{identity_digest(kind, value)}")
+
+    def history(self, kind: str, value: str) -> str:
+        """LIST of one identifier's consent history, oldest first: "<ms>\x1f<JSON event>".
+        Named by a hash of the identifier; bounded by HISTORY_RETENTION_DAYS and
+        HISTORY_MAX_EVENTS."""
+        return self._key(f"history:{identity_digest(kind, value)}")
+
+    @property
+    def groups(self) -> str:
+        """SET of every group id a change was enqueued for: where erasure looks for an
+        identifier's pending changes without scanning the buffer."""
+        return self._key("groups")
 
     @property
     def stats(self) -> str:

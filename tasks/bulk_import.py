@@ -61,6 +61,7 @@ class ImportResult:
     rows: int = 0
     enqueued: int = 0
     rejected: int = 0
+    stale: int = 0  # of those enqueued, dropped: a change that occurred later was accepted
     errors: list[RowError] = field(default_factory=list)
     jobs: int = 1  # processes that validated the file (1: this one)
 
@@ -232,6 +233,7 @@ def _validate_then_enqueue(
                 raise _interrupted(path, exc, enqueuer, resume, resume.total) from None
         progress("enqueuing", enqueuer.count)
         result.enqueued = enqueuer.count
+        result.stale = enqueuer.stale
 
 
 def _enqueue_valid_rows(
@@ -259,6 +261,7 @@ def _enqueue_valid_rows(
         except RedisError as exc:
             raise _interrupted(path, exc, enqueuer, resume, resume.total) from None
     result.enqueued = enqueuer.count
+    result.stale = enqueuer.stale
 
 
 def enqueue_file(

@@ -11,6 +11,7 @@ written: invalid input raises and enqueues nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 from core.changes import Change, InvalidChange, parse_change
@@ -41,7 +42,7 @@ def enqueue_change(
     phone: str | None = None,
     use_double_opt_in_logic: bool | None = None,
     delay_seconds: float | None = None,
-    occurred_at: str | float | None = None,
+    occurred_at: str | float | datetime | None = None,
     source: str | None = None,
     respect_opt_out: bool | None = None,
 ) -> Change:

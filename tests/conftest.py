@@ -8,6 +8,8 @@ simulator, and flushes Redis afterwards.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -159,3 +161,42 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         kind = Path(str(item.fspath)).parent.name
         if kind in KINDS:
             item.add_marker(getattr(pytest.mark, kind))
+
+
+def keyspace_traces(client: Redis, needle: str) -> list[str]:
+    """Every key whose name or value holds `needle` (SCAN of the whole keyspace, every
+    type read whole): where an identifier still lives in Redis."""
+    target = needle.encode()
+    found: list[str] = []
+    for name in client.scan_iter(count=1000):
+        kind = client.type(name).decode()
+        if kind == "string":
+            parts = [client.get(name) or b""]
+        elif kind == "hash":
+            parts = [p for pair in client.hgetall(name).items() for p in pair]
+        elif kind == "list":
+            parts = client.lrange(name, 0, -1)
+        elif kind == "set":
+            parts = list(client.smembers(name))
+        elif kind == "zset":
+            parts = [member for member, _ in client.zrange(name, 0, -1, withscores=True)]
+        elif kind == "stream":
+            parts = [
+                p for _, fields in client.xrange(name) for pair in fields.items() for p in pair
+            ]
+        else:
+            parts = []
+        parts += [body for part in parts if (body := _message_body(part))]
+        if target in name or any(target in part for part in parts):
+            found.append(f"{name.decode(errors='replace')} ({kind})")
+    return found
+
+
+def _message_body(raw: bytes) -> bytes | None:
+    """The decoded body of a Celery message (kombu stores it base64-encoded in JSON)."""
+    if not raw.startswith(b"{") or b'"body"' not in raw:
+        return None
+    try:
+        return base64.b64decode(json.loads(raw)["body"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -1,5 +1,5 @@
 -- _prelude.lua: prepended to every script in this folder when it is loaded
--- (stores/scripts.py), as BullMQ's includes are. It defines only constants and pure helpers.
+-- (stores/scripts.py), as BullMQ's includes are. It defines only constants and helpers.
 --
 -- SEP             the byte between group, kind and value in a buffer field (stores/keys.py
 --                 owns the format: "group \31 kind \31 value")
@@ -17,3 +17,80 @@ local function now_ms_exact()
   return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 end
 
+
+-- Per identifier (kind + value, across groups) two keys hold what outlives the buffer.
+-- Their names carry a SHA-1 of "kind \31 value", never the identifier itself, and the
+-- hash tag of the declared keys, so they live in the same slot (Redis Cluster) although
+-- they cannot be declared in KEYS (one pair per identifier touched):
+--   P .. "subject:" .. sha1   HASH  "w" SEP group -> occurred at ms of the latest change
+--                                   accepted (the watermark); "d" SEP dead-letter entry id
+--                                   -> group, for every entry holding the identifier
+--   P .. "history:" .. sha1   LIST  "ms" SEP JSON event, oldest first (consent history)
+-- P (the prefix with its hash tag, "{braze-subs}:") is read off a declared key's name.
+--
+-- key_prefix(key)          "{prefix}:" of a declared key name
+-- split_field(field)       group, "kind SEP value" of a buffer field
+-- identity_keys(P, ident)  the subject and history keys of "kind SEP value"
+-- touch_subject(k, ms)     let the subject key live `ms` more; every caller passes the
+--                          same lifetime (at least the watermark and dead-letter
+--                          retentions) counted from now, so this never shortens it
+-- remember_enqueued(h, group, change, keep_ms, max_events)
+--                          append the "enqueued" event of a pending change (its JSON
+--                          decoded), at its arrival time
+-- remember(h, now, event, keep_ms, max_events)
+--                          append an event (a table; cjson-encoded) to a history, drop
+--                          the events beyond `max_events` or older than `keep_ms`, and
+--                          let the history expire `keep_ms` after its newest event
+local function key_prefix(key)
+  return string.match(key, '^(.-}:)')
+end
+
+local function split_field(field)
+  local at = string.find(field, SEP, 1, true)
+  return string.sub(field, 1, at - 1), string.sub(field, at + 1)
+end
+
+local function identity_keys(prefix, ident)
+  local digest = redis.sha1hex(ident)
+  return prefix .. 'subject:' .. digest, prefix .. 'history:' .. digest
+end
+
+local function touch_subject(key, keep_ms)
+  redis.call('PEXPIRE', key, keep_ms)
+end
+
+local function remember(key, now, event, keep_ms, max_events)
+  local length = redis.call('RPUSH', key, now .. SEP .. cjson.encode(event))
+  if length > 1 then
+    if length > max_events then
+      redis.call('LTRIM', key, length - max_events, -1)
+      length = max_events
+    end
+    local cutoff = now - keep_ms
+    for _ = 1, length - 1 do
+      local oldest = redis.call('LINDEX', key, 0)
+      if tonumber(string.sub(oldest, 1, string.find(oldest, SEP, 1, true) - 1)) >= cutoff then
+        break
+      end
+      redis.call('LPOP', key)
+    end
+  end
+  redis.call('PEXPIRE', key, keep_ms)
+end
+
+local function remember_enqueued(key, group, change, keep_ms, max_events)
+  local occurred = nil
+  if change.y then
+    occurred = change.w
+  end
+  local delay = change.t - (change.a or change.t)
+  if delay <= 0 then
+    delay = nil
+  end
+  local respect = nil
+  if change.r == 1 then
+    respect = 1
+  end
+  remember(key, change.a or change.t, {e = 'enqueued', g = group, s = change.s, o = occurred,
+    c = change.c, q = change.q, r = respect, d = delay, x = change.x}, keep_ms, max_events)
+end

@@ -7,6 +7,8 @@
 -- KEYS[5] due       ZSET   field -> due ms; a released field becomes due
 -- KEYS[6] inflight  HASH   field -> batch id; released for superseded members
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] lease (ms)
+-- ARGV[4] history retention (ms)  ARGV[5] most history events per identifier
+-- Per member superseded (see _prelude.lua): its history gets "superseded" (in its batch)
 --
 -- Guarantees: at most one live claim per batch (a worker that dies loses it when the lease
 -- expires). A member whose field the buffer holds again was superseded by a newer change:
@@ -26,6 +28,9 @@ end
 local record = cjson.decode(record_json)
 local prefix = record.group .. SEP .. record.kind .. SEP
 local kept = {}
+local keys_prefix = key_prefix(KEYS[4])
+local keep, most = tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = now_ms()
 for _, member in ipairs(record.members) do
   local field = prefix .. member[1]
   local newer = redis.call('HGET', KEYS[4], field)
@@ -34,6 +39,9 @@ for _, member in ipairs(record.members) do
       redis.call('HDEL', KEYS[6], field)
       redis.call('ZADD', KEYS[5], cjson.decode(newer).t, field)
     end
+    local _, history = identity_keys(keys_prefix, record.kind .. SEP .. member[1])
+    remember(history, now, {e = 'superseded', g = record.group, at = 'batch', b = ARGV[1]},
+      keep, most)
   else
     kept[#kept + 1] = member
   end
@@ -48,7 +56,6 @@ if #kept < #record.members then
   record_json = cjson.encode(record)
   redis.call('SET', KEYS[1], record_json)
 end
-local now = now_ms()
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
 return {'claimed', record_json}

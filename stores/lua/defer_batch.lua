@@ -6,6 +6,11 @@
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] attempts to add (0 or 1)
 -- ARGV[4] error text  ARGV[5] redispatch after (ms): retry delay plus the sweep's grace
 -- ARGV[6] "solo" to take the batch out of its v2 pack (it will be sent alone), else ""
+-- ARGV[7] HTTP status of the failed post ("" when none came)   ARGV[8] history retention
+-- (ms)   ARGV[9] most history events per identifier
+-- Per member (see _prelude.lua): after a post that failed (an HTTP status, or an attempt
+-- counted) its history gets "retried" with the status, attempts and error; a batch only
+-- waiting for its turn records nothing.
 --
 -- Guarantees: the batch keeps its identifiers and their locks (no newer change can
 -- overtake it); the attempt is counted in the record itself, so the count survives a lost
@@ -28,5 +33,15 @@ end
 redis.call('SET', KEYS[1], cjson.encode(record))
 redis.call('DEL', KEYS[2])
 local now = now_ms()
+local status = tonumber(ARGV[7])
+if status or tonumber(ARGV[3]) > 0 then
+  local keys_prefix = key_prefix(KEYS[3])
+  local keep, most = tonumber(ARGV[8]), tonumber(ARGV[9])
+  for _, member in ipairs(record.members) do
+    local _, history = identity_keys(keys_prefix, record.kind .. SEP .. member[1])
+    remember(history, now, {e = 'retried', g = record.group, b = ARGV[1], h = status,
+      n = record.attempts, x = ARGV[4]}, keep, most)
+  end
+end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[1])
 return record.attempts

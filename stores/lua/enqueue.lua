@@ -1,44 +1,129 @@
--- enqueue.lua: add changes to the buffer; the last one per group + identifier wins.
+-- enqueue.lua: add changes to the buffer; the change that occurred last wins per group +
+-- identifier, whatever order changes arrive in.
 --
 -- KEYS[1] seq       STRING counter; each change gets the next sequence number
 -- KEYS[2] pending   HASH   field -> {"s": state, "o": double opt-in 0|1, "q": seq, "t": due ms,
---                          "w": occurred at ms (Redis's clock when not given), "r": respect
---                          opt-out 0|1, "c": source (absent when empty)}
+--                          "w": occurred at ms (Redis's clock at arrival when not given),
+--                          "y": 1 when occurred at was given, "a": arrival ms, "r": respect
+--                          opt-out 0|1, "c": source, "x": 1 when older than the watermark
+--                          retention, "p": 1 when re-queued by a replay (optional ones absent)}
 -- KEYS[3] due       ZSET   field -> due ms; holds the pending fields that no batch locks
 -- KEYS[4] inflight  HASH   field -> batch id (read only here)
--- KEYS[5] stats     HASH   "enqueued" += number of changes
+-- KEYS[5] stats     HASH   "enqueued" += changes received, "stale" += changes dropped,
+--                          "beyond_retention" += accepted changes older than the watermarks
 -- KEYS[6] dlq fields HASH  field -> dead-letter entry id; a newer change removes the field
--- ARGV    groups of seven (stores/buffer.py `encode_change` owns the format): field, state,
---         double opt-in (0|1), delay in ms, occurred at in ms ("" = now), source (may be
---         ""), respect opt-out (0|1)
+-- KEYS[7] groups    SET    every group id a change was enqueued for (erasure looks there)
+-- Per identifier (see _prelude.lua): subject (read: watermark per group), history (written
+-- only for a change dropped as stale, or replacing a pending one)
+-- ARGV[1] watermark retention (ms)   ARGV[2] history retention (ms)
+-- ARGV[3] most history events kept per identifier
+-- ARGV[4..] groups of seven (stores/buffer.py `encode_change` owns the format): field,
+--         state, double opt-in (0|1), delay in ms, occurred at in ms ("" = now), source
+--         (may be ""), respect opt-out (0|1)
 --
--- Guarantees: the changes are applied in argument order, with increasing sequence numbers
--- and no other command in between, so a later change for a field replaces an earlier one,
--- from this call or any before it. A field that an in-flight batch locks is not made due:
--- that batch's end makes it due (finish_batch.lua), so an identifier is never in two
--- batches at once. Due times are Redis server time plus the delay. Returns the last
--- sequence number given. A dead-lettered change for the same field is superseded: replay
--- will skip it.
-local n = #ARGV / 7
+-- Guarantees: the changes are applied in argument order with no other command in between.
+-- A change is accepted when it occurred no earlier than the latest change accepted for its
+-- field: the pending one, else the watermark (the change in flight or delivered, kept for
+-- the retention; set by take_batch.lua, which the delivery rate bounds, so that ingest
+-- pays only a read). Without an occurred time, Redis's clock at arrival stands in; equal
+-- times: the later arrival wins. An older change is dropped, counted as stale and told in
+-- the history; an accepted one replaces the pending one (whose "enqueued" and
+-- "superseded" the history then gets; a pending change's own "enqueued" is written when it
+-- is taken into a batch, with its arrival time). A field that an in-flight batch locks is
+-- not made due: that batch's end makes it due (finish_batch.lua), so an identifier is
+-- never in two batches at once. Due times are Redis server time plus the delay. A
+-- dead-lettered change for the same field is superseded: replay will skip it. Returns
+-- {last sequence number, changes dropped as stale}.
+local FIRST = 4
+local n = (#ARGV - FIRST + 1) / 7
 local last = redis.call('INCRBY', KEYS[1], n)
 local seq = last - n
 local now = now_ms()
-for i = 1, #ARGV, 7 do
+local prefix = key_prefix(KEYS[2])
+local horizon = now - tonumber(ARGV[1])
+local keep, most = tonumber(ARGV[2]), tonumber(ARGV[3])
+local stale, old = 0, 0
+local groups = {}
+-- Empty hashes need no look-up per change (an import into an idle pipeline).
+local any_inflight = redis.call('EXISTS', KEYS[4]) == 1
+local any_dead = redis.call('EXISTS', KEYS[6]) == 1
+for i = FIRST, #ARGV, 7 do
   seq = seq + 1
   local field = ARGV[i]
-  local due = now + tonumber(ARGV[i + 3])
-  local occurred = tonumber(ARGV[i + 4]) or now
+  local group, ident = split_field(field)
+  local given = tonumber(ARGV[i + 4])
+  local occurred = given or now
   local source = ARGV[i + 5]
   if source == '' then
     source = nil
   end
-  redis.call('HSET', KEYS[2], field, cjson.encode({
-    s = ARGV[i + 1], o = tonumber(ARGV[i + 2]), q = seq, t = due, w = occurred,
-    r = tonumber(ARGV[i + 6]), c = source}))
-  if redis.call('HEXISTS', KEYS[4], field) == 0 then
-    redis.call('ZADD', KEYS[3], due, field)
+  local current = redis.call('HGET', KEYS[2], field)
+  local pending, mark, history = nil, nil, nil
+  if current then
+    pending = cjson.decode(current)
+    mark = pending.w
+  else
+    local subject
+    subject, history = identity_keys(prefix, ident)
+    mark = tonumber(redis.call('HGET', subject, 'w' .. SEP .. group))
   end
-  redis.call('HDEL', KEYS[6], field)
+  if mark and occurred < mark then
+    stale = stale + 1
+    if not history then
+      local _
+      _, history = identity_keys(prefix, ident)
+    end
+    remember(history, now, {e = 'stale', g = group, s = ARGV[i + 1], o = given, c = source,
+      m = mark, q = seq}, keep, most)
+  else
+    groups[group] = true
+    local delay = tonumber(ARGV[i + 3])
+    local due = now + delay
+    local beyond = nil
+    if given and given < horizon then
+      beyond = 1
+      old = old + 1
+    end
+    local given_flag = nil
+    if given then
+      given_flag = 1
+    end
+    redis.call('HSET', KEYS[2], field, cjson.encode({
+      s = ARGV[i + 1], o = tonumber(ARGV[i + 2]), q = seq, t = due, w = occurred,
+      y = given_flag, a = now, r = tonumber(ARGV[i + 6]), c = source, x = beyond}))
+    if pending then
+      local _
+      _, history = identity_keys(prefix, ident)
+      if not pending.p then
+        remember_enqueued(history, group, pending, keep, most)
+      end
+      remember(history, now, {e = 'superseded', g = group, at = 'pending', q = seq}, keep, most)
+    end
+    if not any_inflight or redis.call('HEXISTS', KEYS[4], field) == 0 then
+      redis.call('ZADD', KEYS[3], due, field)
+    end
+    if any_dead and redis.call('HDEL', KEYS[6], field) == 1 then
+      if not history then
+        local _
+        _, history = identity_keys(prefix, ident)
+      end
+      remember(history, now, {e = 'superseded', g = group, at = 'dead_letter', q = seq},
+        keep, most)
+    end
+  end
+end
+local names = {}
+for group in pairs(groups) do
+  names[#names + 1] = group
+end
+if #names > 0 then
+  redis.call('SADD', KEYS[7], unpack(names))
 end
 redis.call('HINCRBY', KEYS[5], 'enqueued', n)
-return last
+if stale > 0 then
+  redis.call('HINCRBY', KEYS[5], 'stale', stale)
+end
+if old > 0 then
+  redis.call('HINCRBY', KEYS[5], 'beyond_retention', old)
+end
+return {last, stale}

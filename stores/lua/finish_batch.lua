@@ -13,14 +13,25 @@
 -- KEYS[11] dlq fields HASH field -> entry id, for the members no newer change supersedes
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] "delivered" | "dead"  ARGV[4] error text
 -- ARGV[5] JSON array of member values Braze's 2xx `errors` named (delivered only; may be
---         absent): those members alone are dead-lettered, with ARGV[4]; the rest delivered
+--         empty): those members alone are dead-lettered, with ARGV[4]; the rest delivered
+-- ARGV[6] HTTP status ("" when none came)   ARGV[7] Braze's answer time in ms ("")
+-- ARGV[8] history retention (ms)   ARGV[9] most history events per identifier
+-- ARGV[10] subject key lifetime (ms)   ARGV[11] "all" when every member was sent, "listed"
+-- when only ARGV[12..] were (the others were left out: Braze holds an opt-out their change
+-- asked to respect)
+-- Per member (see _prelude.lua): history gets "posted" (status, answer time),
+-- "skipped_opt_out" or "dead_lettered" (status, attempts, error); the subject keeps the
+-- watermark (set again to the member's change if it expired meanwhile) and, when dead, a
+-- reference to the entry. Members erased while the batch was on the wire are no longer in
+-- the record (forget.lua scrubbed it), so nothing about them is written here.
 --
 -- Guarantees: the batch ends exactly once, in one step with the release of its locks, so
 -- a newer change for one of its identifiers becomes due only after this batch's state has
 -- reached Braze or the dead-letter store (order per identifier). A dead-lettered batch is
 -- recorded whole, with its error and attempts: nothing is dropped silently. Returns the
 -- number of members ended; 0 if the batch was already gone; -1 if another worker holds a
--- live claim on it (that worker will end it).
+-- live claim on it (that worker will end it). A dead batch left without members (all
+-- erased) leaves no dead-letter entry.
 local record_json = redis.call('GET', KEYS[1])
 if not record_json then
   return 0
@@ -38,11 +49,42 @@ if ARGV[5] and ARGV[5] ~= '' then
     named[value] = true
   end
 end
+local keys_prefix = key_prefix(KEYS[4])
+local status, answered = tonumber(ARGV[6]), tonumber(ARGV[7])
+local keep, most = tonumber(ARGV[8]), tonumber(ARGV[9])
+local subject_keep = tonumber(ARGV[10])
+local sent = nil
+if ARGV[11] == 'listed' then
+  sent = {}
+  for i = 12, #ARGV do
+    sent[ARGV[i]] = true
+  end
+end
+local mark_field = 'w' .. SEP .. record.group
 local identifiers = {}
 local delivered = 0
 for _, member in ipairs(record.members) do
   local dead = ARGV[3] == 'dead' or named[member[1]] == true
   local field = prefix .. member[1]
+  local subject, history = identity_keys(keys_prefix, record.kind .. SEP .. member[1])
+  local occurred = member[4]
+  if occurred then
+    local mark = tonumber(redis.call('HGET', subject, mark_field))
+    if not mark or mark < occurred then
+      redis.call('HSET', subject, mark_field, occurred)
+    end
+  end
+  if dead then
+    redis.call('HSET', subject, 'd' .. SEP .. ARGV[1], record.group)
+    remember(history, now, {e = 'dead_lettered', g = record.group, b = ARGV[1], h = status,
+      n = record.attempts + 1, x = ARGV[4]}, keep, most)
+  elseif sent and not sent[member[1]] then
+    remember(history, now, {e = 'skipped_opt_out', g = record.group, b = ARGV[1]}, keep, most)
+  else
+    remember(history, now, {e = 'posted', g = record.group, b = ARGV[1], h = status,
+      l = answered}, keep, most)
+  end
+  touch_subject(subject, subject_keep)
   if redis.call('HGET', KEYS[6], field) == ARGV[1] then
     redis.call('HDEL', KEYS[6], field)
     local newer = redis.call('HGET', KEYS[4], field)
@@ -62,7 +104,7 @@ for _, member in ipairs(record.members) do
     delivered = delivered + 1
   end
 end
-if ARGV[3] == 'dead' or #identifiers > 0 then
+if #identifiers > 0 then
   redis.call('HSET', KEYS[7], ARGV[1], cjson.encode({
     id = ARGV[1], subscription_group_id = record.group, subscription_state = record.state,
     use_double_opt_in_logic = record.doi == 1, identifiers = identifiers, error = ARGV[4],

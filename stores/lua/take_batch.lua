@@ -8,7 +8,13 @@
 -- KEYS[6] stats     HASH   "batches" += 1, "batched" += members taken
 -- ARGV[1] batch id  ARGV[2] group  ARGV[3] state  ARGV[4] kind  ARGV[5] double opt-in 0|1
 -- ARGV[6] redispatch after (ms)    ARGV[7] JSON array: ids of the batches planned to share
--- one v2 request with this one (its pack)   ARGV[8..] pairs: value, sequence number planned
+-- one v2 request with this one (its pack)   ARGV[8] history retention (ms)
+-- ARGV[9] most history events per identifier   ARGV[10] subject key lifetime (ms)
+-- ARGV[11..] pairs: value, sequence number planned
+-- Per identifier taken (see _prelude.lua): the subject's watermark for the group becomes
+-- the change's occurred time (enqueue.lua accepted it against the one before, so it only
+-- rises), which outlives the batch; the history gets the change's "enqueued" (at its
+-- arrival time; not for a replayed change, whose "replayed" is there) and "batched".
 --
 -- The record's members are [value, seq, respect opt-out 0|1, occurred at ms], so the poster
 -- sees per member whether Braze's opt-out is to be respected.
@@ -21,8 +27,13 @@
 -- sweep re-dispatches a record whose task message never left. Returns the members taken
 -- (0: nothing was written).
 local prefix = ARGV[2] .. SEP .. ARGV[4] .. SEP
+local keys_prefix = key_prefix(KEYS[1])
+local keep, most = tonumber(ARGV[8]), tonumber(ARGV[9])
+local subject_keep = tonumber(ARGV[10])
+local mark_field = 'w' .. SEP .. ARGV[2]
+local now = now_ms()
 local members = {}
-for i = 8, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   local field = prefix .. ARGV[i]
   local current = redis.call('HGET', KEYS[1], field)
   local change = current and cjson.decode(current)
@@ -32,12 +43,18 @@ for i = 8, #ARGV, 2 do
     redis.call('ZREM', KEYS[2], field)
     redis.call('HSET', KEYS[3], field, ARGV[1])
     members[#members + 1] = {ARGV[i], change.q, change.r or 0, change.w or change.t}
+    local subject, history = identity_keys(keys_prefix, ARGV[4] .. SEP .. ARGV[i])
+    redis.call('HSET', subject, mark_field, change.w or change.t)
+    touch_subject(subject, subject_keep)
+    if not change.p then
+      remember_enqueued(history, ARGV[2], change, keep, most)
+    end
+    remember(history, now, {e = 'batched', g = ARGV[2], b = ARGV[1], q = change.q}, keep, most)
   end
 end
 if #members == 0 then
   return 0
 end
-local now = now_ms()
 redis.call('SET', KEYS[5], cjson.encode({
   id = ARGV[1], group = ARGV[2], state = ARGV[3], kind = ARGV[4],
   doi = tonumber(ARGV[5]), members = members, attempts = 0, created = now,

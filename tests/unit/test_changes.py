@@ -497,3 +497,15 @@ def test_change_to_row_round_trip_with_event_fields() -> None:
     row_ = change_to_row(change)
     assert row_["occurred_at"] == "2026-11-28T05:59:59.250Z"
     assert parse_change(row_, now=NOW) == change
+
+
+def test_occurred_at_accepts_an_aware_datetime_only() -> None:
+    from datetime import UTC, datetime
+
+    aware = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
+    assert parse_change(row(external_id="u", occurred_at=aware), now=NOW).occurred_ms == (
+        1_795_845_600_000
+    )
+    with pytest.raises(InvalidChange) as caught:
+        parse_change(row(external_id="u", occurred_at=aware.replace(tzinfo=None)), now=NOW)
+    assert "needs a UTC offset" in caught.value.message

@@ -1,0 +1,362 @@
+"""The change that occurred last wins (watermarks), the consent history and erasure, against
+a real redis-server (and the simulator over HTTP for posting), in-process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+
+from admin.status import read_status
+from core.changes import parse_change
+from core.planning import plan_batches
+from delivery.poster import Poster
+from delivery.services import services
+from stores.buffer import Buffer, server_time_ms
+from stores.history import DAY_MS, ConsentHistory, Retention
+from stores.keys import Keys, buffer_field
+from tests.conftest import ROOT, email, keyspace_traces, take_each, wait_for
+
+GROUP = "news"
+T0 = 1_795_000_000  # epoch seconds, a few days before the test machine's clock
+
+
+def row(value: str, state: str, occurred: float | None = None, **extra: Any) -> dict[str, Any]:
+    data = {"subscription_group_id": extra.pop("group", GROUP), "subscription_state": state}
+    data["email"] = value
+    if occurred is not None:
+        data["occurred_at"] = occurred
+    data.update(extra)
+    return data
+
+
+def enqueue(*rows: dict[str, Any]) -> Buffer:
+    buffer = services().buffer
+    buffer.enqueue([parse_change(r) for r in rows])
+    return buffer
+
+
+def pending_state(value: str, group: str = GROUP) -> str | None:
+    buffer = services().buffer
+    raw = buffer.client.hget(buffer.keys.pending, buffer_field(group, "email", value))
+    return None if raw is None else json.loads(raw)["s"]
+
+
+def events(value: str, kind: str = "email") -> list[str]:
+    found = services()
+    return [e.event for e in ConsentHistory(found.redis, found.keys).events(kind, value)]
+
+
+def stale_count() -> int:
+    found = services()
+    return read_status(found.redis, found.keys).stale
+
+
+def take_all() -> list[str]:
+    buffer = services().buffer
+    now = server_time_ms(buffer.client)
+    changes, _ = buffer.read_due(now, 10_000)
+    plan = plan_batches(changes, now_ms=now, max_identifiers=50, linger_ms=0)
+    return [batch_id for batch_id, _ in take_each(buffer, plan, 60_000)]
+
+
+def deliver_all(poster: Poster) -> None:
+    for batch_id in take_all():
+        assert poster.post(batch_id).status == "delivered"
+
+
+def sim_states(sim: Any) -> dict[str, str]:
+    data = httpx.get(f"{sim.url}/_sim/state", params={"log": "0"}).json()
+    return {s["value"]: s["state"] for s in data["subscriptions"]}
+
+
+# --------------------------------------------------------------------------------------
+# Latest occurred_at wins
+# --------------------------------------------------------------------------------------
+
+
+def test_an_older_change_is_dropped_as_stale_whatever_the_arrival_order(env, redis_client):
+    enqueue(row(email(1), "unsubscribed", T0 + 20))
+    enqueue(row(email(1), "subscribed", T0 + 10))  # arrives later, occurred earlier
+    assert pending_state(email(1)) == "unsubscribed"
+    assert stale_count() == 1
+    # Equal times: the later arrival wins.
+    enqueue(row(email(1), "subscribed", T0 + 20))
+    assert pending_state(email(1)) == "subscribed"
+    # In one call too: order of arguments is arrival order.
+    enqueue(row(email(2), "subscribed", T0 + 5), row(email(2), "unsubscribed", T0 + 1))
+    assert pending_state(email(2)) == "subscribed"
+    assert stale_count() == 2
+    assert events(email(1)) == ["enqueued", "stale", "superseded", "enqueued"]
+
+
+def test_the_watermark_outlives_the_batch_in_flight_and_delivered(env, sim, redis_client):
+    found = services()
+    poster = Poster(found.settings, found.batches, found.braze)
+    enqueue(row(email(1), "unsubscribed", T0 + 20))
+    [batch_id] = take_all()
+    enqueue(row(email(1), "subscribed", T0 + 10))  # older than the change in flight
+    assert pending_state(email(1)) is None
+    assert poster.post(batch_id).status == "delivered"
+    enqueue(row(email(1), "subscribed", T0 + 15))  # older than the change delivered
+    assert pending_state(email(1)) is None
+    assert stale_count() == 2
+    assert sim_states(sim) == {email(1): "unsubscribed"}
+    enqueue(row(email(1), "subscribed", T0 + 30))
+    deliver_all(poster)
+    assert sim_states(sim) == {email(1): "subscribed"}
+    marks = ConsentHistory(found.redis, found.keys).watermarks("email", email(1))
+    assert marks == {GROUP: (T0 + 30) * 1000}
+
+
+def test_without_occurred_at_the_arrival_time_stands_in(env, redis_client):
+    before = server_time_ms(redis_client)
+    enqueue(row(email(1), "subscribed"))  # today's behaviour: now
+    enqueue(row(email(1), "unsubscribed", before / 1000 - 60))  # occurred a minute earlier
+    assert pending_state(email(1)) == "subscribed"
+    assert stale_count() == 1
+    enqueue(row(email(1), "unsubscribed"))  # arrives later without a time: it wins
+    assert pending_state(email(1)) == "unsubscribed"
+
+
+def test_watermarks_are_per_group(env, redis_client):
+    enqueue(row(email(1), "unsubscribed", T0 + 20, group="a"))
+    enqueue(row(email(1), "subscribed", T0 + 10, group="b"))
+    assert pending_state(email(1), "a") == "unsubscribed"
+    assert pending_state(email(1), "b") == "subscribed"
+    assert stale_count() == 0
+
+
+def test_a_change_older_than_the_retention_is_compared_with_what_is_held(env, redis_client):
+    found = services()
+    old = server_time_ms(redis_client) / 1000 - 40 * 86_400  # beyond the 30-day default
+    enqueue(row(email(1), "unsubscribed", old))
+    assert pending_state(email(1)) == "unsubscribed"
+    [event] = ConsentHistory(found.redis, found.keys).events("email", email(1))
+    assert event.as_dict()["beyond_watermark_retention"] is True
+    assert "older than the watermark retention" in event.describe()
+    assert read_status(found.redis, found.keys).beyond_retention == 1
+    enqueue(row(email(1), "subscribed", old - 1))  # a watermark is still held: stale
+    assert stale_count() == 1
+
+
+def test_watermark_and_history_expire_with_their_retention(env, redis_client):
+    found = services()
+    enqueue(row(email(1), "subscribed", T0))
+    # Ingest writes nothing per identifier: the watermark and history come when the change
+    # is taken into a batch (at the delivery rate), its "enqueued" at its arrival time.
+    assert redis_client.exists(found.keys.subject("email", email(1))) == 0
+    assert events(email(1)) == ["enqueued"]  # read from the buffer meanwhile
+    take_all()
+    subject_ttl = redis_client.pttl(found.keys.subject("email", email(1)))
+    history_ttl = redis_client.pttl(found.keys.history("email", email(1)))
+    settings = found.settings
+    lifetime = max(settings.watermark_retention_days, settings.dead_letter_retention_days)
+    assert lifetime * DAY_MS - 5_000 < subject_ttl <= lifetime * DAY_MS
+    assert settings.history_retention_days * DAY_MS - 5_000 < history_ttl
+    assert history_ttl <= settings.history_retention_days * DAY_MS
+    assert events(email(1)) == ["enqueued", "batched"]
+
+
+def test_history_keeps_at_most_the_configured_events(env, redis_client):
+    keys = services().keys
+    buffer = Buffer(redis_client, keys, retention=Retention(history_max_events=4))
+    buffer.enqueue([parse_change(row(email(1), s)) for s in ["subscribed", "unsubscribed"] * 4])
+    assert redis_client.llen(keys.history("email", email(1))) == 4
+    kept = ConsentHistory(redis_client, keys).events("email", email(1))
+    # The four newest written (enqueued 6, superseded, enqueued 7, superseded), and the
+    # change still pending.
+    assert [(e.event, e.details.get("q")) for e in kept] == [
+        ("enqueued", 6),
+        ("superseded", 7),
+        ("enqueued", 7),
+        ("superseded", 8),
+        ("enqueued", 8),
+    ]
+    assert kept[-1].details["pending"] == 1
+
+
+def test_history_drops_events_older_than_its_retention(env, redis_client):
+    keys = services().keys
+    buffer = Buffer(redis_client, keys, retention=Retention(history_ms=300))
+    buffer.enqueue([parse_change(row(email(1), "subscribed"))])
+    start = server_time_ms(redis_client)
+    wait_for(lambda: server_time_ms(redis_client) > start + 300, what="300 ms on Redis's clock")
+    buffer.enqueue([parse_change(row(email(1), "unsubscribed"))])
+    assert [e.event for e in ConsentHistory(redis_client, keys).events("email", email(1))] == [
+        "superseded",
+        "enqueued",
+    ]
+
+
+def test_key_names_never_hold_the_identifier(env, redis_client):
+    enqueue(row(email(1), "subscribed", T0, source="checkout-form"))
+    take_all()
+    names = [name.decode() for name in redis_client.scan_iter(count=1000)]
+    assert names and not any(email(1) in name for name in names)
+    assert Keys("braze-subs").history("email", email(1)) in names
+
+
+# --------------------------------------------------------------------------------------
+# History: one identifier's story through a retry, a dead letter and a replay
+# --------------------------------------------------------------------------------------
+
+
+def faults(sim: Any, **switches: Any) -> None:
+    httpx.post(f"{sim.url}/_sim/faults", json=switches).raise_for_status()
+
+
+def test_history_tells_the_story_through_a_retry_a_dead_letter_and_a_replay(env, sim, redis_client):
+    found = services()
+    poster = Poster(found.settings, found.batches, found.braze)
+    enqueue(row(email(1), "unsubscribed", T0, source="support:ticket-123"))
+    enqueue(row(email(1), "subscribed", T0 - 5, source="backfill"))  # stale
+    [batch_id] = take_all()
+    faults(sim, outage=True)
+    assert poster.post(batch_id).status == "retry"
+    faults(sim, outage=False, reject=[email(1)])
+    assert poster.post(batch_id).status == "dead_lettered"
+    faults(sim, reject=[])
+    assert found.dead_letters.replay(None).requeued == 1
+    [second] = take_all()
+    assert poster.post(second).status == "delivered"
+    assert sim_states(sim) == {email(1): "unsubscribed"}
+
+    story = ConsentHistory(found.redis, found.keys).events("email", email(1))
+    assert [e.event for e in story] == [
+        "enqueued",
+        "stale",
+        "batched",
+        "retried",
+        "dead_lettered",
+        "replayed",
+        "batched",
+        "posted",
+    ]
+    enqueued, stale, batched, retried, dead, replayed, batched_again, posted = story
+    assert enqueued.details["c"] == "support:ticket-123"
+    assert enqueued.details["s"] == "unsubscribed" and enqueued.details["o"] == T0 * 1000
+    assert stale.details["c"] == "backfill" and stale.details["m"] == T0 * 1000
+    assert batched.details["b"] == batch_id
+    assert (retried.details["h"], retried.details["n"]) == (503, 1)
+    assert dead.details["h"] == 400 and dead.details["b"] == batch_id
+    assert replayed.details["b"] == batch_id and batched_again.details["b"] == second
+    assert posted.details["h"] == 201 and posted.details["l"] > 0
+    assert [e.at_ms for e in story] == sorted(e.at_ms for e in story)
+
+    # The command an operator runs.
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "history", "--email", "USER1@example.com", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert [e["event"] for e in shown["events"]] == [e.event for e in story]
+    assert shown["events"][0]["source"] == "support:ticket-123"
+    assert shown["events"][0]["occurred_at"] == "2026-11-18T11:06:40.000Z"
+    assert shown["events"][-1]["http_status"] == 201
+    text = subprocess.run(
+        [sys.executable, "-m", "worker", "history", "--email", email(1), "--group", GROUP],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert text.returncode == 0, text.stderr
+    for words in ("dropped as stale", "retried", "HTTP 503", "dead-lettered", "replayed"):
+        assert words in text.stdout
+
+
+# --------------------------------------------------------------------------------------
+# Erasure
+# --------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_forget_removes_every_trace_and_nothing_brings_it_back(env, sim, redis_client):
+    found = services()
+    poster = Poster(found.settings, found.batches, found.braze)
+    target, other = email(1), email(2)
+    # A dead letter whose error names the identifier (Braze's 400), shared with another.
+    enqueue(row(target, "subscribed", T0, group="c"), row(other, "subscribed", T0, group="c"))
+    faults(sim, reject=[target])
+    [dead_batch] = take_all()
+    poster.post(dead_batch)  # split: the other is delivered, the target dead-lettered
+    for batch_id in [b.decode() for b in redis_client.zrange(found.keys.batches, 0, -1)]:
+        poster.post(batch_id)
+    faults(sim, reject=[])
+    assert target in found.dead_letters.list()[0].error
+    # A dead letter for it superseded by a newer change (its entry still lists it), which
+    # is in flight, as is a change in group b with a newer one waiting behind its batch.
+    enqueue(row(target, "unsubscribed", T0 + 1, group="c"))
+    enqueue(row(target, "subscribed", T0, group="b", source="checkout"))
+    in_flight = take_all()
+    assert len(in_flight) == 2
+    enqueue(row(target, "unsubscribed", T0 + 1, group="b"))
+    # Pending in group a, and other identifiers around it.
+    enqueue(row(target, "subscribed", T0, group="a"), row(other, "subscribed", T0, group="a"))
+    assert keyspace_traces(redis_client, target)
+
+    result = run_cli("forget", "--email", target.upper())
+    assert result.returncode == 0, result.stderr
+    assert "Braze is not changed" in result.stdout and "/users/delete" in result.stdout
+    assert "2 pending changes" in result.stdout
+    assert "2 batches in flight" in result.stdout
+    assert "1 dead-letter entries" in result.stdout
+    assert keyspace_traces(redis_client, target) == []
+
+    # The batch on the wire ends, everything is replayed, swept and posted: nothing comes back.
+    for batch_id in in_flight:
+        assert poster.post(batch_id).status == "empty"
+    found.dead_letters.replay(None)
+    for batch_id in take_all():
+        poster.post(batch_id)
+    assert keyspace_traces(redis_client, target) == []
+    assert read_status(found.redis, found.keys).erased == 1
+    assert sim_states(sim)[other] == "subscribed"  # the others are untouched
+    assert "posted" in events(other)
+    shown = json.loads(run_cli("history", "--email", target, "--json").stdout)
+    assert [e["event"] for e in shown["events"]] == ["erased"]
+    assert shown["events"][0]["removed"]["pending"] == 2
+
+
+def test_forget_while_the_batch_is_being_posted(env, sim, redis_client):
+    """The poster read the record before the erasure: the request goes, but its end, a
+    retry and a dead letter write nothing about the identifier."""
+    found = services()
+    poster = Poster(found.settings, found.batches, found.braze)
+    target, other = email(1), email(2)
+    enqueue(row(target, "subscribed", T0), row(other, "subscribed", T0))
+    [batch_id] = take_all()
+    original = poster.braze.post
+
+    def erase_then_fail(path: str, body: Any) -> Any:
+        result = run_cli("forget", "--email", target)
+        assert result.returncode == 0, result.stderr
+        reply = original(path, body)
+        return reply
+
+    poster.braze.post = erase_then_fail
+    faults(sim, outage=True)
+    assert poster.post(batch_id).status == "retry"
+    poster.braze.post = original
+    assert keyspace_traces(redis_client, target) == []
+    faults(sim, outage=False)
+    assert poster.post(batch_id).status == "delivered"
+    assert keyspace_traces(redis_client, target) == []
+    assert sim_states(sim)[other] == "subscribed"
