@@ -1,3 +1,5 @@
+-- bench/history_cost.py's baseline: stores/lua/enqueue.lua as it was before event time and
+-- history (issue 13), run with the same prelude. Not loaded by the product.
 -- enqueue.lua: record changes in the buffer; for each buffer field the last write wins.
 --
 -- KEYS[1] seq       STRING counter; each change gets the next sequence number

@@ -189,6 +189,15 @@ def pending_event(group_id: str, change: dict[str, Any]) -> HistoryEvent:
     return HistoryEvent(arrived, "enqueued", group_id, details)
 
 
+_ARRIVALS = frozenset({"enqueued", "stale", "superseded"})
+
+
+def _order(event: HistoryEvent) -> tuple[int, float]:
+    """Time, then for the events of a change's arrival its sequence number (an "enqueued"
+    is written when its change is taken, after later arrivals' events)."""
+    return event.at_ms, event.details.get("q", _LAST) if event.event in _ARRIVALS else _LAST
+
+
 class ConsentHistory:
     """Reads one identifier's history: its history key, and its changes still pending in
     the buffer (whose "enqueued" is written when they are taken into a batch), looked up by
@@ -219,7 +228,7 @@ class ConsentHistory:
             events = [e for e in events if e.group_id in (group_id, None)]
         # Some events are written after later ones (a change's "enqueued" when it is taken):
         # by time, then by the change they are about; otherwise in the order written.
-        events.sort(key=lambda e: (e.at_ms, e.details.get("q", _LAST)))
+        events.sort(key=_order)
         return events
 
     def watermarks(self, kind: str, value: str) -> dict[str, int]:
