@@ -73,8 +73,16 @@ class Refusals:
             }
         )
         field = refusal_field(group_id, state, kind)
+        # The index keeps only standing refusals: ended ones go when a new one is written.
+        ended = [
+            name
+            for name, value in self.client.hgetall(self.keys.refusals).items()
+            if Refusal.from_json(value).until_ms <= now_ms
+        ]
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self.keys.refusal(field), raw, px=ttl_ms)
+        if ended:
+            pipe.hdel(self.keys.refusals, *ended)
         pipe.hset(self.keys.refusals, field, raw)
         pipe.execute()
         return refusal

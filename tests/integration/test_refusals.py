@@ -158,3 +158,21 @@ def test_a_400_quoting_an_identifier_is_logged_masked(sim, poster, redis_client,
     assert not any(email(7) in line for line in lines)
     [entry] = DeadLetters(redis_client, services().keys).list()
     assert email(7) in entry.error  # the dead letter keeps Braze's message whole
+
+
+def test_when_the_refusal_ends_the_next_batch_asks_braze_again(sim, env, redis_client):
+    from config.settings import load_settings
+    from tests.conftest import wait_for
+
+    found = services()
+    settings = load_settings(group_refusal_seconds=0.5)
+    poster = Poster(settings, found.batches, found.braze)
+    faults(sim, reject_groups=["gone"])
+    assert poster.post(batch("email", [email(1)], group="gone")).status == "dead_lettered"
+    before = requests(sim)
+    assert poster.post(batch("email", [email(2)], group="gone")).status == "dead_lettered"
+    assert requests(sim) == before  # refused: not sent
+    wait_for(lambda: not read_status(found.redis, found.keys).refused_groups, timeout=5)
+    faults(sim, reject_groups=[])  # the group was created meanwhile
+    assert poster.post(batch("email", [email(3)], group="gone")).status == "delivered"
+    assert requests(sim) == before + 1
