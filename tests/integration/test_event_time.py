@@ -360,3 +360,43 @@ def test_forget_while_the_batch_is_being_posted(env, sim, redis_client):
     assert poster.post(batch_id).status == "delivered"
     assert keyspace_traces(redis_client, target) == []
     assert sim_states(sim)[other] == "subscribed"
+
+
+def test_history_tells_an_opt_out_skip(env, sim, redis_client):
+    """A subscribed change that asked to respect opt-outs, for someone Braze holds as
+    unsubscribed, is left out of the request: its history says so; the others are posted."""
+    found = services()
+    poster = Poster(
+        found.settings, found.batches, found.braze, found.limiter, opt_outs=found.opt_outs
+    )
+    httpx.post(
+        f"{sim.url}/_sim/set_state",
+        json={"group": GROUP, "kind": "email", "values": [email(1)], "state": "unsubscribed"},
+    ).raise_for_status()
+    enqueue(
+        row(email(1), "subscribed", T0, respect_opt_out=True, source="reactivation"),
+        row(email(2), "subscribed", T0, respect_opt_out=True),
+    )
+    [batch_id] = take_all()
+    assert poster.post(batch_id).status == "delivered"
+    assert sim_states(sim) == {email(1): "unsubscribed", email(2): "subscribed"}
+    assert events(email(1)) == ["enqueued", "batched", "skipped_opt_out"]
+    assert events(email(2)) == ["enqueued", "batched", "posted"]
+    [skipped] = ConsentHistory(found.redis, found.keys).events("email", email(1))[-1:]
+    assert skipped.describe().startswith("skipped: opted out in Braze")
+
+
+def test_history_tells_an_opt_out_skip_of_a_whole_batch(env, sim, redis_client):
+    found = services()
+    poster = Poster(
+        found.settings, found.batches, found.braze, found.limiter, opt_outs=found.opt_outs
+    )
+    httpx.post(
+        f"{sim.url}/_sim/set_state",
+        json={"group": GROUP, "kind": "email", "values": [email(1)], "state": "unsubscribed"},
+    ).raise_for_status()
+    enqueue(row(email(1), "subscribed", T0, respect_opt_out=True))
+    [batch_id] = take_all()
+    assert poster.post(batch_id).status == "delivered"
+    assert events(email(1)) == ["enqueued", "batched", "skipped_opt_out"]
+    assert sim_states(sim) == {email(1): "unsubscribed"}
