@@ -118,6 +118,8 @@ def enqueue(
     ] = False,
 ) -> None:
     """Enqueue one change."""
+    buffer = services().buffer
+    stale_before = buffer.stale
     change = enqueue_change(
         subscription_group_id=group,
         subscription_state=state,
@@ -130,6 +132,12 @@ def enqueue(
         source=source,
         respect_opt_out=respect_opt_out or None,
     )
+    if buffer.stale > stale_before:
+        err.print(
+            f"dropped as stale: {change.group_id} {change.state.value} ({change.kind.value}) "
+            "occurred before the change already accepted for it (see braze-subs history)"
+        )
+        return
     err.print(f"enqueued: {change.group_id} {change.state.value} ({change.kind.value})")
 
 

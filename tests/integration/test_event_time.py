@@ -400,3 +400,29 @@ def test_history_tells_an_opt_out_skip_of_a_whole_batch(env, sim, redis_client):
     assert poster.post(batch_id).status == "delivered"
     assert events(email(1)) == ["enqueued", "batched", "skipped_opt_out"]
     assert sim_states(sim) == {email(1): "unsubscribed"}
+
+
+def test_the_commands_say_when_a_change_is_dropped_as_stale(env, redis_client, tmp_path):
+    enqueue(row(email(1), "unsubscribed", T0 + 20))
+    result = run_cli(
+        "enqueue",
+        "--group",
+        GROUP,
+        "--state",
+        "subscribed",
+        "--email",
+        email(1),
+        "--occurred-at",
+        str(T0 + 10),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "dropped as stale" in result.stderr
+    rows = [row(email(n), "subscribed", T0 + 10) for n in (1, 2)]
+    path = tmp_path / "late.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_cli("import", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "2 changes enqueued, 1 dropped as stale" in result.stderr
+    status = json.loads(run_cli("status", "--json").stdout)
+    assert status["stale"] == 2
+    assert pending_state(email(1)) == "unsubscribed"
