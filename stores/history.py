@@ -176,16 +176,14 @@ def pending_event(group_id: str, change: dict[str, Any]) -> HistoryEvent:
     """The "enqueued" event of a change still pending (the buffer's JSON), as
     `remember_enqueued` in _prelude.lua will write it when the change is taken."""
     details: dict[str, Any] = {"s": change["s"], "q": change["q"], "pending": 1}
-    arrived = int(change.get("a", change["t"]))
-    if change.get("y"):
+    arrived = int(change["t"]) - int(change.get("d", 0))
+    if "w" in change:
         details["o"] = change["w"]
-    for short in ("c", "x"):
+    for short in ("c", "x", "d"):
         if change.get(short):
             details[short] = change[short]
     if change.get("r") == 1:
         details["r"] = 1
-    if change["t"] > arrived:
-        details["d"] = change["t"] - arrived
     return HistoryEvent(arrived, "enqueued", group_id, details)
 
 

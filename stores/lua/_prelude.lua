@@ -34,6 +34,8 @@ end
 -- touch_subject(k, ms)     let the subject key live `ms` more; every caller passes the
 --                          same lifetime (at least the watermark and dead-letter
 --                          retentions) counted from now, so this never shortens it
+-- occurred_of(change)      occurred at of a pending change (its JSON decoded): "w", or
+--                          its arrival (due time less its delay)
 -- remember_enqueued(h, group, change, keep_ms, max_events)
 --                          append the "enqueued" event of a pending change (its JSON
 --                          decoded), at its arrival time
@@ -78,19 +80,16 @@ local function remember(key, now, event, keep_ms, max_events)
   redis.call('PEXPIRE', key, keep_ms)
 end
 
+local function occurred_of(change)
+  return change.w or (change.t - (change.d or 0))
+end
+
 local function remember_enqueued(key, group, change, keep_ms, max_events)
-  local occurred = nil
-  if change.y then
-    occurred = change.w
-  end
-  local delay = change.t - (change.a or change.t)
-  if delay <= 0 then
-    delay = nil
-  end
   local respect = nil
   if change.r == 1 then
     respect = 1
   end
-  remember(key, change.a or change.t, {e = 'enqueued', g = group, s = change.s, o = occurred,
-    c = change.c, q = change.q, r = respect, d = delay, x = change.x}, keep_ms, max_events)
+  remember(key, change.t - (change.d or 0), {e = 'enqueued', g = group, s = change.s,
+    o = change.w, c = change.c, q = change.q, r = respect, d = change.d, x = change.x},
+    keep_ms, max_events)
 end

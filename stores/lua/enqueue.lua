@@ -3,10 +3,10 @@
 --
 -- KEYS[1] seq       STRING counter; each change gets the next sequence number
 -- KEYS[2] pending   HASH   field -> {"s": state, "o": double opt-in 0|1, "q": seq, "t": due ms,
---                          "w": occurred at ms (Redis's clock at arrival when not given),
---                          "y": 1 when occurred at was given, "a": arrival ms, "r": respect
---                          opt-out 0|1, "c": source, "x": 1 when older than the watermark
---                          retention, "p": 1 when re-queued by a replay (optional ones absent)}
+--                          and only when they say something: "w": occurred at ms (else the
+--                          arrival, t - d, stands in), "d": delay ms, "r": 1 to respect an
+--                          opt-out, "c": source, "x": 1 when older than the watermark
+--                          retention, "p": 1 when re-queued by a replay}
 -- KEYS[3] due       ZSET   field -> due ms; holds the pending fields that no batch locks
 -- KEYS[4] inflight  HASH   field -> batch id (read only here)
 -- KEYS[5] stats     HASH   "enqueued" += changes received, "stale" += changes dropped,
@@ -61,7 +61,7 @@ for i = FIRST, #ARGV, 7 do
   local pending, mark, history = nil, nil, nil
   if current then
     pending = cjson.decode(current)
-    mark = pending.w
+    mark = occurred_of(pending)
   else
     local subject
     subject, history = identity_keys(prefix, ident)
@@ -76,7 +76,9 @@ for i = FIRST, #ARGV, 7 do
     remember(history, now, {e = 'stale', g = group, s = ARGV[i + 1], o = given, c = source,
       m = mark, q = seq}, keep, most)
   else
-    groups[group] = true
+    if not pending then
+      groups[group] = true
+    end
     local delay = tonumber(ARGV[i + 3])
     local due = now + delay
     local beyond = nil
@@ -84,13 +86,16 @@ for i = FIRST, #ARGV, 7 do
       beyond = 1
       old = old + 1
     end
-    local given_flag = nil
-    if given then
-      given_flag = 1
+    local respect, delayed = nil, nil
+    if ARGV[i + 6] == '1' then
+      respect = 1
+    end
+    if delay > 0 then
+      delayed = delay
     end
     redis.call('HSET', KEYS[2], field, cjson.encode({
-      s = ARGV[i + 1], o = tonumber(ARGV[i + 2]), q = seq, t = due, w = occurred,
-      y = given_flag, a = now, r = tonumber(ARGV[i + 6]), c = source, x = beyond}))
+      s = ARGV[i + 1], o = tonumber(ARGV[i + 2]), q = seq, t = due, w = given, d = delayed,
+      r = respect, c = source, x = beyond}))
     if pending then
       local _
       _, history = identity_keys(prefix, ident)

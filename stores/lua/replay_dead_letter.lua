@@ -45,7 +45,7 @@ for _, identifier in ipairs(entry.identifiers) do
     local seq = redis.call('INCR', KEYS[4])
     redis.call('HSET', KEYS[5], field, cjson.encode({
       s = entry.subscription_state, o = doi, q = seq, t = now, w = identifier.w or now,
-      a = now, r = identifier.r or 0, p = 1}))
+      r = identifier.r or 0, p = 1}))
     if redis.call('HEXISTS', KEYS[7], field) == 0 then
       redis.call('ZADD', KEYS[6], now, field)
     end

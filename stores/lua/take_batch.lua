@@ -42,9 +42,10 @@ for i = 11, #ARGV, 2 do
     redis.call('HDEL', KEYS[1], field)
     redis.call('ZREM', KEYS[2], field)
     redis.call('HSET', KEYS[3], field, ARGV[1])
-    members[#members + 1] = {ARGV[i], change.q, change.r or 0, change.w or change.t}
+    local occurred = occurred_of(change)
+    members[#members + 1] = {ARGV[i], change.q, change.r or 0, occurred}
     local subject, history = identity_keys(keys_prefix, ARGV[4] .. SEP .. ARGV[i])
-    redis.call('HSET', subject, mark_field, change.w or change.t)
+    redis.call('HSET', subject, mark_field, occurred)
     touch_subject(subject, subject_keep)
     if not change.p then
       remember_enqueued(history, ARGV[2], change, keep, most)
