@@ -209,6 +209,12 @@ def families(status: Status, extras: Extras) -> Iterator[Metric]:
         status.delivery_errors_total,
     )
     yield _counter(
+        "stale_dropped",
+        "Changes dropped at enqueue because one that occurred later was already accepted "
+        "for the same group and identifier (occurred_at).",
+        status.stale,
+    )
+    yield _counter(
         "opt_out_skipped",
         "Identifiers left out of a subscribe because they opted out in Braze (respect_opt_out).",
         status.opt_out_skipped,

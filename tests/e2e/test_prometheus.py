@@ -236,4 +236,14 @@ def test_prometheus_sees_backlog_requests_429s_and_a_refused_key(
     )
     assert set(endpoints) == {"/subscription/status/set"}
     assert prometheus.value("braze_subs_dead_letter_entries") == 0
+
+    # A change that occurred before one already accepted is dropped, and counted as stale.
+    newer, older = changes(5000, 1, "unsubscribed")[0], changes(5000, 1)[0]
+    enqueue_changes([{**newer, "occurred_at": 1_700_000_100}])
+    enqueue_changes([{**older, "occurred_at": 1_700_000_000}])
+    wait_for(
+        lambda: prometheus.value("braze_subs_stale_dropped_total") == 1,
+        timeout=30,
+        what="Prometheus to count the stale change",
+    )
     assert prometheus.value("braze_subs_redis_up") == 1

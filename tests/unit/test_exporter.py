@@ -85,6 +85,7 @@ def test_a_paused_budget_after_a_429_and_the_request_totals():
     assert found["braze_subs_braze_throttled_total"] == {(): 2}
     assert found["braze_subs_batch_splits_total"] == {(): 3}
     assert found["braze_subs_opt_out_skipped_total"] == {(): 0}
+    assert found["braze_subs_stale_dropped_total"] == {(): 0}
     assert found["braze_subs_coalescer_last_tick_timestamp_seconds"] == {(): 1_799_999_999.5}
 
 
