@@ -12,6 +12,7 @@ from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
     beat_init,
+    celeryd_init,
     worker_init,
     worker_shutdown,
 )
@@ -20,7 +21,7 @@ from kombu import Queue
 from config.settings import Settings, SettingsError, get_settings
 from stores.connection import broker_options
 from tasks.health import Heartbeat, heartbeat_path
-from tasks.logs import configure_logging, use_json_for_celery
+from tasks.logs import configure_logging, quiet_banner_for_json, use_json_for_celery
 
 # The queue of `subscriptions.record_change` is Celery's default one, because services
 # that only share the broker call send_task() without knowing our routes.
@@ -97,6 +98,7 @@ settings = _settings_or_exit()
 configure_logging(settings)
 app = create_app(settings)
 if settings.log_format == "json":
+    celeryd_init.connect(quiet_banner_for_json, weak=False)
     after_setup_logger.connect(use_json_for_celery, weak=False)
     after_setup_task_logger.connect(use_json_for_celery, weak=False)
 

@@ -39,3 +39,16 @@ def configure_logging(settings: Settings) -> None:
     logger.addHandler(handler)
     logger.setLevel(settings.log_level)
     logger.propagate = False
+    if settings.log_format == "json":
+        # Python warnings (Celery's SecurityWarning among them) are written before Celery
+        # sets up its logging, as plain text: route them through a JSON handler too.
+        logging.captureWarnings(True)
+        warnings_logger = logging.getLogger("py.warnings")
+        warnings_logger.addHandler(handler)
+        warnings_logger.propagate = False
+
+
+def quiet_banner_for_json(instance: object, **_: object) -> None:
+    """Celery's `celeryd_init` hook under LOG_FORMAT=json: no plain-text startup banner (its
+    facts are in the JSON lines), so every line a worker writes is JSON."""
+    instance.quiet = True  # type: ignore[attr-defined]

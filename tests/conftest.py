@@ -12,7 +12,7 @@ import base64
 import json
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from core.planning import PlannedBatch
 from delivery.services import reset_services
 from devtools.processes import CeleryProcess, ProcessGroup, wait_until
 from simulator import SimulatorConfig, SimulatorServer
+from simulator.order_check import Enqueued, Key, applied_from_document, check_order
+from simulator.order_check import enqueued_from_rows as rows_by_key
 from stores.buffer import Buffer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +71,39 @@ def identifier(kind: str, n: int) -> str:
     if kind == "phone":
         return f"+1415555{n:04d}"
     return f"user-{n}"
+
+
+class EnqueuedLog(dict[Key, list[Enqueued]]):
+    """What a test enqueued, per (group, kind, value) in enqueue order: the order oracle's
+    input. `add(rows)` records import-format rows (values spelled as posted, i.e. already
+    normalised) and returns them, so a test writes `enqueue_changes(sent.add(rows))`."""
+
+    def add(self, rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        listed = list(rows)
+        for key, changes in rows_by_key(listed).items():
+            self.setdefault(key, []).extend(changes)
+        return listed
+
+
+def order_violations(
+    sim_url: str, enqueued: Mapping[Key, list[Enqueued]], *, allow_repeats: bool = True
+) -> list[str]:
+    """The order oracle against the simulator's `/_sim/applied` log: one line per key whose
+    applied states are not a subsequence of what was enqueued for it (masked identifier and
+    the two states). Refuses an incomplete log."""
+    document = httpx.get(f"{sim_url}/_sim/applied", timeout=60).json()
+    applied = applied_from_document(document)
+    return [str(v) for v in check_order(enqueued, applied, allow_repeats=allow_repeats)]
+
+
+def assert_applied_in_order(
+    sim_url: str, enqueued: Mapping[Key, list[Enqueued]], *, allow_repeats: bool = True
+) -> None:
+    """No identifier received an older state after a newer one (and nothing never enqueued
+    was applied): the end-of-test check of every end-to-end and fault test."""
+    violations = order_violations(sim_url, enqueued, allow_repeats=allow_repeats)
+    shown = "\n".join(violations[:20])
+    assert not violations, f"{len(violations)} key(s) applied out of order:\n{shown}"
 
 
 def drained() -> bool:

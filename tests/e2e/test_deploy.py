@@ -201,7 +201,14 @@ def test_json_logs_hold_no_key_and_no_identifiers(env, sim, processes, tmp_path)
     )
     log = Path(worker.log_path)
     wait_for(lambda: log.read_text().count("status=delivered") >= 2, timeout=30)
-    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    not_json = []
+    for line in lines:
+        try:
+            jsonlib.loads(line)
+        except ValueError:
+            not_json.append(line[:200])
+    assert not not_json, f"{len(not_json)} line(s) are not JSON, first: {not_json[:3]}"
     records = [jsonlib.loads(line) for line in lines]
     batches = [r for r in records if "batch" in r]
     assert len(batches) >= 2 and all(r["batch"]["status"] == "delivered" for r in batches)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tasks.producer import enqueue_changes
-from tests.conftest import drained, identifier, wait_for
+from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, identifier, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +29,21 @@ def sim_stats(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/_sim/stats").json()
 
 
+def pending() -> int:
+    from admin.status import read_status
+    from delivery.services import services
+
+    found = services()
+    return read_status(found.redis, found.keys).pending
+
+
 def test_thousands_of_flipping_changes_end_in_last_written_state(env, sim, processes):
     rng = random.Random(7)
     processes.worker("w1", concurrency=8)
     processes.beat()
 
     expected: dict[tuple[str, str, str], str] = {}
+    sent = EnqueuedLog()
     for _wave in range(4):
         rows = []
         for _ in range(1500):
@@ -44,12 +53,21 @@ def test_thousands_of_flipping_changes_end_in_last_written_state(env, sim, proce
             state = rng.choice(["subscribed", "unsubscribed"])
             rows.append({"subscription_group_id": group, "subscription_state": state, kind: value})
             expected[(group, kind, value)] = state
-        enqueue_changes(rows)
-        # Let the coalescer cut part of this wave before the next one flips it again.
-        wait_for(lambda: sim_stats(sim.url)["requests_ok"] > 0, what="first requests")
+        enqueue_changes(sent.add(rows))
+        # Let the coalescer cut part of this wave before the next one flips it again: after
+        # every wave (not only the first) a cut taken after it landed has been posted.
+        landed = pending()
+        answered = sim_stats(sim.url)["requests_ok"]
+        wait_for(lambda landed=landed: pending() < landed, what="a cut of this wave")
+        wait_for(
+            lambda answered=answered: sim_stats(sim.url)["requests_ok"] > answered,
+            what="a request after this wave",
+        )
 
     wait_for(drained, timeout=90, what="the buffer to drain")
     assert sim_state(sim.url) == expected
+    # Final states alone would pass an old state that arrived late and was overwritten.
+    assert_applied_in_order(sim.url, sent)
     stats = sim_stats(sim.url)
     assert stats["malformed"] == 0
     assert stats["rate_limited_429"] == 0
