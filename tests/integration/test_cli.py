@@ -1,7 +1,10 @@
-"""The `braze-subs` command, run for real: `python -m worker ...` in a subprocess.
+"""The `braze-subs` command against the session's real Redis and simulator.
 
-Each test takes `env`, so the subprocess sees the session's Redis and simulator through
-its environment, exactly as an operator's shell would.
+Most tests run the CLI in this process through typer's `CliRunner` (`run_cli`): the same
+entry point (`admin.cli.main`, which turns user mistakes into one line and an exit code),
+with stdout and stderr captured apart and the environment set for the call. A few run it
+for real in a subprocess (`run_real`, `python -m worker ...`) where the process is what is
+tested: its exit code, no traceback on stderr, the module entry point, a process pool.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from admin.cli import main
 from core.changes import parse_change
 from core.planning import PlannedBatch, plan_batches
-from delivery.services import services
+from delivery.services import reset_services, services
 from stores.buffer import Buffer, server_time_ms
 from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
@@ -36,7 +41,32 @@ def take_each(
     ]
 
 
+RUNNER = CliRunner()
+
+
 def run_cli(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`braze-subs ARGS` in this process (CliRunner's isolation around `admin.cli.main`)."""
+    # A pipe, as in CI logs: no terminal width to lean on.
+    environ: dict[str, str | None] = {"COLUMNS": None, "LINES": None, **(extra_env or {})}
+    argv = sys.argv
+    with RUNNER.isolation(input="", env=environ) as (stdout, stderr, _output):
+        reset_services()  # settings and clients as this call's environment gives them
+        sys.argv = ["braze-subs", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        finally:
+            sys.argv = argv
+            reset_services()
+        return subprocess.CompletedProcess(
+            ["braze-subs", *args], code, stdout.getvalue().decode(), stderr.getvalue().decode()
+        )
+
+
+def run_real(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m worker ARGS` in a subprocess: for what only a real process shows."""
     environ = {**os.environ, **(extra_env or {})}
     # A pipe, as in CI logs: no terminal width to lean on.
     for name in ("COLUMNS", "LINES"):
@@ -123,7 +153,7 @@ def status_json() -> dict[str, Any]:
 
 
 def test_enqueue_a_valid_change(env, redis_client):
-    result = run_cli(
+    result = run_real(
         "enqueue", "--group", GROUP, "--state", "unsubscribed", "--email", " Jane@Example.COM "
     )
     assert result.returncode == 0, result.stderr
@@ -255,7 +285,7 @@ def hundred_rows_with_three_bad(tmp_path: Path) -> tuple[Path, list[int]]:
 
 def test_import_with_bad_rows_enqueues_nothing_and_names_every_line(env, redis_client, tmp_path):
     path, bad_lines = hundred_rows_with_three_bad(tmp_path)
-    result = run_cli("import", str(path))
+    result = run_real("import", str(path))
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
     for line in bad_lines:
@@ -342,7 +372,7 @@ def test_status_json_reflects_reality(env, redis_client):
 
 @pytest.mark.parametrize("command", [["status", "--json"], ["dlq", "list"]])
 def test_unreachable_redis_is_one_line_without_the_password(env, command):
-    result = run_cli(*command, extra_env={"REDIS_URL": "redis://:secretpw@127.0.0.1:1/0"})
+    result = run_real(*command, extra_env={"REDIS_URL": "redis://:secretpw@127.0.0.1:1/0"})
     assert_one_line_error(result, "Redis")
     assert "secretpw" not in result.stdout + result.stderr
 
@@ -543,7 +573,7 @@ def parallel_file(tmp_path: Path, bad: dict[int, Any] | None = None) -> Path:
 
 def test_import_with_jobs_validates_in_parallel_and_later_rows_win(env, redis_client, tmp_path):
     path = parallel_file(tmp_path)
-    result = run_cli("import", str(path), "--jobs", "2")
+    result = run_real("import", str(path), "--jobs", "2")
     assert result.returncode == 0, result.stderr
     assert f"{BIG_ROWS} changes enqueued" in result.stderr
     got = pending(redis_client)
