@@ -1,4 +1,5 @@
-"""Tests for the streaming import readers in `tasks.rows`."""
+"""The import readers with process pools (`jobs=2`) and `enqueue_file` into a real Redis.
+The pure reader tests: tests/unit/test_importing.py."""
 
 from __future__ import annotations
 
@@ -10,19 +11,14 @@ from typing import Any
 
 import pytest
 
-from core.changes import Change, IdentifierKind
+from core.changes import Change
 from stores.buffer import encode_changes
 from tasks.bulk_import import checked_chunks
 from tasks.rows import (
-    CsvChunk,
     ImportFileError,
-    InvalidRow,
     RowError,
-    ValidationReport,
     iter_changes,
     read_chunks,
-    read_rows,
-    validate_file,
 )
 
 GOOD = {"subscription_group_id": "g", "subscription_state": "subscribed"}
@@ -39,238 +35,6 @@ def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
         content = content.encode("utf-8")
     path.write_bytes(content)
     return path
-
-
-def errors_by_line(path: Path) -> dict[int, RowError]:
-    return {line: item for line, item in iter_changes(path) if isinstance(item, RowError)}
-
-
-# --------------------------------------------------------------------------------------
-# JSON Lines
-# --------------------------------------------------------------------------------------
-
-
-def test_jsonl_line_numbers_count_blank_lines(tmp_path: Path) -> None:
-    content = (
-        jsonl({**GOOD, "external_id": "u1"})  # 1
-        + "\n"  # 2 blank
-        + "   \n"  # 3 blank
-        + jsonl({**GOOD, "email": "nope"})  # 4 bad
-        + jsonl({**GOOD, "phone": "+1 (415) 555-0100"})  # 5
-        + "\r\n"  # 6 blank (CRLF)
-        + jsonl({**GOOD, "external_id": "u2", "oops": 1})  # 7 bad
-    )
-    path = write(tmp_path, "changes.jsonl", content)
-    items = list(iter_changes(path))
-    assert [line for line, _ in items] == [1, 4, 5, 7]
-    errors = errors_by_line(path)
-    assert set(errors) == {4, 7}
-    assert errors[4].field == "email"
-    assert str(errors[7]) == "line 7: oops: unknown field"
-    phone = dict(items)[5]
-    assert isinstance(phone, Change)
-    assert phone.value == "+14155550100"
-
-
-@pytest.mark.parametrize(
-    ("line", "fragment"),
-    [
-        ("[1, 2]", "found an array"),
-        ('"text"', "found a string"),
-        ("42", "found a number"),
-        ("null", "found null"),
-        ("{not json", "line is not a JSON object: Expecting property name"),
-        ('{"a": 1', "line is not a JSON object"),
-        ("[" * 30_000 + "]" * 30_000, "line is not a JSON object"),
-    ],
-)
-def test_jsonl_non_object_line_is_a_row_error(tmp_path: Path, line: str, fragment: str) -> None:
-    path = write(tmp_path, "c.ndjson", jsonl({**GOOD, "external_id": "u"}) + line + "\n")
-    (first_line, first), (bad_line, bad) = list(read_rows(path))
-    assert first_line == 1
-    assert isinstance(first, dict)
-    assert bad_line == 2
-    assert isinstance(bad, InvalidRow)
-    assert fragment in bad.message
-    error = errors_by_line(path)[2]
-    assert error.field == ""
-    assert str(error).startswith("line 2: line is not a JSON object")
-
-
-def test_jsonl_bom_and_invalid_utf8(tmp_path: Path) -> None:
-    content = (
-        b"\xef\xbb\xbf"
-        + jsonl({**GOOD, "email": "A@Example.com"}).encode()
-        + b'{"subscription_group_id": "g\xff", "external_id": "u"}\n'
-        + jsonl({**GOOD, "external_id": "u3"}).encode()
-    )
-    path = write(tmp_path, "c.jsonl", content)
-    items = dict(iter_changes(path))
-    assert isinstance(items[1], Change)
-    assert items[1].value == "a@example.com"
-    assert isinstance(items[2], RowError)
-    assert "not valid UTF-8" in items[2].message
-    assert isinstance(items[3], Change)
-
-
-def test_jsonl_without_trailing_newline(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.jsonl", json.dumps({**GOOD, "external_id": "u"}))
-    assert [line for line, _ in read_rows(path)] == [1]
-
-
-# --------------------------------------------------------------------------------------
-# CSV
-# --------------------------------------------------------------------------------------
-
-
-def test_csv_line_numbers_start_after_header(tmp_path: Path) -> None:
-    content = (
-        HEADER
-        + "g,subscribed,u1,,\n"  # 2
-        + "g,subscribed,,bad-email,\n"  # 3
-        + "\n"  # 4 blank
-        + ",,,,\n"  # 5 blank cells only
-        + 'g,subscribed,,"multi\nline@example.com",\n'  # 6-7, reported at 6
-        + "g,subscribed,,,4155550100\n"  # 8
-        + "g,subscribed,u9,,\n"  # 9
-    )
-    path = write(tmp_path, "c.csv", content)
-    items = list(iter_changes(path))
-    assert [line for line, _ in items] == [2, 3, 6, 8, 9]
-    errors = errors_by_line(path)
-    assert {line: e.field for line, e in errors.items()} == {3: "email", 6: "email", 8: "phone"}
-    assert "international format" in str(errors[8])
-    assert all("\n" not in str(e) for e in errors.values())
-
-
-def test_csv_empty_cells_are_absent_and_types_come_from_strings(tmp_path: Path) -> None:
-    header = (
-        "subscription_group_id,subscription_state,external_id,email,phone,"
-        "use_double_opt_in_logic,delay_seconds\n"
-    )
-    content = header + "g,subscribed,,,+44 7911 123456,yes,30\n" + "g,unsubscribed,u,,,,\n"
-    rows = list(read_rows(write(tmp_path, "c.csv", content)))
-    assert rows[1] == (
-        3,
-        {"subscription_group_id": "g", "subscription_state": "unsubscribed", "external_id": "u"},
-    )
-    changes = [item for _, item in iter_changes(tmp_path / "c.csv")]
-    first = changes[0]
-    assert isinstance(first, Change)
-    assert first.kind is IdentifierKind.PHONE
-    assert first.double_opt_in is True
-    assert first.delay_seconds == 30.0
-
-
-def test_csv_bom_header(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.csv", b"\xef\xbb\xbf" + (HEADER + "g,subscribed,u,,\n").encode())
-    ((line, change),) = list(iter_changes(path))
-    assert line == 2
-    assert isinstance(change, Change)
-
-
-def test_csv_crlf_and_invalid_utf8(tmp_path: Path) -> None:
-    content = (
-        HEADER.replace("\n", "\r\n").encode()
-        + b"g,subscribed,u1,,\r\n"
-        + b"g,subscribed,caf\xe9,,\r\n"
-        + b'g,subscribed,,"x\r\n\xff@example.com",\r\n'
-        + b"g,subscribed,u5,,\r\n"
-    )
-    path = write(tmp_path, "c.csv", content)
-    items = dict(iter_changes(path))
-    assert sorted(items) == [2, 3, 4, 6]
-    assert isinstance(items[2], Change)
-    assert isinstance(items[3], RowError)
-    assert "not valid UTF-8" in items[3].message
-    assert isinstance(items[4], RowError)
-    assert "on line 5" in items[4].message
-    assert isinstance(items[6], Change)
-    assert items[6].value == "u5"
-
-
-def test_csv_extra_column_is_passed_through(tmp_path: Path) -> None:
-    content = HEADER.replace("\n", ",note\n") + "g,subscribed,u,,,hello\n" + "g,subscribed,u,,,\n"
-    items = dict(iter_changes(write(tmp_path, "c.csv", content)))
-    assert str(items[2]) == "line 2: note: unknown field"
-    assert isinstance(items[3], Change)
-
-
-def test_csv_row_longer_than_header(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.csv", HEADER + "g,subscribed,u,,,surprise\n")
-    ((_, error),) = list(iter_changes(path))
-    assert isinstance(error, RowError)
-    assert "6 cells" in error.message
-
-
-@pytest.mark.parametrize(
-    ("header", "message"),
-    [
-        ("subscription_group_id,email\n", "missing column subscription_state"),
-        ("email\n", "missing columns subscription_group_id, subscription_state"),
-        ("subscription_group_id,subscription_state\n", "one of external_id, email, phone"),
-        ("subscription_group_id,subscription_state,email,email\n", "duplicate column email"),
-        ("", "empty file"),
-    ],
-)
-def test_csv_header_problems_raise_before_any_row(
-    tmp_path: Path, header: str, message: str
-) -> None:
-    path = write(tmp_path, "bad.csv", header + "g,subscribed,a@example.com\n" * 3 if header else "")
-    rows = read_rows(path)
-    with pytest.raises(ImportFileError, match=message) as caught:
-        next(rows)
-    assert "bad.csv" in str(caught.value)
-    assert "\n" not in str(caught.value)
-
-
-# --------------------------------------------------------------------------------------
-# Files as a whole
-# --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["changes.txt", "changes.json", "changes"])
-def test_unknown_suffix(tmp_path: Path, name: str) -> None:
-    path = write(tmp_path, name, "")
-    with pytest.raises(ImportFileError, match=name):
-        read_rows(path)
-    with pytest.raises(ImportFileError):
-        iter_changes(path)
-
-
-def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ImportFileError, match="cannot open"):
-        list(read_rows(tmp_path / "absent.jsonl"))
-
-
-def test_validate_file_counts_and_errors(tmp_path: Path) -> None:
-    lines = [jsonl({**GOOD, "external_id": f"u{i}"}) for i in range(5)]
-    lines[1] = jsonl({**GOOD, "phone": "4155550100"})
-    lines[3] = "not json\n"
-    path = write(tmp_path, "c.jsonl", "".join(lines))
-
-    report = validate_file(path)
-    assert (report.rows, report.valid, report.invalid) == (5, 3, 2)
-    assert [e.line for e in report.errors] == [2, 4]
-    assert not report.ok
-    assert not report.errors_truncated
-
-    capped = validate_file(path, max_errors=1)
-    assert (capped.rows, capped.invalid, len(capped.errors)) == (5, 2, 1)
-    assert capped.errors_truncated
-
-
-def test_validate_file_all_good(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.jsonl", jsonl({**GOOD, "external_id": "u"}))
-    assert validate_file(path) == ValidationReport(rows=1, valid=1, invalid=0, errors=[])
-    assert validate_file(path).ok
-
-
-def test_iter_changes_can_run_twice(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.csv", HEADER + "g,subscribed,u,,\n" + "g,unsubscribed,,A@B.co,\n")
-    first = list(iter_changes(path))
-    assert len(first) == 2, "both rows read (two empty lists would compare equal)"
-    assert list(iter_changes(path)) == first
 
 
 # --------------------------------------------------------------------------------------
@@ -298,30 +62,6 @@ def _peak_while(consume: Callable[[], int]) -> tuple[int, int]:
     finally:
         tracemalloc.stop()
     return count, peak
-
-
-@pytest.mark.parametrize(
-    ("name", "header", "line"),
-    [
-        ("big.jsonl", "", jsonl({**GOOD, "external_id": LONG_ID, "delay_seconds": 1})),
-        ("big.csv", HEADER, f"group-0001,subscribed,{LONG_ID},,\n"),
-    ],
-)
-def test_reading_is_lazy(tmp_path: Path, name: str, header: str, line: str) -> None:
-    path = _big_file(tmp_path / name, header, line)
-    size = path.stat().st_size
-    assert size > 5 * PEAK_LIMIT
-
-    count, peak = _peak_while(lambda: sum(1 for _ in read_rows(path)))
-    assert count == LINES
-    assert peak < PEAK_LIMIT, f"peak {peak} bytes while reading a {size}-byte file"
-
-
-def test_validate_file_stores_no_rows(tmp_path: Path) -> None:
-    path = _big_file(tmp_path / "big.csv", HEADER, f"g,subscribed,{LONG_ID},,\n", 50_000)
-    count, peak = _peak_while(lambda: validate_file(path).valid)
-    assert count == 50_000
-    assert peak < PEAK_LIMIT
 
 
 # --------------------------------------------------------------------------------------
@@ -379,42 +119,12 @@ def _chunked(path: Path, lines: int, jobs: int = 1) -> tuple[int, list[RowError]
     )
 
 
-@pytest.mark.parametrize("lines", [1, 2, 3, 5, 1000])
-@pytest.mark.parametrize(("name", "content"), [("c.jsonl", TRICKY_JSONL), ("c.csv", TRICKY_CSV)])
-def test_chunks_agree_with_iter_changes(
-    tmp_path: Path, name: str, content: bytes, lines: int
-) -> None:
-    path = write(tmp_path, name, content)
-    rows, errors, args = _expected(path)
-    assert errors and args  # the files hold both
-    assert _chunked(path, lines) == (rows, errors, args)
-
-
 @pytest.mark.parametrize(("name", "content"), [("c.jsonl", TRICKY_JSONL), ("c.csv", TRICKY_CSV)])
 def test_chunks_validated_in_worker_processes_agree(
     tmp_path: Path, name: str, content: bytes
 ) -> None:
     path = write(tmp_path, name, content)
     assert _chunked(path, 2, jobs=2) == _expected(path)
-
-
-def test_csv_chunks_never_split_a_record(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.csv", TRICKY_CSV)
-    chunks = list(read_chunks(path, 2))
-    assert all(isinstance(chunk, CsvChunk) for chunk in chunks)
-    starts = [start for chunk in chunks for start, _ in chunk.records]  # type: ignore[union-attr]
-    assert starts == [2, 3, 4, 5, 6, 8, 9, 11, 12, 13, 17]
-    assert chunks[-1].last_line == 17
-    # A chunk ends at the first record end once it spans 2 lines (the first counts the
-    # header): records 6-7, 9-10 and 13-16 stay whole.
-    assert [chunk.last_line for chunk in chunks] == [2, 4, 7, 10, 12, 16, 17]
-
-
-def test_jsonl_chunks_are_consecutive_raw_lines(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.jsonl", TRICKY_JSONL)
-    chunks = list(read_chunks(path, 5))
-    assert [(chunk.first_line, chunk.last_line) for chunk in chunks] == [(1, 5), (6, 10), (11, 12)]  # type: ignore[union-attr]
-    assert chunks[0].lines[0].startswith(b'{"subscription_group_id"')  # type: ignore[union-attr]
 
 
 def test_chunk_file_problems_raise_before_any_chunk(tmp_path: Path) -> None:
@@ -424,24 +134,6 @@ def test_chunk_file_problems_raise_before_any_chunk(tmp_path: Path) -> None:
         next(read_chunks(tmp_path / "absent.jsonl"))
     with pytest.raises(ImportFileError, match="missing column"):
         next(checked_chunks(write(tmp_path, "c.csv", "email\na@b.co\n"), jobs=2))
-
-
-def test_a_lone_surrogate_is_a_row_error_not_a_crash(tmp_path: Path) -> None:
-    path = write(
-        tmp_path,
-        "c.jsonl",
-        '{"subscription_group_id": "g", "subscription_state": "subscribed", '
-        '"external_id": "a\\ud800b"}\n'
-        '{"subscription_group_id": "\\udfffg", "subscription_state": "subscribed", '
-        '"email": "a@b.co"}\n' + jsonl({**GOOD, "external_id": "fine"}),
-    )
-    [result] = list(checked_chunks(path))
-    assert [str(error) for error in result.errors] == [
-        "line 1: external_id: must not contain lone surrogates, found '\\ud800' at position 1",
-        "line 2: subscription_group_id: must not contain lone surrogates, "
-        "found '\\udfff' at position 0",
-    ]
-    assert (result.rows, result.valid) == (3, 1)
 
 
 def test_parallel_validation_memory_is_bounded(tmp_path: Path) -> None:
@@ -692,19 +384,6 @@ def test_errors_kept_are_the_first_across_chunks(
     result, _ = import_into(redis_client, "capped", path, **PARALLEL)
     assert [error.line for error in result.errors] == BAD_LINES[:3]
     assert result.rejected == len(BAD_LINES)
-
-
-def test_small_files_are_validated_in_process(tmp_path: Path) -> None:
-    from tasks.bulk_import import PARALLEL_MIN_BYTES, parallel_jobs
-
-    path = write(tmp_path, "small.jsonl", "".join(mixed_lines(50)))
-    assert path.stat().st_size < PARALLEL_MIN_BYTES
-    assert parallel_jobs(path, 4) == 1
-    assert parallel_jobs(path, 4, min_bytes=0) == 4
-    assert parallel_jobs(path, 1, min_bytes=0) == 1
-    assert parallel_jobs(path, None, min_bytes=0) >= 1
-    with pytest.raises(ValueError):
-        parallel_jobs(path, 0)
 
 
 def test_a_redis_error_while_enqueuing_is_raised_and_leaves_the_client_usable(

@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from pydantic import SecretStr
 
-from config.settings import SettingsError, load_settings
+from config.settings import load_settings
 from delivery.braze_client import BrazeClient
 from delivery.poster import Poster
 from delivery.services import services
@@ -23,29 +22,6 @@ from tests.integration.test_poster import email_batch, record
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-Secret-Value-0123456789abcdef"
-
-
-@pytest.mark.parametrize("raw", [f"{KEY}\n", f"  {KEY} ", f"\t{KEY}\r\n"])
-def test_surrounding_whitespace_is_stripped_from_the_key(monkeypatch, raw):
-    monkeypatch.setenv("BRAZE_API_KEY", raw)
-    settings = load_settings()
-    assert settings.braze_api_key is not None
-    assert settings.braze_api_key.get_secret_value() == KEY
-    # One workspace (one rate budget) whatever whitespace a deployment leaves around it.
-    monkeypatch.setenv("BRAZE_API_KEY", KEY)
-    assert load_settings().workspace_id == settings.workspace_id
-
-
-@pytest.mark.parametrize("raw", [f"{KEY[:5]} {KEY[5:]}", f"{KEY}\x7fx", f"{KEY}é", f"a\nb{KEY}"])
-def test_a_key_that_cannot_go_in_a_header_is_refused_naming_the_variable(monkeypatch, raw):
-    monkeypatch.setenv("BRAZE_API_KEY", raw)
-    with pytest.raises(SettingsError) as caught:
-        load_settings()
-    message = str(caught.value)
-    assert message.startswith("BRAZE_API_KEY: ")
-    assert "header" in message
-    assert len(message.splitlines()) == 1
-    assert KEY[:8] not in message and KEY[-8:] not in message
 
 
 def test_a_worker_with_such_a_key_stops_at_start_with_one_line(tmp_path):
@@ -113,12 +89,3 @@ def test_url_userinfo_in_a_transport_error_is_scrubbed(sim, env, redis_client):
     [entry] = DeadLetters(redis_client, services().keys).list()
     assert "hunter2" not in entry.error and "hunter2" not in report.detail
     braze.close()
-
-
-def test_every_password_of_a_sentinel_list_is_hidden_in_messages():
-    from admin.cli import redact_url
-
-    url = "sentinel://:pw-one@h1:26379;sentinel://:pw-two@h2:26379/0"
-    shown = redact_url(url)
-    assert "pw-one" not in shown and "pw-two" not in shown
-    assert shown.count("***") == 2

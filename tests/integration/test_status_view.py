@@ -1,149 +1,17 @@
-"""`braze-subs status` as an operator reads it: the pure sections and warnings, and the
-table the command prints against a real Redis."""
+"""`braze-subs status` as an operator reads it: the table the command prints against a real
+Redis (the pure sections and warnings: tests/unit/test_status_view.py)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-import pytest
-
-from admin.status import Status
-from admin.status_view import duration, moment, sections, warnings
 from core.changes import parse_change
 from delivery.services import services
 
 ROOT = Path(__file__).resolve().parents[2]
-NOW = 1_800_000_000.0
-
-QUIET = Status(
-    pending=0,
-    due_now=0,
-    due_later=0,
-    oldest_due_age_seconds=None,
-    in_flight=0,
-    batches_in_flight=0,
-    dead_letter=0,
-    dead_letter_entries=0,
-    enqueued_total=0,
-    batches_total=0,
-    delivered_total=0,
-    dead_lettered_total=0,
-    dead_letters_expired=0,
-    tokens_left=98,
-)
-
-
-def as_dict(status: Status) -> dict[str, dict[str, str]]:
-    return {section.title: dict(section.rows) for section in sections(status, NOW)}
-
-
-@pytest.mark.parametrize(
-    ("seconds", "shown"),
-    [
-        (None, "-"),
-        (0, "0.0 s"),
-        (12.34, "12.3 s"),
-        (59.9, "59.9 s"),
-        (60, "1 min 00 s"),
-        (245, "4 min 05 s"),
-        (3599, "59 min 59 s"),
-        (3600, "1 h 00 min"),
-        (7380, "2 h 03 min"),
-    ],
-)
-def test_durations_read_naturally(seconds, shown):
-    assert duration(seconds) == shown
-
-
-def test_moments_say_when_and_how_far():
-    assert moment(None, NOW) == "-"
-    assert moment(NOW + 42, NOW) == "08:00:42 UTC (in 42.0 s)"
-    assert moment(NOW - 125, NOW) == "07:57:55 UTC (2 min 05 s ago)"
-
-
-def test_every_figure_the_issue_names_is_shown():
-    busy = replace(
-        QUIET,
-        pending=12_345,
-        due_now=12_000,
-        due_later=345,
-        oldest_due_age_seconds=3.5,
-        in_flight=2_500,
-        batches_in_flight=50,
-        dead_letter=7,
-        dead_letter_entries=2,
-        tokens_left=40,
-        requests_last_minute=4_850,
-        identifiers_last_minute=242_000,
-        throttled_last_minute=0,
-        identifiers_per_request=49.9,
-    )
-    shown = as_dict(busy)
-    assert shown["buffer"] == {
-        "pending changes": "12,345",
-        "due now": "12,000",
-        "oldest due waiting": "3.5 s",
-        "due later (delay or behind a batch)": "345",
-    }
-    assert shown["in flight"] == {"identifiers": "2,500", "batches": "50"}
-    assert shown["dead letters"]["identifiers"] == "7"
-    assert shown["dead letters"]["entries"] == "2"
-    assert shown["rate budget"] == {"posting": "running", "tokens left": "40"}
-    assert shown["last minute"] == {
-        "requests": "4,850",
-        "identifiers": "242,000",
-        "identifiers per request": "49.9",
-        "429 answers": "0",
-    }
-
-
-def test_a_pause_says_why_and_until_when():
-    paused = replace(
-        QUIET, paused=True, paused_until=NOW + 30, pause_reason="429 from Braze", tokens_left=0
-    )
-    budget = as_dict(paused)["rate budget"]
-    assert budget["posting"] == "paused: 429 from Braze"
-    assert budget["paused until"] == "08:00:30 UTC (in 30.0 s)"
-
-
-def test_a_refused_key_wins_over_a_pause_and_is_explained():
-    refused = replace(
-        QUIET,
-        paused=True,
-        paused_until=NOW + 5,
-        credentials_refused="401: Invalid API key",
-        credentials_refused_since=NOW - 90,
-    )
-    budget = as_dict(refused)["rate budget"]
-    assert budget["posting"] == "stopped: Braze refuses the API key"
-    assert budget["refused since"] == "07:58:30 UTC (1 min 30 s ago)"
-    assert budget["Braze said"] == "401: Invalid API key"
-
-
-def test_a_quiet_system_has_no_warnings():
-    assert warnings(QUIET) == []
-    assert as_dict(QUIET)["last minute"]["identifiers per request"] == "-"
-
-
-def test_warnings_point_at_the_runbook():
-    troubled = replace(
-        QUIET,
-        credentials_refused="401",
-        throttled_last_minute=3,
-        dead_letter_entries=1_200,
-        oldest_due_age_seconds=301,
-    )
-    found = warnings(troubled)
-    assert len(found) == 4
-    assert "the key was revoked" in found[0]
-    assert found[1].startswith("3 429 answers")
-    assert found[2].startswith("1,200 dead-letter entries")
-    assert "5 min 01 s" in found[3] and "backlog is growing" in found[3]
-    assert warnings(replace(QUIET, oldest_due_age_seconds=300)) == []
 
 
 def test_the_status_command_prints_the_sections(env):

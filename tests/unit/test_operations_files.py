@@ -1,0 +1,142 @@
+"""The Kubernetes manifests pass the Kubernetes API schemas (kubernetes-validate, strict) and
+keep the promises the README makes about them: files only. promtool, kustomize and the
+exporter's metrics: tests/integration/test_operations_files.py."""
+
+from __future__ import annotations
+
+import copy
+import shlex
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from config.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+# The Kubernetes version the manifests are checked against (kubernetes-validate's schemas).
+KUBERNETES_VERSION = "1.30"
+
+
+# --- Kubernetes manifests -------------------------------------------------------------
+
+
+def manifests() -> dict[tuple[str, str], dict[str, Any]]:
+    docs = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    return docs
+
+
+def validate(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_every_manifest_passes_the_kubernetes_schema():
+    docs = manifests()
+    assert {kind for kind, _ in docs} >= {
+        "Namespace",
+        "ConfigMap",
+        "Secret",
+        "Service",
+        "StatefulSet",
+        "Deployment",
+    }
+    for doc in docs.values():
+        validate(doc)
+
+
+def test_the_schema_check_can_fail():
+    worker = copy.deepcopy(manifests()[("Deployment", "braze-subs-worker")])
+    worker["spec"]["replica"] = 2  # a typo strict validation rejects
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(worker)
+
+
+def test_kustomization_lists_every_manifest_but_the_example_secret():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files - {"secret.example.yaml"}
+
+
+def container(name: str) -> dict[str, Any]:
+    docs = manifests()
+    kind = "StatefulSet" if name == "redis" else "Deployment"
+    (only,) = docs[(kind, name)]["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def command_of(probe: dict[str, Any]) -> list[str]:
+    return probe["exec"]["command"]
+
+
+def test_worker_and_beat_probe_their_heartbeat_and_readiness():
+    for name, role in (("braze-subs-worker", "worker"), ("braze-subs-beat", "beat")):
+        spec = container(name)
+        live = ["braze-subs", "probe", "live", "--role", role]
+        assert command_of(spec["livenessProbe"]) == live
+        assert command_of(spec["startupProbe"]) == live
+        assert command_of(spec["readinessProbe"]) == ["braze-subs", "probe", "ready"]
+        # The heartbeat folder is a writable volume (the root filesystem is read-only).
+        mounts = {mount["mountPath"] for mount in spec["volumeMounts"]}
+        config = manifests()[("ConfigMap", "braze-subs")]["data"]
+        assert config["HEALTH_DIR"] in mounts
+        # Failing the probe takes at least the heartbeat's own limit (no false restarts).
+        live_probe = spec["livenessProbe"]
+        max_age = Settings.model_fields["liveness_max_age_seconds"].default
+        assert live_probe["periodSeconds"] * live_probe["failureThreshold"] >= max_age
+
+
+def test_processes_run_the_procfile_commands():
+    procfile = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, command = line.split(":", 1)
+            procfile[name.strip()] = [Path(word).name for word in shlex.split(command)]
+    for process, deployment in (
+        ("worker", "braze-subs-worker"),
+        ("beat", "braze-subs-beat"),
+        ("flower", "braze-subs-flower"),
+        ("metrics", "braze-subs-metrics"),
+    ):
+        assert container(deployment)["command"] == procfile[process], process
+
+
+def test_exactly_one_beat_and_never_two_during_a_rollout():
+    beat = manifests()[("Deployment", "braze-subs-beat")]["spec"]
+    assert beat["replicas"] == 1
+    assert beat["strategy"]["type"] == "Recreate"
+
+
+def test_worker_grace_outlasts_the_longest_post():
+    settings = Settings()
+    worker = manifests()[("Deployment", "braze-subs-worker")]["spec"]["template"]["spec"]
+    longest_post = settings.token_wait_max_seconds + settings.http_timeout_seconds
+    assert worker["terminationGracePeriodSeconds"] >= 2 * longest_post
+    assert "limits" in container("braze-subs-worker")["resources"]
+
+
+def test_flower_is_behind_basic_auth_from_the_secret():
+    env = {item["name"]: item for item in container("braze-subs-flower")["env"]}
+    assert env["FLOWER_BASIC_AUTH"]["valueFrom"]["secretKeyRef"]["name"] == "braze-subs"
+    service = manifests()[("Service", "braze-subs-flower")]["spec"]
+    assert service.get("type", "ClusterIP") == "ClusterIP"
+
+
+def test_exporter_serves_the_default_metrics_port_and_shares_the_key():
+    spec = container("braze-subs-metrics")
+    port = Settings.model_fields["metrics_port"].default
+    assert spec["ports"][0]["containerPort"] == port
+    config = manifests()[("ConfigMap", "braze-subs")]["data"]
+    assert int(config["METRICS_PORT"]) == port
+    env = {item["name"]: item for item in spec["env"]}
+    worker_env = {item["name"]: item for item in container("braze-subs-worker")["env"]}
+    assert env["BRAZE_API_KEY"] == worker_env["BRAZE_API_KEY"]
+    assert spec["livenessProbe"]["httpGet"]["path"] == "/metrics"
