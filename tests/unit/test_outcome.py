@@ -281,3 +281,27 @@ def test_backoff_bounds_property(attempt, base, cap, seed):
     assert math.isfinite(value)
     assert 0.0 <= value <= ceiling
     assert value <= cap
+
+
+def test_default_retry_schedule_is_about_twenty_minutes():
+    """README: 15 attempts ≈ 20 min of backoff on average, then dead-lettered. Between 15
+    attempts there are 14 waits, each uniform in [0, min(cap, base·2^(n-1))] at the default
+    base (2 s) and cap (300 s): ceilings 2, 4, … 256, then 300 six times."""
+    from config.settings import Settings
+
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    attempts = defaults["max_attempts"]
+    base = defaults["retry_backoff_base_seconds"]
+    cap = defaults["retry_backoff_max_seconds"]
+    ceilings = [min(cap, base * 2 ** (n - 1)) for n in range(1, attempts)]
+    assert ceilings == [2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300, 300, 300, 300]
+    mean, longest = sum(ceilings) / 2, sum(ceilings)
+    assert (mean, longest) == (1155.0, 2310.0)  # 19.25 min on average, 38.5 min at most
+    assert 18 * 60 <= mean <= 22 * 60
+    rng = random.Random(15)
+    runs = [
+        sum(backoff_seconds(n, base=base, cap=cap, rng=rng) for n in range(1, attempts))
+        for _ in range(2000)
+    ]
+    assert abs(sum(runs) / len(runs) - mean) < 15  # the jittered schedule averages that
+    assert max(runs) <= longest
