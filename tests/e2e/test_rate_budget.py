@@ -3,6 +3,7 @@ simulator enforcing fixed windows of a scaled-down limit."""
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -10,7 +11,7 @@ import httpx
 import pytest
 
 from tasks.producer import enqueue_changes
-from tests.conftest import drained, wait_for
+from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +67,8 @@ def test_v1_and_v2_workers_share_one_budget(env, sim, processes, monkeypatch):
         }
         for n in range(6000)
     ]
-    enqueue_changes(rows)
+    sent = EnqueuedLog()
+    enqueue_changes(sent.add(rows))
     start_fleet(processes, env, ["v1", "v2"])
 
     wait_for(drained, timeout=60, interval=0.2, what="the backlog to drain")
@@ -79,6 +81,7 @@ def test_v1_and_v2_workers_share_one_budget(env, sim, processes, monkeypatch):
     assert result["max_requests_in_sliding_window"] <= LIMIT
     assert sum(r["identifiers"] for r in ok) == 6000
     assert len(state(sim.url)) == 6000
+    assert_applied_in_order(sim.url, sent, allow_repeats=False)
 
 
 def test_a_foreign_client_spending_the_budget_causes_a_pause_not_a_storm(
@@ -88,16 +91,24 @@ def test_a_foreign_client_spending_the_budget_causes_a_pause_not_a_storm(
     for name, value in budget_env().items():
         monkeypatch.setenv(name, value)
     stop = threading.Event()
+    spent: list[int] = []  # the window's count right after each spend (the spender's result)
+    failures: list[BaseException] = []
 
     def foreign_client() -> None:
         """Spends 30 of every window's 40 requests, right as the window opens."""
         seen_reset = None
-        while not stop.is_set():
-            current = httpx.get(f"{sim.url}/_sim/stats?log=0").json()["window_reset"]
-            if current != seen_reset:
-                httpx.post(f"{sim.url}/_sim/faults", json={"spend": 30})
-                seen_reset = current
-            stop.wait(0.01)
+        try:
+            while not stop.is_set():
+                current = httpx.get(f"{sim.url}/_sim/stats?log=0").json()["window_reset"]
+                if current != seen_reset:
+                    httpx.post(f"{sim.url}/_sim/faults", json={"spend": 30}).raise_for_status()
+                    after = httpx.get(f"{sim.url}/_sim/stats?log=0").json()
+                    if after["window_reset"] == current:  # still the same window
+                        spent.append(after["window_requests"])
+                    seen_reset = current
+                stop.wait(0.01)
+        except BaseException as error:  # reported by the test, not lost in the thread
+            failures.append(error)
 
     spender = threading.Thread(target=foreign_client, daemon=True)
     spender.start()
@@ -110,19 +121,38 @@ def test_a_foreign_client_spending_the_budget_causes_a_pause_not_a_storm(
             }
             for n in range(2000)  # 40 requests: about four windows at 10 a window
         ]
-        enqueue_changes(rows)
+        sent = EnqueuedLog()
+        enqueue_changes(sent.add(rows))
         start_fleet(processes, env, ["v1", "v1"])
         wait_for(drained, timeout=90, interval=0.2, what="the backlog to drain")
     finally:
         stop.set()
         spender.join(timeout=5)
 
+    assert not failures, failures
+    # The foreign client really spent its 30 in the windows of the drain.
+    assert len(spent) >= 3 and all(count >= 30 for count in spent), spent
     result = stats(sim.url)
     ok = [r for r in result["requests"] if r["status"] == 201]
     windows = max(1.0, (max(r["t"] for r in ok) - min(r["t"] for r in ok)) / WINDOW)
     # A 429 pauses every worker until the reset; at most about one per window is the cost
     # of learning another client spent the budget, never a storm.
-    print(f"429s: {result['rate_limited_429']} over {windows:.1f} windows")
+    limited = [r for r in result["requests"] if r["status"] == 429]
+    print(f"429s: {len(limited)} over {windows:.1f} windows; spent after each spend {spent}")
+    assert limited, "the workers never met the foreign client's spending: nothing tested"
     assert result["rate_limited_429"] <= windows + 2, (result["rate_limited_429"], windows)
+    # The pause: after the first 429 of a window, no request of the fleet arrives later in
+    # that window beyond those already on the wire (a fraction of a second).
+    first_429: dict[int, float] = {}
+    for record in limited:
+        first_429.setdefault(math.floor(record["t"] / WINDOW), record["t"])
+    late = [
+        r
+        for r in result["requests"]
+        if (first := first_429.get(math.floor(r["t"] / WINDOW))) is not None
+        and r["t"] > first + 0.5
+    ]
+    assert not late, f"{len(late)} requests after a 429 in the same window: {late[:5]}"
+    assert_applied_in_order(sim.url, sent, allow_repeats=False)
     assert sum(r["identifiers"] for r in ok) == 2000
     assert len(state(sim.url)) == 2000

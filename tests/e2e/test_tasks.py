@@ -13,7 +13,7 @@ from admin.status import read_status
 from core.redaction import mask_phone
 from delivery.services import services
 from tasks.producer import ChangesRejected, enqueue_changes
-from tests.conftest import drained, wait_for
+from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, wait_for
 
 GROUP = "news"
 
@@ -157,6 +157,7 @@ def test_record_change_task_from_another_service(env, sim, processes, redis_clie
     wait_for(drained, timeout=10, what="the buffer to drain")
     assert sim_states(sim) == expected
     assert sim_stats(sim)["malformed"] == 0
+    assert_applied_in_order(sim.url, {key: [state] for key, state in expected.items()})
     foreign.close()
 
 
@@ -172,10 +173,11 @@ def test_batch_of_a_killed_worker_is_swept_and_ends_right(env, sim, processes, r
     processes.start("beat", "beat", extra_env=fast)
 
     values = [email(n) for n in range(6)]
-    enqueue_changes([row(v, "subscribed") for v in values])
+    sent = EnqueuedLog()
+    enqueue_changes(sent.add([row(v, "subscribed") for v in values]))
     wait_for(lambda: sim_stats(sim)["held"] >= 1, timeout=20, what="the post to be held")
     # Newer changes for half of the batch, while its answer is held: they wait for the lock.
-    enqueue_changes([row(v, "unsubscribed") for v in values[:3]])
+    enqueue_changes(sent.add([row(v, "unsubscribed") for v in values[:3]]))
 
     processes.kill(w1)
     assert services().buffer.inflight_count() == 6
@@ -193,3 +195,5 @@ def test_batch_of_a_killed_worker_is_swept_and_ends_right(env, sim, processes, r
     stats = sim_stats(sim)
     assert stats["malformed"] == 0
     assert read_status(redis_client, services().keys).dead_letter == 0
+    # The redelivered batch re-applies "subscribed" (a repeat); never after "unsubscribed".
+    assert_applied_in_order(sim.url, sent)
