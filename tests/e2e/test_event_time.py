@@ -21,7 +21,14 @@ from core.changes import format_ms
 from delivery.services import services
 from stores.history import ConsentHistory
 from tasks.producer import enqueue_change, enqueue_changes
-from tests.conftest import ROOT, drained, keyspace_traces, wait_for
+from tests.conftest import (
+    ROOT,
+    EnqueuedLog,
+    assert_applied_in_order,
+    drained,
+    keyspace_traces,
+    wait_for,
+)
 
 GROUP = "news"
 T0 = 1_795_000_000  # epoch seconds, before the test machine's clock
@@ -139,6 +146,10 @@ def test_the_change_that_occurred_last_wins_whatever_the_arrival(
 
     wait_for(drained, timeout=120, what="everything delivered")
     assert sim_states(sim) == expected
+    # No identifier received an older (by occurred_at) state after a newer one, retries,
+    # a killed worker and every way in included.
+    occurred = {(GROUP, "email", v): [(float(t), state) for t, state in plan[v]] for v in values}
+    assert_applied_in_order(sim.url, occurred)
     found = services()
     status = read_status(found.redis, found.keys)
     assert status.stale == expected_stale
@@ -159,11 +170,14 @@ def test_forget_during_a_backlog_leaves_no_trace(env, sim, processes, redis_clie
     faults(sim, reject=[target])
     processes.worker("w1", concurrency=4)
     processes.beat()
+    sent = EnqueuedLog()
     enqueue_changes(
-        [
-            {"subscription_group_id": "c", "subscription_state": "subscribed", "email": v}
-            for v in [target, *others[:10]]
-        ]
+        sent.add(
+            [
+                {"subscription_group_id": "c", "subscription_state": "subscribed", "email": v}
+                for v in [target, *others[:10]]
+            ]
+        )
     )
     found = services()
     wait_for(lambda: found.dead_letters.list(), timeout=60, what="the target dead-lettered")
@@ -179,15 +193,15 @@ def test_forget_during_a_backlog_leaves_no_trace(env, sim, processes, redis_clie
         for group in ("a", "b")
         for v in [*others, target]
     ]
-    enqueue_changes(rows)
+    enqueue_changes(sent.add(rows))
     wait_for(
         lambda: read_status(found.redis, found.keys).in_flight > 0,
         timeout=30,
         what="batches retrying",
     )
-    enqueue_change(
-        subscription_group_id="a", subscription_state="subscribed", email=target, source="late"
-    )
+    late = {"subscription_group_id": "a", "subscription_state": "subscribed", "email": target}
+    enqueue_change(**late, source="late")
+    sent.add([late])
     assert keyspace_traces(redis_client, target)
 
     cli("forget", "--email", target)
@@ -203,3 +217,4 @@ def test_forget_during_a_backlog_leaves_no_trace(env, sim, processes, redis_clie
     assert all(states[(group, v)] == "unsubscribed" for group in ("a", "b") for v in others)
     history = ConsentHistory(found.redis, found.keys).events("email", target)
     assert [event.event for event in history] == ["erased"]
+    assert_applied_in_order(sim.url, sent)
