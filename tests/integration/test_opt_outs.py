@@ -1,0 +1,131 @@
+"""The opt-out check in the poster, in-process against the simulator and a real Redis: who
+is left out, one read for two batches, a whole batch opted out, Braze unreadable."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from core.changes import parse_change
+from core.planning import plan_batches
+from delivery.poster import Poster
+from delivery.services import services
+from stores.buffer import server_time_ms
+from tests.conftest import email, take_each
+
+GROUP = "news"
+
+
+def set_in_braze(url: str, state: str, values: list[str]) -> None:
+    body = {"group": GROUP, "kind": "email", "values": values, "state": state}
+    httpx.post(f"{url}/_sim/set_state", json=body).raise_for_status()
+
+
+def braze(url: str) -> dict[str, str]:
+    data = httpx.get(f"{url}/_sim/state", params={"log": "0"}).json()
+    return {s["value"]: s["state"] for s in data["subscriptions"] if s["group"] == GROUP}
+
+
+def stats(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/_sim/stats", params={"log": "0"}).json()
+
+
+def cut(values: list[str], *, respect: bool = True, state: str = "subscribed") -> list[str]:
+    """Enqueue the changes and cut them into batches of 50; their ids, in order."""
+    found = services()
+    buffer = found.buffer
+    rows = [
+        {
+            "subscription_group_id": GROUP,
+            "subscription_state": state,
+            "email": value,
+            "respect_opt_out": respect,
+        }
+        for value in values
+    ]
+    buffer.enqueue([parse_change(row) for row in rows])
+    now = server_time_ms(buffer.client)
+    changes, _ = buffer.read_due(now, 10_000)
+    plan = plan_batches(changes, now_ms=now, max_identifiers=50)
+    return [batch_id for batch_id, _size in take_each(buffer, plan, 60_000)]
+
+
+@pytest.fixture
+def poster(env) -> Poster:
+    found = services()
+    return Poster(found.settings, found.batches, found.braze, opt_outs=found.opt_outs)
+
+
+def test_opted_out_identifiers_are_left_out_and_counted(sim, poster, redis_client, caplog):
+    values = [email(n) for n in range(10)]
+    set_in_braze(sim.url, "unsubscribed", values[:3])
+    set_in_braze(sim.url, "subscribed", values[3:5])  # values[5:] are unknown to Braze
+    (batch_id,) = cut(values)
+    with caplog.at_level("INFO", logger="braze_subs.opt_outs"):
+        report = poster.post(batch_id)
+    assert report.status == "delivered"
+    assert braze(sim.url) == {
+        **dict.fromkeys(values[:3], "unsubscribed"),
+        **dict.fromkeys(values[3:], "subscribed"),
+    }
+    assert redis_client.hget(services().keys.stats, "opt_out_skipped") == b"3"
+    assert not redis_client.exists(services().keys.batch(batch_id))  # ended
+    logged = caplog.text
+    assert "3 left out, unsubscribed in Braze: u***@example.com" in logged
+    assert values[0] not in logged
+    (post,) = [r for r in stats(sim.url)["requests"] if r["endpoint"] == "v1"]
+    assert post["identifiers"] == 7
+
+
+def test_without_respect_opt_out_nothing_is_read(sim, poster):
+    values = [email(n) for n in range(5)]
+    set_in_braze(sim.url, "unsubscribed", values)
+    (batch_id,) = cut(values, respect=False)
+    assert poster.post(batch_id).status == "delivered"
+    assert set(braze(sim.url).values()) == {"subscribed"}
+    assert stats(sim.url)["reads"]["requests_total"] == 0
+
+
+def test_unsubscribing_changes_are_never_checked(sim, poster):
+    (batch_id,) = cut([email(1)], state="unsubscribed")
+    assert poster.post(batch_id).status == "delivered"
+    assert stats(sim.url)["reads"]["requests_total"] == 0
+
+
+def test_one_read_covers_two_batches(sim, poster):
+    values = [email(n) for n in range(100)]
+    set_in_braze(sim.url, "unsubscribed", [values[10], values[90]])
+    first, second = cut(values)
+    assert poster.post(first).status == "delivered"
+    assert poster.post(second).status == "delivered"
+    assert stats(sim.url)["reads"]["requests_total"] == 1
+    states = braze(sim.url)
+    assert [v for v in values if states[v] == "unsubscribed"] == [values[10], values[90]]
+
+
+def test_a_batch_wholly_opted_out_is_ended_without_a_post(sim, poster, redis_client):
+    values = [email(n) for n in range(4)]
+    set_in_braze(sim.url, "unsubscribed", values)
+    (batch_id,) = cut(values)
+    report = poster.post(batch_id)
+    assert report.status == "delivered"
+    assert stats(sim.url)["requests_total"] == 0  # no post at all
+    assert not redis_client.exists(services().keys.batch(batch_id))
+    assert redis_client.hlen(services().keys.inflight) == 0  # unlocked
+
+
+def test_braze_unreadable_means_nothing_is_posted_and_the_batch_retries(sim, poster, redis_client):
+    values = [email(n) for n in range(3)]
+    (batch_id,) = cut(values)
+    httpx.post(f"{sim.url}/_sim/faults", json={"outage": True}).raise_for_status()
+    report = poster.post(batch_id)
+    assert report.status == "retry"
+    assert report.detail.startswith("opt-out check: Braze unreachable")
+    assert stats(sim.url)["requests_total"] == 0
+    record = json.loads(redis_client.get(services().keys.batch(batch_id)))
+    assert record["attempts"] == 1  # counted like a failed post
+    httpx.post(f"{sim.url}/_sim/faults", json={"outage": False}).raise_for_status()
+    assert poster.post(batch_id).status == "delivered"
