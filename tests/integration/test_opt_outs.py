@@ -30,7 +30,7 @@ def braze(url: str) -> dict[str, str]:
 
 
 def stats(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/_sim/stats", params={"log": "0"}).json()
+    return httpx.get(f"{url}/_sim/stats").json()
 
 
 def cut(values: list[str], *, respect: bool = True, state: str = "subscribed") -> list[str]:
