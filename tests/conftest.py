@@ -160,6 +160,19 @@ def env(
 
 
 @pytest.fixture
+def default_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """`env` without the shortened timings of BASE_ENV: every setting at the default users
+    run (only the key, Redis and the simulator's address set). Request it before
+    `processes` so the processes started see it."""
+    for name in BASE_ENV:
+        if name not in ("BRAZE_API_KEY", "LOG_LEVEL"):
+            env.pop(name, None)
+            monkeypatch.delenv(name, raising=False)
+    reset_services()
+    return env
+
+
+@pytest.fixture
 def redis_client(env: dict[str, str]) -> Redis:
     return Redis.from_url(env["REDIS_URL"])
 

@@ -38,6 +38,16 @@ def pending() -> int:
 
 
 def test_thousands_of_flipping_changes_end_in_last_written_state(env, sim, processes):
+    flipping_waves(sim, processes)
+
+
+def test_flipping_waves_at_default_settings(default_env, sim, processes):
+    """The same at the defaults users run (1 s ticks, 2 s linger, 2 s backoff base, 60 s
+    claim, 120 s redispatch): last write wins, nothing out of order, no 429."""
+    flipping_waves(sim, processes)
+
+
+def flipping_waves(sim, processes) -> None:
     rng = random.Random(7)
     processes.worker("w1", concurrency=8)
     processes.beat()
