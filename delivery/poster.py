@@ -55,7 +55,7 @@ class PostReport:
     """What happened to one batch in one task run (also the task's Flower-visible result)."""
 
     batch_id: str
-    status: str  # delivered | dead_lettered | split | retry | waiting | gone | busy | empty
+    status: str  # delivered | dead_lettered | split | retry | waiting | gone | busy | empty | lost
     size: int = 0  # identifiers in the request (all entries of a v2 pack)
     entries: int = 0  # batches in the request
     http_status: int | None = None
@@ -145,6 +145,18 @@ class Poster:
         if isinstance(records_or_report, PostReport):
             return records_or_report
         records = records_or_report
+        # Fencing: the claim may have been lost while this worker waited for its turn or
+        # froze (a paused container): then another holds the batch, and sending would risk
+        # an older state landing after a newer one. Checked last, right before the send.
+        need_ms = round(self.settings.http_timeout_seconds * 1000)
+        if not self.store.fence([r.id for r in records], token, need_ms):
+            logger.warning(
+                "batch %s: claim lost before sending (%d identifiers): not sent; its holder "
+                "posts it",
+                batch_id,
+                report.size,
+            )
+            return replace(report, status="lost", detail="claim lost before sending")
         reply = self._send(records)
         result = classify(reply.status, reply.body, reply.error)
         report = replace(
@@ -295,8 +307,15 @@ class Poster:
             errors = delivery_errors(reply.body)
             if errors:
                 return self._delivered_with_errors(records, token, report, errors)
-            for record in records:
+            ended = [
                 self.store.delivered(record.id, token, sent=record.values, **answer)
+                for record in records
+            ]
+            if any(count < 0 for count in ended):
+                # Another worker holds the claim now (this one froze after its fence): it
+                # ends the batch; this worker does not report a delivery it cannot vouch for.
+                logger.warning("batch %s: claim lost during its request", report.batch_id)
+                return replace(report, status="lost", detail="claim lost during the request")
             return replace(report, status="delivered", detail="")
         if result.outcome is Outcome.RATE_LIMITED:
             window = settings.braze_rate_limit_window_seconds

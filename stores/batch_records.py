@@ -104,6 +104,12 @@ class BatchStore:
         record = BatchRecord.from_json(reply[1]) if len(reply) > 1 else None
         return Claim(status, record)
 
+    def fence(self, batch_ids: list[str], token: str, need_ms: int) -> bool:
+        """True if `token` still holds every batch's claim with more than `need_ms` left:
+        checked right before the request is sent (fence_batch.lua)."""
+        keys = [self.keys.claim(batch_id) for batch_id in batch_ids]
+        return bool(self.scripts.fence_batch(keys=keys, args=[token, need_ms]))
+
     def _finish(
         self,
         batch_id: str,

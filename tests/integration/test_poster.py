@@ -444,3 +444,62 @@ def test_a_refused_key_stops_every_worker_until_a_probe_gets_through(sim, redis_
     assert poster.post(second).status == "delivered"
     assert DeadLetters(redis_client, found.keys).list() == []
     assert read_status(redis_client, found.keys, limiter).credentials_refused is None
+
+
+# --------------------------------------------------------------------------------------
+# Fencing: the claim is checked right before the send
+# --------------------------------------------------------------------------------------
+
+
+def test_a_claim_lost_while_waiting_for_a_turn_is_never_sent(sim, redis_client):
+    """A worker waits for its turn in the budget (or freezes) past its lease; meanwhile the
+    batch is taken over by another worker. Waking up, it must not post: the new holder
+    may already have sent a newer state for these identifiers."""
+    found = services()
+    batch_id = email_batch([email(1), email(2)])
+    # The budget is promised a little ahead: the grant comes with a short wait, which is
+    # where the poster sleeps, and where this test takes the claim away.
+    now = server_time_ms(redis_client)
+    redis_client.hset(found.limiter.key, "tat", now + found.limiter.budget.tolerance_ms + 300)
+    claim_key = found.keys.claim(batch_id)
+
+    def taken_over(_seconds: float) -> None:
+        redis_client.set(claim_key, "another-worker", px=60_000)
+
+    poster = Poster(found.settings, found.batches, found.braze, found.limiter, sleep=taken_over)
+    report = poster.post(batch_id)
+
+    assert report.status == "lost"
+    assert sim_stats(sim)["requests"] == []  # nothing reached Braze
+    assert record(redis_client, batch_id) is not None  # the batch is the new holder's
+    assert redis_client.get(claim_key) == b"another-worker"
+
+
+def test_a_claim_with_too_little_lease_left_is_not_sent(sim, redis_client):
+    """The lease must outlast the whole request (HTTP_TIMEOUT_SECONDS), or a take-over
+    could run beside it."""
+    found = services()
+    batch_id = email_batch([email(3)])
+    now = server_time_ms(redis_client)
+    redis_client.hset(found.limiter.key, "tat", now + found.limiter.budget.tolerance_ms + 300)
+    claim_key = found.keys.claim(batch_id)
+    timeout_ms = round(found.settings.http_timeout_seconds * 1000)
+
+    def lease_runs_short(_seconds: float) -> None:
+        redis_client.pexpire(claim_key, timeout_ms // 2)
+
+    poster = Poster(
+        found.settings, found.batches, found.braze, found.limiter, sleep=lease_runs_short
+    )
+    assert poster.post(batch_id).status == "lost"
+    assert sim_stats(sim)["requests"] == []
+
+
+def test_fence_passes_for_the_holder_with_lease_enough(redis_client, env):
+    found = services()
+    batch_id = email_batch([email(4)])
+    claim = found.batches.claim(batch_id, "me", 60_000)
+    assert claim.record is not None
+    assert found.batches.fence([batch_id], "me", 10_000)
+    assert not found.batches.fence([batch_id], "someone-else", 10_000)
+    assert not found.batches.fence([batch_id], "me", 61_000)
