@@ -17,7 +17,12 @@ AUTH = ("operator", "s3cret")
 
 
 def test_flower_shows_batches_and_never_identifiers_or_the_key(env, sim, processes):
-    from tasks.celery_app import app
+    from config.settings import get_settings
+    from tasks.celery_app import create_app
+
+    # An app for this test's broker: `tasks.celery_app.app` was built from the settings of
+    # whichever test imported it first, possibly before any Redis URL was set.
+    app = create_app(get_settings())
 
     processes.worker("w1")
     processes.beat()
