@@ -44,8 +44,7 @@ def to_check(record: BatchRecord) -> tuple[str, ...]:
     """The identifiers of the batch whose change must not override an opt-out in Braze."""
     if record.key.state is not SubscriptionState.SUBSCRIBED:
         return ()
-    asking = getattr(record, "respect_opt_out", frozenset())  # until issue 13 lands
-    return tuple(value for value in record.values if value in asking)
+    return tuple(value for value in record.values if value in record.respect_opt_out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +99,9 @@ class OptOutCheck:
             else:
                 emptied.append(record)
             self._log(record, left_out)
-        if skipped:
-            count = sum(len(values) for values in skipped.values())
-            client = self.reads.client
-            client.hincrby(self.reads.keys.stats, "opt_out_skipped", count)
+        # Counted (`opt_out_skipped`) and recorded in the history by finish_batch.lua when
+        # the batch ends: members it was not sent are the ones left out. Counting here would
+        # count a retried batch twice.
         return Screened(send, emptied, skipped)
 
     def _log(self, record: BatchRecord, left_out: tuple[str, ...]) -> None:

@@ -9,7 +9,8 @@
 -- KEYS[7] dlq       HASH   entry id -> JSON entry (written when dead-lettering)
 -- KEYS[8] dlq index ZSET   entry id -> dead-lettered at ms
 -- KEYS[9] dlq count STRING identifiers in the dead-letter store
--- KEYS[10] stats    HASH   "delivered" / "dead_lettered" += members
+-- KEYS[10] stats    HASH   "delivered" / "dead_lettered" += members; "opt_out_skipped" +=
+--                          members left out (listed in ARGV[11..]), counted once, here
 -- KEYS[11] dlq fields HASH field -> entry id, for the members no newer change supersedes
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] "delivered" | "dead"  ARGV[4] error text
 -- ARGV[5] JSON array of member values Braze's 2xx `errors` named (delivered only; may be
@@ -80,6 +81,7 @@ for _, member in ipairs(record.members) do
       n = record.attempts + 1, x = ARGV[4]}, keep, most)
   elseif sent and not sent[member[1]] then
     remember(history, now, {e = 'skipped_opt_out', g = record.group, b = ARGV[1]}, keep, most)
+    redis.call('HINCRBY', KEYS[10], 'opt_out_skipped', 1)
   else
     remember(history, now, {e = 'posted', g = record.group, b = ARGV[1], h = status,
       l = answered}, keep, most)
