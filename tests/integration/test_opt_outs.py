@@ -14,6 +14,7 @@ from core.planning import plan_batches
 from delivery.poster import Poster
 from delivery.services import services
 from stores.buffer import server_time_ms
+from stores.history import ConsentHistory
 from tests.conftest import email, take_each
 
 GROUP = "news"
@@ -78,6 +79,10 @@ def test_opted_out_identifiers_are_left_out_and_counted(sim, poster, redis_clien
     assert values[0] not in logged
     (post,) = [r for r in stats(sim.url)["requests"] if r["endpoint"] == "v1"]
     assert post["identifiers"] == 7
+    found = services()
+    history = ConsentHistory(found.redis, found.keys)
+    assert [e.event for e in history.events("email", values[0])][-1] == "skipped_opt_out"
+    assert [e.event for e in history.events("email", values[5])][-1] == "posted"
 
 
 def test_without_respect_opt_out_nothing_is_read(sim, poster):
@@ -129,3 +134,15 @@ def test_braze_unreadable_means_nothing_is_posted_and_the_batch_retries(sim, pos
     assert record["attempts"] == 1  # counted like a failed post
     httpx.post(f"{sim.url}/_sim/faults", json={"outage": False}).raise_for_status()
     assert poster.post(batch_id).status == "delivered"
+
+
+def test_a_retried_batch_counts_who_it_left_out_once(sim, poster, redis_client):
+    values = [email(n) for n in range(3)]
+    set_in_braze(sim.url, "unsubscribed", values[:1])
+    (batch_id,) = cut(values)
+    httpx.post(f"{sim.url}/_sim/faults", json={"error_rate": 1.0}).raise_for_status()
+    assert poster.post(batch_id).status == "retry"  # screened, then the post failed
+    httpx.post(f"{sim.url}/_sim/faults", json={"error_rate": 0.0}).raise_for_status()
+    assert poster.post(batch_id).status == "delivered"
+    assert redis_client.hget(services().keys.stats, "opt_out_skipped") == b"1"
+    assert braze(sim.url)[values[0]] == "unsubscribed"
