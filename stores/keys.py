@@ -70,9 +70,52 @@ class Keys:
         """STRING JSON record of one batch, written when its changes leave the buffer."""
         return self._key(f"batch:{batch_id}")
 
-    def claim(self, batch_id: str) -> str:
-        """STRING token of the worker posting the batch now; expires with its lease."""
-        return self._key(f"claim:{batch_id}")
+    @property
+    def claims(self) -> str:
+        """ZSET batch id -> end of its claim's lease (ms): the batches a worker holds now.
+        The holder's heartbeat extends the lease while its post is in progress."""
+        return self._key("claims")
+
+    @property
+    def claim_tokens(self) -> str:
+        """HASH batch id -> token of the claim's holder, `<worker id>/<random>`: the worker
+        id names the heartbeat that keeps the claim alive."""
+        return self._key("claims:token")
+
+    @property
+    def fences(self) -> str:
+        """HASH batch id -> time (ms) its holder passed the fence and sent the request:
+        while present, the request's outcome is not known yet."""
+        return self._key("claims:sent")
+
+    @property
+    def receivers(self) -> str:
+        """HASH batch id -> worker id that received its message and has not claimed it yet
+        (a worker that dies holding a prefetched message is found by its heartbeat)."""
+        return self._key("receivers")
+
+    @property
+    def schedule(self) -> str:
+        """ZSET batch id -> due time (ms) of a batch waiting for its next try: the one place
+        waiting batches wait (no countdown messages). The coalescer's tick sends a message
+        for each entry when it is due."""
+        return self._key("schedule")
+
+    @property
+    def schedule_reasons(self) -> str:
+        """HASH batch id -> what its schedule entry waits for (see `WaitReason`)."""
+        return self._key("schedule:reason")
+
+    def heartbeat(self, worker_id: str) -> str:
+        """STRING present while the worker process `worker_id` is alive (a short expiry,
+        renewed every HEARTBEAT_INTERVAL_SECONDS)."""
+        return self._key(f"heartbeat:{worker_id}")
+
+    @property
+    def workers(self) -> str:
+        """ZSET worker id -> time (ms) of its last heartbeat, for listing (a day kept);
+        liveness itself is the heartbeat key."""
+        return self._key("workers")
 
     @property
     def dead_letters(self) -> str:
