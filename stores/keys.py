@@ -70,6 +70,11 @@ class Keys:
         """STRING JSON record of one batch, written when its changes leave the buffer."""
         return self._key(f"batch:{batch_id}")
 
+    def claim(self, batch_id: str) -> str:
+        """STRING token of the worker posting the batch now; expires with its lease.
+        (Replaced by `claims` and `claim_tokens` as issue 9 lands.)"""
+        return self._key(f"claim:{batch_id}")
+
     @property
     def claims(self) -> str:
         """ZSET batch id -> end of its claim's lease (ms): the batches a worker holds now.
