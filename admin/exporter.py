@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from admin.status import Status, read_status
 from stores import counters
+from stores.fleet import WAIT_REASONS, WORKERS_READ
 from stores.keys import Keys
 from stores.limiter import RateLimiter
 
@@ -107,6 +108,30 @@ def families(status: Status, extras: Extras) -> Iterator[Metric]:
         status.in_flight,
     )
     yield _gauge("in_flight_batches", "Batches cut and not yet finished.", status.batches_in_flight)
+    waiting = GaugeMetricFamily(
+        PREFIX + "waiting_batches",
+        "Batches waiting in the schedule for their next try, by reason (every reason is "
+        "always exported, so sum() is the total).",
+        labels=["reason"],
+    )
+    for reason in WAIT_REASONS:
+        waiting.add_metric([reason], status.waiting_by_reason.get(reason, 0))
+    yield waiting
+    next_due = status.waiting_next_due_seconds
+    yield _gauge(
+        "waiting_overdue",
+        "How long the soonest due waiting batch has been overdue (0 when none is).",
+        -next_due if next_due is not None and next_due < 0 else 0.0,
+        unit="seconds",
+    )
+    yield _gauge(
+        "batches_posting", "Batches a worker holds a claim on now.", status.batches_posting
+    )
+    yield _gauge(
+        "workers_alive",
+        f"Worker processes whose heartbeat is alive (counted up to {WORKERS_READ}).",
+        status.workers_alive,
+    )
     yield _gauge(
         "dead_letter_identifiers", "Identifiers in the dead-letter store.", status.dead_letter
     )

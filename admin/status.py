@@ -10,7 +10,7 @@ from redis import Redis
 
 from config.settings import Settings
 from stores import counters as metrics
-from stores import durability
+from stores import durability, fleet
 from stores.buffer import server_time_ms
 from stores.keys import Keys
 from stores.limiter import RateLimiter
@@ -66,6 +66,20 @@ class Status:
     # budget figures are then absent, not made up).
     budget_workspace: str | None = None
     budget_source: str = "unknown"
+    # The schedule (stores/fleet.py): batches waiting for their next try, by reason (every
+    # reason, zero-filled), and seconds to the soonest due one (negative: overdue by that
+    # much; None: nothing waits).
+    waiting_batches: int = 0
+    waiting_by_reason: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(fleet.WAIT_REASONS, 0)
+    )
+    waiting_next_due_seconds: float | None = None
+    batches_posting: int = 0  # batches a worker holds a claim on now
+    # Worker processes whose heartbeat is alive now; those seen in the last day; the ids of
+    # the alive ones (sorted, at most 20).
+    workers_alive: int = 0
+    workers_seen_last_day: int = 0
+    workers_alive_ids: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +135,7 @@ def read_status(
     counters = {name.decode(): int(value) for name, value in stats.items()}
     minute = metrics.last_minute(client, keys, now_ms)
     budget = limiter.state() if limiter is not None else None
+    found = fleet.read_fleet(client, keys, now_ms)
     paused_until = budget.paused_until_ms if budget else None
     return Status(
         pending=int(pending),
@@ -168,4 +183,11 @@ def read_status(
         budget_workspace=source.workspace if source else None,
         budget_source=source.how if source else ("BRAZE_API_KEY" if limiter else "unknown"),
         splits_total=counters.get("splits", 0),
+        waiting_batches=found.waiting.total,
+        waiting_by_reason=found.waiting.by_reason,
+        waiting_next_due_seconds=found.waiting.next_due_seconds,
+        batches_posting=found.posting,
+        workers_alive=found.workers.alive,
+        workers_seen_last_day=found.workers.seen_last_day,
+        workers_alive_ids=found.workers.alive_ids,
     )

@@ -10,6 +10,20 @@ from admin.status import Status
 
 Rows = list[tuple[str, str]]
 
+# What each schedule reason (core/waiting.py `WaitReason`) reads as in the table.
+REASON_LABELS = {
+    "ready": "ready: due, for the next worker",
+    "retry": "retry after a failed attempt",
+    "paused": "paused after a 429",
+    "credentials": "key refused: next probe",
+    "budget": "turn in the rate budget",
+    "held": "held for its split sibling",
+    "recovered": "recovered from a dead worker",
+    "handed_back": "handed back by a stopping worker",
+}
+# An overdue schedule entry or a backlog older than this is worth a warning.
+WARN_AFTER_SECONDS = 300
+
 
 @dataclass(frozen=True, slots=True)
 class Section:
@@ -42,6 +56,25 @@ def moment(epoch: float | None, now: float) -> str:
     delta = epoch - now
     relative = f"in {duration(delta)}" if delta >= 0 else f"{duration(-delta)} ago"
     return f"{clock} ({relative})"
+
+
+def next_due(seconds: float | None) -> str:
+    """When the soonest waiting batch is due: "in 3.0 s", "overdue by 2.0 s", "-"."""
+    if seconds is None:
+        return "-"
+    return f"in {duration(seconds)}" if seconds >= 0 else f"overdue by {duration(-seconds)}"
+
+
+def waiting_rows(status: Status) -> Rows:
+    """The schedule's total, each reason that has batches, and the soonest due time."""
+    rows: Rows = [("batches", count(status.waiting_batches))]
+    rows += [
+        (REASON_LABELS.get(reason, reason), count(waiting))
+        for reason, waiting in status.waiting_by_reason.items()
+        if waiting
+    ]
+    rows.append(("next due", next_due(status.waiting_next_due_seconds)))
+    return rows
 
 
 def sections(status: Status, now: float) -> list[Section]:
@@ -80,6 +113,15 @@ def sections(status: Status, now: float) -> list[Section]:
             [
                 ("identifiers", count(status.in_flight)),
                 ("batches", count(status.batches_in_flight)),
+                ("batches being posted now", count(status.batches_posting)),
+            ],
+        ),
+        Section("waiting batches (schedule)", waiting_rows(status)),
+        Section(
+            "workers",
+            [
+                ("alive (heartbeat)", count(status.workers_alive)),
+                ("seen in the last day", count(status.workers_seen_last_day)),
             ],
         ),
         Section(
@@ -155,7 +197,18 @@ def warnings(status: Status) -> list[str]:
         )
     for finding in status.redis_findings or []:
         found.append(f"redis: {finding} (README: Redis settings that keep every change)")
-    if (status.oldest_due_age_seconds or 0) > 300:
+    work = status.waiting_batches + status.batches_in_flight + status.due_now
+    if not status.workers_alive and work:
+        found.append(
+            "no worker is alive (no heartbeat) while work waits (runbook: nothing is being sent)"
+        )
+    next_due_seconds = status.waiting_next_due_seconds
+    if next_due_seconds is not None and -next_due_seconds > WARN_AFTER_SECONDS:
+        found.append(
+            f"the soonest waiting batch is overdue by {duration(-next_due_seconds)} "
+            "(runbook: nothing is being sent)"
+        )
+    if (status.oldest_due_age_seconds or 0) > WARN_AFTER_SECONDS:
         found.append(
             f"the oldest due change has waited {duration(status.oldest_due_age_seconds)} "
             "(runbook: a backlog is growing)"

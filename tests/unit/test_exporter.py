@@ -126,3 +126,41 @@ def test_names_follow_the_conventions():
     counters = [name for name in found if name.endswith("_total")]
     assert len(counters) >= 8
     assert found["braze_subs_buffer_oldest_due_age_seconds"] == {(): 0}
+
+
+def test_the_schedule_by_reason_posting_and_workers_alive():
+    found = scrape(IDLE, Extras([], None))
+    reasons = {
+        dict(labels)["reason"]: value
+        for labels, value in found["braze_subs_waiting_batches"].items()
+    }
+    # every reason is exported, zero-filled, so sum() is the total and a rate has a series
+    assert reasons == dict.fromkeys(
+        ("ready", "retry", "paused", "credentials", "budget", "held", "recovered", "handed_back"),
+        0,
+    )
+    assert found["braze_subs_waiting_overdue_seconds"] == {(): 0}
+    assert found["braze_subs_batches_posting"] == {(): 0}
+    assert found["braze_subs_workers_alive"] == {(): 0}
+
+    busy = replace(
+        IDLE,
+        waiting_batches=7,
+        waiting_by_reason={**IDLE.waiting_by_reason, "retry": 5, "credentials": 2},
+        waiting_next_due_seconds=-12.5,
+        batches_posting=40,
+        workers_alive=3,
+        workers_alive_ids=["host-a:12:x1", "host-b:7:y2", "host-c:9:z3"],
+    )
+    found = scrape(busy, Extras([], None))
+    assert found["braze_subs_waiting_batches"][(("reason", "retry"),)] == 5
+    assert found["braze_subs_waiting_batches"][(("reason", "credentials"),)] == 2
+    assert sum(found["braze_subs_waiting_batches"].values()) == 7
+    assert found["braze_subs_waiting_overdue_seconds"] == {(): 12.5}
+    assert found["braze_subs_batches_posting"] == {(): 40}
+    assert found["braze_subs_workers_alive"] == {(): 3}
+    # worker ids (host names, pids) never become labels
+    assert "host-a" not in repr(found)
+    # a batch due later is not overdue
+    later = scrape(replace(busy, waiting_next_due_seconds=30.0), Extras([], None))
+    assert later["braze_subs_waiting_overdue_seconds"] == {(): 0}

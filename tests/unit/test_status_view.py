@@ -74,6 +74,12 @@ def test_every_figure_the_issue_names_is_shown():
         identifiers_last_minute=242_000,
         throttled_last_minute=0,
         identifiers_per_request=49.9,
+        batches_posting=12,
+        waiting_batches=38,
+        waiting_by_reason={**QUIET.waiting_by_reason, "ready": 30, "retry": 8},
+        waiting_next_due_seconds=0.4,
+        workers_alive=3,
+        workers_seen_last_day=5,
     )
     shown = as_dict(busy)
     assert shown["buffer"] == {
@@ -82,7 +88,18 @@ def test_every_figure_the_issue_names_is_shown():
         "oldest due waiting": "3.5 s",
         "due later (delay or behind a batch)": "345",
     }
-    assert shown["in flight"] == {"identifiers": "2,500", "batches": "50"}
+    assert shown["in flight"] == {
+        "identifiers": "2,500",
+        "batches": "50",
+        "batches being posted now": "12",
+    }
+    assert shown["waiting batches (schedule)"] == {
+        "batches": "38",
+        "ready: due, for the next worker": "30",
+        "retry after a failed attempt": "8",
+        "next due": "in 0.4 s",
+    }
+    assert shown["workers"] == {"alive (heartbeat)": "3", "seen in the last day": "5"}
     assert shown["dead letters"]["identifiers"] == "7"
     assert shown["dead letters"]["entries"] == "2"
     assert shown["rate budget"] == {"posting": "running", "tokens left": "40"}
@@ -137,3 +154,36 @@ def test_warnings_point_at_the_runbook():
     assert found[2].startswith("1,200 dead-letter entries")
     assert "5 min 01 s" in found[3] and "backlog is growing" in found[3]
     assert warnings(replace(QUIET, oldest_due_age_seconds=300)) == []
+
+
+def test_the_schedule_lists_every_reason_that_holds_batches_and_when_the_next_is_due():
+    assert as_dict(QUIET)["waiting batches (schedule)"] == {"batches": "0", "next due": "-"}
+    every = replace(
+        QUIET,
+        waiting_batches=36,
+        waiting_by_reason={reason: n + 1 for n, reason in enumerate(QUIET.waiting_by_reason)},
+        waiting_next_due_seconds=-125.0,
+    )
+    shown = as_dict(every)["waiting batches (schedule)"]
+    assert list(shown.values()) == ["36", *(str(n) for n in range(1, 9)), "overdue by 2 min 05 s"]
+    assert "key refused: next probe" in shown
+    assert "recovered from a dead worker" in shown
+
+
+def test_no_worker_alive_while_work_waits_is_a_warning():
+    stranded = replace(QUIET, waiting_batches=4, workers_seen_last_day=2)
+    (found,) = warnings(stranded)
+    assert found.startswith("no worker is alive") and "nothing is being sent" in found
+    assert warnings(replace(stranded, workers_alive=1)) == []
+    # due changes wait for a batch too (the coalescer cuts them, no worker posts them)
+    assert len(warnings(replace(QUIET, due_now=10))) == 1
+    # nothing waits: no worker is no problem
+    assert warnings(replace(QUIET, workers_seen_last_day=2)) == []
+
+
+def test_a_waiting_batch_overdue_for_five_minutes_is_a_warning():
+    late = replace(QUIET, waiting_batches=1, workers_alive=2, waiting_next_due_seconds=-301.0)
+    (found,) = warnings(late)
+    assert found.startswith("the soonest waiting batch is overdue by 5 min 01 s")
+    assert warnings(replace(late, waiting_next_due_seconds=-300.0)) == []
+    assert warnings(replace(late, waiting_next_due_seconds=600.0)) == []
