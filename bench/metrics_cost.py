@@ -1,13 +1,13 @@
 """What a Prometheus scrape of `braze-subs metrics` costs against a busy Redis.
 
-    .venv/bin/python -m bench.metrics_cost --pending 500000
+    .venv/bin/python -m bench.metrics_cost --pending 500000 --waiting 500 --workers 50
 
 Fills a private redis-server as bench/status_cost.py does (500,000 pending changes, 500
-batches in flight), records request totals for every endpoint and status a fleet can
-produce, then scrapes the exporter's `/metrics` over HTTP N times and prints p50/p99 of a
-scrape, the Redis commands one scrape sends, and the slowest one Redis logged (SLOWLOG,
-threshold 0). A scrape that scanned a big key would grow with the buffer; this one should
-not.
+batches in flight, 500 waiting in the schedule, 50 workers listed), records request
+totals for every endpoint and status a fleet can produce, then scrapes the exporter's
+`/metrics` over HTTP N times and prints p50/p99 of a scrape, the Redis commands one
+scrape sends, and the slowest one Redis logged (SLOWLOG, threshold 0). A scrape that
+scanned a big key would grow with the buffer; this one should not.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import httpx
 from prometheus_client import start_http_server
 
 from admin.exporter import registry_for
-from bench.status_cost import fill
+from bench.status_cost import fill, fill_fleet
 from config.settings import load_settings
 from delivery.braze_client import V1_PATH, V2_PATH
 from delivery.services import Services
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> dict[str, float | int]:
         )
         client, keys = found.redis, found.keys
         fill(found, args.pending)
+        fill_fleet(found, args.waiting, args.workers)
         now = server_time_ms(client)
         for endpoint in (V1_PATH, V2_PATH):
             for status in (201, 400, 401, 429, 500, 503, None):
@@ -81,6 +82,8 @@ def run(args: argparse.Namespace) -> dict[str, float | int]:
         timings.sort()
         return {
             "pending": args.pending,
+            "waiting": args.waiting,
+            "workers": args.workers,
             "scrapes": args.scrapes,
             "scrape_ms_p50": round(statistics.median(timings), 2),
             "scrape_ms_p99": round(timings[int(len(timings) * 0.99) - 1], 2),
@@ -93,6 +96,8 @@ def run(args: argparse.Namespace) -> dict[str, float | int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pending", type=int, default=500_000)
+    parser.add_argument("--waiting", type=int, default=500, help="batches in the schedule")
+    parser.add_argument("--workers", type=int, default=50, help="workers listed (4/5 alive)")
     parser.add_argument("--scrapes", type=int, default=200)
     figures = run(parser.parse_args())
     for name, value in figures.items():

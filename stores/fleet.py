@@ -7,7 +7,7 @@ worker processes alive. Read-only: the workers and the coalescer write these key
 Cheap by construction, so a scrape every few seconds costs nothing against a busy Redis:
 no SCAN or KEYS; the schedule and its reasons hold at most the batches in flight
 (MAX_BATCHES_IN_FLIGHT, a few hundred), read with ZCARD, the schedule's first entry and
-one HGETALL; the workers list is read at most `WORKERS_READ` entries deep, newest
+one HVALS; the workers list is read at most `WORKERS_READ` entries deep, newest
 heartbeat first, and their heartbeat keys with one MGET. Two round trips in all.
 """
 
@@ -67,12 +67,12 @@ class Fleet:
 def _queue_waiting(pipe: Pipeline, keys: Keys) -> None:
     pipe.zcard(keys.schedule)
     pipe.zrange(keys.schedule, 0, 0, withscores=True)
-    pipe.hgetall(keys.schedule_reasons)
+    pipe.hvals(keys.schedule_reasons)
 
 
 def _waiting(replies: list[Any], now_ms: int) -> Waiting:
     total, soonest, reasons = replies
-    found = Counter(reason.decode() for reason in reasons.values())
+    found = Counter(reason.decode() for reason in reasons)
     return Waiting(
         total=int(total),
         by_reason={reason: found.get(reason, 0) for reason in WAIT_REASONS},
