@@ -74,10 +74,10 @@ class Settings(BaseSettings):
     # Requests that may go at once after a quiet spell, as a share of the limit (at least
     # one). Small, because every request of a burst is one fewer for the steady rate.
     rate_limit_burst_fraction: float = Field(default=0.01, ge=0, lt=0.5)
-    # Longest a worker waits for its turn inside its task slot. A turn further off re-queues
-    # the batch with a countdown instead (not counted as an attempt). Two seconds covers a
-    # fleet of ~160 threads at 5,000/minute without re-queueing, and frees slots during a
-    # pause after a 429.
+    # Longest a worker waits for its turn inside its task slot. A turn further off puts the
+    # batch into the schedule in Redis, due at its turn (not counted as an attempt). Two
+    # seconds covers a fleet of ~160 threads at 5,000/minute without re-scheduling, and
+    # frees slots during a pause after a 429.
     token_wait_max_seconds: float = Field(default=2.0, gt=0)
     # After Braze refuses the key (401/403/404) every worker stops posting; one request is
     # let through this often as a probe, and its success resumes posting everywhere.
@@ -96,7 +96,10 @@ class Settings(BaseSettings):
     # queue, and a stale read is simply read again.
     opt_out_read_max_age_seconds: float = Field(default=30.0, gt=0)
     # Seconds for one HTTP exchange with Braze (connect + write + read). Braze answers in
-    # well under a second; ten leaves room for bad days without pinning a worker slot.
+    # well under a second; ten leaves room for bad days without pinning a worker slot. A
+    # worker stopped with SIGTERM finishes the requests already on the wire, so a
+    # container's stop grace must exceed this (compose `stop_grace_period: 30s`); a dead
+    # worker's request is given this long before its batch is posted again.
     http_timeout_seconds: float = Field(default=10.0, gt=0)
 
     # --- Redis ----------------------------------------------------------------------------
@@ -155,12 +158,26 @@ class Settings(BaseSettings):
     retry_backoff_base_seconds: float = Field(default=2.0, gt=0)
     # Cap of the exponential backoff between attempts.
     retry_backoff_max_seconds: float = Field(default=300.0, gt=0)
-    # How long a worker holds a batch it is posting before others may take it over. Must
-    # exceed the HTTP timeout so that a live request never runs beside its own take-over.
+    # The lease of a claim. The worker's heartbeat extends it while the post is in
+    # progress, and a send needs more than HTTP_TIMEOUT_SECONDS of it left, so a live
+    # request never runs beside its own take-over. A claim is taken back as soon as its
+    # holder's heartbeat is gone; the lease only bounds a live worker that stopped posting
+    # a batch without letting it go (a bug), so it may be generous.
     batch_claim_seconds: float = Field(default=60.0, gt=0)
-    # A batch whose task has not finished this long after it was sent to the queue is sent
-    # again by the coalescer's sweep (the message was lost, or its worker died).
+    # Backstop for a lost message: a batch neither claimed nor waiting in the schedule this
+    # long after its message was sent gets another. Messages held by a dead worker are
+    # found sooner, by its heartbeat; this covers the rest (a Redis failover, a crash
+    # between cutting a batch and sending its message). A duplicate message is harmless:
+    # one claim wins, and a batch waiting in the schedule cannot be claimed.
     batch_redispatch_seconds: float = Field(default=120.0, gt=0)
+    # Each worker process writes a heartbeat to Redis this often, extending the leases of
+    # the claims it is posting.
+    heartbeat_interval_seconds: float = Field(default=1.0, gt=0)
+    # A worker whose last heartbeat is older than this is dead (kill -9, OOM, frozen, cut
+    # off from Redis): the next tick takes its batches back. Five beats: a busy host's
+    # scheduling hiccup is not a death, and a dead worker's batches still go out again
+    # within seconds (README: recovery).
+    heartbeat_ttl_seconds: float = Field(default=5.0, gt=0)
 
     # Days a dead-letter entry is kept for an operator to replay or purge. Older entries
     # are removed by the coalescer's sweep, each with a WARNING log line and counted in
@@ -327,6 +344,8 @@ class Settings(BaseSettings):
             )
         if self.batch_claim_seconds <= self.http_timeout_seconds:
             raise ValueError("BATCH_CLAIM_SECONDS: must exceed HTTP_TIMEOUT_SECONDS")
+        if self.heartbeat_ttl_seconds <= 2 * self.heartbeat_interval_seconds:
+            raise ValueError("HEARTBEAT_TTL_SECONDS: must exceed twice HEARTBEAT_INTERVAL_SECONDS")
         if self.batch_linger_pressure_high < self.batch_linger_pressure_low:
             raise ValueError(
                 "BATCH_LINGER_PRESSURE_HIGH: must not be below BATCH_LINGER_PRESSURE_LOW"

@@ -28,6 +28,22 @@ class Outcome(StrEnum):
     CREDENTIALS = "credentials"  # 401, 403, 404: the key is at fault, not the changes
 
 
+class PostStatus(StrEnum):
+    """What one run of the post task did with its batch (the task's result)."""
+
+    DELIVERED = "delivered"  # Braze accepted it (perhaps naming some identifiers)
+    DEAD_LETTERED = "dead_lettered"  # given up on: in the dead-letter store
+    SPLIT = "split"  # refused (400): replaced by two halves, due now
+    RETRY = "retry"  # failed: waits in the schedule for its backoff
+    WAITING = "waiting"  # not sent: waits in the schedule for its turn, a pause, the key
+    HANDED_BACK = "handed_back"  # not sent: the worker is stopping; due now for another
+    LOST = "lost"  # this worker no longer holds the claim (taken back): nothing done
+    GONE = "gone"  # the message found the batch finished
+    BUSY = "busy"  # another worker holds it
+    QUEUED = "queued"  # the message found the batch waiting in the schedule (a duplicate)
+    EMPTY = "empty"  # every member had been superseded by a newer change
+
+
 @dataclass(frozen=True, slots=True)
 class Classified:
     outcome: Outcome

@@ -16,6 +16,12 @@ shared rate budget, send, and act on Braze's answer.
 - anything else: retried with exponential backoff and full jitter, and dead-lettered after
   `max_attempts`.
 Waiting for a turn is not a failed attempt either.
+
+Whatever has to wait (a retry's backoff, a 429 pause, the key's next probe, a turn too far
+off in the budget) waits in the schedule in Redis, never in this process: the coalescer's
+tick sends it a message when due (stores/batch_records.py). The claim is checked right
+before the request (`fence`), and every end of a batch checks it again: a worker that lost
+its claim while it waited or froze sends nothing and reports nothing as delivered.
 """
 
 from __future__ import annotations
@@ -25,11 +31,17 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from config.settings import Settings
-from core.outcome import Classified, Outcome, backoff_seconds, classify, parse_rate_limit
+from core.outcome import (
+    Classified,
+    Outcome,
+    PostStatus,
+    backoff_seconds,
+    classify,
+    parse_rate_limit,
+)
 from core.redaction import mask_identifier
 from core.refusal import (
     Decision,
@@ -38,11 +50,13 @@ from core.refusal import (
     delivery_errors,
     named_identifiers,
 )
+from core.waiting import WaitReason
 from delivery.braze_client import V1_PATH, V2_PATH, BrazeClient, Reply, v1_body, v2_body
 from delivery.braze_reads import BrazeReadError, ReadDeferred
+from delivery.liveness import Liveness
 from delivery.opt_outs import OptOutCheck
 from stores import counters as metrics
-from stores.batch_records import BatchRecord, BatchStore, ClaimStatus
+from stores.batch_records import BatchRecord, BatchStore, ClaimStatus, Deferred, Ended
 from stores.buffer import server_time_ms
 from stores.limiter import Grant, RateLimiter
 from stores.refusals import Refusals
@@ -55,7 +69,7 @@ class PostReport:
     """What happened to one batch in one task run (also the task's Flower-visible result)."""
 
     batch_id: str
-    status: str  # delivered | dead_lettered | split | retry | waiting | gone | busy | empty | lost
+    status: PostStatus
     size: int = 0  # identifiers in the request (all entries of a v2 pack)
     entries: int = 0  # batches in the request
     http_status: int | None = None
@@ -65,12 +79,17 @@ class PostReport:
     detail: str = ""
 
 
-def _no_dispatch(_batch_id: str, _countdown: float) -> None:
-    return None
-
-
 # How often a refused half of a split looks again whether its sibling was answered.
 HOLD_SECONDS = 1.0
+
+# What the task reports when its message finds no batch to post.
+CLAIM_REPORTS = {
+    ClaimStatus.GONE: PostStatus.GONE,
+    ClaimStatus.BUSY: PostStatus.BUSY,
+    ClaimStatus.WAITING: PostStatus.QUEUED,
+    ClaimStatus.EMPTY: PostStatus.EMPTY,
+}
+WARN_STATUSES = (PostStatus.RETRY, PostStatus.DEAD_LETTERED, PostStatus.LOST)
 
 
 def masked_detail(detail: str, records: list[BatchRecord]) -> str:
@@ -89,44 +108,48 @@ class Poster:
         settings: Settings,
         store: BatchStore,
         braze: BrazeClient,
-        limiter: RateLimiter | None = None,
+        limiter: RateLimiter,
+        liveness: Liveness,
         *,
-        dispatch: Callable[[str, float], object] = _no_dispatch,
         rng: random.Random | None = None,
-        sleep: Callable[[float], None] = time.sleep,
         opt_outs: OptOutCheck | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.braze = braze
         self.limiter = limiter
-        self.dispatch = dispatch  # re-sends a pack sibling's message after a deferral
+        self.liveness = liveness  # this process's heartbeat, held claims and stop signal
         self.rng = rng or random.Random()
-        self.sleep = sleep
         self.opt_outs = opt_outs  # respect_opt_out: leave out who opted out in Braze
         self.refusals = Refusals(store.client, store.keys)
+        self.grace_ms = round(settings.batch_redispatch_seconds * 1000)
 
     # --- the steps ------------------------------------------------------------------------
 
     def post(self, batch_id: str) -> PostReport:
-        token = uuid.uuid4().hex
+        live = self.liveness
+        live.ensure_started()  # the heartbeat exists before the claim names its holder
+        token = f"{live.worker_id}/{uuid.uuid4().hex}"
         lease_ms = round(self.settings.batch_claim_seconds * 1000)
         claim = self.store.claim(batch_id, token, lease_ms)
-        if claim.status is ClaimStatus.EMPTY and claim.record is not None:
-            self._dispatch_siblings(claim.record)  # the pack's message was this one
         if claim.status is not ClaimStatus.CLAIMED or claim.record is None:
-            return PostReport(batch_id, claim.status.value)
-        records = [claim.record]
+            return PostReport(batch_id, CLAIM_REPORTS[claim.status])
+        live.hold(batch_id, token)
+        try:
+            return self._post_claimed(claim.record, token, lease_ms)
+        finally:
+            live.release_token(token)
+
+    def _post_claimed(self, lead: BatchRecord, token: str, lease_ms: int) -> PostReport:
+        records = [lead]
         if self.settings.braze_api_version == "v2":
-            records += self._claim_siblings(claim.record, token, lease_ms)
-        else:
-            self._dispatch_siblings(claim.record)
+            records += self._claim_siblings(lead, token, lease_ms)
         report = PostReport(
-            batch_id,
-            "retry",
+            lead.id,
+            PostStatus.RETRY,
             size=len({value for record in records for value in record.values}),
             entries=len(records),
-            attempt=claim.record.attempts + 1,
+            attempt=lead.attempts + 1,
         )
         unsent = self._refused_unsent(records, token, report)
         if unsent is not None:
@@ -134,29 +157,30 @@ class Poster:
             self._log(records, unsent)
             return unsent
 
-        grant = None
-        if self.limiter is not None:
-            grant = self.limiter.acquire()
-            waiting = self._wait_for_turn(grant, records, token, report)
-            if waiting is not None:
-                return waiting
+        grant = self.limiter.acquire()
+        waiting = self._wait_for_turn(grant, records, token, report)
+        if waiting is not None:
+            return waiting
 
         records_or_report = self._respect_opt_outs(records, token, report)
         if isinstance(records_or_report, PostReport):
             return records_or_report
         records = records_or_report
+        if self.liveness.stopping.is_set():
+            return self._hand_back(records, token, report)
         # Fencing: the claim may have been lost while this worker waited for its turn or
-        # froze (a paused container): then another holds the batch, and sending would risk
-        # an older state landing after a newer one. Checked last, right before the send.
+        # froze (a paused container): then the batch was taken back, and sending would
+        # risk an older state landing after a newer one. Checked last, right before the
+        # send, with lease enough left for the whole exchange.
         need_ms = round(self.settings.http_timeout_seconds * 1000)
         if not self.store.fence([r.id for r in records], token, need_ms):
             logger.warning(
-                "batch %s: claim lost before sending (%d identifiers): not sent; its holder "
-                "posts it",
-                batch_id,
+                "batch %s: claim lost before sending (%d identifiers): not sent; it was taken "
+                "back and goes out from the schedule",
+                lead.id,
                 report.size,
             )
-            return replace(report, status="lost", detail="claim lost before sending")
+            return replace(report, status=PostStatus.LOST, detail="claim lost before sending")
         reply = self._send(records)
         result = classify(reply.status, reply.body, reply.error)
         report = replace(
@@ -168,39 +192,77 @@ class Poster:
         report = self._settle(records, token, report, reply, result)
         # The report is the task's result, which Flower shows: identifiers masked.
         report = replace(report, detail=masked_detail(report.detail, records))
-        probe_passed = grant is not None and grant.probe and result.outcome is Outcome.DELIVERED
-        if probe_passed and self.limiter is not None and self.limiter.close_circuit():
-            logger.warning("credentials accepted again: posting resumes")
+        if grant.probe and result.outcome is Outcome.DELIVERED and self.limiter.close_circuit():
+            released = self.store.release_waiting(WaitReason.CREDENTIALS)
+            logger.warning(
+                "credentials accepted again: posting resumes (%d batches due now)", released
+            )
         self._log(records, report)
         return report
 
     def _wait_for_turn(
         self, grant: Grant, records: list[BatchRecord], token: str, report: PostReport
     ) -> PostReport | None:
-        """Sleep until the reserved turn; or put the batches back (no attempt spent) when
-        the turn is too far off, or posting was paused meanwhile. None: go ahead."""
-        assert self.limiter is not None
+        """Sleep until the reserved turn; or put the batches back into the schedule (no
+        attempt spent) when the turn is too far off, posting was paused meanwhile, or the
+        worker began to stop. None: go ahead."""
         if not grant.granted:
             jitter = self.rng.uniform(0, max(0.05, grant.wait_seconds / 2))
-            return self._waiting(
-                records, token, report, grant.wait_seconds + jitter, "waiting for the rate budget"
-            )
-        if grant.wait_seconds > 0:
-            self.sleep(grant.wait_seconds)
+            wait = grant.wait_seconds + jitter
+            paused = self.limiter.paused_for() > 0
+            reason = WaitReason.PAUSED if paused else WaitReason.BUDGET
+            if self.limiter.state().circuit:
+                reason = WaitReason.CREDENTIALS
+            why = {
+                WaitReason.PAUSED: "posting paused after a 429",
+                WaitReason.CREDENTIALS: "the API key is refused: waiting for the next probe",
+            }.get(reason, "waiting for the rate budget")
+            return self._waiting(records, token, report, wait, reason, why)
+        if not self.liveness.wait(grant.wait_seconds):
+            return self._hand_back(records, token, report)
         # A turn reserved before another worker hit a 429 must not go into the exhausted
         # window: the pause wins over the reservation (a probe is the pause's exception).
         paused = 0.0 if grant.probe else self.limiter.paused_for()
         if paused > 0:
             wait = paused + self.rng.uniform(0, 0.5)
-            return self._waiting(records, token, report, wait, "posting paused after a 429")
+            return self._waiting(
+                records, token, report, wait, WaitReason.PAUSED, "posting paused after a 429"
+            )
         return None
 
     def _waiting(
-        self, records: list[BatchRecord], token: str, report: PostReport, wait: float, why: str
+        self,
+        records: list[BatchRecord],
+        token: str,
+        report: PostReport,
+        wait: float,
+        reason: WaitReason,
+        why: str,
     ) -> PostReport:
         return self._defer(
-            records, token, replace(report, status="waiting"), wait, detail=why, count_attempt=False
+            records,
+            token,
+            replace(report, status=PostStatus.WAITING),
+            wait,
+            reason,
+            detail=why,
+            count_attempt=False,
         )
+
+    def _hand_back(self, records: list[BatchRecord], token: str, report: PostReport) -> PostReport:
+        """The worker is stopping (SIGTERM): what it has not sent goes back, due now, for
+        another worker; nothing is spent."""
+        handed = self._defer(
+            records,
+            token,
+            replace(report, status=PostStatus.HANDED_BACK),
+            0.0,
+            WaitReason.HANDED_BACK,
+            detail="handed back: the worker is stopping",
+            count_attempt=False,
+        )
+        self._log(records, handed)
+        return handed
 
     def _respect_opt_outs(
         self, records: list[BatchRecord], token: str, report: PostReport
@@ -216,13 +278,13 @@ class Poster:
             screened = self.opt_outs.screen(records)
         except ReadDeferred as deferred:
             wait = deferred.wait_seconds + self.rng.uniform(0, 0.5)
-            return self._waiting(records, token, report, wait, f"opt-out check: {deferred}")
+            return self._waiting(
+                records, token, report, wait, WaitReason.BUDGET, f"opt-out check: {deferred}"
+            )
         except BrazeReadError as exc:
             failed = replace(report, detail=f"opt-out check: {exc}")
             if report.attempt >= self.settings.max_attempts:
-                for record in records:
-                    self.store.dead_letter(record.id, token, failed.detail)
-                failed = replace(failed, status="dead_lettered")
+                failed = self._dead_letter(records, token, failed, failed.detail)
             else:
                 wait = backoff_seconds(
                     report.attempt,
@@ -230,28 +292,24 @@ class Poster:
                     cap=self.settings.retry_backoff_max_seconds,
                     rng=self.rng,
                 )
-                failed = self._defer(records, token, failed, wait, count_attempt=True)
+                failed = self._defer(
+                    records, token, failed, wait, WaitReason.RETRY, count_attempt=True
+                )
             failed = replace(failed, detail=masked_detail(failed.detail, records))
             self._log(records, failed)
             return failed
-        for record in screened.emptied:
-            self.store.delivered(record.id, token, sent=())
+        ended = [self.store.delivered(record.id, token, sent=()) for record in screened.emptied]
+        if any(finish.status is Ended.LOST for finish in ended):
+            return replace(report, status=PostStatus.LOST, detail="claim lost")
         if not screened.send:
-            done = replace(report, status="delivered", size=0, detail="opted out in Braze")
+            done = replace(report, status=PostStatus.DELIVERED, size=0, detail="opted out in Braze")
             self._log(records, done)
             return done
         return screened.send
 
-    def _dispatch_siblings(self, lead: BatchRecord) -> None:
-        """A pack travels as one message, for its first batch. A worker that does not send
-        the pack whole gives every other batch of it a message of its own (once: on the
-        first attempt; a duplicate message would find the batch gone or busy anyway)."""
-        if lead.attempts == 0:
-            for sibling_id in lead.pack:
-                if sibling_id != lead.id:
-                    self.dispatch(sibling_id, 0.0)
-
     def _claim_siblings(self, lead: BatchRecord, token: str, lease_ms: int) -> list[BatchRecord]:
+        """The other batches of the lead's v2 pack that no one holds and that do not wait
+        in the schedule: they travel in the same request."""
         siblings: list[BatchRecord] = []
         values = set(lead.values)
         for sibling_id in lead.pack:
@@ -261,13 +319,22 @@ class Poster:
             record = claim.record
             if claim.status is not ClaimStatus.CLAIMED or record is None:
                 continue
+            self.liveness.hold(sibling_id, token)
             if (
                 record.key.kind is not lead.key.kind
                 or len(values | set(record.values)) > self.settings.batch_max_identifiers
             ):
                 # Cannot happen for packs the planner made; never send an oversized request.
-                self.store.defer(sibling_id, token, error="", count_attempt=False, redispatch_ms=0)
-                self.dispatch(sibling_id, 0.0)
+                self.store.defer(
+                    sibling_id,
+                    token,
+                    error="",
+                    count_attempt=False,
+                    due_in_ms=0,
+                    reason=WaitReason.READY,
+                    grace_ms=self.grace_ms,
+                    solo=True,
+                )
                 continue
             values |= set(record.values)
             siblings.append(record)
@@ -299,7 +366,7 @@ class Poster:
             endpoint=V2_PATH if settings.braze_api_version == "v2" else V1_PATH,
             status=reply.status,
         )
-        if self.limiter is not None and reply.status is not None:
+        if reply.status is not None:
             self.limiter.observe(rate)
 
         answer = {"http_status": reply.status, "latency_ms": report.latency_ms}  # for history
@@ -311,61 +378,75 @@ class Poster:
                 self.store.delivered(record.id, token, sent=record.values, **answer)
                 for record in records
             ]
-            if any(count < 0 for count in ended):
-                # Another worker holds the claim now (this one froze after its fence): it
-                # ends the batch; this worker does not report a delivery it cannot vouch for.
-                logger.warning("batch %s: claim lost during its request", report.batch_id)
-                return replace(report, status="lost", detail="claim lost during the request")
-            return replace(report, status="delivered", detail="")
+            if any(finish.status is Ended.LOST for finish in ended):
+                return self._lost_during_request(report)
+            return replace(report, status=PostStatus.DELIVERED, detail="")
         if result.outcome is Outcome.RATE_LIMITED:
             window = settings.braze_rate_limit_window_seconds
             reset = rate.reset_epoch or (time.time() + window)
-            if self.limiter is not None:
-                self.limiter.pause_until(reset, "429 from Braze")
+            self.limiter.pause_until(reset, "429 from Braze")
             wait = min(max(reset - time.time(), 0.5), window) + self.rng.uniform(0, 0.5)
-            return self._defer(records, token, report, wait, count_attempt=False)
+            return self._defer(records, token, report, wait, WaitReason.PAUSED)
         if result.outcome is Outcome.CREDENTIALS:
             # The key, not the changes, is at fault: stop everyone, spend nothing, and let
             # one probe per interval find out when it works again.
             wait = settings.credentials_probe_seconds
-            if self.limiter is not None and self.limiter.open_circuit(result.detail):
+            if self.limiter.open_circuit(result.detail):
                 logger.error("Braze refused the API key (%s): posting stopped", result.detail)
             return self._defer(
-                records, token, report, wait + self.rng.uniform(0, wait / 4), count_attempt=False
+                records,
+                token,
+                report,
+                wait + self.rng.uniform(0, wait / 4),
+                WaitReason.CREDENTIALS,
             )
         if result.outcome is Outcome.BAD_REQUEST:
             return self._isolate(records, token, report)
         if report.attempt >= settings.max_attempts:
-            for record in records:
-                self.store.dead_letter(record.id, token, result.detail, **answer)
-            return replace(report, status="dead_lettered")
+            return self._dead_letter(records, token, report, result.detail, **answer)
         wait = backoff_seconds(
             report.attempt,
             base=settings.retry_backoff_base_seconds,
             cap=settings.retry_backoff_max_seconds,
             rng=self.rng,
         )
-        return self._defer(records, token, report, wait, count_attempt=True)
+        return self._defer(records, token, report, wait, WaitReason.RETRY, count_attempt=True)
+
+    def _lost_during_request(self, report: PostReport) -> PostReport:
+        # Another worker holds or will take the claim (this one froze after its fence): it
+        # ends the batch; this worker does not report what it cannot vouch for.
+        logger.warning("batch %s: claim lost during its request", report.batch_id)
+        return replace(report, status=PostStatus.LOST, detail="claim lost during the request")
+
+    def _dead_letter(
+        self,
+        records: list[BatchRecord],
+        token: str,
+        report: PostReport,
+        error: str,
+        *,
+        http_status: int | None = None,
+        latency_ms: float | None = None,
+    ) -> PostReport:
+        ended = [
+            self.store.dead_letter(
+                record.id, token, error, http_status=http_status, latency_ms=latency_ms
+            )
+            for record in records
+        ]
+        if any(finish.status is Ended.LOST for finish in ended):
+            return self._lost_during_request(report)
+        return replace(report, status=PostStatus.DEAD_LETTERED)
 
     def _isolate(self, records: list[BatchRecord], token: str, report: PostReport) -> PostReport:
         """Braze refused the request (400): find the identifiers at fault by splitting, so
         that only they are dead-lettered and the rest is delivered. Splits cost no attempt;
         each half goes through the rate budget like any request. One bad identifier in 50
         costs about 2 * log2(50) extra requests, or 2 when Braze's message names it."""
-        grace_ms = round(self.settings.batch_redispatch_seconds * 1000)
         if len(records) > 1:  # a v2 pack: first find the batch at fault, each sent alone
-            for record in records:
-                self.store.defer(
-                    record.id,
-                    token,
-                    error=report.detail,
-                    count_attempt=False,
-                    redispatch_ms=grace_ms,
-                    solo=True,
-                )
-            for record in records[1:]:
-                self.dispatch(record.id, 0.0)
-            return replace(report, status="retry", retry_in=0.0)
+            return self._defer(
+                records, token, report, 0.0, WaitReason.READY, count_attempt=False, solo=True
+            )
         (record,) = records
         return self._refused(record, token, report, report.detail)
 
@@ -399,29 +480,29 @@ class Poster:
         if verdict is Verdict.CONDEMN:
             return self._condemn(record, token, report, detail, decision.why)
         if verdict is Verdict.DEAD_LETTER:
-            self.store.dead_letter(record.id, token, detail, http_status=report.http_status)
-            return replace(report, status="dead_lettered")
+            return self._dead_letter(
+                [record], token, report, detail, http_status=report.http_status
+            )
         if verdict is Verdict.HOLD:
             wait = HOLD_SECONDS + self.rng.uniform(0, HOLD_SECONDS / 2)
             return self._defer(
                 [record],
                 token,
-                replace(report, status="waiting"),
+                replace(report, status=PostStatus.WAITING),
                 wait,
+                WaitReason.HELD,
                 count_attempt=False,
                 detail=detail,
             )
         halves = self.store.split(
-            record.id,
-            token,
-            isolate=decision.isolate,
-            redispatch_ms=round(self.settings.batch_redispatch_seconds * 1000),
+            record.id, token, isolate=decision.isolate, grace_ms=self.grace_ms
         )
-        if halves:
-            metrics.count(self.store.client, self.store.keys, "splits")
-        for half in halves or ():
-            self.dispatch(half, 0.0)
-        return replace(report, status="split" if halves else "busy")
+        if halves is None:
+            # One member (cannot happen: a single member is dead-lettered, not split), or
+            # the claim was taken back meanwhile: its next holder decides.
+            return replace(report, status=PostStatus.LOST, detail="not split: claim lost")
+        metrics.count(self.store.client, self.store.keys, "splits")
+        return replace(report, status=PostStatus.SPLIT)
 
     def _condemn(
         self, record: BatchRecord, token: str, report: PostReport, detail: str, why: str
@@ -446,10 +527,10 @@ class Poster:
             round(self.settings.group_refusal_seconds),
             extra={"refusal": {"group": key.group_id, "since_ms": refusal.since_ms}},
         )
-        self.store.dead_letter(record.id, token, f"{detail} (group refused: {why})")
         if record.sibling:  # the held half: it finds the refusal and follows unsent
-            self.dispatch(record.sibling, 0.0)
-        return replace(report, status="dead_lettered", detail=f"{detail} (group refused)")
+            self.store.expedite(record.sibling)
+        ended = self._dead_letter([record], token, report, f"{detail} (group refused: {why})")
+        return replace(ended, detail=f"{detail} (group refused)")
 
     def _refused_unsent(
         self, records: list[BatchRecord], token: str, report: PostReport
@@ -464,29 +545,19 @@ class Poster:
             if refusal is None:
                 continue
             detail = f"not sent: group refused as a whole by Braze: {refusal.detail}"
-            self.store.dead_letter(record.id, token, detail)
             if record.sibling:
                 self.refusals.forget_half(record.id)
-            outcome = replace(report, status="dead_lettered", detail=detail)
+            outcome = replace(self._dead_letter([record], token, report, detail), detail=detail)
         if outcome is None and len(records) == 1 and records[0].sibling:
             (record,) = records
             detail = self.refusals.half_refused(record.id)
             if detail is not None:
                 return self._refused(record, token, replace(report, detail=detail), detail)
         if outcome is not None and len(records) > 1:
-            # A pack: the others go alone (the refused ones find their batch gone).
-            grace_ms = round(self.settings.batch_redispatch_seconds * 1000)
-            for record in records:
-                self.store.defer(
-                    record.id,
-                    token,
-                    error="",
-                    count_attempt=False,
-                    redispatch_ms=grace_ms,
-                    solo=True,
-                )
-                if record is not records[0]:
-                    self.dispatch(record.id, 0.0)
+            # A pack: the others go alone, due now (the refused ones are gone already).
+            self._defer(
+                records, token, outcome, 0.0, WaitReason.READY, count_attempt=False, solo=True
+            )
             return replace(outcome, retry_in=0.0)
         return outcome
 
@@ -498,16 +569,21 @@ class Poster:
         text = "; ".join(errors)
         answer = {"http_status": report.http_status, "latency_ms": report.latency_ms}
         dead = 0
+        ended = []
         for record in records:
             named = named_identifiers(text, record.values)
             if named:
                 error = f"HTTP {report.http_status} errors: {text}"[:500]
-                self.store.delivered_except(
-                    record.id, token, named, error, sent=record.values, **answer
+                ended.append(
+                    self.store.delivered_except(
+                        record.id, token, named, error, sent=record.values, **answer
+                    )
                 )
                 dead += len(named)
             else:
-                self.store.delivered(record.id, token, sent=record.values, **answer)
+                ended.append(self.store.delivered(record.id, token, sent=record.values, **answer))
+        if any(finish.status is Ended.LOST for finish in ended):
+            return self._lost_during_request(report)
         pipe = self.store.client.pipeline(transaction=False)
         pipe.hincrby(self.store.keys.stats, "delivery_errors", len(errors))
         pipe.hincrby(self.store.keys.stats, "delivered_with_errors", 1)
@@ -519,7 +595,9 @@ class Poster:
             dead,
             json.dumps([masked_detail(error, records) for error in errors])[:1000],
         )
-        return replace(report, status="delivered", detail=masked_detail(text, records)[:300])
+        return replace(
+            report, status=PostStatus.DELIVERED, detail=masked_detail(text, records)[:300]
+        )
 
     def _defer(
         self,
@@ -527,29 +605,35 @@ class Poster:
         token: str,
         report: PostReport,
         wait: float,
+        reason: WaitReason,
         *,
-        count_attempt: bool,
+        count_attempt: bool = False,
         detail: str | None = None,
+        solo: bool = False,
     ) -> PostReport:
-        """Put the batches back, keeping their locks; the lead retries via its task, and
-        every sibling gets a message of its own (a duplicate message finds it gone)."""
-        grace_ms = round(self.settings.batch_redispatch_seconds * 1000)
-        for record in records:
+        """Put the batches back into the schedule, due in `wait` seconds for `reason`,
+        keeping their locks; the coalescer's tick sends each a message when due."""
+        deferred = [
             self.store.defer(
                 record.id,
                 token,
                 error=detail if detail is not None else report.detail,
                 count_attempt=count_attempt,
-                redispatch_ms=round(wait * 1000) + grace_ms,
+                due_in_ms=round(wait * 1000),
+                reason=reason,
+                grace_ms=self.grace_ms,
+                solo=solo,
                 http_status=report.http_status,
             )
-        for record in records[1:]:
-            self.dispatch(record.id, wait)
+            for record in records
+        ]
+        if any(d.status is Deferred.LOST for d in deferred):
+            return self._lost_during_request(report)
         return replace(report, retry_in=round(wait, 3))
 
     def _log(self, records: list[BatchRecord], report: PostReport) -> None:
         lead = records[0].key
-        log = logger.warning if report.status in ("retry", "dead_lettered") else logger.info
+        log = logger.warning if report.status in WARN_STATUSES else logger.info
         log(
             "batch %s group=%s state=%s kind=%s entries=%d size=%d status=%s http=%s "
             "latency_ms=%s attempt=%d%s",
@@ -564,7 +648,7 @@ class Poster:
             report.latency_ms,
             report.attempt,
             f" detail={masked_detail(report.detail, records)!r}"
-            if report.status != "delivered"
+            if report.status is not PostStatus.DELIVERED
             else "",
             extra={
                 "batch": {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from functools import cached_property
 
 from redis import Redis
@@ -15,12 +16,16 @@ from redis import Redis
 from config.settings import Settings, get_settings
 from delivery.braze_client import BrazeClient
 from delivery.braze_reads import BrazeReader, read_limiter
+from delivery.coalescer import Coalescer
+from delivery.liveness import Liveness
 from delivery.opt_outs import OptOutCheck
+from delivery.poster import Poster
 from stores import counters
 from stores.batch_records import BatchStore
 from stores.buffer import Buffer, server_time_ms
 from stores.connection import redis_client
 from stores.dead_letters import DeadLetters
+from stores.heartbeats import Heartbeats
 from stores.history import Retention
 from stores.keys import Keys
 from stores.limiter import Budget, RateLimiter
@@ -56,6 +61,46 @@ class Services:
     @cached_property
     def dead_letters(self) -> DeadLetters:
         return DeadLetters(self.redis, self.keys, self.scripts, self.retention)
+
+    @cached_property
+    def heartbeats(self) -> Heartbeats:
+        return Heartbeats(self.redis, self.keys, self.scripts)
+
+    @cached_property
+    def liveness(self) -> Liveness:
+        """This process's heartbeat (started by the worker's start or its first post)."""
+        settings = self.settings
+        return Liveness(
+            self.heartbeats,
+            interval_seconds=settings.heartbeat_interval_seconds,
+            ttl_seconds=settings.heartbeat_ttl_seconds,
+            lease_seconds=settings.batch_claim_seconds,
+        )
+
+    def coalescer(self, dispatch: Callable[[str], object]) -> Coalescer:
+        """A coalescer over this process's stores; `dispatch` sends one post message."""
+        return Coalescer(
+            self.settings,
+            self.buffer,
+            self.batches,
+            self.limiter,
+            self.heartbeats,
+            self.dead_letters,
+            dispatch,
+        )
+
+    def poster(self, braze: BrazeClient | None = None, settings: Settings | None = None) -> Poster:
+        """A poster with this process's stores, budget, heartbeat and opt-out check
+        (`braze`: another client, e.g. one with a fault-injecting transport; `settings`:
+        other settings for the posting itself)."""
+        return Poster(
+            settings or self.settings,
+            self.batches,
+            braze or self.braze,
+            self.limiter,
+            self.liveness,
+            opt_outs=self.opt_outs,
+        )
 
     @cached_property
     def limiter(self) -> RateLimiter:
@@ -153,5 +198,7 @@ def reset_services() -> None:
         for found in _services.values():
             if "braze" in found.__dict__:
                 found.braze.close()
+            if "liveness" in found.__dict__:
+                found.liveness.stop()
         _services.clear()
     get_settings.cache_clear()

@@ -1,8 +1,18 @@
-"""Batch records in Redis: claimed by one worker, then finished (delivered or dead) or deferred.
+"""Batch records in Redis and the claim protocol that posts each exactly as often as needed.
 
 A batch record is written by `take_batch.lua` when its changes leave the buffer, and it
 stays until Braze has acknowledged it or it has been dead-lettered. The Celery message that
-posts it carries only the id; everything else is read here.
+posts it carries only the id; everything else is read here. At any moment a batch is in
+one of three places:
+
+- **messaged**: its message is in the queue or with a worker (`receivers` names which);
+- **claimed**: one worker holds it (`claims`, `claim_tokens`; `fences` once its request
+  is sent). The holder's heartbeat extends the lease; take_back.lua ends a claim whose
+  holder's heartbeat is gone;
+- **waiting** in the schedule (`schedule`, `schedule_reasons`) until it is due; the
+  coalescer's tick sends it a message then (dispatch_due.lua).
+
+Only a messaged batch can be claimed, so a duplicate message never posts it again.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from redis import Redis
 
 from core.changes import IdentifierKind, SubscriptionState
 from core.planning import BatchKey
+from core.waiting import WaitReason
 from stores.history import Retention
 from stores.keys import Keys
 from stores.scripts import Scripts
@@ -67,7 +78,8 @@ class BatchRecord:
 class ClaimStatus(StrEnum):
     CLAIMED = "claimed"  # this worker may post it now
     GONE = "gone"  # already finished: nothing to do
-    BUSY = "busy"  # another worker holds a live claim
+    BUSY = "busy"  # another worker holds it
+    WAITING = "waiting"  # it waits in the schedule: this message is a duplicate
     EMPTY = "empty"  # every member was superseded by a newer change; finished (the record
     # is returned as it was, for its pack)
 
@@ -76,6 +88,43 @@ class ClaimStatus(StrEnum):
 class Claim:
     status: ClaimStatus
     record: BatchRecord | None = None
+
+
+class Ended(StrEnum):
+    """What `delivered`, `delivered_except` and `dead_letter` did."""
+
+    ENDED = "ended"  # the batch ended here
+    GONE = "gone"  # it had ended already
+    LOST = "lost"  # the caller no longer holds its claim (taken back): it did nothing
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    status: Ended
+    members: int = 0  # members ended
+
+
+class Deferred(StrEnum):
+    DEFERRED = "deferred"  # waits in the schedule
+    GONE = "gone"
+    LOST = "lost"  # not the caller's claim any more
+
+
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    status: Deferred
+    attempts: int = 0  # attempts so far (deferred only)
+
+
+@dataclass(frozen=True, slots=True)
+class TakeBack:
+    batch_ids: tuple[str, ...]  # taken back, due now
+    sent_before: int  # of those, how many had been sent (outcome unknown)
+    alive: int  # suspects whose heartbeat was found after all
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 class BatchStore:
@@ -91,24 +140,47 @@ class BatchStore:
         self.scripts = scripts or Scripts(client)
         self.retention = retention or Retention()
 
-    def _lock_keys(self, batch_id: str) -> list[str]:
-        k = self.keys
-        return [k.batch(batch_id), k.claim(batch_id), k.batches, k.pending, k.due, k.inflight]
+    # --- the claim ---------------------------------------------------------------------
+
+    def received(self, batch_id: str, worker_id: str) -> None:
+        """`worker_id` holds this batch's message (before its claim): if it dies first, the
+        tick replaces the message (take_back.lua)."""
+        self.client.hset(self.keys.receivers, batch_id, worker_id)
 
     def claim(self, batch_id: str, token: str, lease_ms: int) -> Claim:
+        k = self.keys
         reply = self.scripts.claim_batch(
-            keys=self._lock_keys(batch_id),
+            keys=[
+                k.batch(batch_id),
+                k.batches,
+                k.claims,
+                k.claim_tokens,
+                k.fences,
+                k.schedule,
+                k.schedule_reasons,
+                k.receivers,
+                k.pending,
+                k.due,
+                k.inflight,
+                k.coalesce_nudge,
+            ],
             args=[batch_id, token, lease_ms, *self.retention.history_args],
         )
-        status = ClaimStatus(reply[0].decode() if isinstance(reply[0], bytes) else reply[0])
+        status = ClaimStatus(_text(reply[0]))
         record = BatchRecord.from_json(reply[1]) if len(reply) > 1 else None
         return Claim(status, record)
 
     def fence(self, batch_ids: list[str], token: str, need_ms: int) -> bool:
-        """True if `token` still holds every batch's claim with more than `need_ms` left:
-        checked right before the request is sent (fence_batch.lua)."""
-        keys = [self.keys.claim(batch_id) for batch_id in batch_ids]
-        return bool(self.scripts.fence_batch(keys=keys, args=[token, need_ms]))
+        """True if `token` still holds every batch's claim with more than `need_ms` left;
+        then they count as sent (fence_batch.lua). Checked right before the request."""
+        k = self.keys
+        return bool(
+            self.scripts.fence_batch(
+                keys=[k.claims, k.claim_tokens, k.fences], args=[token, need_ms, *batch_ids]
+            )
+        )
+
+    # --- ending a batch ------------------------------------------------------------------
 
     def _finish(
         self,
@@ -120,11 +192,18 @@ class BatchStore:
         latency_ms: float | None,
         sent: Iterable[str] | None = None,
         named: list[str] | None = None,
-    ) -> int:
+    ) -> Finish:
         k = self.keys
         r = self.retention
         keys = [
-            *self._lock_keys(batch_id),
+            k.batch(batch_id),
+            k.batches,
+            k.claims,
+            k.claim_tokens,
+            k.fences,
+            k.pending,
+            k.due,
+            k.inflight,
             k.dead_letters,
             k.dead_letter_index,
             k.dead_letter_identifiers,
@@ -143,7 +222,10 @@ class BatchStore:
             r.subject_ms,
         ]
         args += ["all"] if sent is None else ["listed", *sent]
-        return int(self.scripts.finish_batch(keys=keys, args=args))
+        members = int(self.scripts.finish_batch(keys=keys, args=args))
+        if members < 0:
+            return Finish(Ended.LOST)
+        return Finish(Ended.ENDED, members) if members else Finish(Ended.GONE)
 
     def delivered(
         self,
@@ -153,7 +235,7 @@ class BatchStore:
         http_status: int | None = None,
         latency_ms: float | None = None,
         sent: Iterable[str] | None = None,
-    ) -> int:
+    ) -> Finish:
         """Braze accepted the batch: end it and let waiting newer changes become due.
 
         For the history: Braze's status and answer time; `sent`, the members actually in
@@ -170,7 +252,7 @@ class BatchStore:
         http_status: int | None = None,
         latency_ms: float | None = None,
         sent: Iterable[str] | None = None,
-    ) -> int:
+    ) -> Finish:
         """Braze accepted the batch but its `errors` named some identifiers: those alone
         are dead-lettered (with `error`), the rest delivered, in one step."""
         return self._finish(
@@ -185,10 +267,12 @@ class BatchStore:
         *,
         http_status: int | None = None,
         latency_ms: float | None = None,
-    ) -> int:
+    ) -> Finish:
         """Give up on the batch after a failed attempt: move it whole to the dead-letter
         store with its error and the attempts made (this one included)."""
         return self._finish(batch_id, token, "dead", error, http_status, latency_ms)
+
+    # --- waiting -------------------------------------------------------------------------
 
     def defer(
         self,
@@ -197,61 +281,139 @@ class BatchStore:
         *,
         error: str,
         count_attempt: bool,
-        redispatch_ms: int,
+        due_in_ms: int,
+        reason: WaitReason,
+        grace_ms: int,
         solo: bool = False,
         http_status: int | None = None,
-    ) -> int:
-        """Release the claim after a failed try; returns the attempts so far (-1: not ours).
-        `solo` takes the batch out of its v2 pack. After a post (`http_status`, or an
-        attempt counted) the members' history records the retry."""
+    ) -> Deferral:
+        """Release the claim and let the batch wait in the schedule, due in `due_in_ms`,
+        for `reason`. `solo` takes it out of its v2 pack. After a post (`http_status`, or
+        an attempt counted) the members' history records the retry."""
         k = self.keys
-        return int(
-            self.scripts.defer_batch(
-                keys=[k.batch(batch_id), k.claim(batch_id), k.batches],
-                args=[
-                    batch_id,
-                    token,
-                    int(count_attempt),
-                    error,
-                    redispatch_ms,
-                    "solo" if solo else "",
-                    "" if http_status is None else http_status,
-                    *self.retention.history_args,
-                ],
-            )
+        status, attempts = self.scripts.defer_batch(
+            keys=[
+                k.batch(batch_id),
+                k.batches,
+                k.claims,
+                k.claim_tokens,
+                k.fences,
+                k.schedule,
+                k.schedule_reasons,
+                k.coalesce_nudge,
+            ],
+            args=[
+                batch_id,
+                token,
+                int(count_attempt),
+                error,
+                max(due_in_ms, 0),
+                "solo" if solo else "",
+                reason.value,
+                grace_ms,
+                "" if http_status is None else http_status,
+                *self.retention.history_args,
+            ],
         )
+        return Deferral(Deferred(_text(status)), int(attempts))
 
     def split(
-        self, batch_id: str, token: str, *, isolate: str | None, redispatch_ms: int
+        self, batch_id: str, token: str, *, isolate: str | None, grace_ms: int
     ) -> tuple[str, str] | None:
         """Replace a refused batch by two halves (the first is `isolate` alone when it is a
-        member); returns their ids, or None if the batch cannot be split."""
+        member), due now in the schedule; returns their ids, or None if the batch cannot be
+        split (one member, gone, or no longer the caller's)."""
         k = self.keys
         first, second = uuid.uuid4().hex, uuid.uuid4().hex
         size = int(
             self.scripts.split_batch(
                 keys=[
                     k.batch(batch_id),
-                    k.claim(batch_id),
                     k.batches,
+                    k.claims,
+                    k.claim_tokens,
+                    k.fences,
                     k.inflight,
                     k.batch(first),
                     k.batch(second),
+                    k.schedule,
+                    k.schedule_reasons,
+                    k.coalesce_nudge,
                 ],
-                args=[batch_id, token, first, second, redispatch_ms, isolate or ""],
+                args=[batch_id, token, first, second, grace_ms, isolate or ""],
             )
         )
         return (first, second) if size > 0 else None
 
-    def overdue(self, now_ms: int, limit: int = 1000) -> list[str]:
-        """Batches whose task should have finished by now: their message was lost."""
-        ids = self.client.zrangebyscore(self.keys.batches, "-inf", now_ms, start=0, num=limit)
-        return [raw.decode() for raw in ids]
+    def expedite(self, batch_id: str) -> bool:
+        """Make a batch waiting in the schedule due now (a held half whose sibling was
+        answered); True if it was waiting."""
+        k = self.keys
+        pipe = self.client.pipeline(transaction=True)
+        pipe.time()
+        pipe.zscore(k.schedule, batch_id)
+        (seconds, micros), due = pipe.execute()
+        now_ms = seconds * 1000 + micros // 1000
+        if due is None:
+            return False
+        # XX LT: only an entry still there, and only earlier (never postpones it).
+        self.client.zadd(k.schedule, {batch_id: now_ms}, xx=True, lt=True)
+        self.client.lpush(k.coalesce_nudge, 1)
+        self.client.ltrim(k.coalesce_nudge, 0, 0)
+        return True
 
-    def postpone(self, batch_ids: list[str], until_ms: int) -> None:
-        """Push the sweep deadline of re-dispatched batches forward."""
-        if batch_ids:
-            self.client.zadd(self.keys.batches, dict.fromkeys(batch_ids, until_ms), xx=True)
+    def release_waiting(self, reason: WaitReason) -> int:
+        """Every batch waiting for `reason` becomes due now; returns how many."""
+        k = self.keys
+        return int(
+            self.scripts.release_waiting(
+                keys=[k.schedule, k.schedule_reasons, k.coalesce_nudge], args=[reason.value]
+            )
+        )
+
+    # --- the tick's side -----------------------------------------------------------------
+
+    def take_back(self, suspects: list[str], *, on_wire_ms: int, grace_ms: int) -> TakeBack:
+        """Take back what workers whose heartbeat is gone held (claims and messages), and
+        claims whose lease ran out; they become due now (take_back.lua)."""
+        k = self.keys
+        taken, unknown, alive = self.scripts.take_back(
+            keys=[
+                k.claims,
+                k.claim_tokens,
+                k.fences,
+                k.schedule,
+                k.schedule_reasons,
+                k.receivers,
+                k.batches,
+                k.workers,
+                k.coalesce_nudge,
+                *(k.heartbeat(worker_id) for worker_id in suspects),
+            ],
+            args=[on_wire_ms, grace_ms, *suspects],
+        )
+        return TakeBack(tuple(_text(raw) for raw in taken), int(unknown), int(alive))
+
+    def dispatch_due(self, limit: int, grace_ms: int) -> list[str]:
+        """Take the due batches out of the schedule: the caller sends each a message."""
+        k = self.keys
+        ids = self.scripts.dispatch_due(
+            keys=[k.schedule, k.schedule_reasons, k.batches], args=[limit, grace_ms]
+        )
+        return [_text(raw) for raw in ids]
+
+    def sweep(self, limit: int, grace_ms: int) -> list[str]:
+        """Batches between message and claim past their deadline: the message was lost."""
+        k = self.keys
+        ids = self.scripts.sweep_batches(
+            keys=[k.batches, k.claims, k.schedule], args=[limit, grace_ms]
+        )
+        return [_text(raw) for raw in ids]
+
+    def next_due_ms(self) -> int | None:
+        """When the soonest schedule entry is due (Redis time, ms), if any."""
+        first = self.client.zrange(self.keys.schedule, 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
 
     def count(self) -> int:
         """Batches cut and not yet finished."""

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 
 from redis import Redis
+from redis.lock import Lock
 
 from core.changes import Change, IdentifierKind, SubscriptionState
 from core.planning import PendingChange, PlannedBatch
@@ -123,6 +124,15 @@ class Buffer:
         pipe.lpush(self.keys.coalesce_nudge, 1)
         pipe.ltrim(self.keys.coalesce_nudge, 0, 0)
         pipe.execute()
+
+    def tick_lock(self, timeout_seconds: float) -> Lock:
+        """The lock coalescer ticks take turns with (not blocking: a tick that finds it
+        held is skipped)."""
+        return self.client.lock(self.keys.coalesce_lock, timeout=timeout_seconds, blocking=False)
+
+    def mark_tick(self, now_ms: int) -> None:
+        """When the coalescer last made progress (the exporter's "no coalescer tick")."""
+        self.client.set(self.keys.coalesce_last_tick, now_ms)
 
     def wait_for_nudge(self, timeout_seconds: float) -> bool:
         """Block until a producer nudges or `timeout_seconds` pass; True if nudged."""

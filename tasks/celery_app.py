@@ -5,7 +5,7 @@ at start with one line."""
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.signals import (
@@ -13,8 +13,10 @@ from celery.signals import (
     after_setup_task_logger,
     beat_init,
     celeryd_init,
+    task_received,
     worker_init,
     worker_shutdown,
+    worker_shutting_down,
 )
 from kombu import Queue
 
@@ -22,6 +24,9 @@ from config.settings import Settings, SettingsError, get_settings
 from stores.connection import broker_options
 from tasks.health import Heartbeat, heartbeat_path
 from tasks.logs import configure_logging, quiet_banner_for_json, use_json_for_celery
+
+if TYPE_CHECKING:
+    from delivery.liveness import Liveness
 
 # The queue of `subscriptions.record_change` is Celery's default one, because services
 # that only share the broker call send_task() without knowing our routes.
@@ -60,9 +65,10 @@ def create_app(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
-        # Redelivery of an unacknowledged message. It must exceed the longest countdown
-        # (RETRY_BACKOFF_MAX_SECONDS), or a waiting retry would be delivered twice; a lost
-        # batch comes back much sooner through the coalescer's sweep.
+        # Redelivery of an unacknowledged message. No batch message waits (no countdowns:
+        # waiting batches wait in Redis's schedule), and a dead worker's batches come back
+        # within seconds through its heartbeat, so this only bounds a late duplicate, which
+        # posts nothing (one claim wins; a batch waiting in the schedule is not claimable).
         broker_transport_options={
             "visibility_timeout": max(3600, int(settings.retry_backoff_max_seconds * 2)),
             **broker.pop("broker_transport_options"),
@@ -70,6 +76,11 @@ def create_app(settings: Settings) -> Celery:
         **broker,
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
+        # SIGTERM is a warm shutdown: posts not yet sent hand their batches back at once
+        # (`worker_shutting_down` below) and requests on the wire finish, within
+        # HTTP_TIMEOUT_SECONDS. A cold shutdown (SIGQUIT, a second SIGTERM) still gives
+        # them that long (Celery's soft shutdown) before it cuts them off.
+        worker_soft_shutdown_timeout=settings.http_timeout_seconds + 2,
         # Task events for Flower.
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -113,6 +124,7 @@ def _require_braze(**_: Any) -> None:
     _warn_if_redis_can_lose_changes()
     _record_workspace()
     _start_heartbeat("worker")
+    _liveness().ensure_started()  # known alive before the first message is received
 
 
 @beat_init.connect
@@ -133,10 +145,39 @@ def _start_heartbeat(role: str) -> None:
     )
 
 
+@task_received.connect
+def _note_receiver(request: Any = None, **_: Any) -> None:
+    """Record which worker holds a batch's message before it claims it: if this worker
+    dies first (kill -9 with messages prefetched), its heartbeat tells the coalescer's
+    tick to send the batch another message."""
+    if request is None or request.name != "subscriptions.post_batch" or not request.args:
+        return
+    from delivery.services import services
+
+    found = services()
+    found.batches.received(str(request.args[0]), found.liveness.worker_id)
+
+
+@worker_shutting_down.connect
+def _hand_back_on_stop(**_: Any) -> None:
+    """SIGTERM (warm shutdown): requests on the wire finish; every post that has not sent
+    yet hands its batches back to the schedule, due now, instead of waiting for its turn."""
+    _liveness().begin_stop()
+
+
 @worker_shutdown.connect
 def _stop_heartbeat(**_: Any) -> None:
     while _heartbeats:
         _heartbeats.pop().stop()
+    # Without a heartbeat, anything still held (a prefetched message) goes to other
+    # workers on the next tick, not after the heartbeat's expiry.
+    _liveness().stop()
+
+
+def _liveness() -> Liveness:
+    from delivery.services import services
+
+    return services().liveness
 
 
 def _record_workspace() -> None:

@@ -3,27 +3,30 @@
 - `subscriptions.record_change(**row)`: a producer in another service, sharing only the
   broker, records one change (same keyword arguments as an import row).
 - `subscriptions.coalesce()`: the beat task that cuts due changes into batches.
-- `subscriptions.post_batch(batch_id)`: posts one batch; its message carries only the id.
+- `subscriptions.post_batch(batch_id)`: posts one batch now; its message carries only the
+  id. There are no countdown (ETA) messages: a batch that has to wait waits in the schedule
+  in Redis, and the coalescer's tick sends it a message when it is due.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 from dataclasses import asdict
 from typing import Any
 
-from celery import Task
 from celery.signals import worker_ready
 
 from core.changes import IDENTIFIER_FIELDS, InvalidChange, show_value
 from core.errors import InputRefused
 from core.redaction import mask_identifier
-from delivery.coalescer import Coalescer
-from delivery.poster import Poster
+from core.waiting import WaitReason
 from delivery.services import services
 from tasks.celery_app import app
 from tasks.producer import enqueue_change
+
+logger = logging.getLogger("braze_subs.tasks")
 
 
 class ChangeRefused(InputRefused, ValueError):
@@ -81,9 +84,7 @@ def masked(message: str, row: dict[str, Any]) -> str:
 @app.task(name="subscriptions.coalesce")
 def coalesce() -> dict[str, Any]:
     found = services()
-    coalescer = Coalescer(
-        found.settings, found.buffer, found.batches, found.limiter, dispatch=_dispatch
-    )
+    coalescer = found.coalescer(_dispatch)
     # Stay a little longer than one beat interval, ticking again on a producer's nudge or
     # when a lingering batch becomes ready, so some run is always awake. Overlapping runs
     # are harmless: each tick takes the coalescer lock, and a nudge wakes one run only, so
@@ -94,28 +95,29 @@ def coalesce() -> dict[str, Any]:
 @worker_ready.connect
 def _coalesce_at_start(**_: Any) -> None:
     """A worker that has just started ticks at once rather than at beat's next interval:
-    after a deploy or a restart, changes already waiting do not wait for the schedule."""
-    interval = services().settings.coalesce_interval_seconds
+    after a deploy or a restart, changes already waiting do not wait for the schedule.
+
+    Batches that waited for the next probe of a refused key go at once too, unless this
+    worker's key is refused as well: after the runbook's key rotation (a working key
+    deployed, workers restarted) the backlog goes out within seconds, not a probe later."""
+    found = services()
+    if not found.limiter.state().circuit:
+        released = found.batches.release_waiting(WaitReason.CREDENTIALS)
+        if released:
+            logger.warning(
+                "%d batches waited for a refused API key: due now with this worker's key",
+                released,
+            )
+    interval = found.settings.coalesce_interval_seconds
     coalesce.apply_async(expires=max(interval * 5, 5.0))
 
 
-def _dispatch(batch_id: str, countdown: float = 0.0) -> None:
-    post_batch.apply_async(args=(batch_id,), countdown=countdown or None)
+def _dispatch(batch_id: str) -> None:
+    """The one kind of post message: "post this batch now" (no countdown)."""
+    post_batch.apply_async(args=(batch_id,))
 
 
-@app.task(name="subscriptions.post_batch", bind=True, max_retries=None)
-def post_batch(self: Task, batch_id: str) -> dict[str, Any]:
-    found = services()
-    poster = Poster(
-        found.settings,
-        found.batches,
-        found.braze,
-        found.limiter,
-        dispatch=_dispatch,
-        opt_outs=found.opt_outs,
-    )
-    report = poster.post(batch_id)
-    if report.retry_in is not None:
-        # The attempt count lives in the batch record, so Celery's own count is not used.
-        raise self.retry(countdown=report.retry_in, max_retries=None)
-    return asdict(report)
+@app.task(name="subscriptions.post_batch")
+def post_batch(batch_id: str) -> dict[str, Any]:
+    # Whatever has to wait is put into the schedule by the poster; nothing is retried here.
+    return asdict(services().poster().post(batch_id))

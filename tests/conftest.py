@@ -21,7 +21,7 @@ import pytest
 from redis import Redis
 
 from core.planning import PlannedBatch
-from delivery.services import reset_services
+from delivery.services import reset_services, services
 from devtools.processes import CeleryProcess, ProcessGroup, wait_until
 from simulator import SimulatorConfig, SimulatorServer
 from simulator.order_check import Enqueued, Key, applied_from_document, check_order
@@ -104,6 +104,16 @@ def assert_applied_in_order(
     violations = order_violations(sim_url, enqueued, allow_repeats=allow_repeats)
     shown = "\n".join(violations[:20])
     assert not violations, f"{len(violations)} key(s) applied out of order:\n{shown}"
+
+
+def come_due(*batch_ids: str) -> list[str]:
+    """What the coalescer's tick does once a waiting batch's time has come, without waiting
+    for it: make it due now and take it out of the schedule (its message would be sent).
+    Returns the ids taken; the caller then posts them, as a worker would."""
+    found = services()
+    for batch_id in batch_ids:
+        found.redis.zadd(found.keys.schedule, {batch_id: 0}, xx=True)
+    return found.batches.dispatch_due(1000, 120_000)
 
 
 def drained() -> bool:

@@ -93,3 +93,20 @@ local function remember_enqueued(key, group, change, keep_ms, max_events)
     o = change.w, c = change.c, q = change.q, r = respect, d = change.d, x = change.x},
     keep_ms, max_events)
 end
+
+-- The schedule (stores/keys.py `schedule`, `schedule_reasons`): every batch that waits
+-- for its next try waits there, with a due time and a reason (core/waiting.py).
+--
+-- wait_in_schedule(schedule, reasons, id, due_ms, reason)
+--                          put batch `id` into the schedule, due at `due_ms`
+-- nudge(list)              wake one coalescer waiting for work (BLPOP on the one-item list
+--                          `coalesce_nudge`), so a batch due now is not left to the beat
+local function wait_in_schedule(schedule, reasons, id, due_ms, reason)
+  redis.call('ZADD', schedule, due_ms, id)
+  redis.call('HSET', reasons, id, reason)
+end
+
+local function nudge(list)
+  redis.call('LPUSH', list, 1)
+  redis.call('LTRIM', list, 0, 0)
+end

@@ -1,17 +1,19 @@
 -- finish_batch.lua: end a batch, delivered or dead-lettered, and unlock its identifiers.
 --
 -- KEYS[1] batch     STRING batch record; deleted
--- KEYS[2] claim     STRING claim token; must be ours or expired; deleted
--- KEYS[3] batches   ZSET   batch id -> redispatch time; the batch leaves it
--- KEYS[4] pending   HASH   field -> change (read: a newer change waiting for the lock)
--- KEYS[5] due       ZSET   field -> due ms; a waiting newer change becomes due
--- KEYS[6] inflight  HASH   field -> batch id; this batch's locks are released
--- KEYS[7] dlq       HASH   entry id -> JSON entry (written when dead-lettering)
--- KEYS[8] dlq index ZSET   entry id -> dead-lettered at ms
--- KEYS[9] dlq count STRING identifiers in the dead-letter store
--- KEYS[10] stats    HASH   "delivered" / "dead_lettered" += members; "opt_out_skipped" +=
+-- KEYS[2] batches   ZSET   batch id -> sweep deadline; the batch leaves it
+-- KEYS[3] claims    ZSET   batch id -> lease end; the claim ends
+-- KEYS[4] tokens    HASH   batch id -> holder's token; must be ARGV[2]; removed
+-- KEYS[5] fences    HASH   batch id -> sent at ms; removed
+-- KEYS[6] pending   HASH   field -> change (read: a newer change waiting for the lock)
+-- KEYS[7] due       ZSET   field -> due ms; a waiting newer change becomes due
+-- KEYS[8] inflight  HASH   field -> batch id; this batch's locks are released
+-- KEYS[9] dlq       HASH   entry id -> JSON entry (written when dead-lettering)
+-- KEYS[10] dlq index ZSET  entry id -> dead-lettered at ms
+-- KEYS[11] dlq count STRING identifiers in the dead-letter store
+-- KEYS[12] stats    HASH   "delivered" / "dead_lettered" += members; "opt_out_skipped" +=
 --                          members left out (listed in ARGV[11..]), counted once, here
--- KEYS[11] dlq fields HASH field -> entry id, for the members no newer change supersedes
+-- KEYS[13] dlq fields HASH field -> entry id, for the members no newer change supersedes
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] "delivered" | "dead"  ARGV[4] error text
 -- ARGV[5] JSON array of member values Braze's 2xx `errors` named (delivered only; may be
 --         empty): those members alone are dead-lettered, with ARGV[4]; the rest delivered
@@ -30,15 +32,15 @@
 -- a newer change for one of its identifiers becomes due only after this batch's state has
 -- reached Braze or the dead-letter store (order per identifier). A dead-lettered batch is
 -- recorded whole, with its error and attempts: nothing is dropped silently. Returns the
--- number of members ended; 0 if the batch was already gone; -1 if another worker holds a
--- live claim on it (that worker will end it). A dead batch left without members (all
--- erased) leaves no dead-letter entry.
+-- number of members ended; 0 if the batch was already gone; -1 if the caller no longer
+-- holds its claim (it was taken back: whoever holds or takes it next ends it, and the
+-- caller must not report it delivered). A dead batch left without members (all erased)
+-- leaves no dead-letter entry.
 local record_json = redis.call('GET', KEYS[1])
 if not record_json then
   return 0
 end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[2] then
+if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[2] then
   return -1
 end
 local record = cjson.decode(record_json)
@@ -50,7 +52,7 @@ if ARGV[5] and ARGV[5] ~= '' then
     named[value] = true
   end
 end
-local keys_prefix = key_prefix(KEYS[4])
+local keys_prefix = key_prefix(KEYS[6])
 local status, answered = tonumber(ARGV[6]), tonumber(ARGV[7])
 local keep, most = tonumber(ARGV[8]), tonumber(ARGV[9])
 local subject_keep = tonumber(ARGV[10])
@@ -81,22 +83,22 @@ for _, member in ipairs(record.members) do
       n = record.attempts + 1, x = ARGV[4]}, keep, most)
   elseif sent and not sent[member[1]] then
     remember(history, now, {e = 'skipped_opt_out', g = record.group, b = ARGV[1]}, keep, most)
-    redis.call('HINCRBY', KEYS[10], 'opt_out_skipped', 1)
+    redis.call('HINCRBY', KEYS[12], 'opt_out_skipped', 1)
   else
     remember(history, now, {e = 'posted', g = record.group, b = ARGV[1], h = status,
       l = answered}, keep, most)
   end
   touch_subject(subject, subject_keep)
-  if redis.call('HGET', KEYS[6], field) == ARGV[1] then
-    redis.call('HDEL', KEYS[6], field)
-    local newer = redis.call('HGET', KEYS[4], field)
+  if redis.call('HGET', KEYS[8], field) == ARGV[1] then
+    redis.call('HDEL', KEYS[8], field)
+    local newer = redis.call('HGET', KEYS[6], field)
     if newer then
-      redis.call('ZADD', KEYS[5], cjson.decode(newer).t, field)
+      redis.call('ZADD', KEYS[7], cjson.decode(newer).t, field)
     end
   end
-  local superseded = redis.call('HEXISTS', KEYS[4], field) == 1
+  local superseded = redis.call('HEXISTS', KEYS[6], field) == 1
   if dead and not superseded then
-    redis.call('HSET', KEYS[11], field, ARGV[1])
+    redis.call('HSET', KEYS[13], field, ARGV[1])
   end
   if dead then
     identifiers[#identifiers + 1] = {
@@ -107,18 +109,21 @@ for _, member in ipairs(record.members) do
   end
 end
 if #identifiers > 0 then
-  redis.call('HSET', KEYS[7], ARGV[1], cjson.encode({
+  redis.call('HSET', KEYS[9], ARGV[1], cjson.encode({
     id = ARGV[1], subscription_group_id = record.group, subscription_state = record.state,
     use_double_opt_in_logic = record.doi == 1, identifiers = identifiers, error = ARGV[4],
     -- the attempt that just failed is not yet in the record (defer_batch.lua counts)
     attempts = record.attempts + 1, created_at = record.created, dead_lettered_at = now}))
-  redis.call('ZADD', KEYS[8], now, ARGV[1])
-  redis.call('INCRBY', KEYS[9], #identifiers)
-  redis.call('HINCRBY', KEYS[10], 'dead_lettered', #identifiers)
+  redis.call('ZADD', KEYS[10], now, ARGV[1])
+  redis.call('INCRBY', KEYS[11], #identifiers)
+  redis.call('HINCRBY', KEYS[12], 'dead_lettered', #identifiers)
 end
 if delivered > 0 then
-  redis.call('HINCRBY', KEYS[10], 'delivered', delivered)
+  redis.call('HINCRBY', KEYS[12], 'delivered', delivered)
 end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
 return #record.members

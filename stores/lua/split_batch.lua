@@ -2,26 +2,31 @@
 -- identifiers.
 --
 -- KEYS[1] batch      STRING the refused record; deleted
--- KEYS[2] claim      STRING its claim; must be ours or expired; deleted
--- KEYS[3] batches    ZSET   batch id -> redispatch time; the halves replace the batch
--- KEYS[4] inflight   HASH   field -> batch id; each member's lock moves to its half
--- KEYS[5] first half STRING new record    KEYS[6] second half STRING new record
+-- KEYS[2] batches    ZSET   batch id -> sweep deadline; the halves replace the batch
+-- KEYS[3] claims     ZSET   batch id -> lease end; the claim ends
+-- KEYS[4] tokens     HASH   batch id -> holder's token; must be ARGV[2]; removed
+-- KEYS[5] fences     HASH   batch id -> sent at ms; removed
+-- KEYS[6] inflight   HASH   field -> batch id; each member's lock moves to its half
+-- KEYS[7] first half STRING new record    KEYS[8] second half STRING new record
+-- KEYS[9] schedule   ZSET   batch id -> due ms; both halves are due now
+-- KEYS[10] reasons   HASH   batch id -> "ready"
+-- KEYS[11] nudge     LIST   wakes a coalescer to send the halves their messages
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] first half id  ARGV[4] second half id
--- ARGV[5] redispatch after (ms)   ARGV[6] a member to isolate (named by Braze's message), or ""
+-- ARGV[5] sweep grace (ms)   ARGV[6] a member to isolate (named by Braze's message), or ""
 --
 -- The first half is the named member alone when it is in the batch, else the first half of
--- the members. Guarantees: the members are moved, not copied: each is in exactly one half and stays
--- locked (no newer change can overtake it while it is being isolated); the halves carry
--- the attempts and the error so far and belong to no v2 pack; halves of a split that named
--- nobody (ARGV[6] "") each carry the other's id as `sibling`, so that if both are refused
--- the whole batch is condemned (core/refusal.py). Returns the size of the
--- first half, or -1 if the batch is gone, has a single member, or another worker holds it.
+-- the members. Guarantees: the members are moved, not copied: each is in exactly one half
+-- and stays locked (no newer change can overtake it while it is being isolated); the
+-- halves carry the attempts and the error so far, belong to no v2 pack, and wait in the
+-- schedule, due now (no message is left to the splitting worker); halves of a split that
+-- named nobody (ARGV[6] "") each carry the other's id as `sibling`, so that if both are
+-- refused the whole batch is condemned (core/refusal.py). Returns the size of the first
+-- half, or -1 if the batch is gone, has a single member, or the caller lost its claim.
 local record_json = redis.call('GET', KEYS[1])
 if not record_json then
   return -1
 end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[2] then
+if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[2] then
   return -1
 end
 local record = cjson.decode(record_json)
@@ -55,21 +60,27 @@ for i, member in ipairs(record.members) do
   end
   halves[half][#halves[half] + 1] = member
   local field = prefix .. member[1]
-  if redis.call('HGET', KEYS[4], field) == ARGV[1] then
-    redis.call('HSET', KEYS[4], field, id)
+  if redis.call('HGET', KEYS[6], field) == ARGV[1] then
+    redis.call('HSET', KEYS[6], field, id)
   end
 end
 for half = 1, 2 do
-  record.id = ARGV[2 + half]
+  local id = ARGV[2 + half]
+  record.id = id
   record.members = halves[half]
-  record.pack = {ARGV[2 + half]}
+  record.pack = {id}
   record.sibling = nil
   if named == 0 then
     record.sibling = ARGV[5 - half]
   end
-  redis.call('SET', KEYS[4 + half], cjson.encode(record))
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[2 + half])
+  redis.call('SET', KEYS[6 + half], cjson.encode(record))
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), id)
+  wait_in_schedule(KEYS[9], KEYS[10], id, now, 'ready')
 end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
+nudge(KEYS[11])
 return middle

@@ -1,7 +1,9 @@
-"""Batch records: claim, finish (delivered / dead-lettered) and defer, against real Redis.
+"""Batch records: claim, fence, finish (delivered / dead-lettered), defer into the schedule,
+take back from dead workers, against real Redis.
 
-Covers the guarantees stated at the top of `stores/lua/claim_batch.lua`,
-`finish_batch.lua` and `defer_batch.lua`.
+Covers the guarantees stated at the top of `stores/lua/claim_batch.lua`, `fence_batch.lua`,
+`finish_batch.lua`, `defer_batch.lua`, `take_back.lua`, `dispatch_due.lua`,
+`sweep_batches.lua`, `release_waiting.lua` and `heartbeat.lua`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from typing import Any
 from admin.status import read_status
 from core.changes import parse_change
 from core.planning import plan_batches
+from core.waiting import WaitReason
 from delivery.services import services
-from stores.batch_records import ClaimStatus
+from stores.batch_records import ClaimStatus, Deferral, Deferred, Ended, Finish, TakeBack
 from stores.buffer import Buffer, server_time_ms
 from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
@@ -21,6 +24,36 @@ from tests.conftest import email, take_each, wait_for
 
 GROUP = "news"
 LEASE_MS = 30_000
+GRACE_MS = 120_000
+# Claim tokens name their worker ("worker id/random"); the worker's heartbeat keeps them.
+A, B, C, D = "worker-a/1", "worker-b/1", "worker-c/1", "worker-d/1"
+
+
+def beat(worker: str, ttl_ms: int = 60_000) -> None:
+    services().heartbeats.beat(worker, ttl_ms)
+
+
+def defer(batch_id: str, token: str, **options: Any) -> Deferral:
+    values: dict[str, Any] = {
+        "error": "HTTP 503",
+        "count_attempt": True,
+        "due_in_ms": 5_000,
+        "reason": WaitReason.RETRY,
+        "grace_ms": GRACE_MS,
+    }
+    values.update(options)
+    return services().batches.defer(batch_id, token, **values)
+
+
+def take_back(on_wire_ms: int = 0) -> TakeBack:
+    """The tick's take-back, with every listed worker a suspect (the script checks each
+    heartbeat itself); `on_wire_ms`: how long a dead holder's sent request is waited for."""
+    workers = [raw.decode() for raw in services().redis.zrange(services().keys.workers, 0, -1)]
+    return services().batches.take_back(workers, on_wire_ms=on_wire_ms, grace_ms=GRACE_MS)
+
+
+def claimed(batch_id: str, token: str) -> None:
+    assert services().batches.claim(batch_id, token, LEASE_MS).status is ClaimStatus.CLAIMED
 
 
 def field(value: str) -> str:
@@ -70,45 +103,61 @@ def raw_record(redis_client: Any, batch_id: str) -> dict[str, Any] | None:
 
 
 def test_claim_returns_the_record_and_a_second_token_is_busy(env, redis_client):
-    store = services().batches
+    store, keys = services().batches, services().keys
     batch_id = make_batch([email(1), email(2)])
 
-    first = store.claim(batch_id, "worker-a", LEASE_MS)
+    first = store.claim(batch_id, A, LEASE_MS)
     assert first.status is ClaimStatus.CLAIMED
     assert first.record is not None
     assert first.record.id == batch_id
     assert sorted(first.record.values) == [email(1), email(2)]
     assert first.record.key.group_id == GROUP
     assert first.record.attempts == 0
+    assert redis_client.hget(keys.claim_tokens, batch_id) == A.encode()
 
-    second = store.claim(batch_id, "worker-b", LEASE_MS)
+    second = store.claim(batch_id, B, LEASE_MS)
     assert second.status is ClaimStatus.BUSY
     assert second.record is None
     # The holder may renew its own claim.
-    assert store.claim(batch_id, "worker-a", LEASE_MS).status is ClaimStatus.CLAIMED
-    # A claim pushes the sweep deadline to the lease's end.
-    score = redis_client.zscore(services().keys.batches, batch_id)
-    assert score >= server_time_ms(redis_client) + LEASE_MS - 5_000
+    assert store.claim(batch_id, A, LEASE_MS).status is ClaimStatus.CLAIMED
+    # A claim pushes the sweep deadline and the lease to the lease's end.
+    now = server_time_ms(redis_client)
+    assert redis_client.zscore(keys.batches, batch_id) >= now + LEASE_MS - 5_000
+    assert redis_client.zscore(keys.claims, batch_id) >= now + LEASE_MS - 5_000
 
 
-def test_another_token_can_claim_after_the_lease_expired(env):
+def test_an_expired_lease_is_not_claimable_until_the_tick_takes_it_back(env, redis_client):
     store = services().batches
     batch_id = make_batch([email(1)])
-    assert store.claim(batch_id, "worker-a", 50).status is ClaimStatus.CLAIMED
+    beat("worker-a")
+    assert store.claim(batch_id, A, 50).status is ClaimStatus.CLAIMED
     wait_for(
-        lambda: store.claim(batch_id, "worker-b", LEASE_MS).status is ClaimStatus.CLAIMED,
+        lambda: (
+            server_time_ms(redis_client) > redis_client.zscore(services().keys.claims, batch_id)
+        ),
         timeout=5,
-        what="the lease to expire",
+        what="the lease to end",
     )
-    assert store.claim(batch_id, "worker-a", LEASE_MS).status is ClaimStatus.BUSY
+    # Only take_back ends a claim that is not the caller's: a message cannot.
+    assert store.claim(batch_id, B, LEASE_MS).status is ClaimStatus.BUSY
+    assert take_back().batch_ids == (batch_id,)
+    # Taken back: it waits in the schedule, due now, until the tick sends it a message.
+    assert store.claim(batch_id, B, LEASE_MS).status is ClaimStatus.WAITING
+    assert store.dispatch_due(1000, GRACE_MS) == [batch_id]
+    claimed(batch_id, B)
+    # The old holder's operations change nothing.
+    assert store.delivered(batch_id, A) == Finish(Ended.LOST)
+    assert defer(batch_id, A) == Deferral(Deferred.LOST)
+    assert store.delivered(batch_id, B) == Finish(Ended.ENDED, 1)
 
 
 def test_claim_of_a_finished_batch_is_gone(env):
     store = services().batches
     batch_id = make_batch([email(1)])
-    assert store.delivered(batch_id, "t") == 1
-    assert store.claim(batch_id, "t", LEASE_MS).status is ClaimStatus.GONE
-    assert store.claim("no-such-batch", "t", LEASE_MS).status is ClaimStatus.GONE
+    claimed(batch_id, A)
+    assert store.delivered(batch_id, A) == Finish(Ended.ENDED, 1)
+    assert store.claim(batch_id, A, LEASE_MS).status is ClaimStatus.GONE
+    assert store.claim("no-such-batch", A, LEASE_MS).status is ClaimStatus.GONE
 
 
 def test_claim_prunes_superseded_members_and_releases_their_lock(env, redis_client):
@@ -119,7 +168,7 @@ def test_claim_prunes_superseded_members_and_releases_their_lock(env, redis_clie
     enqueue(buffer, [email(2)], "unsubscribed")  # newer: waits for the lock
     assert field(email(2)) not in due(redis_client)
 
-    claim = store.claim(batch_id, "worker-a", LEASE_MS)
+    claim = store.claim(batch_id, A, LEASE_MS)
     assert claim.status is ClaimStatus.CLAIMED
     assert sorted(claim.record.values) == [email(1), email(3)]
     assert sorted(m[0] for m in raw_record(redis_client, batch_id)["members"]) == [
@@ -132,7 +181,7 @@ def test_claim_prunes_superseded_members_and_releases_their_lock(env, redis_clie
     assert [(c.value, c.state.value) for c in changes] == [(email(2), "unsubscribed")]
 
     # Finishing the batch ends only the members it still holds.
-    assert store.delivered(batch_id, "worker-a") == 2
+    assert store.delivered(batch_id, A) == Finish(Ended.ENDED, 2)
     assert inflight(redis_client) == {}
     assert buffer.pending_count() == 1
 
@@ -144,16 +193,17 @@ def test_claim_with_every_member_superseded_is_empty_and_ends_the_batch(env, red
     batch_id = make_batch([email(1), email(2)], "subscribed")
     enqueue(buffer, [email(1), email(2)], "unsubscribed")
 
-    claim = store.claim(batch_id, "worker-a", LEASE_MS)
+    claim = store.claim(batch_id, A, LEASE_MS)
     assert claim.status is ClaimStatus.EMPTY
     # The record as it was, so the rest of its pack can still be sent.
     assert claim.record is not None and claim.record.id == batch_id
     assert redis_client.exists(keys.batch(batch_id)) == 0
-    assert redis_client.exists(keys.claim(batch_id)) == 0
+    assert redis_client.hexists(keys.claim_tokens, batch_id) == 0
+    assert redis_client.zscore(keys.claims, batch_id) is None
     assert redis_client.zscore(keys.batches, batch_id) is None
     assert inflight(redis_client) == {}
     assert due(redis_client) == {field(email(1)), field(email(2))}
-    assert store.claim(batch_id, "worker-a", LEASE_MS).status is ClaimStatus.GONE
+    assert store.claim(batch_id, A, LEASE_MS).status is ClaimStatus.GONE
 
 
 # --------------------------------------------------------------------------------------
@@ -165,45 +215,50 @@ def test_delivered_releases_locks_and_deletes_the_record(env, redis_client):
     found = services()
     store, keys = found.batches, found.keys
     batch_id = make_batch([email(1), email(2)])
-    assert store.claim(batch_id, "worker-a", LEASE_MS).status is ClaimStatus.CLAIMED
+    claimed(batch_id, A)
 
-    assert store.delivered(batch_id, "worker-a") == 2
+    assert store.delivered(batch_id, A) == Finish(Ended.ENDED, 2)
     assert inflight(redis_client) == {}
-    assert redis_client.exists(keys.batch(batch_id), keys.claim(batch_id)) == 0
+    assert redis_client.exists(keys.batch(batch_id)) == 0
+    assert redis_client.hlen(keys.claim_tokens) == 0
+    assert redis_client.zcard(keys.claims) == 0
     assert redis_client.zscore(keys.batches, batch_id) is None
     assert store.count() == 0
     status = read_status(redis_client, keys)
     assert (status.in_flight, status.batches_in_flight, status.delivered_total) == (0, 0, 2)
     # Ends exactly once.
-    assert store.delivered(batch_id, "worker-a") == 0
+    assert store.delivered(batch_id, A) == Finish(Ended.GONE)
 
 
-def test_delivered_with_a_foreign_live_claim_changes_nothing(env, redis_client):
+def test_finish_by_a_token_that_does_not_hold_the_claim_changes_nothing(env, redis_client):
     found = services()
     store, keys = found.batches, found.keys
     batch_id = make_batch([email(1), email(2)])
-    assert store.claim(batch_id, "worker-a", LEASE_MS).status is ClaimStatus.CLAIMED
+    # Unclaimed: nobody may end it.
+    assert store.delivered(batch_id, A) == Finish(Ended.LOST)
+    claimed(batch_id, A)
     before = raw_record(redis_client, batch_id)
     locks = inflight(redis_client)
 
-    assert store.delivered(batch_id, "worker-b") == -1
-    assert store.dead_letter(batch_id, "worker-b", "nope") == -1
+    assert store.delivered(batch_id, B) == Finish(Ended.LOST)
+    assert store.dead_letter(batch_id, B, "nope") == Finish(Ended.LOST)
     assert raw_record(redis_client, batch_id) == before
     assert inflight(redis_client) == locks
-    assert redis_client.get(keys.claim(batch_id)) == b"worker-a"
+    assert redis_client.hget(keys.claim_tokens, batch_id) == A.encode()
     assert redis_client.zscore(keys.batches, batch_id) is not None
     assert redis_client.hlen(keys.dead_letters) == 0
 
-    assert store.delivered(batch_id, "worker-a") == 2
+    assert store.delivered(batch_id, A) == Finish(Ended.ENDED, 2)
 
 
 def test_finish_releases_the_lock_of_a_waiting_newer_change(env, redis_client):
     found = services()
     buffer, store = found.buffer, found.batches
     batch_id = make_batch([email(1)], "subscribed")
+    claimed(batch_id, A)
     enqueue(buffer, [email(1)], "unsubscribed", delay_seconds=120)
 
-    assert store.delivered(batch_id, "t") == 1
+    assert store.delivered(batch_id, A) == Finish(Ended.ENDED, 1)
     # The waiting change keeps its own due time (its delay) once it becomes due.
     score = redis_client.zscore(found.keys.due, field(email(1)))
     assert score >= server_time_ms(redis_client) + 100_000
@@ -214,13 +269,12 @@ def test_dead_letter_writes_an_entry_and_counts_its_identifiers(env, redis_clien
     found = services()
     store, keys = found.batches, found.keys
     batch_id = make_batch([email(1), email(2), email(3)], "unsubscribed")
-    assert store.claim(batch_id, "worker-a", LEASE_MS).status is ClaimStatus.CLAIMED
-    assert (
-        store.defer(batch_id, "worker-a", error="HTTP 503", count_attempt=True, redispatch_ms=10)
-        == 1
-    )
+    claimed(batch_id, A)
+    assert defer(batch_id, A, due_in_ms=0) == Deferral(Deferred.DEFERRED, 1)
+    assert store.dispatch_due(1000, GRACE_MS) == [batch_id]
+    claimed(batch_id, A)
 
-    assert store.dead_letter(batch_id, "worker-a", "HTTP 400: Invalid email") == 3
+    assert store.dead_letter(batch_id, A, "HTTP 400: Invalid email") == Finish(Ended.ENDED, 3)
 
     raw = redis_client.hget(keys.dead_letters, batch_id)
     assert raw is not None
@@ -246,68 +300,240 @@ def test_dead_letter_writes_an_entry_and_counts_its_identifiers(env, redis_clien
 
     # A second batch adds to the count.
     other = make_batch([email(4)])
-    assert store.dead_letter(other, "t", "boom") == 1
+    claimed(other, A)
+    assert store.dead_letter(other, A, "boom") == Finish(Ended.ENDED, 1)
     assert int(redis_client.get(keys.dead_letter_identifiers)) == 4
 
 
 # --------------------------------------------------------------------------------------
-# defer
+# defer: the schedule
 # --------------------------------------------------------------------------------------
 
 
-def test_defer_counts_attempts_only_when_asked_and_keeps_locks(env, redis_client):
+def test_defer_puts_the_batch_into_the_schedule_and_keeps_locks(env, redis_client):
     found = services()
     store, keys = found.batches, found.keys
     batch_id = make_batch([email(1), email(2)])
     locks = inflight(redis_client)
 
-    assert store.claim(batch_id, "worker-a", LEASE_MS).status is ClaimStatus.CLAIMED
-    attempts = store.defer(
-        batch_id, "worker-a", error="429 from Braze", count_attempt=False, redispatch_ms=5_000
+    claimed(batch_id, A)
+    deferred = defer(
+        batch_id, A, error="429 from Braze", count_attempt=False, reason=WaitReason.PAUSED
     )
-    assert attempts == 0
+    assert deferred == Deferral(Deferred.DEFERRED, 0)
     record = raw_record(redis_client, batch_id)
     assert record["attempts"] == 0
     assert record["error"] == "429 from Braze"
     assert inflight(redis_client) == locks
-    assert redis_client.exists(keys.claim(batch_id)) == 0  # the claim is released
-    score = redis_client.zscore(keys.batches, batch_id)
+    assert redis_client.hlen(keys.claim_tokens) == 0  # the claim is released
     now = server_time_ms(redis_client)
-    assert now < score <= now + 5_000
+    assert now < redis_client.zscore(keys.schedule, batch_id) <= now + 5_000
+    assert redis_client.hget(keys.schedule_reasons, batch_id) == b"paused"
 
-    # Another worker may claim it straight away; counted attempts accumulate.
-    assert store.claim(batch_id, "worker-b", LEASE_MS).status is ClaimStatus.CLAIMED
-    assert store.defer(batch_id, "worker-b", error="e1", count_attempt=True, redispatch_ms=1) == 1
-    assert store.claim(batch_id, "worker-c", LEASE_MS).status is ClaimStatus.CLAIMED
-    assert store.defer(batch_id, "worker-c", error="e2", count_attempt=True, redispatch_ms=1) == 2
-    claim = store.claim(batch_id, "worker-d", LEASE_MS)
-    assert claim.record.attempts == 2
-    assert claim.record.last_error == "e2"
+    # A message for it now (a duplicate, a late one) posts nothing: it waits.
+    assert store.claim(batch_id, B, LEASE_MS).status is ClaimStatus.WAITING
+    assert store.dispatch_due(1000, GRACE_MS) == []  # not due yet
+
+
+def test_due_batches_leave_the_schedule_once_and_attempts_accumulate(env, redis_client):
+    found = services()
+    store, keys = found.batches, found.keys
+    batch_id = make_batch([email(1), email(2)])
+    locks = inflight(redis_client)
+
+    for attempt, token in enumerate((A, B, C), start=1):
+        claimed(batch_id, token)
+        assert defer(batch_id, token, error=f"e{attempt}", due_in_ms=0) == Deferral(
+            Deferred.DEFERRED, attempt
+        )
+        assert store.dispatch_due(1000, GRACE_MS) == [batch_id]
+        assert store.dispatch_due(1000, GRACE_MS) == []  # taken once: one message
+    claim = store.claim(batch_id, D, LEASE_MS)
+    assert claim.record.attempts == 3
+    assert claim.record.last_error == "e3"
     assert inflight(redis_client) == locks
+    assert redis_client.zcard(keys.schedule) == 0
+    assert redis_client.hlen(keys.schedule_reasons) == 0
 
     # A newer change for a member still waits: defer keeps the lock.
     enqueue(found.buffer, [email(1)], "unsubscribed")
-    assert store.defer(batch_id, "worker-d", error="e3", count_attempt=False, redispatch_ms=1) == 2
+    assert defer(batch_id, D, count_attempt=False) == Deferral(Deferred.DEFERRED, 3)
     assert field(email(1)) not in due(redis_client)
 
 
-def test_defer_with_a_foreign_live_claim_or_a_gone_batch_is_refused(env, redis_client):
+def test_defer_by_another_token_or_of_a_gone_batch_is_refused(env, redis_client):
     store = services().batches
     batch_id = make_batch([email(1)])
-    assert store.claim(batch_id, "worker-a", LEASE_MS).status is ClaimStatus.CLAIMED
+    claimed(batch_id, A)
     before = raw_record(redis_client, batch_id)
-    assert store.defer(batch_id, "worker-b", error="x", count_attempt=True, redispatch_ms=1) == -1
+    assert defer(batch_id, B) == Deferral(Deferred.LOST)
     assert raw_record(redis_client, batch_id) == before
-    assert store.delivered(batch_id, "worker-a") == 1
-    assert store.defer(batch_id, "worker-a", error="x", count_attempt=True, redispatch_ms=1) == -1
+    assert store.delivered(batch_id, A) == Finish(Ended.ENDED, 1)
+    assert defer(batch_id, A) == Deferral(Deferred.GONE)
 
 
-def test_overdue_lists_batches_past_their_deadline(env, redis_client):
-    store = services().batches
+def test_release_makes_the_batches_waiting_for_a_reason_due_now(env, redis_client):
+    store, keys = services().batches, services().keys
+    waiting_key = make_batch([email(1)])
+    retrying = make_batch([email(2)], "unsubscribed")
+    claimed(waiting_key, A)
+    claimed(retrying, A)
+    defer(waiting_key, A, due_in_ms=60_000, reason=WaitReason.CREDENTIALS, count_attempt=False)
+    defer(retrying, A, due_in_ms=60_000)
+    assert store.dispatch_due(1000, GRACE_MS) == []
+
+    assert store.release_waiting(WaitReason.CREDENTIALS) == 1
+    assert store.dispatch_due(1000, GRACE_MS) == [waiting_key]
+    assert redis_client.zscore(keys.schedule, retrying) is not None
+
+
+# --------------------------------------------------------------------------------------
+# fence, heartbeats, take back, the sweep
+# --------------------------------------------------------------------------------------
+
+
+def test_fence_passes_only_for_the_holder_with_lease_enough_left(env, redis_client):
+    store, keys = services().batches, services().keys
     batch_id = make_batch([email(1)])
+    other = make_batch([email(2)], "unsubscribed")
+    assert store.fence([batch_id], A, 10_000) is False  # unclaimed
+    claimed(batch_id, A)
+    assert store.fence([batch_id], B, 10_000) is False
+    assert store.fence([batch_id], A, LEASE_MS + 1_000) is False  # the lease is too short
+    assert redis_client.hlen(keys.fences) == 0
+    assert store.fence([batch_id], A, 10_000) is True
+    assert redis_client.hexists(keys.fences, batch_id)
+    # All batches of one request, or none.
+    assert store.fence([batch_id, other], A, 10_000) is False
+
+
+def test_heartbeat_extends_the_leases_of_claims_still_held(env, redis_client):
+    found = services()
+    store, keys = found.batches, found.keys
+    batch_id = make_batch([email(1)])
+    other = make_batch([email(2)], "unsubscribed")
+    assert store.claim(batch_id, A, 1_000).status is ClaimStatus.CLAIMED
+    assert store.claim(other, B, 1_000).status is ClaimStatus.CLAIMED
+    extended = found.heartbeats.beat(
+        "worker-a", 5_000, claims=[(batch_id, A), (other, A)], lease_ms=LEASE_MS
+    )
+    assert extended == 1  # `other` is not worker-a's
     now = server_time_ms(redis_client)
-    assert store.overdue(now) == []
-    assert store.overdue(now + 61_000) == [batch_id]
-    store.postpone([batch_id], now + 120_000)
-    assert store.overdue(now + 61_000) == []
-    assert store.overdue(now + 121_000) == [batch_id]
+    assert redis_client.zscore(keys.claims, batch_id) >= now + LEASE_MS - 5_000
+    assert redis_client.zscore(keys.claims, other) <= now + 1_000
+    assert found.heartbeats.alive("worker-a")
+    assert found.heartbeats.suspects(now, 5_000) == []
+    # A clean stop: gone at once, and a suspect for the next tick (whatever it held).
+    found.heartbeats.stop("worker-a")
+    assert not found.heartbeats.alive("worker-a")
+    assert found.heartbeats.suspects(now, 5_000) == ["worker-a"]
+    assert take_back().batch_ids == (batch_id,)
+    assert found.heartbeats.suspects(now, 5_000) == []  # reaped: it held nothing more
+
+
+def test_take_back_takes_only_from_workers_whose_heartbeat_is_gone(env, redis_client):
+    found = services()
+    store, keys = found.batches, found.keys
+    alive_batch = make_batch([email(1)])
+    dead_batch = make_batch([email(2)], "unsubscribed")
+    beat("worker-a")
+    beat("worker-b", ttl_ms=200)
+    claimed(alive_batch, A)
+    claimed(dead_batch, B)
+    assert store.fence([dead_batch], B, 10_000)  # it was sent: the outcome is unknown
+    assert take_back().batch_ids == ()  # both alive
+
+    wait_for(lambda: not found.heartbeats.alive("worker-b"), timeout=5, what="b's heartbeat")
+    # Its request may still be on the wire: not taken back before it has timed out.
+    assert take_back(on_wire_ms=60_000).batch_ids == ()
+    taken = take_back()
+    assert (taken.batch_ids, taken.sent_before) == ((dead_batch,), 1)
+    assert redis_client.hget(keys.claim_tokens, alive_batch) == A.encode()
+    assert redis_client.hget(keys.schedule_reasons, dead_batch) == b"recovered"
+    assert take_back().batch_ids == ()  # once
+    # The dead worker, thawed, can neither send nor end it; a live one posts it.
+    assert store.fence([dead_batch], B, 10_000) is False
+    assert store.dispatch_due(1000, GRACE_MS) == [dead_batch]
+    claimed(dead_batch, C)
+    assert store.delivered(dead_batch, B) == Finish(Ended.LOST)
+    assert store.delivered(dead_batch, C) == Finish(Ended.ENDED, 1)
+    assert inflight(redis_client) == {field(email(1)): alive_batch}
+
+
+def test_a_message_received_by_a_dead_worker_is_sent_again(env, redis_client):
+    found = services()
+    store = found.batches
+    batch_id = make_batch([email(1)])
+    beat("worker-b", ttl_ms=200)
+    store.received(batch_id, "worker-b")
+    assert take_back().batch_ids == ()
+    wait_for(lambda: not found.heartbeats.alive("worker-b"), timeout=5, what="b's heartbeat")
+    assert take_back().batch_ids == (batch_id,)
+    assert store.dispatch_due(1000, GRACE_MS) == [batch_id]
+    # Received and claimed: the receiver mark is gone with the claim.
+    beat("worker-c", ttl_ms=200)
+    store.received(batch_id, "worker-c")
+    claimed(batch_id, A)
+    assert redis_client.hlen(found.keys.receivers) == 0
+
+
+def test_the_sweep_sends_again_only_batches_neither_claimed_nor_waiting(env, redis_client):
+    store = services().batches
+    sent = make_batch([email(1)])
+    held = make_batch([email(2)])
+    waiting = make_batch([email(3)])
+    claimed(held, A)
+    claimed(waiting, A)
+    defer(waiting, A, due_in_ms=0)
+    assert store.sweep(1000, 0) == []  # nothing past its deadline (take_batch: 60 s)
+    redis_client.zadd(services().keys.batches, {sent: 0, held: 0, waiting: 0})
+    assert store.sweep(1000, GRACE_MS) == [sent]
+    assert store.sweep(1000, GRACE_MS) == []  # its deadline moved on
+
+
+def test_split_halves_wait_in_the_schedule_due_now(env, redis_client):
+    found = services()
+    store, keys = found.batches, found.keys
+    batch_id = make_batch([email(n) for n in range(1, 5)])
+    claimed(batch_id, A)
+    assert store.split(batch_id, B, isolate=None, grace_ms=GRACE_MS) is None  # not B's
+    first, second = store.split(batch_id, A, isolate=email(3), grace_ms=GRACE_MS)
+    # No message is left to the splitting worker: the tick sends both.
+    assert sorted(store.dispatch_due(1000, GRACE_MS)) == sorted([first, second])
+    assert redis_client.exists(keys.batch(batch_id)) == 0
+    assert redis_client.hlen(keys.claim_tokens) == 0
+    assert [m[0] for m in raw_record(redis_client, first)["members"]] == [email(3)]
+    assert set(inflight(redis_client).values()) == {first, second}
+
+
+def test_an_emptied_lead_schedules_the_rest_of_its_pack(env, redis_client):
+    found = services()
+    buffer, store, keys = found.buffer, found.batches, found.keys
+    enqueue(buffer, [email(1)])
+    enqueue(buffer, [email(2)], "unsubscribed")
+    now = server_time_ms(redis_client)
+    changes, _ = buffer.read_due(now, 10)
+    plan = plan_batches(changes, now_ms=now, max_identifiers=50)
+    [pack] = buffer.take([plan], 60_000)  # one v2 pack of two batches
+    (lead, _), (sibling, _) = pack
+    lead_value = email(1) if raw_record(redis_client, lead)["state"] == "subscribed" else email(2)
+    flipped = "unsubscribed" if lead_value == email(1) else "subscribed"
+    enqueue(buffer, [lead_value], flipped)  # the lead's only member is superseded
+
+    assert store.claim(lead, A, LEASE_MS).status is ClaimStatus.EMPTY
+    # Its sibling was to travel with the lead's message: it is due now instead.
+    assert redis_client.hget(keys.schedule_reasons, sibling) == b"ready"
+    assert store.dispatch_due(1000, GRACE_MS) == [sibling]
+    claimed(sibling, A)
+
+
+def test_expedite_makes_a_waiting_batch_due_now_and_never_later(env, redis_client):
+    store, keys = services().batches, services().keys
+    batch_id = make_batch([email(1)])
+    assert store.expedite(batch_id) is False  # not waiting
+    claimed(batch_id, A)
+    defer(batch_id, A, due_in_ms=60_000, reason=WaitReason.HELD, count_attempt=False)
+    assert store.dispatch_due(1000, GRACE_MS) == []
+    assert store.expedite(batch_id) is True
+    assert store.dispatch_due(1000, GRACE_MS) == [batch_id]
+    assert redis_client.zscore(keys.schedule, batch_id) is None

@@ -89,7 +89,15 @@ class Recorder:
 def coalescer(dispatch: Recorder, **overrides: Any) -> Coalescer:
     found = services()
     settings = load_settings(**overrides)
-    return Coalescer(settings, found.buffer, found.batches, found.limiter, dispatch)
+    return Coalescer(
+        settings,
+        found.buffer,
+        found.batches,
+        found.limiter,
+        found.heartbeats,
+        found.dead_letters,
+        dispatch,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -270,6 +278,7 @@ def test_locked_field_waits_in_pending_until_its_batch_is_finished(env, redis_cl
     buffer, store = found.buffer, found.batches
     buffer.enqueue([change(email(1), "subscribed"), change(email(2), "subscribed")])
     [(batch_id, _)] = take_all(buffer)
+    store.claim(batch_id, "some-token", 60_000)  # being posted
 
     buffer.enqueue([change(email(1), "unsubscribed")])
     assert buffer.pending_count() == 1
@@ -278,7 +287,7 @@ def test_locked_field_waits_in_pending_until_its_batch_is_finished(env, redis_cl
     # Nor can a coalescer take it while it is locked.
     assert take_all(buffer) == []
 
-    assert store.delivered(batch_id, "some-token") == 2
+    assert store.delivered(batch_id, "some-token").members == 2
     assert due_fields(buffer) == {field(email(1))}
     changes, _ = buffer.read_due(server_time_ms(redis_client), 100)
     assert [(c.value, c.state.value) for c in changes] == [(email(1), "unsubscribed")]
@@ -511,7 +520,8 @@ def test_tick_respects_max_batches_in_flight(env, redis_client):
     assert pending_record(buffer, GROUP, "email", waiting)["s"] == "unsubscribed"
 
     [first] = recorder.ids
-    assert found.batches.delivered(first, "t") == 50
+    found.batches.claim(first, "t", 60_000)
+    assert found.batches.delivered(first, "t").members == 50
     assert limited.tick().batches == 1
     assert buffer.pending_count() == 20
 

@@ -137,7 +137,8 @@ def dead_letter(values: list[str], state: str = "subscribed", error: str = "HTTP
     changes, _ = buffer.read_due(now, 1000)
     plan = plan_batches(changes, now_ms=now, max_identifiers=50)
     [(batch_id, _)] = take_each(buffer, plan, 60_000)
-    assert found.batches.dead_letter(batch_id, "t", error) == len(values)
+    found.batches.claim(batch_id, "t", 60_000)
+    assert found.batches.dead_letter(batch_id, "t", error).members == len(values)
     return batch_id
 
 

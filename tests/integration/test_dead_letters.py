@@ -13,6 +13,7 @@ from typing import Any
 from admin.status import read_status
 from core.changes import parse_change
 from core.planning import plan_batches
+from delivery.coalescer import Coalescer
 from delivery.services import services
 from stores.buffer import server_time_ms
 from stores.dead_letters import DeadLetters
@@ -40,7 +41,9 @@ def take_one_batch(changes: list) -> str:
 
 def dead_letter(group: str, values: list[str], state: str = "subscribed", **extra: Any) -> str:
     batch_id = take_one_batch([row(group, v, state, **extra) for v in values])
-    assert services().batches.dead_letter(batch_id, "t", f"error of {group}") == len(values)
+    services().batches.claim(batch_id, "t", 60_000)
+    ended = services().batches.dead_letter(batch_id, "t", f"error of {group}")
+    assert ended.members == len(values)
     return batch_id
 
 
@@ -197,12 +200,14 @@ def batch_everything_due() -> str:
 def test_replay_never_resurrects_a_state_a_newer_delivered_change_replaced(env, redis_client):
     found = services()
     old = take_one_batch([row("news", email(1), "subscribed")])
+    found.batches.claim(old, "t", 60_000)
     # A newer change arrives while the old batch is in flight, and waits for its lock.
     found.buffer.enqueue([row("news", email(1), "unsubscribed")])
-    assert found.batches.dead_letter(old, "t", "HTTP 400: Invalid email") == 1
+    assert found.batches.dead_letter(old, "t", "HTTP 400: Invalid email").members == 1
     # The newer change is batched and delivered before anyone replays the old one.
     newer = batch_everything_due()
-    assert found.batches.delivered(newer, "t2") == 1
+    found.batches.claim(newer, "t2", 60_000)
+    assert found.batches.delivered(newer, "t2").members == 1
     assert pending(redis_client) == {}
 
     report = store().replay(None)
@@ -216,6 +221,7 @@ def test_a_change_enqueued_after_dead_lettering_supersedes_the_dead_letter(env, 
     entry = dead_letter("news", [email(1), email(2)], "subscribed")
     found.buffer.enqueue([row("news", email(2), "unsubscribed")])
     batch = batch_everything_due()
+    found.batches.claim(batch, "t", 60_000)
     found.batches.delivered(batch, "t")
 
     report = store().replay([entry])
@@ -225,7 +231,6 @@ def test_a_change_enqueued_after_dead_lettering_supersedes_the_dead_letter(env, 
 
 def test_entries_past_retention_expire_counted_and_logged(env, redis_client, caplog):
     from config.settings import load_settings
-    from delivery.coalescer import Coalescer
 
     found = services()
     old = dead_letter("news", [email(1), email(2)])
@@ -240,7 +245,13 @@ def test_entries_past_retention_expire_counted_and_logged(env, redis_client, cap
     logger.addHandler(caplog.handler)
     try:
         Coalescer(
-            settings, found.buffer, found.batches, found.limiter, dispatch=lambda _id: None
+            settings,
+            found.buffer,
+            found.batches,
+            found.limiter,
+            found.heartbeats,
+            found.dead_letters,
+            lambda _id: None,
         ).tick()
     finally:
         logger.removeHandler(caplog.handler)

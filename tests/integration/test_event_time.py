@@ -18,7 +18,7 @@ from delivery.services import services
 from stores.buffer import Buffer, server_time_ms
 from stores.history import DAY_MS, ConsentHistory, Retention
 from stores.keys import Keys, buffer_field
-from tests.conftest import ROOT, email, keyspace_traces, take_each, wait_for
+from tests.conftest import ROOT, come_due, email, keyspace_traces, take_each, wait_for
 
 GROUP = "news"
 T0 = 1_795_000_000  # epoch seconds, a few days before the test machine's clock
@@ -95,7 +95,7 @@ def test_an_older_change_is_dropped_as_stale_whatever_the_arrival_order(env, red
 
 def test_the_watermark_outlives_the_batch_in_flight_and_delivered(env, sim, redis_client):
     found = services()
-    poster = Poster(found.settings, found.batches, found.braze)
+    poster = found.poster()
     enqueue(row(email(1), "unsubscribed", T0 + 20))
     [batch_id] = take_all()
     enqueue(row(email(1), "subscribed", T0 + 10))  # older than the change in flight
@@ -211,13 +211,14 @@ def faults(sim: Any, **switches: Any) -> None:
 
 def test_history_tells_the_story_through_a_retry_a_dead_letter_and_a_replay(env, sim, redis_client):
     found = services()
-    poster = Poster(found.settings, found.batches, found.braze)
+    poster = found.poster()
     enqueue(row(email(1), "unsubscribed", T0, source="support:ticket-123"))
     enqueue(row(email(1), "subscribed", T0 - 5, source="backfill"))  # stale
     [batch_id] = take_all()
     faults(sim, outage=True)
     assert poster.post(batch_id).status == "retry"
     faults(sim, outage=False, reject=[email(1)])
+    come_due(batch_id)
     assert poster.post(batch_id).status == "dead_lettered"
     faults(sim, reject=[])
     assert found.dead_letters.replay(None).requeued == 1
@@ -290,14 +291,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_forget_removes_every_trace_and_nothing_brings_it_back(env, sim, redis_client):
     found = services()
-    poster = Poster(found.settings, found.batches, found.braze)
+    poster = found.poster()
     target, other = email(1), email(2)
     # A dead letter whose error names the identifier (Braze's 400), shared with another.
     enqueue(row(target, "subscribed", T0, group="c"), row(other, "subscribed", T0, group="c"))
     faults(sim, reject=[target])
     [dead_batch] = take_all()
     poster.post(dead_batch)  # split: the other is delivered, the target dead-lettered
-    for batch_id in [b.decode() for b in redis_client.zrange(found.keys.batches, 0, -1)]:
+    halves = [b.decode() for b in redis_client.zrange(found.keys.schedule, 0, -1)]
+    for batch_id in come_due(*halves):
         poster.post(batch_id)
     faults(sim, reject=[])
     assert target in found.dead_letters.list()[0].error
@@ -339,7 +341,7 @@ def test_forget_while_the_batch_is_being_posted(env, sim, redis_client):
     """The poster read the record before the erasure: the request goes, but its end, a
     retry and a dead letter write nothing about the identifier."""
     found = services()
-    poster = Poster(found.settings, found.batches, found.braze)
+    poster = found.poster()
     target, other = email(1), email(2)
     enqueue(row(target, "subscribed", T0), row(other, "subscribed", T0))
     [batch_id] = take_all()
@@ -357,6 +359,7 @@ def test_forget_while_the_batch_is_being_posted(env, sim, redis_client):
     poster.braze.post = original
     assert keyspace_traces(redis_client, target) == []
     faults(sim, outage=False)
+    come_due(batch_id)
     assert poster.post(batch_id).status == "delivered"
     assert keyspace_traces(redis_client, target) == []
     assert sim_states(sim)[other] == "subscribed"
@@ -366,9 +369,7 @@ def test_history_tells_an_opt_out_skip(env, sim, redis_client):
     """A subscribed change that asked to respect opt-outs, for someone Braze holds as
     unsubscribed, is left out of the request: its history says so; the others are posted."""
     found = services()
-    poster = Poster(
-        found.settings, found.batches, found.braze, found.limiter, opt_outs=found.opt_outs
-    )
+    poster = found.poster()
     httpx.post(
         f"{sim.url}/_sim/set_state",
         json={"group": GROUP, "kind": "email", "values": [email(1)], "state": "unsubscribed"},
@@ -388,9 +389,7 @@ def test_history_tells_an_opt_out_skip(env, sim, redis_client):
 
 def test_history_tells_an_opt_out_skip_of_a_whole_batch(env, sim, redis_client):
     found = services()
-    poster = Poster(
-        found.settings, found.batches, found.braze, found.limiter, opt_outs=found.opt_outs
-    )
+    poster = found.poster()
     httpx.post(
         f"{sim.url}/_sim/set_state",
         json={"group": GROUP, "kind": "email", "values": [email(1)], "state": "unsubscribed"},

@@ -15,7 +15,7 @@ from delivery.poster import Poster
 from delivery.services import services
 from stores.buffer import server_time_ms
 from stores.history import ConsentHistory
-from tests.conftest import email, take_each
+from tests.conftest import come_due, email, take_each
 
 GROUP = "news"
 
@@ -57,7 +57,7 @@ def cut(values: list[str], *, respect: bool = True, state: str = "subscribed") -
 @pytest.fixture
 def poster(env) -> Poster:
     found = services()
-    return Poster(found.settings, found.batches, found.braze, opt_outs=found.opt_outs)
+    return found.poster()
 
 
 def test_opted_out_identifiers_are_left_out_and_counted(sim, poster, redis_client, caplog):
@@ -133,6 +133,7 @@ def test_braze_unreadable_means_nothing_is_posted_and_the_batch_retries(sim, pos
     record = json.loads(redis_client.get(services().keys.batch(batch_id)))
     assert record["attempts"] == 1  # counted like a failed post
     httpx.post(f"{sim.url}/_sim/faults", json={"outage": False}).raise_for_status()
+    come_due(batch_id)
     assert poster.post(batch_id).status == "delivered"
 
 
@@ -143,6 +144,7 @@ def test_a_retried_batch_counts_who_it_left_out_once(sim, poster, redis_client):
     httpx.post(f"{sim.url}/_sim/faults", json={"error_rate": 1.0}).raise_for_status()
     assert poster.post(batch_id).status == "retry"  # screened, then the post failed
     httpx.post(f"{sim.url}/_sim/faults", json={"error_rate": 0.0}).raise_for_status()
+    come_due(batch_id)
     assert poster.post(batch_id).status == "delivered"
     assert redis_client.hget(services().keys.stats, "opt_out_skipped") == b"1"
     assert braze(sim.url)[values[0]] == "unsubscribed"

@@ -26,7 +26,7 @@ from stores.buffer import server_time_ms
 from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
 from stores.limiter import RateLimiter
-from tests.conftest import email, take_each, wait_for
+from tests.conftest import come_due, email, take_each, wait_for
 
 GROUP = "news"
 SMS_GROUP = "sms-promos"
@@ -75,7 +75,7 @@ def record(redis_client: Any, batch_id: str) -> dict[str, Any] | None:
 @pytest.fixture
 def poster(env) -> Poster:
     found = services()
-    return Poster(found.settings, found.batches, found.braze)
+    return found.poster()
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def limited_poster(env) -> Iterator[Poster]:
     braze = BrazeClient(
         settings.rest_endpoint, settings.braze_api_key, timeout_seconds=5, max_connections=2
     )
-    yield Poster(settings, services().batches, braze)
+    yield services().poster(braze, settings)
     braze.close()
 
 
@@ -156,12 +156,16 @@ def test_outage_is_retried_with_the_attempt_counted_and_locks_kept(sim, poster, 
     assert kept["attempts"] == 1
     assert "503" in kept["error"]
     assert inflight(redis_client) == locks
-    assert redis_client.exists(keys.claim(batch_id)) == 0
+    assert redis_client.hexists(keys.claim_tokens, batch_id) == 0
+    # It waits in Redis, not in this process: a message for it now posts nothing.
+    assert redis_client.hget(keys.schedule_reasons, batch_id) == b"retry"
+    assert poster.post(batch_id).status == "queued"
     assert sim_state(sim) == {}
     assert sim_stats(sim)["server_errors"] == 1
 
     # The outage ends: the next try delivers.
     faults(sim, outage=False)
+    assert come_due(batch_id) == [batch_id]
     report = poster.post(batch_id)
     assert (report.status, report.attempt) == ("delivered", 2)
     assert set(sim_state(sim)) == {(GROUP, "email", email(1)), (GROUP, "email", email(2))}
@@ -176,6 +180,7 @@ def test_dead_lettered_after_max_attempts_with_the_error(sim, limited_poster, re
 
     first = limited_poster.post(batch_id)
     assert (first.status, first.attempt) == ("retry", 1)
+    come_due(batch_id)
     second = limited_poster.post(batch_id)
     assert (second.status, second.attempt) == ("dead_lettered", 2)
 
@@ -196,6 +201,7 @@ def test_dead_letter_entry_counts_every_attempt_made(sim, limited_poster, redis_
     batch_id = email_batch([email(1)])
     faults(sim, outage=True)
     limited_poster.post(batch_id)
+    come_due(batch_id)
     assert limited_poster.post(batch_id).status == "dead_lettered"
     assert sim_stats(sim)["server_errors"] == 2
     [entry] = DeadLetters(redis_client, services().keys).list()
@@ -203,17 +209,17 @@ def test_dead_letter_entry_counts_every_attempt_made(sim, limited_poster, redis_
 
 
 def drive(poster: Poster, first: str) -> list[PostReport]:
-    """Post a batch and every batch its posting dispatches (halves), like a worker would,
-    retrying what asks for a retry (a refused half waiting for its sibling)."""
+    """Post a batch and every batch its posting puts into the schedule (halves, a refused
+    half waiting for its sibling), like the tick and the workers would, without waiting
+    for due times."""
+    found = services()
     queue, reports = [first], []
-    poster.dispatch = lambda batch_id, _countdown: queue.append(batch_id)
     while queue:
         batch_id = queue.pop(0)
-        report = poster.post(batch_id)
-        reports.append(report)
-        if report.retry_in is not None:
-            assert len(reports) < 500, [r.status for r in reports]
-            queue.append(batch_id)
+        reports.append(poster.post(batch_id))
+        assert len(reports) < 500, [r.status for r in reports]
+        waiting = [raw.decode() for raw in found.redis.zrange(found.keys.schedule, 0, -1)]
+        queue += [b for b in come_due(*waiting) if b not in queue]
     return reports
 
 
@@ -270,8 +276,13 @@ def test_revoked_key_is_retried_without_spending_an_attempt(sim, poster, redis_c
     assert sim_stats(sim)["unauthorized"] == 1
 
     faults(sim, api_keys=["other", "sim-key"])
+    assert redis_client.hget(services().keys.schedule_reasons, batch_id) == b"credentials"
+    # The next probe is due (a probe interval later): it delivers, and posting resumes.
+    redis_client.hset(services().limiter.key, "paused_until", 0)
+    come_due(batch_id)
     report = poster.post(batch_id)
     assert (report.status, report.attempt) == ("delivered", 1)
+    assert services().limiter.state().circuit is None
     assert (GROUP, "email", email(1)) in sim_state(sim)
 
 
@@ -307,6 +318,8 @@ def test_rate_limited_is_retried_after_the_window_without_spending_an_attempt(
         timeout=10,
         what="Braze's window to reset",
     )
+    assert redis_client.hget(services().keys.schedule_reasons, batch_id) == b"paused"
+    come_due(batch_id)
     retried = poster.post(batch_id)
     assert (retried.status, retried.attempt) == ("delivered", 1), retried
     assert {key: found["state"] for key, found in sim_state(sim).items()} == {
@@ -357,8 +370,16 @@ def cut_pack_of_two(values: list[str]) -> tuple[str, str, str]:
         ]
     )
     sent: list[str] = []
-    settings = load_settings(batch_linger_seconds=0)
-    report = Coalescer(settings, found.buffer, found.batches, found.limiter, sent.append).tick()
+    settings = load_settings(batch_linger_seconds=0, braze_api_version="v2")
+    report = Coalescer(
+        settings,
+        found.buffer,
+        found.batches,
+        found.limiter,
+        found.heartbeats,
+        found.dead_letters,
+        sent.append,
+    ).tick()
     assert report.batches == 2
     [lead] = sent
     record = BatchRecord.from_json(found.redis.get(found.keys.batch(lead)))
@@ -366,20 +387,25 @@ def cut_pack_of_two(values: list[str]) -> tuple[str, str, str]:
     return lead, record.key.group_id, sibling
 
 
-def test_v1_lead_of_a_pack_hands_its_sibling_a_message(sim, redis_client):
+def test_v1_sends_every_batch_a_message_of_its_own(sim, redis_client):
     found = services()
-    values = [email(1), email(2)]
-    lead, _group, sibling = cut_pack_of_two(values)
-    handed: list[tuple[str, float]] = []
-    poster = Poster(
-        found.settings, found.batches, found.braze, dispatch=lambda *a: handed.append(a)
+    found.buffer.enqueue(
+        [
+            parse_change(
+                {"subscription_group_id": g, "subscription_state": "subscribed", "email": v}
+            )
+            for g in (GROUP, "promo")
+            for v in (email(1), email(2))
+        ]
     )
-
-    report = poster.post(lead)
-    assert (report.status, report.size, report.entries) == ("delivered", 2, 1)
-    assert handed == [(sibling, 0.0)]
-    assert poster.post(sibling).status == "delivered"
-    assert set(sim_state(sim)) == {(g, "email", v) for g in (GROUP, "promo") for v in values}
+    sent: list[str] = []
+    assert found.settings.braze_api_version == "v1"
+    assert found.coalescer(sent.append).tick().batches == 2
+    assert len(sent) == 2  # no pack: no worker has to hand out messages
+    poster = found.poster()
+    for batch_id in sent:
+        report = poster.post(batch_id)
+        assert (report.status, report.size, report.entries) == ("delivered", 2, 1)
     stats = sim_stats(sim)
     assert (stats["requests_ok"], stats["malformed"]) == (2, 0)
     assert inflight(redis_client) == {}
@@ -401,14 +427,15 @@ def test_pack_sibling_is_sent_when_its_lead_was_superseded(sim, redis_client):
             for v in values
         ]
     )
-    handed: list[tuple[str, float]] = []
-    poster = Poster(
-        found.settings, found.batches, found.braze, dispatch=lambda *a: handed.append(a)
-    )
+    settings = load_settings(braze_api_version="v2")
+    poster = Poster(settings, found.batches, found.braze, found.limiter, found.liveness)
 
     assert poster.post(lead).status == "empty"
-    assert redis_client.get(found.keys.batch(sibling)) is not None  # still waiting
-    assert sibling in [batch_id for batch_id, _countdown in handed]
+    # The sibling was to travel with the lead's message: it waits in the schedule, due now,
+    # and the next tick sends it a message of its own.
+    assert found.batches.dispatch_due(10, 120_000) == [sibling]
+    report = poster.post(sibling)
+    assert (report.status, report.entries) == ("delivered", 1)
 
 
 def test_a_refused_key_stops_every_worker_until_a_probe_gets_through(sim, redis_client):
@@ -421,7 +448,7 @@ def test_a_refused_key_stops_every_worker_until_a_probe_gets_through(sim, redis_
         max_wait_seconds=2,
         probe_interval_seconds=settings.credentials_probe_seconds,
     )
-    poster = Poster(settings, found.batches, found.braze, limiter)
+    poster = Poster(settings, found.batches, found.braze, limiter, found.liveness)
     first, second = email_batch([email(1)]), email_batch([email(2)], "unsubscribed")
     faults(sim, api_keys=["revoked"])
 
@@ -434,14 +461,29 @@ def test_a_refused_key_stops_every_worker_until_a_probe_gets_through(sim, redis_
     # Every other worker stops too: the second batch is not even sent.
     assert poster.post(second).status == "waiting"
     assert sim_stats(sim)["unauthorized"] == 1
+    waiting = {raw.decode() for raw in redis_client.hgetall(found.keys.schedule_reasons).values()}
+    assert waiting == {"credentials"}
+    # A duplicate message while they wait posts nothing.
+    assert poster.post(first).status == "queued"
 
     faults(sim, api_keys=["revoked", "sim-key"])  # the key works again
-    delivered = wait_for(
-        lambda: (r := poster.post(first)).status == "delivered" and r, timeout=5, interval=0.05
-    )
+
+    reports: dict[str, PostReport] = {}
+
+    def probe() -> PostReport | None:
+        # The tick's part: send the batches whose time has come (the probe's).
+        for batch_id in found.batches.dispatch_due(10, 120_000):
+            reports[batch_id] = poster.post(batch_id)
+        delivered = reports.get(first)
+        return delivered if delivered and delivered.status == "delivered" else None
+
+    delivered = wait_for(probe, timeout=5, interval=0.05)
     assert delivered.attempt == 1, "a refused key spends no attempt"
     assert limiter.state().circuit is None
-    assert poster.post(second).status == "delivered"
+    # The probe's success releases the others at once, not a probe interval later.
+    if reports.get(second) is None or reports[second].status != "delivered":
+        assert found.batches.dispatch_due(10, 120_000) == [second]
+        assert poster.post(second).status == "delivered"
     assert DeadLetters(redis_client, found.keys).list() == []
     assert read_status(redis_client, found.keys, limiter).credentials_refused is None
 
@@ -451,48 +493,61 @@ def test_a_refused_key_stops_every_worker_until_a_probe_gets_through(sim, redis_
 # --------------------------------------------------------------------------------------
 
 
-def test_a_claim_lost_while_waiting_for_a_turn_is_never_sent(sim, redis_client):
+def test_a_claim_lost_while_waiting_for_a_turn_is_never_sent(sim, redis_client, monkeypatch):
     """A worker waits for its turn in the budget (or freezes) past its lease; meanwhile the
-    batch is taken over by another worker. Waking up, it must not post: the new holder
-    may already have sent a newer state for these identifiers."""
+    batch is taken back and claimed by another worker. Waking up, it must not post: the new
+    holder may already have sent a newer state for these identifiers."""
     found = services()
     batch_id = email_batch([email(1), email(2)])
     # The budget is promised a little ahead: the grant comes with a short wait, which is
-    # where the poster sleeps, and where this test takes the claim away.
+    # where the poster waits, and where this test takes the claim away.
     now = server_time_ms(redis_client)
     redis_client.hset(found.limiter.key, "tat", now + found.limiter.budget.tolerance_ms + 300)
-    claim_key = found.keys.claim(batch_id)
 
-    def taken_over(_seconds: float) -> None:
-        redis_client.set(claim_key, "another-worker", px=60_000)
+    def taken_over(_seconds: float) -> bool:
+        redis_client.hset(found.keys.claim_tokens, batch_id, "another-worker/1")
+        return True
 
-    poster = Poster(found.settings, found.batches, found.braze, found.limiter, sleep=taken_over)
-    report = poster.post(batch_id)
+    monkeypatch.setattr(found.liveness, "wait", taken_over)
+    report = found.poster().post(batch_id)
 
     assert report.status == "lost"
     assert sim_stats(sim)["requests"] == []  # nothing reached Braze
     assert record(redis_client, batch_id) is not None  # the batch is the new holder's
-    assert redis_client.get(claim_key) == b"another-worker"
+    assert redis_client.hget(found.keys.claim_tokens, batch_id) == b"another-worker/1"
 
 
-def test_a_claim_with_too_little_lease_left_is_not_sent(sim, redis_client):
+def test_a_claim_with_too_little_lease_left_is_not_sent(sim, redis_client, monkeypatch):
     """The lease must outlast the whole request (HTTP_TIMEOUT_SECONDS), or a take-over
     could run beside it."""
     found = services()
     batch_id = email_batch([email(3)])
     now = server_time_ms(redis_client)
     redis_client.hset(found.limiter.key, "tat", now + found.limiter.budget.tolerance_ms + 300)
-    claim_key = found.keys.claim(batch_id)
     timeout_ms = round(found.settings.http_timeout_seconds * 1000)
 
-    def lease_runs_short(_seconds: float) -> None:
-        redis_client.pexpire(claim_key, timeout_ms // 2)
+    def lease_runs_short(_seconds: float) -> bool:
+        ends = server_time_ms(redis_client) + timeout_ms // 2
+        redis_client.zadd(found.keys.claims, {batch_id: ends})
+        return True
 
-    poster = Poster(
-        found.settings, found.batches, found.braze, found.limiter, sleep=lease_runs_short
-    )
-    assert poster.post(batch_id).status == "lost"
+    monkeypatch.setattr(found.liveness, "wait", lease_runs_short)
+    assert found.poster().post(batch_id).status == "lost"
     assert sim_stats(sim)["requests"] == []
+
+
+def test_a_stopping_worker_hands_its_batch_back_unsent(sim, redis_client):
+    """SIGTERM: a post that has not sent yet puts its batch back, due now, for another
+    worker; no attempt is spent and nothing reaches Braze."""
+    found = services()
+    batch_id = email_batch([email(5)])
+    found.liveness.begin_stop()
+    report = found.poster().post(batch_id)
+    assert report.status == "handed_back"
+    assert sim_stats(sim)["requests"] == []
+    assert redis_client.hget(found.keys.schedule_reasons, batch_id) == b"handed_back"
+    assert found.batches.dispatch_due(10, 120_000) == [batch_id]
+    assert record(redis_client, batch_id)["attempts"] == 0
 
 
 def test_fence_passes_for_the_holder_with_lease_enough(redis_client, env):

@@ -33,7 +33,7 @@ def batch(kind: str, values: list[str], group: str = SMS, state: str = "subscrib
 @pytest.fixture
 def poster(env) -> Poster:
     found = services()
-    return Poster(found.settings, found.batches, found.braze)
+    return found.poster()
 
 
 def make_sms_group(poster: Poster) -> None:
@@ -166,7 +166,7 @@ def test_when_the_refusal_ends_the_next_batch_asks_braze_again(sim, env, redis_c
 
     found = services()
     settings = load_settings(group_refusal_seconds=0.5)
-    poster = Poster(settings, found.batches, found.braze)
+    poster = found.poster(settings=settings)
     faults(sim, reject_groups=["gone"])
     assert poster.post(batch("email", [email(1)], group="gone")).status == "dead_lettered"
     before = requests(sim)

@@ -14,10 +14,9 @@ from pydantic import SecretStr
 
 from config.settings import load_settings
 from delivery.braze_client import BrazeClient
-from delivery.poster import Poster
 from delivery.services import services
 from stores.dead_letters import DeadLetters
-from tests.conftest import SIM_KEY, email
+from tests.conftest import SIM_KEY, come_due, email
 from tests.integration.test_poster import email_batch, record
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +54,7 @@ def test_a_transport_error_quoting_the_key_reaches_no_log_record_or_dead_letter(
     secret = f"{SIM_KEY}-{KEY}"
     settings = load_settings(max_attempts=2)
     braze = BrazeClient(sim.url, SecretStr(secret + "\n"), timeout_seconds=5)
-    poster = Poster(settings, services().batches, braze)
+    poster = services().poster(braze, settings)
     batch_id = email_batch([email(1), email(2)])
     caplog.set_level(logging.INFO, logger="braze_subs")
 
@@ -66,6 +65,7 @@ def test_a_transport_error_quoting_the_key_reaches_no_log_record_or_dead_letter(
     assert kept is not None
     assert secret not in kept["error"] and KEY not in kept["error"]  # ...without the key
 
+    come_due(batch_id)
     assert poster.post(batch_id).status == "dead_lettered"
     [entry] = DeadLetters(redis_client, services().keys).list()
     assert "LocalProtocolError" in entry.error
@@ -81,7 +81,7 @@ def test_url_userinfo_in_a_transport_error_is_scrubbed(sim, env, redis_client):
     braze = BrazeClient(
         "http://operator:hunter2-pass@127.0.0.1:9", SecretStr(SIM_KEY), timeout_seconds=5
     )
-    poster = Poster(settings, services().batches, braze)
+    poster = services().poster(braze, settings)
     batch_id = email_batch([email(3)])
     report = poster.post(batch_id)
     assert report.status == "dead_lettered"
