@@ -59,6 +59,15 @@ class Reply:
     headers: dict[str, str]
     latency_ms: float
     error: str | None = None
+    unsent: bool = False  # the fence refused: not one byte of the request was written
+
+
+class _FenceRefused(Exception):
+    """Raised inside httpcore's trace hook to stop a request before its first byte."""
+
+
+# httpcore's trace events right before the request's first byte goes out (HTTP/1.1, 2).
+FIRST_BYTE_EVENTS = ("http11.send_request_headers.started", "http2.send_request_headers.started")
 
 
 class BrazeClient:
@@ -94,13 +103,29 @@ class BrazeClient:
     def __repr__(self) -> str:
         return f"BrazeClient(endpoint={self.endpoint!r})"
 
-    def post(self, path: str, body: dict[str, Any]) -> Reply:
-        return self._exchange(lambda: self._http.post(path, json=body))
+    def post(
+        self, path: str, body: dict[str, Any], *, fence: Callable[[], bool] | None = None
+    ) -> Reply:
+        """POST `body`. `fence`, when given, is asked right before the request's first byte
+        is written (after the pool and the connection are ready, httpcore's trace hook);
+        if it answers False, nothing is sent and the reply says `unsent`."""
+        if fence is None:
+            return self._exchange(lambda: self._http.post(path, json=body))
+
+        def trace(event: str, _info: dict[str, Any]) -> None:
+            if event in FIRST_BYTE_EVENTS and not fence():
+                raise _FenceRefused
+
+        extensions = {"trace": trace}
+        return self._exchange(lambda: self._http.post(path, json=body, extensions=extensions))
 
     def _exchange(self, send: Callable[[], httpx.Response]) -> Reply:
         started = time.perf_counter()
         try:
             response = send()
+        except _FenceRefused:
+            latency_ms = (time.perf_counter() - started) * 1000
+            return Reply(status=None, body="", headers={}, latency_ms=latency_ms, unsent=True)
         except httpx.HTTPError as exc:
             # The exception's text can quote the request's headers (h11 quotes an illegal
             # header value whole) and URLs with userinfo: it is scrubbed before it can

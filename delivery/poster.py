@@ -31,6 +31,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from config.settings import Settings
@@ -171,9 +172,11 @@ class Poster:
         # Fencing: the claim may have been lost while this worker waited for its turn or
         # froze (a paused container): then the batch was taken back, and sending would
         # risk an older state landing after a newer one. Checked last, right before the
-        # send, with lease enough left for the whole exchange.
+        # request's first byte is written, with lease enough left for the whole exchange.
         need_ms = round(self.settings.http_timeout_seconds * 1000)
-        if not self.store.fence([r.id for r in records], token, need_ms):
+        ids = [r.id for r in records]
+        reply = self._send(records, fence=lambda: self.store.fence(ids, token, need_ms))
+        if reply.unsent:
             logger.warning(
                 "batch %s: claim lost before sending (%d identifiers): not sent; it was taken "
                 "back and goes out from the schedule",
@@ -181,7 +184,6 @@ class Poster:
                 report.size,
             )
             return replace(report, status=PostStatus.LOST, detail="claim lost before sending")
-        reply = self._send(records)
         result = classify(reply.status, reply.body, reply.error)
         report = replace(
             report,
@@ -340,11 +342,12 @@ class Poster:
             siblings.append(record)
         return siblings
 
-    def _send(self, records: list[BatchRecord]) -> Reply:
+    def _send(self, records: list[BatchRecord], fence: Callable[[], bool]) -> Reply:
         if self.settings.braze_api_version == "v2":
-            return self.braze.post(V2_PATH, v2_body([(r.key, r.values) for r in records]))
+            body = v2_body([(r.key, r.values) for r in records])
+            return self.braze.post(V2_PATH, body, fence=fence)
         (record,) = records
-        return self.braze.post(V1_PATH, v1_body(record.key, record.values))
+        return self.braze.post(V1_PATH, v1_body(record.key, record.values), fence=fence)
 
     def _settle(
         self,

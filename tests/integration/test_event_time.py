@@ -347,10 +347,10 @@ def test_forget_while_the_batch_is_being_posted(env, sim, redis_client):
     [batch_id] = take_all()
     original = poster.braze.post
 
-    def erase_then_fail(path: str, body: Any) -> Any:
+    def erase_then_fail(path: str, body: Any, **options: Any) -> Any:
         result = run_cli("forget", "--email", target)
         assert result.returncode == 0, result.stderr
-        reply = original(path, body)
+        reply = original(path, body, **options)
         return reply
 
     poster.braze.post = erase_then_fail

@@ -231,8 +231,8 @@ def test_only_the_rejected_identifier_is_dead_lettered(sim, poster, redis_client
     if not named:  # Braze's message does not say which identifier: halving finds it
         original = poster.braze.post
 
-        def anonymous(path, body):
-            reply = original(path, body)
+        def anonymous(path, body, **options):
+            reply = original(path, body, **options)
             return (
                 replace(reply, body='{"message": "Bad request"}') if reply.status == 400 else reply
             )
@@ -558,3 +558,23 @@ def test_fence_passes_for_the_holder_with_lease_enough(redis_client, env):
     assert found.batches.fence([batch_id], "me", 10_000)
     assert not found.batches.fence([batch_id], "someone-else", 10_000)
     assert not found.batches.fence([batch_id], "me", 61_000)
+
+
+def test_the_fence_runs_right_before_the_first_byte(sim, redis_client, monkeypatch):
+    """The claim is checked after the connection is ready, immediately before the request
+    is written (httpcore's trace hook): a claim taken back while the worker waited for a
+    connection still stops the request, and nothing reaches Braze."""
+    found = services()
+    batch_id = email_batch([email(6)])
+    original = found.batches.fence
+    checked: list[bool] = []
+
+    def fence_after_take_back(ids: list[str], token: str, need_ms: int) -> bool:
+        redis_client.hset(found.keys.claim_tokens, batch_id, "another-worker/1")
+        checked.append(original(ids, token, need_ms))
+        return checked[-1]
+
+    monkeypatch.setattr(found.batches, "fence", fence_after_take_back)
+    report = found.poster().post(batch_id)
+    assert (report.status, checked) == ("lost", [False])
+    assert sim_stats(sim)["requests"] == []

@@ -1,0 +1,341 @@
+"""A model of the claim protocol, checked over every interleaving (pure, no Redis).
+
+Two worker processes post batches for one identifier while the coalescer's tick takes
+claims back from workers whose heartbeat is gone, sends due batches from the schedule and
+sweeps lost messages, and a producer writes a newer state for the identifier. Any worker
+may freeze (SIGSTOP: its heartbeat expires) at any step and thaw later; a request may fail.
+Each step is one Lua script (or one request) of the real system:
+
+- claim_batch.lua: a message claims a batch only if it is neither claimed nor scheduled,
+  and a batch whose member is superseded by a pending newer change ends empty;
+- fence_batch.lua + the request: the fence runs right before the first byte is written
+  (httpcore's trace hook, delivery/braze_client.py), so the model treats fence-and-write as
+  one step (the limit of any fencing without Braze's help: README, guarantees);
+- finish_batch.lua / defer_batch.lua: only the claim's holder ends or defers;
+- take_back.lua: only from a holder whose heartbeat is gone (for a request already sent,
+  only once it has timed out; the model takes it back at once, which is harsher);
+- dispatch_due.lua, sweep_batches.lua, and the buffer's lock (finish unlocks, the tick cuts
+  the newer change into a batch of its own).
+
+Checked in every reachable state: no request is sent without a live claim; Braze never
+receives an older state after a newer one; a batch is sent again only when its earlier
+request failed or its outcome is unknown (the sender died or froze after sending): never
+because of a duplicate message; and every run that can go no further has delivered the
+newest state. The same checker, run on the protocol as it was before (no fence, unchecked
+finish, leases that expire under a frozen worker), finds the stale state of issue 9.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import pytest
+
+OLD, NEW = 1, 2  # the identifier's states, in the order they were written
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Switches between the protocol as built and as it was."""
+
+    fence: bool = True  # the claim is checked right before the send
+    checked_finish: bool = True  # finish/defer only by the claim's holder
+    take_back_live: bool = False  # a claim can be lost by a live-but-frozen holder's lease
+    # expiring with no heartbeat known: the old lease-only protocol
+
+
+@dataclass(frozen=True)
+class Worker:
+    alive: bool = True
+    # None (idle), or (batch, token, phase, outcome) with phase "claimed" or "sent"
+    job: tuple[str, int, str, str] | None = None
+
+
+@dataclass(frozen=True)
+class State:
+    batches: frozenset[tuple[str, int]]  # (batch id, state it carries)
+    claims: frozenset[tuple[str, int, int]]  # (batch id, token, holder worker index)
+    schedule: frozenset[str]
+    messages: tuple[str, ...]  # sorted multiset of "post this batch now" messages
+    locked_by: str | None  # the batch that locks the identifier
+    pending: int | None  # a newer change waiting in the buffer
+    braze: int | None  # the state Braze holds
+    sends: frozenset[tuple[str, str]]  # (batch id, its last request: inflight|failed|...)
+    workers: tuple[Worker, Worker]
+    next_token: int = 1
+    freezes: int = 2
+    sweeps: int = 2
+    failures: int = 1
+    enqueued: bool = False
+    violation: str | None = None
+
+
+def start() -> State:
+    return State(
+        batches=frozenset({("b1", OLD)}),
+        claims=frozenset(),
+        schedule=frozenset(),
+        messages=("b1",),
+        locked_by="b1",
+        pending=None,
+        braze=None,
+        sends=frozenset(),
+        workers=(Worker(), Worker()),
+    )
+
+
+def _holder(state: State, batch: str) -> tuple[int, int] | None:
+    for b, token, worker in state.claims:
+        if b == batch:
+            return token, worker
+    return None
+
+
+def _version(state: State, batch: str) -> int | None:
+    return next((v for b, v in state.batches if b == batch), None)
+
+
+def _send_status(state: State, batch: str) -> str:
+    return next((s for b, s in state.sends if b == batch), "none")
+
+
+def _with_send(state: State, batch: str, status: str) -> frozenset[tuple[str, str]]:
+    return frozenset({(b, s) for b, s in state.sends if b != batch} | {(batch, status)})
+
+
+def _set_worker(state: State, index: int, worker: Worker) -> tuple[Worker, Worker]:
+    workers = list(state.workers)
+    workers[index] = worker
+    return (workers[0], workers[1])
+
+
+def _end_batch(state: State, batch: str) -> State:
+    """finish_batch.lua's effect: the record goes, the lock is released."""
+    return replace(
+        state,
+        batches=frozenset(x for x in state.batches if x[0] != batch),
+        claims=frozenset(c for c in state.claims if c[0] != batch),
+        schedule=state.schedule - {batch},
+        locked_by=None if state.locked_by == batch else state.locked_by,
+    )
+
+
+def steps(state: State, rules: Rules) -> Iterator[tuple[str, State]]:
+    """Every step that can happen next."""
+    # --- the producer writes the newer state once -----------------------------------------
+    if not state.enqueued:
+        yield "enqueue", replace(state, pending=NEW, enqueued=True)
+    # --- the tick ----------------------------------------------------------------------------
+    if state.locked_by is None and state.pending is not None:  # cut the newer change
+        yield (
+            "cut",
+            replace(
+                state,
+                batches=state.batches | {("b2", state.pending)},
+                locked_by="b2",
+                pending=None,
+                messages=tuple(sorted((*state.messages, "b2"))),
+            ),
+        )
+    for batch in sorted(state.schedule):  # dispatch_due.lua
+        yield (
+            f"due {batch}",
+            replace(
+                state,
+                schedule=state.schedule - {batch},
+                messages=tuple(sorted((*state.messages, batch))),
+            ),
+        )
+    for batch, token, worker in sorted(state.claims):  # take_back.lua
+        dead = not state.workers[worker].alive
+        # The old protocol: a lease runs out under a holder that is frozen in a way the
+        # system cannot see (bounded like the freezes).
+        expires = rules.take_back_live and state.freezes > 0
+        if dead or expires:
+            yield (
+                f"take back {batch}",
+                replace(
+                    state,
+                    freezes=state.freezes - (not dead),
+                    claims=state.claims - {(batch, token, worker)},
+                    # The old protocol: the lease ran out and the sweep sends a message;
+                    # now: the batch waits in the schedule, due now.
+                    schedule=state.schedule if rules.take_back_live else state.schedule | {batch},
+                    messages=(
+                        tuple(sorted((*state.messages, batch)))
+                        if rules.take_back_live
+                        else state.messages
+                    ),
+                    sends=(
+                        _with_send(state, batch, "unknown")
+                        if _send_status(state, batch) == "inflight"
+                        else state.sends
+                    ),
+                ),
+            )
+    if state.sweeps:  # sweep_batches.lua: a duplicate message for a batch between states
+        for batch, _v in sorted(state.batches):
+            if _holder(state, batch) is None and batch not in state.schedule:
+                yield (
+                    f"sweep {batch}",
+                    replace(
+                        state,
+                        sweeps=state.sweeps - 1,
+                        messages=tuple(sorted((*state.messages, batch))),
+                    ),
+                )
+    # --- the workers -------------------------------------------------------------------------
+    for index, worker in enumerate(state.workers):
+        if not worker.alive:
+            yield (
+                f"w{index} thaws",
+                replace(state, workers=_set_worker(state, index, Worker(True, worker.job))),
+            )
+            continue
+        if state.freezes:
+            yield (
+                f"w{index} freezes",
+                replace(
+                    state,
+                    freezes=state.freezes - 1,
+                    workers=_set_worker(state, index, Worker(False, worker.job)),
+                ),
+            )
+        yield from _worker_steps(state, index, worker, rules)
+
+
+def _worker_steps(
+    state: State, index: int, worker: Worker, rules: Rules
+) -> Iterator[tuple[str, State]]:
+    if worker.job is None:
+        for batch in sorted(set(state.messages)):  # a message arrives: claim_batch.lua
+            messages = list(state.messages)
+            messages.remove(batch)
+            after = replace(state, messages=tuple(messages))
+            version = _version(state, batch)
+            claimable = (
+                version is not None
+                and _holder(state, batch) is None
+                and batch not in state.schedule
+            )
+            if claimable and state.pending is not None and state.locked_by == batch:
+                yield f"w{index} claims {batch}: empty", _end_batch(after, batch)
+            elif claimable:
+                token = state.next_token
+                yield (
+                    f"w{index} claims {batch}",
+                    replace(
+                        after,
+                        claims=state.claims | {(batch, token, index)},
+                        next_token=token + 1,
+                        workers=_set_worker(state, index, Worker(True, (batch, token, "c", ""))),
+                    ),
+                )
+            else:
+                yield f"w{index} drops a message for {batch}", after
+        return
+    batch, token, phase, outcome = worker.job
+    held = _holder(state, batch) == (token, index)
+    idle = _set_worker(state, index, Worker(True, None))
+    if phase == "c":  # fence_batch.lua, then the request's first byte
+        if rules.fence and not held:
+            yield f"w{index} fence refuses {batch}", replace(state, workers=idle)
+            return
+        version = _version(state, batch)
+        assert version is not None or not rules.checked_finish
+        violation = state.violation
+        if not held:
+            violation = violation or f"w{index} sent {batch} without a live claim"
+        if state.braze is not None and version is not None and version < state.braze:
+            violation = violation or f"w{index} sent state {version} after {state.braze}"
+        if _send_status(state, batch) in ("inflight", "done"):
+            violation = violation or f"{batch} sent again though its outcome was known"
+        for result in ("ok", "fail") if state.failures else ("ok",):
+            yield (
+                f"w{index} sends {batch} ({result})",
+                replace(
+                    state,
+                    braze=version if version is not None else state.braze,
+                    sends=_with_send(state, batch, "inflight"),
+                    failures=state.failures - (result == "fail"),
+                    workers=_set_worker(state, index, Worker(True, (batch, token, "s", result))),
+                    violation=violation,
+                ),
+            )
+        return
+    # phase "s": act on the answer with finish_batch.lua / defer_batch.lua
+    may = held or (not rules.checked_finish and _holder(state, batch) is None)
+    if not may:
+        yield f"w{index} lost {batch}: reports nothing", replace(state, workers=idle)
+    elif outcome == "ok":
+        ended = _end_batch(state, batch)
+        yield (
+            f"w{index} finishes {batch}",
+            replace(ended, workers=idle, sends=_with_send(state, batch, "done")),
+        )
+    else:
+        yield (
+            f"w{index} defers {batch}",
+            replace(
+                state,
+                claims=frozenset(c for c in state.claims if c[0] != batch),
+                schedule=state.schedule | {batch},
+                sends=_with_send(state, batch, "failed"),
+                workers=idle,
+            ),
+        )
+
+
+def finished(state: State) -> bool:
+    return not state.batches and state.pending is None and state.enqueued
+
+
+def explore(rules: Rules) -> tuple[int, list[str] | None]:
+    """Visit every reachable state; return how many, and a run to the first violation (or
+    to a state that can go no further without having delivered the newest state)."""
+    first = start()
+    parents: dict[State, tuple[State, str] | None] = {first: None}
+    stack = [first]
+
+    def path(state: State) -> list[str]:
+        names = []
+        while (link := parents[state]) is not None:
+            state, name = link
+            names.append(name)
+        return names[::-1]
+
+    while stack:
+        state = stack.pop()
+        if state.violation:
+            return len(parents), [*path(state), state.violation]
+        moves = list(steps(state, rules))
+        progress = [m for m in moves if "freezes" not in m[0]]
+        if not progress and not (finished(state) and state.braze == NEW):
+            return len(parents), [*path(state), f"stuck: {state}"]
+        for name, following in moves:
+            if following not in parents:
+                parents[following] = (state, name)
+                stack.append(following)
+    return len(parents), None
+
+
+def test_no_interleaving_sends_without_a_live_claim_or_a_stale_state():
+    visited, counterexample = explore(Rules())
+    assert counterexample is None, "\n".join(counterexample)
+    assert visited > 10_000  # the interleavings were explored, not a handful
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        Rules(fence=False, checked_finish=False, take_back_live=True),  # as it was
+        Rules(fence=False),  # a take-back is safe only with the fence before the send
+        Rules(take_back_live=True, fence=False),
+    ],
+    ids=["old-protocol", "no-fence", "lease-only-no-fence"],
+)
+def test_the_checker_finds_the_stale_state_without_fencing(rules):
+    _visited, counterexample = explore(rules)
+    assert counterexample is not None
+    assert "without a live claim" in counterexample[-1] or "after" in counterexample[-1]
