@@ -56,9 +56,8 @@ from delivery.braze_client import V1_PATH, V2_PATH, BrazeClient, Reply, v1_body,
 from delivery.braze_reads import BrazeReadError, ReadDeferred
 from delivery.liveness import Liveness
 from delivery.opt_outs import OptOutCheck
-from stores import counters as metrics
 from stores.batch_records import BatchRecord, BatchStore, ClaimStatus, Deferred, Ended
-from stores.buffer import server_time_ms
+from stores.counters import Counters
 from stores.limiter import Grant, RateLimiter
 from stores.refusals import Refusals
 
@@ -111,6 +110,8 @@ class Poster:
         braze: BrazeClient,
         limiter: RateLimiter,
         liveness: Liveness,
+        counters: Counters,
+        refusals: Refusals,
         *,
         rng: random.Random | None = None,
         opt_outs: OptOutCheck | None = None,
@@ -120,9 +121,10 @@ class Poster:
         self.braze = braze
         self.limiter = limiter
         self.liveness = liveness  # this process's heartbeat, held claims and stop signal
+        self.counters = counters
+        self.refusals = refusals  # groups Braze refuses as a whole; halves of a split
         self.rng = rng or random.Random()
         self.opt_outs = opt_outs  # respect_opt_out: leave out who opted out in Braze
-        self.refusals = Refusals(store.client, store.keys)
         self.grace_ms = round(settings.batch_redispatch_seconds * 1000)
 
     # --- the steps ------------------------------------------------------------------------
@@ -138,8 +140,31 @@ class Poster:
         live.hold(batch_id, token)
         try:
             return self._post_claimed(claim.record, token, lease_ms)
+        except Exception:
+            self._give_back_after_error(token)
+            raise
         finally:
             live.release_token(token)
+
+    def _give_back_after_error(self, token: str) -> None:
+        """An error of this process mid-post (Redis unreachable, a bug): put what it holds
+        back into the schedule at once rather than let it wait for the lease to run out.
+        If the request had been sent its outcome is unknown, and a retry is what that
+        calls for; if Redis is unreachable this fails too and the lease bounds the wait."""
+        held = [b for b, held_by in self.liveness.held().items() if held_by == token]
+        for batch_id in held:
+            try:
+                self.store.defer(
+                    batch_id,
+                    token,
+                    error="error in the worker while posting",
+                    count_attempt=False,
+                    due_in_ms=round(self.settings.retry_backoff_base_seconds * 1000),
+                    reason=WaitReason.RETRY,
+                    grace_ms=self.grace_ms,
+                )
+            except Exception as exc:  # the original error is the one that matters
+                logger.warning("batch %s: could not be given back: %s", batch_id, exc)
 
     def _post_claimed(self, lead: BatchRecord, token: str, lease_ms: int) -> PostReport:
         records = [lead]
@@ -211,9 +236,9 @@ class Poster:
         if not grant.granted:
             jitter = self.rng.uniform(0, max(0.05, grant.wait_seconds / 2))
             wait = grant.wait_seconds + jitter
-            paused = self.limiter.paused_for() > 0
-            reason = WaitReason.PAUSED if paused else WaitReason.BUDGET
-            if self.limiter.state().circuit:
+            state = self.limiter.state()
+            reason = WaitReason.PAUSED if state.paused_until_ms else WaitReason.BUDGET
+            if state.circuit:
                 reason = WaitReason.CREDENTIALS
             why = {
                 WaitReason.PAUSED: "posting paused after a 429",
@@ -359,11 +384,7 @@ class Poster:
     ) -> PostReport:
         settings = self.settings
         rate = parse_rate_limit(reply.headers)
-        client = self.store.client
-        metrics.record(
-            client,
-            self.store.keys,
-            server_time_ms(client),
+        self.counters.request(
             identifiers=report.size,
             throttled=result.outcome is Outcome.RATE_LIMITED,
             endpoint=V2_PATH if settings.braze_api_version == "v2" else V1_PATH,
@@ -504,7 +525,7 @@ class Poster:
             # One member (cannot happen: a single member is dead-lettered, not split), or
             # the claim was taken back meanwhile: its next holder decides.
             return replace(report, status=PostStatus.LOST, detail="not split: claim lost")
-        metrics.count(self.store.client, self.store.keys, "splits")
+        self.counters.add("splits")
         return replace(report, status=PostStatus.SPLIT)
 
     def _condemn(
@@ -516,7 +537,6 @@ class Poster:
             key.state.value,
             key.kind.value,
             detail,
-            now_ms=server_time_ms(self.store.client),
             seconds=self.settings.group_refusal_seconds,
         )
         logger.error(
@@ -587,10 +607,7 @@ class Poster:
                 ended.append(self.store.delivered(record.id, token, sent=record.values, **answer))
         if any(finish.status is Ended.LOST for finish in ended):
             return self._lost_during_request(report)
-        pipe = self.store.client.pipeline(transaction=False)
-        pipe.hincrby(self.store.keys.stats, "delivery_errors", len(errors))
-        pipe.hincrby(self.store.keys.stats, "delivered_with_errors", 1)
-        pipe.execute()
+        self.counters.delivery_errors(len(errors))
         logger.warning(
             "batch %s delivered with %d error(s) from Braze, %d identifier(s) dead-lettered: %s",
             report.batch_id,

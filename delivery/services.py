@@ -24,12 +24,14 @@ from stores import counters
 from stores.batch_records import BatchStore
 from stores.buffer import Buffer, server_time_ms
 from stores.connection import redis_client
+from stores.counters import Counters
 from stores.dead_letters import DeadLetters
 from stores.heartbeats import Heartbeats
 from stores.history import Retention
 from stores.keys import Keys
 from stores.limiter import Budget, RateLimiter
 from stores.opt_out_reads import OptOutReads
+from stores.refusals import Refusals
 from stores.scripts import Scripts
 
 
@@ -99,6 +101,8 @@ class Services:
             braze or self.braze,
             self.limiter,
             self.liveness,
+            Counters(self.redis, self.keys),
+            Refusals(self.redis, self.keys),
             opt_outs=self.opt_outs,
         )
 

@@ -132,3 +132,40 @@ def arrival_rate(client: Redis, keys: Keys, now_ms: float, window_ms: float) -> 
     oldest_ms, oldest_total = within[-1]
     elapsed = max(now_ms - oldest_ms, SAMPLE_SPACING_MS)
     return max(0.0, (total - oldest_total) * 1000 / elapsed)
+
+
+class Counters:
+    """The counters one poster writes, bound to its Redis (so the poster need not reach
+    into another store's client)."""
+
+    def __init__(self, client: Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def request(
+        self, *, identifiers: int, throttled: bool, endpoint: str, status: int | None
+    ) -> None:
+        """One post answered (or not): per second, and in the totals by endpoint and HTTP
+        status. The second is Redis's, so every worker counts on one clock."""
+        seconds, micros = self.client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        record(
+            self.client,
+            self.keys,
+            now_ms,
+            identifiers=identifiers,
+            throttled=throttled,
+            endpoint=endpoint,
+            status=status,
+        )
+
+    def add(self, event: str, amount: int = 1) -> None:
+        """Add to a named total since start (e.g. "splits")."""
+        count(self.client, self.keys, event, amount)
+
+    def delivery_errors(self, errors: int) -> None:
+        """A 2xx answer that carried `errors` entries."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hincrby(self.keys.stats, "delivery_errors", errors)
+        pipe.hincrby(self.keys.stats, "delivered_with_errors", 1)
+        pipe.execute()

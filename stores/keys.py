@@ -63,17 +63,13 @@ class Keys:
 
     @property
     def batches(self) -> str:
-        """ZSET batch id -> time (ms) after which the sweep dispatches it again."""
+        """ZSET batch id -> sweep deadline (ms): every batch cut and not yet finished; one
+        neither claimed nor waiting in the schedule past its deadline gets another message."""
         return self._key("batches")
 
     def batch(self, batch_id: str) -> str:
         """STRING JSON record of one batch, written when its changes leave the buffer."""
         return self._key(f"batch:{batch_id}")
-
-    def claim(self, batch_id: str) -> str:
-        """STRING token of the worker posting the batch now; expires with its lease.
-        (Replaced by `claims` and `claim_tokens` as issue 9 lands.)"""
-        return self._key(f"claim:{batch_id}")
 
     @property
     def claims(self) -> str:

@@ -58,8 +58,20 @@ class Refusals:
         return None if raw is None else Refusal.from_json(raw)
 
     def refuse(
-        self, group_id: str, state: str, kind: str, detail: str, *, now_ms: int, seconds: float
+        self,
+        group_id: str,
+        state: str,
+        kind: str,
+        detail: str,
+        *,
+        seconds: float,
+        now_ms: int | None = None,
     ) -> Refusal:
+        """Refuse group + state + kind for `seconds` from `now_ms` (Redis's clock when
+        None)."""
+        if now_ms is None:
+            now, micros = self.client.time()
+            now_ms = int(now) * 1000 + int(micros) // 1000
         ttl_ms = max(1, round(seconds * 1000))
         refusal = Refusal(group_id, state, kind, detail, now_ms, now_ms + ttl_ms)
         raw = json.dumps(

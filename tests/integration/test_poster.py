@@ -23,9 +23,11 @@ from delivery.poster import Poster, PostReport
 from delivery.services import services
 from stores.batch_records import BatchRecord
 from stores.buffer import server_time_ms
+from stores.counters import Counters
 from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
 from stores.limiter import RateLimiter
+from stores.refusals import Refusals
 from tests.conftest import come_due, email, take_each, wait_for
 
 GROUP = "news"
@@ -428,7 +430,7 @@ def test_pack_sibling_is_sent_when_its_lead_was_superseded(sim, redis_client):
         ]
     )
     settings = load_settings(braze_api_version="v2")
-    poster = Poster(settings, found.batches, found.braze, found.limiter, found.liveness)
+    poster = found.poster(settings=settings)
 
     assert poster.post(lead).status == "empty"
     # The sibling was to travel with the lead's message: it waits in the schedule, due now,
@@ -448,7 +450,15 @@ def test_a_refused_key_stops_every_worker_until_a_probe_gets_through(sim, redis_
         max_wait_seconds=2,
         probe_interval_seconds=settings.credentials_probe_seconds,
     )
-    poster = Poster(settings, found.batches, found.braze, limiter, found.liveness)
+    poster = Poster(
+        settings,
+        found.batches,
+        found.braze,
+        limiter,
+        found.liveness,
+        Counters(found.redis, found.keys),
+        Refusals(found.redis, found.keys),
+    )
     first, second = email_batch([email(1)]), email_batch([email(2)], "unsubscribed")
     faults(sim, api_keys=["revoked"])
 
@@ -578,3 +588,21 @@ def test_the_fence_runs_right_before_the_first_byte(sim, redis_client, monkeypat
     report = found.poster().post(batch_id)
     assert (report.status, checked) == ("lost", [False])
     assert sim_stats(sim)["requests"] == []
+
+
+def test_an_error_mid_post_gives_the_batch_back_at_once(sim, redis_client, monkeypatch):
+    """A bug or a dropped connection in this process while it posts: the batch goes back
+    into the schedule (no attempt spent) instead of waiting for its lease to run out."""
+    found = services()
+    batch_id = email_batch([email(7)])
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(found.braze, "post", broken)
+    with pytest.raises(RuntimeError):
+        found.poster().post(batch_id)
+    assert redis_client.hexists(found.keys.claim_tokens, batch_id) == 0
+    assert redis_client.hget(found.keys.schedule_reasons, batch_id) == b"retry"
+    assert record(redis_client, batch_id)["attempts"] == 0
+    assert found.liveness.held() == {}
