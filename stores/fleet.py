@@ -31,7 +31,9 @@ WAIT_REASONS: tuple[str, ...] = tuple(reason.value for reason in WaitReason)
 WORKERS_READ = 200
 # How many alive worker ids `status --json` lists.
 ALIVE_IDS_SHOWN = 20
-# "Seen lately": a heartbeat in the last day (the workers list keeps a day).
+# "Seen lately": in the workers list with a beat in the last day: the alive, and the dead
+# the coalescer's tick has not yet taken back from (take_back.lua removes a dead worker
+# from the list once it holds nothing, so this is not a day's history of the fleet).
 SEEN_WINDOW_MS = 24 * 3600 * 1000
 
 
@@ -53,7 +55,7 @@ class Workers:
     """The worker processes, by their heartbeats."""
 
     alive: int  # heartbeat key present now
-    seen_last_day: int  # in the workers list with a heartbeat in the last day
+    seen_last_day: int  # alive, or dead and still holding something (see SEEN_WINDOW_MS)
     alive_ids: list[str] = field(default_factory=list)  # sorted, at most ALIVE_IDS_SHOWN
 
 
