@@ -150,8 +150,14 @@ def test_prometheus_sees_backlog_requests_429s_and_a_refused_key(
         what="Prometheus to see the backlog of 3,000",
     )
     assert prometheus.value("braze_subs_buffer_oldest_due_age_seconds") >= 0
+    assert prometheus.value("braze_subs_workers_alive") == 0  # BrazeSubsNoWorkerAlive's input
     processes.worker("w1", concurrency=8)
     processes.beat()
+    wait_for(
+        lambda: prometheus.value("braze_subs_workers_alive") == 1,
+        timeout=30,
+        what="Prometheus to see the worker's heartbeat",
+    )
     wait_for(
         lambda: (
             prometheus.value("braze_subs_buffer_pending") == 0
@@ -209,6 +215,21 @@ def test_prometheus_sees_backlog_requests_429s_and_a_refused_key(
         what="Prometheus to see the credentials circuit open (401)",
     )
     assert prometheus.by_label("braze_subs_posting_paused == 1", "reason") == {"credentials": 1.0}
+    # The refused batches wait in the schedule for the next probe, not in a worker.
+    wait_for(
+        lambda: (
+            (
+                prometheus.value(
+                    'max_over_time(braze_subs_waiting_batches{reason="credentials"}[10m])'
+                )
+                or 0
+            )
+            >= 1
+        ),
+        timeout=30,
+        interval=0.5,
+        what="Prometheus to see batches waiting for the key",
+    )
     faults(sim, api_keys=[SIM_KEY])
     wait_for(
         lambda: (
@@ -236,6 +257,11 @@ def test_prometheus_sees_backlog_requests_429s_and_a_refused_key(
     )
     assert set(endpoints) == {"/subscription/status/set"}
     assert prometheus.value("braze_subs_dead_letter_entries") == 0
+    wait_for(
+        lambda: prometheus.value("sum(braze_subs_waiting_batches)") == 0,
+        timeout=30,
+        what="the schedule to be empty in Prometheus",
+    )
 
     # A change that occurred before one already accepted is dropped, and counted as stale.
     newer, older = changes(5000, 1, "unsubscribed")[0], changes(5000, 1)[0]
