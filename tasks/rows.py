@@ -10,7 +10,7 @@ Files are read as UTF-8 (a leading BOM is ignored); a line that is not valid UTF
 bad row, not a crash. Problems with the file as a whole (unknown suffix, unreadable file,
 missing CSV column) raise `ImportFileError`.
 
-`read_rows` / `iter_changes` / `validate_file` go row by row. For bulk work (`braze-subs
+`iter_changes` goes row by row (`braze-subs verify`). For bulk work (`braze-subs
 import`) the file is read in chunks instead (`read_chunks`): a few thousand lines, with
 their line numbers, that `check_chunk` validates on its own, in this process or in a worker
 process (`tasks.parallel`). A chunk's result carries its errors and the enqueue-script
@@ -26,8 +26,8 @@ import csv
 import itertools
 import json
 import pickle
-from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,8 +43,6 @@ from stores.buffer import ARGS_PER_CHANGE, encode_change
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 CSV_SUFFIXES = frozenset({".csv"})
 REQUIRED_COLUMNS: tuple[str, ...] = ("subscription_group_id", "subscription_state")
-# Rows between two calls of a progress callback.
-PROGRESS_EVERY = 1000
 # Physical lines per chunk of `read_chunks`: big enough that sending a chunk to a worker
 # process costs little beside validating it (2,000 rows are 10-100 ms of work), small
 # enough that the chunks in flight hold little memory.
@@ -112,73 +110,21 @@ class RowError:
         return f"line {self.line}: {self.message}"
 
 
-@dataclass(slots=True)
-class ValidationReport:
-    """Counts for a whole file, and its row errors (possibly capped by `max_errors`)."""
-
-    rows: int = 0
-    valid: int = 0
-    invalid: int = 0
-    errors: list[RowError] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.invalid == 0
-
-    @property
-    def errors_truncated(self) -> bool:
-        """True when more rows were invalid than `errors` holds."""
-        return self.invalid > len(self.errors)
-
-
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, Row | InvalidRow]]:
-    """Yield (line number, row) lazily; a line that is not a row yields `InvalidRow`.
-
-    An unsupported suffix raises `ImportFileError` at once; an unreadable file or (CSV) a
-    missing header column raises it on the first `next()`, before any row.
-    """
-    path = Path(path)
-    return _read_jsonl(path) if _is_jsonl(path) else _read_csv(path)
-
-
 def iter_changes(path: Path) -> Iterator[tuple[int, Change | RowError]]:
     """Yield (line number, `Change` or `RowError`) for every row, in file order.
 
-    Stateless: each call reopens and streams the file, so it is cheap to call twice.
+    An unsupported suffix raises `ImportFileError` at once; an unreadable file or (CSV) a
+    missing header column raises it on the first `next()`, before any row. Stateless:
+    each call reopens and streams the file, so it is cheap to call twice.
     """
-    return _changes(read_rows(path))
-
-
-def validate_file(
-    path: Path,
-    max_errors: int | None = None,
-    progress: Callable[[int], None] | None = None,
-    on_change: Callable[[Change], None] | None = None,
-) -> ValidationReport:
-    """Stream the whole file and count rows; keep the first `max_errors` errors (all if None).
-
-    Only errors are stored, never rows. `progress`, if given, is called with the current
-    line number every `PROGRESS_EVERY` rows; `on_change`, if given, with every valid change.
-    """
-    report = ValidationReport()
-    for line, item in iter_changes(path):
-        report.rows += 1
-        if progress is not None and report.rows % PROGRESS_EVERY == 0:
-            progress(line)
-        if isinstance(item, RowError):
-            report.invalid += 1
-            if max_errors is None or len(report.errors) < max_errors:
-                report.errors.append(item)
-        else:
-            report.valid += 1
-            if on_change is not None:
-                on_change(item)
-    return report
+    path = Path(path)
+    rows = _read_jsonl(path) if _is_jsonl(path) else _read_csv(path)
+    return _changes(rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +180,7 @@ def unpack_args(packed: bytes) -> list[bytes]:
 def read_chunks(path: Path, lines: int = CHUNK_LINES) -> Iterator[Chunk]:
     """Yield the file lazily as chunks of about `lines` physical lines each, in order.
 
-    Raises `ImportFileError` like `read_rows`. A JSON Lines chunk is raw lines, so the
+    Raises `ImportFileError` like `iter_changes`. A JSON Lines chunk is raw lines, so the
     reading process only splits the file; CSV is parsed here (records may span lines) and
     its chunks hold cells. Either way a chunk is validated by `check_chunk` alone.
     """

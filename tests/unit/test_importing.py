@@ -4,42 +4,35 @@ Process pools and enqueueing into Redis: tests/integration/test_importing.py."""
 from __future__ import annotations
 
 import json
-import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from core.changes import Change, IdentifierKind
-from stores.buffer import encode_changes
+from core.changes import Change, IdentifierKind, SubscriptionState
 from tasks.bulk_import import checked_chunks
 from tasks.rows import (
     CsvChunk,
     ImportFileError,
-    InvalidRow,
     RowError,
-    ValidationReport,
     iter_changes,
     read_chunks,
-    read_rows,
-    validate_file,
 )
-
-GOOD = {"subscription_group_id": "g", "subscription_state": "subscribed"}
-HEADER = "subscription_group_id,subscription_state,external_id,email,phone\n"
-
-
-def jsonl(obj: dict[str, Any]) -> str:
-    return json.dumps(obj) + "\n"
-
-
-def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
-    path = tmp_path / name
-    if isinstance(content, str):
-        content = content.encode("utf-8")
-    path.write_bytes(content)
-    return path
+from tests.import_files import (
+    GOOD,
+    HEADER,
+    LINES,
+    LONG_ID,
+    PEAK_LIMIT,
+    TRICKY_CSV,
+    TRICKY_JSONL,
+    big_file,
+    jsonl,
+    mixed_lines,
+    peak_while,
+    verdict_by_chunks,
+    verdict_by_rows,
+    write,
+)
 
 
 def errors_by_line(path: Path) -> dict[int, RowError]:
@@ -87,13 +80,12 @@ def test_jsonl_line_numbers_count_blank_lines(tmp_path: Path) -> None:
 )
 def test_jsonl_non_object_line_is_a_row_error(tmp_path: Path, line: str, fragment: str) -> None:
     path = write(tmp_path, "c.ndjson", jsonl({**GOOD, "external_id": "u"}) + line + "\n")
-    (first_line, first), (bad_line, bad) = list(read_rows(path))
+    (first_line, first), (bad_line, error) = list(iter_changes(path))
     assert first_line == 1
-    assert isinstance(first, dict)
+    assert isinstance(first, Change)
     assert bad_line == 2
-    assert isinstance(bad, InvalidRow)
-    assert fragment in bad.message
-    error = errors_by_line(path)[2]
+    assert isinstance(error, RowError)
+    assert fragment in error.message
     assert error.field == ""
     assert str(error).startswith("line 2: line is not a JSON object")
 
@@ -116,7 +108,9 @@ def test_jsonl_bom_and_invalid_utf8(tmp_path: Path) -> None:
 
 def test_jsonl_without_trailing_newline(tmp_path: Path) -> None:
     path = write(tmp_path, "c.jsonl", json.dumps({**GOOD, "external_id": "u"}))
-    assert [line for line, _ in read_rows(path)] == [1]
+    ((line, change),) = list(iter_changes(path))
+    assert line == 1
+    assert isinstance(change, Change)
 
 
 # --------------------------------------------------------------------------------------
@@ -150,17 +144,15 @@ def test_csv_empty_cells_are_absent_and_types_come_from_strings(tmp_path: Path) 
         "use_double_opt_in_logic,delay_seconds\n"
     )
     content = header + "g,subscribed,,,+44 7911 123456,yes,30\n" + "g,unsubscribed,u,,,,\n"
-    rows = list(read_rows(write(tmp_path, "c.csv", content)))
-    assert rows[1] == (
-        3,
-        {"subscription_group_id": "g", "subscription_state": "unsubscribed", "external_id": "u"},
-    )
-    changes = [item for _, item in iter_changes(tmp_path / "c.csv")]
-    first = changes[0]
+    items = list(iter_changes(write(tmp_path, "c.csv", content)))
+    assert [line for line, _ in items] == [2, 3]
+    first, second = (item for _, item in items)
     assert isinstance(first, Change)
     assert first.kind is IdentifierKind.PHONE
     assert first.double_opt_in is True
     assert first.delay_seconds == 30.0
+    # Blank cells are absent fields (a blank flag or delay would be a row error).
+    assert second == Change("g", SubscriptionState.UNSUBSCRIBED, IdentifierKind.EXTERNAL_ID, "u")
 
 
 def test_csv_bom_header(tmp_path: Path) -> None:
@@ -218,9 +210,9 @@ def test_csv_header_problems_raise_before_any_row(
     tmp_path: Path, header: str, message: str
 ) -> None:
     path = write(tmp_path, "bad.csv", header + "g,subscribed,a@example.com\n" * 3 if header else "")
-    rows = read_rows(path)
+    items = iter_changes(path)
     with pytest.raises(ImportFileError, match=message) as caught:
-        next(rows)
+        next(items)
     assert "bad.csv" in str(caught.value)
     assert "\n" not in str(caught.value)
 
@@ -234,37 +226,12 @@ def test_csv_header_problems_raise_before_any_row(
 def test_unknown_suffix(tmp_path: Path, name: str) -> None:
     path = write(tmp_path, name, "")
     with pytest.raises(ImportFileError, match=name):
-        read_rows(path)
-    with pytest.raises(ImportFileError):
         iter_changes(path)
 
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ImportFileError, match="cannot open"):
-        list(read_rows(tmp_path / "absent.jsonl"))
-
-
-def test_validate_file_counts_and_errors(tmp_path: Path) -> None:
-    lines = [jsonl({**GOOD, "external_id": f"u{i}"}) for i in range(5)]
-    lines[1] = jsonl({**GOOD, "phone": "4155550100"})
-    lines[3] = "not json\n"
-    path = write(tmp_path, "c.jsonl", "".join(lines))
-
-    report = validate_file(path)
-    assert (report.rows, report.valid, report.invalid) == (5, 3, 2)
-    assert [e.line for e in report.errors] == [2, 4]
-    assert not report.ok
-    assert not report.errors_truncated
-
-    capped = validate_file(path, max_errors=1)
-    assert (capped.rows, capped.invalid, len(capped.errors)) == (5, 2, 1)
-    assert capped.errors_truncated
-
-
-def test_validate_file_all_good(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.jsonl", jsonl({**GOOD, "external_id": "u"}))
-    assert validate_file(path) == ValidationReport(rows=1, valid=1, invalid=0, errors=[])
-    assert validate_file(path).ok
+        list(iter_changes(tmp_path / "absent.jsonl"))
 
 
 def test_iter_changes_can_run_twice(tmp_path: Path) -> None:
@@ -278,28 +245,6 @@ def test_iter_changes_can_run_twice(tmp_path: Path) -> None:
 # Laziness
 # --------------------------------------------------------------------------------------
 
-LINES = 200_000
-PEAK_LIMIT = 1024 * 1024
-LONG_ID = "user-" + "0123456789" * 8
-
-
-def _big_file(path: Path, header: str, line: str, lines: int = LINES) -> Path:
-    with path.open("w", encoding="utf-8") as handle:
-        handle.write(header)
-        for _ in range(lines // 10_000):
-            handle.write(line * 10_000)
-    return path
-
-
-def _peak_while(consume: Callable[[], int]) -> tuple[int, int]:
-    tracemalloc.start()
-    try:
-        count = consume()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return count, peak
-
 
 @pytest.mark.parametrize(
     ("name", "header", "line"),
@@ -309,75 +254,18 @@ def _peak_while(consume: Callable[[], int]) -> tuple[int, int]:
     ],
 )
 def test_reading_is_lazy(tmp_path: Path, name: str, header: str, line: str) -> None:
-    path = _big_file(tmp_path / name, header, line)
+    path = big_file(tmp_path / name, header, line)
     size = path.stat().st_size
     assert size > 5 * PEAK_LIMIT
 
-    count, peak = _peak_while(lambda: sum(1 for _ in read_rows(path)))
+    count, peak = peak_while(lambda: sum(1 for _ in iter_changes(path)))
     assert count == LINES
     assert peak < PEAK_LIMIT, f"peak {peak} bytes while reading a {size}-byte file"
-
-
-def test_validate_file_stores_no_rows(tmp_path: Path) -> None:
-    path = _big_file(tmp_path / "big.csv", HEADER, f"g,subscribed,{LONG_ID},,\n", 50_000)
-    count, peak = _peak_while(lambda: validate_file(path).valid)
-    assert count == 50_000
-    assert peak < PEAK_LIMIT
 
 
 # --------------------------------------------------------------------------------------
 # Chunks: the same verdict on every row as `iter_changes`, whatever the chunk size
 # --------------------------------------------------------------------------------------
-
-TRICKY_JSONL = (
-    b"\xef\xbb\xbf"
-    + jsonl({**GOOD, "email": "A@Example.com"}).encode()  # 1 (after a BOM)
-    + b"\n"  # 2 blank
-    + b'{"subscription_group_id": "g\xff", "external_id": "u"}\n'  # 3 bad UTF-8
-    + jsonl({**GOOD, "phone": "+1 (415) 555-0100", "delay_seconds": 30}).encode()  # 4
-    + b"not json\r\n"  # 5
-    + b"[1, 2]\n"  # 6
-    + b"   \r\n"  # 7 blank
-    + jsonl({**GOOD, "external_id": "u1", "oops": 1}).encode()  # 8 unknown field
-    + jsonl({**GOOD, "subscription_state": "unsubscribed", "external_id": " u1 "}).encode()  # 9
-    + jsonl({**GOOD, "phone": "+14155550100", "use_double_opt_in_logic": "yes"}).encode()  # 10
-    + jsonl({**GOOD, "email": "nope"}).encode()  # 11
-    + json.dumps({**GOOD, "external_id": "last"}).encode()  # 12, no newline at the end
-)
-
-TRICKY_CSV = (
-    b"\xef\xbb\xbf"
-    + HEADER.replace("\n", ",delay_seconds\r\n").encode()  # 1
-    + b"g,subscribed,u1,,,\r\n"  # 2
-    + b"g,subscribed,,bad-email,,\r\n"  # 3
-    + b"\r\n"  # 4 blank
-    + b",,,,,\r\n"  # 5 blank cells only
-    + b'g,subscribed,,"multi\r\nline@example.com",,\r\n'  # 6-7, reported at 6
-    + b"g,subscribed,caf\xe9,,,\r\n"  # 8 bad UTF-8
-    + b'g,subscribed,,"x\r\n\xff@example.com",,\r\n'  # 9-10 bad UTF-8 on line 10
-    + b"g,unsubscribed,,,+44 7911 123456,5\r\n"  # 11
-    + b"g,subscribed,u1,,,,surprise\r\n"  # 12 too many cells
-    + b'g,subscribed,,"a@b.co\r\n\r\n\r\n",,\r\n'  # 13-16, three line breaks in a cell
-    + b"g,unsubscribed,u1,,,\r\n"  # 17
-)
-
-
-def _expected(path: Path) -> tuple[int, list[RowError], list[bytes]]:
-    items = list(iter_changes(path))
-    errors = [item for _, item in items if isinstance(item, RowError)]
-    changes = [item for _, item in items if isinstance(item, Change)]
-    return len(items), errors, encode_changes(changes)
-
-
-def _chunked(path: Path, lines: int, jobs: int = 1) -> tuple[int, list[RowError], list[bytes]]:
-    results = list(checked_chunks(path, jobs, lines))
-    last_lines = [result.last_line for result in results]
-    assert last_lines == sorted(set(last_lines))
-    return (
-        sum(result.rows for result in results),
-        [error for result in results for error in result.errors],
-        [arg for result in results for arg in result.args],
-    )
 
 
 @pytest.mark.parametrize("lines", [1, 2, 3, 5, 1000])
@@ -386,9 +274,9 @@ def test_chunks_agree_with_iter_changes(
     tmp_path: Path, name: str, content: bytes, lines: int
 ) -> None:
     path = write(tmp_path, name, content)
-    rows, errors, args = _expected(path)
+    rows, errors, args = verdict_by_rows(path)
     assert errors and args  # the files hold both
-    assert _chunked(path, lines) == (rows, errors, args)
+    assert verdict_by_chunks(path, lines) == (rows, errors, args)
 
 
 def test_csv_chunks_never_split_a_record(tmp_path: Path) -> None:
@@ -431,45 +319,6 @@ def test_a_lone_surrogate_is_a_row_error_not_a_crash(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------
 # enqueue_file: when worker processes validate (in process below 1 MiB)
 # --------------------------------------------------------------------------------------
-
-BAD_LINES = [1, 7, 8, 14, 15, 29, 100, 200]
-BAD_ROWS = [
-    "{not json\n",
-    jsonl({**GOOD, "email": "nope"}),
-    jsonl({**GOOD, "phone": "4155550100"}),
-    jsonl({**GOOD, "external_id": "u", "oops": 1}),
-    jsonl({**GOOD, "subscription_state": "unsubscribed", "phone": "+14155550100",
-           "use_double_opt_in_logic": True}),
-]  # fmt: skip
-
-
-def mixed_lines(rows: int, bad_lines: list[int] = BAD_LINES) -> list[str]:
-    """Emails, phones and external ids over two groups; every identifier comes back
-    every 51 rows and its state flips every 17, so later rows must win."""
-    lines = []
-    for n in range(rows):
-        kind = IDENTIFIER_KINDS[n % 3]
-        who = n % 17
-        value = {
-            "external_id": f" u{who} ",
-            "email": f"User{who}@Example.com",
-            "phone": f"+1 415 555 {who:04d}",
-        }[kind]
-        state = "subscribed" if (n // 17) % 2 == 0 else "unsubscribed"
-        row: dict[str, Any] = {"subscription_group_id": f"g{n % 2}", "subscription_state": state}
-        row[kind] = value
-        if n % 11 == 0:
-            row["delay_seconds"] = 3600
-        if kind != "email" and state == "subscribed" and n % 5 == 0:
-            row["use_double_opt_in_logic"] = True
-        lines.append(jsonl(row))
-    for index, line in enumerate(bad_lines):
-        if line <= rows:
-            lines[line - 1] = BAD_ROWS[index % len(BAD_ROWS)]
-    return lines
-
-
-IDENTIFIER_KINDS = ("external_id", "email", "phone")
 
 
 def test_small_files_are_validated_in_process(tmp_path: Path) -> None:
