@@ -29,13 +29,13 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from bench import plots, recording, report
+from bench.figures import RESULTS
 from bench.recording import start_simulator
 from bench.systems import FAST_RECOVERY, System, systems_for
 from bench.workloads import FULL, QUICK, Key, Workload, Write, build
 from devtools.processes import ProcessGroup, local_redis
 from simulator import SimulatorState
 
-RESULTS = Path(__file__).resolve().parent / "results"
 API_KEY = "bench-key"
 BASE = "braze-subs-v1"
 IDLE_HOLD_SECONDS = 0.6  # nothing held and no request for this long: the system is done

@@ -14,7 +14,6 @@ against the ideal (identifiers / 50 / limit windows). Writes the figures as JSON
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import time
@@ -27,13 +26,12 @@ import httpx
 from redis import Redis
 
 from admin.status import read_status
+from bench.figures import publish
 from core.changes import Change, IdentifierKind, SubscriptionState
 from devtools.processes import celery_process, local_redis
 from simulator import SimulatorConfig, SimulatorServer
 from stores.buffer import Buffer
 from stores.keys import Keys
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def backlog(identifiers: int, groups: int, rng: random.Random) -> list[Change]:
@@ -144,12 +142,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args()
     result = run(args)
-    width = max(map(len, result))
-    for name, value in result.items():
-        print(f"{name:<{width}}  {value}")
-    RESULTS.mkdir(exist_ok=True)
-    name = "drain-" + "-".join(result["workers"]) + ".json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    publish(result, "drain-" + "-".join(result["workers"]) + ".json")
 
 
 if __name__ == "__main__":

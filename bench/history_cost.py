@@ -16,7 +16,6 @@ delivered) with one change per identifier (an email, a source label, an occurred
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from contextlib import ExitStack
@@ -25,6 +24,7 @@ from tempfile import TemporaryDirectory
 
 from redis import Redis
 
+from bench.figures import publish
 from core.changes import Change, IdentifierKind, SubscriptionState
 from core.planning import plan_batches
 from devtools.processes import local_redis
@@ -32,7 +32,6 @@ from stores.batch_records import BatchStore
 from stores.buffer import ENQUEUE_CHUNK, Buffer, server_time_ms
 from stores.keys import Keys, buffer_field
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = Path(__file__).resolve().parent / "baseline_enqueue.lua"
 SOURCE = "checkout-form"
 
@@ -158,11 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, float | int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--identifiers", type=int, default=100_000)
-    figures = run(parser.parse_args())
-    for name, value in figures.items():
-        print(f"{name:>40}  {value}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "history-cost.json").write_text(json.dumps(figures, indent=2) + "\n")
+    publish(run(parser.parse_args()), "history-cost.json")
 
 
 if __name__ == "__main__":

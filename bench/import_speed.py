@@ -24,13 +24,12 @@ from tempfile import TemporaryDirectory
 
 from redis import Redis
 
+from bench.figures import publish
 from devtools.processes import local_redis
 from stores.buffer import Buffer
 from stores.keys import Keys
 from tasks.bulk_import import enqueue_file
 from tasks.parallel import cpu_count
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def write_rows(path: Path, rows: int, kinds: str) -> None:
@@ -103,11 +102,7 @@ def main() -> None:
         "ratio": round(raw / ours, 3),
         "import_peak_python_memory_mib": round(peak / 2**20, 2),
     }
-    for name, value in figures.items():
-        print(f"{name:<32}{value}")
-    RESULTS.mkdir(exist_ok=True)
-    name = f"import-{args.kinds.replace(',', '-')}.json"
-    (RESULTS / name).write_text(json.dumps(figures, indent=2) + "\n")
+    publish(figures, f"import-{args.kinds.replace(',', '-')}.json")
 
 
 if __name__ == "__main__":

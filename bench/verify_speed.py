@@ -37,9 +37,9 @@ from tempfile import TemporaryDirectory
 
 import httpx
 
+from bench.figures import RESULTS
 from devtools.processes import ROOT, free_port, local_redis, wait_until
 
-RESULTS = Path(__file__).resolve().parent / "results"
 KEY = "bench-key"
 GROUPS = 4
 
