@@ -60,6 +60,17 @@ out = Console(soft_wrap=True, markup=False)
 err = Console(stderr=True, soft_wrap=True, markup=False)
 
 
+# Parameters several commands take: one definition each, so their flags and help agree.
+# The identifier (one of the three; `_identifier_option` checks that exactly one is given):
+ExternalIdOption = Annotated[str | None, typer.Option("--external-id")]
+EmailOption = Annotated[str | None, typer.Option("--email")]
+PhoneOption = Annotated[str | None, typer.Option("--phone", help="E.164, e.g. +14155550100")]
+JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object.")]
+# Dead-letter entries: ids, or --all.
+EntryIds = Annotated[list[str] | None, typer.Argument(help="Entry ids.")]
+AllEntries = Annotated[bool, typer.Option("--all", help="Every entry.")]
+
+
 class CliError(BrazeSubsError):
     """A usage or environment problem found by a command; `code` is the exit code."""
 
@@ -88,9 +99,9 @@ def redact_url(url: str) -> str:
 def enqueue(
     group: Annotated[str, typer.Option("--group", help="Subscription group id.")],
     state: Annotated[str, typer.Option("--state", help="subscribed or unsubscribed.")],
-    external_id: Annotated[str | None, typer.Option("--external-id")] = None,
-    email: Annotated[str | None, typer.Option("--email")] = None,
-    phone: Annotated[str | None, typer.Option("--phone", help="E.164, e.g. +14155550100")] = None,
+    external_id: ExternalIdOption = None,
+    email: EmailOption = None,
+    phone: PhoneOption = None,
     double_opt_in: Annotated[
         bool, typer.Option("--double-opt-in", help="Enter the SMS double opt-in workflow.")
     ] = False,
@@ -242,7 +253,7 @@ def import_(
 
 @app.command()
 def status(
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    as_json: JsonOption = False,
     watch: Annotated[
         float | None,
         typer.Option(
@@ -377,10 +388,16 @@ def _ids_or_all(ids: list[str] | None, all_: bool) -> list[str] | None:
     return None if all_ else list(ids or [])
 
 
+def _refuse_missing(missing: list[str]) -> None:
+    """Exit 1 naming the entry ids that were not found, after the rest were handled."""
+    if missing:
+        _fail(f"no such entries: {', '.join(missing)}", EXIT_REFUSED)
+
+
 @dlq_app.command("replay")
 def dlq_replay(
-    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids.")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
+    ids: EntryIds = None,
+    all_: AllEntries = False,
 ) -> None:
     """Return dead-lettered identifiers to the buffer (a newer change for one wins)."""
     found = services()
@@ -389,21 +406,19 @@ def dlq_replay(
         f"replayed {report.entries} entries: {report.requeued} identifiers back in the buffer, "
         f"{report.superseded} skipped (a newer change exists)"
     )
-    if report.missing:
-        _fail(f"no such entries: {', '.join(report.missing)}", EXIT_REFUSED)
+    _refuse_missing(report.missing)
 
 
 @dlq_app.command("purge")
 def dlq_purge(
-    ids: Annotated[list[str] | None, typer.Argument(help="Entry ids.")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
+    ids: EntryIds = None,
+    all_: AllEntries = False,
 ) -> None:
     """Delete dead-letter entries for good."""
     found = services()
     report = found.dead_letters.purge(_ids_or_all(ids, all_))
     err.print(f"purged {report.entries} entries ({report.identifiers} identifiers)")
-    if report.missing:
-        _fail(f"no such entries: {', '.join(report.missing)}", EXIT_REFUSED)
+    _refuse_missing(report.missing)
 
 
 def _identifier_option(
@@ -431,7 +446,7 @@ def _identifier_option(
 @app.command()
 def verify(
     file: Annotated[Path, typer.Argument(help="A .jsonl or .csv file in import format.")],
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    as_json: JsonOption = False,
     repair: Annotated[
         bool, typer.Option("--repair", help="Enqueue every drifted row again as a change.")
     ] = False,
@@ -531,10 +546,10 @@ def _print_verify(report: VerifyReport, mismatches: Iterator[Mismatch]) -> None:
 
 @app.command()
 def lookup(
-    external_id: Annotated[str | None, typer.Option("--external-id")] = None,
-    email: Annotated[str | None, typer.Option("--email")] = None,
-    phone: Annotated[str | None, typer.Option("--phone", help="E.164, e.g. +14155550100")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    external_id: ExternalIdOption = None,
+    email: EmailOption = None,
+    phone: PhoneOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """The identifier's subscription groups and states in Braze."""
     kind, value = _identifier_option(external_id, email, phone)
@@ -561,11 +576,11 @@ def lookup(
 
 @app.command()
 def history(
-    external_id: Annotated[str | None, typer.Option("--external-id")] = None,
-    email: Annotated[str | None, typer.Option("--email")] = None,
-    phone: Annotated[str | None, typer.Option("--phone", help="E.164, e.g. +14155550100")] = None,
+    external_id: ExternalIdOption = None,
+    email: EmailOption = None,
+    phone: PhoneOption = None,
     group: Annotated[str | None, typer.Option("--group", help="Only this group.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """What happened here to the identifier's changes, oldest first (consent history)."""
     from stores.history import ConsentHistory
@@ -605,9 +620,9 @@ def history(
 
 @app.command()
 def forget(
-    external_id: Annotated[str | None, typer.Option("--external-id")] = None,
-    email: Annotated[str | None, typer.Option("--email")] = None,
-    phone: Annotated[str | None, typer.Option("--phone", help="E.164, e.g. +14155550100")] = None,
+    external_id: ExternalIdOption = None,
+    email: EmailOption = None,
+    phone: PhoneOption = None,
 ) -> None:
     """Erase everything braze-subs holds about the identifier (not Braze's copy)."""
     from stores.erasure import forget as erase
