@@ -17,6 +17,7 @@ from redis.lock import Lock
 
 from core.changes import Change, IdentifierKind, SubscriptionState
 from core.planning import PendingChange, PlannedBatch
+from stores.base import ScriptedStore
 from stores.history import Retention
 from stores.keys import Keys, buffer_field, split_field
 from stores.scripts import Scripts
@@ -75,7 +76,7 @@ def server_time_ms(client: Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-class Buffer:
+class Buffer(ScriptedStore):
     def __init__(
         self,
         client: Redis,
@@ -83,10 +84,7 @@ class Buffer:
         scripts: Scripts | None = None,
         retention: Retention | None = None,
     ) -> None:
-        self.client = client
-        self.keys = keys
-        self.scripts = scripts or Scripts(client)
-        self.retention = retention or Retention()
+        super().__init__(client, keys, scripts, retention)
         self.stale = 0  # changes this buffer's `enqueue` calls dropped as stale, so far
 
     def _enqueue_keys(self) -> list[str]:

@@ -7,12 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis import Redis
-
-from stores.history import Retention
-from stores.keys import Keys
+from stores.base import ScriptedStore
 from stores.refusals import Refusals
-from stores.scripts import Scripts
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,19 +69,7 @@ class PurgeReport:
     missing: list[str] = field(default_factory=list)
 
 
-class DeadLetters:
-    def __init__(
-        self,
-        client: Redis,
-        keys: Keys,
-        scripts: Scripts | None = None,
-        retention: Retention | None = None,
-    ) -> None:
-        self.client = client
-        self.keys = keys
-        self.scripts = scripts or Scripts(client)
-        self.retention = retention or Retention()
-
+class DeadLetters(ScriptedStore):
     def ids(self) -> list[str]:
         return [raw.decode() for raw in self.client.zrange(self.keys.dead_letter_index, 0, -1)]
 
