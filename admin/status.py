@@ -11,7 +11,7 @@ from redis import Redis
 from config.settings import Settings
 from stores import counters as metrics
 from stores import durability, fleet
-from stores.buffer import server_time_ms
+from stores.clock import server_time_ms
 from stores.keys import Keys
 from stores.limiter import RateLimiter
 from stores.refusals import Refusals

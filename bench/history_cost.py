@@ -29,7 +29,8 @@ from core.changes import Change, IdentifierKind, SubscriptionState
 from core.planning import plan_batches
 from devtools.processes import local_redis
 from stores.batch_records import BatchStore
-from stores.buffer import ENQUEUE_CHUNK, Buffer, server_time_ms
+from stores.buffer import ENQUEUE_CHUNK, Buffer
+from stores.clock import server_time_ms
 from stores.keys import Keys, buffer_field
 
 BASELINE = Path(__file__).resolve().parent / "baseline_enqueue.lua"

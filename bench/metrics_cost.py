@@ -25,7 +25,7 @@ from bench.figures import p50_p99, publish
 from delivery.braze_client import V1_PATH, V2_PATH
 from devtools.processes import free_port
 from stores import counters
-from stores.buffer import server_time_ms
+from stores.clock import server_time_ms
 
 
 def run(args: argparse.Namespace) -> dict[str, float | int]:

@@ -19,7 +19,7 @@ import time
 from admin.status import read_status
 from bench.busy_redis import add_fill_arguments, busy_services, log_every_command, logged_commands
 from bench.figures import p50_p99, publish
-from stores.buffer import server_time_ms
+from stores.clock import server_time_ms
 from stores.fleet import read_fleet
 
 

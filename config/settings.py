@@ -354,6 +354,36 @@ class Settings(BaseSettings):
 
     # --- Derived values -------------------------------------------------------------------
 
+    # Durations in milliseconds, as Redis's clock and the Lua scripts count them.
+
+    @property
+    def claim_lease_ms(self) -> int:
+        return _ms(self.batch_claim_seconds)
+
+    @property
+    def http_timeout_ms(self) -> int:
+        return _ms(self.http_timeout_seconds)
+
+    @property
+    def redispatch_grace_ms(self) -> int:
+        return _ms(self.batch_redispatch_seconds)
+
+    @property
+    def heartbeat_ttl_ms(self) -> int:
+        return _ms(self.heartbeat_ttl_seconds)
+
+    @property
+    def batch_linger_ms(self) -> int:
+        return _ms(self.batch_linger_seconds)
+
+    @property
+    def batch_max_hold_ms(self) -> int:
+        return _ms(self.batch_max_hold_seconds)
+
+    @property
+    def dead_letter_retention_ms(self) -> int:
+        return _ms(self.dead_letter_retention_days * 86_400)
+
     @property
     def rest_endpoint(self) -> str | None:
         """The REST base URL, from BRAZE_REST_ENDPOINT or BRAZE_INSTANCE."""
@@ -396,6 +426,10 @@ class Settings(BaseSettings):
             raise SettingsError(
                 "BRAZE_REST_ENDPOINT: missing (set it, or BRAZE_INSTANCE, e.g. US-01)"
             )
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
 
 
 def load_settings(**overrides: object) -> Settings:

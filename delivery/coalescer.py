@@ -26,7 +26,8 @@ from core.linger import BudgetRate, Load, linger_ms, pressure
 from core.planning import PendingChange, PlannedBatch, pack_batches, plan_batches
 from stores import counters
 from stores.batch_records import BatchStore
-from stores.buffer import Buffer, server_time_ms
+from stores.buffer import Buffer
+from stores.clock import server_time_ms
 from stores.dead_letters import DeadLetters
 from stores.heartbeats import Heartbeats
 from stores.limiter import RateLimiter
@@ -139,10 +140,10 @@ class Coalescer:
     def _recover(self, now_ms: int) -> tuple[int, int, int]:
         """Steps 1-3 of a tick; returns (taken back, dispatched from the schedule, swept)."""
         settings = self.settings
-        grace_ms = round(settings.batch_redispatch_seconds * 1000)
-        suspects = self.heartbeats.suspects(now_ms, round(settings.heartbeat_ttl_seconds * 1000))
+        grace_ms = settings.redispatch_grace_ms
+        suspects = self.heartbeats.suspects(now_ms, settings.heartbeat_ttl_ms)
         taken = self.store.take_back(
-            suspects, on_wire_ms=round(settings.http_timeout_seconds * 1000), grace_ms=grace_ms
+            suspects, on_wire_ms=settings.http_timeout_ms, grace_ms=grace_ms
         )
         if taken.batch_ids:
             logger.warning(
@@ -164,12 +165,10 @@ class Coalescer:
     def _tick(self) -> TickReport:
         settings = self.settings
         now_ms = server_time_ms(self.buffer.client)
-        redispatch_ms = round(settings.batch_redispatch_seconds * 1000)
         recovered, dispatched, swept = self._recover(now_ms)
         moved = {"redispatched": swept, "recovered": recovered, "dispatched": dispatched}
 
-        retention_ms = settings.dead_letter_retention_days * 86_400_000
-        for entry in self.dead_letters.expire(now_ms - retention_ms):
+        for entry in self.dead_letters.expire(now_ms - settings.dead_letter_retention_ms):
             logger.warning(
                 "dead-letter entry %s expired after %g days: group=%s state=%s identifiers=%d "
                 "error=%r",
@@ -190,12 +189,12 @@ class Coalescer:
         load_now = pressure(
             self._load(now_ms, len(changes), more),
             BudgetRate(self.limiter.requests_per_second),
-            max_linger_ms=settings.batch_linger_seconds * 1000,
+            max_linger_ms=settings.batch_linger_ms,
             max_identifiers=settings.batch_max_identifiers,
         )
         linger = linger_ms(
             load_now,
-            max_linger_ms=settings.batch_linger_seconds * 1000,
+            max_linger_ms=settings.batch_linger_ms,
             low=settings.batch_linger_pressure_low,
             high=settings.batch_linger_pressure_high,
         )
@@ -206,13 +205,13 @@ class Coalescer:
             linger_ms=linger,
             max_batches=budget,
             backlog=more,
-            max_hold_ms=round(settings.batch_max_hold_seconds * 1000),
+            max_hold_ms=settings.batch_max_hold_ms,
         )
         if settings.braze_api_version == "v2":
             packs = pack_batches(plan, max_identifiers=settings.batch_max_identifiers)
         else:
             packs = [[batch] for batch in plan]
-        taken = self.buffer.take(packs, redispatch_ms)
+        taken = self.buffer.take(packs, settings.redispatch_grace_ms)
         # One message per pack, for its first batch: a v2 worker claims the rest of the pack
         # and sends it in one request (v1 packs hold one batch each).
         for pack in taken:

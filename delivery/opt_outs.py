@@ -28,7 +28,7 @@ from core.changes import SubscriptionState
 from core.redaction import mask_identifier
 from delivery.braze_reads import MAX_READ_IDENTIFIERS, BrazeReader, ReadDeferred, ReadState
 from stores.batch_records import BatchRecord
-from stores.buffer import server_time_ms
+from stores.clock import server_time_ms
 from stores.opt_out_reads import CLAIM, OptOutRead, OptOutReads
 
 logger = logging.getLogger("braze_subs.opt_outs")

@@ -125,7 +125,7 @@ class Poster:
         self.refusals = refusals  # groups Braze refuses as a whole; halves of a split
         self.rng = rng or random.Random()
         self.opt_outs = opt_outs  # respect_opt_out: leave out who opted out in Braze
-        self.grace_ms = round(settings.batch_redispatch_seconds * 1000)
+        self.grace_ms = settings.redispatch_grace_ms
 
     # --- the steps ------------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class Poster:
         live = self.liveness
         live.ensure_started()  # the heartbeat exists before the claim names its holder
         token = f"{live.worker_id}/{uuid.uuid4().hex}"
-        lease_ms = round(self.settings.batch_claim_seconds * 1000)
+        lease_ms = self.settings.claim_lease_ms
         claim = self.store.claim(batch_id, token, lease_ms)
         if claim.status is not ClaimStatus.CLAIMED or claim.record is None:
             return PostReport(batch_id, CLAIM_REPORTS[claim.status])
@@ -198,7 +198,7 @@ class Poster:
         # froze (a paused container): then the batch was taken back, and sending would
         # risk an older state landing after a newer one. Checked last, right before the
         # request's first byte is written, with lease enough left for the whole exchange.
-        need_ms = round(self.settings.http_timeout_seconds * 1000)
+        need_ms = self.settings.http_timeout_ms
         ids = [r.id for r in records]
         reply = self._send(records, fence=lambda: self.store.fence(ids, token, need_ms))
         if reply.unsent:

@@ -22,7 +22,8 @@ from delivery.opt_outs import OptOutCheck
 from delivery.poster import Poster
 from stores import counters
 from stores.batch_records import BatchStore
-from stores.buffer import Buffer, server_time_ms
+from stores.buffer import Buffer
+from stores.clock import server_time_ms
 from stores.connection import redis_client
 from stores.counters import Counters
 from stores.dead_letters import DeadLetters

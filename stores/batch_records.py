@@ -28,6 +28,7 @@ from redis import Redis
 from core.changes import IdentifierKind, SubscriptionState
 from core.planning import BatchKey
 from core.waiting import WaitReason
+from stores.clock import server_time_ms
 from stores.history import Retention
 from stores.keys import Keys
 from stores.scripts import Scripts
@@ -349,17 +350,14 @@ class BatchStore:
         """Make a batch waiting in the schedule due now (a held half whose sibling was
         answered); True if it was waiting."""
         k = self.keys
-        pipe = self.client.pipeline(transaction=True)
-        pipe.time()
-        pipe.zscore(k.schedule, batch_id)
-        (seconds, micros), due = pipe.execute()
-        now_ms = seconds * 1000 + micros // 1000
-        if due is None:
+        if self.client.zscore(k.schedule, batch_id) is None:
             return False
+        pipe = self.client.pipeline(transaction=True)
         # XX LT: only an entry still there, and only earlier (never postpones it).
-        self.client.zadd(k.schedule, {batch_id: now_ms}, xx=True, lt=True)
-        self.client.lpush(k.coalesce_nudge, 1)
-        self.client.ltrim(k.coalesce_nudge, 0, 0)
+        pipe.zadd(k.schedule, {batch_id: server_time_ms(self.client)}, xx=True, lt=True)
+        pipe.lpush(k.coalesce_nudge, 1)
+        pipe.ltrim(k.coalesce_nudge, 0, 0)
+        pipe.execute()
         return True
 
     def release_waiting(self, reason: WaitReason) -> int:

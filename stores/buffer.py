@@ -70,12 +70,6 @@ def _chunks(items: Iterable[Change], size: int) -> Iterator[list[Change]]:
         yield chunk
 
 
-def server_time_ms(client: Redis) -> int:
-    """Redis server time: the one clock every process agrees on."""
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
 class Buffer(ScriptedStore):
     def __init__(
         self,

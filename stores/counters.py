@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 
+from stores.clock import server_time_ms
 from stores.keys import Keys
 
 # Seconds a per-second hash is kept: the last minute, with room for a slow reader.
@@ -147,12 +148,10 @@ class Counters:
     ) -> None:
         """One post answered (or not): per second, and in the totals by endpoint and HTTP
         status. The second is Redis's, so every worker counts on one clock."""
-        seconds, micros = self.client.time()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
         record(
             self.client,
             self.keys,
-            now_ms,
+            server_time_ms(self.client),
             identifiers=identifiers,
             throttled=throttled,
             endpoint=endpoint,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from redis import Redis
 
 from core.outcome import RateLimit
+from stores.clock import server_time_exact_ms
 from stores.scripts import Scripts
 
 
@@ -163,8 +164,7 @@ class RateLimiter:
         paused = self.client.hget(self.key, "paused_until")
         if not paused:
             return 0.0
-        seconds, micros = self.client.time()
-        return max(0.0, (float(paused) - (seconds * 1000 + micros / 1000)) / 1000)
+        return max(0.0, (float(paused) - server_time_exact_ms(self.client)) / 1000)
 
     def committed_ahead_ms(self, now_ms: float) -> float:
         """How far into the future the shared budget is already promised at `now_ms` (Redis
@@ -178,8 +178,7 @@ class RateLimiter:
         return 1000 / self.budget.interval_ms
 
     def state(self) -> LimiterState:
-        seconds, micros = self.client.time()
-        now = seconds * 1000 + micros / 1000  # the scripts' precision, not whole ms
+        now = server_time_exact_ms(self.client)  # the scripts' precision, not whole ms
         tat, paused, reason, circuit, since = self.client.hmget(
             self.key, "tat", "paused_until", "pause_reason", "circuit", "circuit_since"
         )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from redis import Redis
 
 from core.refusal import Sibling
+from stores.clock import server_time_ms
 from stores.keys import FIELD_SEPARATOR, Keys
 
 
@@ -70,8 +71,7 @@ class Refusals:
         """Refuse group + state + kind for `seconds` from `now_ms` (Redis's clock when
         None)."""
         if now_ms is None:
-            now, micros = self.client.time()
-            now_ms = int(now) * 1000 + int(micros) // 1000
+            now_ms = server_time_ms(self.client)
         ttl_ms = max(1, round(seconds * 1000))
         refusal = Refusal(group_id, state, kind, detail, now_ms, now_ms + ttl_ms)
         raw = json.dumps(

@@ -17,7 +17,8 @@ from core.planning import plan_batches
 from core.waiting import WaitReason
 from delivery.services import services
 from stores.batch_records import ClaimStatus, Deferral, Deferred, Ended, Finish, TakeBack
-from stores.buffer import Buffer, server_time_ms
+from stores.buffer import Buffer
+from stores.clock import server_time_ms
 from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
 from tests.conftest import email, take_each, wait_for

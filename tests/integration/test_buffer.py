@@ -17,7 +17,8 @@ from core.planning import PlannedBatch, plan_batches
 from delivery.coalescer import Coalescer
 from delivery.services import services
 from stores.batch_records import BatchStore
-from stores.buffer import Buffer, server_time_ms
+from stores.buffer import Buffer
+from stores.clock import server_time_ms
 from stores.keys import buffer_field
 from tests.conftest import email, wait_for
 

@@ -24,7 +24,8 @@ from admin.cli import main
 from core.changes import parse_change
 from core.planning import PlannedBatch, plan_batches
 from delivery.services import reset_services, services
-from stores.buffer import Buffer, server_time_ms
+from stores.buffer import Buffer
+from stores.clock import server_time_ms
 from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
 

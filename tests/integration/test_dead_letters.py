@@ -15,7 +15,7 @@ from core.changes import parse_change
 from core.planning import plan_batches
 from delivery.coalescer import Coalescer
 from delivery.services import services
-from stores.buffer import server_time_ms
+from stores.clock import server_time_ms
 from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
 from tests.conftest import email, take_each, wait_for

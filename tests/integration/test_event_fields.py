@@ -12,7 +12,8 @@ from typing import Any
 
 from delivery.services import services
 from stores.batch_records import BatchRecord
-from stores.buffer import Buffer, server_time_ms
+from stores.buffer import Buffer
+from stores.clock import server_time_ms
 from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
 from tasks.bulk_import import enqueue_file

@@ -15,7 +15,8 @@ from core.changes import parse_change
 from core.planning import plan_batches
 from delivery.poster import Poster
 from delivery.services import services
-from stores.buffer import Buffer, server_time_ms
+from stores.buffer import Buffer
+from stores.clock import server_time_ms
 from stores.history import DAY_MS, ConsentHistory, Retention
 from stores.keys import Keys, buffer_field
 from tests.conftest import ROOT, come_due, email, keyspace_traces, take_each, wait_for

@@ -22,7 +22,7 @@ from redis import Redis
 from core.waiting import WaitReason
 from delivery.services import services
 from devtools.processes import free_port
-from stores.buffer import server_time_ms
+from stores.clock import server_time_ms
 from stores.fleet import ALIVE_IDS_SHOWN, read_fleet
 from stores.keys import Keys
 from tests.conftest import wait_for

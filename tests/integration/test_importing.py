@@ -82,7 +82,7 @@ IN_PROCESS: dict[str, Any] = {"jobs": 1, "chunk_lines": 7}
 
 def snapshot(client: Any, keys: Any) -> dict[str, Any]:
     """The buffer's state, with due times reduced to whether the change was delayed."""
-    from stores.buffer import server_time_ms
+    from stores.clock import server_time_ms
 
     later = server_time_ms(client) + 1_800_000
     pending = {}

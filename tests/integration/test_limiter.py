@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from core.outcome import RateLimit
 from simulator.ratelimit import sliding_window_max
-from stores.buffer import server_time_ms
+from stores.clock import server_time_ms
 from stores.limiter import Budget, RateLimiter
 from tests.conftest import wait_for
 

@@ -13,7 +13,7 @@ from core.changes import parse_change
 from core.planning import plan_batches
 from delivery.poster import Poster
 from delivery.services import services
-from stores.buffer import server_time_ms
+from stores.clock import server_time_ms
 from stores.history import ConsentHistory
 from tests.conftest import come_due, email, take_each
 

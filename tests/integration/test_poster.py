@@ -22,7 +22,7 @@ from delivery.coalescer import Coalescer
 from delivery.poster import Poster, PostReport
 from delivery.services import services
 from stores.batch_records import BatchRecord
-from stores.buffer import server_time_ms
+from stores.clock import server_time_ms
 from stores.counters import Counters
 from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
