@@ -22,7 +22,7 @@ from core.planning import plan_batches
 from core.waiting import WaitReason
 from delivery.services import Services
 from devtools.processes import local_redis
-from stores.buffer import server_time_ms
+from stores.clock import server_time_ms
 
 
 def add_fill_arguments(parser: argparse.ArgumentParser) -> None:
