@@ -23,15 +23,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from redis import Redis
-
 from core.changes import IdentifierKind, SubscriptionState
 from core.planning import BatchKey
 from core.waiting import WaitReason
+from stores.base import ScriptedStore
 from stores.clock import server_time_ms
-from stores.history import Retention
-from stores.keys import Keys
-from stores.scripts import Scripts
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,19 +124,7 @@ def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-class BatchStore:
-    def __init__(
-        self,
-        client: Redis,
-        keys: Keys,
-        scripts: Scripts | None = None,
-        retention: Retention | None = None,
-    ) -> None:
-        self.client = client
-        self.keys = keys
-        self.scripts = scripts or Scripts(client)
-        self.retention = retention or Retention()
-
+class BatchStore(ScriptedStore):
     # --- the claim ---------------------------------------------------------------------
 
     def received(self, batch_id: str, worker_id: str) -> None:
