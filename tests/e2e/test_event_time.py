@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,8 @@ from core.changes import format_ms
 from delivery.services import services
 from stores.history import ConsentHistory
 from tasks.producer import enqueue_change, enqueue_changes
+from tests.cli_runs import run_real
 from tests.conftest import (
-    ROOT,
     EnqueuedLog,
     assert_applied_in_order,
     drained,
@@ -55,13 +53,7 @@ def counted() -> int:
 
 
 def cli(*args: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_real(*args)
     assert result.returncode == 0, result.stderr
 
 

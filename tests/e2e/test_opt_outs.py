@@ -4,32 +4,15 @@ worker and beat processes, identifiers unsubscribed "in Braze" behind braze-subs
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
 
 from delivery.services import services
+from tests.cli_runs import run_real
 from tests.conftest import drained, wait_for
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=ROOT,
-        env={**os.environ},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def set_in_braze(url: str, group: str, state: str, values: list[str]) -> None:
@@ -66,7 +49,7 @@ def test_a_backfill_leaves_the_opt_outs_made_in_braze_alone(env, sim, processes,
     )
     worker = processes.worker("w1", concurrency=8)
     processes.beat()
-    result = run_cli("import", str(file), "--respect-opt-outs")
+    result = run_real("import", str(file), "--respect-opt-outs")
     assert result.returncode == 0, result.stderr
     wait_for(drained, timeout=120, what="the backfill to be delivered")
 
@@ -81,7 +64,7 @@ def test_a_backfill_leaves_the_opt_outs_made_in_braze_alone(env, sim, processes,
     print(f"{reads} reads, {len(posts)} posts for 10,000 identifiers")
     assert reads <= -(-len(posts) // 2) + 1
     assert reads <= 102
-    status = json.loads(run_cli("status", "--json").stdout)
+    status = json.loads(run_real("status", "--json").stdout)
     assert status["opt_out_skipped"] == 500
     log = worker.log()
     assert "unsubscribed in Braze: u***@example.com" in log  # logged, masked

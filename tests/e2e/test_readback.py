@@ -5,35 +5,16 @@ then states changed "in Braze" behind braze-subs' back, `verify`, `verify --repa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.cli_runs import run_real
 from tests.conftest import drained, wait_for
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ}
-    for name in ("COLUMNS", "LINES"):
-        environ.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=ROOT,
-        env=environ,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def set_in_braze(url: str, group: str, state: str, kind: str, values: list[str]) -> None:
@@ -64,11 +45,11 @@ def test_verify_reports_exactly_the_rows_changed_in_braze_and_repair_brings_them
     file = write_rows(tmp_path / "snapshot.jsonl", rows)
     processes.worker("w1", concurrency=4)
     processes.beat()
-    imported = run_cli("import", str(file))
+    imported = run_real("import", str(file))
     assert imported.returncode == 0, imported.stderr
     wait_for(drained, timeout=60, what="the import to be delivered")
 
-    clean = run_cli("verify", str(file), "--json")
+    clean = run_real("verify", str(file), "--json")
     assert clean.returncode == 0, clean.stderr
     assert json.loads(clean.stdout)["matching"] == 450
 
@@ -77,7 +58,7 @@ def test_verify_reports_exactly_the_rows_changed_in_braze_and_repair_brings_them
     set_in_braze(sim.url, "news", "unsubscribed", "email", flipped_emails)
     set_in_braze(sim.url, "sms", "subscribed", "external_id", flipped_ids)
 
-    found = run_cli("verify", str(file), "--json")
+    found = run_real("verify", str(file), "--json")
     assert found.returncode == 1, found.stderr
     report = json.loads(found.stdout)
     assert (report["checked"], report["matching"], report["drift"], report["unknown"]) == (
@@ -98,11 +79,11 @@ def test_verify_reports_exactly_the_rows_changed_in_braze_and_repair_brings_them
     # Reads of up to 100 per group and kind: 300 emails in 3 calls, 150 ids in 2.
     assert report["read_calls"] == 5
 
-    repaired = run_cli("verify", str(file), "--repair")
+    repaired = run_real("verify", str(file), "--repair")
     assert repaired.returncode == 1, repaired.stderr
     assert "5 repaired" in repaired.stderr
     wait_for(drained, timeout=60, what="the repairs to be delivered")
-    again = run_cli("verify", str(file))
+    again = run_real("verify", str(file))
     assert again.returncode == 0, again.stdout + again.stderr
     assert "450 matching, 0 drift" in again.stderr
 
@@ -114,9 +95,9 @@ def test_a_pending_change_is_reported_as_changing_not_drift(env, sim, tmp_path):
         [{"subscription_group_id": "news", "subscription_state": "subscribed", "email": "a@x.io"}],
     )
     set_in_braze(sim.url, "news", "unsubscribed", "email", ["a@x.io"])
-    enqueued = run_cli("enqueue", "--group", "news", "--state", "subscribed", "--email", "a@x.io")
+    enqueued = run_real("enqueue", "--group", "news", "--state", "subscribed", "--email", "a@x.io")
     assert enqueued.returncode == 0, enqueued.stderr
-    result = run_cli("verify", str(file), "--json", "--repair")
+    result = run_real("verify", str(file), "--json", "--repair")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert (report["drift"], report["changing"], report["repaired"]) == (0, 1, 0)
@@ -130,7 +111,7 @@ def test_verify_names_bad_rows_by_line_and_reads_nothing(env, sim, tmp_path, red
         "news,maybe,b@x.io\n"
         "news,subscribed,not-an-email\n"
     )
-    result = run_cli("verify", str(file))
+    result = run_real("verify", str(file))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "line 3: subscription_state" in result.stderr
@@ -145,7 +126,7 @@ def test_verify_with_braze_unreachable_exits_2_with_one_line(env, tmp_path, monk
         [{"subscription_group_id": "news", "subscription_state": "subscribed", "email": "a@x.io"}],
     )
     monkeypatch.setenv("BRAZE_REST_ENDPOINT", "http://127.0.0.1:9")  # nothing listens
-    result = run_cli("verify", str(file))
+    result = run_real("verify", str(file))
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("braze-subs:")]
     assert len(lines) == 1, result.stderr
@@ -156,7 +137,7 @@ def test_verify_with_braze_unreachable_exits_2_with_one_line(env, tmp_path, monk
 def test_lookup_lists_the_groups_braze_holds(env, sim):
     set_in_braze(sim.url, "news", "subscribed", "email", ["jane@x.io"])
     set_in_braze(sim.url, "promo", "unsubscribed", "email", ["jane@x.io"])
-    result = run_cli("lookup", "--email", "Jane@X.io", "--json")
+    result = run_real("lookup", "--email", "Jane@X.io", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     states = {

@@ -1,6 +1,7 @@
 """The `braze-subs` command against the session's real Redis and simulator.
 
-Most tests run the CLI in this process through typer's `CliRunner` (`run_cli`): the same
+Most tests run the CLI in this process through typer's `CliRunner` (`run_cli`, in
+tests/cli_runs.py): the same
 entry point (`admin.cli.main`, which turns user mistakes into one line and an exit code),
 with stdout and stderr captured apart and the environment set for the call. A few run it
 for real in a subprocess (`run_real`, `python -m worker ...`) where the process is what is
@@ -11,90 +12,21 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
-from admin.cli import main
 from core.changes import parse_change
-from core.planning import PlannedBatch, plan_batches
-from delivery.services import reset_services, services
-from stores.buffer import Buffer
+from core.planning import plan_batches
+from delivery.services import services
 from stores.clock import server_time_ms
 from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
+from tests.cli_runs import assert_one_line_error, run_cli, run_real, stderr_lines
+from tests.conftest import take_each
 
-ROOT = Path(__file__).resolve().parents[2]
 GROUP = "news"
-
-
-def take_each(
-    buffer: Buffer, plan: list[PlannedBatch], redispatch_ms: int
-) -> list[tuple[str, int]]:
-    """Take planned batches, each in a pack of its own; (batch id, members taken) each."""
-    return [
-        pair for pack in buffer.take([[batch] for batch in plan], redispatch_ms) for pair in pack
-    ]
-
-
-RUNNER = CliRunner()
-
-
-def run_cli(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`braze-subs ARGS` in this process (CliRunner's isolation around `admin.cli.main`)."""
-    # A pipe, as in CI logs: no terminal width to lean on.
-    environ: dict[str, str | None] = {"COLUMNS": None, "LINES": None, **(extra_env or {})}
-    argv = sys.argv
-    with RUNNER.isolation(input="", env=environ) as (stdout, stderr, _output):
-        reset_services()  # settings and clients as this call's environment gives them
-        sys.argv = ["braze-subs", *args]
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        finally:
-            sys.argv = argv
-            reset_services()
-        return subprocess.CompletedProcess(
-            ["braze-subs", *args], code, stdout.getvalue().decode(), stderr.getvalue().decode()
-        )
-
-
-def run_real(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m worker ARGS` in a subprocess: for what only a real process shows."""
-    environ = {**os.environ, **(extra_env or {})}
-    # A pipe, as in CI logs: no terminal width to lean on.
-    for name in ("COLUMNS", "LINES"):
-        environ.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=ROOT,
-        env=environ,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def stderr_lines(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.strip()]
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode != 0, result
-    output = result.stdout + result.stderr
-    assert "Traceback" not in output
-    lines = stderr_lines(result)
-    assert len(lines) == 1, f"expected one line on stderr, got: {result.stderr!r}"
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def pending(redis_client: Any) -> dict[tuple[str, str, str], dict[str, Any]]:

@@ -5,8 +5,6 @@ the dead-letter store, against a real redis-server."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,8 @@ from stores.keys import buffer_field
 from tasks.bulk_import import enqueue_file
 from tasks.producer import enqueue_change, enqueue_changes
 from tasks.subscriptions import record_change
-from tests.conftest import ROOT, email, take_each
+from tests.cli_runs import run_real
+from tests.conftest import email, take_each
 
 GROUP = "news"
 OCCURRED = "2026-01-02T03:04:05.678Z"
@@ -157,29 +156,13 @@ def test_import_respect_opt_outs_sets_every_row(env, redis_client, tmp_path):
         for n in range(3)
     ]
     path = write(tmp_path / "c.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
-    result = subprocess.run(
-        [sys.executable, "-m", "worker", "import", str(path), "--respect-opt-outs"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_real("import", str(path), "--respect-opt-outs")
     assert result.returncode == 0, result.stderr
     assert [pending(buffer, email(n)).get("r") for n in range(3)] == [1, 1, 1]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_cli_enqueue_options(env, redis_client):
-    result = run_cli(
+    result = run_real(
         "enqueue",
         "--group",
         GROUP,
@@ -199,7 +182,7 @@ def test_cli_enqueue_options(env, redis_client):
 
 
 def test_cli_enqueue_bad_time_is_one_line_and_enqueues_nothing(env, redis_client):
-    result = run_cli(
+    result = run_real(
         "enqueue",
         "--group",
         GROUP,
@@ -232,7 +215,7 @@ def test_import_names_the_line_of_a_bad_time(env, redis_client, tmp_path):
         },
     ]
     path = write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    result = run_cli("import", str(path))
+    result = run_real("import", str(path))
     assert result.returncode != 0
     assert "line 2: occurred_at: lies more than 5 minutes in the future" in result.stderr
     assert redis_client.hlen(services().keys.pending) == 0

@@ -4,8 +4,6 @@ a real redis-server (and the simulator over HTTP for posting), in-process."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import Any
 
 import httpx
@@ -19,7 +17,8 @@ from stores.buffer import Buffer
 from stores.clock import server_time_ms
 from stores.history import DAY_MS, ConsentHistory, Retention
 from stores.keys import Keys, buffer_field
-from tests.conftest import ROOT, come_due, email, keyspace_traces, take_each, wait_for
+from tests.cli_runs import run_real
+from tests.conftest import come_due, email, keyspace_traces, take_each, wait_for
 
 GROUP = "news"
 T0 = 1_795_000_000  # epoch seconds, a few days before the test machine's clock
@@ -250,26 +249,14 @@ def test_history_tells_the_story_through_a_retry_a_dead_letter_and_a_replay(env,
     assert [e.at_ms for e in story] == sorted(e.at_ms for e in story)
 
     # The command an operator runs.
-    result = subprocess.run(
-        [sys.executable, "-m", "worker", "history", "--email", "USER1@example.com", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_real("history", "--email", "USER1@example.com", "--json")
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     assert [e["event"] for e in shown["events"]] == [e.event for e in story]
     assert shown["events"][0]["source"] == "support:ticket-123"
     assert shown["events"][0]["occurred_at"] == "2026-11-18T11:06:40.000Z"
     assert shown["events"][-1]["http_status"] == 201
-    text = subprocess.run(
-        [sys.executable, "-m", "worker", "history", "--email", email(1), "--group", GROUP],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    text = run_real("history", "--email", email(1), "--group", GROUP)
     assert text.returncode == 0, text.stderr
     for words in ("dropped as stale", "retried", "HTTP 503", "dead-lettered", "replayed"):
         assert words in text.stdout
@@ -278,16 +265,6 @@ def test_history_tells_the_story_through_a_retry_a_dead_letter_and_a_replay(env,
 # --------------------------------------------------------------------------------------
 # Erasure
 # --------------------------------------------------------------------------------------
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_forget_removes_every_trace_and_nothing_brings_it_back(env, sim, redis_client):
@@ -315,7 +292,7 @@ def test_forget_removes_every_trace_and_nothing_brings_it_back(env, sim, redis_c
     enqueue(row(target, "subscribed", T0, group="a"), row(other, "subscribed", T0, group="a"))
     assert keyspace_traces(redis_client, target)
 
-    result = run_cli("forget", "--email", target.upper())
+    result = run_real("forget", "--email", target.upper())
     assert result.returncode == 0, result.stderr
     assert "Braze is not changed" in result.stdout and "/users/delete" in result.stdout
     assert "2 pending changes" in result.stdout
@@ -333,7 +310,7 @@ def test_forget_removes_every_trace_and_nothing_brings_it_back(env, sim, redis_c
     assert read_status(found.redis, found.keys).erased == 1
     assert sim_states(sim)[other] == "subscribed"  # the others are untouched
     assert "posted" in events(other)
-    shown = json.loads(run_cli("history", "--email", target, "--json").stdout)
+    shown = json.loads(run_real("history", "--email", target, "--json").stdout)
     assert [e["event"] for e in shown["events"]] == ["erased"]
     assert shown["events"][0]["removed"]["pending"] == 2
 
@@ -349,7 +326,7 @@ def test_forget_while_the_batch_is_being_posted(env, sim, redis_client):
     original = poster.braze.post
 
     def erase_then_fail(path: str, body: Any, **options: Any) -> Any:
-        result = run_cli("forget", "--email", target)
+        result = run_real("forget", "--email", target)
         assert result.returncode == 0, result.stderr
         reply = original(path, body, **options)
         return reply
@@ -404,7 +381,7 @@ def test_history_tells_an_opt_out_skip_of_a_whole_batch(env, sim, redis_client):
 
 def test_the_commands_say_when_a_change_is_dropped_as_stale(env, redis_client, tmp_path):
     enqueue(row(email(1), "unsubscribed", T0 + 20))
-    result = run_cli(
+    result = run_real(
         "enqueue",
         "--group",
         GROUP,
@@ -420,9 +397,9 @@ def test_the_commands_say_when_a_change_is_dropped_as_stale(env, redis_client, t
     rows = [row(email(n), "subscribed", T0 + 10) for n in (1, 2)]
     path = tmp_path / "late.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = run_cli("import", str(path))
+    result = run_real("import", str(path))
     assert result.returncode == 0, result.stderr
     assert "2 changes enqueued, 1 dropped as stale" in result.stderr
-    status = json.loads(run_cli("status", "--json").stdout)
+    status = json.loads(run_real("status", "--json").stdout)
     assert status["stale"] == 2
     assert pending_state(email(1)) == "unsubscribed"

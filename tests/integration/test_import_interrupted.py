@@ -11,7 +11,7 @@ from redis import Redis
 
 from devtools.processes import local_redis
 from stores.keys import Keys
-from tests.integration.test_cli import run_cli
+from tests.cli_runs import run_cli
 
 ROWS = 60_000
 

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -14,8 +12,7 @@ from admin.verify import Verification
 from delivery.braze_reads import BrazeReader, ReadState
 from delivery.services import services
 from tasks.producer import enqueue_changes
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.cli_runs import run_real
 
 
 def set_in_braze(url: str, group: str, state: str, kind: str, values: list[str]) -> None:
@@ -122,13 +119,7 @@ def test_the_reader_reads_both_forms_from_the_simulator(env, sim):
 def test_a_refused_key_is_one_line_and_exit_2(env, sim, tmp_path, monkeypatch):
     file = write_rows(tmp_path / "f.jsonl", [row("a")])
     monkeypatch.setenv("BRAZE_API_KEY", "revoked-key")
-    result = subprocess.run(
-        [sys.executable, "-m", "worker", "verify", str(file)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_real("verify", str(file))
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("braze-subs:")]
     assert len(lines) == 1 and "Braze refused the API key" in lines[0], result.stderr
