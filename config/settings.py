@@ -180,9 +180,12 @@ class Settings(BaseSettings):
     heartbeat_ttl_seconds: float = Field(default=5.0, gt=0)
 
     # Days a dead-letter entry is kept for an operator to replay or purge. Older entries
-    # are removed by the coalescer's sweep, each with a WARNING log line and counted in
-    # `status` (dead_letters_expired): the store stays bounded and nothing goes silently.
+    # are removed by the beat task `subscriptions.expire_dead_letters`, each with a WARNING
+    # log line and counted in `status` (dead_letters_expired): the store stays bounded and
+    # nothing goes silently.
     dead_letter_retention_days: float = Field(default=30.0, gt=0)
+    # How often that task runs. Ten minutes: a retention counted in days needs no more.
+    dead_letter_expiry_interval_seconds: float = Field(default=600.0, gt=0)
     # After Braze refuses a whole batch (a group it does not know, emails in an SMS group),
     # further batches for that group + state + identifier kind are dead-lettered without a
     # request for this long; then the next batch is sent and tells whether the group was

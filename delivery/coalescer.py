@@ -28,7 +28,6 @@ from stores import counters
 from stores.batch_records import BatchStore
 from stores.buffer import Buffer
 from stores.clock import server_time_ms
-from stores.dead_letters import DeadLetters
 from stores.heartbeats import Heartbeats
 from stores.limiter import RateLimiter
 
@@ -75,7 +74,6 @@ class Coalescer:
         store: BatchStore,
         limiter: RateLimiter,
         heartbeats: Heartbeats,
-        dead_letters: DeadLetters,
         dispatch: Callable[[str], object],
     ) -> None:
         self.settings = settings
@@ -83,7 +81,6 @@ class Coalescer:
         self.store = store
         self.limiter = limiter
         self.heartbeats = heartbeats
-        self.dead_letters = dead_letters
         self.dispatch = dispatch  # sends one "post this batch now" message
 
     def run(self, seconds: float) -> TickReport:
@@ -167,18 +164,6 @@ class Coalescer:
         now_ms = server_time_ms(self.buffer.client)
         recovered, dispatched, swept = self._recover(now_ms)
         moved = {"redispatched": swept, "recovered": recovered, "dispatched": dispatched}
-
-        for entry in self.dead_letters.expire(now_ms - settings.dead_letter_retention_ms):
-            logger.warning(
-                "dead-letter entry %s expired after %g days: group=%s state=%s identifiers=%d "
-                "error=%r",
-                entry.id,
-                settings.dead_letter_retention_days,
-                entry.subscription_group_id,
-                entry.subscription_state,
-                len(entry.identifiers),
-                entry.error,
-            )
 
         budget = settings.max_batches_in_flight - self.store.count()
         if budget <= 0:

@@ -88,7 +88,6 @@ class Services:
             self.batches,
             self.limiter,
             self.heartbeats,
-            self.dead_letters,
             dispatch,
         )
 

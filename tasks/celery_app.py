@@ -88,6 +88,7 @@ def create_app(settings: Settings) -> Celery:
         task_default_queue=RECORD_QUEUE,
         task_routes={
             "subscriptions.coalesce": {"queue": COALESCE_QUEUE},
+            "subscriptions.expire_dead_letters": {"queue": COALESCE_QUEUE},
             "subscriptions.post_batch": {"queue": POST_QUEUE},
         },
         # In-memory schedule: no shelve file to share or lock, so two beats can run (by
@@ -99,7 +100,12 @@ def create_app(settings: Settings) -> Celery:
                 "schedule": interval,
                 # A tick that could not run in time is replaced by the next one.
                 "options": {"expires": max(interval * 5, 5.0)},
-            }
+            },
+            "expire-dead-letters": {
+                "task": "subscriptions.expire_dead_letters",
+                "schedule": settings.dead_letter_expiry_interval_seconds,
+                "options": {"expires": settings.dead_letter_expiry_interval_seconds},
+            },
         },
     )
     return app

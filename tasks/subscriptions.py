@@ -22,6 +22,7 @@ from core.changes import IDENTIFIER_FIELDS, InvalidChange, show_value
 from core.errors import InputRefused
 from core.redaction import mask_identifier
 from core.waiting import WaitReason
+from delivery.dead_letter_retention import expire_dead_letters
 from delivery.services import services
 from tasks.celery_app import app
 from tasks.producer import enqueue_change
@@ -90,6 +91,13 @@ def coalesce() -> dict[str, Any]:
     # are harmless: each tick takes the coalescer lock, and a nudge wakes one run only, so
     # at most two runs wait at once whatever the load (under a backlog: one tick a beat).
     return asdict(coalescer.run(found.settings.coalesce_interval_seconds * 1.5))
+
+
+@app.task(name="subscriptions.expire_dead_letters")
+def expire_dead_letters_task() -> dict[str, Any]:
+    """Beat task: remove dead-letter entries past DEAD_LETTER_RETENTION_DAYS."""
+    found = services()
+    return {"expired": expire_dead_letters(found.settings, found.dead_letters)}
 
 
 @worker_ready.connect

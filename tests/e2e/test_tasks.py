@@ -197,3 +197,48 @@ def test_batch_of_a_killed_worker_is_swept_and_ends_right(env, sim, processes, r
     assert read_status(redis_client, services().keys).dead_letter == 0
     # The redelivered batch re-applies "subscribed" (a repeat); never after "unsubscribed".
     assert_applied_in_order(sim.url, sent)
+
+
+def test_beat_expires_dead_letters_past_their_retention(env, processes, redis_client):
+    """`subscriptions.expire_dead_letters` is on beat's schedule every
+    DEAD_LETTER_EXPIRY_INTERVAL_SECONDS; a worker running it removes the entries older than
+    DEAD_LETTER_RETENTION_DAYS, counted in `status`."""
+    from config.settings import get_settings
+    from core.changes import parse_change
+    from core.planning import plan_batches
+    from stores.clock import server_time_ms
+
+    own = producer_app(env)
+    entry = own.conf.beat_schedule["expire-dead-letters"]
+    assert entry["task"] == "subscriptions.expire_dead_letters"
+    assert entry["schedule"] == get_settings().dead_letter_expiry_interval_seconds == 600
+
+    found = services()
+    found.buffer.enqueue(
+        [
+            parse_change(
+                {"subscription_group_id": GROUP, "subscription_state": "subscribed", "email": v}
+            )
+            for v in ("old@example.com", "young@example.com")
+        ]
+    )
+    now = server_time_ms(redis_client)
+    changes, _ = found.buffer.read_due(now, 10)
+    ids = []
+    for change in changes:  # one batch each, dead-lettered
+        [plan] = plan_batches([change], now_ms=now, max_identifiers=50)
+        [[(batch_id, _size)]] = found.buffer.take([[plan]], 60_000)
+        found.batches.claim(batch_id, "t", 60_000)
+        found.batches.dead_letter(batch_id, "t", "HTTP 400")
+        ids.append(batch_id)
+    old = ids[0]
+    redis_client.zadd(found.keys.dead_letter_index, {old: now - 31 * 86_400_000})
+
+    processes.worker("w1", concurrency=2)
+    own.send_task("subscriptions.expire_dead_letters")  # what beat sends
+    wait_for(
+        lambda: [e.id for e in found.dead_letters.list()] == ids[1:],
+        timeout=30,
+        what="the old entry to expire",
+    )
+    assert read_status(found.redis, found.keys).dead_letters_expired == 1

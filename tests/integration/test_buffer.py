@@ -96,7 +96,6 @@ def coalescer(dispatch: Recorder, **overrides: Any) -> Coalescer:
         found.batches,
         found.limiter,
         found.heartbeats,
-        found.dead_letters,
         dispatch,
     )
 

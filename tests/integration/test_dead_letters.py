@@ -13,7 +13,7 @@ from typing import Any
 from admin.status import read_status
 from core.changes import parse_change
 from core.planning import plan_batches
-from delivery.coalescer import Coalescer
+from delivery.dead_letter_retention import expire_dead_letters
 from delivery.services import services
 from stores.clock import server_time_ms
 from stores.dead_letters import DeadLetters
@@ -241,18 +241,10 @@ def test_entries_past_retention_expire_counted_and_logged(env, redis_client, cap
 
     settings = load_settings(dead_letter_retention_days=30)
     # Our loggers may not propagate to the root (worker.app configures them): listen directly.
-    logger = logging.getLogger("braze_subs.coalescer")
+    logger = logging.getLogger("braze_subs.dead_letters")
     logger.addHandler(caplog.handler)
     try:
-        Coalescer(
-            settings,
-            found.buffer,
-            found.batches,
-            found.limiter,
-            found.heartbeats,
-            found.dead_letters,
-            lambda _id: None,
-        ).tick()
+        assert expire_dead_letters(settings, found.dead_letters) == 1
     finally:
         logger.removeHandler(caplog.handler)
 

@@ -379,7 +379,6 @@ def cut_pack_of_two(values: list[str]) -> tuple[str, str, str]:
         found.batches,
         found.limiter,
         found.heartbeats,
-        found.dead_letters,
         sent.append,
     ).tick()
     assert report.batches == 2
