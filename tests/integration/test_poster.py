@@ -6,6 +6,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -605,3 +606,42 @@ def test_an_error_mid_post_gives_the_batch_back_at_once(sim, redis_client, monke
     assert redis_client.hget(found.keys.schedule_reasons, batch_id) == b"retry"
     assert record(redis_client, batch_id)["attempts"] == 0
     assert found.liveness.held() == {}
+
+
+def test_a_double_opt_in_batch_is_posted_once_whatever_the_messages(sim, redis_client):
+    """Each post of a double opt-in batch sends another text: duplicate messages (a slow
+    queue, the sweep, a late redelivery) arriving while it waits for its turn, while it
+    is posted, and after it ended must post nothing."""
+    found = services()
+    phones = ["+14155550111", "+14155550112"]
+    batch_id = make_batch(
+        [
+            {
+                "subscription_group_id": SMS_GROUP,
+                "subscription_state": "subscribed",
+                "phone": p,
+                "use_double_opt_in_logic": True,
+            }
+            for p in phones
+        ]
+    )
+    poster = found.poster()
+    # 1. Its turn is far off: it waits in the schedule, and duplicates find it waiting.
+    now = server_time_ms(redis_client)
+    redis_client.hset(found.limiter.key, "tat", now + 60_000)
+    assert poster.post(batch_id).status == "waiting"
+    assert [poster.post(batch_id).status for _ in range(3)] == ["queued"] * 3
+    # The sweep sees it waiting, not lost: no message from there either.
+    redis_client.zadd(found.keys.batches, {batch_id: 0})
+    assert found.batches.sweep(100, 120_000) == []
+    # 2. Its turn comes: four messages race for it; one posts.
+    redis_client.hdel(found.limiter.key, "tat")
+    assert come_due(batch_id) == [batch_id]
+    with ThreadPoolExecutor(4) as pool:
+        statuses = sorted(r.status for r in pool.map(poster.post, [batch_id] * 4))
+    assert statuses.count("delivered") == 1
+    assert set(statuses) <= {"delivered", "busy", "gone"}
+    # 3. After it ended, a late message finds it gone.
+    assert poster.post(batch_id).status == "gone"
+    assert len(sim_stats(sim)["requests"]) == 1
+    assert sim_state(sim)[(SMS_GROUP, "phone", phones[0])]["double_opt_in"] is True
