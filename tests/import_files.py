@@ -157,3 +157,9 @@ def verdict_by_chunks(
         [error for result in results for error in result.errors],
         [arg for result in results for arg in result.args],
     )
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """An import file of `rows`, one JSON object a line."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -11,19 +11,9 @@ import pytest
 from delivery.services import services
 from tests.cli_runs import run_real
 from tests.conftest import drained, wait_for
+from tests.sim_control import braze_states, set_in_braze
 
 pytestmark = pytest.mark.slow
-
-
-def set_in_braze(url: str, group: str, state: str, values: list[str]) -> None:
-    """An opt-out made in Braze (a footer link): braze-subs is not told."""
-    body = {"group": group, "kind": "email", "values": values, "state": state}
-    httpx.post(f"{url}/_sim/set_state", json=body).raise_for_status()
-
-
-def braze_states(url: str, group: str) -> dict[str, str]:
-    data = httpx.get(f"{url}/_sim/state", params={"log": "0"}).json()
-    return {s["value"]: s["state"] for s in data["subscriptions"] if s["group"] == group}
 
 
 def read_calls(url: str) -> int:

@@ -5,27 +5,15 @@ then states changed "in Braze" behind braze-subs' back, `verify`, `verify --repa
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from tests.cli_runs import run_real
 from tests.conftest import drained, wait_for
+from tests.import_files import write_rows
+from tests.sim_control import set_in_braze
 
 pytestmark = pytest.mark.slow
-
-
-def set_in_braze(url: str, group: str, state: str, kind: str, values: list[str]) -> None:
-    """What a footer link or a STOP reply does: Braze changes, braze-subs is not told."""
-    body = {"group": group, "kind": kind, "values": values, "state": state}
-    httpx.post(f"{url}/_sim/set_state", json=body).raise_for_status()
-
-
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def test_verify_reports_exactly_the_rows_changed_in_braze_and_repair_brings_them_back(
@@ -55,8 +43,8 @@ def test_verify_reports_exactly_the_rows_changed_in_braze_and_repair_brings_them
 
     flipped_emails = [f"u{n}@x.io" for n in (3, 77, 250)]
     flipped_ids = ["e5", "e149"]
-    set_in_braze(sim.url, "news", "unsubscribed", "email", flipped_emails)
-    set_in_braze(sim.url, "sms", "subscribed", "external_id", flipped_ids)
+    set_in_braze(sim.url, "news", "unsubscribed", flipped_emails)
+    set_in_braze(sim.url, "sms", "subscribed", flipped_ids, kind="external_id")
 
     found = run_real("verify", str(file), "--json")
     assert found.returncode == 1, found.stderr
@@ -94,7 +82,7 @@ def test_a_pending_change_is_reported_as_changing_not_drift(env, sim, tmp_path):
         tmp_path / "rows.jsonl",
         [{"subscription_group_id": "news", "subscription_state": "subscribed", "email": "a@x.io"}],
     )
-    set_in_braze(sim.url, "news", "unsubscribed", "email", ["a@x.io"])
+    set_in_braze(sim.url, "news", "unsubscribed", ["a@x.io"])
     enqueued = run_real("enqueue", "--group", "news", "--state", "subscribed", "--email", "a@x.io")
     assert enqueued.returncode == 0, enqueued.stderr
     result = run_real("verify", str(file), "--json", "--repair")
@@ -135,8 +123,8 @@ def test_verify_with_braze_unreachable_exits_2_with_one_line(env, tmp_path, monk
 
 
 def test_lookup_lists_the_groups_braze_holds(env, sim):
-    set_in_braze(sim.url, "news", "subscribed", "email", ["jane@x.io"])
-    set_in_braze(sim.url, "promo", "unsubscribed", "email", ["jane@x.io"])
+    set_in_braze(sim.url, "news", "subscribed", ["jane@x.io"])
+    set_in_braze(sim.url, "promo", "unsubscribed", ["jane@x.io"])
     result = run_real("lookup", "--email", "Jane@X.io", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)

@@ -19,6 +19,7 @@ from stores.history import DAY_MS, ConsentHistory, Retention
 from stores.keys import Keys, buffer_field
 from tests.cli_runs import run_real
 from tests.conftest import come_due, email, keyspace_traces, take_each, wait_for
+from tests.sim_control import set_in_braze
 
 GROUP = "news"
 T0 = 1_795_000_000  # epoch seconds, a few days before the test machine's clock
@@ -348,10 +349,7 @@ def test_history_tells_an_opt_out_skip(env, sim, redis_client):
     unsubscribed, is left out of the request: its history says so; the others are posted."""
     found = services()
     poster = found.poster()
-    httpx.post(
-        f"{sim.url}/_sim/set_state",
-        json={"group": GROUP, "kind": "email", "values": [email(1)], "state": "unsubscribed"},
-    ).raise_for_status()
+    set_in_braze(sim.url, GROUP, "unsubscribed", [email(1)])
     enqueue(
         row(email(1), "subscribed", T0, respect_opt_out=True, source="reactivation"),
         row(email(2), "subscribed", T0, respect_opt_out=True),
@@ -368,10 +366,7 @@ def test_history_tells_an_opt_out_skip(env, sim, redis_client):
 def test_history_tells_an_opt_out_skip_of_a_whole_batch(env, sim, redis_client):
     found = services()
     poster = found.poster()
-    httpx.post(
-        f"{sim.url}/_sim/set_state",
-        json={"group": GROUP, "kind": "email", "values": [email(1)], "state": "unsubscribed"},
-    ).raise_for_status()
+    set_in_braze(sim.url, GROUP, "unsubscribed", [email(1)])
     enqueue(row(email(1), "subscribed", T0, respect_opt_out=True))
     [batch_id] = take_all()
     assert poster.post(batch_id).status == "delivered"

@@ -16,18 +16,9 @@ from delivery.services import services
 from stores.clock import server_time_ms
 from stores.history import ConsentHistory
 from tests.conftest import come_due, email, take_each
+from tests.sim_control import braze_states, set_in_braze
 
 GROUP = "news"
-
-
-def set_in_braze(url: str, state: str, values: list[str]) -> None:
-    body = {"group": GROUP, "kind": "email", "values": values, "state": state}
-    httpx.post(f"{url}/_sim/set_state", json=body).raise_for_status()
-
-
-def braze(url: str) -> dict[str, str]:
-    data = httpx.get(f"{url}/_sim/state", params={"log": "0"}).json()
-    return {s["value"]: s["state"] for s in data["subscriptions"] if s["group"] == GROUP}
 
 
 def stats(url: str) -> dict[str, Any]:
@@ -62,13 +53,13 @@ def poster(env) -> Poster:
 
 def test_opted_out_identifiers_are_left_out_and_counted(sim, poster, redis_client, caplog):
     values = [email(n) for n in range(10)]
-    set_in_braze(sim.url, "unsubscribed", values[:3])
-    set_in_braze(sim.url, "subscribed", values[3:5])  # values[5:] are unknown to Braze
+    set_in_braze(sim.url, GROUP, "unsubscribed", values[:3])
+    set_in_braze(sim.url, GROUP, "subscribed", values[3:5])  # values[5:] are unknown to Braze
     (batch_id,) = cut(values)
     with caplog.at_level("INFO", logger="braze_subs.opt_outs"):
         report = poster.post(batch_id)
     assert report.status == "delivered"
-    assert braze(sim.url) == {
+    assert braze_states(sim.url, GROUP) == {
         **dict.fromkeys(values[:3], "unsubscribed"),
         **dict.fromkeys(values[3:], "subscribed"),
     }
@@ -87,10 +78,10 @@ def test_opted_out_identifiers_are_left_out_and_counted(sim, poster, redis_clien
 
 def test_without_respect_opt_out_nothing_is_read(sim, poster):
     values = [email(n) for n in range(5)]
-    set_in_braze(sim.url, "unsubscribed", values)
+    set_in_braze(sim.url, GROUP, "unsubscribed", values)
     (batch_id,) = cut(values, respect=False)
     assert poster.post(batch_id).status == "delivered"
-    assert set(braze(sim.url).values()) == {"subscribed"}
+    assert set(braze_states(sim.url, GROUP).values()) == {"subscribed"}
     assert stats(sim.url)["reads"]["requests_total"] == 0
 
 
@@ -102,18 +93,18 @@ def test_unsubscribing_changes_are_never_checked(sim, poster):
 
 def test_one_read_covers_two_batches(sim, poster):
     values = [email(n) for n in range(100)]
-    set_in_braze(sim.url, "unsubscribed", [values[10], values[90]])
+    set_in_braze(sim.url, GROUP, "unsubscribed", [values[10], values[90]])
     first, second = cut(values)
     assert poster.post(first).status == "delivered"
     assert poster.post(second).status == "delivered"
     assert stats(sim.url)["reads"]["requests_total"] == 1
-    states = braze(sim.url)
+    states = braze_states(sim.url, GROUP)
     assert [v for v in values if states[v] == "unsubscribed"] == [values[10], values[90]]
 
 
 def test_a_batch_wholly_opted_out_is_ended_without_a_post(sim, poster, redis_client):
     values = [email(n) for n in range(4)]
-    set_in_braze(sim.url, "unsubscribed", values)
+    set_in_braze(sim.url, GROUP, "unsubscribed", values)
     (batch_id,) = cut(values)
     report = poster.post(batch_id)
     assert report.status == "delivered"
@@ -139,7 +130,7 @@ def test_braze_unreadable_means_nothing_is_posted_and_the_batch_retries(sim, pos
 
 def test_a_retried_batch_counts_who_it_left_out_once(sim, poster, redis_client):
     values = [email(n) for n in range(3)]
-    set_in_braze(sim.url, "unsubscribed", values[:1])
+    set_in_braze(sim.url, GROUP, "unsubscribed", values[:1])
     (batch_id,) = cut(values)
     httpx.post(f"{sim.url}/_sim/faults", json={"error_rate": 1.0}).raise_for_status()
     assert poster.post(batch_id).status == "retry"  # screened, then the post failed
@@ -147,4 +138,4 @@ def test_a_retried_batch_counts_who_it_left_out_once(sim, poster, redis_client):
     come_due(batch_id)
     assert poster.post(batch_id).status == "delivered"
     assert redis_client.hget(services().keys.stats, "opt_out_skipped") == b"1"
-    assert braze(sim.url)[values[0]] == "unsubscribed"
+    assert braze_states(sim.url, GROUP)[values[0]] == "unsubscribed"

@@ -11,6 +11,7 @@ from config.settings import load_settings
 from delivery.braze_reads import BrazeReader, ReadDeferred, ReadState, read_limiter
 from delivery.services import services
 from stores.limiter import Budget
+from tests.sim_control import set_in_braze
 
 
 def faults(url: str, **switches: object) -> None:
@@ -77,14 +78,8 @@ def test_no_window_of_the_default_read_budget_holds_more_than_the_limit():
 
 def test_the_older_answer_form_reads_the_same(env, sim):
     faults(sim.url, legacy_reads=True)
-    httpx.post(
-        f"{sim.url}/_sim/set_state",
-        json={"group": "news", "kind": "external_id", "values": ["a"], "state": "unsubscribed"},
-    ).raise_for_status()
-    httpx.post(
-        f"{sim.url}/_sim/set_state",
-        json={"group": "news", "kind": "external_id", "values": ["b"], "state": "subscribed"},
-    ).raise_for_status()
+    set_in_braze(sim.url, "news", "unsubscribed", ["a"], kind="external_id")
+    set_in_braze(sim.url, "news", "subscribed", ["b"], kind="external_id")
     states = (
         services().reader(max_wait_seconds=None).statuses("news", "external_id", ["a", "b", "c"])
     )

@@ -4,26 +4,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import httpx
 
 from admin.verify import Verification
 from delivery.braze_reads import BrazeReader, ReadState
 from delivery.services import services
 from tasks.producer import enqueue_changes
 from tests.cli_runs import run_real
-
-
-def set_in_braze(url: str, group: str, state: str, kind: str, values: list[str]) -> None:
-    """What a footer link or a STOP reply does: Braze changes, braze-subs is not told."""
-    body = {"group": group, "kind": kind, "values": values, "state": state}
-    httpx.post(f"{url}/_sim/set_state", json=body).raise_for_status()
-
-
-def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+from tests.import_files import write_rows
+from tests.sim_control import set_in_braze
 
 
 def row(value: str, state: str = "subscribed", group: str = "news") -> dict[str, str]:
@@ -31,7 +19,7 @@ def row(value: str, state: str = "subscribed", group: str = "news") -> dict[str,
 
 
 def test_a_later_row_for_the_same_identifier_is_the_expected_one(env, sim, tmp_path):
-    set_in_braze(sim.url, "news", "unsubscribed", "external_id", ["a"])
+    set_in_braze(sim.url, "news", "unsubscribed", ["a"], kind="external_id")
     file = write_rows(tmp_path / "f.jsonl", [row("a"), row("b"), row("a", "unsubscribed")])
     found = services()
     with Verification(found.reader(max_wait_seconds=None), found.redis, found.keys) as run:
@@ -70,7 +58,7 @@ class ChangeDuringRead(BrazeReader):
 
 
 def test_a_change_arriving_during_the_read_is_changing_and_not_repaired(env, sim, tmp_path):
-    set_in_braze(sim.url, "news", "unsubscribed", "external_id", ["a", "b"])
+    set_in_braze(sim.url, "news", "unsubscribed", ["a", "b"], kind="external_id")
     file = write_rows(tmp_path / "f.jsonl", [row("a"), row("b")])
     found = services()
     reader = ChangeDuringRead(found.reader(max_wait_seconds=None), "a")
@@ -91,7 +79,7 @@ def test_a_change_arriving_during_the_read_is_changing_and_not_repaired(env, sim
 
 
 def test_repairs_are_ordinary_changes_in_the_buffer(env, sim, tmp_path):
-    set_in_braze(sim.url, "news", "unsubscribed", "external_id", ["a"])
+    set_in_braze(sim.url, "news", "unsubscribed", ["a"], kind="external_id")
     file = write_rows(tmp_path / "f.jsonl", [row("a"), row("b", "unsubscribed")])
     found = services()
     with Verification(
@@ -108,7 +96,7 @@ def test_repairs_are_ordinary_changes_in_the_buffer(env, sim, tmp_path):
 
 
 def test_the_reader_reads_both_forms_from_the_simulator(env, sim):
-    set_in_braze(sim.url, "news", "unsubscribed", "external_id", ["a"])
+    set_in_braze(sim.url, "news", "unsubscribed", ["a"], kind="external_id")
     reader = services().reader(max_wait_seconds=None)
     assert reader.statuses("news", "external_id", ["a", "z"]) == {
         "a": ReadState.UNSUBSCRIBED,
