@@ -83,7 +83,16 @@ class Buffer(ScriptedStore):
 
     def _enqueue_keys(self) -> list[str]:
         k = self.keys
-        return [k.seq, k.pending, k.due, k.inflight, k.stats, k.dead_letter_fields, k.groups]
+        return [
+            k.seq,
+            k.pending,
+            k.due,
+            k.inflight,
+            k.stats,
+            k.dead_letter_fields,
+            k.groups,
+            k.coalesce_nudge,
+        ]
 
     def _enqueue_head(self) -> list[bytes]:
         """The enqueue script's arguments before the changes: retention and history bound."""
@@ -105,17 +114,7 @@ class Buffer(ScriptedStore):
             _last, stale = self.scripts.enqueue(keys=keys, args=head + encode_changes(chunk))
             self.stale += int(stale)
             count += len(chunk)
-        if count:
-            self.nudge()
         return count
-
-    def nudge(self) -> None:
-        """Wake one coalescer waiting for work (`wait_for_nudge`). The list holds at most one
-        item, so a burst of enqueues wakes one tick, not a herd."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.lpush(self.keys.coalesce_nudge, 1)
-        pipe.ltrim(self.keys.coalesce_nudge, 0, 0)
-        pipe.execute()
 
     def tick_lock(self, timeout_seconds: float) -> Lock:
         """The lock coalescer ticks take turns with (not blocking: a tick that finds it
@@ -285,8 +284,6 @@ class PipelinedEnqueue:
             self._args = []
         while self._unanswered:
             self._answer()
-        if self.count:
-            self._buffer.nudge()
 
     def _send(self, args: list[bytes]) -> None:
         assert self._connection is not None

@@ -13,6 +13,7 @@
 --                          "beyond_retention" += accepted changes older than the watermarks
 -- KEYS[6] dlq fields HASH  field -> dead-letter entry id; a newer change removes the field
 -- KEYS[7] groups    SET    every group id a change was enqueued for (erasure looks there)
+-- KEYS[8] nudge     LIST   one item: wakes a coalescer waiting for work (_prelude.lua)
 -- Per identifier (see _prelude.lua): subject (read: watermark per group), history (written
 -- only for a change dropped as stale, or replacing a pending one)
 -- ARGV[1] watermark retention (ms)   ARGV[2] history retention (ms)
@@ -32,7 +33,8 @@
 -- is taken into a batch, with its arrival time). A field that an in-flight batch locks is
 -- not made due: that batch's end makes it due (finish_batch.lua), so an identifier is
 -- never in two batches at once. Due times are Redis server time plus the delay. A
--- dead-lettered change for the same field is superseded: replay will skip it. Returns
+-- dead-lettered change for the same field is superseded: replay will skip it. A coalescer
+-- waiting for work is woken in the same step (no extra round trip). Returns
 -- {last sequence number, changes dropped as stale}.
 local FIRST = 4
 local n = (#ARGV - FIRST + 1) / 7
@@ -131,4 +133,5 @@ end
 if old > 0 then
   redis.call('HINCRBY', KEYS[5], 'beyond_retention', old)
 end
+nudge(KEYS[8])
 return {last, stale}
