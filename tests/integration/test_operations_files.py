@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client.core import Metric
@@ -20,13 +19,11 @@ from prometheus_client.core import Metric
 from admin.exporter import registry_for
 from delivery.services import services
 from stores.durability import findings
+from tests.k8s_manifests import K8S, manifests, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "braze-subs.json"
-K8S = ROOT / "deploy" / "k8s"
-# The Kubernetes version the manifests are checked against (kubernetes-validate's schemas).
-KUBERNETES_VERSION = "1.30"
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool is not installed (./dev install installs prometheus)"
@@ -123,21 +120,6 @@ def test_exported_names_follow_prometheus_conventions(env):
 
 
 # --- Kubernetes manifests -------------------------------------------------------------
-
-
-def manifests() -> dict[tuple[str, str], dict[str, Any]]:
-    docs = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                docs[(doc["kind"], doc["metadata"]["name"])] = doc
-    return docs
-
-
-def validate(doc: dict[str, Any]) -> None:
-    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")

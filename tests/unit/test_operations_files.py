@@ -14,29 +14,12 @@ import pytest
 import yaml
 
 from config.settings import Settings
+from tests.k8s_manifests import K8S, manifests, validate
 
 ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy" / "k8s"
-# The Kubernetes version the manifests are checked against (kubernetes-validate's schemas).
-KUBERNETES_VERSION = "1.30"
 
 
 # --- Kubernetes manifests -------------------------------------------------------------
-
-
-def manifests() -> dict[tuple[str, str], dict[str, Any]]:
-    docs = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                docs[(doc["kind"], doc["metadata"]["name"])] = doc
-    return docs
-
-
-def validate(doc: dict[str, Any]) -> None:
-    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
 def test_every_manifest_passes_the_kubernetes_schema():

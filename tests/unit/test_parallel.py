@@ -24,6 +24,22 @@ def square(x: int) -> int:
     return x * x
 
 
+class Pulled:
+    """The numbers 0 to `count` - 1, counting how many the consumer has pulled so far."""
+
+    def __init__(self, count: int) -> None:
+        self._numbers = iter(range(count))
+        self.pulled = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        number = next(self._numbers)
+        self.pulled += 1
+        return number
+
+
 def fail_on_three(x: int) -> int:
     if x == 3:
         raise ValueError("three")
@@ -53,21 +69,14 @@ def test_work_is_done_in_other_processes() -> None:
 
 @pytest.mark.parametrize(("jobs", "in_flight"), [(1, 1), (2, 3), (2, 4), (3, 2)])
 def test_reads_at_most_in_flight_items_ahead(jobs: int, in_flight: int) -> None:
-    pulled = 0
-
-    def items() -> Iterator[int]:
-        nonlocal pulled
-        for x in range(40):
-            pulled += 1
-            yield x
-
+    items = Pulled(40)
     seen = []
-    for consumed, result in enumerate(ordered_map(square, items(), jobs=jobs, in_flight=in_flight)):
+    for consumed, result in enumerate(ordered_map(square, items, jobs=jobs, in_flight=in_flight)):
         # Submitted and not yet handed back, counting the one in hand: at most in_flight.
-        assert pulled - consumed <= in_flight
+        assert items.pulled - consumed <= in_flight
         seen.append(result)
     assert seen == [x * x for x in range(40)]
-    assert pulled == 40
+    assert items.pulled == 40
 
 
 def test_an_error_is_raised_at_its_items_turn() -> None:
@@ -83,18 +92,11 @@ def test_workers_ignore_sigint() -> None:
 
 
 def test_closing_early_cancels_queued_items_and_stops_the_workers() -> None:
-    pulled = 0
-
-    def items() -> Iterator[int]:
-        nonlocal pulled
-        for x in range(1000):
-            pulled += 1
-            yield x
-
-    results = ordered_map(square, items(), jobs=2, in_flight=4)
+    items = Pulled(1000)
+    results = ordered_map(square, items, jobs=2, in_flight=4)
     assert next(results) == 0
     results.close()
-    assert pulled <= 4
+    assert items.pulled <= 4
     assert multiprocessing.active_children() == []
 
 
