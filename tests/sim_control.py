@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import httpx
+
+
+@contextmanager
+def control_client(url: str, key: str) -> Iterator[httpx.Client]:
+    """A client of the simulator at `url` sending `key`, the simulator reset before and after."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as http:
+        assert http.post("/_sim/reset").status_code == 200
+        yield http
+        http.post("/_sim/reset")
 
 
 def set_in_braze(url: str, group: str, state: str, values: list[str], kind: str = "email") -> None:

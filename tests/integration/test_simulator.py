@@ -13,6 +13,7 @@ import pytest
 
 from simulator import SimulatorConfig, SimulatorServer
 from simulator.validation import BOTH_EMAIL_AND_PHONE
+from tests.sim_control import control_client
 
 KEY = "sim-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -44,10 +45,8 @@ def auto_server() -> Iterator[SimulatorServer]:
 
 @pytest.fixture
 def client(server: SimulatorServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as http:
-        assert http.post("/_sim/reset").status_code == 200
+    with control_client(server.url, KEY) as http:
         yield http
-        http.post("/_sim/reset")
 
 
 @pytest.fixture

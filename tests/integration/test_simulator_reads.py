@@ -21,6 +21,7 @@ from simulator.order_check import (
     check_order,
     enqueued_from_rows,
 )
+from tests.sim_control import control_client
 
 KEY = "sim-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -42,10 +43,8 @@ def server() -> Iterator[SimulatorServer]:
 
 @pytest.fixture
 def client(server: SimulatorServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as http:
-        assert http.post("/_sim/reset").status_code == 200
+    with control_client(server.url, KEY) as http:
         yield http
-        http.post("/_sim/reset")
 
 
 def faults(http: httpx.Client, **switches: Any) -> dict[str, Any]:
