@@ -101,6 +101,15 @@ end
 --                          put batch `id` into the schedule, due at `due_ms`
 -- nudge(list)              wake one coalescer waiting for work (BLPOP on the one-item list
 --                          `coalesce_nudge`), so a batch due now is not left to the beat
+-- end_claim(claims, tokens, fences, id)
+--                          the claim on batch `id` ends: its lease, holder and "sent" mark
+--                          go; returns 1 if its request had been sent (outcome unknown)
+local function end_claim(claims, tokens, fences, id)
+  redis.call('ZREM', claims, id)
+  redis.call('HDEL', tokens, id)
+  return redis.call('HDEL', fences, id)
+end
+
 local function wait_in_schedule(schedule, reasons, id, due_ms, reason)
   redis.call('ZADD', schedule, due_ms, id)
   redis.call('HSET', reasons, id, reason)

@@ -67,9 +67,7 @@ end
 if #kept == 0 then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], id)
-  redis.call('ZREM', KEYS[3], id)
-  redis.call('HDEL', KEYS[4], id)
-  redis.call('HDEL', KEYS[5], id)
+  end_claim(KEYS[3], KEYS[4], KEYS[5], id)
   local woke = false
   for _, sibling in ipairs(record.pack or {}) do
     if sibling ~= id and redis.call('ZSCORE', KEYS[2], sibling)

@@ -39,9 +39,7 @@ if ARGV[6] == 'solo' then
   record.pack = {id}
 end
 redis.call('SET', KEYS[1], cjson.encode(record))
-redis.call('ZREM', KEYS[3], id)
-redis.call('HDEL', KEYS[4], id)
-redis.call('HDEL', KEYS[5], id)
+end_claim(KEYS[3], KEYS[4], KEYS[5], id)
 local now = now_ms()
 local status = tonumber(ARGV[9])
 if status or tonumber(ARGV[3]) > 0 then

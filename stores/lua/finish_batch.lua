@@ -123,7 +123,5 @@ if delivered > 0 then
 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('HDEL', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[5], ARGV[1])
+end_claim(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
 return #record.members

@@ -79,8 +79,6 @@ for half = 1, 2 do
 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('HDEL', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[5], ARGV[1])
+end_claim(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
 nudge(KEYS[11])
 return middle

@@ -47,9 +47,7 @@ local function reschedule(id)
   taken[#taken + 1] = id
 end
 local function take(id)
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('HDEL', KEYS[2], id)
-  if redis.call('HDEL', KEYS[3], id) == 1 then
+  if end_claim(KEYS[1], KEYS[2], KEYS[3], id) == 1 then
     unknown = unknown + 1
   end
   if redis.call('ZSCORE', KEYS[7], id) then

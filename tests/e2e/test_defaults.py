@@ -14,6 +14,7 @@ from admin.status import read_status
 from delivery.services import services
 from tasks.producer import enqueue_changes
 from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, email, wait_for
+from tests.sim_control import sim_stats
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +25,6 @@ def row(value: str, state: str) -> dict[str, Any]:
     return {"subscription_group_id": GROUP, "subscription_state": state, "email": value}
 
 
-def stats(sim: Any) -> dict[str, Any]:
-    return httpx.get(f"{sim.url}/_sim/stats", params={"log": "0"}).json()
-
-
 def test_a_worker_killed_mid_post_loses_nothing_at_default_settings(default_env, sim, processes):
     httpx.post(f"{sim.url}/_sim/faults", json={"hold": True}).raise_for_status()
     first = processes.worker("w1", concurrency=4)
@@ -36,7 +33,7 @@ def test_a_worker_killed_mid_post_loses_nothing_at_default_settings(default_env,
     values = [email(n) for n in range(6)]
     sent = EnqueuedLog()
     enqueue_changes(sent.add([row(v, "subscribed") for v in values]))
-    wait_for(lambda: stats(sim)["held"] >= 1, timeout=30, what="the post to be held")
+    wait_for(lambda: sim_stats(sim)["held"] >= 1, timeout=30, what="the post to be held")
     # Newer changes for half of the batch while its answer is held: they wait for the lock.
     enqueue_changes(sent.add([row(v, "unsubscribed") for v in values[:3]]))
 

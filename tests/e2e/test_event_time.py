@@ -27,23 +27,16 @@ from tests.conftest import (
     keyspace_traces,
     wait_for,
 )
+from tests.sim_control import faults, sim_stats
 
 GROUP = "news"
 T0 = 1_795_000_000  # epoch seconds, before the test machine's clock
 PHASES = ("import-jsonl", "task", "api-many", "import-csv", "task", "api-one")
 
 
-def faults(sim: Any, **switches: Any) -> None:
-    httpx.post(f"{sim.url}/_sim/faults", json=switches).raise_for_status()
-
-
 def sim_states(sim: Any) -> dict[tuple[str, str], str]:
     data = httpx.get(f"{sim.url}/_sim/state", params={"log": "0"}).json()
     return {(s["group"], s["value"]): s["state"] for s in data["subscriptions"]}
-
-
-def sim_stats(sim: Any) -> dict[str, Any]:
-    return httpx.get(f"{sim.url}/_sim/stats", params={"log": "0"}).json()
 
 
 def counted() -> int:

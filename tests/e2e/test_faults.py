@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from redis import Redis
 from redis.exceptions import RedisError
@@ -33,6 +32,7 @@ from devtools.processes import free_port
 from stores.dead_letters import DeadLetter, DeadLetters
 from tasks.producer import enqueue_changes
 from tests.conftest import SIM_KEY, EnqueuedLog, assert_applied_in_order, identifier, wait_for
+from tests.sim_control import faults, sim_states, sim_stats
 
 pytestmark = pytest.mark.slow
 
@@ -84,20 +84,6 @@ def _fresh_log() -> Iterator[None]:
 
 def enqueue(rows: list[dict[str, Any]]) -> int:
     return enqueue_changes(SENT.add(rows))
-
-
-def faults(sim: Any, **switches: Any) -> None:
-    httpx.post(f"{sim.url}/_sim/faults", json=switches, timeout=10).raise_for_status()
-
-
-def sim_states(sim: Any) -> dict[Slot, str]:
-    data = httpx.get(f"{sim.url}/_sim/state", params={"log": "0"}, timeout=30).json()
-    return {(s["group"], s["kind"], s["value"]): s["state"] for s in data["subscriptions"]}
-
-
-def sim_stats(sim: Any, *, log: bool = False) -> dict[str, Any]:
-    params = {} if log else {"log": "0"}
-    return httpx.get(f"{sim.url}/_sim/stats", params=params, timeout=30).json()
 
 
 def status(*, limiter: bool = False) -> Status:

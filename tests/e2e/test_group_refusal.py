@@ -12,12 +12,9 @@ from delivery.services import services
 from stores.dead_letters import DeadLetters
 from tasks.producer import enqueue_changes
 from tests.conftest import email, wait_for
+from tests.sim_control import sim_stats
 
 GROUP = "deleted-group"
-
-
-def stats(sim) -> dict:
-    return httpx.get(f"{sim.url}/_sim/stats", params={"log": "0"}).json()
 
 
 def rows(numbers: range) -> list[dict[str, str]]:
@@ -46,12 +43,12 @@ def test_500_emails_to_a_refused_group_cost_at_most_3_requests_per_batch(
 
     enqueue_changes(rows(range(500)))
     wait_for(lambda: dead_lettered() == 500, timeout=60, what="all 500 dead-lettered")
-    first = stats(sim)["requests_total"]
+    first = sim_stats(sim)["requests_total"]
     assert first <= 3 * 10, first  # 10 batches of 50; halving each would cost 990
 
     enqueue_changes(rows(range(500, 1000)))
     wait_for(lambda: dead_lettered() == 1000, timeout=60, what="the next 500 dead-lettered")
-    assert stats(sim)["requests_total"] == first  # while the refusal stands: no request
+    assert sim_stats(sim)["requests_total"] == first  # while the refusal stands: no request
     status = read_status(found.redis, found.keys)
     assert [r["group"] for r in status.refused_groups] == [GROUP]
     assert status.in_flight == 0 and status.pending == 0

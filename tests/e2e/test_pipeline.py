@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import random
-from typing import Any
 
-import httpx
 import pytest
 
 from tasks.producer import enqueue_changes
 from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, identifier, wait_for
+from tests.sim_control import sim_states, sim_stats
 
 pytestmark = pytest.mark.slow
 
@@ -18,15 +17,6 @@ GROUPS = {
     "phone": ["sms-promos"],
     "external_id": ["news", "sms-promos"],
 }
-
-
-def sim_state(url: str) -> dict[tuple[str, str, str], str]:
-    data = httpx.get(f"{url}/_sim/state").json()
-    return {(s["group"], s["kind"], s["value"]): s["state"] for s in data["subscriptions"]}
-
-
-def sim_stats(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/_sim/stats").json()
 
 
 def pending() -> int:
@@ -75,7 +65,7 @@ def flipping_waves(sim, processes) -> None:
         )
 
     wait_for(drained, timeout=90, what="the buffer to drain")
-    assert sim_state(sim.url) == expected
+    assert sim_states(sim.url) == expected
     # Final states alone would pass an old state that arrived late and was overwritten.
     assert_applied_in_order(sim.url, sent)
     stats = sim_stats(sim.url)

@@ -24,6 +24,7 @@ import pytest
 from devtools.processes import free_port
 from tasks.producer import enqueue_changes
 from tests.conftest import SIM_KEY, identifier, wait_for
+from tests.sim_control import faults, sim_stats
 
 pytestmark = pytest.mark.slow
 
@@ -129,14 +130,6 @@ def changes(start: int, count: int, state: str = "subscribed") -> list[dict[str,
         }
         for n in range(start, start + count)
     ]
-
-
-def faults(sim: Any, **switches: Any) -> None:
-    httpx.post(f"{sim.url}/_sim/faults", json=switches, timeout=10).raise_for_status()
-
-
-def sim_stats(sim: Any) -> dict[str, Any]:
-    return httpx.get(f"{sim.url}/_sim/stats", params={"log": "0"}, timeout=30).json()
 
 
 def test_prometheus_sees_backlog_requests_429s_and_a_refused_key(

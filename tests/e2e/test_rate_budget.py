@@ -12,6 +12,7 @@ import pytest
 
 from tasks.producer import enqueue_changes
 from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, wait_for
+from tests.sim_control import sim_states, sim_stats
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +32,6 @@ def set_sim_limit(url: str) -> None:
     httpx.post(
         f"{url}/_sim/faults", json={"rate_limit": LIMIT, "window_seconds": WINDOW}
     ).raise_for_status()
-
-
-def stats(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/_sim/stats").json()
-
-
-def state(url: str) -> dict[tuple[str, str, str], str]:
-    data = httpx.get(f"{url}/_sim/state?log=0").json()
-    return {(s["group"], s["kind"], s["value"]): s["state"] for s in data["subscriptions"]}
 
 
 def start_fleet(processes: Any, env: dict[str, str], versions: list[str]) -> None:
@@ -72,7 +64,7 @@ def test_v1_and_v2_workers_share_one_budget(env, sim, processes, monkeypatch):
     start_fleet(processes, env, ["v1", "v2"])
 
     wait_for(drained, timeout=60, interval=0.2, what="the backlog to drain")
-    result = stats(sim.url)
+    result = sim_stats(sim, log=True)
     ok = [r for r in result["requests"] if r["status"] == 201]
     assert {r["endpoint"] for r in ok} == {"v1", "v2"}, "both workers posted"
     assert result["rate_limited_429"] == 0
@@ -84,7 +76,7 @@ def test_v1_and_v2_workers_share_one_budget(env, sim, processes, monkeypatch):
     # land early into the next sliding window (41 of 40 seen once in a full run).
     assert result["max_requests_in_sliding_window"] <= LIMIT + 1
     assert sum(r["identifiers"] for r in ok) == 6000
-    assert len(state(sim.url)) == 6000
+    assert len(sim_states(sim)) == 6000
     assert_applied_in_order(sim.url, sent, allow_repeats=False)
 
 
@@ -136,7 +128,7 @@ def test_a_foreign_client_spending_the_budget_causes_a_pause_not_a_storm(
     assert not failures, failures
     # The foreign client really spent its 30 in the windows of the drain.
     assert len(spent) >= 3 and all(count >= 30 for count in spent), spent
-    result = stats(sim.url)
+    result = sim_stats(sim, log=True)
     ok = [r for r in result["requests"] if r["status"] == 201]
     windows = max(1.0, (max(r["t"] for r in ok) - min(r["t"] for r in ok)) / WINDOW)
     # A 429 pauses every worker until the reset; at most about one per window is the cost
@@ -159,4 +151,4 @@ def test_a_foreign_client_spending_the_budget_causes_a_pause_not_a_storm(
     assert not late, f"{len(late)} requests after a 429 in the same window: {late[:5]}"
     assert_applied_in_order(sim.url, sent, allow_repeats=False)
     assert sum(r["identifiers"] for r in ok) == 2000
-    assert len(state(sim.url)) == 2000
+    assert len(sim_states(sim)) == 2000

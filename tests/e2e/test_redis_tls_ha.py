@@ -20,7 +20,7 @@ from devtools.processes import free_port, wait_until
 from stores.connection import redis_client
 from tasks.producer import enqueue_change
 from tests.conftest import wait_for
-from tests.e2e.test_tasks import sim_states
+from tests.sim_control import sim_states
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 

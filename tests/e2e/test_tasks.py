@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from celery import Celery
 
@@ -14,6 +13,7 @@ from core.redaction import mask_phone
 from delivery.services import services
 from tasks.producer import ChangesRejected, enqueue_changes
 from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, wait_for
+from tests.sim_control import faults, sim_states, sim_stats, sim_subscriptions
 
 GROUP = "news"
 
@@ -24,23 +24,6 @@ def email(n: int) -> str:
 
 def row(value: str, state: str = "subscribed", kind: str = "email") -> dict[str, Any]:
     return {"subscription_group_id": GROUP, "subscription_state": state, kind: value}
-
-
-def faults(sim: Any, **switches: Any) -> None:
-    httpx.post(f"{sim.url}/_sim/faults", json=switches).raise_for_status()
-
-
-def sim_subscriptions(sim: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
-    data = httpx.get(f"{sim.url}/_sim/state", params={"log": "0"}).json()
-    return {(s["group"], s["kind"], s["value"]): s for s in data["subscriptions"]}
-
-
-def sim_states(sim: Any) -> dict[tuple[str, str, str], str]:
-    return {key: s["state"] for key, s in sim_subscriptions(sim).items()}
-
-
-def sim_stats(sim: Any) -> dict[str, Any]:
-    return httpx.get(f"{sim.url}/_sim/stats", params={"log": "0"}).json()
 
 
 def producer_app(env: dict[str, str]) -> Celery:

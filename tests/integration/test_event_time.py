@@ -19,7 +19,7 @@ from stores.history import DAY_MS, ConsentHistory, Retention
 from stores.keys import Keys, buffer_field
 from tests.cli_runs import run_real
 from tests.conftest import come_due, email, keyspace_traces, take_each, wait_for
-from tests.sim_control import set_in_braze
+from tests.sim_control import faults, set_in_braze
 
 GROUP = "news"
 T0 = 1_795_000_000  # epoch seconds, a few days before the test machine's clock
@@ -204,10 +204,6 @@ def test_key_names_never_hold_the_identifier(env, redis_client):
 # --------------------------------------------------------------------------------------
 # History: one identifier's story through a retry, a dead letter and a replay
 # --------------------------------------------------------------------------------------
-
-
-def faults(sim: Any, **switches: Any) -> None:
-    httpx.post(f"{sim.url}/_sim/faults", json=switches).raise_for_status()
 
 
 def test_history_tells_the_story_through_a_retry_a_dead_letter_and_a_replay(env, sim, redis_client):

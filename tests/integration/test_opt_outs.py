@@ -4,7 +4,6 @@ is left out, one read for two batches, a whole batch opted out, Braze unreadable
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import httpx
 import pytest
@@ -16,13 +15,9 @@ from delivery.services import services
 from stores.clock import server_time_ms
 from stores.history import ConsentHistory
 from tests.conftest import come_due, email, take_each
-from tests.sim_control import braze_states, set_in_braze
+from tests.sim_control import braze_states, set_in_braze, sim_stats
 
 GROUP = "news"
-
-
-def stats(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/_sim/stats").json()
 
 
 def cut(values: list[str], *, respect: bool = True, state: str = "subscribed") -> list[str]:
@@ -68,7 +63,7 @@ def test_opted_out_identifiers_are_left_out_and_counted(sim, poster, redis_clien
     logged = caplog.text
     assert "3 left out, unsubscribed in Braze: u***@example.com" in logged
     assert values[0] not in logged
-    (post,) = [r for r in stats(sim.url)["requests"] if r["endpoint"] == "v1"]
+    (post,) = [r for r in sim_stats(sim, log=True)["requests"] if r["endpoint"] == "v1"]
     assert post["identifiers"] == 7
     found = services()
     history = ConsentHistory(found.redis, found.keys)
@@ -82,13 +77,13 @@ def test_without_respect_opt_out_nothing_is_read(sim, poster):
     (batch_id,) = cut(values, respect=False)
     assert poster.post(batch_id).status == "delivered"
     assert set(braze_states(sim.url, GROUP).values()) == {"subscribed"}
-    assert stats(sim.url)["reads"]["requests_total"] == 0
+    assert sim_stats(sim, log=True)["reads"]["requests_total"] == 0
 
 
 def test_unsubscribing_changes_are_never_checked(sim, poster):
     (batch_id,) = cut([email(1)], state="unsubscribed")
     assert poster.post(batch_id).status == "delivered"
-    assert stats(sim.url)["reads"]["requests_total"] == 0
+    assert sim_stats(sim, log=True)["reads"]["requests_total"] == 0
 
 
 def test_one_read_covers_two_batches(sim, poster):
@@ -97,7 +92,7 @@ def test_one_read_covers_two_batches(sim, poster):
     first, second = cut(values)
     assert poster.post(first).status == "delivered"
     assert poster.post(second).status == "delivered"
-    assert stats(sim.url)["reads"]["requests_total"] == 1
+    assert sim_stats(sim, log=True)["reads"]["requests_total"] == 1
     states = braze_states(sim.url, GROUP)
     assert [v for v in values if states[v] == "unsubscribed"] == [values[10], values[90]]
 
@@ -108,7 +103,7 @@ def test_a_batch_wholly_opted_out_is_ended_without_a_post(sim, poster, redis_cli
     (batch_id,) = cut(values)
     report = poster.post(batch_id)
     assert report.status == "delivered"
-    assert stats(sim.url)["requests_total"] == 0  # no post at all
+    assert sim_stats(sim, log=True)["requests_total"] == 0  # no post at all
     assert not redis_client.exists(services().keys.batch(batch_id))
     assert redis_client.hlen(services().keys.inflight) == 0  # unlocked
 
@@ -120,7 +115,7 @@ def test_braze_unreadable_means_nothing_is_posted_and_the_batch_retries(sim, pos
     report = poster.post(batch_id)
     assert report.status == "retry"
     assert report.detail.startswith("opt-out check: Braze unreachable")
-    assert stats(sim.url)["requests_total"] == 0
+    assert sim_stats(sim, log=True)["requests_total"] == 0
     record = json.loads(redis_client.get(services().keys.batch(batch_id)))
     assert record["attempts"] == 1  # counted like a failed post
     httpx.post(f"{sim.url}/_sim/faults", json={"outage": False}).raise_for_status()

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-import httpx
 import pytest
 
 from admin.exporter import read_extras
@@ -30,22 +29,10 @@ from stores.keys import buffer_field
 from stores.limiter import RateLimiter
 from stores.refusals import Refusals
 from tests.conftest import come_due, email, take_each, wait_for
+from tests.sim_control import faults, sim_stats, sim_subscriptions
 
 GROUP = "news"
 SMS_GROUP = "sms-promos"
-
-
-def faults(sim: Any, **switches: Any) -> None:
-    httpx.post(f"{sim.url}/_sim/faults", json=switches).raise_for_status()
-
-
-def sim_state(sim: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
-    data = httpx.get(f"{sim.url}/_sim/state").json()
-    return {(s["group"], s["kind"], s["value"]): s for s in data["subscriptions"]}
-
-
-def sim_stats(sim: Any) -> dict[str, Any]:
-    return httpx.get(f"{sim.url}/_sim/stats").json()
 
 
 def make_batch(rows: list[dict[str, Any]]) -> str:
@@ -103,14 +90,14 @@ def test_delivered_batch_ends_in_the_simulator(sim, poster, redis_client):
     assert report.size == 3
     assert report.attempt == 1
 
-    state = sim_state(sim)
+    state = sim_subscriptions(sim)
     assert {key: s["state"] for key, s in state.items()} == {
         (GROUP, "email", v): "unsubscribed" for v in values
     }
     assert record(redis_client, batch_id) is None
     assert inflight(redis_client) == {}
     assert services().batches.count() == 0
-    stats = sim_stats(sim)
+    stats = sim_stats(sim, log=True)
     assert stats["malformed"] == 0
     assert stats["requests_ok"] == 1
     assert [(r["identifiers"], r["entries"], r["status"]) for r in stats["requests"]] == [
@@ -134,7 +121,7 @@ def test_phone_batch_with_double_opt_in_is_a_valid_v1_body(sim, poster):
         ]
     )
     assert poster.post(batch_id).status == "delivered"
-    state = sim_state(sim)
+    state = sim_subscriptions(sim)
     for phone in phones:
         assert state[(SMS_GROUP, "phone", phone)]["state"] == "subscribed"
         assert state[(SMS_GROUP, "phone", phone)]["double_opt_in"] is True
@@ -163,7 +150,7 @@ def test_outage_is_retried_with_the_attempt_counted_and_locks_kept(sim, poster, 
     # It waits in Redis, not in this process: a message for it now posts nothing.
     assert redis_client.hget(keys.schedule_reasons, batch_id) == b"retry"
     assert poster.post(batch_id).status == "queued"
-    assert sim_state(sim) == {}
+    assert sim_subscriptions(sim) == {}
     assert sim_stats(sim)["server_errors"] == 1
 
     # The outage ends: the next try delivers.
@@ -171,7 +158,7 @@ def test_outage_is_retried_with_the_attempt_counted_and_locks_kept(sim, poster, 
     assert come_due(batch_id) == [batch_id]
     report = poster.post(batch_id)
     assert (report.status, report.attempt) == ("delivered", 2)
-    assert set(sim_state(sim)) == {(GROUP, "email", email(1)), (GROUP, "email", email(2))}
+    assert set(sim_subscriptions(sim)) == {(GROUP, "email", email(1)), (GROUP, "email", email(2))}
     assert inflight(redis_client) == {}
 
 
@@ -248,7 +235,7 @@ def test_only_the_rejected_identifier_is_dead_lettered(sim, poster, redis_client
     assert [i["value"] for i in entry.identifiers] == [email(17)]
     assert entry.error.startswith("HTTP 400")
     assert entry.attempts == 1
-    delivered = {value for (_g, _k, value) in sim_state(sim)}
+    delivered = {value for (_g, _k, value) in sim_subscriptions(sim)}
     assert delivered == set(values) - {email(17)}
     assert inflight(redis_client) == {}
     extra = sum(r.http_status is not None for r in reports) - 1  # requests after the first
@@ -286,7 +273,7 @@ def test_revoked_key_is_retried_without_spending_an_attempt(sim, poster, redis_c
     report = poster.post(batch_id)
     assert (report.status, report.attempt) == ("delivered", 1)
     assert services().limiter.state().circuit is None
-    assert (GROUP, "email", email(1)) in sim_state(sim)
+    assert (GROUP, "email", email(1)) in sim_subscriptions(sim)
 
 
 def test_rate_limited_is_retried_after_the_window_without_spending_an_attempt(
@@ -311,7 +298,7 @@ def test_rate_limited_is_retried_after_the_window_without_spending_an_attempt(
     assert stats["rate_limited_429"] == 1
     assert stats["requests_ok"] == 0
     assert stats["malformed"] == 0
-    assert sim_state(sim) == {}
+    assert sim_subscriptions(sim) == {}
 
     # After the window: the retry the poster asked for delivers, as attempt 1 still.
     wait_for(
@@ -325,7 +312,7 @@ def test_rate_limited_is_retried_after_the_window_without_spending_an_attempt(
     come_due(batch_id)
     retried = poster.post(batch_id)
     assert (retried.status, retried.attempt) == ("delivered", 1), retried
-    assert {key: found["state"] for key, found in sim_state(sim).items()} == {
+    assert {key: found["state"] for key, found in sim_subscriptions(sim).items()} == {
         (GROUP, "email", email(1)): "subscribed",
         (GROUP, "email", email(2)): "subscribed",
     }
@@ -348,7 +335,7 @@ def test_superseded_member_is_not_sent(sim, poster, redis_client):
     )
     report = poster.post(batch_id)
     assert (report.status, report.size) == ("delivered", 1)
-    assert set(sim_state(sim)) == {(GROUP, "email", email(2))}
+    assert set(sim_subscriptions(sim)) == {(GROUP, "email", email(2))}
     # The newer change is now due, no longer locked.
     field = buffer_field(GROUP, "email", email(1))
     assert redis_client.zscore(services().keys.due, field) is not None
@@ -522,7 +509,7 @@ def test_a_claim_lost_while_waiting_for_a_turn_is_never_sent(sim, redis_client, 
     report = found.poster().post(batch_id)
 
     assert report.status == "lost"
-    assert sim_stats(sim)["requests"] == []  # nothing reached Braze
+    assert sim_stats(sim, log=True)["requests"] == []  # nothing reached Braze
     assert record(redis_client, batch_id) is not None  # the batch is the new holder's
     assert redis_client.hget(found.keys.claim_tokens, batch_id) == b"another-worker/1"
 
@@ -543,7 +530,7 @@ def test_a_claim_with_too_little_lease_left_is_not_sent(sim, redis_client, monke
 
     monkeypatch.setattr(found.liveness, "wait", lease_runs_short)
     assert found.poster().post(batch_id).status == "lost"
-    assert sim_stats(sim)["requests"] == []
+    assert sim_stats(sim, log=True)["requests"] == []
 
 
 def test_a_stopping_worker_hands_its_batch_back_unsent(sim, redis_client):
@@ -554,7 +541,7 @@ def test_a_stopping_worker_hands_its_batch_back_unsent(sim, redis_client):
     found.liveness.begin_stop()
     report = found.poster().post(batch_id)
     assert report.status == "handed_back"
-    assert sim_stats(sim)["requests"] == []
+    assert sim_stats(sim, log=True)["requests"] == []
     assert redis_client.hget(found.keys.schedule_reasons, batch_id) == b"handed_back"
     assert found.batches.dispatch_due(10, 120_000) == [batch_id]
     assert record(redis_client, batch_id)["attempts"] == 0
@@ -587,7 +574,7 @@ def test_the_fence_runs_right_before_the_first_byte(sim, redis_client, monkeypat
     monkeypatch.setattr(found.batches, "fence", fence_after_take_back)
     report = found.poster().post(batch_id)
     assert (report.status, checked) == ("lost", [False])
-    assert sim_stats(sim)["requests"] == []
+    assert sim_stats(sim, log=True)["requests"] == []
 
 
 def test_an_error_mid_post_gives_the_batch_back_at_once(sim, redis_client, monkeypatch):
@@ -643,5 +630,5 @@ def test_a_double_opt_in_batch_is_posted_once_whatever_the_messages(sim, redis_c
     assert set(statuses) <= {"delivered", "busy", "gone"}
     # 3. After it ended, a late message finds it gone.
     assert poster.post(batch_id).status == "gone"
-    assert len(sim_stats(sim)["requests"]) == 1
-    assert sim_state(sim)[(SMS_GROUP, "phone", phones[0])]["double_opt_in"] is True
+    assert len(sim_stats(sim, log=True)["requests"]) == 1
+    assert sim_subscriptions(sim)[(SMS_GROUP, "phone", phones[0])]["double_opt_in"] is True

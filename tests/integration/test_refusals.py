@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import httpx
 import pytest
 
 from admin.status import read_status
@@ -15,7 +14,8 @@ from delivery.poster import Poster
 from delivery.services import services
 from stores.dead_letters import DeadLetters
 from tests.conftest import email
-from tests.integration.test_poster import drive, make_batch, sim_state, sim_stats
+from tests.integration.test_poster import drive, make_batch
+from tests.sim_control import faults, sim_stats, sim_subscriptions
 
 SMS = "sms-alerts"
 
@@ -43,10 +43,6 @@ def make_sms_group(poster: Poster) -> None:
 
 def requests(sim: Any) -> int:
     return int(sim_stats(sim)["requests_total"])
-
-
-def faults(sim: Any, **switches: Any) -> None:
-    httpx.post(f"{sim.url}/_sim/faults", json=switches).raise_for_status()
 
 
 @pytest.mark.parametrize("how", ["unknown-group", "emails-to-sms-group", "anonymous"])
@@ -117,7 +113,7 @@ def test_one_bad_identifier_among_anonymous_400s_is_still_isolated(sim, poster, 
     drive(poster, batch("email", values, group="news"))
     [entry] = DeadLetters(redis_client, services().keys).list()
     assert [i["value"] for i in entry.identifiers] == [email(33)]
-    assert {v for (_g, _k, v) in sim_state(sim)} == set(values) - {email(33)}
+    assert {v for (_g, _k, v) in sim_subscriptions(sim)} == set(values) - {email(33)}
     found = services()
     assert read_status(found.redis, found.keys).refused_groups == []
 
