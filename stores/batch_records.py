@@ -5,7 +5,7 @@ stays until Braze has acknowledged it or it has been dead-lettered. The Celery m
 posts it carries only the id; everything else is read here. At any moment a batch is in
 one of three places:
 
-- **messaged**: its message is in the queue or with a worker (`receivers` names which);
+- **messaged**: its message is in the queue or with a worker;
 - **claimed**: one worker holds it (`claims`, `claim_tokens`; `fences` once its request
   is sent). The holder's heartbeat extends the lease; take_back.lua ends a claim whose
   holder's heartbeat is gone;
@@ -127,11 +127,6 @@ def _text(raw: bytes | str) -> str:
 class BatchStore(ScriptedStore):
     # --- the claim ---------------------------------------------------------------------
 
-    def received(self, batch_id: str, worker_id: str) -> None:
-        """`worker_id` holds this batch's message (before its claim): if it dies first, the
-        tick replaces the message (take_back.lua)."""
-        self.client.hset(self.keys.receivers, batch_id, worker_id)
-
     def claim(self, batch_id: str, token: str, lease_ms: int) -> Claim:
         k = self.keys
         reply = self.scripts.claim_batch(
@@ -143,7 +138,6 @@ class BatchStore(ScriptedStore):
                 k.fences,
                 k.schedule,
                 k.schedule_reasons,
-                k.receivers,
                 k.pending,
                 k.due,
                 k.inflight,
@@ -356,8 +350,9 @@ class BatchStore(ScriptedStore):
     # --- the tick's side -----------------------------------------------------------------
 
     def take_back(self, suspects: list[str], *, on_wire_ms: int, grace_ms: int) -> TakeBack:
-        """Take back what workers whose heartbeat is gone held (claims and messages), and
-        claims whose lease ran out; they become due now (take_back.lua)."""
+        """Take back the claims of workers whose heartbeat is gone and claims whose lease
+        ran out, and, on a worker's death, every batch between message and claim (its
+        message may have died with the worker); they become due now (take_back.lua)."""
         k = self.keys
         taken, unknown, alive = self.scripts.take_back(
             keys=[
@@ -366,7 +361,6 @@ class BatchStore(ScriptedStore):
                 k.fences,
                 k.schedule,
                 k.schedule_reasons,
-                k.receivers,
                 k.batches,
                 k.workers,
                 k.coalesce_nudge,

@@ -90,12 +90,6 @@ class Keys:
         return self._key("claims:sent")
 
     @property
-    def receivers(self) -> str:
-        """HASH batch id -> worker id that received its message and has not claimed it yet
-        (a worker that dies holding a prefetched message is found by its heartbeat)."""
-        return self._key("receivers")
-
-    @property
     def schedule(self) -> str:
         """ZSET batch id -> due time (ms) of a batch waiting for its next try: the one place
         waiting batches wait (no countdown messages). The coalescer's tick sends a message

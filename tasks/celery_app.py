@@ -13,7 +13,6 @@ from celery.signals import (
     after_setup_task_logger,
     beat_init,
     celeryd_init,
-    task_received,
     worker_init,
     worker_shutdown,
     worker_shutting_down,
@@ -149,19 +148,6 @@ def _start_heartbeat(role: str) -> None:
             heartbeat_path(settings.health_dir, role), settings.liveness_max_age_seconds / 5
         ).start()
     )
-
-
-@task_received.connect
-def _note_receiver(request: Any = None, **_: Any) -> None:
-    """Record which worker holds a batch's message before it claims it: if this worker
-    dies first (kill -9 with messages prefetched), its heartbeat tells the coalescer's
-    tick to send the batch another message."""
-    if request is None or request.name != "subscriptions.post_batch" or not request.args:
-        return
-    from delivery.services import services
-
-    found = services()
-    found.batches.received(str(request.args[0]), found.liveness.worker_id)
 
 
 @worker_shutting_down.connect

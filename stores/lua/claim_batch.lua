@@ -8,11 +8,10 @@
 -- KEYS[6] schedule  ZSET   batch id -> due ms (read: a waiting batch is not claimable);
 --                          an emptied batch's pack siblings are put here, due now
 -- KEYS[7] reasons   HASH   batch id -> what it waits for
--- KEYS[8] receivers HASH   batch id -> worker that received its message; cleared
--- KEYS[9] pending   HASH   field -> change (read: a field here is a newer change)
--- KEYS[10] due      ZSET   field -> due ms; a released field becomes due
--- KEYS[11] inflight HASH   field -> batch id; released for superseded members
--- KEYS[12] nudge    LIST   wakes a coalescer when pack siblings become due
+-- KEYS[8] pending   HASH   field -> change (read: a field here is a newer change)
+-- KEYS[9] due       ZSET   field -> due ms; a released field becomes due
+-- KEYS[10] inflight HASH   field -> batch id; released for superseded members
+-- KEYS[11] nudge    LIST   wakes a coalescer when pack siblings become due
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] lease (ms)
 -- ARGV[4] history retention (ms)  ARGV[5] most history events per identifier
 -- Per member superseded (see _prelude.lua): its history gets "superseded" (in its batch)
@@ -31,7 +30,6 @@
 -- (it waits in the schedule), {"empty", record as it was} or {"claimed", record}. The
 -- holder may claim again with its own token (a renewal).
 local id = ARGV[1]
-redis.call('HDEL', KEYS[8], id)
 local record_json = redis.call('GET', KEYS[1])
 if not record_json then
   return {'gone'}
@@ -46,16 +44,16 @@ end
 local record = cjson.decode(record_json)
 local prefix = record.group .. SEP .. record.kind .. SEP
 local kept = {}
-local keys_prefix = key_prefix(KEYS[9])
+local keys_prefix = key_prefix(KEYS[8])
 local keep, most = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
 for _, member in ipairs(record.members) do
   local field = prefix .. member[1]
-  local newer = redis.call('HGET', KEYS[9], field)
+  local newer = redis.call('HGET', KEYS[8], field)
   if newer then
-    if redis.call('HGET', KEYS[11], field) == id then
-      redis.call('HDEL', KEYS[11], field)
-      redis.call('ZADD', KEYS[10], cjson.decode(newer).t, field)
+    if redis.call('HGET', KEYS[10], field) == id then
+      redis.call('HDEL', KEYS[10], field)
+      redis.call('ZADD', KEYS[9], cjson.decode(newer).t, field)
     end
     local _, history = identity_keys(keys_prefix, record.kind .. SEP .. member[1])
     remember(history, now, {e = 'superseded', g = record.group, at = 'batch', b = id},
@@ -78,7 +76,7 @@ if #kept == 0 then
     end
   end
   if woke then
-    nudge(KEYS[12])
+    nudge(KEYS[11])
   end
   return {'empty', record_json}
 end

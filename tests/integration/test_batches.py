@@ -461,21 +461,33 @@ def test_take_back_takes_only_from_workers_whose_heartbeat_is_gone(env, redis_cl
     assert inflight(redis_client) == {field(email(1)): alive_batch}
 
 
-def test_a_message_received_by_a_dead_worker_is_sent_again(env, redis_client):
+def test_a_workers_death_schedules_every_batch_between_message_and_claim_once(env, redis_client):
+    """A message fetched from the broker is gone from it before the worker reads it: if
+    the worker dies then, the message dies with it, and nothing tells which batch it was
+    for. So the first take-back after a death schedules every batch whose message is out,
+    once; a message still queued finds its batch waiting and posts nothing."""
     found = services()
     store = found.batches
-    batch_id = make_batch([email(1)])
+    messaged = make_batch([email(1)])  # its message is out: with whom, no one knows
+    held = make_batch([email(2)])
+    waiting = make_batch([email(3)])
+    beat("worker-a")
     beat("worker-b", ttl_ms=200)
-    store.received(batch_id, "worker-b")
-    assert take_back().batch_ids == ()
+    claimed(held, A)
+    claimed(waiting, A)
+    defer(waiting, A, due_in_ms=60_000)
+    assert take_back().batch_ids == ()  # no one dead: nothing moves
+
     wait_for(lambda: not found.heartbeats.alive("worker-b"), timeout=5, what="b's heartbeat")
-    assert take_back().batch_ids == (batch_id,)
-    assert store.dispatch_due(1000, GRACE_MS) == [batch_id]
-    # Received and claimed: the receiver mark is gone with the claim.
-    beat("worker-c", ttl_ms=200)
-    store.received(batch_id, "worker-c")
-    claimed(batch_id, A)
-    assert redis_client.hlen(found.keys.receivers) == 0
+    assert take_back().batch_ids == (messaged,)  # held (a live holder) and waiting stay
+    assert redis_client.hget(found.keys.schedule_reasons, messaged) == b"recovered"
+    # The old message, if it was still queued, posts nothing; the tick sends a new one.
+    assert store.claim(messaged, C, LEASE_MS).status is ClaimStatus.WAITING
+    assert store.dispatch_due(1000, GRACE_MS) == [messaged]
+    # Once per death: the next ticks leave messages alone (and b, holding nothing, is gone).
+    assert take_back().batch_ids == ()
+    assert redis_client.zscore(found.keys.workers, "worker-b") is None
+    claimed(messaged, C)
 
 
 def test_the_sweep_sends_again_only_batches_neither_claimed_nor_waiting(env, redis_client):

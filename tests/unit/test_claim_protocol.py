@@ -17,6 +17,10 @@ Each step is one Lua script (or one request) of the real system:
 - dispatch_due.lua, sweep_batches.lua, and the buffer's lock (finish unlocks, the tick cuts
   the newer change into a batch of its own).
 
+A worker may also die right after fetching a message, before reading it: the message is
+lost with it. take_back.lua's answer, the first time it finds a worker dead, is to schedule
+every batch between message and claim (a duplicate message is harmless).
+
 Checked in every reachable state: no request is sent without a live claim; Braze never
 receives an older state after a newer one; a batch is sent again only when its earlier
 request failed or its outcome is unknown (the sender died or froze after sending): never
@@ -50,6 +54,10 @@ class Worker:
     alive: bool = True
     # None (idle), or (batch, token, phase, outcome) with phase "claimed" or "sent"
     job: tuple[str, int, str, str] | None = None
+    death_handled: bool = False  # take_back.lua has seen it dead (once per death)
+    # Killed, not frozen: it comes back only as a new process (a new worker id), so its
+    # old id is dead for good and the tick does see it dead first.
+    killed: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,17 @@ def steps(state: State, rules: Rules) -> Iterator[tuple[str, State]]:
                     ),
                 ),
             )
+    for index, worker in enumerate(state.workers):  # take_back.lua, once per death
+        if not worker.alive and not worker.death_handled and not rules.take_back_live:
+            between = {b for b, _v in state.batches if _holder(state, b) is None} - state.schedule
+            yield (
+                f"w{index} found dead: messages out rescheduled",
+                replace(
+                    state,
+                    schedule=state.schedule | between,
+                    workers=_set_worker(state, index, replace(worker, death_handled=True)),
+                ),
+            )
     if state.sweeps:  # sweep_batches.lua: a duplicate message for a batch between states
         for batch, _v in sorted(state.batches):
             if _holder(state, batch) is None and batch not in state.schedule:
@@ -188,10 +207,11 @@ def steps(state: State, rules: Rules) -> Iterator[tuple[str, State]]:
     # --- the workers -------------------------------------------------------------------------
     for index, worker in enumerate(state.workers):
         if not worker.alive:
-            yield (
-                f"w{index} thaws",
-                replace(state, workers=_set_worker(state, index, Worker(True, worker.job))),
-            )
+            if not worker.killed or worker.death_handled:
+                yield (
+                    f"w{index} thaws",
+                    replace(state, workers=_set_worker(state, index, Worker(True, worker.job))),
+                )
             continue
         if state.freezes:
             yield (
@@ -213,6 +233,17 @@ def _worker_steps(
             messages = list(state.messages)
             messages.remove(batch)
             after = replace(state, messages=tuple(messages))
+            if state.freezes:
+                # Fetched from the broker, then the worker dies before reading it: the
+                # message is gone with it (kombu's Redis transport pops it first).
+                yield (
+                    f"w{index} fetches a message for {batch} and dies",
+                    replace(
+                        after,
+                        freezes=state.freezes - 1,
+                        workers=_set_worker(state, index, Worker(False, None, killed=True)),
+                    ),
+                )
             version = _version(state, batch)
             claimable = (
                 version is not None
