@@ -341,12 +341,14 @@ def kill_and_term(
     # Newer changes for identifiers of the backlog, some of them locked in batches now.
     enqueue(backlog_rows(rng, changes // 5, population, expected))
 
-    def both_hold() -> Holdings | None:
+    def both_busy() -> Holdings | None:
+        # Mid-backlog: the one to be killed busy on half its threads, the other posting.
         term = fleet.holdings(stopper.pid)
-        return term if fleet.holdings(victim.pid).claims and term.claims else None
+        busy = len(fleet.holdings(victim.pid).claims) >= max(1, concurrency // 2)
+        return term if busy and term.claims else None
 
     term_held = poll(
-        both_hold, timeout=60, interval=0.01, what="the two workers to hold claims"
+        both_busy, timeout=60, interval=0.01, what="the two workers to hold claims"
     ).batch_ids
     victim.signal_group(signal.SIGKILL)
     killed_at = time.time()
