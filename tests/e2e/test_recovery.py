@@ -114,7 +114,7 @@ LOST_MESSAGE = (
 def test_kill_9_and_sigterm_mid_backlog_recover_within_seconds(
     default_env, sim, processes, fleet, sent
 ):
-    """Three workers drain ~10,000 changes from slow answers (800 ms) with 10 % 500s. One
+    """Three workers drain 4,000 changes from slow answers (500 ms) with 10 % 500s. One
     is killed with SIGKILL and another gets SIGTERM while both hold claims: the killed
     worker's batches (some with a request on the wire) land within the goal, the SIGTERM'd
     worker hands back what it has not sent and exits well inside a stop grace period."""
