@@ -18,9 +18,8 @@ The scenarios are functions of a process group, a Redis client and the simulator
 - `kill_and_term`: 3 workers (8 threads each), a backlog of 4,000 changes (~3,500
   identifiers; 800 of the changes newer ones arriving once it drains), answers after
   500 ms, 10 % 500s; one worker gets SIGKILL and another SIGTERM while both hold claims.
-  Measured: kill -> every batch the killed worker held (or whose message it had
-  received) ended, and -> the last arrival at the simulator of one of their identifiers;
-  SIGTERM -> exit; kill -> everything drained.
+  Measured: kill -> every batch the killed worker had claimed ended, and -> the last
+  arrival at the simulator of one of their identifiers; SIGTERM -> exit; kill -> drained.
 - `key_rotation`: workers with a key the simulator refuses (401) until every batch waits
   for reason 'credentials'; SIGTERM them, start one with the right key. Measured: its
   `ready.` -> the first delivery, and -> drained.
@@ -111,15 +110,14 @@ class Sim:
 
 
 def worker_id_prefix(pid: int) -> str:
-    """How the worker process `pid` of this host names itself in claim tokens and
-    `receivers` (delivery/liveness.py: host:pid:random)."""
+    """How the worker process `pid` of this host names itself in claim tokens
+    (delivery/liveness.py: host:pid:random)."""
     return f"{socket.gethostname()}:{pid}:"
 
 
 @dataclass(frozen=True)
 class Holdings:
     claims: dict[str, bool]  # batch id -> its request was sent (fenced)
-    received: frozenset[str]  # batch ids whose message it holds, unclaimed
 
     @property
     def unsent(self) -> set[str]:
@@ -127,7 +125,7 @@ class Holdings:
 
     @property
     def batch_ids(self) -> set[str]:
-        return set(self.claims) | set(self.received)
+        return set(self.claims)
 
 
 @dataclass(frozen=True)
@@ -139,23 +137,17 @@ class Fleet:
 
     def holdings(self, pid: int) -> Holdings:
         prefix = worker_id_prefix(pid)
-        k = self.keys
         pipe = self.client.pipeline(transaction=True)
-        pipe.hgetall(k.claim_tokens)
-        pipe.hgetall(k.fences)
-        pipe.hgetall(k.receivers)
-        tokens, fences, receivers = pipe.execute()
-        claims = {
-            batch_id.decode(): batch_id in fences
-            for batch_id, token in tokens.items()
-            if token.decode().startswith(prefix)
-        }
-        received = frozenset(
-            batch_id.decode()
-            for batch_id, worker in receivers.items()
-            if worker.decode().startswith(prefix)
+        pipe.hgetall(self.keys.claim_tokens)
+        pipe.hgetall(self.keys.fences)
+        tokens, fences = pipe.execute()
+        return Holdings(
+            {
+                batch_id.decode(): batch_id in fences
+                for batch_id, token in tokens.items()
+                if token.decode().startswith(prefix)
+            }
         )
-        return Holdings(claims, received)
 
     def unfinished(self, batch_ids: Iterable[str]) -> set[str]:
         """Those of `batch_ids` not ended yet (still recorded in the batches ZSET)."""
@@ -303,7 +295,7 @@ def backlog_rows(
 @dataclass
 class KillReport:
     expected: dict[Slot, str]  # last write of every identifier
-    killed_batches: int  # batches the killed worker held (claimed or received) at its death
+    killed_batches: int  # batches the killed worker had claimed at its death
     killed_sent: int  # of those, batches whose request was on the wire (outcome unknown)
     killed_identifiers: int
     kill_to_batches_ended: float  # kill -> every one of those batches ended
