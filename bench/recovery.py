@@ -18,7 +18,8 @@ The scenarios are functions of a process group, a Redis client and the simulator
 - `kill_and_term`: 3 workers (8 threads each), a backlog of 4,000 changes (~3,500
   identifiers; 800 of the changes newer ones arriving once it drains), answers after
   500 ms, 10 % 500s; one worker gets SIGKILL and another SIGTERM while both hold claims.
-  Measured: kill -> every batch the killed worker had claimed ended, and -> the last
+  Measured: kill -> every batch the killed worker had claimed taken back, -> ended
+  (delivered; a 500 on the re-post adds its retry's backoff), and -> the last
   arrival at the simulator of one of their identifiers; SIGTERM -> exit; kill -> drained.
 - `key_rotation`: workers with a key the simulator refuses (401) until every batch waits
   for reason 'credentials'; SIGTERM them, start one with the right key. Measured: its
@@ -298,6 +299,7 @@ class KillReport:
     killed_batches: int  # batches the killed worker had claimed at its death
     killed_sent: int  # of those, batches whose request was on the wire (outcome unknown)
     killed_identifiers: int
+    kill_to_taken_back: float  # kill -> none of them held by the dead worker any more
     kill_to_batches_ended: float  # kill -> every one of those batches ended
     kill_to_last_arrival: float  # kill -> last arrival at Braze of one of their identifiers
     term_batches: int  # batches the SIGTERM'd worker held just before the signal
@@ -359,12 +361,14 @@ def kill_and_term(
     killed_slots = fleet.slots(killed_ids)
 
     left_killed, left_term = set(killed_ids), set(term_held)
-    killed_done = term_done = term_exit = None
+    killed_done = term_done = term_exit = taken_back = None
     deadline = time.monotonic() + timeout
     while True:
         now = time.time()
         if term_exit is None and stopper.poll() is not None:
             term_exit = now - termed_at
+        if taken_back is None and not fleet.holdings(victim.pid).claims:
+            taken_back = now - killed_at
         if left_killed:
             left_killed = fleet.unfinished(left_killed)
             if not left_killed:
@@ -373,7 +377,8 @@ def kill_and_term(
             left_term = fleet.unfinished(left_term)
             if not left_term:
                 term_done = now - termed_at
-        if not left_killed and not left_term and term_exit is not None and fleet.drained():
+        settled = not left_killed and not left_term and taken_back is not None
+        if settled and term_exit is not None and fleet.drained():
             drained = now - killed_at
             break
         if time.monotonic() > deadline:
@@ -392,6 +397,7 @@ def kill_and_term(
         killed_batches=len(killed_ids),
         killed_sent=sum(held.claims.values()),
         killed_identifiers=len(killed_slots),
+        kill_to_taken_back=round(taken_back or 0.0, 2),
         kill_to_batches_ended=round(killed_done or 0.0, 2),
         kill_to_last_arrival=round(last_arrival(applied, killed_slots) - killed_at, 2),
         term_batches=len(term_held),
@@ -649,6 +655,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     exits = [run["term_exit_seconds"] for run in runs]
     return {
         "runs": len(runs),
+        "kill_to_taken_back_max": max(run["kill_to_taken_back"] for run in runs),
         "kill_to_batches_ended_median": statistics.median(ended),
         "kill_to_batches_ended_max": max(ended),
         "term_exit_seconds_max": max(exits),
