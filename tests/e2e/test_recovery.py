@@ -105,7 +105,7 @@ def test_kill_9_and_sigterm_mid_backlog_recover_within_seconds(
     worker's batches (some with a request on the wire) are taken back within the goal and
     land seconds later; the SIGTERM'd worker hands back what it has not sent and exits
     well inside a stop grace period; the backlog drains within seconds."""
-    report = kill_and_term(processes, fleet, Sim(sim.url), enqueuer(sent))
+    report = kill_and_term(processes, fleet, Sim(sim.url), enqueuer(sent), timeout=90)
     print(f"kill -9 + SIGTERM: {report.figures()}")
     assert report.killed_batches >= 1 and report.term_batches >= 1, report.figures()
     assert report.term_exit_code == 0, report.figures()
