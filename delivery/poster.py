@@ -326,7 +326,7 @@ class Poster:
             self._log(records, failed)
             return failed
         ended = [self.store.delivered(record.id, token, sent=()) for record in screened.emptied]
-        if any(finish.status is Ended.LOST for finish in ended):
+        if any(finish.status is not Ended.ENDED for finish in ended):
             return replace(report, status=PostStatus.LOST, detail="claim lost")
         if not screened.send:
             done = replace(report, status=PostStatus.DELIVERED, size=0, detail="opted out in Braze")
@@ -402,7 +402,7 @@ class Poster:
                 self.store.delivered(record.id, token, sent=record.values, **answer)
                 for record in records
             ]
-            if any(finish.status is Ended.LOST for finish in ended):
+            if any(finish.status is not Ended.ENDED for finish in ended):
                 return self._lost_during_request(report)
             return replace(report, status=PostStatus.DELIVERED, detail="")
         if result.outcome is Outcome.RATE_LIMITED:
@@ -458,7 +458,7 @@ class Poster:
             )
             for record in records
         ]
-        if any(finish.status is Ended.LOST for finish in ended):
+        if any(finish.status is not Ended.ENDED for finish in ended):
             return self._lost_during_request(report)
         return replace(report, status=PostStatus.DEAD_LETTERED)
 
@@ -605,7 +605,7 @@ class Poster:
                 dead += len(named)
             else:
                 ended.append(self.store.delivered(record.id, token, sent=record.values, **answer))
-        if any(finish.status is Ended.LOST for finish in ended):
+        if any(finish.status is not Ended.ENDED for finish in ended):
             return self._lost_during_request(report)
         self.counters.delivery_errors(len(errors))
         logger.warning(
@@ -647,7 +647,7 @@ class Poster:
             )
             for record in records
         ]
-        if any(d.status is Deferred.LOST for d in deferred):
+        if any(d.status is not Deferred.DEFERRED for d in deferred):
             return self._lost_during_request(report)
         return replace(report, retry_in=round(wait, 3))
 

@@ -91,8 +91,9 @@ class Ended(StrEnum):
     """What `delivered`, `delivered_except` and `dead_letter` did."""
 
     ENDED = "ended"  # the batch ended here
-    GONE = "gone"  # it had ended already
-    LOST = "lost"  # the caller no longer holds its claim (taken back): it did nothing
+    LOST = "lost"  # the caller no longer holds its claim (taken back; perhaps ended since
+    # by its next holder): it did nothing, and must not report the batch as ended
+    GONE = "gone"  # the caller's claim on a batch that is gone (only the holder ends one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +104,8 @@ class Finish:
 
 class Deferred(StrEnum):
     DEFERRED = "deferred"  # waits in the schedule
-    GONE = "gone"
-    LOST = "lost"  # not the caller's claim any more
+    LOST = "lost"  # not the caller's claim any more (perhaps ended since)
+    GONE = "gone"  # the caller's claim on a batch that is gone (only the holder ends one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,9 +203,9 @@ class BatchStore(ScriptedStore):
         ]
         args += ["all"] if sent is None else ["listed", *sent]
         members = int(self.scripts.finish_batch(keys=keys, args=args))
-        if members < 0:
+        if members == -1:
             return Finish(Ended.LOST)
-        return Finish(Ended.ENDED, members) if members else Finish(Ended.GONE)
+        return Finish(Ended.GONE) if members < 0 else Finish(Ended.ENDED, members)
 
     def delivered(
         self,

@@ -22,15 +22,17 @@
 -- overtake it) and waits in Redis, not in any worker's memory: the coalescer's tick
 -- sends it a message when due, whoever is alive then. The attempt is counted in the record
 -- itself, so the count survives a lost message or a dead worker. Only the holder defers.
--- Returns {"deferred", attempts so far}, {"gone", 0} or {"lost", 0} (not this token's:
--- it was taken back, and waits or is posted elsewhere).
+-- Returns {"deferred", attempts so far}, {"lost", 0} (not this token's, whether or not
+-- it has ended since: it was taken back, and waits or is posted elsewhere) or
+-- {"gone", 0} (the caller's claim on a batch that is gone: cannot happen).
 local id = ARGV[1]
-local record_json = redis.call('GET', KEYS[1])
-if not record_json then
-  return {'gone', 0}
-end
 if redis.call('HGET', KEYS[4], id) ~= ARGV[2] then
   return {'lost', 0}
+end
+local record_json = redis.call('GET', KEYS[1])
+if not record_json then
+  end_claim(KEYS[3], KEYS[4], KEYS[5], id)
+  return {'gone', 0}
 end
 local record = cjson.decode(record_json)
 record.attempts = record.attempts + tonumber(ARGV[3])

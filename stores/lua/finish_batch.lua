@@ -32,16 +32,18 @@
 -- a newer change for one of its identifiers becomes due only after this batch's state has
 -- reached Braze or the dead-letter store (order per identifier). A dead-lettered batch is
 -- recorded whole, with its error and attempts: nothing is dropped silently. Returns the
--- number of members ended; 0 if the batch was already gone; -1 if the caller no longer
--- holds its claim (it was taken back: whoever holds or takes it next ends it, and the
--- caller must not report it delivered). A dead batch left without members (all erased)
--- leaves no dead-letter entry.
-local record_json = redis.call('GET', KEYS[1])
-if not record_json then
-  return 0
-end
+-- number of members ended (0 when all were erased meanwhile); -1 if the caller no longer
+-- holds its claim, whether or not the batch has ended since (it was taken back: whoever
+-- holds or took it next ends it, and the caller must not report it delivered); -2 if the
+-- caller holds the claim of a batch that is gone (cannot happen: only the holder ends a
+-- batch). A dead batch left without members (all erased) leaves no dead-letter entry.
 if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[2] then
   return -1
+end
+local record_json = redis.call('GET', KEYS[1])
+if not record_json then
+  end_claim(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
+  return -2
 end
 local record = cjson.decode(record_json)
 local prefix = record.group .. SEP .. record.kind .. SEP

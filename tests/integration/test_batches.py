@@ -227,8 +227,8 @@ def test_delivered_releases_locks_and_deletes_the_record(env, redis_client):
     assert store.count() == 0
     status = read_status(redis_client, keys)
     assert (status.in_flight, status.batches_in_flight, status.delivered_total) == (0, 0, 2)
-    # Ends exactly once.
-    assert store.delivered(batch_id, A) == Finish(Ended.GONE)
+    # Ends exactly once: the claim ended with it.
+    assert store.delivered(batch_id, A) == Finish(Ended.LOST)
 
 
 def test_finish_by_a_token_that_does_not_hold_the_claim_changes_nothing(env, redis_client):
@@ -370,7 +370,7 @@ def test_defer_by_another_token_or_of_a_gone_batch_is_refused(env, redis_client)
     assert defer(batch_id, B) == Deferral(Deferred.LOST)
     assert raw_record(redis_client, batch_id) == before
     assert store.delivered(batch_id, A) == Finish(Ended.ENDED, 1)
-    assert defer(batch_id, A) == Deferral(Deferred.GONE)
+    assert defer(batch_id, A) == Deferral(Deferred.LOST)
 
 
 def test_release_makes_the_batches_waiting_for_a_reason_due_now(env, redis_client):
@@ -550,3 +550,23 @@ def test_expedite_makes_a_waiting_batch_due_now_and_never_later(env, redis_clien
     assert store.expedite(batch_id) is True
     assert store.dispatch_due(1000, GRACE_MS) == [batch_id]
     assert redis_client.zscore(keys.schedule, batch_id) is None
+
+
+def test_a_claim_taken_back_and_ended_by_the_next_holder_is_lost_not_gone(env, redis_client):
+    """The old holder froze after sending, the batch was taken back and ended by its next
+    holder: the old holder's finish must say `lost` (it must not report a delivery), not
+    `gone` (which it could take for its own success)."""
+    store = services().batches
+    batch_id = make_batch([email(1)])
+    beat("worker-a")
+    beat("worker-b", ttl_ms=200)
+    claimed(batch_id, B)
+    assert store.fence([batch_id], B, 10_000)
+    wait_for(lambda: not services().heartbeats.alive("worker-b"), timeout=5, what="b's beat")
+    assert take_back().batch_ids == (batch_id,)
+    assert store.dispatch_due(1000, GRACE_MS) == [batch_id]
+    claimed(batch_id, A)
+    assert store.delivered(batch_id, A) == Finish(Ended.ENDED, 1)
+    assert store.delivered(batch_id, B) == Finish(Ended.LOST)
+    assert defer(batch_id, B) == Deferral(Deferred.LOST)
+    assert store.dead_letter(batch_id, B, "late") == Finish(Ended.LOST)

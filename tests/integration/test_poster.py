@@ -632,3 +632,23 @@ def test_a_double_opt_in_batch_is_posted_once_whatever_the_messages(sim, redis_c
     assert poster.post(batch_id).status == "gone"
     assert len(sim_stats(sim, log=True)["requests"]) == 1
     assert sim_subscriptions(sim)[(SMS_GROUP, "phone", phones[0])]["double_opt_in"] is True
+
+
+def test_a_post_whose_batch_was_taken_back_and_ended_meanwhile_reports_lost(
+    sim, redis_client, monkeypatch
+):
+    """A worker freezes after its request went out; the batch is taken back, posted and
+    ended by another. Thawed, it gets its 201: it reports `lost`, never `delivered`."""
+    found = services()
+    batch_id = email_batch([email(8)])
+    original = found.braze.post
+
+    def frozen_meanwhile(path: str, body: Any, **options: Any) -> Any:
+        reply = original(path, body, **options)
+        redis_client.hset(found.keys.claim_tokens, batch_id, "next-holder/1")
+        assert found.batches.delivered(batch_id, "next-holder/1").status == "ended"
+        return reply
+
+    monkeypatch.setattr(found.braze, "post", frozen_meanwhile)
+    report = found.poster().post(batch_id)
+    assert (report.status, report.http_status) == ("lost", 201)
