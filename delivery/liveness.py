@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 
 from redis.exceptions import RedisError
@@ -38,7 +37,6 @@ class Liveness:
         interval_seconds: float,
         ttl_seconds: float,
         lease_seconds: float,
-        background: bool = True,
         worker_id: str | None = None,
     ) -> None:
         self.heartbeats = heartbeats
@@ -46,13 +44,11 @@ class Liveness:
         self.interval = interval_seconds
         self.ttl_ms = round(ttl_seconds * 1000)
         self.lease_ms = round(lease_seconds * 1000)
-        self.background = background
         self.stopping = threading.Event()
         self._held: dict[str, str] = {}  # batch id -> claim token
         self._lock = threading.Lock()
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_beat = 0.0
 
     # --- beating --------------------------------------------------------------------------
 
@@ -63,26 +59,20 @@ class Liveness:
         extended = self.heartbeats.beat(
             self.worker_id, self.ttl_ms, claims=held, lease_ms=self.lease_ms
         )
-        self._last_beat = time.monotonic()
         return extended
 
     def ensure_started(self) -> None:
         """Beat before the first claim (so no tick finds the claim's holder unknown), and
-        start the beating thread once; without one, beat when the last beat is stale."""
-        if self.background:
+        start the beating thread once."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
-            with self._lock:
-                if self._thread is not None and self._thread.is_alive():
-                    return
-                thread = threading.Thread(
-                    target=self._run, name="braze-subs-heartbeat", daemon=True
-                )
-                self._thread = thread
-            self.beat()
-            thread.start()
-        elif time.monotonic() - self._last_beat >= self.interval:
-            self.beat()
+            thread = threading.Thread(target=self._run, name="braze-subs-heartbeat", daemon=True)
+            self._thread = thread
+        self.beat()
+        thread.start()
 
     def _run(self) -> None:
         while not self._halt.wait(self.interval):

@@ -27,7 +27,6 @@ from core.changes import IdentifierKind, SubscriptionState
 from core.planning import BatchKey
 from core.waiting import WaitReason
 from stores.base import ScriptedStore
-from stores.clock import server_time_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,17 +125,19 @@ def _text(raw: bytes | str) -> str:
 
 
 class BatchStore(ScriptedStore):
+    def _claim_keys(self, batch_id: str) -> list[str]:
+        """KEYS[1..5] of every script that touches a claim: the record, the sweep's deadline,
+        the lease, the holder's token, the "sent" mark."""
+        k = self.keys
+        return [k.batch(batch_id), k.batches, k.claims, k.claim_tokens, k.fences]
+
     # --- the claim ---------------------------------------------------------------------
 
     def claim(self, batch_id: str, token: str, lease_ms: int) -> Claim:
         k = self.keys
         reply = self.scripts.claim_batch(
             keys=[
-                k.batch(batch_id),
-                k.batches,
-                k.claims,
-                k.claim_tokens,
-                k.fences,
+                *self._claim_keys(batch_id),
                 k.schedule,
                 k.schedule_reasons,
                 k.pending,
@@ -176,11 +177,7 @@ class BatchStore(ScriptedStore):
         k = self.keys
         r = self.retention
         keys = [
-            k.batch(batch_id),
-            k.batches,
-            k.claims,
-            k.claim_tokens,
-            k.fences,
+            *self._claim_keys(batch_id),
             k.pending,
             k.due,
             k.inflight,
@@ -273,11 +270,7 @@ class BatchStore(ScriptedStore):
         k = self.keys
         status, attempts = self.scripts.defer_batch(
             keys=[
-                k.batch(batch_id),
-                k.batches,
-                k.claims,
-                k.claim_tokens,
-                k.fences,
+                *self._claim_keys(batch_id),
                 k.schedule,
                 k.schedule_reasons,
                 k.coalesce_nudge,
@@ -308,11 +301,7 @@ class BatchStore(ScriptedStore):
         size = int(
             self.scripts.split_batch(
                 keys=[
-                    k.batch(batch_id),
-                    k.batches,
-                    k.claims,
-                    k.claim_tokens,
-                    k.fences,
+                    *self._claim_keys(batch_id),
                     k.inflight,
                     k.batch(first),
                     k.batch(second),
@@ -329,15 +318,13 @@ class BatchStore(ScriptedStore):
         """Make a batch waiting in the schedule due now (a held half whose sibling was
         answered); True if it was waiting."""
         k = self.keys
-        if self.client.zscore(k.schedule, batch_id) is None:
-            return False
         pipe = self.client.pipeline(transaction=True)
-        # XX LT: only an entry still there, and only earlier (never postpones it).
-        pipe.zadd(k.schedule, {batch_id: server_time_ms(self.client)}, xx=True, lt=True)
+        # XX LT CH: only an entry still there, only earlier (due at 0 is due now, first).
+        pipe.zadd(k.schedule, {batch_id: 0}, xx=True, lt=True, ch=True)
         pipe.lpush(k.coalesce_nudge, 1)
         pipe.ltrim(k.coalesce_nudge, 0, 0)
-        pipe.execute()
-        return True
+        changed, _, _ = pipe.execute()
+        return bool(changed)
 
     def release_waiting(self, reason: WaitReason) -> int:
         """Every batch waiting for `reason` becomes due now; returns how many."""

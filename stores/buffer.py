@@ -18,9 +18,7 @@ from redis.lock import Lock
 from core.changes import Change, IdentifierKind, SubscriptionState
 from core.planning import PendingChange, PlannedBatch
 from stores.base import ScriptedStore
-from stores.history import Retention
-from stores.keys import Keys, buffer_field, split_field
-from stores.scripts import Scripts
+from stores.keys import buffer_field, split_field
 
 # Changes per enqueue script call. Large enough that the round trip is amortised over many
 # changes, small enough that one call never blocks Redis for more than a few milliseconds.
@@ -71,15 +69,7 @@ def _chunks(items: Iterable[Change], size: int) -> Iterator[list[Change]]:
 
 
 class Buffer(ScriptedStore):
-    def __init__(
-        self,
-        client: Redis,
-        keys: Keys,
-        scripts: Scripts | None = None,
-        retention: Retention | None = None,
-    ) -> None:
-        super().__init__(client, keys, scripts, retention)
-        self.stale = 0  # changes this buffer's `enqueue` calls dropped as stale, so far
+    stale = 0  # changes this buffer's `enqueue` calls dropped as stale, so far
 
     def _enqueue_keys(self) -> list[str]:
         k = self.keys

@@ -19,5 +19,10 @@ def server_time_ms(client: Redis) -> int:
 
 def server_time_exact_ms(client: Redis) -> float:
     """Redis server time in fractional milliseconds (`now_ms_exact()`: the limiter's)."""
-    seconds, micros = client.time()
+    return exact_ms(client.time())
+
+
+def exact_ms(reply: tuple[int, int]) -> float:
+    """A `TIME` reply (seconds, microseconds), e.g. from a pipeline, in fractional ms."""
+    seconds, micros = reply
     return int(seconds) * 1000 + int(micros) / 1000

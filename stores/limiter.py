@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from redis import Redis
 
 from core.outcome import RateLimit
-from stores.clock import server_time_exact_ms
+from stores.clock import exact_ms, server_time_exact_ms
 from stores.scripts import Scripts
 
 
@@ -178,10 +178,11 @@ class RateLimiter:
         return 1000 / self.budget.interval_ms
 
     def state(self) -> LimiterState:
-        now = server_time_exact_ms(self.client)  # the scripts' precision, not whole ms
-        tat, paused, reason, circuit, since = self.client.hmget(
-            self.key, "tat", "paused_until", "pause_reason", "circuit", "circuit_since"
-        )
+        pipe = self.client.pipeline(transaction=True)  # one round trip, one instant
+        pipe.time()
+        pipe.hmget(self.key, "tat", "paused_until", "pause_reason", "circuit", "circuit_since")
+        clock, (tat, paused, reason, circuit, since) = pipe.execute()
+        now = exact_ms(clock)  # the scripts' precision, not whole ms
         budget = self.budget
         ahead = max(float(tat or 0) - now, 0.0)  # how far the budget is spent into the future
         free = math.floor((budget.tolerance_ms - ahead) / budget.interval_ms + 1e-6) + 1

@@ -52,6 +52,20 @@ def email_batch(values: list[str], state: str = "subscribed") -> str:
     )
 
 
+def double_opt_in_batch(phones: list[str]) -> str:
+    return make_batch(
+        [
+            {
+                "subscription_group_id": SMS_GROUP,
+                "subscription_state": "subscribed",
+                "phone": p,
+                "use_double_opt_in_logic": True,
+            }
+            for p in phones
+        ]
+    )
+
+
 def inflight(redis_client: Any) -> dict[str, str]:
     keys = services().keys
     return {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.inflight).items()}
@@ -109,17 +123,7 @@ def test_delivered_batch_ends_in_the_simulator(sim, poster, redis_client):
 
 def test_phone_batch_with_double_opt_in_is_a_valid_v1_body(sim, poster):
     phones = ["+14155550101", "+14155550102"]
-    batch_id = make_batch(
-        [
-            {
-                "subscription_group_id": SMS_GROUP,
-                "subscription_state": "subscribed",
-                "phone": p,
-                "use_double_opt_in_logic": True,
-            }
-            for p in phones
-        ]
-    )
+    batch_id = double_opt_in_batch(phones)
     assert poster.post(batch_id).status == "delivered"
     state = sim_subscriptions(sim)
     for phone in phones:
@@ -601,17 +605,7 @@ def test_a_double_opt_in_batch_is_posted_once_whatever_the_messages(sim, redis_c
     is posted, and after it ended must post nothing."""
     found = services()
     phones = ["+14155550111", "+14155550112"]
-    batch_id = make_batch(
-        [
-            {
-                "subscription_group_id": SMS_GROUP,
-                "subscription_state": "subscribed",
-                "phone": p,
-                "use_double_opt_in_logic": True,
-            }
-            for p in phones
-        ]
-    )
+    batch_id = double_opt_in_batch(phones)
     poster = found.poster()
     # 1. Its turn is far off: it waits in the schedule, and duplicates find it waiting.
     now = server_time_ms(redis_client)
