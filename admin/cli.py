@@ -28,7 +28,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from admin.status import Status, find_budget, read_status
@@ -67,7 +67,9 @@ EmailOption = Annotated[str | None, typer.Option("--email")]
 PhoneOption = Annotated[str | None, typer.Option("--phone", help="E.164, e.g. +14155550100")]
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object.")]
 # Dead-letter entries: ids, or --all.
-EntryIds = Annotated[list[str] | None, typer.Argument(help="Entry ids.")]
+EntryIds = Annotated[
+    list[str] | None, typer.Argument(help="Entry ids, whole or any unique prefix.")
+]
 AllEntries = Annotated[bool, typer.Option("--all", help="Every entry.")]
 
 
@@ -367,7 +369,17 @@ def _dlq_list_all(store: DeadLetters, as_json: bool, cursor: str | None) -> None
 
 
 def _dlq_table(entries: list[DeadLetter]) -> Table:
-    table = Table("id", "group", "state", "identifiers", "attempts", "error")
+    # The id whole, whatever the width (the error column wraps instead): it is what
+    # `dlq replay/purge` take.
+    widest = max((len(entry.id) for entry in entries), default=2)
+    table = Table(
+        Column("id", no_wrap=True, min_width=widest),
+        "group",
+        "state",
+        "identifiers",
+        "attempts",
+        "error",
+    )
     for entry in entries:
         table.add_row(
             entry.id,
@@ -388,6 +400,24 @@ def _ids_or_all(ids: list[str] | None, all_: bool) -> list[str] | None:
     return None if all_ else list(ids or [])
 
 
+def _resolve(store: DeadLetters, ids: list[str] | None) -> tuple[list[str] | None, list[str]]:
+    """Entry ids as typed, whole or a unique prefix (`dlq list` may cut them): the ids and
+    those that matched nothing. An ambiguous prefix refuses the whole command before any
+    entry is touched, naming what it matched."""
+    if ids is None:
+        return None, []
+    resolved = store.resolve(ids)
+    if resolved.ambiguous:
+        prefix, matches = next(iter(resolved.ambiguous.items()))
+        named = ", ".join(matches[:3]) + (", …" if len(matches) > 3 else "")
+        _fail(
+            f"entry id {prefix!r} matches more than one entry ({named}): give more of it; "
+            "nothing was replayed or purged",
+            EXIT_REFUSED,
+        )
+    return resolved.ids, resolved.missing
+
+
 def _refuse_missing(missing: list[str]) -> None:
     """Exit 1 naming the entry ids that were not found, after the rest were handled."""
     if missing:
@@ -400,8 +430,10 @@ def dlq_replay(
     all_: AllEntries = False,
 ) -> None:
     """Return dead-lettered identifiers to the buffer (a newer change for one wins)."""
-    found = services()
-    report = found.dead_letters.replay(_ids_or_all(ids, all_))
+    store = services().dead_letters
+    chosen, missing = _resolve(store, _ids_or_all(ids, all_))
+    report = store.replay(chosen)
+    report.missing += missing
     err.print(
         f"replayed {report.entries} entries: {report.requeued} identifiers back in the buffer, "
         f"{report.superseded} skipped (a newer change exists)"
@@ -415,8 +447,10 @@ def dlq_purge(
     all_: AllEntries = False,
 ) -> None:
     """Delete dead-letter entries for good."""
-    found = services()
-    report = found.dead_letters.purge(_ids_or_all(ids, all_))
+    store = services().dead_letters
+    chosen, missing = _resolve(store, _ids_or_all(ids, all_))
+    report = store.purge(chosen)
+    report.missing += missing
     err.print(f"purged {report.entries} entries ({report.identifiers} identifiers)")
     _refuse_missing(report.missing)
 

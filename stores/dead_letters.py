@@ -63,6 +63,15 @@ class ReplayReport:
 
 
 @dataclass(slots=True)
+class Resolved:
+    """Entry ids as an operator typed them, resolved: whole ids, or unique prefixes."""
+
+    ids: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # matched no entry
+    ambiguous: dict[str, list[str]] = field(default_factory=dict)  # prefix -> some matches
+
+
+@dataclass(slots=True)
 class PurgeReport:
     entries: int = 0
     identifiers: int = 0
@@ -72,6 +81,36 @@ class PurgeReport:
 class DeadLetters(ScriptedStore):
     def ids(self) -> list[str]:
         return [raw.decode() for raw in self.client.zrange(self.keys.dead_letter_index, 0, -1)]
+
+    def resolve(self, given: list[str], *, shown: int = 3) -> Resolved:
+        """Each of `given` as a whole entry id or a prefix of exactly one (what `dlq list`
+        showed, perhaps cut). A whole id is one HEXISTS; a prefix is a ZSCAN of the index
+        matching it (ids and scores only; run only for what an operator types), stopped at
+        `shown` + 1 matches (so an ambiguous prefix can name `shown` and say there are
+        more). An id given twice, whole or by prefix, is resolved once."""
+        resolved = Resolved()
+        for text in given:
+            if text and self.client.hexists(self.keys.dead_letters, text):
+                if text not in resolved.ids:
+                    resolved.ids.append(text)
+                continue
+            matches: list[str] = []
+            if text:
+                pattern = _glob_escape(text) + "*"
+                for name, _ in self.client.zscan_iter(
+                    self.keys.dead_letter_index, match=pattern, count=1000
+                ):
+                    matches.append(name.decode() if isinstance(name, bytes) else name)
+                    if len(matches) > shown:
+                        break
+            if len(matches) == 1:
+                if matches[0] not in resolved.ids:
+                    resolved.ids.append(matches[0])
+            elif matches:
+                resolved.ambiguous[text] = sorted(matches)
+            else:
+                resolved.missing.append(text)
+        return resolved
 
     def list(self) -> list[DeadLetter]:
         """Every entry, oldest first."""
@@ -196,3 +235,8 @@ class DeadLetters(ScriptedStore):
             report.entries += 1
             report.identifiers += removed
         return report
+
+
+def _glob_escape(text: str) -> str:
+    """`text` as a literal in a Redis MATCH pattern."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from config.settings import INSTANCES, Settings, SettingsError, load_settings
+from tests.cli_runs import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
 PROCESSES = ("worker", "beat", "flower", "metrics")
@@ -20,22 +21,43 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
-def rendered(tmp_path: Path, environment: dict[str, str]) -> dict:
-    """docker-compose.yml as podman-compose reads it (its own interpolation of ${...}) with
-    `environment` as the shell's. `config` never calls the engine except for its version,
-    which a stand-in answers, so this runs where podman is not installed."""
+def podman_stand_in(tmp_path: Path) -> Path:
+    """A `podman` that answers its version, records every call and does nothing else: what
+    podman-compose would run, where podman is not installed."""
     podman = tmp_path / "podman"
-    podman.write_text("#!/bin/sh\necho 'podman version 4.3.1'\n")
+    calls = tmp_path / "podman-calls"
+    podman.write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        "case \"$1\" in version|--version) echo 'podman version 4.3.1';; esac\n"
+    )
     podman.chmod(0o755)
+    return podman
+
+
+def podman_compose(
+    tmp_path: Path, environment: dict[str, str], *args: str
+) -> subprocess.CompletedProcess:
+    """`podman-compose -f docker-compose.yml ARGS` with `environment` as the shell's (no
+    BRAZE_* or FLOWER_* of this process's own) and the stand-in podman."""
     tool = Path(sys.executable).parent / "podman-compose"
     if not tool.exists():
         pytest.skip("podman-compose is not installed (the dev extra brings it)")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("BRAZE_", "FLOWER_"))}
-    done = subprocess.run(
-        [str(tool), "--podman-path", str(podman), "-f", str(ROOT / "docker-compose.yml"),
-         "--profile", "local", "config"],
+    return subprocess.run(
+        [str(tool), "--podman-path", str(podman_stand_in(tmp_path)),
+         "-f", str(ROOT / "docker-compose.yml"), *args],
         capture_output=True, text=True, cwd=tmp_path, timeout=60,
-        env={**clean, "FLOWER_BASIC_AUTH": "admin:secret", **environment},
+        env={**clean, **environment},
+    )  # fmt: skip
+
+
+def rendered(tmp_path: Path, environment: dict[str, str]) -> dict:
+    """docker-compose.yml as podman-compose reads it (its own interpolation of ${...}) with
+    `environment` as the shell's. `config` never calls the engine except for its version,
+    which a stand-in answers, so this runs where podman is not installed."""
+    done = podman_compose(
+        tmp_path, {"FLOWER_BASIC_AUTH": "admin:secret", **environment}, "--profile", "local",
+        "config",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return yaml.safe_load(done.stdout)
@@ -62,6 +84,45 @@ def test_production_services_never_default_to_the_simulator(tmp_path):
     # A worker without them stops at start, naming the variable.
     with pytest.raises(SettingsError, match="BRAZE_API_KEY"):
         settings_of(config["services"]["worker"]).require_braze()
+
+
+def test_a_one_off_import_needs_no_flower_setting(tmp_path):
+    """Issue 27: `podman-compose run ... braze-subs import` failed with a traceback when
+    FLOWER_BASIC_AUTH was not set again; a one-off command needs only what it uses."""
+    done = podman_compose(
+        tmp_path, {"BRAZE_INSTANCE": "US-03"},
+        "run", "--rm", "--no-deps", "-T", "worker", "braze-subs", "import", "/imports/c.jsonl",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    [run] = [
+        call for call in (tmp_path / "podman-calls").read_text().splitlines()
+        if call.startswith("run ")
+    ]  # fmt: skip
+    assert run.endswith("braze-subs:latest braze-subs import /imports/c.jsonl"), run
+    assert "FLOWER" not in run
+
+
+def test_flower_without_basic_auth_stops_in_one_line(tmp_path):
+    """Flower itself, not compose's interpolation, refuses to start unauthenticated: its
+    command as compose renders it, run by a real shell (a stand-in `celery` on PATH)."""
+    command = rendered(tmp_path, {})["services"]["flower"]["command"]
+    celery = tmp_path / "bin" / "celery"
+    celery.parent.mkdir()
+    celery.write_text('#!/bin/sh\necho "celery $*"\n')
+    celery.chmod(0o755)
+    path = f"{celery.parent}:{os.environ['PATH']}"
+    without = subprocess.run(
+        command, env={"PATH": path}, capture_output=True, text=True, timeout=30
+    )
+    assert_one_line_error(without, "FLOWER_BASIC_AUTH", "user:password")
+    assert without.stdout == ""  # Flower never started
+    with_auth = subprocess.run(
+        command, env={"PATH": path, "FLOWER_BASIC_AUTH": "admin:secret"},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert with_auth.returncode == 0, with_auth.stderr
+    assert with_auth.stdout.split() == command[4:]  # the Procfile's command, run as given
 
 
 def test_json_logs_hold_no_key_and_no_identifiers(env, sim, processes, tmp_path):

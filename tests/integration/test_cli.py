@@ -429,6 +429,47 @@ def test_dlq_replay_unknown_id_fails_but_replays_the_known_one(env, redis_client
     )
 
 
+def test_dlq_list_shows_ids_whole_at_80_columns_and_purge_takes_what_it_showed(env, redis_client):
+    """Issue 27: `dlq list` cut ids at 80 columns and `purge` refused what it showed."""
+    entry_id = dead_letter([email(1)], error="HTTP 400: " + "a long message from Braze " * 4)
+    listed = run_cli("dlq", "list", extra_env={"COLUMNS": "80"})
+    assert listed.returncode == 0, listed.stderr
+    assert entry_id in listed.stdout  # whole, on one line
+    assert max(len(line) for line in listed.stdout.splitlines()) <= 80
+    result = run_cli("dlq", "purge", entry_id[:10])
+    assert result.returncode == 0, result.stderr
+    assert "purged 1 entries (1 identifiers)" in result.stderr
+    assert DeadLetters(redis_client, services().keys).list() == []
+
+
+def test_dlq_replay_takes_a_unique_prefix_and_refuses_an_ambiguous_one(env, redis_client):
+    ids = [dead_letter([email(n)]) for n in range(1, 41)]
+    # Forty uuid4 hex ids: some share a first character, none shares ten.
+    shared = next(a[0] for i, a in enumerate(ids) for b in ids[i + 1 :] if a[0] == b[0])
+    sharing = sorted(i for i in ids if i.startswith(shared))
+    store = DeadLetters(redis_client, services().keys)
+
+    refused = run_cli("dlq", "replay", ids[0][:12], shared)
+    assert_one_line_error(refused, "more than one entry")
+    assert refused.returncode == 1
+    named = [whole for whole in sharing if whole in refused.stderr]  # so one can pick
+    assert len(named) == min(3, len(sharing))
+    assert ("…" in refused.stderr) == (len(sharing) > 3)
+    assert len(store.list()) == 40  # nothing replayed, not even the unique one
+    assert pending(redis_client) == {}
+
+    done = run_cli("dlq", "replay", ids[0][:12], ids[1], ids[1][:8])  # ids[1] twice
+    assert done.returncode == 0, done.stderr
+    assert "replayed 2 entries" in done.stderr
+    assert set(pending(redis_client)) == {(GROUP, "email", email(1)), (GROUP, "email", email(2))}
+    assert {e.id for e in store.list()} == set(ids[2:])
+
+    glob = run_cli("dlq", "purge", "*")  # a pattern character is a literal, not a wildcard
+    assert glob.returncode == 1
+    assert "no such entries: *" in glob.stderr
+    assert len(store.list()) == 38
+
+
 # --------------------------------------------------------------------------------------
 # User data must not be read as console markup, and file errors are one line
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,29 @@ def test_exporter_serves_the_default_metrics_port_and_shares_the_key():
     worker_env = {item["name"]: item for item in container("braze-subs-worker")["env"]}
     assert env["BRAZE_API_KEY"] == worker_env["BRAZE_API_KEY"]
     assert spec["livenessProbe"]["httpGet"]["path"] == "/metrics"
+
+
+def test_the_configmap_names_no_braze_instance_or_endpoint():
+    """Issue 27: a shipped BRAZE_INSTANCE made a forgotten edit look like a refused key;
+    compose has no default on purpose, and neither has the ConfigMap."""
+    data = manifests()[("ConfigMap", "braze-subs")]["data"]
+    assert "BRAZE_INSTANCE" not in data and "BRAZE_REST_ENDPOINT" not in data
+    assert "BRAZE_INSTANCE" in (K8S / "config.yaml").read_text()  # where to add it, said
+
+
+def test_redis_image_is_pinned_as_in_compose():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    default = compose["services"]["redis"]["image"]  # ${REDIS_IMAGE:-redis:X.Y.Z-alpine}
+    pinned = default.removeprefix("${REDIS_IMAGE:-").removesuffix("}")
+    assert pinned != default and pinned.count(".") == 2, default
+    assert container("redis")["image"] == pinned
+
+
+def test_wheels_are_not_tracked_by_git():
+    """deploy/wheels.sh writes the wheelhouse to wheels/ (README: Without a registry)."""
+    done = subprocess.run(
+        ["git", "check-ignore", "--no-index", "-q", "wheels/celery-5.4.0-py3-none-any.whl"],
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert done.returncode == 0, "wheels/ is not in .gitignore"
