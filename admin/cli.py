@@ -739,7 +739,9 @@ def metrics(
     port: Annotated[
         int | None, typer.Option(help="Port of /metrics (default: METRICS_PORT).", min=1, max=65535)
     ] = None,
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default: METRICS_ADDRESS).")
+    ] = None,
 ) -> None:
     """The Prometheus exporter: serves /metrics, reading Redis on every scrape."""
     from admin.exporter import serve
@@ -757,6 +759,7 @@ def metrics(
     shared = found.limiter_for(source.workspace or found.settings.workspace_id)
     limiter = RateLimiter(client, shared.key, shared.budget, max_wait_seconds=0)
     port = port or found.settings.metrics_port
+    host = host or found.settings.metrics_address
     err.print(f"braze-subs metrics on http://{host}:{port}/metrics", highlight=False)
     serve(port, host, client, found.keys, limiter)
 

@@ -9,6 +9,8 @@ the first request.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -60,6 +62,10 @@ class Settings(BaseSettings):
     braze_api_key: SecretStr | None = None
     # Base URL of the workspace's REST API; plain http://127.0.0.1:PORT works for simulators.
     braze_rest_endpoint: str | None = None
+    # Plain http:// sends the API key in clear text, so it is refused for any host but a
+    # loopback one (a local simulator) unless this says otherwise (a TLS-terminating
+    # sidecar on a private network, a test rig).
+    braze_allow_insecure_http: bool = False
     # Alternative to BRAZE_REST_ENDPOINT: an instance name from the INSTANCES table.
     braze_instance: str | None = None
     # Which endpoint this process posts to: v1 (one group per request) or v2 (several).
@@ -105,7 +111,10 @@ class Settings(BaseSettings):
     # --- Redis ----------------------------------------------------------------------------
     # Broker, change buffer, limiter and dead letters all live in this one Redis.
     redis_url: str = "redis://localhost:6379/0"
-    # Prefix of every key braze-subs writes, so it can share a Redis with other apps.
+    # Prefix of every key braze-subs writes, so it can share a Redis with other apps. It
+    # sits inside a hash tag (`{prefix}:...`): a `{` or `}` would move the tag, and the Lua
+    # scripts (which derive keys from KEYS[1]) and Python would disagree on key names, so
+    # only letters, digits, `.`, `_` and `-` are allowed.
     redis_key_prefix: str = Field(default="braze-subs", min_length=1)
     # PEM file of the CA(s) that sign the Redis server's certificate, for a rediss:// URL
     # (the URL's `ssl_ca_certs` parameter works too). Unset: the system's CAs. The server's
@@ -218,6 +227,10 @@ class Settings(BaseSettings):
     # Port of the Prometheus exporter (`braze-subs metrics`, `/metrics`). 9717 is unused by
     # the exporters listed in Prometheus's default port allocations.
     metrics_port: int = Field(default=9717, ge=1, le=65535)
+    # Address the exporter binds. Loopback: on a shared host only local processes can read
+    # the fleet's figures; the container manifests (compose, Kubernetes) set 0.0.0.0,
+    # where the container's network is the boundary.
+    metrics_address: str = Field(default="127.0.0.1", min_length=1)
     # Folder of the liveness heartbeat files (`<role>.alive`), touched by a thread in each
     # worker and beat process and read by `braze-subs probe live`. The temporary folder is
     # private to a container; processes of one role sharing a host need a folder each.
@@ -318,6 +331,16 @@ class Settings(BaseSettings):
                     raise ValueError("a sentinel's port is not a number") from None
         return value
 
+    @field_validator("redis_key_prefix")
+    @classmethod
+    def _key_prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise ValueError(
+                "only letters, digits, '.', '_' and '-' are allowed (it sits in the keys' "
+                "hash tag, which '{', '}' and others would change)"
+            )
+        return value
+
     @field_validator("redis_ca_file")
     @classmethod
     def _readable_file(cls, value: str | None) -> str | None:
@@ -345,8 +368,25 @@ class Settings(BaseSettings):
                 "REDIS_SENTINEL_MASTER: required with a sentinel:// REDIS_URL "
                 "(the master's name the sentinels watch, e.g. mymaster)"
             )
-        if self.batch_claim_seconds <= self.http_timeout_seconds:
-            raise ValueError("BATCH_CLAIM_SECONDS: must exceed HTTP_TIMEOUT_SECONDS")
+        if self.batch_claim_seconds <= self.http_timeout_seconds + self.heartbeat_interval_seconds:
+            # A send needs more than HTTP_TIMEOUT_SECONDS of lease left, and the heartbeat
+            # renews the lease only every interval: a shorter lease makes the fence refuse
+            # (some or every) send, and the batch never goes.
+            raise ValueError(
+                "BATCH_CLAIM_SECONDS: must exceed HTTP_TIMEOUT_SECONDS plus "
+                f"HEARTBEAT_INTERVAL_SECONDS ({self.http_timeout_seconds:g} + "
+                f"{self.heartbeat_interval_seconds:g} s; it is {self.batch_claim_seconds:g} s)"
+            )
+        insecure = endpoint is not None and urlsplit(endpoint).scheme == "http"
+        if (
+            insecure
+            and not self.braze_allow_insecure_http
+            and not is_loopback_host(urlsplit(endpoint).hostname or "")
+        ):
+            raise ValueError(
+                "BRAZE_REST_ENDPOINT: http:// would send the API key in clear text; use "
+                "https://, a loopback host, or set BRAZE_ALLOW_INSECURE_HTTP=true"
+            )
         if self.heartbeat_ttl_seconds <= 2 * self.heartbeat_interval_seconds:
             raise ValueError("HEARTBEAT_TTL_SECONDS: must exceed twice HEARTBEAT_INTERVAL_SECONDS")
         if self.batch_linger_pressure_high < self.batch_linger_pressure_low:
@@ -429,6 +469,16 @@ class Settings(BaseSettings):
             raise SettingsError(
                 "BRAZE_REST_ENDPOINT: missing (set it, or BRAZE_INSTANCE, e.g. US-01)"
             )
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _ms(seconds: float) -> int:

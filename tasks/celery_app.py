@@ -19,7 +19,7 @@ from celery.signals import (
 )
 from kombu import Queue
 
-from config.settings import Settings, SettingsError, get_settings
+from config.settings import Settings, SettingsError, get_settings, is_loopback_host
 from stores.connection import broker_options
 from tasks.health import Heartbeat, heartbeat_path
 from tasks.logs import configure_logging, quiet_banner_for_json, use_json_for_celery
@@ -40,6 +40,35 @@ def _settings_or_exit() -> Settings:
         return get_settings()
     except SettingsError as exc:
         sys.exit(f"braze-subs: {exc}")
+
+
+def _guard_flower() -> None:
+    """`celery -A worker.app flower`: bind loopback unless an address is given, and refuse
+    to listen elsewhere without authentication (Flower can revoke tasks and stop workers).
+
+    Flower reads its options (FLOWER_* variables, a config file, the command line) after
+    this app is loaded, into tornado's options; a parse callback sees the result before
+    Flower binds. `celery` imports Flower's command (a plugin) before loading the app, so
+    `flower.options` is already imported when Flower is installed; other processes never
+    parse tornado options, so the callback never runs there."""
+    if "flower.options" not in sys.modules:
+        return
+    from tornado.options import options
+
+    def check() -> None:
+        if options.unix_socket:
+            return
+        if not options.address:  # Flower's default is every interface
+            options.address = "127.0.0.1"
+        authenticated = any(options.basic_auth or ()) or bool(options.auth)
+        if not authenticated and not is_loopback_host(options.address):
+            raise SystemExit(
+                f"braze-subs: FLOWER_BASIC_AUTH: required for Flower on {options.address} "
+                "(not a loopback address): set FLOWER_BASIC_AUTH=user:password, or leave "
+                "the address unset (127.0.0.1)"
+            )
+
+    options.add_parse_callback(check)
 
 
 def create_app(settings: Settings) -> Celery:
@@ -113,6 +142,7 @@ def create_app(settings: Settings) -> Celery:
 settings = _settings_or_exit()
 configure_logging(settings)
 app = create_app(settings)
+_guard_flower()
 if settings.log_format == "json":
     celeryd_init.connect(quiet_banner_for_json, weak=False)
     after_setup_logger.connect(use_json_for_celery, weak=False)

@@ -152,6 +152,8 @@ class Stack:
             # The local profile: workers post to the simulator, never to Braze.
             "BRAZE_API_KEY": SIM_KEY,
             "BRAZE_REST_ENDPOINT": "http://simulator:8700",
+            # The simulator is another container, not loopback: plain http must be allowed.
+            "BRAZE_ALLOW_INSECURE_HTTP": "true",
             "FLOWER_BASIC_AUTH": ":".join(self.flower_auth),
             "FLOWER_PUBLISH": f"127.0.0.1:{self.flower_port}",
             "SIMULATOR_PUBLISH": f"127.0.0.1:{self.sim_port}",

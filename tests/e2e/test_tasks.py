@@ -148,7 +148,7 @@ def test_record_change_task_from_another_service(env, sim, processes, redis_clie
 def test_batch_of_a_killed_worker_is_swept_and_ends_right(env, sim, processes, redis_client):
     fast = {
         "HTTP_TIMEOUT_SECONDS": "4",
-        "BATCH_CLAIM_SECONDS": "5",
+        "BATCH_CLAIM_SECONDS": "6",
         "BATCH_REDISPATCH_SECONDS": "2",
     }
     faults(sim, hold=True)

@@ -83,7 +83,7 @@ WORDED = {
 
 
 # Rows of the table read by other programs, not by the Settings class.
-NOT_SETTINGS = {"FLOWER_BASIC_AUTH"}
+NOT_SETTINGS = {"FLOWER_BASIC_AUTH", "FLOWER_ADDRESS"}
 
 
 def test_every_setting_has_a_row_in_readme():
@@ -109,7 +109,9 @@ def test_default_is_the_one_readme_documents(field):
     written = re.fullmatch(r"`([^`]*)`", documented)
     assert written, f"{name}: README's default {documented!r} is not a `value`"
     value = written.group(1)
-    if isinstance(actual, bool) or not isinstance(actual, int | float):
+    if isinstance(actual, bool):  # written as the environment takes it: true / false
+        assert str(actual).lower() == value, f"{name}: README {value!r}, code {actual!r}"
+    elif not isinstance(actual, int | float):
         assert str(actual) == value, f"{name}: README {value!r}, code {actual!r}"
     else:
         assert float(value) == actual, f"{name}: README {value}, code {actual}"
@@ -430,3 +432,92 @@ def test_rediss_always_verifies_with_the_ca_given(monkeypatch, tmp_path):
     assert load_settings().redis_tls() == {"ssl_cert_reqs": "required", "ssl_ca_certs": str(ca)}
     monkeypatch.setenv("REDIS_URL", "redis://h:6379/0")
     assert load_settings().redis_tls() is None
+
+
+# --------------------------------------------------------------------------------------
+# Settings that would break an invariant silently (issue 21, items 8 and 9)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["acme{x}", "a}b", "{braze-subs}", "a b", "a:b", "é", "a*"])
+def test_a_key_prefix_that_could_change_the_hash_tag_is_refused(monkeypatch, prefix):
+    """`{`/`}` move the hash tag: Python and the Lua scripts (which derive keys from
+    KEYS[1]) would name different keys. Only [A-Za-z0-9._-] is allowed."""
+    message = settings_error(monkeypatch, REDIS_KEY_PREFIX=prefix)
+    assert message.startswith("REDIS_KEY_PREFIX: only letters, digits"), message
+    assert len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize("prefix", ["braze-subs", "acme.subs_2", "A-b.C_9"])
+def test_a_plain_key_prefix_is_accepted(monkeypatch, prefix):
+    monkeypatch.setenv("REDIS_KEY_PREFIX", prefix)
+    assert load_settings().redis_key_prefix == prefix
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"BATCH_CLAIM_SECONDS": "10.5", "HTTP_TIMEOUT_SECONDS": "10"},
+        {"BATCH_CLAIM_SECONDS": "11", "HTTP_TIMEOUT_SECONDS": "10"},
+        {
+            "BATCH_CLAIM_SECONDS": "20",
+            "HTTP_TIMEOUT_SECONDS": "10",
+            "HEARTBEAT_INTERVAL_SECONDS": "10",
+            "HEARTBEAT_TTL_SECONDS": "30",
+        },
+    ],
+)
+def test_a_claim_the_fence_would_refuse_is_refused_at_start_naming_both(monkeypatch, env):
+    """The fence needs more than HTTP_TIMEOUT_SECONDS of lease left, renewed every
+    heartbeat interval: a lease not above their sum never (or not always) lets a send go."""
+    message = settings_error(monkeypatch, **env)
+    assert message.startswith("BATCH_CLAIM_SECONDS: must exceed HTTP_TIMEOUT_SECONDS"), message
+    assert "HEARTBEAT_INTERVAL_SECONDS" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_a_claim_just_above_timeout_plus_heartbeat_is_accepted(monkeypatch):
+    monkeypatch.setenv("BATCH_CLAIM_SECONDS", "11.5")
+    monkeypatch.setenv("HTTP_TIMEOUT_SECONDS", "10")
+    assert load_settings().batch_claim_seconds == 11.5
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://rest.iad-01.braze.com",
+        "http://10.0.0.5:8700",
+        "http://simulator:8700",
+        "http://localhost.evil.example",
+        "http://127.0.0.1.nip.io",
+    ],
+)
+def test_plain_http_to_a_host_that_is_not_loopback_is_refused(monkeypatch, endpoint):
+    """The key would travel in clear text."""
+    monkeypatch.setenv("BRAZE_API_KEY", SECRET)
+    message = settings_error(monkeypatch, BRAZE_REST_ENDPOINT=endpoint)
+    assert message.startswith("BRAZE_REST_ENDPOINT: http:// would send the API key"), message
+    assert "BRAZE_ALLOW_INSECURE_HTTP" in message
+    assert len(message.splitlines()) == 1
+    assert SECRET not in message
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://127.0.0.1:8700", "http://127.8.0.1:80", "http://[::1]:8700", "http://LOCALHOST:1"],
+)
+def test_plain_http_to_loopback_is_accepted(monkeypatch, endpoint):
+    monkeypatch.setenv("BRAZE_REST_ENDPOINT", endpoint)
+    assert load_settings().rest_endpoint == endpoint
+
+
+def test_plain_http_elsewhere_only_when_allowed(monkeypatch):
+    monkeypatch.setenv("BRAZE_REST_ENDPOINT", "http://simulator:8700")
+    monkeypatch.setenv("BRAZE_ALLOW_INSECURE_HTTP", "true")
+    assert load_settings().rest_endpoint == "http://simulator:8700"
+
+
+def test_the_exporter_binds_loopback_unless_told(monkeypatch):
+    assert load_settings().metrics_address == "127.0.0.1"
+    monkeypatch.setenv("METRICS_ADDRESS", "0.0.0.0")
+    assert load_settings().metrics_address == "0.0.0.0"
