@@ -39,9 +39,10 @@ COPY stores /tmp/build/stores
 COPY delivery /tmp/build/delivery
 COPY tasks /tmp/build/tasks
 COPY admin /tmp/build/admin
-COPY devtools /tmp/build/devtools
 COPY worker /tmp/build/worker
-COPY simulator /tmp/build/simulator
+# The simulator is dev tooling, not in the installed product (the runtime wheel leaves it
+# out); it is kept beside it, for compose's `local` profile (run from that folder).
+COPY simulator /opt/braze-subs-dev/simulator
 RUN pip install --no-deps ${WHEELS:+--no-index --find-links "$WHEELS"} /tmp/build \
     && rm -rf /tmp/build \
     && useradd --uid 10001 --user-group --create-home --home-dir /home/app app

@@ -6,6 +6,7 @@ stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
@@ -710,6 +711,7 @@ def simulate(
     ] = 1_000_000,
 ) -> None:
     """Run a local Braze stand-in (v1 and v2, rate limits, faults) for development and demos."""
+    _require_dev_tooling("simulate", "simulator")
     from simulator import SimulatorConfig
     from simulator.server import serve
 
@@ -797,9 +799,21 @@ def demo(
     ] = False,
 ) -> None:
     """Run the whole pipeline locally: Redis, the simulator, a worker and beat; feed changes."""
+    _require_dev_tooling("demo", "devtools")
     from devtools.demo import run_demo  # dev tooling: imported only when the demo runs
 
     run_demo(changes=changes, console=err, out=out, keep_running=keep_running)
+
+
+def _require_dev_tooling(command: str, package: str) -> None:
+    """Stop in one line when `package` (dev tooling) is not installed: the runtime wheel
+    leaves out the simulator and the demo; a clone's dev install (`./dev install`, an
+    editable install of the repository) has them."""
+    if importlib.util.find_spec(package) is None:
+        _fail(
+            f"{command}: dev tooling, not part of this install ({package}/ is left out of "
+            "the runtime wheel); run it from a clone of the repository after ./dev install"
+        )
 
 
 def main() -> None:

@@ -65,6 +65,21 @@ def test_imports_point_down_only(package: str, path: Path) -> None:
             assert imported not in IO_LIBRARIES, f"{path.relative_to(ROOT)} does I/O ({imported})"
 
 
+def dev_tooling_modules() -> list[Path]:
+    return [path for package in sorted(DEV_ONLY) for path in sorted((ROOT / package).rglob("*.py"))]
+
+
+@pytest.mark.parametrize("path", dev_tooling_modules(), ids=lambda v: str(v).split("braze")[-1])
+def test_dev_tooling_imports_nothing_of_the_entry_points(path: Path) -> None:
+    """The demo and the simulator sit beside the product, not above it: they may use the
+    producer and the stores, never the admin CLI (which imports them only to run them) nor
+    the worker, at any level, so neither side needs the other to import."""
+    for imported, _ in imports(path):
+        assert imported not in {"admin", "worker"}, (
+            f"{path.relative_to(ROOT)} imports {imported}: dev tooling must not import it"
+        )
+
+
 def test_the_admin_cli_loads_no_dev_tooling() -> None:
     """`braze-subs status` must not pay for (or depend on) the simulator's web stack."""
     probe = (
