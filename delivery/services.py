@@ -1,19 +1,17 @@
 """The long-lived objects one process needs, built once per process (and again after a fork).
 
 Redis clients keep a connection pool; the Braze client keeps keep-alive connections. Both
-are created lazily, so a producer that never posts never needs an API key.
+are created lazily, so a producer that never posts never needs an API key. The Redis half
+(client, keys, scripts, buffer) and the per-process registry are `stores.services`, which
+the producer uses alone; `Services` adds the worker's parts.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable
 from functools import cached_property
 
-from redis import Redis
-
-from config.settings import Settings, get_settings
+from config.settings import Settings
 from delivery.braze_client import BrazeClient
 from delivery.braze_reads import BrazeReader, read_limiter
 from delivery.coalescer import Coalescer
@@ -22,41 +20,17 @@ from delivery.opt_outs import OptOutCheck
 from delivery.poster import Poster
 from stores import counters
 from stores.batch_records import BatchStore
-from stores.buffer import Buffer
 from stores.clock import server_time_ms
-from stores.connection import redis_client
 from stores.counters import Counters
 from stores.dead_letters import DeadLetters
 from stores.heartbeats import Heartbeats
-from stores.history import Retention
-from stores.keys import Keys
 from stores.limiter import Budget, RateLimiter
 from stores.opt_out_reads import OptOutReads
 from stores.refusals import Refusals
-from stores.scripts import Scripts
+from stores.services import StoreServices, forget_services, process_services
 
 
-class Services:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.keys = Keys(settings.redis_key_prefix)
-
-    @cached_property
-    def redis(self) -> Redis:
-        return redis_client(self.settings, health_check_interval=30)
-
-    @cached_property
-    def scripts(self) -> Scripts:
-        return Scripts(self.redis)
-
-    @cached_property
-    def retention(self) -> Retention:
-        return Retention.from_settings(self.settings)
-
-    @cached_property
-    def buffer(self) -> Buffer:
-        return Buffer(self.redis, self.keys, self.scripts, self.retention)
-
+class Services(StoreServices):
     @cached_property
     def batches(self) -> BatchStore:
         return BatchStore(self.redis, self.keys, self.scripts, self.retention)
@@ -166,6 +140,12 @@ class Services:
         now_ms = server_time_ms(self.redis)
         self.redis.hset(self.keys.workspaces, self.settings.workspace_id, now_ms)
 
+    def close(self) -> None:
+        if "braze" in self.__dict__:
+            self.braze.close()
+        if "liveness" in self.__dict__:
+            self.liveness.stop()
+
     @cached_property
     def braze(self) -> BrazeClient:
         settings = self.settings
@@ -179,30 +159,11 @@ class Services:
         )
 
 
-_lock = threading.Lock()
-_services: dict[int, Services] = {}
-
-
 def services() -> Services:
     """This process's services (threads share them; a forked child builds its own)."""
-    pid = os.getpid()
-    found = _services.get(pid)
-    if found is None:
-        with _lock:
-            found = _services.get(pid)
-            if found is None:
-                _services.clear()
-                found = _services[pid] = Services(get_settings())
-    return found
+    return process_services(Services)
 
 
 def reset_services() -> None:
     """Forget this process's services (tests that change settings call this)."""
-    with _lock:
-        for found in _services.values():
-            if "braze" in found.__dict__:
-                found.braze.close()
-            if "liveness" in found.__dict__:
-                found.liveness.stop()
-        _services.clear()
-    get_settings.cache_clear()
+    forget_services()

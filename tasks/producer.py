@@ -16,7 +16,7 @@ from typing import Any
 
 from core.changes import Change, InvalidChange, parse_change
 from core.errors import InputRefused
-from delivery.services import services
+from stores.services import store_services
 
 
 class ChangesRejected(InputRefused, ValueError):
@@ -68,7 +68,7 @@ def enqueue_change(
             }
         )
     )
-    services().buffer.enqueue([change])
+    store_services().buffer.enqueue([change])
     return change
 
 
@@ -95,4 +95,4 @@ def enqueue_changes(items: Iterable[Mapping[str, Any] | Change]) -> int:
     One Redis round trip per chunk of changes. Raises `ChangesRejected` (listing every bad
     item by index) and enqueues nothing if any item is invalid.
     """
-    return services().buffer.enqueue(validate_changes(items))
+    return store_services().buffer.enqueue(validate_changes(items))

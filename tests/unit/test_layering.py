@@ -92,3 +92,25 @@ def test_the_admin_cli_loads_no_dev_tooling() -> None:
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""
+
+
+# What a producer must never pay for: the HTTP client, the delivery code (poster,
+# coalescer, Braze client), Celery, the CLI and web stacks, dev tooling.
+HEAVY_FOR_A_PRODUCER = {
+    "httpx", "httpcore", "delivery", "celery", "kombu", "billiard", "starlette", "uvicorn",
+    "typer", "rich", "prometheus_client", "flower", "admin", "worker", "simulator", "devtools",
+}
+
+
+def test_the_producer_api_loads_only_what_enqueuing_needs() -> None:
+    """`import tasks.producer` in a fresh interpreter: none of the heavy packages load
+    (bench/import_cost.py prints the time and module counts)."""
+    probe = (
+        "import sys, tasks.producer; "
+        f"heavy = {sorted(HEAVY_FOR_A_PRODUCER)!r}; "
+        "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & set(heavy))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""
