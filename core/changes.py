@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -211,7 +212,11 @@ def parse_occurred_at(value: Any, now: float | None = None) -> int:
     if isinstance(value, bool):
         raise InvalidChange(field, f"must be an RFC 3339 time or epoch seconds, got {_show(value)}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond any float: 10**309 seconds and up
+            where = "before 1970" if value < 0 else "in the future, beyond any time"
+            raise InvalidChange(field, f"lies {where}, got {_show(value)}") from None
     elif isinstance(value, datetime):  # Python producers may pass one (aware)
         if value.tzinfo is None or value.utcoffset() is None:
             raise InvalidChange(field, f"needs a UTC offset (an aware datetime), got {value}")
@@ -475,8 +480,20 @@ def _normalise_email_fully(text: str) -> str:
 
 
 def _show(value: Any, limit: int = 40) -> str:
+    if type(value) is int and value.bit_length() > 64:
+        return _show_big_int(value)
     shown = repr(value)
     return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
+
+
+def _show_big_int(value: int) -> str:
+    """A long integer by its length: its digits say nothing to a reader, and `repr` of one
+    past Python's int/str conversion limit (4,300 digits) raises ValueError."""
+    try:
+        digits = len(str(abs(value)))
+    except ValueError:
+        return f"a number of more than {sys.get_int_max_str_digits():,} digits"
+    return f"a {digits:,}-digit number"
 
 
 def show_value(value: Any) -> str:

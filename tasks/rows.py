@@ -26,6 +26,7 @@ import csv
 import itertools
 import json
 import pickle
+import sys
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,13 @@ _SKIP_BLOCK = 1 << 20
 
 def too_long_message(max_bytes: int = MAX_LINE_BYTES) -> str:
     return f"line longer than {max_bytes:,} bytes (a row takes a few hundred); not read"
+
+
+def record_too_long_message(max_bytes: int = MAX_LINE_BYTES) -> str:
+    return (
+        f"record longer than {max_bytes:,} bytes (a row takes a few hundred; "
+        "a quote left open?); not read"
+    )
 
 
 def bounded_lines(handle: IO[bytes], max_bytes: int = MAX_LINE_BYTES) -> Iterator[bytes | None]:
@@ -365,6 +373,13 @@ def _json_object(text: str) -> Row | InvalidRow:
         return InvalidRow(f"line is not a JSON object: {exc.msg} at column {exc.colno}")
     except RecursionError:
         return InvalidRow("line is not a JSON object: nested too deeply")
+    except ValueError:
+        # The only other ValueError of the JSON reader: an integer longer than Python's
+        # int/str conversion limit (sys.get_int_max_str_digits(), 4,300 digits).
+        return InvalidRow(
+            "line is not a JSON object: a number with more than "
+            f"{sys.get_int_max_str_digits():,} digits"
+        )
     if not isinstance(value, dict):
         return InvalidRow(f"line is not a JSON object: found {_json_type(value)}")
     return value
@@ -387,34 +402,71 @@ def _json_type(value: Any) -> str:
 # --------------------------------------------------------------------------------------
 
 
+class _RecordTooLong(Exception):
+    """Raised through `csv.reader` when a record's lines pass `MAX_LINE_BYTES` together."""
+
+
 class _DecodedLines:
     """Feeds `csv.reader` decoded lines and remembers the first undecodable one.
 
     A bad line is decoded with replacement characters so the CSV parser stays in step;
     the record that contains it is then reported instead of parsed.
+
+    A record (`start_record` marks where one begins) is capped in bytes as a line is: a
+    quoted field may span lines, and a quote left open would otherwise make the parser
+    hold the rest of the file as one record (its field size limit bounds one field, not
+    the number of fields). Past the cap, the record's remaining lines are skipped unread
+    up to the line that closes its quote, and `_RecordTooLong` is raised through the
+    parser, which starts afresh at its next call. Where the quote closes is found by the
+    parity of the quote characters since the record began: in a CSV quoted field a
+    literal quote is doubled, so the count is odd exactly while a field is open.
     """
 
     def __init__(self, lines: Iterator[tuple[int, bytes | None]]) -> None:
         self._lines = lines
         self.problem: tuple[int, str] | None = None
         self.bytes_read = 0
+        self.line = 0  # the last physical line handed out (or skipped)
+        self._record_bytes = 0
+        self._quotes = 0
+
+    def start_record(self) -> None:
+        self._record_bytes = 0
+        self._quotes = 0
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
         number, raw = next(self._lines)
+        self.line = number
         if raw is None:  # too long: the parser sees an empty line, the record is bad
             if self.problem is None:
                 self.problem = (number, too_long_message())
             return "\n"
         self.bytes_read += len(raw)
+        self._record_bytes += len(raw)
+        self._quotes += raw.count(b'"')
+        if self._record_bytes > MAX_LINE_BYTES:
+            self._skip_rest_of_record()
+            raise _RecordTooLong
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             if self.problem is None:
                 self.problem = (number, _utf8_problem(exc))
             return raw.decode("utf-8", "replace")
+
+    def _skip_rest_of_record(self) -> None:
+        while self._quotes % 2:
+            try:
+                number, raw = next(self._lines)
+            except StopIteration:
+                return
+            self.line = number
+            if raw is not None:  # a line too long to read: its quotes are not counted
+                self.bytes_read += len(raw)
+                self._quotes += raw.count(b'"')
 
     def take_problem(self, start: int) -> str | None:
         """The decoding problem of the record starting at `start`, if any; then reset."""
@@ -463,17 +515,23 @@ class _CsvRecords:
             reader = csv.reader(source)
             self.columns = _csv_header(self._path, reader, source)
             while True:
-                start = reader.line_num + 1
+                source.start_record()
+                start = source.line + 1
                 try:
                     cells = next(reader)
                 except StopIteration:
                     return
+                except _RecordTooLong:
+                    self.line_num = source.line
+                    source.take_problem(start)
+                    yield start, InvalidRow(record_too_long_message())
+                    continue
                 except csv.Error as exc:
-                    self.line_num = reader.line_num
+                    self.line_num = source.line
                     source.take_problem(start)
                     yield start, InvalidRow(f"malformed CSV: {exc}")
                     continue
-                self.line_num = reader.line_num
+                self.line_num = source.line
                 problem = source.take_problem(start)
                 yield start, cells if problem is None else InvalidRow(problem)
 
@@ -526,6 +584,8 @@ def _csv_header(path: Path, reader: Iterator[list[str]], source: _DecodedLines) 
         raise ImportFileError(f"{path}: empty file; expected a header line") from None
     except csv.Error as exc:
         raise ImportFileError(f"{path}: malformed CSV header: {exc}") from None
+    except _RecordTooLong:
+        raise ImportFileError(f"{path}: header {record_too_long_message()}") from None
     problem = source.take_problem(1)
     if problem is not None:
         raise ImportFileError(f"{path}: header {problem}")

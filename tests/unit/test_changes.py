@@ -429,6 +429,12 @@ def test_occurred_at_values(raw: Any, expected_ms: int) -> None:
         (NOW + MAX_FUTURE_SECONDS + 1, "more than 5 minutes in the future"),
         ("2026-11-29T06:00:00Z", "more than 5 minutes in the future"),
         (NOW * 1000, "(milliseconds? give seconds)"),
+        # Issue 21 item 7: integers no float can hold, and past the int/str limit.
+        pytest.param(10**400, "in the future, beyond any time, got a 401-digit number", id="1e400"),
+        pytest.param(-(10**400), "before 1970, got a 401-digit number", id="-1e400"),
+        pytest.param(10**5000, "got a number of more than 4,300 digits", id="1e5000"),
+        ("9" * 400, "must be a finite time"),
+        ("9" * 5000, "must be a finite time"),
     ],
 )
 def test_occurred_at_refused(raw: Any, fragment: str) -> None:
@@ -437,6 +443,16 @@ def test_occurred_at_refused(raw: Any, fragment: str) -> None:
     assert caught.value.field == "occurred_at"
     assert fragment in caught.value.message
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "field", ["delay_seconds", "use_double_opt_in_logic", "respect_opt_out", "source"]
+)
+def test_an_integer_past_the_int_str_limit_is_refused_by_its_length(field: str) -> None:
+    with pytest.raises(InvalidChange) as caught:
+        parse_change(row(external_id="u", **{field: 10**5000}), now=NOW)
+    assert caught.value.field == field
+    assert len(str(caught.value)) < 200
 
 
 @pytest.mark.parametrize("blank", [None, "", "   "])

@@ -182,6 +182,77 @@ def test_csv_crlf_and_invalid_utf8(tmp_path: Path) -> None:
     assert items[6].value == "u5"
 
 
+@pytest.mark.parametrize("digits", [400, 4301, 5000])
+def test_a_huge_integer_is_a_bad_row(tmp_path: Path, digits: int) -> None:
+    """Issue 21 item 7: past 4,300 digits the JSON reader itself refuses the number."""
+    huge = "9" * digits
+    good = jsonl({**GOOD, "external_id": "u2"})
+    path = write(
+        tmp_path,
+        "n.jsonl",
+        '{"subscription_group_id": "g", "subscription_state": '
+        f'"subscribed", "external_id": "u1", "occurred_at": {huge}}}\n' + good,
+    )
+    csv_path = write(
+        tmp_path,
+        "n.csv",
+        f"{HEADER[:-1]},occurred_at\ng,subscribed,u1,,,{huge}\ng,subscribed,u2,,,\n",
+    )
+    for file in (path, csv_path):
+        items = dict(iter_changes(file))
+        assert isinstance(items[2 if file.suffix == ".csv" else 1], RowError), items
+        assert isinstance(items[3 if file.suffix == ".csv" else 2], Change)
+        assert [r.valid for r in checked_chunks(file)] == [1]
+    (error,) = errors_by_line(path).values()
+    if digits > 4300:
+        assert error.message == "line is not a JSON object: a number with more than 4,300 digits"
+    else:
+        assert (error.field, error.message) == (
+            "occurred_at",
+            "lies in the future, beyond any time, got a 400-digit number",
+        )
+
+
+def test_a_csv_record_spanning_lines_is_capped_in_bytes_as_a_line_is(tmp_path: Path) -> None:
+    """Issue 21 item 7: a quote left open makes one record of the rest of the file, short
+    lines each; the record is refused at MAX_LINE_BYTES and reading goes on after its end."""
+    from tasks.rows import MAX_LINE_BYTES
+
+    open_quote = 'g,subscribed,"u1\n' + 'x","y\n' * (MAX_LINE_BYTES // 3) + 'end"\n'
+    content = HEADER + open_quote + "g,subscribed,u2,,\n"
+    path = write(tmp_path, "q.csv", content)
+    items = list(iter_changes(path))
+    after = 2 + 1 + MAX_LINE_BYTES // 3 + 1
+    assert [line for line, _ in items] == [2, after]
+    error = items[0][1]
+    assert isinstance(error, RowError)
+    assert error.message.startswith(f"record longer than {MAX_LINE_BYTES:,} bytes")
+    assert isinstance(items[1][1], Change) and items[1][1].value == "u2"
+    results = list(checked_chunks(path, chunk_lines=1000))
+    assert [e.line for r in results for e in r.errors] == [2]
+    assert sum(r.valid for r in results) == 1
+    assert results[-1].last_line == after
+
+
+def test_a_quoted_csv_record_of_many_short_lines_keeps_memory_flat(tmp_path: Path) -> None:
+    """~20 MB of short lines inside one open quote: validated in bounded memory."""
+    path = tmp_path / "open.csv"
+    with open(path, "w") as handle:
+        handle.write(HEADER + 'g,subscribed,"u1\n')
+        block = 'x","y\n' * 10_000
+        for _ in range(300):
+            handle.write(block)
+    size = path.stat().st_size
+    assert size > 10 * PEAK_LIMIT
+
+    def consume() -> int:
+        return sum(len(r.errors) for r in checked_chunks(path, chunk_lines=1000))
+
+    errors, peak = peak_while(consume)
+    assert errors == 1
+    assert peak < 3 * PEAK_LIMIT, f"peak {peak} bytes while validating a {size}-byte file"
+
+
 def test_csv_extra_column_is_passed_through(tmp_path: Path) -> None:
     content = HEADER.replace("\n", ",note\n") + "g,subscribed,u,,,hello\n" + "g,subscribed,u,,,\n"
     items = dict(iter_changes(write(tmp_path, "c.csv", content)))
