@@ -14,7 +14,7 @@ from stores import durability, fleet
 from stores.clock import server_time_ms
 from stores.keys import Keys
 from stores.limiter import RateLimiter
-from stores.refusals import Refusals
+from stores.refusals import Refusals, key_refusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +135,14 @@ def read_status(
     counters = {name.decode(): int(value) for name, value in stats.items()}
     minute = metrics.last_minute(client, keys, now_ms)
     budget = limiter.state() if limiter is not None else None
+    # The deployment's credentials circuit, whatever key (if any) this reader holds: a
+    # working key seen by any worker clears it for every reader.
+    refused_key = key_refusal(client, keys)
     found = fleet.read_fleet(client, keys, now_ms)
     paused_until = budget.paused_until_ms if budget else None
+    pause_reason = budget.pause_reason if budget else None
+    if refused_key and paused_until is None:  # posting waits for the refused key's probe
+        paused_until, pause_reason = refused_key.probe_at_ms, refused_key.reason
     return Status(
         pending=int(pending),
         due_now=int(due_now),
@@ -156,13 +162,11 @@ def read_status(
         beyond_retention=counters.get("beyond_retention", 0),
         erased=counters.get("erased", 0),
         tokens_left=budget.tokens_left if budget else None,
-        paused=(paused_until is not None) if budget else None,
+        paused=(paused_until is not None) if budget or refused_key else None,
         paused_until=round(paused_until / 1000, 3) if paused_until else None,
-        pause_reason=budget.pause_reason if budget else None,
-        credentials_refused=budget.circuit if budget else None,
-        credentials_refused_since=(
-            round(budget.circuit_since_ms / 1000, 3) if budget and budget.circuit_since_ms else None
-        ),
+        pause_reason=pause_reason,
+        credentials_refused=(refused_key.reason or "refused") if refused_key else None,
+        credentials_refused_since=round(refused_key.since_ms / 1000, 3) if refused_key else None,
         requests_last_minute=minute.requests,
         identifiers_last_minute=minute.identifiers,
         throttled_last_minute=minute.throttled,

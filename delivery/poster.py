@@ -219,10 +219,20 @@ class Poster:
         report = self._settle(records, token, report, reply, result)
         # The report is the task's result, which Flower shows: identifiers masked.
         report = replace(report, detail=masked_detail(report.detail, records))
-        if grant.probe and result.outcome is Outcome.DELIVERED and self.limiter.close_circuit():
+        # A key works: the refused key's probe, or the key deployed since (a rotation, told
+        # by the grant while the circuit names another key). Closed for every worker and
+        # reader, then every batch that waited for the key is due now (a crash in between
+        # leaves them due at their probe time, as before).
+        if (
+            grant.tests_the_key
+            and result.outcome is Outcome.DELIVERED
+            and self.limiter.close_circuit()
+        ):
             released = self.store.release_waiting(WaitReason.CREDENTIALS)
             logger.warning(
-                "credentials accepted again: posting resumes (%d batches due now)", released
+                "credentials accepted %s: posting resumes (%d batches due now)",
+                "again" if grant.probe else "with the key deployed since",
+                released,
             )
         self._log(records, report)
         return report
@@ -236,10 +246,10 @@ class Poster:
         if not grant.granted:
             jitter = self.rng.uniform(0, max(0.05, grant.wait_seconds / 2))
             wait = grant.wait_seconds + jitter
-            state = self.limiter.state()
-            reason = WaitReason.PAUSED if state.paused_until_ms else WaitReason.BUDGET
-            if state.circuit:
-                reason = WaitReason.CREDENTIALS
+            reason = {
+                "paused": WaitReason.PAUSED,
+                "credentials": WaitReason.CREDENTIALS,
+            }.get(grant.waits_for, WaitReason.BUDGET)
             why = {
                 WaitReason.PAUSED: "posting paused after a 429",
                 WaitReason.CREDENTIALS: "the API key is refused: waiting for the next probe",
@@ -248,8 +258,19 @@ class Poster:
         if not self.liveness.wait(grant.wait_seconds):
             return self._hand_back(records, token, report)
         # A turn reserved before another worker hit a 429 must not go into the exhausted
-        # window: the pause wins over the reservation (a probe is the pause's exception).
-        paused = 0.0 if grant.probe else self.limiter.paused_for()
+        # window, nor one reserved before Braze refused this key go out with it: the pause
+        # wins over the reservation (a probe is the pause's exception).
+        paused, why = (0.0, "") if grant.probe else self.limiter.pause_after_turn()
+        if why == "credentials":
+            wait = paused + self.rng.uniform(0, max(paused / 4, 0.5))
+            return self._waiting(
+                records,
+                token,
+                report,
+                wait,
+                WaitReason.CREDENTIALS,
+                "the API key is refused: waiting for the next probe",
+            )
         if paused > 0:
             wait = paused + self.rng.uniform(0, 0.5)
             return self._waiting(

@@ -100,6 +100,8 @@ class Services(StoreServices):
             max_wait_seconds=settings.token_wait_max_seconds,
             probe_interval_seconds=settings.credentials_probe_seconds,
             scripts=self.scripts,
+            credentials_key=self.keys.credentials,
+            workspace=workspace_id,
         )
 
     @cached_property

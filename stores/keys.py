@@ -191,6 +191,13 @@ class Keys:
         return self._key(f"refused-half:{batch_id}")
 
     @property
+    def credentials(self) -> str:
+        """HASH the deployment's credentials circuit (circuit.lua): the workspace id of the
+        key Braze refuses (host + a hash of the key, never the key), why, since when, its
+        next probe. Absent while no key is refused; any working key deletes it."""
+        return self._key("credentials")
+
+    @property
     def workspaces(self) -> str:
         """HASH workspace id -> last time (ms) a worker posting for it started: lets `status`
         find the budget without the API key."""

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from redis import Redis
 
 from core.outcome import RateLimit
-from stores.clock import exact_ms, server_time_exact_ms
+from stores.clock import exact_ms
+from stores.refusals import KEY_REFUSAL_FIELDS, KeyRefusal
 from stores.scripts import Scripts
 
 
@@ -72,15 +73,27 @@ class Grant:
     wait_seconds: float  # granted: sleep this long, then send; else: try again after it
     send_at_ms: float | None = None  # granted: the reserved send time, Redis clock
     probe: bool = False  # granted as the one probe of an open credentials circuit
+    # granted while the circuit names another key: a success with this one closes it
+    check: bool = False
+    waits_for: str = ""  # not granted: "paused" (a 429), "credentials", "budget"
+
+    @property
+    def tests_the_key(self) -> bool:
+        """A success of this request tells that a refused key works again (the probe) or
+        that the key now deployed works (a rotation): either closes the circuit."""
+        return self.probe or self.check
 
 
 @dataclass(frozen=True, slots=True)
 class LimiterState:
     tokens_left: int  # requests that could go at once right now
-    paused_until_ms: float | None
+    paused_until_ms: float | None  # after a 429
     pause_reason: str | None
-    circuit: str | None = None  # why posting stopped (credentials), while it is stopped
+    # The deployment's credentials circuit (whichever key it names): why posting stopped,
+    # since when; None while no key is refused.
+    circuit: str | None = None
     circuit_since_ms: float | None = None
+    circuit_here: bool = False  # the refused key is this budget's
 
 
 class RateLimiter:
@@ -93,9 +106,16 @@ class RateLimiter:
         max_wait_seconds: float,
         probe_interval_seconds: float = 60.0,
         scripts: Scripts | None = None,
+        credentials_key: str | None = None,
+        workspace: str | None = None,
     ) -> None:
+        """`credentials_key`: the deployment's credentials circuit (`Keys.credentials`);
+        `workspace`: the id of the key this budget spends for (both default to names
+        private to `key`, for budgets that never see a refused key)."""
         self.client = client
         self.key = key
+        self.credentials_key = credentials_key or f"{key}:credentials"
+        self.workspace = workspace or key
         self.budget = budget
         self.max_wait_ms = max_wait_seconds * 1000
         self.probe_interval_ms = round(probe_interval_seconds * 1000)
@@ -104,32 +124,40 @@ class RateLimiter:
     def acquire(self) -> Grant:
         """Reserve one request. Granted only if its turn comes within `max_wait_seconds`."""
         budget = self.budget
-        granted, wait_ms, send_at, probe = self.scripts.acquire_token(
-            keys=[self.key],
+        granted, wait_ms, send_at, mark, why = self.scripts.acquire_token(
+            keys=[self.key, self.credentials_key],
             args=[
                 budget.interval_ms,
                 budget.tolerance_ms,
                 self.max_wait_ms,
                 round(budget.window_ms * 2),
                 self.probe_interval_ms,
+                self.workspace,
             ],
         )
+        mark = mark.decode() if isinstance(mark, bytes) else mark
         return Grant(
             bool(int(granted)),
             int(wait_ms) / 1000,
             float(send_at) if send_at else None,
-            probe=bool(probe),
+            probe=mark == "probe",
+            check=mark == "check",
+            waits_for=why.decode() if isinstance(why, bytes) else why,
         )
 
     def open_circuit(self, reason: str) -> bool:
-        """Stop posting everywhere (the key is refused); probe again every interval."""
+        """Braze refused this budget's key: every worker holding it stops, but for one probe
+        per interval; every reader sees it (circuit.lua)."""
         return bool(
-            self.scripts.circuit(keys=[self.key], args=["open", reason, self.probe_interval_ms])
+            self.scripts.circuit(
+                keys=[self.credentials_key],
+                args=["open", reason, self.probe_interval_ms, self.workspace],
+            )
         )
 
     def close_circuit(self) -> bool:
-        """A probe got through: posting resumes everywhere."""
-        return bool(self.scripts.circuit(keys=[self.key], args=["close", "", 0]))
+        """A key works (the probe, or the key deployed since): posting resumes everywhere."""
+        return bool(self.scripts.circuit(keys=[self.credentials_key], args=["close", "", 0, ""]))
 
     def _observe(self, remaining: int, reset_epoch: float, mode: str, reason: str) -> bool:
         budget = self.budget
@@ -161,10 +189,23 @@ class RateLimiter:
 
     def paused_for(self) -> float:
         """Seconds left of a pause every worker must respect now (0 if none)."""
-        paused = self.client.hget(self.key, "paused_until")
-        if not paused:
-            return 0.0
-        return max(0.0, (float(paused) - server_time_exact_ms(self.client)) / 1000)
+        return self.pause_after_turn()[0]
+
+    def pause_after_turn(self) -> tuple[float, str]:
+        """Seconds left of a pause every worker must respect now, and why: "paused" (a
+        429), "credentials" (this budget's key is refused: its next probe), or (0, "")."""
+        pipe = self.client.pipeline(transaction=True)  # one round trip, one instant
+        pipe.time()
+        pipe.hget(self.key, "paused_until")
+        pipe.hmget(self.credentials_key, KEY_REFUSAL_FIELDS)
+        clock, paused, refusal_fields = pipe.execute()
+        now = exact_ms(clock)
+        refusal = KeyRefusal.from_fields(refusal_fields)
+        if paused and float(paused) > now:
+            return (float(paused) - now) / 1000, "paused"
+        if refusal is not None and refusal.workspace == self.workspace:
+            return max(0.0, (refusal.probe_at_ms - now) / 1000), "credentials"
+        return 0.0, ""
 
     def committed_ahead_ms(self, now_ms: float) -> float:
         """How far into the future the shared budget is already promised at `now_ms` (Redis
@@ -180,17 +221,21 @@ class RateLimiter:
     def state(self) -> LimiterState:
         pipe = self.client.pipeline(transaction=True)  # one round trip, one instant
         pipe.time()
-        pipe.hmget(self.key, "tat", "paused_until", "pause_reason", "circuit", "circuit_since")
-        clock, (tat, paused, reason, circuit, since) = pipe.execute()
+        pipe.hmget(self.key, "tat", "paused_until", "pause_reason")
+        pipe.hmget(self.credentials_key, KEY_REFUSAL_FIELDS)
+        clock, (tat, paused, reason), refusal_fields = pipe.execute()
+        refusal = KeyRefusal.from_fields(refusal_fields)
+        here = refusal is not None and refusal.workspace == self.workspace
         now = exact_ms(clock)  # the scripts' precision, not whole ms
         budget = self.budget
         ahead = max(float(tat or 0) - now, 0.0)  # how far the budget is spent into the future
         free = math.floor((budget.tolerance_ms - ahead) / budget.interval_ms + 1e-6) + 1
         paused_ms = float(paused) if paused and float(paused) > now else None
         return LimiterState(
-            tokens_left=0 if paused_ms else max(0, min(budget.burst, free)),
+            tokens_left=0 if paused_ms or here else max(0, min(budget.burst, free)),
             paused_until_ms=paused_ms,
             pause_reason=reason.decode() if paused_ms and reason else None,
-            circuit=circuit.decode() if circuit else None,
-            circuit_since_ms=float(since) if circuit and since else None,
+            circuit=(refusal.reason or "refused") if refusal else None,
+            circuit_since_ms=refusal.since_ms if refusal else None,
+            circuit_here=here,
         )

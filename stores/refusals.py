@@ -1,4 +1,6 @@
-"""Groups Braze refused as a whole, and the halves of a split waiting for their sibling.
+"""What Braze refuses: groups refused as a whole, the halves of a split waiting for their
+sibling, and the API key (the credentials circuit, read here; opened and closed by the
+budget's `circuit.lua`).
 
 A *refusal* names a group + state + identifier kind whose batch Braze refused entirely (see
 `core.refusal`). While it stands (`GROUP_REFUSAL_SECONDS`), a batch for it is dead-lettered
@@ -46,6 +48,39 @@ class Refusal:
             since_ms=int(data["since"]),
             until_ms=int(data["until"]),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRefusal:
+    """The deployment's credentials circuit while it is open: Braze refuses the key of
+    `workspace` (endpoint host + a hash of the key). Not the view of one process: any
+    worker's success with a working key ends it for every reader."""
+
+    workspace: str
+    reason: str
+    since_ms: float
+    probe_at_ms: float  # the refused key's next probe
+
+    @classmethod
+    def from_fields(cls, fields: list[bytes | None]) -> KeyRefusal | None:
+        """From HMGET of `KEY_REFUSAL_FIELDS`; None while no key is refused."""
+        workspace, reason, since, probe_at = fields
+        if workspace is None:
+            return None
+        return cls(
+            workspace=workspace.decode(),
+            reason=(reason or b"").decode(),
+            since_ms=float(since or 0),
+            probe_at_ms=float(probe_at or 0),
+        )
+
+
+KEY_REFUSAL_FIELDS = ("workspace", "reason", "since", "probe_at")  # circuit.lua's names
+
+
+def key_refusal(client: Redis, keys: Keys) -> KeyRefusal | None:
+    """Whether Braze refuses the deployment's key now, whoever asks."""
+    return KeyRefusal.from_fields(client.hmget(keys.credentials, KEY_REFUSAL_FIELDS))
 
 
 class Refusals:

@@ -106,10 +106,11 @@ def _coalesce_at_start(**_: Any) -> None:
     after a deploy or a restart, changes already waiting do not wait for the schedule.
 
     Batches that waited for the next probe of a refused key go at once too, unless this
-    worker's key is refused as well: after the runbook's key rotation (a working key
-    deployed, workers restarted) the backlog goes out within seconds, not a probe later."""
+    worker's key is the refused one: after the runbook's key rotation (a working key
+    deployed, workers restarted) the backlog goes out within seconds, not a probe later,
+    and the first success with the new key closes the circuit for every reader."""
     found = services()
-    if not found.limiter.state().circuit:
+    if not found.limiter.state().circuit_here:
         released = found.batches.release_waiting(WaitReason.CREDENTIALS)
         if released:
             logger.warning(

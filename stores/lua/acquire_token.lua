@@ -1,32 +1,45 @@
 -- acquire_token.lua: reserve one request from the workspace's shared rate budget.
 --
--- KEYS[1] limiter  HASH  "tat" -> theoretical arrival time (ms): the budget is spent up to
---                        here; "paused_until" (ms) and "pause_reason" after a 429 or a
---                        credentials failure
+-- KEYS[1] limiter      HASH  "tat" -> theoretical arrival time (ms): the budget is spent up
+--                            to here; "paused_until" (ms) and "pause_reason" after a 429
+-- KEYS[2] credentials  HASH  the deployment's credentials circuit (circuit.lua): which
+--                            key's workspace Braze refuses, and its next probe ("probe_at")
 -- ARGV[1] interval (ms between requests at the sustained rate)
 -- ARGV[2] tolerance (ms: burst - 1 intervals)   ARGV[3] longest wait worth reserving (ms)
 -- ARGV[4] expiry of the key when idle (ms)   ARGV[5] credentials probe interval (ms)
+-- ARGV[6] this budget's workspace id (endpoint host + a hash of the key)
 --
 -- A generic cell rate algorithm with reservations: the caller that is granted a request
 -- is told how long to wait before sending it, so nobody spins or polls. Sends granted this
 -- way satisfy: in any interval of length W there are at most burst + W / interval of them,
 -- which the limiter sizes to stay under Braze's limit for every sliding window. Every
 -- worker process and both API versions share the key, and the clock is Redis's.
--- While the credentials circuit is open (circuit.lua), nothing is granted but one probe per
--- probe interval: the first caller after the pause ends, and the pause is pushed on at once.
--- Returns {1, wait ms, send time ms, "probe" | ""} (granted: send after the wait) or
--- {0, wait ms, "", ""} (not granted: the wait was longer than ARGV[3], or posting is
--- paused; nothing reserved).
+-- While the credentials circuit names this workspace's key, nothing is granted but one
+-- probe per probe interval: the first caller after "probe_at", which is pushed on at once.
+-- While it names another key, requests are granted as usual and marked "check": this key
+-- may work (a rotation), and its first success closes the circuit for everyone.
+-- Returns {1, wait ms, send time ms, "probe" | "check" | "", ""} (granted: send after the
+-- wait) or {0, wait ms, "", "", why} (not granted, nothing reserved; why: "paused" after a
+-- 429, "credentials" for the next probe, "budget" when the turn is further than ARGV[3]).
 local now = now_ms_exact()
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local paused = tonumber(redis.call('HGET', KEYS[1], 'paused_until') or '0')
 if paused > now then
-  return {0, math.ceil(paused - now), '', ''}
+  return {0, math.ceil(paused - now), '', '', 'paused'}
 end
-if redis.call('HEXISTS', KEYS[1], 'circuit') == 1 then
-  redis.call('HSET', KEYS[1], 'paused_until', string.format('%.3f', now + tonumber(ARGV[5])))
-  return {1, 0, string.format('%.3f', now), 'probe'}
+local refused = redis.call('HMGET', KEYS[2], 'workspace', 'probe_at')
+local check = ''
+if refused[1] then
+  if refused[1] == ARGV[6] then
+    local probe_at = tonumber(refused[2] or '0')
+    if probe_at > now then
+      return {0, math.ceil(probe_at - now), '', '', 'credentials'}
+    end
+    redis.call('HSET', KEYS[2], 'probe_at', string.format('%.3f', now + tonumber(ARGV[5])))
+    return {1, 0, string.format('%.3f', now), 'probe', ''}
+  end
+  check = 'check'
 end
 local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or '0')
 if tat < now then
@@ -37,8 +50,8 @@ if wait < 0 then
   wait = 0
 end
 if wait > tonumber(ARGV[3]) then
-  return {0, math.ceil(wait), '', ''}
+  return {0, math.ceil(wait), '', '', 'budget'}
 end
 redis.call('HSET', KEYS[1], 'tat', string.format('%.3f', tat + interval))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {1, math.ceil(wait), string.format('%.3f', now + wait), ''}
+return {1, math.ceil(wait), string.format('%.3f', now + wait), check, ''}

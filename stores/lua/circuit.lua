@@ -1,28 +1,29 @@
--- circuit.lua: open or close the credentials circuit of a workspace's budget.
+-- circuit.lua: open or close the deployment's credentials circuit (Braze refuses the key).
 --
--- KEYS[1] limiter  HASH  "circuit" -> why posting stopped (HTTP 401/403/404 and Braze's
---                        message), "circuit_since" (ms), "paused_until" (ms: the next
---                        probe) and "pause_reason", shared with acquire_token.lua
+-- KEYS[1] credentials  HASH  "workspace" -> the workspace id of the key Braze refused
+--                            (endpoint host + a hash of the key: never the key), "reason"
+--                            (HTTP 401/403/404 and Braze's message), "since" (ms: the first
+--                            refusal) and "probe_at" (ms: when that key may probe again);
+--                            read by acquire_token.lua, status and the exporter
 -- ARGV[1] "open" | "close"   ARGV[2] reason (open)   ARGV[3] probe interval (ms, open)
+-- ARGV[4] the workspace id of the key that was refused (open)
 --
--- Guarantees: while the circuit is open no worker posts, except one probe per interval
--- (acquire_token.lua grants it); the first opening's time is kept across re-openings, so
--- status can say since when. Closing removes the pause with the circuit. The key does not
--- expire while the circuit is open. Returns 1 if the state changed, else 0.
+-- Guarantees: the state belongs to the deployment's key in Redis, not to the process that
+-- saw the refusal: while it is open no worker holding the refused key posts, except one
+-- probe per interval (acquire_token.lua grants it), and every reader (status, the exporter,
+-- whatever key it holds) sees it. Any working key closes it for everyone: a success with
+-- the refused key (its probe) or with another one (a rotation). The first refusal's time
+-- is kept across re-openings, so status can say since when. The key never expires.
+-- Returns 1 if the state changed (opened or closed), else 0.
 local now = now_ms()
 if ARGV[1] == 'open' then
   local changed = 0
-  if redis.call('HEXISTS', KEYS[1], 'circuit') == 0 then
-    redis.call('HSET', KEYS[1], 'circuit_since', now)
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    redis.call('HSET', KEYS[1], 'since', now)
     changed = 1
   end
-  redis.call('HSET', KEYS[1], 'circuit', ARGV[2], 'pause_reason', ARGV[2],
-    'paused_until', string.format('%.3f', now + tonumber(ARGV[3])))
-  redis.call('PERSIST', KEYS[1])
+  redis.call('HSET', KEYS[1], 'workspace', ARGV[4], 'reason', ARGV[2],
+    'probe_at', string.format('%.3f', now + tonumber(ARGV[3])))
   return changed
 end
-if redis.call('HEXISTS', KEYS[1], 'circuit') == 1 then
-  redis.call('HDEL', KEYS[1], 'circuit', 'circuit_since', 'paused_until', 'pause_reason')
-  return 1
-end
-return 0
+return redis.call('DEL', KEYS[1])

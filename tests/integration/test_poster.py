@@ -272,7 +272,7 @@ def test_revoked_key_is_retried_without_spending_an_attempt(sim, poster, redis_c
     faults(sim, api_keys=["other", "sim-key"])
     assert redis_client.hget(services().keys.schedule_reasons, batch_id) == b"credentials"
     # The next probe is due (a probe interval later): it delivers, and posting resumes.
-    redis_client.hset(services().limiter.key, "paused_until", 0)
+    redis_client.hset(services().keys.credentials, "probe_at", 0)
     come_due(batch_id)
     report = poster.post(batch_id)
     assert (report.status, report.attempt) == ("delivered", 1)
@@ -440,6 +440,8 @@ def test_a_refused_key_stops_every_worker_until_a_probe_gets_through(sim, redis_
         found.limiter.budget,
         max_wait_seconds=2,
         probe_interval_seconds=settings.credentials_probe_seconds,
+        credentials_key=found.keys.credentials,
+        workspace=found.settings.workspace_id,
     )
     poster = Poster(
         settings,
@@ -487,6 +489,75 @@ def test_a_refused_key_stops_every_worker_until_a_probe_gets_through(sim, redis_
         assert poster.post(second).status == "delivered"
     assert DeadLetters(redis_client, found.keys).list() == []
     assert read_status(redis_client, found.keys, limiter).credentials_refused is None
+
+
+def test_a_working_key_seen_by_any_worker_clears_the_refusal_for_every_reader(sim, redis_client):
+    """Issue 27: the credentials state belonged to the budget of the key that saw the 401,
+    so after a rotation the exporter, beat and `status` holding the old key kept saying
+    posting was stopped. Now it is the deployment's: a success with another key closes it
+    for every reader, and every batch that waited for the key is due at once."""
+    from delivery.services import Services
+
+    new = services()  # this process holds the key the simulator accepts
+    old = Services(load_settings(braze_api_key="the-old-key"))
+    try:
+        faults(sim, api_keys=["sim-key"])
+        old_poster = old.poster()
+        first, second = email_batch([email(1)]), email_batch([email(2)], "unsubscribed")
+        assert old_poster.post(first).http_status == 401
+        assert old_poster.post(second).status == "waiting"  # not sent: the key is refused
+        assert sim_stats(sim)["unauthorized"] == 1
+        reasons = redis_client.hgetall(new.keys.schedule_reasons)
+        assert {r.decode() for r in reasons.values()} == {"credentials"}
+
+        readers = {"old key": old.limiter, "new key": new.limiter, "no key": None}
+        for name, limiter in readers.items():
+            refused = read_status(redis_client, new.keys, limiter).credentials_refused
+            assert refused and "401" in refused, name
+        assert old.limiter.state().circuit_here and not new.limiter.state().circuit_here
+
+        # A worker with the new key posts another batch: its success closes the circuit.
+        third = email_batch([email(3)])
+        assert new.poster().post(third).status == "delivered"
+        for name, limiter in readers.items():
+            status = read_status(redis_client, new.keys, limiter)
+            assert status.credentials_refused is None, name
+            assert not status.paused, name
+        assert redis_client.exists(new.keys.credentials) == 0
+        # Both waiting batches are due now, not a probe interval later.
+        assert sorted(new.batches.dispatch_due(10, 120_000)) == sorted([first, second])
+        for batch_id in (first, second):
+            assert new.poster().post(batch_id).status == "delivered"
+        # The old key is no longer fenced off: it would be tried (and refused) again.
+        grant = old.limiter.acquire()
+        assert grant.granted and not grant.probe and not grant.check
+    finally:
+        if "braze" in old.__dict__:
+            old.braze.close()
+        if "liveness" in old.__dict__:
+            old.liveness.stop()
+
+
+def test_a_turn_reserved_before_the_key_was_refused_waits_for_the_key(
+    sim, redis_client, monkeypatch
+):
+    """A worker granted a turn before another worker saw the 401 does not send with the
+    refused key after its wait, and its batch waits labelled for the key (not "paused
+    after a 429")."""
+    found = services()
+    poster = found.poster()
+    batch_id = email_batch([email(1)])
+    real_wait = found.liveness.wait
+
+    def wait_while_another_worker_sees_a_401(seconds: float) -> bool:
+        found.limiter.open_circuit("HTTP 401: Invalid API key")
+        return real_wait(seconds)
+
+    monkeypatch.setattr(found.liveness, "wait", wait_while_another_worker_sees_a_401)
+    report = poster.post(batch_id)
+    assert report.status == "waiting"
+    assert sim_stats(sim)["requests_total"] == 0
+    assert redis_client.hget(found.keys.schedule_reasons, batch_id) == b"credentials"
 
 
 # --------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ exporter's metrics: tests/integration/test_operations_files.py."""
 from __future__ import annotations
 
 import copy
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -150,3 +151,46 @@ def test_wheels_are_not_tracked_by_git():
         timeout=30,
     )
     assert done.returncode == 0, "wheels/ is not in .gitignore"
+
+
+def rotation_row(where: str) -> list[str]:
+    """The cells of README's key-rotation table row for `where` (compose, Kubernetes)."""
+    readme = (ROOT / "README.md").read_text()
+    [row] = [line for line in readme.splitlines() if line.startswith(f"| {where} |")]
+    return [cell.strip() for cell in row.strip("|").split(" | ")]
+
+
+def holds_the_key(container: dict[str, Any]) -> bool:
+    named = [item.get("name") for item in container.get("env", [])]
+    from_secret = [ref for ref in container.get("envFrom", []) if "secretRef" in ref]
+    return "BRAZE_API_KEY" in named or bool(from_secret)
+
+
+def test_the_rotation_runbook_restarts_every_deployment_holding_the_key():
+    """Issue 27: the runbook said "restart the workers" while the exporter held the key
+    too. The Kubernetes row names, and its rollout restarts, exactly those Deployments."""
+    holding = {
+        name
+        for (kind, name), doc in manifests().items()
+        if kind in ("Deployment", "StatefulSet")
+        and any(holds_the_key(c) for c in doc["spec"]["template"]["spec"]["containers"])
+    }
+    _, named, command = rotation_row("Kubernetes")
+    assert set(re.findall(r"`([\w-]+)`", named)) == holding
+    restarted = set(re.findall(r"deployment/([\w-]+)", command))
+    assert restarted == holding
+    assert "secret generic braze-subs" in command and "--from-literal=BRAZE_API_KEY=" in command
+
+
+def test_the_rotation_runbook_recreates_every_compose_service_holding_the_key():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    holding = {
+        name
+        for name, service in compose["services"].items()
+        if "BRAZE_API_KEY" in (service.get("environment") or {})
+    }
+    _, named, command = rotation_row("compose")
+    assert set(re.findall(r"`(\w+)`", named)) == holding
+    # `up -d` recreates every service whose environment changed: no service list that
+    # could leave one out.
+    assert "docker compose up -d --scale worker=N" in command
