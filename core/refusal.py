@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from core.outcome import parse_answer
+
 _TOKEN_SEPARATORS = re.compile(r"""[\s,;"'\[\]{}()<>]+""")
 
 
@@ -97,10 +99,7 @@ def decide_bad_request(
 
 def delivery_errors(body: str) -> list[str]:
     """The `errors` of a 2xx answer (Braze's non-fatal errors), each as one line of text."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return []
+    data = parse_answer(body)  # bounded in size and depth; None if not JSON
     errors = data.get("errors") if isinstance(data, dict) else None
     if not errors:
         return []

@@ -1,16 +1,25 @@
-"""Talking to Braze: request bodies (pure) and one pooled httpx client per process."""
+"""Talking to Braze: request bodies (pure) and one pooled httpx client per process.
+
+Every exchange has one overall deadline (`timeout_seconds`), not httpx's per-phase timeout:
+a server that trickles its answer a byte at a time, or its headers, cannot hold a worker's
+thread (and, through the heartbeat, its claim) longer than that. Bodies are read up to
+`MAX_ANSWER_BYTES`; the rest is never read (Braze's answers are a few hundred bytes).
+"""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import httpcore
 import httpx
 from pydantic import SecretStr
 
 from core.changes import SubscriptionState
+from core.outcome import MAX_ANSWER_BYTES
 from core.planning import BatchKey
 from core.redaction import scrub
 
@@ -60,6 +69,120 @@ class Reply:
     latency_ms: float
     error: str | None = None
     unsent: bool = False  # the fence refused: not one byte of the request was written
+    truncated: bool = False  # the body was longer than MAX_ANSWER_BYTES: `body` is its start
+
+    def header(self, name: str) -> str:
+        """A header of the answer, whatever its case; "" if absent."""
+        return next((v for k, v in self.headers.items() if k.lower() == name), "")
+
+
+class _Deadline(threading.local):
+    """The deadline (time.monotonic()) of the exchange this thread is in, if any."""
+
+    at: float | None = None
+
+    def left(self, phase_timeout: float | None) -> float | None:
+        """The time a socket operation may take: its phase's timeout, cut to what is left of
+        the exchange's deadline. Past the deadline: 0, and the caller raises."""
+        if self.at is None:
+            return phase_timeout
+        left = max(self.at - time.monotonic(), 0.0)
+        return left if phase_timeout is None else min(phase_timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read and write ends by the exchange's deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream, deadline: _Deadline) -> None:
+        self._stream = stream
+        self._deadline = deadline
+
+    def _timeout(self, timeout: float | None, error: type[Exception]) -> float | None:
+        left = self._deadline.left(timeout)
+        if left is not None and left <= 0:
+            raise error("the exchange's deadline passed")
+        return left
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._timeout(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._timeout(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        left = self._timeout(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            self._stream.start_tls(ssl_context, server_hostname, left), self._deadline
+        )
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's network backend with the exchange's deadline applied to every connect,
+    read and write. Why not httpx's timeouts alone: they bound each socket operation, so a
+    byte every second never times out (httpx#1450 suggests async cancellation, which a
+    thread-pool worker does not have). The wrapped backend does the real work."""
+
+    def __init__(self, backend: httpcore.NetworkBackend, deadline: _Deadline) -> None:
+        self._backend = backend
+        self._deadline = deadline
+
+    def _left(self, timeout: float | None) -> float | None:
+        left = self._deadline.left(timeout)
+        if left is not None and left <= 0:
+            raise httpcore.ConnectTimeout("the exchange's deadline passed")
+        return left
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        stream = self._backend.connect_tcp(
+            host, port, self._left(timeout), local_address, socket_options
+        )
+        return _DeadlineStream(stream, self._deadline)
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        stream = self._backend.connect_unix_socket(path, self._left(timeout), socket_options)
+        return _DeadlineStream(stream, self._deadline)
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _apply_deadline(client: httpx.Client, deadline: _Deadline) -> None:
+    """Wrap the network backend of every transport of `client` (the direct one and those
+    httpx mounted for proxies from the environment) in the exchange's deadline. httpx takes
+    no backend argument, so its pools' `_network_backend` is replaced; if an upgrade moves
+    it this fails at start (and tests/unit/test_braze_deadline.py fails), never silently."""
+    transports = [client._transport, *client._mounts.values()]
+    for transport in transports:
+        if transport is None:
+            continue
+        pool = getattr(transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if backend is None:
+            raise RuntimeError("httpx/httpcore changed: cannot apply the exchange deadline")
+        pool._network_backend = _DeadlineBackend(backend, deadline)
 
 
 class _FenceRefused(Exception):
@@ -83,8 +206,13 @@ class BrazeClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.timeout_seconds = timeout_seconds  # one exchange, from start to last byte
         # Scrubbed out of every transport error (never stored elsewhere on the object).
         self._secrets = (api_key.get_secret_value(),)
+        self._deadline = _Deadline()
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
         self._http = httpx.Client(
             base_url=endpoint,
             # The key goes only into this header; httpx never logs header values.
@@ -92,13 +220,19 @@ class BrazeClient:
                 "Authorization": f"Bearer {api_key.get_secret_value()}",
                 "Content-Type": "application/json",
                 "User-Agent": "braze-subs",
+                # A compressed body could expand far past the cap in one chunk.
+                "Accept-Encoding": "identity",
             },
+            # Each phase at most the whole; the deadline cuts every one to what is left.
             timeout=timeout_seconds,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
+            limits=limits,
+            # Redirects are never followed: the key would go wherever they point (httpx's
+            # default; said here because it is a promise). A 3xx is a configuration error.
+            follow_redirects=False,
             transport=transport,
         )
+        if transport is None:  # a test's own transport has no sockets to bound
+            _apply_deadline(self._http, self._deadline)
 
     def __repr__(self) -> str:
         return f"BrazeClient(endpoint={self.endpoint!r})"
@@ -110,19 +244,42 @@ class BrazeClient:
         is written (after the pool and the connection are ready, httpcore's trace hook);
         if it answers False, nothing is sent and the reply says `unsent`."""
         if fence is None:
-            return self._exchange(lambda: self._http.post(path, json=body))
+            return self._exchange(lambda: self._http.build_request("POST", path, json=body))
 
         def trace(event: str, _info: dict[str, Any]) -> None:
             if event in FIRST_BYTE_EVENTS and not fence():
                 raise _FenceRefused
 
-        extensions = {"trace": trace}
-        return self._exchange(lambda: self._http.post(path, json=body, extensions=extensions))
+        def build() -> httpx.Request:
+            request = self._http.build_request("POST", path, json=body)
+            request.extensions["trace"] = trace
+            return request
 
-    def _exchange(self, send: Callable[[], httpx.Response]) -> Reply:
-        started = time.perf_counter()
+        return self._exchange(build)
+
+    def _read(self, request: httpx.Request) -> tuple[httpx.Response, bytes, bool]:
+        """Send `request` and read its answer's body up to MAX_ANSWER_BYTES; the rest is
+        left unread (the connection is closed rather than drained)."""
+        response = self._http.send(request, stream=True)
         try:
-            response = send()
+            chunks: list[bytes] = []
+            size = 0
+            truncated = False
+            for chunk in response.iter_raw():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    truncated = True
+                    break
+        finally:
+            response.close()
+        return response, b"".join(chunks)[:MAX_ANSWER_BYTES], truncated
+
+    def _exchange(self, build: Callable[[], httpx.Request]) -> Reply:
+        started = time.perf_counter()
+        self._deadline.at = time.monotonic() + self.timeout_seconds
+        try:
+            response, raw, truncated = self._read(build())
         except _FenceRefused:
             latency_ms = (time.perf_counter() - started) * 1000
             return Reply(status=None, body="", headers={}, latency_ms=latency_ms, unsent=True)
@@ -137,16 +294,19 @@ class BrazeClient:
                 latency_ms=(time.perf_counter() - started) * 1000,
                 error=scrub(f"{type(exc).__name__}: {exc}", self._secrets)[:300],
             )
+        finally:
+            self._deadline.at = None
         return Reply(
             status=response.status_code,
-            body=response.text,
+            body=raw.decode(response.charset_encoding or "utf-8", errors="replace"),
             headers=dict(response.headers),
             latency_ms=(time.perf_counter() - started) * 1000,
+            truncated=truncated,
         )
 
     def get(self, path: str, params: list[tuple[str, str]]) -> Reply:
         """One GET (the read endpoints); `params` may repeat a name (`email=a&email=b`)."""
-        return self._exchange(lambda: self._http.get(path, params=params))
+        return self._exchange(lambda: self._http.build_request("GET", path, params=params))
 
     def close(self) -> None:
         self._http.close()

@@ -14,7 +14,6 @@ Parsing the answers is pure (`parse_read_state`, `parse_status_reply`, `parse_us
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -27,7 +26,7 @@ from redis import Redis
 from config.settings import Settings
 from core.changes import IdentifierKind
 from core.errors import EXIT_ENVIRONMENT, BrazeSubsError
-from core.outcome import Outcome, backoff_seconds, classify, parse_rate_limit
+from core.outcome import Outcome, backoff_seconds, classify, parse_answer, parse_rate_limit
 from delivery.braze_client import BrazeClient, Reply
 from stores.limiter import Budget, RateLimiter
 
@@ -92,10 +91,9 @@ def parse_status_reply(body: str, sent: Iterable[str]) -> dict[str, ReadState]:
     case, so keys are matched case-insensitively when the exact one is absent. Raises
     `BrazeReadError` for an answer that is not of this shape.
     """
-    try:
-        data = json.loads(body)
-    except ValueError:
-        raise BrazeReadError(f"Braze answered {STATUS_PATH} with something not JSON") from None
+    data = parse_answer(body)  # bounded in size and depth; None if not JSON
+    if data is None:
+        raise BrazeReadError(f"Braze answered {STATUS_PATH} with something not JSON")
     status = data.get("status") if isinstance(data, dict) else None
     if not isinstance(status, dict):
         raise BrazeReadError(f"Braze's answer to {STATUS_PATH} has no status object")
@@ -163,10 +161,9 @@ def _group(raw: Any) -> GroupState | None:
 def parse_user_reply(body: str) -> list[UserGroups]:
     """`{"users": [{"external_id", "email", "phone", "subscription_groups": [{"id", "name",
     "channel", "status"}]}]}` -> the users. Raises `BrazeReadError` for another shape."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        raise BrazeReadError(f"Braze answered {USER_STATUS_PATH} with something not JSON") from None
+    data = parse_answer(body)  # bounded in size and depth; None if not JSON
+    if data is None:
+        raise BrazeReadError(f"Braze answered {USER_STATUS_PATH} with something not JSON")
     users = data.get("users") if isinstance(data, dict) else None
     if not isinstance(users, list):
         raise BrazeReadError(f"Braze's answer to {USER_STATUS_PATH} has no users list")
@@ -306,7 +303,14 @@ class BrazeReader:
             reply = self.braze.get(path, params)
             if self.record is not None:
                 self.record(path, reply.status)
-            result = classify(reply.status, reply.body, reply.error)
+            result = classify(
+                reply.status,
+                reply.body,
+                reply.error,
+                content_type=reply.header("content-type"),
+                truncated=reply.truncated,
+                location=reply.header("location"),
+            )
             rate = parse_rate_limit(reply.headers)
             if self.limiter is not None and reply.status is not None:
                 self.limiter.observe(rate)
@@ -325,6 +329,11 @@ class BrazeReader:
                 continue
             if result.outcome is Outcome.CREDENTIALS:
                 raise BrazeReadError(f"Braze refused the API key for {path} ({result.detail})")
+            if result.outcome is Outcome.REDIRECTED:  # never followed: a configuration error
+                raise BrazeReadError(
+                    f"{self.braze.endpoint} redirects {path} ({result.detail}): check "
+                    "BRAZE_REST_ENDPOINT / BRAZE_INSTANCE"
+                )
             if result.outcome is Outcome.BAD_REQUEST:
                 raise BrazeReadError(f"Braze refused the read {path}: {result.detail}")
             if attempt >= self.attempts:

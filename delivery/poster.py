@@ -39,6 +39,7 @@ from core.outcome import (
     Classified,
     Outcome,
     PostStatus,
+    RateLimit,
     backoff_seconds,
     classify,
     parse_rate_limit,
@@ -79,6 +80,13 @@ class PostReport:
     detail: str = ""
 
 
+@dataclass(slots=True)
+class _Sent:
+    """Whether this post's request passed its fence (its bytes may have reached Braze)."""
+
+    sent: bool = False
+
+
 # How often a refused half of a split looks again whether its sibling was answered.
 HOLD_SECONDS = 1.0
 
@@ -89,6 +97,7 @@ CLAIM_REPORTS = {
     ClaimStatus.WAITING: PostStatus.QUEUED,
     ClaimStatus.EMPTY: PostStatus.EMPTY,
 }
+PAUSE_429 = "429 from Braze"
 WARN_STATUSES = (PostStatus.RETRY, PostStatus.DEAD_LETTERED, PostStatus.LOST)
 
 
@@ -138,27 +147,34 @@ class Poster:
         if claim.status is not ClaimStatus.CLAIMED or claim.record is None:
             return PostReport(batch_id, CLAIM_REPORTS[claim.status])
         live.hold(batch_id, token)
+        sent = _Sent()
         try:
-            return self._post_claimed(claim.record, token, lease_ms)
+            return self._post_claimed(claim.record, token, lease_ms, sent)
         except Exception:
-            self._give_back_after_error(token)
+            self._give_back_after_error(token, sent.sent)
             raise
         finally:
             live.release_token(token)
 
-    def _give_back_after_error(self, token: str) -> None:
+    def _give_back_after_error(self, token: str, sent: bool) -> None:
         """An error of this process mid-post (Redis unreachable, a bug): put what it holds
         back into the schedule at once rather than let it wait for the lease to run out.
-        If the request had been sent its outcome is unknown, and a retry is what that
-        calls for; if Redis is unreachable this fails too and the lease bounds the wait."""
+        If the request had been sent its outcome is unknown: a retry is what that calls
+        for, and it counts as an attempt, so that a post whose answer keeps failing this
+        process is dead-lettered after MAX_ATTEMPTS instead of re-sent for ever (a double
+        opt-in SMS each time). A batch whose outcome was recorded already is not held any
+        more (its claim ended): this finds nothing to do for it. If Redis is unreachable
+        this fails too and the lease bounds the wait."""
         held = [b for b, held_by in self.liveness.held().items() if held_by == token]
         for batch_id in held:
             try:
                 self.store.defer(
                     batch_id,
                     token,
-                    error="error in the worker while posting",
-                    count_attempt=False,
+                    error="error in the worker after sending: outcome unknown"
+                    if sent
+                    else "error in the worker while posting",
+                    count_attempt=sent,
                     due_in_ms=round(self.settings.retry_backoff_base_seconds * 1000),
                     reason=WaitReason.RETRY,
                     grace_ms=self.grace_ms,
@@ -166,10 +182,16 @@ class Poster:
             except Exception as exc:  # the original error is the one that matters
                 logger.warning("batch %s: could not be given back: %s", batch_id, exc)
 
-    def _post_claimed(self, lead: BatchRecord, token: str, lease_ms: int) -> PostReport:
+    def _post_claimed(
+        self, lead: BatchRecord, token: str, lease_ms: int, sent: _Sent
+    ) -> PostReport:
         records = [lead]
         if self.settings.braze_api_version == "v2":
             records += self._claim_siblings(lead, token, lease_ms)
+        elif len(lead.pack) > 1:
+            # A v2 worker's tick packed this message; a v1 worker posts one batch a request:
+            # the others of the pack go out alone, each with a message of its own.
+            self._hand_off_pack(lead, token, lease_ms)
         report = PostReport(
             lead.id,
             PostStatus.RETRY,
@@ -200,7 +222,12 @@ class Poster:
         # request's first byte is written, with lease enough left for the whole exchange.
         need_ms = self.settings.http_timeout_ms
         ids = [r.id for r in records]
-        reply = self._send(records, fence=lambda: self.store.fence(ids, token, need_ms))
+
+        def fence() -> bool:
+            sent.sent = self.store.fence(ids, token, need_ms)
+            return sent.sent
+
+        reply = self._send(records, fence=fence)
         if reply.unsent:
             logger.warning(
                 "batch %s: claim lost before sending (%d identifiers): not sent; it was taken "
@@ -209,33 +236,83 @@ class Poster:
                 report.size,
             )
             return replace(report, status=PostStatus.LOST, detail="claim lost before sending")
-        result = classify(reply.status, reply.body, reply.error)
+        result = classify(
+            reply.status,
+            reply.body,
+            reply.error,
+            content_type=reply.header("content-type"),
+            truncated=reply.truncated,
+            location=reply.header("location"),
+        )
         report = replace(
             report,
             http_status=reply.status,
             latency_ms=round(reply.latency_ms, 1),
             detail=result.detail,
         )
-        report = self._settle(records, token, report, reply, result)
+        # The outcome first (ended, or deferred with its attempt counted), then the
+        # bookkeeping: nothing after the outcome can make the batch go again.
+        rate = parse_rate_limit(reply.headers)
+        report = self._settle(records, token, report, reply, result, rate)
         # The report is the task's result, which Flower shows: identifiers masked.
         report = replace(report, detail=masked_detail(report.detail, records))
-        # A key works: the refused key's probe, or the key deployed since (a rotation, told
-        # by the grant while the circuit names another key). Closed for every worker and
-        # reader, then every batch that waited for the key is due now (a crash in between
-        # leaves them due at their probe time, as before).
-        if (
-            grant.tests_the_key
-            and result.outcome is Outcome.DELIVERED
-            and self.limiter.close_circuit()
-        ):
+        self._bookkeeping(records, report, reply, result, rate, grant)
+        return report
+
+    def _bookkeeping(
+        self,
+        records: list[BatchRecord],
+        report: PostReport,
+        reply: Reply,
+        result: Classified,
+        rate: RateLimit,
+        grant: Grant,
+    ) -> None:
+        """What follows a recorded outcome: counters, Braze's rate-limit headers, a closed
+        credentials circuit, the log line. Each step that fails is logged and skipped; none
+        can change the outcome (the batch has ended or waits with its attempt counted)."""
+        v2 = self.settings.braze_api_version == "v2"
+        steps: list[tuple[str, Callable[[], object]]] = [
+            (
+                "count the request",
+                lambda: self.counters.request(
+                    identifiers=report.size,
+                    throttled=result.outcome is Outcome.RATE_LIMITED,
+                    endpoint=V2_PATH if v2 else V1_PATH,
+                    status=reply.status,
+                ),
+            ),
+        ]
+        if reply.status is not None and result.outcome is not Outcome.RATE_LIMITED:
+            steps.append(("read the rate-limit headers", lambda: self.limiter.observe(rate)))
+        if grant.tests_the_key and result.outcome is Outcome.DELIVERED:
+            steps.append(("close the credentials circuit", lambda: self._close_circuit(grant)))
+        steps.append(("log the outcome", lambda: self._log(records, report)))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:  # the outcome stands; say what was skipped
+                logger.error(
+                    "batch %s: %s failed after its outcome (%s) was recorded: %s: %s",
+                    report.batch_id,
+                    what,
+                    report.status,
+                    type(exc).__name__,
+                    str(exc)[:200],
+                )
+
+    def _close_circuit(self, grant: Grant) -> None:
+        """A key works: the refused key's probe, or the key deployed since (a rotation, told
+        by the grant while the circuit names another key). Closed for every worker and
+        reader, then every batch that waited for the key is due now (a crash in between
+        leaves them due at their probe time, as before)."""
+        if self.limiter.close_circuit():
             released = self.store.release_waiting(WaitReason.CREDENTIALS)
             logger.warning(
                 "credentials accepted %s: posting resumes (%d batches due now)",
                 "again" if grant.probe else "with the key deployed since",
                 released,
             )
-        self._log(records, report)
-        return report
 
     def _wait_for_turn(
         self, grant: Grant, records: list[BatchRecord], token: str, report: PostReport
@@ -388,6 +465,29 @@ class Poster:
             siblings.append(record)
         return siblings
 
+    def _hand_off_pack(self, lead: BatchRecord, token: str, lease_ms: int) -> None:
+        """A v1 worker took the message of a v2 pack: every other batch of it that no one
+        holds and that does not wait is put into the schedule alone, due now, so the next
+        tick sends each its own message (instead of the sweep, minutes later). Claimed
+        first, so that a batch another worker holds or has finished is left alone."""
+        for sibling_id in lead.pack:
+            if sibling_id == lead.id:
+                continue
+            claim = self.store.claim(sibling_id, token, lease_ms)
+            if claim.status is not ClaimStatus.CLAIMED:
+                continue
+            self.liveness.hold(sibling_id, token)
+            self.store.defer(
+                sibling_id,
+                token,
+                error="",
+                count_attempt=False,
+                due_in_ms=0,
+                reason=WaitReason.READY,
+                grace_ms=self.grace_ms,
+                solo=True,
+            )
+
     def _send(self, records: list[BatchRecord], fence: Callable[[], bool]) -> Reply:
         if self.settings.braze_api_version == "v2":
             body = v2_body([(r.key, r.values) for r in records])
@@ -402,18 +502,11 @@ class Poster:
         report: PostReport,
         reply: Reply,
         result: Classified,
+        rate: RateLimit,
     ) -> PostReport:
+        """Record the outcome of a request that was sent: the batches end, or wait in the
+        schedule (a retry with its attempt counted; a pause or the key, without)."""
         settings = self.settings
-        rate = parse_rate_limit(reply.headers)
-        self.counters.request(
-            identifiers=report.size,
-            throttled=result.outcome is Outcome.RATE_LIMITED,
-            endpoint=V2_PATH if settings.braze_api_version == "v2" else V1_PATH,
-            status=reply.status,
-        )
-        if reply.status is not None:
-            self.limiter.observe(rate)
-
         answer = {"http_status": reply.status, "latency_ms": report.latency_ms}  # for history
         if result.outcome is Outcome.DELIVERED:
             errors = delivery_errors(reply.body)
@@ -428,23 +521,27 @@ class Poster:
             return replace(report, status=PostStatus.DELIVERED, detail="")
         if result.outcome is Outcome.RATE_LIMITED:
             window = settings.braze_rate_limit_window_seconds
-            reset = rate.reset_epoch or (time.time() + window)
-            self.limiter.pause_until(reset, "429 from Braze")
-            wait = min(max(reset - time.time(), 0.5), window) + self.rng.uniform(0, 0.5)
-            return self._defer(records, token, report, wait, WaitReason.PAUSED)
-        if result.outcome is Outcome.CREDENTIALS:
-            # The key, not the changes, is at fault: stop everyone, spend nothing, and let
-            # one probe per interval find out when it works again.
+            now = time.time()
+            # A reset beyond one window is not Braze's: pause at most a window.
+            reset = min(rate.reset_epoch or now + window, now + window)
+            wait = min(max(reset - now, 0.5), window) + self.rng.uniform(0, 0.5)
+            deferred = self._defer(records, token, report, wait, WaitReason.PAUSED)
+            self._guarded("pause posting", lambda: self.limiter.pause_until(reset, PAUSE_429))
+            return deferred
+        if result.outcome in (Outcome.CREDENTIALS, Outcome.REDIRECTED):
+            # The key (or, for a redirect, the endpoint) is at fault, not the changes: stop
+            # everyone, spend nothing, and let one probe per interval find out when it works
+            # again. A redirect is never followed: the key would go wherever it points.
             wait = settings.credentials_probe_seconds
-            if self.limiter.open_circuit(result.detail):
-                logger.error("Braze refused the API key (%s): posting stopped", result.detail)
-            return self._defer(
+            deferred = self._defer(
                 records,
                 token,
                 report,
                 wait + self.rng.uniform(0, wait / 4),
                 WaitReason.CREDENTIALS,
             )
+            self._guarded("stop posting", lambda: self._open_circuit(result))
+            return deferred
         if result.outcome is Outcome.BAD_REQUEST:
             return self._isolate(records, token, report)
         if report.attempt >= settings.max_attempts:
@@ -456,6 +553,34 @@ class Poster:
             rng=self.rng,
         )
         return self._defer(records, token, report, wait, WaitReason.RETRY, count_attempt=True)
+
+    def _open_circuit(self, result: Classified) -> None:
+        """Stop posting everywhere; said once, loudly (the first worker to open it)."""
+        if not self.limiter.open_circuit(result.detail):
+            return
+        if result.outcome is Outcome.REDIRECTED:
+            logger.error(
+                "configuration error: %s answered with a redirect (%s). Redirects are never "
+                "followed (the API key would go wherever they point): check "
+                "BRAZE_REST_ENDPOINT / BRAZE_INSTANCE. Posting stopped; one probe every %ss",
+                self.braze.endpoint,
+                result.detail,
+                round(self.settings.credentials_probe_seconds),
+            )
+        else:
+            logger.error("Braze refused the API key (%s): posting stopped", result.detail)
+
+    def _guarded(self, what: str, step: Callable[[], object]) -> None:
+        """Run a step that follows a recorded outcome; its failure is logged, not raised."""
+        try:
+            step()
+        except Exception as exc:
+            logger.error(
+                "%s failed after the outcome was recorded: %s: %s",
+                what,
+                type(exc).__name__,
+                str(exc)[:200],
+            )
 
     def _lost_during_request(self, report: PostReport) -> PostReport:
         # Another worker holds or will take the claim (this one froze after its fence): it
@@ -628,7 +753,7 @@ class Poster:
                 ended.append(self.store.delivered(record.id, token, sent=record.values, **answer))
         if any(finish.status is not Ended.ENDED for finish in ended):
             return self._lost_during_request(report)
-        self.counters.delivery_errors(len(errors))
+        self._guarded("count Braze's errors", lambda: self.counters.delivery_errors(len(errors)))
         logger.warning(
             "batch %s delivered with %d error(s) from Braze, %d identifier(s) dead-lettered: %s",
             report.batch_id,

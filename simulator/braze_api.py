@@ -7,7 +7,8 @@ limit (429; from here on the request counts in the window, as at Braze), error-r
 none, `reject_groups` naming the group), body validation (400), then the state change (201;
 202 under the `queued` fault; `errors: [...]` listing `soft_errors` identifiers, which are
 not applied). The answer is logged and counted, then held while the `hold` fault is on.
-Every answer carries the X-RateLimit-* headers.
+Every answer carries the X-RateLimit-* headers. The `answer` fault puts something else in
+Braze's place (an HTML page, a redirect, nested JSON, a huge body, a trickle: `answers`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import json
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from simulator.auth import bearer_key
+from simulator.faults import Faults
 from simulator.hold import HoldGate
 from simulator.model import Endpoint, Kind, ValidatedRequest
 from simulator.ratelimit import WindowStatus
@@ -32,6 +34,41 @@ _NOT_JSON = object()
 
 # The `reject_anonymous` answer: Braze refuses the batch without saying which identifier.
 ANONYMOUS_REJECTION = "Bad request: the request could not be processed"
+
+
+# The `answer` faults whose answer is not Braze's (nothing applied); `trickle` is Braze's.
+NOT_BRAZE_ANSWERS = ("html", "redirect", "nested", "huge")
+PORTAL_PAGE = (
+    "<!DOCTYPE html><html><head><title>Sign in to the network</title></head>"
+    "<body><h1>Welcome</h1><p>Accept the terms to continue.</p></body></html>"
+)
+ABSURD_RATE_LIMIT_HEADERS = {
+    "X-RateLimit-Limit": "9" * 400,
+    "X-RateLimit-Remaining": "1e400",
+    "X-RateLimit-Reset": "1e308",
+}
+
+
+async def _zeros(size: int, chunk: int = 64 * 1024) -> Any:
+    """`size` bytes of "0", a chunk at a time (never held whole)."""
+    block = b"0" * chunk
+    sent = 0
+    while sent < size:
+        part = block[: min(chunk, size - sent)]
+        sent += len(part)
+        yield part
+
+
+def _trickled(response: Response, interval: float) -> Response:
+    """`response` with its body sent one byte every `interval` seconds."""
+
+    async def bytes_slowly() -> Any:
+        for byte in bytes(response.body):
+            await asyncio.sleep(interval)
+            yield bytes([byte])
+
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    return StreamingResponse(bytes_slowly(), response.status_code, headers=headers)
 
 
 def _parse_json(raw: bytes) -> object:
@@ -66,9 +103,36 @@ class BrazeApi:
         if latency_ms > 0:
             await asyncio.sleep(latency_ms / 1000)
         raw = await request.body()
-        response = self._answer(endpoint, raw, request.headers.get("authorization"))
+        faults = self._state.faults()
+        if faults.answer in NOT_BRAZE_ANSWERS:
+            response = self._not_braze(endpoint, raw, faults)
+        else:
+            response = self._answer(endpoint, raw, request.headers.get("authorization"))
+            if faults.answer == "trickle":
+                response = _trickled(response, faults.trickle_ms / 1000)
+        if faults.absurd_rate_limit_headers:
+            response.headers.update(ABSURD_RATE_LIMIT_HEADERS)
         await self._gate.wait()
         return response
+
+    def _not_braze(self, endpoint: Endpoint, raw: bytes, faults: Faults) -> Response:
+        """An answer from something in Braze's place; nothing is applied."""
+        state = self._state
+        identifiers, entries = collect_identifiers(endpoint, _parse_json(raw))
+        status = {"html": 200, "redirect": 301, "nested": 201, "huge": 500}[str(faults.answer)]
+        record = RequestRecord(state.now(), endpoint, len(set(identifiers)), entries, status)
+        outcome = Outcome.SERVER_ERROR if faults.answer == "huge" else Outcome.NOT_BRAZE
+        state.finish(record, outcome)
+        if faults.answer == "html":
+            return Response(PORTAL_PAGE, 200, media_type="text/html; charset=utf-8")
+        if faults.answer == "redirect":
+            headers = {"Location": "https://elsewhere.invalid/subscription/status/set"}
+            return Response(b"Moved Permanently", 301, headers=headers, media_type="text/plain")
+        if faults.answer == "nested":
+            depth = faults.nested_depth
+            body = '{"message":"success","errors":' + "[" * depth + "]" * depth + "}"
+            return Response(body, 201, media_type="application/json")
+        return StreamingResponse(_zeros(faults.huge_bytes), 500, media_type="text/plain")
 
     def _answer(self, endpoint: Endpoint, raw: bytes, authorization: str | None) -> Response:
         state = self._state

@@ -24,6 +24,13 @@ class Faults:
     - `queued`: posts are answered 202 `{"message": "queued"}` (maintenance) and applied.
     - `legacy_reads`: `/subscription/status/get` answers the older 0 (subscribed),
       1 (unsubscribed), null (unknown) form.
+    - `answer`: what answers a subscription post instead of Braze (nothing is applied
+      unless said): `html` (200 with a captive portal's HTML page), `redirect` (301 to
+      another host), `nested` (201 whose JSON nests `nested_depth` deep), `huge` (500 with
+      a `huge_bytes` body), `trickle` (Braze's answer, applied, its body sent one byte
+      every `trickle_ms`); null: Braze answers.
+    - `absurd_rate_limit_headers`: every post's X-RateLimit-* headers are absurd values
+      (`1e308`, `1e400`, 400 digits).
     """
 
     api_keys: frozenset[str]
@@ -41,6 +48,11 @@ class Faults:
     soft_errors: frozenset[str] = frozenset()
     queued: bool = False
     legacy_reads: bool = False
+    answer: str | None = None
+    nested_depth: int = 100_000
+    huge_bytes: int = 30 * 1024 * 1024
+    trickle_ms: float = 200.0
+    absurd_rate_limit_headers: bool = False
 
     @classmethod
     def from_config(cls, config: SimulatorConfig) -> Faults:
@@ -72,7 +84,16 @@ class Faults:
             "soft_errors": sorted(self.soft_errors),
             "queued": self.queued,
             "legacy_reads": self.legacy_reads,
+            "answer": self.answer,
+            "nested_depth": self.nested_depth,
+            "huge_bytes": self.huge_bytes,
+            "trickle_ms": self.trickle_ms,
+            "absurd_rate_limit_headers": self.absurd_rate_limit_headers,
         }
+
+
+# The answers `answer` can switch on (see Faults).
+ANSWERS = ("html", "redirect", "nested", "huge", "trickle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +123,19 @@ def parse_fault_update(body: object) -> FaultUpdate | str:
     changes: dict[str, Any] = {}
     spend = read_spend = 0
     for key, value in body.items():
-        if key in ("outage", "hold", "queued", "legacy_reads"):
+        if key == "answer":
+            if value is not None and value not in ANSWERS:
+                return f"answer must be null or one of {', '.join(ANSWERS)}"
+            changes[key] = value
+        elif key in ("nested_depth", "huge_bytes"):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                return f"{key} must be a positive integer"
+            changes[key] = value
+        elif key == "trickle_ms":
+            if not _is_number(value) or value < 0:
+                return "trickle_ms must be a non-negative number"
+            changes[key] = float(value)
+        elif key in ("outage", "hold", "queued", "legacy_reads", "absurd_rate_limit_headers"):
             if not isinstance(value, bool):
                 return f"{key} must be a boolean"
             changes[key] = value

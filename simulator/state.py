@@ -45,7 +45,8 @@ class Outcome(enum.Enum):
     RATE_LIMITED = "rate_limited"
     MALFORMED = "malformed"  # 400 from body validation
     REJECTED = "rejected"  # 400 injected by `reject`, `reject_anonymous`, `reject_groups`
-    SERVER_ERROR = "server_error"  # 500/503 injected by `error_rate` / `outage`
+    SERVER_ERROR = "server_error"  # 500/503 injected by `error_rate` / `outage` / `answer`
+    NOT_BRAZE = "not_braze"  # answered by something in between (the `answer` fault)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,7 @@ class Counters:
     soft_errors: int = 0  # identifiers answered in `errors` of a 201 and not applied
     queued_202: int = 0
     external_changes: int = 0  # states set through `/_sim/set_state`
+    not_braze: int = 0  # posts answered by something in between (`answer`): not applied
 
     def count(self, outcome: Outcome) -> None:
         self.requests_total += 1
@@ -108,6 +110,8 @@ class Counters:
             self.rate_limited_429 += 1
         elif outcome is Outcome.SERVER_ERROR:
             self.server_errors += 1
+        elif outcome is Outcome.NOT_BRAZE:
+            self.not_braze += 1
 
 
 @dataclass(slots=True)

@@ -529,6 +529,8 @@ def test_reset_clears_state_counters_and_faults(client):
     faults(client, outage=True, latency_ms=5, reject=["x"], api_keys=["other"], rate_limit=9)
     faults(client, reject_anonymous=["y"], reject_groups=["g"], soft_errors=["z"], queued=True)
     faults(client, read_rate_limit=3, read_window_seconds=5, legacy_reads=True)
+    faults(client, answer="html", nested_depth=5, huge_bytes=7, trickle_ms=1)
+    faults(client, absurd_rate_limit_headers=True)
     assert client.post("/_sim/reset").status_code == 200
     assert subscriptions(client) == set()
     counters = stats(client)
@@ -550,6 +552,11 @@ def test_reset_clears_state_counters_and_faults(client):
         "soft_errors": [],
         "queued": False,
         "legacy_reads": False,
+        "answer": None,
+        "nested_depth": 100_000,
+        "huge_bytes": 30 * 1024 * 1024,
+        "trickle_ms": 200.0,
+        "absurd_rate_limit_headers": False,
     }
     assert client.post(V1, json=v1("email-a", external_id="u1")).status_code == 201
 
@@ -567,10 +574,48 @@ def test_reset_clears_state_counters_and_faults(client):
         {"read_window_seconds": -1},
         {"read_spend": -1},
         {"legacy_reads": 1},
+        {"answer": "teapot"},
+        {"nested_depth": 0},
+        {"huge_bytes": True},
+        {"trickle_ms": -1},
+        {"absurd_rate_limit_headers": "yes"},
     ],
 )
 def test_bad_fault_bodies_are_400(client, body):
     assert client.post("/_sim/faults", json=body).status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "content_type"),
+    [
+        ("html", 200, "text/html"),
+        ("redirect", 301, "text/plain"),
+        ("nested", 201, "application/json"),
+        ("huge", 500, "text/plain"),
+    ],
+)
+def test_answers_that_are_not_brazes_apply_nothing(client, server, answer, status, content_type):
+    faults(client, answer=answer, huge_bytes=1000, nested_depth=50)
+    response = client.post(V1, json=v1("email-a", external_id="u1"))
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith(content_type)
+    if answer == "redirect":
+        assert response.headers["location"].startswith("https://elsewhere.invalid/")
+    if answer == "huge":
+        assert len(response.content) == 1000
+    assert subscriptions(client) == set()
+    counters = stats(client, log=False)
+    assert counters["requests_ok"] == 0 and counters["requests_total"] == 1
+
+
+def test_a_trickled_answer_is_brazes_applied_and_slow(client):
+    faults(client, answer="trickle", trickle_ms=20, absurd_rate_limit_headers=True)
+    started = time.monotonic()
+    response = client.post(V1, json=v1("email-a", external_id="u1"))
+    assert response.status_code == 201 and response.json() == {"message": "success"}
+    assert time.monotonic() - started >= 20 * len(response.content) / 1000 * 0.9
+    assert response.headers["x-ratelimit-reset"] == "1e308"
+    assert subscriptions(client) == {("email-a", "external_id", "u1", "subscribed")}
 
 
 def test_stats_log_can_be_omitted(client):

@@ -21,6 +21,13 @@ A worker may also die right after fetching a message, before reading it: the mes
 lost with it. take_back.lua's answer, the first time it finds a worker dead, is to schedule
 every batch between message and claim (a duplicate message is harmless).
 
+A worker may also crash once after its answer arrived: before it recorded the outcome
+(the answer could not be read: it gives the batch back with an attempt counted, the outcome
+unknown), or in the bookkeeping after it (counters, rate-limit headers: logged, nothing
+else; the batch had ended or waits already). As it was before issue 21, the bookkeeping ran
+before the outcome was recorded, and its failure gave the batch back with no attempt
+counted, though Braze had accepted it: the checker finds that re-send too.
+
 Checked in every reachable state: no request is sent without a live claim; Braze never
 receives an older state after a newer one; a batch is sent again only when its earlier
 request failed or its outcome is unknown (the sender died or froze after sending): never
@@ -47,6 +54,7 @@ class Rules:
     checked_finish: bool = True  # finish/defer only by the claim's holder
     take_back_live: bool = False  # a claim can be lost by a live-but-frozen holder's lease
     # expiring with no heartbeat known: the old lease-only protocol
+    outcome_first: bool = True  # the outcome is recorded before the bookkeeping (issue 21)
 
 
 @dataclass(frozen=True)
@@ -75,12 +83,15 @@ class State:
     freezes: int = 2
     sweeps: int = 2
     failures: int = 1
+    crashes: int = 0  # a worker's error after its answer arrived (bounded like freezes)
     enqueued: bool = False
     violation: str | None = None
 
 
-def start() -> State:
+def start(*, freezes: int = 2, crashes: int = 0) -> State:
     return State(
+        freezes=freezes,
+        crashes=crashes,
         batches=frozenset({("b1", OLD)}),
         claims=frozenset(),
         schedule=frozenset(),
@@ -295,15 +306,54 @@ def _worker_steps(
                 ),
             )
         return
+    if phase == "b":  # the bookkeeping after the outcome was recorded (when it may fail)
+        yield f"w{index} bookkeeping of {batch}", replace(state, workers=idle)
+        if state.crashes:
+            # Logged; the error handler's give-back finds the claim ended or deferred
+            # already (defer_batch.lua answers "lost"): nothing changes.
+            yield (
+                f"w{index} bookkeeping of {batch} fails",
+                replace(state, crashes=state.crashes - 1, workers=idle),
+            )
+        return
     # phase "s": act on the answer with finish_batch.lua / defer_batch.lua
     may = held or (not rules.checked_finish and _holder(state, batch) is None)
     if not may:
         yield f"w{index} lost {batch}: reports nothing", replace(state, workers=idle)
-    elif outcome == "ok":
+        return
+    # The bookkeeping is a step of its own only while it may still fail.
+    after_outcome = (
+        _set_worker(state, index, Worker(True, (batch, token, "b", outcome)))
+        if state.crashes
+        else idle
+    )
+    if state.crashes and held:
+        # An error of the worker between the answer and the record of its outcome: the
+        # batch goes back into the schedule (poster._give_back_after_error).
+        known = outcome == "ok" and not rules.outcome_first
+        yield (
+            f"w{index} fails after the answer, gives {batch} back",
+            replace(
+                state,
+                crashes=state.crashes - 1,
+                claims=frozenset(c for c in state.claims if c[0] != batch),
+                schedule=state.schedule | {batch},
+                # As built, the answer was not read yet: its outcome is unknown, and the
+                # give-back counts the attempt. As it was, the bookkeeping that failed came
+                # after a 201 had been read: Braze's acceptance was known and thrown away.
+                sends=_with_send(state, batch, "done" if known else "unknown"),
+                workers=idle,
+            ),
+        )
+    if outcome == "ok":
         ended = _end_batch(state, batch)
         yield (
             f"w{index} finishes {batch}",
-            replace(ended, workers=idle, sends=_with_send(state, batch, "done")),
+            replace(
+                ended,
+                workers=after_outcome if rules.outcome_first else idle,
+                sends=_with_send(state, batch, "done"),
+            ),
         )
     else:
         yield (
@@ -313,7 +363,7 @@ def _worker_steps(
                 claims=frozenset(c for c in state.claims if c[0] != batch),
                 schedule=state.schedule | {batch},
                 sends=_with_send(state, batch, "failed"),
-                workers=idle,
+                workers=after_outcome if rules.outcome_first else idle,
             ),
         )
 
@@ -322,10 +372,10 @@ def finished(state: State) -> bool:
     return not state.batches and state.pending is None and state.enqueued
 
 
-def explore(rules: Rules) -> tuple[int, list[str] | None]:
+def explore(rules: Rules, *, freezes: int = 2, crashes: int = 0) -> tuple[int, list[str] | None]:
     """Visit every reachable state; return how many, and a run to the first violation (or
     to a state that can go no further without having delivered the newest state)."""
-    first = start()
+    first = start(freezes=freezes, crashes=crashes)
     parents: dict[State, tuple[State, str] | None] = {first: None}
     stack = [first]
 
@@ -370,3 +420,20 @@ def test_the_checker_finds_the_stale_state_without_fencing(rules):
     _visited, counterexample = explore(rules)
     assert counterexample is not None
     assert "without a live claim" in counterexample[-1] or "after" in counterexample[-1]
+
+
+def test_a_crash_between_answer_outcome_and_bookkeeping_never_re_sends_a_known_outcome():
+    """Issue 21 item 4, as built: a worker error after the answer arrived, before or after
+    its outcome was recorded, with a freeze and a failed request anywhere around it."""
+    visited, counterexample = explore(Rules(), freezes=1, crashes=1)
+    assert counterexample is None, "\n".join(counterexample)
+    assert visited > 1_000
+
+
+def test_the_checker_finds_the_re_send_when_bookkeeping_came_before_the_outcome():
+    """Issue 21 item 4, as it was: bookkeeping that failed before the outcome of a 201 was
+    recorded gave the batch back, and it was posted again (a double opt-in text each time)."""
+    _visited, counterexample = explore(Rules(outcome_first=False), freezes=1, crashes=1)
+    assert counterexample is not None
+    assert "sent again though its outcome was known" in counterexample[-1]
+    assert any("fails after the answer" in step for step in counterexample)

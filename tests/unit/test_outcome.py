@@ -11,24 +11,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.outcome import (
+    MAX_ANSWER_BYTES,
+    MAX_ANSWER_DEPTH,
     MAX_DETAIL,
     Outcome,
     RateLimit,
     backoff_seconds,
     braze_message,
     classify,
+    parse_answer,
     parse_rate_limit,
 )
+from core.refusal import delivery_errors
 
 # --------------------------------------------------------------------------------------
 # classify
 # --------------------------------------------------------------------------------------
 
 
-def expected_outcome(status: int) -> Outcome:
+def expected_outcome(status: int, body: str = '{"message":"success"}') -> Outcome:
     """The rules, written independently of the code under test."""
     if 200 <= status <= 299:
-        return Outcome.DELIVERED
+        braze = body in ('{"message":"success"}', '{"message":"queued"}')
+        return Outcome.DELIVERED if braze else Outcome.UNEXPECTED
+    if 300 <= status <= 399:
+        return Outcome.REDIRECTED
     if status == 429:
         return Outcome.RATE_LIMITED
     if status in (401, 403, 404):
@@ -37,16 +44,18 @@ def expected_outcome(status: int) -> Outcome:
         return Outcome.RETRYABLE
     if 400 <= status <= 499:
         return Outcome.BAD_REQUEST
-    assert 100 <= status <= 199 or 300 <= status <= 399
-    return Outcome.RETRYABLE
+    assert 100 <= status <= 199
+    return Outcome.UNEXPECTED
 
 
-@pytest.mark.parametrize("body", ["", '{"message":"x"}', "<html>oops</html>"])
+@pytest.mark.parametrize(
+    "body", ["", '{"message":"x"}', "<html>oops</html>", '{"message":"success"}']
+)
 def test_every_status_from_100_to_599(body):
     wrong = {
-        status: (classify(status, body).outcome, expected_outcome(status))
+        status: (classify(status, body).outcome, expected_outcome(status, body))
         for status in range(100, 600)
-        if classify(status, body).outcome is not expected_outcome(status)
+        if classify(status, body).outcome is not expected_outcome(status, body)
     }
     assert wrong == {}
 
@@ -70,14 +79,14 @@ def test_every_status_from_100_to_599(body):
         (502, Outcome.RETRYABLE),
         (503, Outcome.RETRYABLE),
         (504, Outcome.RETRYABLE),
-        (100, Outcome.RETRYABLE),
-        (301, Outcome.RETRYABLE),
-        (302, Outcome.RETRYABLE),
-        (307, Outcome.RETRYABLE),
+        (100, Outcome.UNEXPECTED),
+        (301, Outcome.REDIRECTED),
+        (302, Outcome.REDIRECTED),
+        (307, Outcome.REDIRECTED),
     ],
 )
 def test_named_statuses(status, outcome):
-    assert classify(status, "").outcome is outcome
+    assert classify(status, '{"message":"success"}').outcome is outcome
 
 
 @pytest.mark.parametrize(
@@ -151,6 +160,68 @@ def test_empty_body_detail_names_the_status():
     assert classify(201, "").detail
 
 
+# --------------------------------------------------------------------------------------
+# only Braze's JSON is a delivery (issue 21 item 2); answers parsed defensively (item 4)
+# --------------------------------------------------------------------------------------
+
+HTML_PAGE = "<!DOCTYPE html><html><body>Welcome to the hotel Wi-Fi, user@example.com</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (HTML_PAGE, "text/html; charset=utf-8"),
+        ("", ""),
+        ("OK", "text/plain"),
+        ('{"message":"ok"}', "application/json"),
+        ('{"status":"success"}', "application/json"),
+        ('["success"]', "application/json"),
+        ('"success"', "application/json"),
+        ('{"message":"success"', "application/json"),
+    ],
+)
+def test_a_2xx_that_is_not_brazes_json_is_not_a_delivery(body, content_type):
+    result = classify(200, body, content_type=content_type)
+    assert result.outcome is Outcome.UNEXPECTED
+    assert result.detail.startswith("HTTP 200: unexpected answer")
+    assert (content_type.split(";")[0] or "no content type") in result.detail
+    assert len(result.detail) <= MAX_DETAIL + 100 and "\n" not in result.detail
+
+
+def test_a_truncated_2xx_is_not_a_delivery_even_if_its_start_is_brazes():
+    result = classify(201, '{"message":"success"}', truncated=True)
+    assert result.outcome is Outcome.UNEXPECTED
+    assert "over the size cap" in result.detail
+
+
+def test_a_redirect_is_its_own_outcome_naming_the_status_and_target():
+    result = classify(301, "<html>Moved</html>", location="https://u:p@elsewhere.example/x")
+    assert result.outcome is Outcome.REDIRECTED
+    assert result.detail == "HTTP 301: redirect to https://***@elsewhere.example/x not followed"
+
+
+@pytest.mark.parametrize("depth", [MAX_ANSWER_DEPTH + 1, 1_000, 100_000])
+def test_deeply_nested_json_is_no_answer_and_raises_nothing(depth):
+    nested = '{"message":"success","errors":' + "[" * depth + "]" * depth + "}"
+    assert parse_answer(nested) is None
+    assert classify(201, nested).outcome is Outcome.UNEXPECTED
+    assert delivery_errors(nested) == []
+    assert classify(400, nested).outcome is Outcome.BAD_REQUEST
+
+
+def test_nesting_within_the_bound_is_parsed():
+    errors = [{"identifier": {"email": ["x"]}}]
+    body = json.dumps({"message": "success", "errors": errors})
+    assert parse_answer(body) == {"message": "success", "errors": errors}
+    assert classify(201, body).outcome is Outcome.DELIVERED
+
+
+def test_a_body_over_the_cap_is_not_parsed():
+    body = json.dumps({"message": "success", "pad": "x" * MAX_ANSWER_BYTES})
+    assert parse_answer(body) is None
+    assert classify(201, body).outcome is Outcome.UNEXPECTED
+
+
 @settings(max_examples=200, deadline=None)
 @given(status=st.integers(100, 599), body=st.text(max_size=2_000))
 def test_detail_is_always_one_bounded_line(status, body):
@@ -203,8 +274,8 @@ def test_rate_limit_garbage_is_none(raw):
     assert parse_rate_limit(headers) == RateLimit(None, None, None)
 
 
-@pytest.mark.parametrize("raw", ["inf", "Infinity", "1e999"])
-def test_rate_limit_infinite_is_none(raw):
+@pytest.mark.parametrize("raw", ["inf", "Infinity", "1e999", "1e308", "9" * 400, "1e13"])
+def test_rate_limit_infinite_or_absurd_is_none(raw):
     headers = {"X-RateLimit-Limit": raw, "X-RateLimit-Remaining": raw, "X-RateLimit-Reset": raw}
     assert parse_rate_limit(headers) == RateLimit(None, None, None)
 

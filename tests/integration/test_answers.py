@@ -1,0 +1,215 @@
+"""Answers that are not Braze's, slow and huge answers, and bookkeeping that fails after
+an answer (issue 21 items 2, 4 and 5): the Braze client and the poster against the
+simulator's `answer` faults over real HTTP, batch records in real Redis."""
+
+from __future__ import annotations
+
+import logging
+import time
+import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from config.settings import Settings, load_settings
+from core.outcome import MAX_ANSWER_BYTES
+from delivery.braze_client import V1_PATH, BrazeClient
+from delivery.poster import Poster
+from delivery.services import services
+from stores.dead_letters import DeadLetters
+from tests.conftest import SIM_KEY, come_due, email
+from tests.integration.test_poster import GROUP, email_batch, inflight, record
+from tests.sim_control import faults, sim_stats, sim_subscriptions
+
+
+def client(url: str, timeout: float = 10.0) -> BrazeClient:
+    from pydantic import SecretStr
+
+    return BrazeClient(url, SecretStr(SIM_KEY), timeout_seconds=timeout, max_connections=2)
+
+
+BODY = {"subscription_group_id": GROUP, "subscription_state": "subscribed", "email": ["a@b.co"]}
+
+
+@pytest.fixture
+def limited_poster(env) -> Iterator[Poster]:
+    """MAX_ATTEMPTS 2: the setting under test (dead-lettered after it)."""
+    settings: Settings = load_settings(max_attempts=2)
+    assert settings.rest_endpoint is not None and settings.braze_api_key is not None
+    braze = BrazeClient(
+        settings.rest_endpoint, settings.braze_api_key, timeout_seconds=10, max_connections=2
+    )
+    yield services().poster(braze, settings)
+    braze.close()
+
+
+# --- item 2: only Braze's JSON is a delivery -------------------------------------------------
+
+
+def test_an_html_200_is_retried_and_dead_lettered_never_delivered(
+    sim, limited_poster, redis_client
+):
+    values = [email(1), email(2)]
+    batch_id = email_batch(values)
+    faults(sim, answer="html")
+
+    first = limited_poster.post(batch_id)
+    assert (first.status, first.http_status, first.attempt) == ("retry", 200, 1)
+    assert "unexpected answer" in first.detail and "text/html" in first.detail
+    kept = record(redis_client, batch_id)
+    assert kept is not None and kept["attempts"] == 1  # the attempt is counted
+    assert len(inflight(redis_client)) == 2  # still locked: nothing newer overtakes it
+
+    come_due(batch_id)
+    second = limited_poster.post(batch_id)
+    assert (second.status, second.attempt) == ("dead_lettered", 2)
+    [entry] = DeadLetters(redis_client, services().keys).list()
+    assert "HTTP 200: unexpected answer" in entry.error
+    assert "text/html" in entry.error and "<!DOCTYPE html>" in entry.error
+    assert sorted(i["value"] for i in entry.identifiers) == values
+    assert sim_subscriptions(sim) == {}
+    assert sim_stats(sim)["not_braze"] == 2
+
+
+def test_a_redirect_is_never_followed_and_stops_posting_said_once(
+    sim, poster_pair, redis_client, caplog
+):
+    first_id, second_id = email_batch([email(1)]), email_batch([email(2)], "unsubscribed")
+    faults(sim, answer="redirect")
+    found = services()
+    with caplog.at_level(logging.ERROR, logger="braze_subs.poster"):
+        one = poster_pair[0].post(first_id)
+        two = poster_pair[1].post(second_id)
+    assert one.status == "retry" and one.http_status == 301
+    assert "redirect to https://elsewhere.invalid/" in one.detail and "not followed" in one.detail
+    # The circuit is open for every worker: the second batch was not sent at all.
+    assert two.status == "waiting" and two.http_status is None
+    assert found.limiter.state().circuit is not None
+    assert "301" in str(found.limiter.state().circuit)
+    for batch_id in (first_id, second_id):
+        assert record(redis_client, batch_id)["attempts"] == 0  # nothing spent
+        assert redis_client.hget(found.keys.schedule_reasons, batch_id) == b"credentials"
+    loud = [r for r in caplog.records if "configuration error" in r.getMessage()]
+    assert len(loud) == 1
+    assert "BRAZE_REST_ENDPOINT" in loud[0].getMessage()
+    assert SIM_KEY not in caplog.text
+    stats = sim_stats(sim, log=True)
+    assert [r["status"] for r in stats["requests"]] == [301]  # one request, nothing followed
+
+
+@pytest.fixture
+def poster(env) -> Poster:
+    return services().poster()
+
+
+@pytest.fixture
+def poster_pair(env) -> list[Poster]:
+    found = services()
+    return [found.poster(), found.poster()]
+
+
+# --- item 4: the outcome first, then bookkeeping ---------------------------------------------
+
+
+def test_a_deeply_nested_2xx_is_an_unexpected_answer_with_its_attempt_counted(
+    sim, poster, redis_client
+):
+    batch_id = email_batch([email(3)])
+    faults(sim, answer="nested")
+    report = poster.post(batch_id)  # raised RecursionError before: given back uncounted
+    assert (report.status, report.http_status, report.attempt) == ("retry", 201, 1)
+    assert record(redis_client, batch_id)["attempts"] == 1
+
+
+def test_absurd_rate_limit_headers_on_a_201_do_not_re_post(sim, poster, redis_client):
+    batch_id = email_batch([email(4)])
+    faults(sim, absurd_rate_limit_headers=True)
+    report = poster.post(batch_id)  # OverflowError before, after the 201: posted again
+    assert report.status == "delivered"
+    assert record(redis_client, batch_id) is None
+    assert poster.post(batch_id).status == "gone"
+    assert sim_stats(sim)["requests_total"] == 1
+
+
+def test_absurd_rate_limit_headers_on_a_429_pause_at_most_a_window(sim, poster, redis_client):
+    batch_id = email_batch([email(5)])
+    faults(sim, absurd_rate_limit_headers=True, spend=10_000)
+    report = poster.post(batch_id)
+    assert report.status == "retry" and report.http_status == 429
+    window = services().settings.braze_rate_limit_window_seconds
+    assert 0 < services().limiter.paused_for() <= window + 1
+    assert record(redis_client, batch_id)["attempts"] == 0
+
+
+def test_failing_bookkeeping_after_a_201_cannot_re_post(sim, redis_client, monkeypatch, caplog):
+    """A Redis error while counting the request, after Braze accepted it: the batch has
+    ended already; the failure is logged and the batch is not posted again."""
+    found = services()
+    batch_id = email_batch([email(6)])
+    poster = found.poster()
+
+    def broken(**_kwargs: Any) -> None:
+        raise ConnectionError("Redis went away while counting")
+
+    monkeypatch.setattr(poster.counters, "request", broken)
+    with caplog.at_level(logging.ERROR, logger="braze_subs.poster"):
+        report = poster.post(batch_id)
+    assert report.status == "delivered"
+    assert record(redis_client, batch_id) is None and inflight(redis_client) == {}
+    assert "count the request failed" in caplog.text
+    assert poster.post(batch_id).status == "gone"
+    assert sim_stats(sim)["requests_total"] == 1
+
+
+def test_an_error_after_sending_gives_back_with_the_attempt_counted(sim, redis_client, monkeypatch):
+    """The answer arrived but this process failed before recording its outcome: unknown,
+    so a retry, and it counts, so that it cannot go on for ever."""
+    import delivery.poster as poster_module
+
+    found = services()
+    batch_id = email_batch([email(7)])
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("boom while reading the answer")
+
+    monkeypatch.setattr(poster_module, "classify", broken)
+    with pytest.raises(RuntimeError):
+        found.poster().post(batch_id)
+    assert redis_client.hget(found.keys.schedule_reasons, batch_id) == b"retry"
+    assert record(redis_client, batch_id)["attempts"] == 1
+    assert sim_stats(sim)["requests_total"] == 1
+
+
+# --- item 5: one deadline per exchange; bodies read up to a cap ------------------------------
+
+
+def test_a_trickled_answer_ends_at_the_overall_deadline(sim):
+    """HTTP_TIMEOUT_SECONDS is the setting under test: 1 s. The simulator sends Braze's
+    answer a byte every 0.2 s (about 4 s in all); httpx's per-phase timeout never fires."""
+    faults(sim, answer="trickle", trickle_ms=200)
+    braze = client(sim.url, timeout=1.0)
+    try:
+        started = time.monotonic()
+        reply = braze.post(V1_PATH, BODY)
+        took = time.monotonic() - started
+    finally:
+        braze.close()
+    assert reply.status is None and reply.error is not None
+    assert "Timeout" in reply.error
+    assert took < 1.9, f"the exchange took {took:.2f} s with a 1 s deadline"
+
+
+def test_a_huge_body_is_read_only_up_to_the_cap(sim):
+    faults(sim, answer="huge", huge_bytes=30 * 1024 * 1024)
+    braze = client(sim.url)
+    try:
+        tracemalloc.start()
+        reply = braze.post(V1_PATH, BODY)
+        _now, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    finally:
+        braze.close()
+    assert reply.status == 500 and reply.truncated
+    assert len(reply.body) == MAX_ANSWER_BYTES
+    assert peak < 8 * MAX_ANSWER_BYTES, f"peak {peak} bytes while reading"
