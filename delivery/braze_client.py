@@ -173,7 +173,7 @@ def _apply_deadline(client: httpx.Client, deadline: _Deadline) -> None:
     """Wrap the network backend of every transport of `client` (the direct one and those
     httpx mounted for proxies from the environment) in the exchange's deadline. httpx takes
     no backend argument, so its pools' `_network_backend` is replaced; if an upgrade moves
-    it this fails at start (and tests/unit/test_braze_deadline.py fails), never silently."""
+    it this fails at start (and tests/integration/test_answers.py fails), never silently."""
     transports = [client._transport, *client._mounts.values()]
     for transport in transports:
         if transport is None:
