@@ -40,7 +40,7 @@ from core.errors import EXIT_ENVIRONMENT, EXIT_REFUSED, BrazeSubsError
 from delivery.services import services
 from stores.dead_letters import DeadLetter, DeadLetters
 from tasks.bulk_import import count_lines, enqueue_file
-from tasks.producer import enqueue_change, enqueue_changes
+from tasks.producer import enqueue_change
 
 app = typer.Typer(
     name="braze-subs",
@@ -483,13 +483,28 @@ def verify(
     file: Annotated[Path, typer.Argument(help="A .jsonl or .csv file in import format.")],
     as_json: JsonOption = False,
     repair: Annotated[
-        bool, typer.Option("--repair", help="Enqueue every drifted row again as a change.")
+        bool,
+        typer.Option(
+            "--repair",
+            help="Enqueue every drifted row again as a change (never over a change accepted "
+            "since the row's occurred_at, or since the file was written for rows without one).",
+        ),
+    ] = False,
+    resubscribe: Annotated[
+        bool,
+        typer.Option(
+            "--resubscribe",
+            help="With --repair: also re-subscribe rows that Braze holds as unsubscribed "
+            "(opted out in Braze); says how many first.",
+        ),
     ] = False,
 ) -> None:
     """Read Braze back for every row of FILE and report drift (exit 0 none, 1 drift, 2
     bad input or Braze unreachable)."""
     from admin.verify import Verification, write_json
 
+    if resubscribe and not repair:
+        _fail("--resubscribe goes with --repair")
     if not file.is_file():
         _fail(f"{file}: no such file")
     found = services()
@@ -505,7 +520,7 @@ def verify(
         TimeRemainingColumn(),
     )
     reader = found.reader(max_wait_seconds=None)
-    with Verification(reader, found.redis, found.keys, enqueue=enqueue_changes) as run:
+    with Verification(reader, found.redis, found.keys, buffer=found.buffer) as run:
         with Progress(*columns, console=err, transient=False) as bar:
             tasks: dict[str, int] = {}
 
@@ -526,6 +541,13 @@ def verify(
                     total=distinct,
                     concurrency=found.settings.verify_concurrency,
                 )
+        opted_out = report.totals.opted_out_in_braze
+        if report.ok and resubscribe and opted_out:
+            err.print(
+                f"re-subscribing {opted_out:,} identifiers that Braze holds as unsubscribed "
+                "(opted out in Braze; --resubscribe)"
+            )
+            run.resubscribe()
         if not report.ok:
             for error in report.errors:
                 err.print(str(error), markup=False, highlight=False)
@@ -544,7 +566,17 @@ MISMATCHES_SHOWN = 50
 
 
 def _print_verify(report: VerifyReport, mismatches: Iterator[Mismatch]) -> None:
-    table = Table("group", "checked", "matching", "drift", "unknown", "changing")
+    table = Table(
+        "group",
+        "checked",
+        "matching",
+        "drift",
+        "unknown",
+        "changing",
+        "superseded",
+        "opted out in Braze",
+        "beyond retention",
+    )
     for group, counts in sorted(report.groups.items()):
         table.add_row(
             group,
@@ -556,25 +588,48 @@ def _print_verify(report: VerifyReport, mismatches: Iterator[Mismatch]) -> None:
                     counts.drift,
                     counts.unknown,
                     counts.changing,
+                    counts.superseded,
+                    counts.opted_out_in_braze,
+                    counts.beyond_retention,
                 )
             ),
         )
     out.print(table)
+    totals = report.totals
+    listed = (
+        totals.drift
+        + totals.unknown
+        + totals.superseded
+        + totals.opted_out_in_braze
+        + totals.beyond_retention
+    )
     for shown, mismatch in enumerate(mismatches):
         if shown == 0:
-            out.print("mismatches (line, group, identifier, expected -> Braze):")
+            out.print("mismatches (line, group, identifier, expected -> Braze, outcome):")
         if shown == MISMATCHES_SHOWN:
-            out.print(f"  ... more: --json lists all {report.totals.drift + report.totals.unknown}")
+            out.print(f"  ... more: --json lists all {listed}")
             break
         out.print(
             f"  line {mismatch.line}: {mismatch.subscription_group_id} "
             f"{mismatch.kind}={mismatch.value} {mismatch.expected} -> {mismatch.braze}"
+            f" ({mismatch.outcome.replace('_', ' ')})"
         )
-    totals = report.totals
-    note = f", {report.repaired} repaired (enqueued again)" if report.repaired else ""
+    notes = ""
+    if totals.superseded:
+        notes += f", {totals.superseded:,} superseded (a newer change was accepted here)"
+    if totals.opted_out_in_braze:
+        notes += f", {totals.opted_out_in_braze:,} opted out in Braze"
+        if not report.resubscribed:
+            notes += " (left alone; --resubscribe re-subscribes them)"
+    if totals.beyond_retention:
+        notes += f", {totals.beyond_retention:,} older than the watermark retention (left alone)"
+    if report.repaired:
+        notes += f", {report.repaired:,} repaired (enqueued again)"
+    if report.resubscribed:
+        notes += f", {report.resubscribed:,} of them re-subscribed"
     err.print(
         f"checked {totals.checked:,}: {totals.matching:,} matching, {totals.drift:,} drift, "
-        f"{totals.unknown:,} unknown, {totals.changing:,} changing{note}; "
+        f"{totals.unknown:,} unknown, {totals.changing:,} changing{notes}; "
         f"{report.read_calls:,} read calls"
     )
 

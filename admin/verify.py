@@ -1,4 +1,4 @@
-"""`braze-subs verify FILE [--repair]`: does Braze hold what FILE says?
+"""`braze-subs verify FILE [--repair [--resubscribe]]`: does Braze hold what FILE says?
 
 FILE is in import format; a row's state is the one expected in Braze. Two passes, each
 streaming, so a file of 10 million rows needs bounded memory:
@@ -13,18 +13,36 @@ streaming, so a file of 10 million rows needs bounded memory:
 2. Read Braze (`/subscription/status/get`, through the read budget) 100 identifiers at a
    time and compare. An identifier with a pending or in-flight change here — before or
    after the read — is "changing": Braze is about to move, so it is neither drift nor
-   repaired. With `repair`, every drifted or unknown row is enqueued again as a normal
-   change (the producer path: coalescer, budget, ordering and dead letters all apply),
-   after one more look that no change for it arrived meanwhile.
+   repaired. For the others that differ, the row is weighed against what braze-subs has
+   accepted since (`ConsentHistory.latest_accepted`: the watermark and its change's state):
 
-Mismatches are kept in the spool too and streamed out at the end.
+   - `superseded`: a change accepted after the row's time set another state (or one whose
+     state the history no longer holds): the row is out of date, never repaired;
+   - `beyond_retention`: no watermark is retained and the row is older than
+     WATERMARK_RETENTION_DAYS: whether a newer change was accepted cannot be known, so it
+     is not repaired either;
+   - `opted_out_in_braze`: the row says subscribed, Braze unsubscribed (a footer link, an
+     SMS STOP): re-subscribed only with `resubscribe`, after the caller has said how many;
+   - `drift` / `unknown`: repaired with `repair`.
+
+   A row's time is its `occurred_at`; a row without one stands for the state when the file
+   was last written, its modification time (never later than now). A repair is enqueued
+   as a normal change (the producer path: coalescer, budget, ordering and dead letters all
+   apply) carrying that time, or the watermark's when the latest accepted change set the
+   row's state, so enqueue.lua drops it as stale, atomically, if a newer change was
+   accepted between the read and the enqueue (then it counts as `superseded`); and after
+   one more look that no change for it waits or flies.
+
+Mismatches are kept in the spool too and streamed out at the end, each with its outcome.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +55,9 @@ from redis import Redis
 
 from core.changes import Change, IdentifierKind, SubscriptionState
 from delivery.braze_reads import MAX_READ_IDENTIFIERS, BrazeReader, ReadState
+from stores.buffer import Buffer
+from stores.clock import server_time_ms
+from stores.history import ConsentHistory, Retention
 from stores.keys import Keys, buffer_field
 from tasks.rows import RowError, iter_changes
 
@@ -47,7 +68,6 @@ SPOOL_BATCH = 10_000
 
 # Called with (phase, done, total): phase "validating" (lines) or "reading" (identifiers).
 Progress = Callable[[str, int, int], None]
-Enqueue = Callable[[list[Change]], int]
 # One chunk's read: for each identifier, whether a change for it is pending or in flight
 # here; and what Braze holds.
 Read = tuple[list[bool], dict[str, ReadState]]
@@ -55,6 +75,42 @@ Read = tuple[list[bool], dict[str, ReadState]]
 
 def _noop(_phase: str, _done: int, _total: int) -> None:
     return None
+
+
+# What became of a row whose identifier Braze holds in another state than the row says
+# (or does not know), and no change for it is pending or in flight here.
+DRIFT = "drift"  # Braze holds the other state: repaired
+UNKNOWN = "unknown"  # Braze does not know the identifier in that group: repaired
+SUPERSEDED = "superseded"  # a change accepted after the row set another state: left alone
+BEYOND_RETENTION = "beyond_retention"  # older than any watermark kept: left alone
+OPTED_OUT = "opted_out_in_braze"  # row subscribed, Braze unsubscribed: only --resubscribe
+OUTCOMES = (DRIFT, UNKNOWN, SUPERSEDED, BEYOND_RETENTION, OPTED_OUT)
+
+
+def weigh(
+    expected: str,
+    braze: ReadState,
+    row_ms: int,
+    accepted: tuple[int | None, str | None],
+    horizon_ms: int,
+) -> str:
+    """The outcome of a row Braze does not match (pure): see the module's docstring."""
+    mark, state = accepted
+    if mark is not None and mark > row_ms and state != expected:
+        return SUPERSEDED
+    if mark is None and row_ms < horizon_ms:
+        return BEYOND_RETENTION
+    if expected == SubscriptionState.SUBSCRIBED and braze is ReadState.UNSUBSCRIBED:
+        return OPTED_OUT
+    return UNKNOWN if braze is ReadState.UNKNOWN else DRIFT
+
+
+def repair_time(row_ms: int, accepted: tuple[int | None, str | None]) -> int:
+    """When a repair occurred: the row's time, or the watermark's when the latest accepted
+    change (later than the row) set the row's state — the repair re-applies that change, so
+    it must not lose to it, and still loses to anything newer."""
+    mark, _state = accepted
+    return row_ms if mark is None else max(row_ms, mark)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +121,7 @@ class Mismatch:
     value: str
     expected: str
     braze: str  # subscribed | unsubscribed | unknown
+    outcome: str = DRIFT  # one of OUTCOMES
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +131,7 @@ class Mismatch:
             "expected": self.expected,
             "braze": self.braze,
             "line": self.line,
+            "outcome": self.outcome,
         }
 
 
@@ -84,6 +142,9 @@ class GroupCounts:
     drift: int = 0  # Braze holds the other state
     unknown: int = 0  # Braze does not know the identifier in that group
     changing: int = 0  # a change for it is pending or in flight here
+    superseded: int = 0  # a change accepted since the row set another state
+    beyond_retention: int = 0  # older than the watermarks kept, none held
+    opted_out_in_braze: int = 0  # row subscribed, Braze unsubscribed
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -92,6 +153,9 @@ class GroupCounts:
             "drift": self.drift,
             "unknown": self.unknown,
             "changing": self.changing,
+            "superseded": self.superseded,
+            "beyond_retention": self.beyond_retention,
+            "opted_out_in_braze": self.opted_out_in_braze,
         }
 
 
@@ -102,7 +166,8 @@ class VerifyReport:
     errors: list[RowError] = field(default_factory=list)
     totals: GroupCounts = field(default_factory=GroupCounts)
     groups: dict[str, GroupCounts] = field(default_factory=dict)
-    repaired: int = 0
+    repaired: int = 0  # repairs enqueued and accepted (re-subscriptions included)
+    resubscribed: int = 0  # of those, opted out in Braze and re-subscribed (--resubscribe)
     read_calls: int = 0
 
     @property
@@ -111,8 +176,11 @@ class VerifyReport:
 
     @property
     def drifted(self) -> bool:
-        """Braze does not hold what the file says for some identifier."""
-        return self.totals.drift + self.totals.unknown > 0
+        """Braze does not hold what the file says for some identifier, and nothing here
+        explains it: drift, unknown, or too old to tell (superseded rows and Braze's own
+        opt-outs are accounted for)."""
+        totals = self.totals
+        return totals.drift + totals.unknown + totals.beyond_retention > 0
 
     def count(self, group_id: str, outcome: str) -> None:
         counts = self.groups.setdefault(group_id, GroupCounts())
@@ -120,10 +188,17 @@ class VerifyReport:
             target.checked += 1
             setattr(target, outcome, getattr(target, outcome) + 1)
 
+    def recount(self, group_id: str, was: str, now: str) -> None:
+        """A row's outcome changed (its repair lost to a change accepted meanwhile)."""
+        for target in (self.groups[group_id], self.totals):
+            setattr(target, was, getattr(target, was) - 1)
+            setattr(target, now, getattr(target, now) + 1)
+
 
 class Verification:
     """One run of `verify`: the spool lives as long as this object (use it as a context
-    manager); `mismatches()` streams what `check` found, in file order."""
+    manager); `mismatches()` streams what `check` found, in file order. Repairs go into
+    `buffer` (None: nothing is repaired)."""
 
     def __init__(
         self,
@@ -131,13 +206,19 @@ class Verification:
         redis: Redis,
         keys: Keys,
         *,
-        enqueue: Enqueue | None = None,
+        buffer: Buffer | None = None,
         spool_dir: Path | None = None,
     ) -> None:
         self.reader = reader
         self.redis = redis
         self.keys = keys
-        self.enqueue = enqueue
+        self.buffer = buffer
+        self.history = ConsentHistory(redis, keys, buffer.scripts if buffer else None)
+        # Rows without occurred_at stand for the state when the file was written (`load`).
+        self.written_ms = 0
+        # Older than this (Redis's clock less the watermark retention), a row without a
+        # watermark may be older than a change whose watermark has expired (`check`).
+        self.horizon_ms = 0
         self._dir = tempfile.TemporaryDirectory(prefix="braze-subs-verify-", dir=spool_dir)
         self._db = sqlite3.connect(Path(self._dir.name) / "spool.sqlite3")
         # A throw-away spool: no journal, no fsync; a small page cache keeps memory flat.
@@ -150,11 +231,12 @@ class Verification:
             CREATE TABLE expected (
                 grp TEXT NOT NULL, kind TEXT NOT NULL, value TEXT NOT NULL,
                 state TEXT NOT NULL, doi INTEGER NOT NULL, line INTEGER NOT NULL,
+                occurred INTEGER,
                 PRIMARY KEY (grp, kind, value)
             ) WITHOUT ROWID;
             CREATE TABLE mismatch (
                 line INTEGER PRIMARY KEY, grp TEXT, kind TEXT, value TEXT,
-                expected TEXT, braze TEXT
+                expected TEXT, braze TEXT, outcome TEXT, doi INTEGER, repair_ms INTEGER
             );
             """
         )
@@ -176,11 +258,14 @@ class Verification:
         """Validate FILE into the spool; returns the distinct identifiers to check. Row
         errors land in `report` (check `report.ok`); nothing is read from Braze here."""
         report = self.report
+        # Read before the rows: a file rewritten meanwhile is only taken as newer.
+        self.written_ms = min(round(os.stat(path).st_mtime * 1000), round(time.time() * 1000))
         insert = (
-            "INSERT INTO expected VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (grp, kind, value) "
-            "DO UPDATE SET state = excluded.state, doi = excluded.doi, line = excluded.line"
+            "INSERT INTO expected VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (grp, kind, value) "
+            "DO UPDATE SET state = excluded.state, doi = excluded.doi, line = excluded.line, "
+            "occurred = excluded.occurred"
         )
-        batch: list[tuple[str, str, str, str, int, int]] = []
+        batch: list[tuple[str, str, str, str, int, int, int | None]] = []
         for line, item in iter_changes(path):
             report.rows += 1
             if isinstance(item, RowError):
@@ -189,7 +274,15 @@ class Verification:
                     report.errors.append(item)
             elif report.ok:
                 batch.append(
-                    (item.group_id, item.kind, item.value, item.state, item.double_opt_in, line)
+                    (
+                        item.group_id,
+                        item.kind,
+                        item.value,
+                        item.state,
+                        item.double_opt_in,
+                        line,
+                        item.occurred_ms,
+                    )
                 )
                 if len(batch) >= SPOOL_BATCH:
                     self._write(insert, batch)
@@ -202,7 +295,7 @@ class Verification:
         (distinct,) = self._db.execute("SELECT count(*) FROM expected").fetchone()
         return int(distinct)
 
-    def _write(self, sql: str, batch: list[tuple[str, str, str, str, int, int]]) -> None:
+    def _write(self, sql: str, batch: list[tuple[Any, ...]]) -> None:
         with self._db:
             self._db.executemany(sql, batch)
         batch.clear()
@@ -217,16 +310,21 @@ class Verification:
         total: int = 0,
         concurrency: int = 1,
     ) -> None:
-        """Read Braze for every spooled identifier and compare; raises `BrazeReadError`
-        when Braze cannot be read (what was checked and repaired until then stands).
+        """Read Braze for every spooled identifier and compare; with `repair`, enqueue the
+        drift and unknown rows again as they are found. Raises `BrazeReadError` when Braze
+        cannot be read (what was checked and repaired until then stands). Rows opted out in
+        Braze are left for `resubscribe`.
 
         `concurrency` reads are in the air at once (each waits for its own turn in the read
         budget): at Braze's ~0.1-0.3 s per answer, one at a time would use a tenth of the
         budget. Results are settled here, in order, on this thread (the spool is not shared
         between threads); at most 2 x `concurrency` chunks are read ahead.
         """
+        retention = self.buffer.retention if self.buffer is not None else Retention()
+        self.horizon_ms = server_time_ms(self.redis) - retention.watermark_ms
         rows = self._db.execute(
-            "SELECT grp, kind, value, state, doi, line FROM expected ORDER BY grp, kind, value"
+            "SELECT grp, kind, value, state, doi, line, occurred FROM expected "
+            "ORDER BY grp, kind, value"
         )
         chunks = (
             (group_id, kind, chunk)
@@ -267,44 +365,89 @@ class Verification:
     ) -> int:
         changing, states = future.result()
         report = self.report
-        wrong: list[tuple[Any, ...]] = []
+        differing: list[tuple[tuple[Any, ...], ReadState]] = []
         for row, busy in zip(chunk, changing, strict=True):
-            value, expected, line = row[2], row[3], row[5]
-            braze = states[value]
-            if braze.value == expected:
+            braze = states[row[2]]
+            if braze.value == row[3]:
                 report.count(group_id, "matching")
             elif busy:
                 report.count(group_id, "changing")
             else:
-                report.count(group_id, "unknown" if braze is ReadState.UNKNOWN else "drift")
-                wrong.append((line, group_id, kind, value, expected, braze.value))
-        if wrong:
-            with self._db:
-                self._db.executemany("INSERT INTO mismatch VALUES (?, ?, ?, ?, ?, ?)", wrong)
-            if repair and self.enqueue is not None:
-                self._repair(group_id, kind, wrong, {row[2]: bool(row[4]) for row in chunk})
+                differing.append((row, braze))
+        if not differing:
+            return len(chunk)
+        accepted = self.history.latest_accepted(
+            group_id, kind, [row[2] for row, _braze in differing]
+        )
+        wrong: list[tuple[Any, ...]] = []
+        for (row, braze), latest in zip(differing, accepted, strict=True):
+            value, expected, doi, line, occurred = row[2], row[3], row[4], row[5], row[6]
+            row_ms = self.written_ms if occurred is None else occurred
+            outcome = weigh(expected, braze, row_ms, latest, self.horizon_ms)
+            report.count(group_id, outcome)
+            wrong.append(
+                (line, group_id, kind, value, expected, braze.value, outcome, doi,
+                 repair_time(row_ms, latest))
+            )  # fmt: skip
+        with self._db:
+            self._db.executemany("INSERT INTO mismatch VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", wrong)
+        if repair and self.buffer is not None:
+            self._repair(group_id, kind, [m for m in wrong if m[6] in (DRIFT, UNKNOWN)])
         return len(chunk)
 
-    def _repair(
-        self, group_id: str, kind: str, wrong: list[tuple[Any, ...]], doi: dict[str, bool]
-    ) -> None:
-        assert self.enqueue is not None
-        # One more look just before enqueueing: a change that arrived since the read is newer
-        # than this file's row, and must not be overwritten by it.
+    def resubscribe(self) -> int:
+        """Re-subscribe the rows Braze holds as opted out (`--resubscribe`, after the caller
+        has said how many: `report.totals.opted_out_in_braze`); returns how many were
+        enqueued. The same path and checks as any repair."""
+        if self.buffer is None:
+            return 0
+        rows = self._db.execute(
+            "SELECT line, grp, kind, value, expected, braze, outcome, doi, repair_ms "
+            "FROM mismatch WHERE outcome = ? ORDER BY grp, kind, value",
+            (OPTED_OUT,),
+        ).fetchall()  # a list: the spool is updated while the rows are repaired
+        before = self.report.repaired
+        for (group_id, kind), members in groupby(rows, key=lambda row: (row[1], row[2])):
+            for chunk in _chunks(members, MAX_READ_IDENTIFIERS):
+                self._repair(group_id, kind, chunk)
+        self.report.resubscribed = self.report.repaired - before
+        return self.report.resubscribed
+
+    def _repair(self, group_id: str, kind: str, wrong: list[tuple[Any, ...]]) -> None:
+        """Enqueue each row again, one change per script call so that each one's fate is
+        known: enqueue.lua drops it as stale if a change that occurred later was accepted
+        since the read (the row is then superseded after all)."""
+        assert self.buffer is not None
+        if not wrong:
+            return
+        # One more look just before enqueueing: a change that arrived since the read waits
+        # or flies, and Braze is about to move; leave that identifier alone.
         quiet = self._changing(group_id, kind, [row[3] for row in wrong])
-        changes = [
-            Change(
+        for row, busy in zip(wrong, quiet, strict=True):
+            if busy:
+                continue
+            line, value, expected, outcome, doi, repair_ms = (
+                row[0], row[3], row[4], row[6], row[7], row[8]
+            )  # fmt: skip
+            change = Change(
                 group_id=group_id,
-                state=SubscriptionState(row[4]),
+                state=SubscriptionState(expected),
                 kind=IdentifierKind(kind),
-                value=row[3],
-                double_opt_in=doi[row[3]],
+                value=value,
+                double_opt_in=bool(doi),
+                occurred_ms=repair_ms,
+                source="braze-subs verify --repair",
             )
-            for row, busy in zip(wrong, quiet, strict=True)
-            if not busy
-        ]
-        if changes:
-            self.report.repaired += self.enqueue(changes)
+            stale = self.buffer.stale
+            self.buffer.enqueue([change])
+            if self.buffer.stale == stale:
+                self.report.repaired += 1
+            else:
+                self.report.recount(group_id, outcome, SUPERSEDED)
+                with self._db:
+                    self._db.execute(
+                        "UPDATE mismatch SET outcome = ? WHERE line = ?", (SUPERSEDED, line)
+                    )
 
     def _changing(self, group_id: str, kind: str, values: list[str]) -> list[bool]:
         """For each identifier: does a change for it wait in the buffer or fly in a batch?"""
@@ -318,9 +461,10 @@ class Verification:
     # --- results ------------------------------------------------------------------------
 
     def mismatches(self) -> Iterator[Mismatch]:
-        """Drifted and unknown rows, in file order, streamed from the spool."""
+        """The rows Braze does not match and that are not changing, in file order, each
+        with its outcome, streamed from the spool."""
         cursor = self._db.execute(
-            "SELECT line, grp, kind, value, expected, braze FROM mismatch ORDER BY line"
+            "SELECT line, grp, kind, value, expected, braze, outcome FROM mismatch ORDER BY line"
         )
         for row in cursor:
             yield Mismatch(*row)
@@ -347,7 +491,11 @@ def write_json(report: VerifyReport, mismatches: Iterable[Mismatch], out: Any) -
         "drift": totals.drift,
         "unknown": totals.unknown,
         "changing": totals.changing,
+        "superseded": totals.superseded,
+        "beyond_retention": totals.beyond_retention,
+        "opted_out_in_braze": totals.opted_out_in_braze,
         "repaired": report.repaired,
+        "resubscribed": report.resubscribed,
         "read_calls": report.read_calls,
         "groups": {group: counts.as_dict() for group, counts in sorted(report.groups.items())},
     }

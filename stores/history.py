@@ -19,6 +19,7 @@ from redis import Redis
 from config.settings import Settings
 from core.changes import format_ms
 from stores.keys import FIELD_SEPARATOR, Keys, buffer_field
+from stores.scripts import Scripts
 
 DAY_MS = 86_400_000
 _LAST = float("inf")
@@ -201,9 +202,10 @@ class ConsentHistory:
     the buffer (whose "enqueued" is written when they are taken into a batch), looked up by
     field for each known group. No scan."""
 
-    def __init__(self, client: Redis, keys: Keys) -> None:
+    def __init__(self, client: Redis, keys: Keys, scripts: Scripts | None = None) -> None:
         self.client = client
         self.keys = keys
+        self._scripts = scripts
 
     def events(self, kind: str, value: str, group_id: str | None = None) -> list[HistoryEvent]:
         """Oldest first; only `group_id`'s events (and the erasure's) when given."""
@@ -238,3 +240,23 @@ class ConsentHistory:
             for name, mark in raw.items()
             if name.startswith(prefix)
         }
+
+    def latest_accepted(
+        self, group_id: str, kind: str, values: list[str]
+    ) -> list[tuple[int | None, str | None]]:
+        """For each identifier of one group and kind: the occurred time (ms) of the latest
+        change accepted here (its watermark; None when none is retained) and the state that
+        change set (None when the history no longer holds it). One round trip
+        (latest_accepted.lua); nothing is written."""
+        if not values:
+            return []
+        if self._scripts is None:
+            self._scripts = Scripts(self.client)
+        raw = self._scripts.latest_accepted(
+            keys=[self.keys.pending], args=[group_id, kind, *values]
+        )
+        pairs = zip(raw[::2], raw[1::2], strict=True)
+        return [
+            (int(mark) if mark else None, state.decode() if state else None)
+            for mark, state in pairs
+        ]
