@@ -38,6 +38,7 @@ COPY core /tmp/build/core
 COPY stores /tmp/build/stores
 COPY delivery /tmp/build/delivery
 COPY tasks /tmp/build/tasks
+COPY api /tmp/build/api
 COPY admin /tmp/build/admin
 COPY worker /tmp/build/worker
 # The simulator is dev tooling, not in the installed product (the runtime wheel leaves it

@@ -821,6 +821,19 @@ def metrics(
     serve(port, host, client, found.keys, limiter)
 
 
+@app.command("api")
+def api_command(
+    port: Annotated[
+        int | None, typer.Option(help="Port (default: PORT).", min=1, max=65535)
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address (default: API_ADDRESS).")] = None,
+) -> None:
+    """The HTTP ingest API: POST /v1/changes, GET /healthz (bearer tokens: API_TOKENS)."""
+    from api.server import serve  # starlette and uvicorn: loaded only to serve
+
+    serve(get_settings(), host=host, port=port)
+
+
 @probe_app.command("live")
 def probe_live(
     role: Annotated[str, typer.Option("--role", help="worker or beat.")],

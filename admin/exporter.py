@@ -21,13 +21,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
 
 from admin.status import Status, read_status
 from stores import counters
+from stores.api_metrics import ApiTotals, read_api_totals
 from stores.fleet import WAIT_REASONS, WORKERS_READ
 from stores.keys import Keys
 from stores.limiter import RateLimiter
@@ -63,17 +69,48 @@ class Extras:
 
     requests: list[counters.RequestCount]
     last_tick_ms: float | None
+    api: ApiTotals | None = None  # the HTTP API's requests (`stores/api_metrics.py`)
 
 
 def read_extras(client: Redis, keys: Keys) -> Extras:
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.request_totals)
     pipe.get(keys.coalesce_last_tick)
-    raw_requests, last_tick = pipe.execute()
+    pipe.hgetall(keys.api_requests)
+    raw_requests, last_tick, raw_api = pipe.execute()
     return Extras(
         requests=counters.request_totals(raw_requests),
         last_tick_ms=float(last_tick) if last_tick else None,
+        api=read_api_totals(raw_api),
     )
+
+
+def api_families(api: ApiTotals) -> Iterator[Metric]:
+    """The HTTP API's request metrics, summed over every API process (pure)."""
+    requests = CounterMetricFamily(
+        PREFIX + "api_requests",
+        "Requests answered by the HTTP ingest API, by HTTP status.",
+        labels=["code"],
+    )
+    for code, total in sorted(api.requests.items()):
+        requests.add_metric([code], total)
+    yield requests
+    changes = CounterMetricFamily(
+        PREFIX + "api_changes",
+        "Changes the HTTP ingest API enqueued (stale: of those, dropped as older than a "
+        "change already accepted).",
+        labels=["outcome"],
+    )
+    for outcome in ("accepted", "stale"):
+        changes.add_metric([outcome], api.changes.get(outcome, 0))
+    yield changes
+    duration = HistogramMetricFamily(
+        PREFIX + "api_request_duration_seconds",
+        "Time the HTTP ingest API took to answer a request.",
+        buckets=api.buckets,
+        sum_value=api.duration_sum,
+    )
+    yield duration
 
 
 def _gauge(name: str, doc: str, value: float | None, unit: str = "") -> GaugeMetricFamily:
@@ -249,6 +286,8 @@ def families(status: Status, extras: Extras) -> Iterator[Metric]:
         "Batches split to isolate identifiers Braze refused (400).",
         status.splits_total,
     )
+    if extras.api is not None:
+        yield from api_families(extras.api)
 
 
 class RedisCollector(Collector):

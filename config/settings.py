@@ -240,6 +240,27 @@ class Settings(BaseSettings):
     # five seconds while a busy machine's scheduling hiccups (well under a second) do not.
     liveness_max_age_seconds: float = Field(default=5.0, gt=0)
 
+    # --- HTTP ingest API (`braze-subs api`, the Procfile's `api:` line) --------------------
+    # Bearer tokens the API accepts: comma-separated, and/or one a line in API_TOKENS_FILE
+    # (a mounted secret). Several, for rotation: add the new one, move the producers, drop
+    # the old. Each at least 16 characters. Secrets: never logged, compared in constant time.
+    api_tokens: SecretStr | None = None
+    api_tokens_file: str | None = None
+    # Port of the API: PORT, the name Procfile platforms and Cloud Run set.
+    port: int = Field(default=8080, ge=1, le=65535)
+    # All interfaces: other services call the API (every request needs a token).
+    api_address: str = Field(default="0.0.0.0", min_length=1)
+    # Processes of the API (uvicorn workers). One uses a core; scale with replicas or this.
+    api_workers: int = Field(default=1, ge=1)
+    # Backpressure: while more distinct group + identifier pairs than this are pending, the
+    # API answers 503 with Retry-After instead of growing the buffer. At ~300 bytes each, a
+    # million is ~300 MB, under compose's REDIS_MAXMEMORY (1gb), so the API says "later"
+    # before Redis refuses writes; that is also 4 minutes of one workspace's full budget.
+    api_max_pending: int = Field(default=1_000_000, ge=1)
+    # Largest request body: 1,000 import rows (the most one request takes) of ~250 bytes
+    # each, with room to spare; larger ones are answered 413 without being read.
+    api_max_body_bytes: int = Field(default=1_048_576, ge=1024)
+
     # --- Import ---------------------------------------------------------------------------
     # Processes that validate a `braze-subs import` file (`--jobs` overrides). Unset: one
     # per CPU, since phone validation (~50 µs a row) is CPU-bound; 1 validates in the
@@ -341,7 +362,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("redis_ca_file")
+    @field_validator("redis_ca_file", "api_tokens_file")
     @classmethod
     def _readable_file(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
@@ -460,6 +481,28 @@ class Settings(BaseSettings):
         if ca:
             options["ssl_ca_certs"] = ca
         return options
+
+    def require_api_tokens(self) -> list[str]:
+        """The bearer tokens the HTTP API accepts (API_TOKENS, then API_TOKENS_FILE's
+        lines); raise SettingsError if there are none or one is too short to be secret."""
+        text = self.api_tokens.get_secret_value() if self.api_tokens else ""
+        tokens = [token.strip() for token in text.split(",")]
+        if self.api_tokens_file:
+            lines = Path(self.api_tokens_file).read_text(encoding="utf-8").splitlines()
+            tokens += [line.strip() for line in lines]
+        tokens = [token for token in tokens if token and not token.startswith("#")]
+        if not tokens:
+            raise SettingsError(
+                "API_TOKENS: missing (the HTTP API needs at least one bearer token, in "
+                "API_TOKENS or API_TOKENS_FILE)"
+            )
+        for number, token in enumerate(tokens, 1):
+            if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+                raise SettingsError(
+                    f"API_TOKENS: token {number} must be at least 16 printable characters "
+                    "without spaces"
+                )
+        return tokens
 
     def require_braze(self) -> None:
         """Raise SettingsError unless this process can talk to Braze."""

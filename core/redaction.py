@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from core.changes import IDENTIFIER_FIELDS, show_value
 
 
 def mask_email(email: str) -> str:
@@ -52,3 +55,20 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
             text = text.replace(form, "***")
     text = _USERINFO.sub(r"\g<scheme>***@", text)
     return _BEARER.sub(r"\g<name>***", text)
+
+
+def mask_identifiers_in(message: str, row: Mapping[str, Any]) -> str:
+    """`message` with every identifier of `row` (an import row) it quotes masked as the
+    logs mask them: a refusal told to a producer (Flower, the HTTP API's 422) or logged."""
+    for kind in IDENTIFIER_FIELDS:
+        value = row.get(kind)
+        if not isinstance(value, str):
+            continue
+        for plain in {value, value.strip()} - {""}:
+            mask = mask_identifier(kind, plain)
+            # Longest first: the value as the message quotes it (cut off when long, so
+            # that the whole value would not be found in it), then the value itself.
+            for shown in (show_value(plain), repr(plain), plain):
+                replacement = repr(mask) if shown != plain else mask
+                message = message.replace(shown, replacement)
+    return message

@@ -210,6 +210,12 @@ class Keys:
         return self._key("requests")
 
     @property
+    def api_requests(self) -> str:
+        """HASH the HTTP API's totals since start, fleet-wide (`stores/api_metrics.py`):
+        "status <code>", "changes <accepted|stale>", "duration <bucket>", "duration sum"."""
+        return self._key("api:requests")
+
+    @property
     def coalesce_last_tick(self) -> str:
         """STRING Redis time (ms) at which the last coalescer tick finished."""
         return self._key("coalesce:last_tick")

@@ -18,9 +18,9 @@ from typing import Any
 
 from celery.signals import worker_ready
 
-from core.changes import IDENTIFIER_FIELDS, InvalidChange, show_value
+from core.changes import InvalidChange
 from core.errors import InputRefused
-from core.redaction import mask_identifier
+from core.redaction import mask_identifiers_in
 from core.waiting import WaitReason
 from delivery.dead_letter_retention import expire_dead_letters
 from delivery.services import services
@@ -61,25 +61,9 @@ def record_change(*args: Any, **row: Any) -> dict[str, Any]:
         change = enqueue_change(**row)
     except InvalidChange as exc:
         # `from None`: the original exception, which quotes the value, is not chained.
-        raise ChangeRefused(masked(str(exc), row)) from None
+        raise ChangeRefused(mask_identifiers_in(str(exc), row)) from None
     # Flower shows the result: keep it free of the identifier itself.
     return {"group": change.group_id, "state": change.state.value, "kind": change.kind.value}
-
-
-def masked(message: str, row: dict[str, Any]) -> str:
-    """`message` with every identifier of `row` it quotes masked as the logs mask them."""
-    for kind in IDENTIFIER_FIELDS:
-        value = row.get(kind)
-        if not isinstance(value, str):
-            continue
-        for plain in {value, value.strip()} - {""}:
-            mask = mask_identifier(kind, plain)
-            # Longest first: the value as the message quotes it (cut off when long, so
-            # that the whole value would not be found in it), then the value itself.
-            for shown in (show_value(plain), repr(plain), plain):
-                replacement = repr(mask) if shown != plain else mask
-                message = message.replace(shown, replacement)
-    return message
 
 
 @app.task(name="subscriptions.coalesce")

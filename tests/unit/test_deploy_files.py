@@ -14,7 +14,7 @@ from config.settings import Settings
 from stores.durability import findings
 
 ROOT = Path(__file__).resolve().parents[2]
-PROCESSES = ("worker", "beat", "flower", "metrics")
+PROCESSES = ("worker", "beat", "flower", "metrics", "api")
 
 
 def procfile() -> dict[str, list[str]]:
@@ -30,7 +30,7 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
-def test_procfile_has_the_four_processes():
+def test_procfile_has_the_five_processes():
     assert set(procfile()) == set(PROCESSES)
 
 

@@ -1,7 +1,8 @@
 """The architecture as a test: one direction of dependency, dev tooling out of the product.
 
-core <- config <- stores <- delivery <- tasks <- admin <- worker. A module may import its
-own package or any package below it; `devtools` and `simulator` (dev tooling) may be
+core <- config <- stores <- delivery <- tasks <- api <- admin <- worker (`api`, the HTTP
+ingest API, is an entry point beside `tasks` that loads no delivery code either). A module
+may import its own package or any package below it; `devtools` and `simulator` (dev tooling) may be
 imported by the product only inside a function (the demo and simulate commands), never at
 module level.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LAYERS = ["core", "config", "stores", "delivery", "tasks", "admin", "worker"]
+LAYERS = ["core", "config", "stores", "delivery", "tasks", "api", "admin", "worker"]
 DEV_ONLY = {"devtools", "simulator"}
 # The pure core does no I/O: none of these may appear in it.
 IO_LIBRARIES = {"redis", "httpx", "celery", "kombu", "socket", "subprocess", "requests"}
@@ -109,6 +110,20 @@ def test_the_producer_api_loads_only_what_enqueuing_needs() -> None:
         "import sys, tasks.producer; "
         f"heavy = {sorted(HEAVY_FOR_A_PRODUCER)!r}; "
         "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & set(heavy))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""
+
+
+def test_the_http_api_loads_no_delivery_code() -> None:
+    """The API is a producer too: its application imports no poster, coalescer or httpx."""
+    probe = (
+        "import sys, api.app; "
+        "heavy = {'httpx', 'httpcore', 'delivery', 'celery', 'kombu', 'admin', 'simulator', "
+        "'devtools', 'typer', 'rich'}; "
+        "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & heavy)))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True

@@ -90,6 +90,7 @@ def test_processes_run_the_procfile_commands():
         ("beat", "braze-subs-beat"),
         ("flower", "braze-subs-flower"),
         ("metrics", "braze-subs-metrics"),
+        ("api", "braze-subs-api"),
     ):
         assert container(deployment)["command"] == procfile[process], process
 
