@@ -158,6 +158,8 @@ class Stack:
             "FLOWER_PUBLISH": f"127.0.0.1:{self.flower_port}",
             "SIMULATOR_PUBLISH": f"127.0.0.1:{self.sim_port}",
             "METRICS_PUBLISH": f"127.0.0.1:{self.metrics_port}",
+            "API_PUBLISH": f"127.0.0.1:{free_port()}",
+            "API_TOKENS": secrets.token_hex(16),
         }
         for name in ("BRAZE_INSTANCE", "REDIS_URL", "REDIS_MAXMEMORY", "LOG_FORMAT"):
             self.env.pop(name, None)
@@ -415,7 +417,9 @@ def test_compose_stack_in_podman_keeps_every_last_write(stack: Stack) -> None:
         timeout=60,
     )
     assert denied.returncode != 0
-    others = [stack.one(service) for service in ("beat", "flower", "metrics", "simulator")]
+    others = [
+        stack.one(service) for service in ("beat", "flower", "metrics", "api", "simulator")
+    ]
     for name in [redis, *others, *workers]:
         wait_for(lambda name=name: stack.healthy(name), timeout=90, interval=2.0, what=name)
     # The exporter, on its published port.

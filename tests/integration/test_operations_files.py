@@ -128,7 +128,7 @@ def test_kustomize_build_passes_the_schema():
         ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, check=True
     ).stdout
     docs = [doc for doc in yaml.safe_load_all(built) if doc]
-    assert len(docs) == 10
+    assert len(docs) == 12  # the api Deployment and Service among them
     for doc in docs:
         assert doc["metadata"].get("namespace", "braze-subs") == "braze-subs"
         validate(doc)
