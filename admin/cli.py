@@ -720,7 +720,13 @@ def forget(
     kind, value = _identifier_option(external_id, email, phone)
     found = services()
     report = erase(
-        found.redis, found.keys, kind, value, scripts=found.scripts, retention=found.retention
+        found.redis,
+        found.keys,
+        kind,
+        value,
+        scripts=found.scripts,
+        retention=found.retention,
+        grace_ms=found.settings.redispatch_grace_ms,
     )
     out.print(
         f"erased {kind} {value} from braze-subs: {report.pending} pending changes, "

@@ -72,3 +72,43 @@ def mask_identifiers_in(message: str, row: Mapping[str, Any]) -> str:
                 replacement = repr(mask) if shown != plain else mask
                 message = message.replace(shown, replacement)
     return message
+
+
+# An email address or an E.164 phone number anywhere in a free text (Braze's messages,
+# a refusal's detail): what `confine` masks even when it was not told the identifier.
+_EMAIL_IN_TEXT = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+_PHONE_IN_TEXT = re.compile(r"(?<![\w+])\+\d{7,15}(?!\d)")
+
+
+def mask_in_text(kind: str, value: str) -> str:
+    """The mask of an identifier quoted in a stored text: emails and phones as in logs,
+    external ids reduced to their first character, or to nothing when short
+    (`mask_identifier` leaves them whole: fine for a log line, not for someone else's
+    record)."""
+    if kind in ("email", "phone"):
+        return mask_identifier(kind, value)
+    return mask_text(value) if len(value) > 4 else "***"
+
+
+def confine(text: str, identifiers: Iterable[tuple[str, str]], keep: Iterable[str] = ()) -> str:
+    """`text` as it may be stored in the records of the identifiers in `keep`: every other
+    identifier it quotes is masked — each of `identifiers` ((kind, value) pairs: the
+    request's) where it stands as a whole word, then any email address or E.164 phone
+    number still in it. An identifier is stored only in its own records, so `forget`
+    finds every trace of it (issue 21)."""
+    if not text:
+        return text
+    kept = set(keep)
+    for kind, value in sorted(set(identifiers), key=lambda pair: -len(pair[1])):
+        if not value or value in kept:
+            continue
+        masked = mask_in_text(kind, value)
+        text = re.sub(rf"(?<!\w){re.escape(value)}(?!\w)", lambda _, m=masked: m, text)
+
+    def email(match: re.Match[str]) -> str:
+        return match.group(0) if match.group(0) in kept else mask_email(match.group(0))
+
+    def phone(match: re.Match[str]) -> str:
+        return match.group(0) if match.group(0) in kept else mask_phone(match.group(0))
+
+    return _PHONE_IN_TEXT.sub(phone, _EMAIL_IN_TEXT.sub(email, text))

@@ -18,13 +18,17 @@ Only a messaged batch can be claimed, so a duplicate message never posts it agai
 from __future__ import annotations
 
 import json
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from core.changes import IdentifierKind, SubscriptionState
 from core.planning import BatchKey
+from core.redaction import confine
 from core.waiting import WaitReason
 from stores.base import ScriptedStore
 
@@ -124,7 +128,45 @@ def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
+class _RequestTexts:
+    """Which identifiers each claim token of this process holds, batch by batch, so that an
+    error text (Braze's message about the whole request, a v2 pack's included) is stored
+    in a batch's record and dead letter with only that batch's identifiers left whole,
+    and in each member's history with none (`core.redaction.confine`).
+
+    A token belongs to one post of one thread; a process runs WORKER_CONCURRENCY posts at
+    once, so the most recent tokens are plenty (the oldest are dropped first)."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: OrderedDict[str, dict[str, tuple[str, tuple[str, ...]]]] = OrderedDict()
+
+    def claimed(self, token: str, record: BatchRecord) -> None:
+        with self._lock:
+            batches = self._tokens.setdefault(token, {})
+            self._tokens.move_to_end(token)
+            batches[record.id] = (record.key.kind.value, record.values)
+            while len(self._tokens) > self.LIMIT:
+                self._tokens.popitem(last=False)
+
+    def texts(self, token: str, batch_id: str, error: str) -> tuple[str, str]:
+        """(for the batch's record and dead letter, for its members' histories)."""
+        if not error:
+            return error, error
+        with self._lock:
+            batches = dict(self._tokens.get(token, {}))
+        everyone = [(kind, value) for kind, values in batches.values() for value in values]
+        own = batches.get(batch_id, ("", ()))[1]
+        return confine(error, everyone, keep=own), confine(error, everyone)
+
+
 class BatchStore(ScriptedStore):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._texts = _RequestTexts()
+
     def _claim_keys(self, batch_id: str) -> list[str]:
         """KEYS[1..5] of every script that touches a claim: the record, the sweep's deadline,
         the lease, the holder's token, the "sent" mark."""
@@ -149,6 +191,8 @@ class BatchStore(ScriptedStore):
         )
         status = ClaimStatus(_text(reply[0]))
         record = BatchRecord.from_json(reply[1]) if len(reply) > 1 else None
+        if status is ClaimStatus.CLAIMED and record is not None:
+            self._texts.claimed(token, record)
         return Claim(status, record)
 
     def fence(self, batch_ids: list[str], token: str, need_ms: int) -> bool:
@@ -187,16 +231,18 @@ class BatchStore(ScriptedStore):
             k.stats,
             k.dead_letter_fields,
         ]
+        stored, told = self._texts.texts(token, batch_id, error)
         args: list[str | int | float] = [
             batch_id,
             token,
             outcome,
-            error,
+            stored,
             json.dumps(named or []),
             "" if http_status is None else http_status,
             "" if latency_ms is None else round(latency_ms, 1),
             *r.history_args,
             r.subject_ms,
+            told,
         ]
         args += ["all"] if sent is None else ["listed", *sent]
         members = int(self.scripts.finish_batch(keys=keys, args=args))
@@ -268,6 +314,7 @@ class BatchStore(ScriptedStore):
         for `reason`. `solo` takes it out of its v2 pack. After a post (`http_status`, or
         an attempt counted) the members' history records the retry."""
         k = self.keys
+        stored, told = self._texts.texts(token, batch_id, error)
         status, attempts = self.scripts.defer_batch(
             keys=[
                 *self._claim_keys(batch_id),
@@ -279,13 +326,14 @@ class BatchStore(ScriptedStore):
                 batch_id,
                 token,
                 int(count_attempt),
-                error,
+                stored,
                 max(due_in_ms, 0),
                 "solo" if solo else "",
                 reason.value,
                 grace_ms,
                 "" if http_status is None else http_status,
                 *self.retention.history_args,
+                told,
             ],
         )
         return Deferral(Deferred(_text(status)), int(attempts))

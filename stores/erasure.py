@@ -1,7 +1,9 @@
 """Erasure: `braze-subs forget` removes everything braze-subs holds about one identifier.
 
 One atomic script (`stores/lua/forget.lua`): pending changes, locks and batch-record
-membership of batches in flight, dead letters, watermarks and history, across all groups.
+membership of batches in flight (a claimed batch not yet sent loses its claim, so its
+worker's check before the first byte stops it), dead letters, watermarks and history,
+across all groups.
 It does not change Braze: the identifier's profile and subscription states there are
 Braze's to delete (its user deletion endpoint, /users/delete).
 """
@@ -44,8 +46,12 @@ def forget(
     *,
     scripts: Scripts | None = None,
     retention: Retention | None = None,
+    grace_ms: int,
 ) -> ErasureReport:
-    """Erase the (normalised) identifier; returns what was removed."""
+    """Erase the (normalised) identifier; returns what was removed. A batch holding it
+    that a worker has claimed but not yet sent loses its claim (with the rest of its
+    request) and waits in the schedule, due now: nothing is sent for the identifier after
+    this returns; `grace_ms` is the sweep's grace for those batches."""
     scripts = scripts or Scripts(client)
     retention = retention or Retention()
     raw = scripts.forget(
@@ -59,8 +65,15 @@ def forget(
             keys.dead_letter_fields,
             keys.stats,
             keys.groups,
+            keys.claims,
+            keys.claim_tokens,
+            keys.fences,
+            keys.schedule,
+            keys.schedule_reasons,
+            keys.batches,
+            keys.coalesce_nudge,
         ],
-        args=[kind, value, retention.history_ms],
+        args=[kind, value, retention.history_ms, grace_ms],
     )
     data = json.loads(raw)
     return ErasureReport(**{name: int(count) for name, count in data.items()})

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 
+from core.redaction import confine
 from core.refusal import Sibling
 from stores.clock import server_time_ms
 from stores.keys import FIELD_SEPARATOR, Keys
@@ -108,6 +109,9 @@ class Refusals:
         if now_ms is None:
             now_ms = server_time_ms(self.client)
         ttl_ms = max(1, round(seconds * 1000))
+        # Kept for the group, shown by `status` and quoted in the dead letters of later
+        # batches: no identifier of the refused batch stays in it.
+        detail = confine(detail, ())
         refusal = Refusal(group_id, state, kind, detail, now_ms, now_ms + ttl_ms)
         raw = json.dumps(
             {

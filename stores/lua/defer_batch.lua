@@ -13,7 +13,10 @@
 -- v2 pack (it will be sent alone), else ""  ARGV[7] reason (core/waiting.py)
 -- ARGV[8] sweep grace after the due time (ms)  ARGV[9] HTTP status of the failed post (""
 -- when none came)  ARGV[10] history retention (ms)  ARGV[11] most history events per
--- identifier
+-- identifier  ARGV[12] the error text for the members' histories
+-- The texts are confined by the caller (core/redaction.py `confine`): ARGV[4], for the
+-- record, quotes no identifier but this batch's members; ARGV[12] quotes none, so no
+-- identifier's history ever names another one.
 -- Per member (see _prelude.lua): after a post that failed (an HTTP status, or an attempt
 -- counted) its history gets "retried" with the status, attempts and error; a batch only
 -- waiting for its turn records nothing.
@@ -50,7 +53,7 @@ if status or tonumber(ARGV[3]) > 0 then
   for _, member in ipairs(record.members) do
     local _, history = identity_keys(keys_prefix, record.kind .. SEP .. member[1])
     remember(history, now, {e = 'retried', g = record.group, b = id, h = status,
-      n = record.attempts, x = ARGV[4]}, keep, most)
+      n = record.attempts, x = ARGV[12]}, keep, most)
   end
 end
 local due = now + tonumber(ARGV[5])

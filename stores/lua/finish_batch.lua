@@ -19,9 +19,12 @@
 --         empty): those members alone are dead-lettered, with ARGV[4]; the rest delivered
 -- ARGV[6] HTTP status ("" when none came)   ARGV[7] Braze's answer time in ms ("")
 -- ARGV[8] history retention (ms)   ARGV[9] most history events per identifier
--- ARGV[10] subject key lifetime (ms)   ARGV[11] "all" when every member was sent, "listed"
--- when only ARGV[12..] were (the others were left out: Braze holds an opt-out their change
--- asked to respect)
+-- ARGV[10] subject key lifetime (ms)   ARGV[11] the error text for the members' histories
+-- ARGV[12] "all" when every member was sent, "listed" when only ARGV[13..] were (the
+-- others were left out: Braze holds an opt-out their change asked to respect)
+-- The texts are confined by the caller (core/redaction.py `confine`): ARGV[4], for the
+-- dead-letter entry, quotes no identifier but this batch's members; ARGV[11] quotes none,
+-- so no identifier's history or dead letter ever names another one.
 -- Per member (see _prelude.lua): history gets "posted" (status, answer time),
 -- "skipped_opt_out" or "dead_lettered" (status, attempts, error); the subject keeps the
 -- watermark (set again to the member's change if it expired meanwhile) and, when dead, a
@@ -59,9 +62,9 @@ local status, answered = tonumber(ARGV[6]), tonumber(ARGV[7])
 local keep, most = tonumber(ARGV[8]), tonumber(ARGV[9])
 local subject_keep = tonumber(ARGV[10])
 local sent = nil
-if ARGV[11] == 'listed' then
+if ARGV[12] == 'listed' then
   sent = {}
-  for i = 12, #ARGV do
+  for i = 13, #ARGV do
     sent[ARGV[i]] = true
   end
 end
@@ -82,7 +85,7 @@ for _, member in ipairs(record.members) do
   if dead then
     redis.call('HSET', subject, 'd' .. SEP .. ARGV[1], record.group)
     remember(history, now, {e = 'dead_lettered', g = record.group, b = ARGV[1], h = status,
-      n = record.attempts + 1, x = ARGV[4]}, keep, most)
+      n = record.attempts + 1, x = ARGV[11]}, keep, most)
   elseif sent and not sent[member[1]] then
     remember(history, now, {e = 'skipped_opt_out', g = record.group, b = ARGV[1]}, keep, most)
     redis.call('HINCRBY', KEYS[12], 'opt_out_skipped', 1)

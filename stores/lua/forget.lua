@@ -10,18 +10,31 @@
 -- KEYS[7] dlq fields HASH   field -> entry id; its fields are deleted
 -- KEYS[8] stats      HASH   "erased" += 1
 -- KEYS[9] groups     SET    every group id a change was enqueued for (read)
+-- KEYS[10] claims    ZSET   batch id -> lease end; claims of batches not yet sent end
+-- KEYS[11] tokens    HASH   batch id -> holder's token; likewise
+-- KEYS[12] fences    HASH   batch id -> sent at ms (read: a request on the wire)
+-- KEYS[13] schedule  ZSET   batch id -> due ms; a batch whose claim ended waits here, due now
+-- KEYS[14] reasons   HASH   batch id -> "ready"
+-- KEYS[15] batches   ZSET   batch id -> sweep deadline (read: unfinished; set)
+-- KEYS[16] nudge     LIST   wakes a coalescer to send those batches their messages
 -- Derived (see _prelude.lua): the identifier's subject and history keys (deleted; the
 -- history is left holding one "erased" event with the counts, no identifier); the records
 -- of the batches that hold it ({prefix}:batch:<id>: it leaves their members and their
 -- error text) and their opt-out reads ({prefix}:optout:<id>: deleted, a cache).
 -- ARGV[1] kind   ARGV[2] value (normalised)   ARGV[3] history retention (ms)
+-- ARGV[4] sweep grace (ms)
 --
 -- The groups to look in: every group a change was ever enqueued for (pending changes of
 -- the identifier not yet taken have left no other trace), the subject's (watermarks,
--- dead letters holding it) and the history's. Guarantees: one atomic step, so no change, batch or dead letter
--- can move between the places looked in. A batch on the wire finishes, but its record no
--- longer names the identifier: its end (finish_batch.lua), a retry (defer, claim), a split
--- or the sweep write nothing about it, and a dead letter or replay cannot bring it back.
+-- dead letters holding it) and the history's. Guarantees: one atomic step, so no change,
+-- batch or dead letter can move between the places looked in. A batch on the wire
+-- finishes, but its record no longer names the identifier: its end (finish_batch.lua), a
+-- retry (defer, claim), a split or the sweep write nothing about it, and a dead letter or
+-- replay cannot bring it back. A batch claimed but not yet sent (its worker waits for its
+-- turn or an opt-out read, with the identifier in memory) loses its claim here, with the
+-- other batches of the same request (a v2 pack): the worker's check right before the first
+-- byte (fence_batch.lua) then finds the claim gone and sends nothing, as after a take-back;
+-- the batches wait in the schedule, due now, and go out without the identifier.
 -- Returns a JSON object counting what was removed.
 local kind, value = ARGV[1], ARGV[2]
 local ident = kind .. SEP .. value
@@ -44,6 +57,23 @@ local function scrub(text)
   end
   out[#out + 1] = string.sub(text, start)
   return table.concat(out)
+end
+
+local now = now_ms()
+local grace = tonumber(ARGV[4])
+
+-- End the claim of batch `id` unless its request is on the wire (then it reaches Braze:
+-- nothing can call it back); it waits in the schedule, due now.
+local function stop_unsent(id)
+  if not redis.call('HGET', KEYS[11], id) or redis.call('HEXISTS', KEYS[12], id) == 1 then
+    return
+  end
+  end_claim(KEYS[10], KEYS[11], KEYS[12], id)
+  if redis.call('ZSCORE', KEYS[15], id) then
+    wait_in_schedule(KEYS[13], KEYS[14], id, now, 'ready')
+    redis.call('ZADD', KEYS[15], now + grace, id)
+    nudge(KEYS[16])
+  end
 end
 
 local groups, entries = {}, {}
@@ -97,6 +127,15 @@ for group in pairs(groups) do
       record.error = scrub(record.error)
       redis.call('SET', batch_key, cjson.encode(record))
       removed.in_flight = removed.in_flight + 1
+      local token = redis.call('HGET', KEYS[11], batch)
+      if token then
+        for _, sibling in ipairs(record.pack or {}) do
+          if sibling ~= batch and redis.call('HGET', KEYS[11], sibling) == token then
+            stop_unsent(sibling)
+          end
+        end
+        stop_unsent(batch)
+      end
     end
     redis.call('DEL', prefix .. 'optout:' .. batch)
   end
@@ -134,7 +173,6 @@ for entry_id in pairs(entries) do
 end
 
 redis.call('DEL', subject, history)
-local now = now_ms()
 redis.call('RPUSH', history, now .. SEP .. cjson.encode({e = 'erased', removed = removed}))
 redis.call('PEXPIRE', history, tonumber(ARGV[3]))
 redis.call('HINCRBY', KEYS[8], 'erased', 1)

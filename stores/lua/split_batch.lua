@@ -17,8 +17,9 @@
 -- The first half is the named member alone when it is in the batch, else the first half of
 -- the members. Guarantees: the members are moved, not copied: each is in exactly one half
 -- and stays locked (no newer change can overtake it while it is being isolated); the
--- halves carry the attempts and the error so far, belong to no v2 pack, and wait in the
--- schedule, due now (no message is left to the splitting worker); halves of a split that
+-- halves carry the attempts so far (not the last error text: it may quote members that go
+-- to the other half, and an identifier is stored only in its own records), belong to no
+-- v2 pack, and wait in the schedule, due now (no message is left to the splitting worker); halves of a split that
 -- named nobody (ARGV[6] "") each carry the other's id as `sibling`, so that if both are
 -- refused the whole batch is condemned (core/refusal.py). Returns the size of the first
 -- half, or -1 if the batch is gone, has a single member, or the caller lost its claim.
@@ -47,6 +48,7 @@ if named > 0 then
   middle = 1
 end
 local halves = {{}, {}}
+record.error = nil
 for i, member in ipairs(record.members) do
   local first = i <= middle
   if named > 0 then

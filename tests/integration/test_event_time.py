@@ -313,25 +313,27 @@ def test_forget_removes_every_trace_and_nothing_brings_it_back(env, sim, redis_c
 
 
 def test_forget_while_the_batch_is_being_posted(env, sim, redis_client):
-    """The poster read the record before the erasure: the request goes, but its end, a
-    retry and a dead letter write nothing about the identifier."""
+    """The erasure comes after the check before the first byte: the request is on the wire
+    and reaches Braze, but its end, a retry and a dead letter write nothing about the
+    identifier. (Before that check, the request is not sent at all:
+    tests/integration/test_erasure.py.)"""
     found = services()
     poster = found.poster()
     target, other = email(1), email(2)
     enqueue(row(target, "subscribed", T0), row(other, "subscribed", T0))
     [batch_id] = take_all()
-    original = poster.braze.post
+    original = poster.store.fence
 
-    def erase_then_fail(path: str, body: Any, **options: Any) -> Any:
+    def fence_then_erase(*args: Any, **options: Any) -> bool:
+        sent = original(*args, **options)
         result = run_real("forget", "--email", target)
         assert result.returncode == 0, result.stderr
-        reply = original(path, body, **options)
-        return reply
+        return sent
 
-    poster.braze.post = erase_then_fail
+    poster.store.fence = fence_then_erase  # type: ignore[method-assign]
     faults(sim, outage=True)
     assert poster.post(batch_id).status == "retry"
-    poster.braze.post = original
+    poster.store.fence = original  # type: ignore[method-assign]
     assert keyspace_traces(redis_client, target) == []
     faults(sim, outage=False)
     come_due(batch_id)

@@ -31,3 +31,44 @@ def test_classify_scrubs_transport_errors_and_bodies():
     result = classify(400, f'{{"message": "bad auth Bearer {KEY}"}}')
     assert result.outcome is Outcome.BAD_REQUEST
     assert KEY not in result.detail
+
+
+# --------------------------------------------------------------------------------------
+# confine: a stored text names only the identifiers of the record it is written to
+# --------------------------------------------------------------------------------------
+
+
+def test_confine_masks_every_identifier_but_the_records_own():
+    from core.redaction import confine
+
+    text = "Invalid email: jane@example.com; user-7 unknown; +14155550100; bob@example.org"
+    request = [
+        ("email", "jane@example.com"),
+        ("external_id", "user-7"),
+        ("phone", "+14155550100"),
+        ("email", "bob@example.org"),
+    ]
+    assert confine(text, request, keep=["bob@example.org"]) == (
+        "Invalid email: j***@example.com; u*** unknown; +1*******100; bob@example.org"
+    )
+    assert "bob@example.org" not in confine(text, request)
+
+
+def test_confine_masks_whole_words_only():
+    """An external id `7` must not eat the 7 of `HTTP 400 at 17:07`."""
+    from core.redaction import confine
+
+    assert confine("HTTP 400 at 17:07 for 7", [("external_id", "7")]) == (
+        "HTTP 400 at 17:07 for ***"
+    )
+    assert confine("user-77 and user-7.", [("external_id", "user-7")]) == "user-77 and u***."
+
+
+def test_confine_masks_emails_and_phones_it_was_not_told_about():
+    """A refusal's detail from an earlier batch, quoted in a later one."""
+    from core.redaction import confine
+
+    assert confine("group refused: carl@example.net, +447700900123", []) == (
+        "group refused: c***@example.net, +4********123"
+    )
+    assert confine("", [("email", "a@b.c")]) == ""
