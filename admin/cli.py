@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Annotated, NoReturn
-from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,6 +36,7 @@ from admin.status_view import sections, warnings
 from admin.verify import Mismatch, VerifyReport
 from config.settings import get_settings
 from core.errors import EXIT_ENVIRONMENT, EXIT_REFUSED, BrazeSubsError
+from core.redaction import redact_url
 from delivery.services import services
 from stores.dead_letters import DeadLetter, DeadLetters
 from tasks.bulk_import import count_lines, enqueue_file
@@ -84,18 +84,6 @@ class CliError(BrazeSubsError):
 
 def _fail(message: str, code: int = EXIT_ENVIRONMENT) -> NoReturn:
     raise CliError(message, code)
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, for messages (each of a sentinel:// list too)."""
-    if ";" in url:
-        return ";".join(redact_url(part) for part in url.split(";"))
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 @app.command()

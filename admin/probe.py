@@ -11,24 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
 from config.settings import SettingsError, get_settings
+from core.redaction import redact_url
 from tasks.health import ROLES, check_live, heartbeat_path
 
 EXIT_OK = 0
 EXIT_PROBE_FAILED = 1
 EXIT_USAGE = 2
-
-
-def _redacted(url: str) -> str:
-    if ";" in url:  # sentinel://...;sentinel://...
-        return ";".join(_redacted(part) for part in url.split(";"))
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def live(role: str) -> tuple[int, str]:
@@ -51,7 +41,7 @@ def ready(timeout: float) -> tuple[int, str]:
     try:
         client.ping()
     except RedisError as exc:
-        url = _redacted(settings.redis_url)
+        url = redact_url(settings.redis_url)
         return EXIT_PROBE_FAILED, f"not ready: cannot reach Redis at {url}: {exc}"
     finally:
         client.close()

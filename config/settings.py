@@ -14,7 +14,7 @@ import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -469,14 +469,16 @@ class Settings(BaseSettings):
         host = urlsplit(self.rest_endpoint or "").netloc or "unset"
         return f"{host}:{digest}"
 
-    def redis_tls(self) -> dict[str, str] | None:
+    def redis_tls(self) -> dict[str, Any] | None:
         """TLS options of every Redis connection (ours and the broker's) for a rediss://
         URL: the certificate is always verified, against REDIS_CA_FILE or the URL's
         `ssl_ca_certs` if given (else the system's CAs). None for other URLs."""
         parts = urlsplit(self.redis_url)
         if parts.scheme != "rediss":
             return None
-        options = {"ssl_cert_reqs": "required"}
+        # The host name is checked against the certificate explicitly: redis-py's default
+        # for it changed between the versions pyproject.toml allows (off before 6).
+        options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
         ca = self.redis_ca_file or dict(parse_qsl(parts.query)).get("ssl_ca_certs")
         if ca:
             options["ssl_ca_certs"] = ca

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from core.changes import IDENTIFIER_FIELDS, show_value
 
@@ -112,3 +113,27 @@ def confine(text: str, identifiers: Iterable[tuple[str, str]], keep: Iterable[st
         return match.group(0) if match.group(0) in kept else mask_phone(match.group(0))
 
     return _PHONE_IN_TEXT.sub(phone, _EMAIL_IN_TEXT.sub(email, text))
+
+
+# Query parameters of a Redis URL that hold a credential (redis-py reads `password` there).
+_SECRET_QUERY = frozenset(("password", "pass", "pwd", "token"))
+
+
+def redact_url(url: str) -> str:
+    """A connection URL for messages: its password — in the userinfo or a `?password=`
+    parameter — shown as `***`; each URL of a `;`-joined sentinel list too."""
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
+    parts = urlsplit(url)
+    # Edited in place (urlunsplit would turn `unix:///path` into `unix:/path`).
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        url = url.replace(parts.netloc, f"{parts.username or ''}:***@{host}", 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(name.lower() in _SECRET_QUERY for name, _ in pairs):
+            shown = [
+                (name, "***" if name.lower() in _SECRET_QUERY else value) for name, value in pairs
+            ]
+            url = url.replace(f"?{parts.query}", f"?{urlencode(shown, safe='*/:')}", 1)
+    return url

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ssl
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from redis import Redis
 from redis.sentinel import Sentinel
@@ -59,13 +59,22 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         options["broker_use_ssl"] = {
             "ssl_cert_reqs": ssl.CERT_REQUIRED,
             "ssl_ca_certs": tls.get("ssl_ca_certs"),
+            # Explicit, as for our clients: kombu hands these to redis-py's SSLConnection,
+            # whose default changed between the versions pyproject.toml allows.
+            "ssl_check_hostname": True,
         }
     parts = urlsplit(url)
     if parts.scheme == "unix":  # kombu names it redis+socket://
-        db = dict(item.split("=", 1) for item in parts.query.split("&") if "=" in item).get(
-            "db", "0"
-        )
-        options["broker_url"] = f"redis+socket://{parts.path}?virtual_host={db}"
+        query = dict(parse_qsl(parts.query))
+        db = query.get("db", "0")
+        # redis-py takes the password from the userinfo or `?password=`; kombu only from
+        # the userinfo of its redis+socket:// URL.
+        password = unquote(parts.password) if parts.password else query.get("password")
+        username = unquote(parts.username) if parts.username else query.get("username")
+        userinfo = ""
+        if password or username:
+            userinfo = f"{quote(username or '', safe='')}:{quote(password or '', safe='')}@"
+        options["broker_url"] = f"redis+socket://{userinfo}{parts.path}?virtual_host={db}"
     if parts.scheme == "sentinel":
         transport["master_name"] = settings.redis_sentinel_master
     options["broker_transport_options"] = transport

@@ -103,6 +103,9 @@ def create_app(settings: Settings) -> Celery:
         },
         **broker,
         worker_pool="threads",
+        # Messages the worker cannot run (a misspelled task name, an invalid body) are
+        # logged with their arguments masked, not whole (tasks/masked_messages.py).
+        worker_consumer="tasks.masked_messages:MaskingConsumer",
         worker_concurrency=settings.worker_concurrency,
         # SIGTERM is a warm shutdown: posts not yet sent hand their batches back at once
         # (`worker_shutting_down` below) and requests on the wire finish, within

@@ -13,7 +13,12 @@ value, never the value itself:
 - `MaskingAMQP`: this project's app as a producer, for the message headers and the
   task-sent event (sent before any worker sees the task, and merged by Flower in whatever
   order the events arrive). A service with its own Celery app should pass
-  `kwargsrepr=` itself if it enables `task_send_sent_event`.
+  `kwargsrepr=` itself if it enables `task_send_sent_event`;
+- `MaskingConsumer`: the worker's consumer, for a message it cannot run — a misspelled
+  task name (`subscriptions.record_chnage`), an invalid or undecodable message. Celery
+  logs "the full contents of the message body" and its headers (a foreign producer's raw
+  `kwargsrepr`), in text and JSON logs alike; here both are masked first, and the rest
+  (reject, the task-failed event, the signals) is Celery's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery.app.amqp import AMQP
+from celery.utils.log import get_logger
+from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
 from core.changes import IDENTIFIER_FIELDS
@@ -93,3 +100,69 @@ class MaskingAMQP(AMQP):
             if options.get("argsrepr") is None:
                 options["argsrepr"] = f"<{len(args)} positional>" if args else "()"
         return super().as_task_v2(task_id, name, args, kwargs, *rest, **options)
+
+
+def _masked_payload(message: Any, body: Any) -> Any:
+    """What Celery would print of a message's body, arguments masked: positional ones
+    counted, keyword ones through `redact_row`; callbacks and the rest not shown."""
+    try:
+        payload = body if body is not None else message.decode()
+    except Exception:  # undecodable: nothing of it is shown
+        return f"<{len(message.body or b'')} bytes, not decodable>"
+    if isinstance(payload, dict):  # protocol 1
+        args, kwargs = payload.get("args") or (), payload.get("kwargs") or {}
+    elif isinstance(payload, list | tuple) and len(payload) >= 2:  # protocol 2
+        args, kwargs = payload[0] or (), payload[1] or {}
+    else:
+        return f"<{type(payload).__name__}, not shown>"
+    shown_args = f"<{len(args)} positional>" if isinstance(args, list | tuple) else "***"
+    shown_kwargs = redact_row(kwargs) if isinstance(kwargs, dict) else "***"
+    return (shown_args, shown_kwargs, "<embed not shown>")
+
+
+def _mask_headers(message: Any, masked: Any) -> None:
+    """The headers Celery prints with the body: its renderings of the arguments (a plain
+    producer fills them raw) replaced by the masked ones."""
+    headers = getattr(message, "headers", None)
+    if not isinstance(headers, dict):
+        return
+    if isinstance(masked, tuple):
+        headers["argsrepr"], headers["kwargsrepr"] = masked[0], repr(masked[1])
+    else:
+        for name in ("argsrepr", "kwargsrepr"):
+            if name in headers:
+                headers[name] = "***"
+
+
+class MaskingConsumer(Consumer):  # type: ignore[misc]
+    """The worker's consumer, logging the messages it cannot run without personal data."""
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        masked = _masked_payload(message, body)
+        _mask_headers(message, masked)
+        super().on_unknown_task(masked, message, exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        masked = _masked_payload(message, body)
+        _mask_headers(message, masked)
+        super().on_invalid_task(masked, message, exc)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        masked = _masked_payload(message, body)
+        _mask_headers(message, masked)
+        super().on_unknown_message(masked, message)
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        # Celery prints the undecodable body whole: here only its size.
+        _logger.critical(
+            "Can't decode message body: %r [type:%r encoding:%r] (%d bytes, not shown)",
+            exc,
+            message.content_type,
+            message.content_encoding,
+            len(message.body or b""),
+            exc_info=True,
+        )
+        message.ack()
+
+
+_logger = get_logger("celery.worker.consumer")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from celery import Celery
 
 from core.redaction import mask_email, mask_phone
@@ -69,4 +70,37 @@ def test_celery_success_and_failure_records_carry_masked_arguments(env, sim, pro
     assert "ChangeRefused" in misspelled and "TypeError" not in misspelled
     assert "unknown field(s): 'emial' (did you mean 'email'?)" in misspelled
     assert "m***" in failures["misspelled"]["data"]["kwargs"]
+    foreign.close()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_misspelled_task_name_is_logged_without_the_identifiers(env, sim, processes, log_format):
+    """Issue 21, item 8: a foreign producer's typo in the task name. Celery logs an
+    unregistered task's whole body and headers (`kwargsrepr` raw from a plain app); the
+    worker logs them masked, and drops the message as Celery does."""
+    worker = processes.worker("w1", concurrency=2, extra_env={"LOG_FORMAT": log_format})
+    foreign = Celery("other-service", broker=env["REDIS_URL"])  # fills kwargsrepr raw
+    raw_email, raw_phone = "jane.doe@example.com", "+14155550123"
+    result = foreign.send_task(
+        "subscriptions.record_chnage",
+        kwargs={
+            "subscription_group_id": GROUP,
+            "subscription_state": "subscribed",
+            "email": raw_email,
+            "phone": raw_phone,
+        },
+    )
+    wait_for(
+        lambda: result.id in worker.log() and "unregistered task" in worker.log(),
+        timeout=30,
+        what="the worker to log the unregistered task",
+    )
+    text = worker.log()
+    for raw in (raw_email, raw_phone, "jane.doe", "4155550123"):
+        assert raw not in text, raw
+    assert "subscriptions.record_chnage" in text
+    assert mask_email(raw_email) in text and mask_phone(raw_phone) in text
+    if log_format == "json":
+        [record] = [r for r in json_lines(text) if "unregistered task" in r.get("message", "")]
+        assert mask_email(raw_email) in record["message"]
     foreign.close()

@@ -223,3 +223,34 @@ def test_unix_socket_for_our_clients_and_a_worker(tmp_path, env, sim, processes,
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("form", ["userinfo", "query"])
+def test_a_password_protected_unix_socket_for_our_clients_and_the_broker(tmp_path, form):
+    """Issue 21, item 8: the password of a unix:// REDIS_URL reached our clients but not
+    the broker (kombu's redis+socket:// takes it only from its userinfo): Celery said
+    "Authentication required". Both forms redis-py reads, through a real redis-server."""
+    from tasks.celery_app import create_app
+
+    socket = tmp_path / "redis.sock"
+    server = start_redis(
+        tmp_path, "--port", "0", "--unixsocket", str(socket), "--requirepass", "s3cret-pw"
+    )
+    try:
+        if form == "userinfo":
+            url = f"unix://:s3cret-pw@{socket}?db=0"
+        else:
+            url = f"unix://{socket}?password=s3cret-pw&db=0"
+        probe = Redis.from_url(url)
+        wait_until(lambda: _pings(probe), timeout=10, what="redis-server on a unix socket")
+        settings = load_settings(redis_url=url)
+        assert redis_client(settings).ping()
+        app = create_app(settings)
+        with app.connection_for_write() as connection:
+            queue = connection.SimpleQueue("braze-subs-test-socket")
+            queue.put({"n": 1})
+            assert queue.get(timeout=10).payload == {"n": 1}
+            queue.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -89,3 +89,31 @@ def test_url_userinfo_in_a_transport_error_is_scrubbed(sim, env, redis_client):
     [entry] = DeadLetters(redis_client, services().keys).list()
     assert "hunter2" not in entry.error and "hunter2" not in report.detail
     braze.close()
+
+
+def test_cannot_reach_redis_hides_a_query_password(tmp_path):
+    """Issue 21, item 8: `?password=` (which redis-py reads) printed whole before."""
+    socket = tmp_path / "nobody-listens.sock"
+    for url in (
+        f"unix://{socket}?password=s3cret-pw&db=0",
+        "redis://127.0.0.1:1/0?password=s3cret-pw",
+    ):
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(("BRAZE_", "REDIS_"))
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "worker", "status"],
+            cwd=Path(__file__).resolve().parents[2],
+            env={**env, "REDIS_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode != 0
+        assert "cannot reach Redis at" in result.stderr, result.stderr
+        assert "password=***" in result.stderr
+        assert "s3cret-pw" not in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr
