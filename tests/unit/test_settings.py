@@ -427,9 +427,10 @@ def test_rediss_always_verifies_with_the_ca_given(monkeypatch, tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("not read here")
     monkeypatch.setenv("REDIS_URL", "rediss://h:6380/0")
-    assert load_settings().redis_tls() == {"ssl_cert_reqs": "required"}
+    verify = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    assert load_settings().redis_tls() == verify
     monkeypatch.setenv("REDIS_CA_FILE", str(ca))
-    assert load_settings().redis_tls() == {"ssl_cert_reqs": "required", "ssl_ca_certs": str(ca)}
+    assert load_settings().redis_tls() == {**verify, "ssl_ca_certs": str(ca)}
     monkeypatch.setenv("REDIS_URL", "redis://h:6379/0")
     assert load_settings().redis_tls() is None
 
