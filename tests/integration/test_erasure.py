@@ -195,9 +195,14 @@ def test_forget_stops_every_batch_of_a_v2_request_not_yet_sent(env, sim, redis_c
     finally:
         poster.limiter.acquire = original  # type: ignore[method-assign]
     assert JANE not in applied_values(sim)
-    # Both due now; bob's takes jane's emptied batch along (it ends as empty, unsent).
-    assert "delivered" in post_due(poster)
-    assert services().batches.count() == 0
+    # Both due now. Whichever message comes first: jane's emptied batch ends unsent, and
+    # bob's goes in that request or, handed on as a pack's sibling, in the next round.
+    statuses: list[str] = []
+    for _ in range(3):
+        statuses += post_due(poster)
+        if services().batches.count() == 0:
+            break
+    assert "delivered" in statuses and services().batches.count() == 0, statuses
     assert sim_states(sim) == {
         ("b", "email", BOB): "subscribed",
         ("b", "email", CARL): "subscribed",
