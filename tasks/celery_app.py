@@ -23,6 +23,7 @@ from config.settings import Settings, SettingsError, get_settings, is_loopback_h
 from stores.connection import broker_options
 from tasks.health import Heartbeat, heartbeat_path
 from tasks.logs import configure_logging, quiet_banner_for_json, use_json_for_celery
+from tasks.message_json import register as register_message_json
 
 if TYPE_CHECKING:
     from delivery.liveness import Liveness
@@ -69,6 +70,11 @@ def _guard_flower() -> None:
             )
 
     options.add_parse_callback(check)
+
+
+# Messages whose integers are too long for Python to convert are decoded, not refused whole
+# (a CRITICAL with a traceback and the raw body): their task refuses the field instead.
+register_message_json()
 
 
 def create_app(settings: Settings) -> Celery:

@@ -43,7 +43,14 @@ FIELDS = tuple(
 )
 
 
-@app.task(name="subscriptions.record_change", Request="tasks.masked_messages:RedactedRequest")
+# `throws`: a refused change is the producer's bad input, not a fault of the worker: Celery
+# logs it as one line ("raised expected: ChangeRefused('field: reason')", INFO) without a
+# traceback, and the task still ends FAILURE with the reason for the producer and Flower.
+@app.task(
+    name="subscriptions.record_change",
+    Request="tasks.masked_messages:RedactedRequest",
+    throws=(ChangeRefused,),
+)
 def record_change(*args: Any, **row: Any) -> dict[str, Any]:
     """Validate and enqueue one change. Invalid input fails the task with the reason."""
     if args:
