@@ -59,3 +59,17 @@ def test_api_totals_read_back_as_a_cumulative_histogram():
     assert dict(totals.buckets)["0.01"] == 3
     assert totals.buckets[-1] == (INF, 4) and len(totals.buckets) == len(DURATION_BUCKETS) + 1
     assert totals.duration_sum == 9.5
+
+
+def test_the_pending_estimate_reads_redis_at_most_every_tenth_and_counts_its_own(monkeypatch):
+    from api import app
+
+    reads = []
+    clock = [100.0]
+    monkeypatch.setattr(app.time, "monotonic", lambda: clock[0])
+    estimate = app.PendingEstimate(lambda: reads.append(1) or 5)
+    assert estimate.current() == 5 and estimate.current() == 5 and len(reads) == 1
+    estimate.added(3)
+    assert estimate.current() == 8 and len(reads) == 1
+    clock[0] += 2 * app.PENDING_READ_SECONDS
+    assert estimate.current() == 5 and len(reads) == 2  # Redis's count again
