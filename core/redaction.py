@@ -100,8 +100,10 @@ def confine(text: str, identifiers: Iterable[tuple[str, str]], keep: Iterable[st
     if not text:
         return text
     kept = set(keep)
-    for kind, value in sorted(set(identifiers), key=lambda pair: -len(pair[1])):
-        if not value or value in kept:
+    # Only the identifiers the text holds at all (a substring test) go to the regex.
+    quoted = {(kind, value) for kind, value in identifiers if value and value in text}
+    for kind, value in sorted(quoted, key=lambda pair: -len(pair[1])):
+        if value in kept:
             continue
         masked = mask_in_text(kind, value)
         text = re.sub(rf"(?<!\w){re.escape(value)}(?!\w)", lambda _, m=masked: m, text)
