@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from core.redaction import scrub
+from core.redaction import confine, scrub
 
 # Longest error text kept from a response body (it goes into logs and dead letters).
 MAX_DETAIL = 300
@@ -127,11 +127,11 @@ def is_braze_acceptance(body: str) -> bool:
 
 def unexpected_detail(status: int, body: str, content_type: str, truncated: bool) -> str:
     """What an answer that is not Braze's says about itself: its status, content type and
-    first bytes (one line, credentials scrubbed; identifiers are masked by the caller's
-    logs as for any detail)."""
+    first bytes (one line, credentials scrubbed, every email address and E.164 number
+    masked: it may echo any request, a v2 pack's other batches too)."""
     kind = one_line(content_type, 60) or "no content type"
     size = "over the size cap, " if truncated else ""
-    first = one_line(body, 120) or "empty body"
+    first = confine(one_line(body, 120), ()) or "empty body"
     return f"HTTP {status}: unexpected answer, not Braze's ({kind}, {size}first bytes: {first})"
 
 

@@ -188,6 +188,17 @@ def test_a_2xx_that_is_not_brazes_json_is_not_a_delivery(body, content_type):
     assert len(result.detail) <= MAX_DETAIL + 100 and "\n" not in result.detail
 
 
+def test_the_first_bytes_of_an_unexpected_answer_are_masked():
+    """A proxy may echo the request, a pack's other batches too: whatever is shaped like an
+    email or a phone number is masked before the detail is stored or logged."""
+    result = classify(200, HTML_PAGE + " +14155550100", content_type="text/html")
+    assert "user@example.com" not in result.detail and "u***@example.com" in result.detail
+    body = "echo: jane.doe@example.com, +14155550100"
+    detail = classify(200, body, content_type="text/plain").detail
+    assert "jane.doe@example.com" not in detail and "j***@example.com" in detail
+    assert "+14155550100" not in detail and "+1*******100" in detail
+
+
 def test_a_truncated_2xx_is_not_a_delivery_even_if_its_start_is_brazes():
     result = classify(201, '{"message":"success"}', truncated=True)
     assert result.outcome is Outcome.UNEXPECTED
