@@ -35,6 +35,7 @@ from admin.status import Status, find_budget, read_status
 from admin.status_view import sections, warnings
 from admin.verify import Mismatch, VerifyReport
 from config.settings import get_settings
+from core.changes import InvalidChange, Lane, parse_lane
 from core.errors import EXIT_ENVIRONMENT, EXIT_REFUSED, BrazeSubsError
 from core.redaction import redact_url
 from delivery.services import services
@@ -72,6 +73,14 @@ EntryIds = Annotated[
     list[str] | None, typer.Argument(help="Entry ids, whole or any unique prefix.")
 ]
 AllEntries = Annotated[bool, typer.Option("--all", help="Every entry.")]
+LaneOption = Annotated[
+    str | None,
+    typer.Option(
+        "--lane",
+        help="live (goes first; the default of enqueue) or bulk (uses what live leaves; "
+        "the default of import). For import: the lane of rows that name none.",
+    ),
+]
 
 
 class CliError(BrazeSubsError):
@@ -84,6 +93,15 @@ class CliError(BrazeSubsError):
 
 def _fail(message: str, code: int = EXIT_ENVIRONMENT) -> NoReturn:
     raise CliError(message, code)
+
+
+def _lane_or_fail(given: str | None, default: Lane) -> Lane:
+    if given is None:
+        return default
+    try:
+        return parse_lane(given)
+    except InvalidChange as exc:
+        _fail(f"--{exc}", EXIT_REFUSED)
 
 
 @app.command()
@@ -118,6 +136,7 @@ def enqueue(
             help="Do not send 'subscribed' if Braze holds the identifier as unsubscribed.",
         ),
     ] = False,
+    lane: LaneOption = None,
 ) -> None:
     """Enqueue one change."""
     buffer = services().buffer
@@ -133,6 +152,7 @@ def enqueue(
         occurred_at=occurred_at,
         source=source,
         respect_opt_out=respect_opt_out or None,
+        lane=lane,
     )
     if buffer.stale > stale_before:
         err.print(
@@ -180,6 +200,7 @@ def import_(
             "interrupted (its error says from which line).",
         ),
     ] = 1,
+    lane: LaneOption = None,
 ) -> None:
     """Enqueue many changes from JSON Lines or CSV; by default all-or-nothing."""
     if rejects is not None and not skip_invalid:
@@ -188,6 +209,7 @@ def import_(
         _fail(f"{file}: no such file")
     if jobs is None:
         jobs = get_settings().import_jobs
+    import_lane = _lane_or_fail(lane, Lane.BULK)
     total = count_lines(file)
     buffer = services().buffer
     columns = (
@@ -219,6 +241,7 @@ def import_(
                 jobs=jobs,
                 respect_opt_outs=respect_opt_outs,
                 from_line=from_line,
+                lane=import_lane,
             )
         except BrokenProcessPool:
             done = "some rows may be enqueued" if skip_invalid else "nothing enqueued"

@@ -139,6 +139,23 @@ def families(status: Status, extras: Extras) -> Iterator[Metric]:
         status.oldest_due_age_seconds or 0.0,
         unit="seconds",
     )
+    lane_pending = GaugeMetricFamily(
+        PREFIX + "lane_pending",
+        "Changes waiting to be cut per lane (live goes first; bulk: imports, repairs, "
+        "replays), not those behind a batch in flight.",
+        labels=["lane"],
+    )
+    lane_oldest = GaugeMetricFamily(
+        PREFIX + "lane_oldest_due_age",
+        "How long the lane's oldest due change has waited (0 when none is due).",
+        labels=["lane"],
+        unit="seconds",
+    )
+    for lane, figures in status.lanes.items():
+        lane_pending.add_metric([lane], figures["pending"])
+        lane_oldest.add_metric([lane], figures["oldest_seconds"])
+    yield lane_pending
+    yield lane_oldest
     yield _gauge(
         "in_flight_identifiers",
         "Identifiers in batches not yet acknowledged by Braze.",

@@ -9,8 +9,10 @@ from urllib.parse import urlsplit
 from redis import Redis
 
 from config.settings import Settings
+from core.changes import Lane
 from stores import counters as metrics
 from stores import durability, fleet
+from stores.buffer import lane_figures
 from stores.clock import server_time_ms
 from stores.keys import Keys
 from stores.limiter import RateLimiter
@@ -80,6 +82,11 @@ class Status:
     workers_alive: int = 0
     workers_seen_last_day: int = 0
     workers_alive_ids: list[str] = field(default_factory=list)
+    # Per lane ("live", "bulk"): `pending`, changes waiting to be cut (not those behind a
+    # batch in flight), and `oldest_seconds`, how long the oldest due one has been due.
+    lanes: dict[str, dict[str, int | float]] = field(
+        default_factory=lambda: {lane.value: {"pending": 0, "oldest_seconds": 0.0} for lane in Lane}
+    )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,10 +135,21 @@ def read_status(
     pipe.get(keys.dead_letter_identifiers)
     pipe.hlen(keys.dead_letters)
     pipe.hgetall(keys.stats)
-    pending, due_now, oldest, inflight, batches, dlq_ids, dlq_entries, stats = pipe.execute()
+    pipe.zcount(keys.due_live, "-inf", now_ms)
+    pipe.zrange(keys.due_live, 0, 0, withscores=True)
+    pipe.zcard(keys.due_live)
+    pipe.zcard(keys.due)
+    (pending, due_now, oldest, inflight, batches, dlq_ids, dlq_entries, stats, live_now,
+     live_oldest, live_count, bulk_count) = pipe.execute()  # fmt: skip
+    lanes = {
+        Lane.LIVE.value: lane_figures(now_ms, live_count, live_oldest),
+        Lane.BULK.value: lane_figures(now_ms, bulk_count, oldest),
+    }
+    due_now = int(due_now) + int(live_now)
+    firsts = [first[0][1] for first in (oldest, live_oldest) if first]
     oldest_age = None
-    if oldest and oldest[0][1] <= now_ms:
-        oldest_age = round((now_ms - oldest[0][1]) / 1000, 3)
+    if firsts and min(firsts) <= now_ms:
+        oldest_age = round((now_ms - min(firsts)) / 1000, 3)
     counters = {name.decode(): int(value) for name, value in stats.items()}
     minute = metrics.last_minute(client, keys, now_ms)
     budget = limiter.state() if limiter is not None else None
@@ -194,4 +212,5 @@ def read_status(
         workers_alive=found.workers.alive,
         workers_seen_last_day=found.workers.seen_last_day,
         workers_alive_ids=found.workers.alive_ids,
+        lanes=lanes,
     )

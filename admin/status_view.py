@@ -77,6 +77,17 @@ def waiting_rows(status: Status) -> Rows:
     return rows
 
 
+def lane_rows(status: Status) -> Rows:
+    """Per lane: changes waiting to be cut and how long the oldest due one has waited."""
+    return [
+        (
+            f"{lane}: pending, oldest due",
+            f"{count(int(figures['pending']))}, {duration(float(figures['oldest_seconds']))}",
+        )
+        for lane, figures in status.lanes.items()
+    ]
+
+
 def sections(status: Status, now: float) -> list[Section]:
     """The status table, top to bottom: what waits, what is out, what failed, the budget."""
     posting = "running"
@@ -108,6 +119,7 @@ def sections(status: Status, now: float) -> list[Section]:
                 ("due later (delay or behind a batch)", count(status.due_later)),
             ],
         ),
+        Section("lanes (waiting to be cut)", lane_rows(status)),
         Section(
             "in flight",
             [

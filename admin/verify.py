@@ -53,7 +53,7 @@ from typing import Any
 
 from redis import Redis
 
-from core.changes import Change, IdentifierKind, SubscriptionState
+from core.changes import Change, IdentifierKind, Lane, SubscriptionState
 from delivery.braze_reads import MAX_READ_IDENTIFIERS, BrazeReader, ReadState
 from stores.buffer import Buffer
 from stores.clock import server_time_ms
@@ -437,6 +437,7 @@ class Verification:
                 double_opt_in=bool(doi),
                 occurred_ms=repair_ms,
                 source="braze-subs verify --repair",
+                lane=Lane.BULK,  # a repair uses what live changes leave of the budget
             )
             stale = self.buffer.stale
             self.buffer.enqueue([change])

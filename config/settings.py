@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     # seconds covers a fleet of ~160 threads at 5,000/minute without re-scheduling, and
     # frees slots during a pause after a 429.
     token_wait_max_seconds: float = Field(default=2.0, gt=0)
+    # The same for a bulk batch (import, verify --repair, dlq replay): how far ahead of now
+    # bulk may reserve turns. Live takes the next turn after those, so this bounds how
+    # long a live change waits behind a backfill in the budget; short enough for a live
+    # p99 under 2 s, long enough that a backfill keeps >= 95 % of the budget (bench/lanes.py).
+    bulk_token_wait_max_seconds: float = Field(default=0.5, gt=0)
+    # Share of the budget bulk keeps however much live there is: live alone may spend at
+    # most 1 - this of it, so a flood of live changes never starves a backfill.
+    bulk_floor_share: float = Field(default=0.1, ge=0, lt=1)
     # After Braze refuses the key (401/403/404) every worker stops posting; one request is
     # let through this often as a probe, and its success resumes posting everywhere.
     credentials_probe_seconds: float = Field(default=60.0, gt=0)

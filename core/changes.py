@@ -35,6 +35,13 @@ class IdentifierKind(StrEnum):
     PHONE = "phone"
 
 
+class Lane(StrEnum):
+    """Which lane a change travels in: live goes first, bulk uses the rest of the budget."""
+
+    LIVE = "live"
+    BULK = "bulk"
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """One validated, normalised subscription change."""
@@ -52,6 +59,9 @@ class Change:
     source: str = ""
     # A `subscribed` change is not sent for an identifier Braze holds as unsubscribed.
     respect_opt_out: bool = False
+    # None: not named; the way in decides (live for the Python API, the task and
+    # `enqueue`; bulk for `import`, `verify --repair` and `dlq replay`).
+    lane: Lane | None = None
 
 
 class InvalidChange(InputRefused, ValueError):
@@ -85,6 +95,7 @@ OPTIONAL_FIELDS: tuple[str, ...] = (
     "occurred_at",
     "source",
     "respect_opt_out",
+    "lane",
 )
 KNOWN_FIELDS: frozenset[str] = frozenset(
     ("subscription_group_id", "subscription_state", *IDENTIFIER_FIELDS, *OPTIONAL_FIELDS)
@@ -95,6 +106,7 @@ _CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
 
 _STATES: dict[str, SubscriptionState] = {state.value: state for state in SubscriptionState}
 _KINDS: dict[str, IdentifierKind] = {kind.value: kind for kind in IdentifierKind}
+_LANES: dict[str, Lane] = {lane.value: lane for lane in Lane}
 
 _BOOL_STRINGS: dict[str, bool] = {
     "true": True,
@@ -166,6 +178,7 @@ def parse_change(data: Mapping[str, Any], *, now: float | None = None) -> Change
     occurred_ms = None if _is_blank(occurred) else parse_occurred_at(occurred, now)
     source = data.get("source")
     respect = data.get("respect_opt_out")
+    lane = data.get("lane")
     return Change(
         group_id,
         state,
@@ -176,7 +189,16 @@ def parse_change(data: Mapping[str, Any], *, now: float | None = None) -> Change
         occurred_ms,
         "" if source is None else _parse_source(source),
         False if respect is None else _parse_bool("respect_opt_out", respect),
+        None if _is_blank(lane) else parse_lane(lane),
     )
+
+
+def parse_lane(value: Any) -> Lane:
+    """`live` or `bulk`; raises `InvalidChange` naming the field."""
+    found = _LANES.get(value.strip()) if isinstance(value, str) else None
+    if found is None:
+        raise InvalidChange("lane", f"must be 'live' or 'bulk', got {show_value(value)}")
+    return found
 
 
 def change_to_row(change: Change) -> dict[str, Any]:
@@ -194,6 +216,8 @@ def change_to_row(change: Change) -> dict[str, Any]:
         row["source"] = change.source
     if change.respect_opt_out:
         row["respect_opt_out"] = True
+    if change.lane is not None:
+        row["lane"] = change.lane.value
     return row
 
 

@@ -13,7 +13,22 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from core.changes import IdentifierKind, SubscriptionState
+from core.changes import IdentifierKind, Lane, SubscriptionState
+
+# A live batch's id starts with this; a bulk batch's id is bare hex. The lane travels with
+# the id, so whatever sends a batch a message (a new cut, the schedule, a take-back, the
+# sweep) routes it to its lane's queue without reading the record.
+LIVE_BATCH_PREFIX = "live-"
+
+
+def batch_lane(batch_id: str) -> Lane:
+    """The lane of a batch, read off its id."""
+    return Lane.LIVE if batch_id.startswith(LIVE_BATCH_PREFIX) else Lane.BULK
+
+
+def lane_prefix(lane: Lane) -> str:
+    """What the ids of a lane's batches start with."""
+    return LIVE_BATCH_PREFIX if lane is Lane.LIVE else ""
 
 
 @dataclass(frozen=True, slots=True)

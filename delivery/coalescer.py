@@ -17,11 +17,13 @@ gets one message).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from config.settings import Settings
+from core.changes import Lane
 from core.linger import BudgetRate, Load, linger_ms, pressure
 from core.planning import PendingChange, PlannedBatch, pack_batches, plan_batches
 from stores import counters
@@ -39,6 +41,32 @@ logger = logging.getLogger("braze_subs.coalescer")
 
 # Most schedule entries one tick sends messages for (the rest go on the next tick).
 DISPATCH_LIMIT = 1000
+
+
+# A tick reads up to this many times the changes its room in flight can take (at least
+# MIN_READ), so batches come out full without reading a whole tick's worth for a few.
+READ_AHEAD = 2
+MIN_READ = 2000
+
+# How soon a run whose tick found the lock held ticks again.
+SKIPPED_RETRY_SECONDS = 0.05
+
+# Share of MAX_BATCHES_IN_FLIGHT that bulk leaves to live: a backfill that fills the rest
+# keeps no live change waiting in the buffer for a batch of its to end.
+LIVE_RESERVED_SHARE = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class _Cut:
+    """What one lane's cut in a tick did."""
+
+    batches: int = 0
+    requests: int = 0  # messages sent (v2: one per pack)
+    identifiers: int = 0
+    pressure: float = 0.0
+    linger_ms: int = 0
+    more: bool = False  # more due than read, or the in-flight cap left no room
+    held_until: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,27 +114,33 @@ class Coalescer:
     def run(self, seconds: float) -> TickReport:
         """Tick, then keep ticking for up to `seconds` while the pipeline is light: at once
         when a producer (or a worker scheduling a batch due now) nudges, or when a lingering
-        partial batch or a waiting batch becomes due. Under a
-        backlog one tick per call, as beat sends them. Returns the last tick's report with
-        the totals of all."""
+        partial batch or a waiting batch becomes due. Under a backlog bulk is cut once per
+        call, as beat sends them, but a live change's nudge still wakes it at once for a
+        tick that cuts live alone. Returns the last tick's report with the totals of all."""
         deadline = time.monotonic() + seconds
         report = self.tick()
         totals = report
         # A tick skipped because another holds the lock (the previous beat's run, still
         # awake) keeps waiting: two runs overlap by design, so no gap opens between them;
         # each nudge wakes one of them (BLPOP), never both.
-        while not report.backlog:
+        while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0.01:
                 break
+            backlog = report.backlog
             wait = remaining
-            if report.next_check_ms is not None:
+            if report.skipped:
+                # Another run held the lock (its tick may have started before the change
+                # that nudged this one): look again shortly rather than lose the nudge.
+                wait = min(remaining, SKIPPED_RETRY_SECONDS)
+            elif report.next_check_ms is not None and not backlog:
                 # A partial batch lingers for company, or a batch waits in the schedule:
                 # tick again when it is due, or sooner on a nudge.
                 wait = min(remaining, max(0.01, (report.next_check_ms - report.now_ms) / 1000))
-            if not self.buffer.wait_for_nudge(wait) and wait >= remaining:
+            nudged = self.buffer.wait_for_nudge(wait, live_only=backlog)
+            if not nudged and wait >= remaining:
                 break
-            report = self.tick()
+            report = self.tick(live_only=backlog)
             totals = _added(totals, report)
         return replace(
             report,
@@ -119,19 +153,28 @@ class Coalescer:
             skipped=report.skipped and totals.ticks == 1,
         )
 
-    def tick(self) -> TickReport:
+    def tick(self, live_only: bool = False) -> TickReport:
+        """One tick; `live_only`: cut the live lane alone, nothing else (a backlog's bulk
+        and the recovery wait for the beat's next full tick). A live-only tick has a lock
+        of its own, so it runs beside a full tick rather than wait for it: two cuts side by
+        side are safe (take_batch.lua), and a full tick cutting a backfill's batches may
+        hold its lock for a good part of a second."""
         settings = self.settings
         # Short: a worker killed mid-tick must not stop coalescing for long. A tick that
         # outlives it only lets another run beside it, which the scripts make safe.
-        lock = self.buffer.tick_lock(max(3.0, settings.coalesce_interval_seconds * 3))
+        lock = self.buffer.tick_lock(
+            max(3.0, settings.coalesce_interval_seconds * 3), live_only=live_only
+        )
         if not lock.acquire():
             return TickReport(skipped=True)
         try:
-            report = self._tick()
+            report = self._tick(live_only)
         finally:
             lock.release()
-        # When the coalescer last made progress: the exporter's "no coalescer tick" alert.
-        self.buffer.mark_tick(report.now_ms)
+        # When the coalescer last made progress: the exporter's "no coalescer tick" alert
+        # (a full tick: recovery and bulk ran too).
+        if not live_only:
+            self.buffer.mark_tick(report.now_ms)
         return report
 
     def _recover(self, now_ms: int) -> tuple[int, int, int]:
@@ -159,20 +202,80 @@ class Coalescer:
             logger.warning("re-dispatched %d batches whose message was lost", len(lost))
         return len(taken.batch_ids), len(due), len(lost)
 
-    def _tick(self) -> TickReport:
+    def _tick(self, live_only: bool = False) -> TickReport:
         settings = self.settings
         now_ms = server_time_ms(self.buffer.client)
-        recovered, dispatched, swept = self._recover(now_ms)
+        recovered, dispatched, swept = (0, 0, 0) if live_only else self._recover(now_ms)
         moved = {"redispatched": swept, "recovered": recovered, "dispatched": dispatched}
 
-        budget = settings.max_batches_in_flight - self.store.count()
+        # Live first: its changes are cut before bulk's, with the whole in-flight cap; bulk
+        # leaves a share of the cap to live (LIVE_RESERVED_SHARE), so a backfill that fills
+        # it never keeps a live change in the buffer.
+        cap = settings.max_batches_in_flight
+        in_flight = self.store.count()
+        live = self._cut(Lane.LIVE, now_ms, cap - in_flight)
+        cuts = [live]
+        if not live_only:
+            reserve = max(1, math.ceil(cap * LIVE_RESERVED_SHARE))
+            room = cap - reserve - in_flight - live.batches
+            # At most two beats' worth of the budget a tick: the pipeline stays fed, and a
+            # tick never holds the lock (which a live change's tick waits for) for long.
+            per_tick = math.ceil(
+                2 * self.limiter.requests_per_second * settings.coalesce_interval_seconds
+            )
+            cuts.append(self._cut(Lane.BULK, now_ms, min(room, max(1, per_tick))))
+        batches = sum(cut.batches for cut in cuts)
+        identifiers = sum(cut.identifiers for cut in cuts)
+        if batches:
+            logger.info(
+                "cut %d batches (%d requests for v2; %d live) holding %d identifiers",
+                batches,
+                sum(cut.requests for cut in cuts),
+                live.batches,
+                identifiers,
+            )
+        next_due = self.store.next_due_ms()
+        checks = [t for t in (*(cut.held_until for cut in cuts), next_due) if t is not None]
+        return TickReport(
+            **moved,
+            batches=batches,
+            identifiers=identifiers,
+            pressure=max(cut.pressure for cut in cuts),
+            linger_ms=max(cut.linger_ms for cut in cuts),
+            # A live-only tick saw no bulk: it keeps the backlog state it was woken in.
+            backlog=live_only or any(cut.more for cut in cuts),
+            next_check_ms=max(now_ms, min(checks)) if checks else None,
+            now_ms=now_ms,
+        )
+
+    def _cut(self, lane: Lane, now_ms: int, budget: int) -> _Cut:
+        """Cut one lane's due changes into at most `budget` batches and send their
+        messages. Bulk's linger follows the pressure on the whole budget; live's only the
+        pressure of live's own changes (what live sends goes first, whatever bulk does)."""
+        settings = self.settings
         if budget <= 0:
-            return TickReport(**moved, backlog=True, now_ms=now_ms)
-        # Read a full tick's worth even under back-pressure: the more of each key is seen,
-        # the fuller its batches.
-        changes, more = self.buffer.read_due(now_ms, settings.coalesce_max_changes_per_tick)
+            return _Cut(more=True)
+        # Read more than the room left needs: the more of each key is seen, the fuller its
+        # batches. But not a full tick's worth for a few batches' room: while a backfill
+        # drains, each tick has room for about a second of requests, and reading 20,000
+        # changes for that held the tick's lock (and a core) for most of the second, which
+        # a live change's tick then waited for.
+        limit = min(
+            settings.coalesce_max_changes_per_tick,
+            max(READ_AHEAD * budget * settings.batch_max_identifiers, MIN_READ),
+        )
+        changes, more = self.buffer.read_due(now_ms, limit, lane)
+        if not changes:
+            return _Cut()
+        if lane is Lane.LIVE:
+            # Live's own pressure only: its due changes. Not the recent use, the arrivals
+            # or the budget promised ahead: a backfill fills all three, and live goes
+            # ahead of it anyway. A live flood shows as its own due work piling up.
+            load = Load(0, 1.0, 0.0, due_changes=len(changes), more_due=more)
+        else:
+            load = self._load(now_ms, len(changes), more)
         load_now = pressure(
-            self._load(now_ms, len(changes), more),
+            load,
             BudgetRate(self.limiter.requests_per_second),
             max_linger_ms=settings.batch_linger_ms,
             max_identifiers=settings.batch_max_identifiers,
@@ -196,32 +299,19 @@ class Coalescer:
             packs = pack_batches(plan, max_identifiers=settings.batch_max_identifiers)
         else:
             packs = [[batch] for batch in plan]
-        taken = self.buffer.take(packs, settings.redispatch_grace_ms)
+        taken = self.buffer.take(packs, settings.redispatch_grace_ms, lane)
         # One message per pack, for its first batch: a v2 worker claims the rest of the pack
         # and sends it in one request (v1 packs hold one batch each).
         for pack in taken:
             self.dispatch(pack[0][0])
-        batches = sum(len(pack) for pack in taken)
-        identifiers = sum(size for pack in taken for _batch_id, size in pack)
-        if taken:
-            logger.info(
-                "cut %d batches (%d requests for v2) holding %d identifiers",
-                batches,
-                len(taken),
-                identifiers,
-            )
-        held_until = _held_until(changes, plan, linger, now_ms)
-        next_due = self.store.next_due_ms()
-        checks = [t for t in (held_until, next_due) if t is not None]
-        return TickReport(
-            **moved,
-            batches=batches,
-            identifiers=identifiers,
+        return _Cut(
+            batches=sum(len(pack) for pack in taken),
+            requests=len(taken),
+            identifiers=sum(size for pack in taken for _batch_id, size in pack),
             pressure=round(load_now, 3),
             linger_ms=linger,
-            backlog=more,
-            next_check_ms=max(now_ms, min(checks)) if checks else None,
-            now_ms=now_ms,
+            more=more,
+            held_until=_held_until(changes, plan, linger, now_ms),
         )
 
     def _load(self, now_ms: int, due: int, more: bool) -> Load:

@@ -44,6 +44,7 @@ from core.outcome import (
     classify,
     parse_rate_limit,
 )
+from core.planning import batch_lane
 from core.redaction import mask_identifier
 from core.refusal import (
     Decision,
@@ -205,7 +206,7 @@ class Poster:
             self._log(records, unsent)
             return unsent
 
-        grant = self.limiter.acquire()
+        grant = self.limiter.acquire(batch_lane(lead.id))
         waiting = self._wait_for_turn(grant, records, token, report)
         if waiting is not None:
             return waiting
@@ -321,12 +322,15 @@ class Poster:
         attempt spent) when the turn is too far off, posting was paused meanwhile, or the
         worker began to stop. None: go ahead."""
         if not grant.granted:
-            jitter = self.rng.uniform(0, max(0.05, grant.wait_seconds / 2))
-            wait = grant.wait_seconds + jitter
             reason = {
                 "paused": WaitReason.PAUSED,
                 "credentials": WaitReason.CREDENTIALS,
             }.get(grant.waits_for, WaitReason.BUDGET)
+            # A turn too far off: the limiter gave this batch its place in the queue of
+            # refused ones (one interval apart), so little jitter is needed; a pause ends
+            # for everyone at once, so spread those.
+            spread = 0.05 if reason is WaitReason.BUDGET else grant.wait_seconds / 2
+            wait = grant.wait_seconds + self.rng.uniform(0, max(0.05, spread))
             why = {
                 WaitReason.PAUSED: "posting paused after a 429",
                 WaitReason.CREDENTIALS: "the API key is refused: waiting for the next probe",

@@ -102,6 +102,8 @@ class Services(StoreServices):
             scripts=self.scripts,
             credentials_key=self.keys.credentials,
             workspace=workspace_id,
+            bulk_max_wait_seconds=settings.bulk_token_wait_max_seconds,
+            bulk_floor_share=settings.bulk_floor_share,
         )
 
     @cached_property

@@ -27,7 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from core.changes import IdentifierKind, SubscriptionState
-from core.planning import BatchKey
+from core.planning import BatchKey, batch_lane, lane_prefix
 from core.redaction import confine
 from core.waiting import WaitReason
 from stores.base import ScriptedStore
@@ -345,7 +345,8 @@ class BatchStore(ScriptedStore):
         member), due now in the schedule; returns their ids, or None if the batch cannot be
         split (one member, gone, or no longer the caller's)."""
         k = self.keys
-        first, second = uuid.uuid4().hex, uuid.uuid4().hex
+        prefix = lane_prefix(batch_lane(batch_id))  # the halves stay in the batch's lane
+        first, second = prefix + uuid.uuid4().hex, prefix + uuid.uuid4().hex
         size = int(
             self.scripts.split_batch(
                 keys=[

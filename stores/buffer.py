@@ -15,8 +15,8 @@ from itertools import islice
 from redis import Redis
 from redis.lock import Lock
 
-from core.changes import Change, IdentifierKind, SubscriptionState
-from core.planning import PendingChange, PlannedBatch
+from core.changes import Change, IdentifierKind, Lane, SubscriptionState
+from core.planning import PendingChange, PlannedBatch, lane_prefix
 from stores.base import ScriptedStore
 from stores.keys import buffer_field, split_field
 
@@ -27,18 +27,22 @@ ENQUEUE_CHUNK = 1000
 # change), the importer encodes and sends the next (~4 µs a change) instead of waiting.
 CALLS_IN_FLIGHT = 3
 # The enqueue script's arguments per change (see `encode_change` and enqueue.lua).
-ARGS_PER_CHANGE = 7
+ARGS_PER_CHANGE = 8
 
 _STATE_BYTES: dict[SubscriptionState, bytes] = {
     state: state.value.encode() for state in SubscriptionState
 }
+_LANE_BYTES: dict[Lane, bytes] = {lane: lane.value.encode() for lane in Lane}
 
 
-def encode_change(change: Change) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes]:
+def encode_change(
+    change: Change,
+) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes]:
     """The enqueue script's arguments for one change: the buffer's wire format, owned here.
 
     field, state, double opt-in (0|1), delay (ms), occurred at (ms, or empty: Redis's clock
-    stands in), source (may be empty), respect opt-out (0|1); see enqueue.lua.
+    stands in), source (may be empty), respect opt-out (0|1), lane ("live", "bulk", or
+    empty: the call's default lane); see enqueue.lua.
 
     Encoding to bytes here (rather than letting redis-py do it) lets the import encode rows
     where they are validated, in parallel, and finds text UTF-8 cannot carry (a lone
@@ -52,6 +56,7 @@ def encode_change(change: Change) -> tuple[bytes, bytes, bytes, bytes, bytes, by
         b"" if change.occurred_ms is None else b"%d" % change.occurred_ms,
         change.source.encode(),
         b"1" if change.respect_opt_out else b"0",
+        b"" if change.lane is None else _LANE_BYTES[change.lane],
     )
 
 
@@ -82,55 +87,84 @@ class Buffer(ScriptedStore):
             k.dead_letter_fields,
             k.groups,
             k.coalesce_nudge,
+            k.due_live,
+            k.coalesce_nudge_live,
         ]
 
-    def _enqueue_head(self) -> list[bytes]:
-        """The enqueue script's arguments before the changes: retention and history bound."""
+    def _enqueue_head(self, lane: Lane) -> list[bytes]:
+        """The enqueue script's arguments before the changes: retention, history bound and
+        the lane of the changes that name none."""
         r = self.retention
-        return [b"%d" % r.watermark_ms, b"%d" % r.history_ms, b"%d" % r.history_max_events]
+        return [
+            b"%d" % r.watermark_ms,
+            b"%d" % r.history_ms,
+            b"%d" % r.history_max_events,
+            _LANE_BYTES[lane],
+        ]
 
-    def enqueue(self, changes: Iterable[Change], *, chunk_size: int = ENQUEUE_CHUNK) -> int:
+    def enqueue(
+        self,
+        changes: Iterable[Change],
+        *,
+        chunk_size: int = ENQUEUE_CHUNK,
+        lane: Lane = Lane.LIVE,
+    ) -> int:
         """Add changes in order (the one that occurred last per identifier wins; equal times:
         the later); returns how many were given. Those older than a change already accepted
-        are dropped as stale (counted in `self.stale`, `status` and the history).
+        are dropped as stale (counted in `self.stale`, `status` and the history). `lane`
+        is the lane of the changes that name none.
 
         Each chunk is one atomic script call; callers that need all-or-nothing validate
         everything before calling (the producer API does).
         """
         count = 0
         keys = self._enqueue_keys()
-        head = self._enqueue_head()
+        head = self._enqueue_head(lane)
         for chunk in _chunks(changes, chunk_size):
             _last, stale = self.scripts.enqueue(keys=keys, args=head + encode_changes(chunk))
             self.stale += int(stale)
             count += len(chunk)
         return count
 
-    def tick_lock(self, timeout_seconds: float) -> Lock:
+    def tick_lock(self, timeout_seconds: float, *, live_only: bool = False) -> Lock:
         """The lock coalescer ticks take turns with (not blocking: a tick that finds it
-        held is skipped)."""
-        return self.client.lock(self.keys.coalesce_lock, timeout=timeout_seconds, blocking=False)
+        held is skipped); `live_only`: the one live-only ticks take turns with."""
+        k = self.keys
+        name = k.coalesce_lock_live if live_only else k.coalesce_lock
+        return self.client.lock(name, timeout=timeout_seconds, blocking=False)
 
     def mark_tick(self, now_ms: int) -> None:
         """When the coalescer last made progress (the exporter's "no coalescer tick")."""
         self.client.set(self.keys.coalesce_last_tick, now_ms)
 
-    def wait_for_nudge(self, timeout_seconds: float) -> bool:
-        """Block until a producer nudges or `timeout_seconds` pass; True if nudged."""
+    def wait_for_nudge(self, timeout_seconds: float, *, live_only: bool = False) -> bool:
+        """Block until a producer nudges or `timeout_seconds` pass; True if nudged.
+        `live_only`: only a live change's nudge wakes it (a backlog drains at the beat)."""
         if timeout_seconds <= 0:
             return False
-        return self.client.blpop([self.keys.coalesce_nudge], timeout=timeout_seconds) is not None
+        k = self.keys
+        lists = [k.coalesce_nudge_live] if live_only else [k.coalesce_nudge_live, k.coalesce_nudge]
+        return self.client.blpop(lists, timeout=timeout_seconds) is not None
 
-    def pipelined(self) -> PipelinedEnqueue:
+    def pipelined(self, lane: Lane = Lane.BULK) -> PipelinedEnqueue:
         """An enqueue for streams of already-encoded changes (the bulk import): same order
-        and per-call atomicity as `enqueue`, with calls overlapping their round trips."""
-        return PipelinedEnqueue(self)
+        and per-call atomicity as `enqueue`, with calls overlapping their round trips.
+        `lane` is the lane of the changes that name none."""
+        return PipelinedEnqueue(self, lane)
 
-    def read_due(self, now_ms: int, limit: int) -> tuple[list[PendingChange], bool]:
-        """The oldest due changes not locked by a batch; True if more were left unread."""
-        fields: list[bytes] = self.client.zrangebyscore(
-            self.keys.due, "-inf", now_ms, start=0, num=limit + 1
-        )
+    def read_due(
+        self, now_ms: int, limit: int, lane: Lane | None = None
+    ) -> tuple[list[PendingChange], bool]:
+        """The lane's oldest due changes not locked by a batch (no lane: live's, then
+        bulk's); True if more were left unread."""
+        if lane is None:
+            live, more = self.read_due(now_ms, limit, Lane.LIVE)
+            if more:
+                return live, more
+            bulk, more = self.read_due(now_ms, limit - len(live), Lane.BULK)
+            return live + bulk, more
+        due = self.keys.due_live if lane is Lane.LIVE else self.keys.due
+        fields: list[bytes] = self.client.zrangebyscore(due, "-inf", now_ms, start=0, num=limit + 1)
         more = len(fields) > limit
         fields = fields[:limit]
         if not fields:
@@ -156,19 +190,24 @@ class Buffer(ScriptedStore):
         return changes, more
 
     def take(
-        self, packs: Sequence[Sequence[PlannedBatch]], redispatch_ms: int
+        self,
+        packs: Sequence[Sequence[PlannedBatch]],
+        redispatch_ms: int,
+        lane: Lane = Lane.BULK,
     ) -> list[list[tuple[str, int]]]:
         """Move planned batches out of the buffer into batch records, in one round trip.
 
         `packs` groups the batches that may share one v2 request (see `pack_batches`); each
-        record lists its pack. Returns, pack by pack, (batch id, members taken) for every
-        batch that took at least one member (packs that took nothing are left out).
+        record lists its pack. The batches' ids carry their `lane` (`core.planning`).
+        Returns, pack by pack, (batch id, members taken) for every batch that took at least
+        one member (packs that took nothing are left out).
         """
         batches = [batch for pack in packs for batch in pack]
         if not batches:
             return []
         k = self.keys
-        ids = [uuid.uuid4().hex for _ in batches]
+        prefix = lane_prefix(lane)
+        ids = [prefix + uuid.uuid4().hex for _ in batches]
         pack_of: list[str] = []
         start = 0
         for pack in packs:
@@ -191,7 +230,15 @@ class Buffer(ScriptedStore):
             for member in batch.members:
                 args += (member.value, member.seq)
             self.scripts.take_batch(
-                keys=[k.pending, k.due, k.inflight, k.batches, k.batch(batch_id), k.stats],
+                keys=[
+                    k.pending,
+                    k.due,
+                    k.inflight,
+                    k.batches,
+                    k.batch(batch_id),
+                    k.stats,
+                    k.due_live,
+                ],
                 args=args,
                 client=pipe,
             )
@@ -211,6 +258,30 @@ class Buffer(ScriptedStore):
         """Identifiers in batches not yet acknowledged by Braze."""
         return int(self.client.hlen(self.keys.inflight))
 
+    def lanes(self, now_ms: int) -> dict[str, dict[str, int | float]]:
+        """Per lane: `pending`, the changes waiting to be cut (not behind a batch in flight,
+        whose end makes them due), and `oldest_seconds`, how long the oldest due one has
+        been due (0 when none is). One round trip."""
+        k = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        for due in (k.due_live, k.due):
+            pipe.zcard(due)
+            pipe.zrange(due, 0, 0, withscores=True)
+        live_count, live_first, bulk_count, bulk_first = pipe.execute()
+        return {
+            Lane.LIVE.value: lane_figures(now_ms, live_count, live_first),
+            Lane.BULK.value: lane_figures(now_ms, bulk_count, bulk_first),
+        }
+
+
+def lane_figures(
+    now_ms: int, count: int, first: list[tuple[bytes, float]]
+) -> dict[str, int | float]:
+    """One lane's `pending` and `oldest_seconds` from its due set's ZCARD and lowest entry
+    (ZRANGE 0 0 WITHSCORES), read in the caller's round trip."""
+    oldest = max(0.0, (now_ms - first[0][1]) / 1000) if first else 0.0
+    return {"pending": int(count), "oldest_seconds": round(oldest, 3)}
+
 
 class PipelinedEnqueue:
     """Sends enqueue-script calls, `ENQUEUE_CHUNK` changes each, in the order given, on a
@@ -226,7 +297,7 @@ class PipelinedEnqueue:
     `sent` those handed to it.
     """
 
-    def __init__(self, buffer: Buffer) -> None:
+    def __init__(self, buffer: Buffer, lane: Lane = Lane.BULK) -> None:
         self._client = Redis(
             connection_pool=buffer.client.connection_pool, single_connection_client=True
         )
@@ -239,7 +310,7 @@ class PipelinedEnqueue:
             buffer.scripts.enqueue.script,
             len(self._keys),
             *self._keys,
-            *buffer._enqueue_head(),
+            *buffer._enqueue_head(lane),
         )
         self._size = ENQUEUE_CHUNK * ARGS_PER_CHANGE
         self._args: list[bytes] = []

@@ -57,6 +57,13 @@ class Keys:
         return self._key("due")
 
     @property
+    def due_live(self) -> str:
+        """ZSET like `due` for the live lane's fields (pending changes with "l": 1); `due`
+        holds the bulk lane's. Scripts that are not given it name it `due` .. ":live"
+        (_prelude.lua `lane_due`)."""
+        return self._key("due:live")
+
+    @property
     def inflight(self) -> str:
         """HASH buffer field -> id of the one unacknowledged batch that holds it."""
         return self._key("inflight")
@@ -233,6 +240,18 @@ class Keys:
         return self._key("coalesce:nudge")
 
     @property
+    def coalesce_nudge_live(self) -> str:
+        """LIST like `coalesce_nudge`, pushed only for live changes: a coalescer draining a
+        backlog waits on this one alone, so a live change is cut at once, bulk at the beat."""
+        return self._key("coalesce:nudge:live")
+
+    @property
     def coalesce_lock(self) -> str:
         """STRING held by the coalescer tick in progress (saves duplicate work)."""
         return self._key("coalesce:lock")
+
+    @property
+    def coalesce_lock_live(self) -> str:
+        """STRING held by the live-only tick in progress: it cuts live beside a full tick
+        (the take script keeps a change in one batch), never beside another live one."""
+        return self._key("coalesce:lock:live")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 
+from core.changes import Lane
 from core.outcome import RateLimit
 from stores.clock import exact_ms
 from stores.refusals import KEY_REFUSAL_FIELDS, KeyRefusal
@@ -108,6 +109,8 @@ class RateLimiter:
         scripts: Scripts | None = None,
         credentials_key: str | None = None,
         workspace: str | None = None,
+        bulk_max_wait_seconds: float | None = None,
+        bulk_floor_share: float = 0.0,
     ) -> None:
         """`credentials_key`: the deployment's credentials circuit (`Keys.credentials`);
         `workspace`: the id of the key this budget spends for (both default to names
@@ -118,21 +121,33 @@ class RateLimiter:
         self.workspace = workspace or key
         self.budget = budget
         self.max_wait_ms = max_wait_seconds * 1000
+        # Lanes: bulk reserves turns at most this far ahead (live takes the next one after
+        # them); live alone spends at most 1 - `bulk_floor_share` of the budget, through a
+        # second cell-rate limit of its own in the same hash ("live_tat").
+        self.bulk_max_wait_ms = (
+            self.max_wait_ms
+            if bulk_max_wait_seconds is None
+            else min(self.max_wait_ms, bulk_max_wait_seconds * 1000)
+        )
+        self.live_interval_ms = budget.interval_ms / (1 - bulk_floor_share)
         self.probe_interval_ms = round(probe_interval_seconds * 1000)
         self.scripts = scripts or Scripts(client)
 
-    def acquire(self) -> Grant:
-        """Reserve one request. Granted only if its turn comes within `max_wait_seconds`."""
+    def acquire(self, lane: Lane = Lane.LIVE) -> Grant:
+        """Reserve one request. Granted only if its turn comes within `max_wait_seconds`
+        (bulk: `bulk_max_wait_seconds`; live: also within its share of the budget)."""
         budget = self.budget
+        live = lane is Lane.LIVE
         granted, wait_ms, send_at, mark, why = self.scripts.acquire_token(
             keys=[self.key, self.credentials_key],
             args=[
                 budget.interval_ms,
                 budget.tolerance_ms,
-                self.max_wait_ms,
+                self.max_wait_ms if live else self.bulk_max_wait_ms,
                 round(budget.window_ms * 2),
                 self.probe_interval_ms,
                 self.workspace,
+                self.live_interval_ms if live else 0,
             ],
         )
         mark = mark.decode() if isinstance(mark, bytes) else mark

@@ -30,6 +30,7 @@ from typing import IO
 
 from redis.exceptions import OutOfMemoryError, RedisError
 
+from core.changes import Lane
 from core.errors import BrazeSubsError
 from core.redaction import scrub
 from stores.buffer import Buffer, PipelinedEnqueue
@@ -209,6 +210,7 @@ def _validate_then_enqueue(
     buffer: Buffer,
     progress: Progress,
     result: ImportResult,
+    lane: Lane,
 ) -> None:
     resume = _Resume()
     with tempfile.TemporaryFile("w+b") as spool:
@@ -221,7 +223,7 @@ def _validate_then_enqueue(
         if not result.ok:
             return
         spool.seek(0)
-        with buffer.pipelined() as enqueuer:
+        with buffer.pipelined(lane) as enqueuer:
             try:
                 for args in _unspooled(spool):
                     done = enqueuer.count
@@ -243,9 +245,10 @@ def _enqueue_valid_rows(
     progress: Progress,
     result: ImportResult,
     rejects_file: IO[str] | None,
+    lane: Lane,
 ) -> None:
     resume = _Resume()
-    with buffer.pipelined() as enqueuer:
+    with buffer.pipelined(lane) as enqueuer:
         try:
             for chunk in results:
                 _tally(result, chunk)
@@ -276,6 +279,7 @@ def enqueue_file(
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
     respect_opt_outs: bool = False,
     from_line: int = 1,
+    lane: Lane = Lane.BULK,
 ) -> ImportResult:
     """Import a file: validate it all first (unless `skip_invalid`), then enqueue in order.
 
@@ -283,18 +287,19 @@ def enqueue_file(
     `parallel_min_bytes` are validated here. `result.jobs` says how many did.
     `respect_opt_outs` sets `respect_opt_out` on every row. `from_line` skips the rows
     before that line (resuming an import Redis interrupted: `ImportInterrupted` says where).
+    `lane` is the lane of the rows that name none (bulk: an import uses what live leaves).
     """
     path = Path(path)
     result = ImportResult(jobs=parallel_jobs(path, jobs, parallel_min_bytes))
     if not skip_invalid:
         results = checked_chunks(path, result.jobs, chunk_lines, respect_opt_outs, from_line)
         with contextlib.closing(results):
-            _validate_then_enqueue(path, results, buffer, progress, result)
+            _validate_then_enqueue(path, results, buffer, progress, result, lane)
         return result
 
     # --skip-invalid: one pass; bad rows go to the rejects file as they come.
     with _rejects_writer(rejects) as rejects_file:
         results = checked_chunks(path, result.jobs, chunk_lines, respect_opt_outs, from_line)
         with contextlib.closing(results):
-            _enqueue_valid_rows(path, results, buffer, progress, result, rejects_file)
+            _enqueue_valid_rows(path, results, buffer, progress, result, rejects_file, lane)
     return result

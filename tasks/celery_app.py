@@ -5,6 +5,7 @@ at start with one line."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -18,6 +19,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 from kombu import Queue
+from kombu.utils.scheduling import priority_cycle
 
 from config.settings import Settings, SettingsError, get_settings, is_loopback_host
 from stores.connection import broker_options
@@ -33,7 +35,26 @@ if TYPE_CHECKING:
 RECORD_QUEUE = "celery"
 # The coalescer's ticks get their own queue so that a backlog of posts never delays them.
 COALESCE_QUEUE = "braze-subs.coalesce"
+# Posts, one queue per lane (core/planning.py `batch_lane`): a worker takes a live batch's
+# message before any bulk one, so a live change never waits behind a backfill's messages.
+# The bulk queue keeps the name of the one queue before lanes (workers of the previous
+# version drain it during a rolling deploy).
 POST_QUEUE = "braze-subs.post"
+LIVE_POST_QUEUE = "braze-subs.post.live"
+# The order a worker looks at its queues in (kombu's Redis transport BRPOPs them in one
+# call, first non-empty wins): ticks, live posts, producers' record_change, bulk posts.
+QUEUE_ORDER = (COALESCE_QUEUE, LIVE_POST_QUEUE, RECORD_QUEUE, POST_QUEUE)
+
+
+class LanesFirst(priority_cycle):
+    """kombu's `queue_order_strategy` (Redis transport) for our workers: the queues in
+    `QUEUE_ORDER`, any other after them. kombu's own "priority" keeps the order of a set
+    (arbitrary per process) and its default round robin gives a backfill's post queue the
+    same turn as live's, so neither serves."""
+
+    def update(self, it: Iterable[str]) -> None:
+        rank = {name: index for index, name in enumerate(QUEUE_ORDER)}
+        self.items[:] = sorted(it, key=lambda name: (rank.get(name, len(rank)), name))
 
 
 def _settings_or_exit() -> Settings:
@@ -105,6 +126,7 @@ def create_app(settings: Settings) -> Celery:
         # posts nothing (one claim wins; a batch waiting in the schedule is not claimable).
         broker_transport_options={
             "visibility_timeout": max(3600, int(settings.retry_backoff_max_seconds * 2)),
+            "queue_order_strategy": "tasks.celery_app:LanesFirst",
             **broker.pop("broker_transport_options"),
         },
         **broker,
@@ -121,7 +143,7 @@ def create_app(settings: Settings) -> Celery:
         # Task events for Flower.
         worker_send_task_events=True,
         task_send_sent_event=True,
-        task_queues=(Queue(RECORD_QUEUE), Queue(COALESCE_QUEUE), Queue(POST_QUEUE)),
+        task_queues=tuple(Queue(name) for name in QUEUE_ORDER),
         task_default_queue=RECORD_QUEUE,
         task_routes={
             "subscriptions.coalesce": {"queue": COALESCE_QUEUE},

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from core.changes import Change, InvalidChange, parse_change
+from core.changes import Change, InvalidChange, Lane, parse_change, parse_lane
 from core.errors import InputRefused
 from stores.services import store_services
 
@@ -45,13 +45,15 @@ def enqueue_change(
     occurred_at: str | float | datetime | None = None,
     source: str | None = None,
     respect_opt_out: bool | None = None,
+    lane: str | None = None,
 ) -> Change:
     """Validate and enqueue one change; returns it normalised. Raises `InvalidChange`.
 
     `occurred_at` (RFC 3339 with an offset, or epoch seconds) is when the change happened
     at its source: the change that occurred last wins, whatever order changes arrive in.
     `source` says who or what made it (kept in the history); `respect_opt_out` keeps a
-    `subscribed` change from being sent for an identifier Braze holds as unsubscribed."""
+    `subscribed` change from being sent for an identifier Braze holds as unsubscribed.
+    `lane` is "live" (the default: goes first) or "bulk" (uses what live leaves)."""
     change = parse_change(
         _without_none(
             {
@@ -65,10 +67,11 @@ def enqueue_change(
                 "occurred_at": occurred_at,
                 "source": source,
                 "respect_opt_out": respect_opt_out,
+                "lane": lane,
             }
         )
     )
-    store_services().buffer.enqueue([change])
+    store_services().buffer.enqueue([change], lane=Lane.LIVE)
     return change
 
 
@@ -89,10 +92,14 @@ def validate_changes(items: Iterable[Mapping[str, Any] | Change]) -> list[Change
     return changes
 
 
-def enqueue_changes(items: Iterable[Mapping[str, Any] | Change]) -> int:
+def enqueue_changes(
+    items: Iterable[Mapping[str, Any] | Change], *, lane: str | Lane = Lane.LIVE
+) -> int:
     """Validate all items, then enqueue them in order (later items win); returns the count.
+    `lane` ("live" or "bulk") is the lane of the items that name none.
 
     One Redis round trip per chunk of changes. Raises `ChangesRejected` (listing every bad
     item by index) and enqueues nothing if any item is invalid.
     """
-    return store_services().buffer.enqueue(validate_changes(items))
+    chosen = parse_lane(lane)  # before anything is read or written
+    return store_services().buffer.enqueue(validate_changes(items), lane=chosen)

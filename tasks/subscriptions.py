@@ -18,13 +18,14 @@ from typing import Any
 
 from celery.signals import worker_ready
 
-from core.changes import InvalidChange
+from core.changes import InvalidChange, Lane
 from core.errors import InputRefused
+from core.planning import batch_lane
 from core.redaction import mask_identifiers_in
 from core.waiting import WaitReason
 from delivery.dead_letter_retention import expire_dead_letters
 from delivery.services import services
-from tasks.celery_app import app
+from tasks.celery_app import LIVE_POST_QUEUE, POST_QUEUE, app
 from tasks.producer import enqueue_change
 
 logger = logging.getLogger("braze_subs.tasks")
@@ -113,8 +114,10 @@ def _coalesce_at_start(**_: Any) -> None:
 
 
 def _dispatch(batch_id: str) -> None:
-    """The one kind of post message: "post this batch now" (no countdown)."""
-    post_batch.apply_async(args=(batch_id,))
+    """The one kind of post message: "post this batch now" (no countdown), into the queue of
+    the batch's lane."""
+    queue = LIVE_POST_QUEUE if batch_lane(batch_id) is Lane.LIVE else POST_QUEUE
+    post_batch.apply_async(args=(batch_id,), queue=queue)
 
 
 @app.task(name="subscriptions.post_batch")

@@ -80,6 +80,16 @@ local function remember(key, now, event, keep_ms, max_events)
   redis.call('PEXPIRE', key, keep_ms)
 end
 
+-- lane_due(due, change)   the due set of a pending change's lane (its JSON decoded): `due`
+--                          itself for bulk, `due` .. ":live" for live ("l" = 1;
+--                          stores/keys.py `due_live`), for the scripts given only `due`
+local function lane_due(due, change)
+  if change.l == 1 then
+    return due .. ':live'
+  end
+  return due
+end
+
 local function occurred_of(change)
   return change.w or (change.t - (change.d or 0))
 end

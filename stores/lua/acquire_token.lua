@@ -8,6 +8,13 @@
 -- ARGV[2] tolerance (ms: burst - 1 intervals)   ARGV[3] longest wait worth reserving (ms)
 -- ARGV[4] expiry of the key when idle (ms)   ARGV[5] credentials probe interval (ms)
 -- ARGV[6] this budget's workspace id (endpoint host + a hash of the key)
+-- ARGV[7] 0 for a bulk request; for a live one, the interval of the live lane's own limit
+--         (ms: interval / (1 - bulk floor share)), kept in "live_tat" of the same hash
+--
+-- Lanes: the caller passes a shorter ARGV[3] for bulk, so bulk never reserves turns
+-- further ahead than that and a live request's turn comes at most that long after now;
+-- a live request must also fit the live lane's own limit, so live alone never spends
+-- more than 1 - the floor share of the budget and bulk keeps the rest.
 --
 -- A generic cell rate algorithm with reservations: the caller that is granted a request
 -- is told how long to wait before sending it, so nobody spins or polls. Sends granted this
@@ -20,7 +27,8 @@
 -- may work (a rotation), and its first success closes the circuit for everyone.
 -- Returns {1, wait ms, send time ms, "probe" | "check" | "", ""} (granted: send after the
 -- wait) or {0, wait ms, "", "", why} (not granted, nothing reserved; why: "paused" after a
--- 429, "credentials" for the next probe, "budget" when the turn is further than ARGV[3]).
+-- 429, "credentials" for the next probe, "budget" when the turn is further than ARGV[3]: then the wait is when to ask again, a
+-- place in the queue of refused callers).
 local now = now_ms_exact()
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
@@ -46,12 +54,31 @@ if tat < now then
   tat = now
 end
 local wait = tat - tolerance - now
+local live_interval = tonumber(ARGV[7])
+local live_tat = 0
+if live_interval > 0 then
+  live_tat = math.max(tonumber(redis.call('HGET', KEYS[1], 'live_tat') or '0'), now)
+  wait = math.max(wait, live_tat - tolerance - now)
+end
 if wait < 0 then
   wait = 0
 end
-if wait > tonumber(ARGV[3]) then
-  return {0, math.ceil(wait), '', '', 'budget'}
+local reach = tonumber(ARGV[3])
+if wait > reach then
+  -- Not granted: say when a turn will be within reach, counting the callers refused
+  -- before this one ("queue_tat": one interval each), so refused batches come back one
+  -- interval apart, each when its turn is half its reach away, rather than all at once
+  -- to be refused again (a backfill's batches in flight churning through the schedule).
+  local queued = math.max(tonumber(redis.call('HGET', KEYS[1], 'queue_tat') or '0'), tat)
+  redis.call('HSET', KEYS[1], 'queue_tat', string.format('%.3f', queued + interval))
+  local back = math.max(queued - tolerance - reach / 2 - now, wait - reach)
+  return {0, math.ceil(back), '', '', 'budget'}
 end
-redis.call('HSET', KEYS[1], 'tat', string.format('%.3f', tat + interval))
+-- A live turn pushed later by live's own limit moves the shared one on with it: no two
+-- sends closer than the interval, whatever the lanes.
+redis.call('HSET', KEYS[1], 'tat', string.format('%.3f', math.max(tat, now + wait) + interval))
+if live_interval > 0 then
+  redis.call('HSET', KEYS[1], 'live_tat', string.format('%.3f', live_tat + live_interval))
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {1, math.ceil(wait), string.format('%.3f', now + wait), check, ''}

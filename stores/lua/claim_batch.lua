@@ -9,7 +9,8 @@
 --                          an emptied batch's pack siblings are put here, due now
 -- KEYS[7] reasons   HASH   batch id -> what it waits for
 -- KEYS[8] pending   HASH   field -> change (read: a field here is a newer change)
--- KEYS[9] due       ZSET   field -> due ms; a released field becomes due
+-- KEYS[9] due       ZSET   field -> due ms; a released field becomes due (in its lane's
+--                          set: this one for bulk, the one `lane_due` names for live)
 -- KEYS[10] inflight HASH   field -> batch id; released for superseded members
 -- KEYS[11] nudge    LIST   wakes a coalescer when pack siblings become due
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] lease (ms)
@@ -53,7 +54,8 @@ for _, member in ipairs(record.members) do
   if newer then
     if redis.call('HGET', KEYS[10], field) == id then
       redis.call('HDEL', KEYS[10], field)
-      redis.call('ZADD', KEYS[9], cjson.decode(newer).t, field)
+      local change = cjson.decode(newer)
+      redis.call('ZADD', lane_due(KEYS[9], change), change.t, field)
     end
     local _, history = identity_keys(keys_prefix, record.kind .. SEP .. member[1])
     remember(history, now, {e = 'superseded', g = record.group, at = 'batch', b = id},

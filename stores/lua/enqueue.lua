@@ -6,21 +6,26 @@
 --                          and only when they say something: "w": occurred at ms (else the
 --                          arrival, t - d, stands in), "d": delay ms, "r": 1 to respect an
 --                          opt-out, "c": source, "x": 1 when older than the watermark
---                          retention, "p": 1 when re-queued by a replay}
--- KEYS[3] due       ZSET   field -> due ms; holds the pending fields that no batch locks
+--                          retention, "p": 1 when re-queued by a replay, "l": 1 in the
+--                          live lane (absent: bulk)}
+-- KEYS[3] due       ZSET   field -> due ms; holds the bulk lane's pending fields that no
+--                          batch locks
 -- KEYS[4] inflight  HASH   field -> batch id (read only here)
 -- KEYS[5] stats     HASH   "enqueued" += changes received, "stale" += changes dropped,
 --                          "beyond_retention" += accepted changes older than the watermarks
 -- KEYS[6] dlq fields HASH  field -> dead-letter entry id; a newer change removes the field
 -- KEYS[7] groups    SET    every group id a change was enqueued for (erasure looks there)
 -- KEYS[8] nudge     LIST   one item: wakes a coalescer waiting for work (_prelude.lua)
+-- KEYS[9] due live  ZSET   like KEYS[3], for the live lane's fields
+-- KEYS[10] nudge live LIST like KEYS[8], pushed only when a live change was accepted
 -- Per identifier (see _prelude.lua): subject (read: watermark per group), history (written
 -- only for a change dropped as stale, or replacing a pending one)
 -- ARGV[1] watermark retention (ms)   ARGV[2] history retention (ms)
 -- ARGV[3] most history events kept per identifier
--- ARGV[4..] groups of seven (stores/buffer.py `encode_change` owns the format): field,
+-- ARGV[4] lane of the changes that name none: "live" | "bulk"
+-- ARGV[5..] groups of eight (stores/buffer.py `encode_change` owns the format): field,
 --         state, double opt-in (0|1), delay in ms, occurred at in ms ("" = now), source
---         (may be ""), respect opt-out (0|1)
+--         (may be ""), respect opt-out (0|1), lane ("live" | "bulk" | "" = ARGV[4])
 --
 -- Guarantees: the changes are applied in argument order with no other command in between.
 -- A change is accepted when it occurred no earlier than the latest change accepted for its
@@ -34,10 +39,13 @@
 -- not made due: that batch's end makes it due (finish_batch.lua), so an identifier is
 -- never in two batches at once. Due times are Redis server time plus the delay. A
 -- dead-lettered change for the same field is superseded: replay will skip it. A coalescer
--- waiting for work is woken in the same step (no extra round trip). Returns
--- {last sequence number, changes dropped as stale}.
-local FIRST = 4
-local n = (#ARGV - FIRST + 1) / 7
+-- waiting for work is woken in the same step (no extra round trip). Lanes: a change is
+-- live if it says so, or if it replaces a pending live change (the newer state keeps the
+-- older one's place in the queue, whatever lane it came by); a live field is due in
+-- KEYS[9], a bulk one in KEYS[3], never both. Lanes change nothing about which change
+-- wins. Returns {last sequence number, changes dropped as stale}.
+local FIRST = 5
+local n = (#ARGV - FIRST + 1) / 8
 local last = redis.call('INCRBY', KEYS[1], n)
 local seq = last - n
 local now = now_ms()
@@ -49,7 +57,9 @@ local groups = {}
 -- Empty hashes need no look-up per change (an import into an idle pipeline).
 local any_inflight = redis.call('EXISTS', KEYS[4]) == 1
 local any_dead = redis.call('EXISTS', KEYS[6]) == 1
-for i = FIRST, #ARGV, 7 do
+local default_live = ARGV[4] == 'live'
+local any_live = false
+for i = FIRST, #ARGV, 8 do
   seq = seq + 1
   local field = ARGV[i]
   local group, ident = split_field(field)
@@ -95,9 +105,15 @@ for i = FIRST, #ARGV, 7 do
     if delay > 0 then
       delayed = delay
     end
+    local named = ARGV[i + 7]
+    local live = nil
+    if named == 'live' or (named == '' and default_live) or (pending and pending.l == 1) then
+      live = 1
+      any_live = true
+    end
     redis.call('HSET', KEYS[2], field, cjson.encode({
       s = ARGV[i + 1], o = tonumber(ARGV[i + 2]), q = seq, t = due, w = given, d = delayed,
-      r = respect, c = source, x = beyond}))
+      r = respect, c = source, x = beyond, l = live}))
     if pending then
       local _
       _, history = identity_keys(prefix, ident)
@@ -107,7 +123,14 @@ for i = FIRST, #ARGV, 7 do
       remember(history, now, {e = 'superseded', g = group, at = 'pending', q = seq}, keep, most)
     end
     if not any_inflight or redis.call('HEXISTS', KEYS[4], field) == 0 then
-      redis.call('ZADD', KEYS[3], due, field)
+      if live then
+        if pending then
+          redis.call('ZREM', KEYS[3], field)
+        end
+        redis.call('ZADD', KEYS[9], due, field)
+      else
+        redis.call('ZADD', KEYS[3], due, field)
+      end
     end
     if any_dead and redis.call('HDEL', KEYS[6], field) == 1 then
       if not history then
@@ -134,4 +157,7 @@ if old > 0 then
   redis.call('HINCRBY', KEYS[5], 'beyond_retention', old)
 end
 nudge(KEYS[8])
+if any_live then
+  nudge(KEYS[10])
+end
 return {last, stale}

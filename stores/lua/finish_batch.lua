@@ -6,7 +6,8 @@
 -- KEYS[4] tokens    HASH   batch id -> holder's token; must be ARGV[2]; removed
 -- KEYS[5] fences    HASH   batch id -> sent at ms; removed
 -- KEYS[6] pending   HASH   field -> change (read: a newer change waiting for the lock)
--- KEYS[7] due       ZSET   field -> due ms; a waiting newer change becomes due
+-- KEYS[7] due       ZSET   field -> due ms; a waiting newer change becomes due (in its
+--                          lane's set: this one for bulk, the one `lane_due` names for live)
 -- KEYS[8] inflight  HASH   field -> batch id; this batch's locks are released
 -- KEYS[9] dlq       HASH   entry id -> JSON entry (written when dead-lettering)
 -- KEYS[10] dlq index ZSET  entry id -> dead-lettered at ms
@@ -98,7 +99,8 @@ for _, member in ipairs(record.members) do
     redis.call('HDEL', KEYS[8], field)
     local newer = redis.call('HGET', KEYS[6], field)
     if newer then
-      redis.call('ZADD', KEYS[7], cjson.decode(newer).t, field)
+      local change = cjson.decode(newer)
+      redis.call('ZADD', lane_due(KEYS[7], change), change.t, field)
     end
   end
   local superseded = redis.call('HEXISTS', KEYS[6], field) == 1

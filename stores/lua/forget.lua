@@ -1,7 +1,8 @@
 -- forget.lua: erase everything held about one identifier, across all groups.
 --
 -- KEYS[1] pending    HASH   field -> change; the identifier's fields are deleted
--- KEYS[2] due        ZSET   field -> due ms; its fields leave it
+-- KEYS[2] due        ZSET   field -> due ms; its fields leave it, and the live lane's
+--                           set (`due` .. ":live")
 -- KEYS[3] inflight   HASH   field -> batch id; its locks are released
 -- KEYS[4] dlq        HASH   entry id -> JSON entry; it leaves every entry (an entry left
 --                           empty is deleted)
@@ -110,6 +111,7 @@ for group in pairs(groups) do
   local field = group .. SEP .. ident
   removed.pending = removed.pending + redis.call('HDEL', KEYS[1], field)
   redis.call('ZREM', KEYS[2], field)
+  redis.call('ZREM', KEYS[2] .. ':live', field)
   local batch = redis.call('HGET', KEYS[3], field)
   if batch then
     redis.call('HDEL', KEYS[3], field)

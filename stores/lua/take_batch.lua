@@ -1,11 +1,12 @@
 -- take_batch.lua: move planned changes from the buffer into a new batch record, atomically.
 --
 -- KEYS[1] pending   HASH   field -> change; the members taken are deleted
--- KEYS[2] due       ZSET   field -> due ms; the members taken leave it
+-- KEYS[2] due       ZSET   field -> due ms (bulk lane); the members taken leave it
 -- KEYS[3] inflight  HASH   field -> batch id; the members taken are locked to this batch
 -- KEYS[4] batches   ZSET   batch id -> redispatch time ms; the new batch is added
 -- KEYS[5] batch     STRING the new batch record (JSON)
 -- KEYS[6] stats     HASH   "batches" += 1, "batched" += members taken
+-- KEYS[7] due live  ZSET   like KEYS[2], the live lane's; the members taken leave it
 -- ARGV[1] batch id  ARGV[2] group  ARGV[3] state  ARGV[4] kind  ARGV[5] double opt-in 0|1
 -- ARGV[6] redispatch after (ms)    ARGV[7] JSON array: ids of the batches planned to share
 -- one v2 request with this one (its pack)   ARGV[8] history retention (ms)
@@ -41,6 +42,7 @@ for i = 11, #ARGV, 2 do
       and redis.call('HEXISTS', KEYS[3], field) == 0 then
     redis.call('HDEL', KEYS[1], field)
     redis.call('ZREM', KEYS[2], field)
+    redis.call('ZREM', KEYS[7], field)
     redis.call('HSET', KEYS[3], field, ARGV[1])
     local occurred = occurred_of(change)
     members[#members + 1] = {ARGV[i], change.q, change.r or 0, occurred}

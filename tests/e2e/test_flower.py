@@ -64,7 +64,8 @@ def test_flower_shows_batches_and_never_identifiers_or_the_key(env, sim, process
     post = seen("subscriptions.post_batch")[0]
 
     # The posting task is shown by its batch id only; its result by sizes and status.
-    assert re.fullmatch(r"\('[0-9a-f]{32}',\)", post["args"]), post["args"]
+    # (A live change's batch: its id says its lane.)
+    assert re.fullmatch(r"\('live-[0-9a-f]{32}',\)", post["args"]), post["args"]
     wait_for(lambda: seen("subscriptions.post_batch")[0].get("state") == "SUCCESS", timeout=30)
     result = seen("subscriptions.post_batch")[0]["result"]
     assert "'status': 'delivered'" in result and "'size': 1" in result

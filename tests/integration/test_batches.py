@@ -90,7 +90,13 @@ def inflight(redis_client: Any) -> dict[str, str]:
 
 
 def due(redis_client: Any) -> set[str]:
-    return {raw.decode() for raw in redis_client.zrange(services().keys.due, 0, -1)}
+    """The due fields of both lanes."""
+    keys = services().keys
+    return {
+        raw.decode()
+        for name in (keys.due, keys.due_live)
+        for raw in redis_client.zrange(name, 0, -1)
+    }
 
 
 def raw_record(redis_client: Any, batch_id: str) -> dict[str, Any] | None:
@@ -261,7 +267,7 @@ def test_finish_releases_the_lock_of_a_waiting_newer_change(env, redis_client):
 
     assert store.delivered(batch_id, A) == Finish(Ended.ENDED, 1)
     # The waiting change keeps its own due time (its delay) once it becomes due.
-    score = redis_client.zscore(found.keys.due, field(email(1)))
+    score = redis_client.zscore(found.keys.due_live, field(email(1)))  # enqueued live
     assert score >= server_time_ms(redis_client) + 100_000
     assert buffer.read_due(server_time_ms(redis_client), 10) == ([], False)
 

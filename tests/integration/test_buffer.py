@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from config.settings import load_settings
-from core.changes import Change, parse_change
+from core.changes import Change, Lane, parse_change
 from core.planning import PlannedBatch, plan_batches
 from delivery.coalescer import Coalescer
 from delivery.services import services
@@ -38,7 +38,11 @@ def pending_record(buffer: Buffer, group: str, kind: str, value: str) -> dict[st
 
 
 def due_fields(buffer: Buffer) -> set[str]:
-    return {raw.decode() for raw in buffer.client.zrange(buffer.keys.due, 0, -1)}
+    """The due fields of both lanes."""
+    k = buffer.keys
+    return {
+        raw.decode() for name in (k.due, k.due_live) for raw in buffer.client.zrange(name, 0, -1)
+    }
 
 
 def field(value: str, kind: str = "email", group: str = GROUP) -> str:
@@ -225,7 +229,7 @@ def test_take_moves_members_into_a_locked_batch_record(env, redis_client):
     assert size == 3
 
     assert buffer.pending_count() == 0
-    assert redis_client.zcard(keys.due) == 0
+    assert redis_client.zcard(keys.due) == redis_client.zcard(keys.due_live) == 0
     inflight = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.inflight).items()}
     assert inflight == {field(email(n)): batch_id for n in range(3)}
 
@@ -430,7 +434,9 @@ def test_a_budget_spent_ahead_makes_partial_batches_wait(env, redis_client):
     found = services()
     now = server_time_ms(redis_client)
     redis_client.hset(found.limiter.key, "tat", now + 2500)
-    found.buffer.enqueue([change(email(n)) for n in range(3)])
+    # Bulk: live's linger follows live's own due work only (it goes ahead of what is
+    # promised anyway).
+    found.buffer.enqueue([change(email(n)) for n in range(3)], lane=Lane.BULK)
     report = coalescer(Recorder()).tick()
     assert report.batches == 0
     assert report.linger_ms == round(found.settings.batch_linger_seconds * 1000)
@@ -446,7 +452,8 @@ def test_recent_requests_raise_the_linger_smoothly(env, redis_client):
     for past in range(5):
         requests = round(per_second * 0.75)
         redis_client.hset(found.keys.metrics(now // 1000 - past), "requests", requests)
-    found.buffer.enqueue([change(email(1))])
+    # Bulk: a live change's linger follows live's own pressure, not the budget's use.
+    found.buffer.enqueue([change(email(1))], lane=Lane.BULK)
     report = coalescer(Recorder()).tick()
     assert 0.7 < report.pressure < 0.95  # 5 seconds of counts over 4 to 5 seconds
     assert 0 < report.linger_ms < round(found.settings.batch_linger_seconds * 1000)
@@ -471,7 +478,9 @@ def test_a_fast_producer_in_small_calls_is_pressure(env, redis_client):
     worker = coalescer(recorder)
     worker.tick()  # the first arrival sample
     per_second = found.limiter.requests_per_second
-    found.buffer.enqueue([change(email(n)) for n in range(round(60 * per_second))])
+    # Bulk: a live change's linger follows live's own pressure, not the arrivals (which a
+    # backfill fills).
+    found.buffer.enqueue([change(email(n)) for n in range(round(60 * per_second))], lane=Lane.BULK)
     wait_for(
         lambda: worker.tick().pressure == 1.0,
         timeout=10,

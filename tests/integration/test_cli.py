@@ -42,7 +42,7 @@ def assert_nothing_enqueued(redis_client: Any) -> None:
     keys = services().keys
     assert redis_client.hlen(keys.pending) == 0
     assert redis_client.exists(keys.seq) == 0
-    assert redis_client.zcard(keys.due) == 0
+    assert redis_client.zcard(keys.due) == redis_client.zcard(keys.due_live) == 0
 
 
 def email(n: int) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from core.changes import Change
+from core.changes import Change, Lane
 from tasks.bulk_import import checked_chunks
 from tasks.rows import (
     ImportFileError,
@@ -104,7 +104,7 @@ def reference_state(client: Any, path: Path) -> dict[str, Any]:
 
     keys = Keys("reference")
     changes = [item for _, item in iter_changes(path) if isinstance(item, Change)]
-    Buffer(client, keys).enqueue(changes)
+    Buffer(client, keys).enqueue(changes, lane=Lane.BULK)  # an import's lane
     return snapshot(client, keys)
 
 

@@ -56,8 +56,17 @@ def test_without_the_dev_tooling_simulate_and_demo_stop_in_one_line(
     `demo` say in one line that they are dev tooling, exit 2, no traceback."""
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-         str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
         check=True,
         capture_output=True,
         timeout=120,
@@ -73,13 +82,21 @@ def test_without_the_dev_tooling_simulate_and_demo_stop_in_one_line(
     env = {**os.environ, "PYTHONPATH": ""}
     help_run = subprocess.run(
         [sys.executable, "-c", launcher, "status", "--help"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert help_run.returncode == 0, help_run.stderr
     for command in ("simulate", "demo"):
         result = subprocess.run(
             [sys.executable, "-c", launcher, command],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, result.stderr

@@ -342,7 +342,7 @@ def test_superseded_member_is_not_sent(sim, poster, redis_client):
     assert set(sim_subscriptions(sim)) == {(GROUP, "email", email(2))}
     # The newer change is now due, no longer locked.
     field = buffer_field(GROUP, "email", email(1))
-    assert redis_client.zscore(services().keys.due, field) is not None
+    assert redis_client.zscore(services().keys.due_live, field) is not None  # the live lane
 
 
 # --------------------------------------------------------------------------------------

@@ -98,8 +98,22 @@ def test_the_admin_cli_loads_no_dev_tooling() -> None:
 # What a producer must never pay for: the HTTP client, the delivery code (poster,
 # coalescer, Braze client), Celery, the CLI and web stacks, dev tooling.
 HEAVY_FOR_A_PRODUCER = {
-    "httpx", "httpcore", "delivery", "celery", "kombu", "billiard", "starlette", "uvicorn",
-    "typer", "rich", "prometheus_client", "flower", "admin", "worker", "simulator", "devtools",
+    "httpx",
+    "httpcore",
+    "delivery",
+    "celery",
+    "kombu",
+    "billiard",
+    "starlette",
+    "uvicorn",
+    "typer",
+    "rich",
+    "prometheus_client",
+    "flower",
+    "admin",
+    "worker",
+    "simulator",
+    "devtools",
 }
 
 

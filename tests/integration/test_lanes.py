@@ -1,0 +1,247 @@
+"""Lanes (issue 22): every change is live or bulk; live is cut first and its batches go to a
+queue of their own; the change that occurred last still wins across lanes. Against a real
+redis-server; the coalescer with a dispatch that records batch ids (no Celery)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from typing import Any
+
+from core.changes import Lane
+from core.planning import batch_lane
+from delivery.services import services
+from stores.buffer import Buffer
+from stores.clock import server_time_ms
+from stores.limiter import Budget, RateLimiter
+from tasks.producer import enqueue_change, enqueue_changes
+from tests.cli_runs import run_cli
+from tests.conftest import email, wait_for
+from tests.integration.test_buffer import Recorder, change, coalescer, field, pending_record
+
+GROUP = "news"
+
+
+def lane_sets(buffer: Buffer) -> tuple[set[str], set[str]]:
+    """(live due fields, bulk due fields)."""
+    k = buffer.keys
+    live = {raw.decode() for raw in buffer.client.zrange(k.due_live, 0, -1)}
+    bulk = {raw.decode() for raw in buffer.client.zrange(k.due, 0, -1)}
+    return live, bulk
+
+
+def write_jsonl(path: Any, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_each_way_in_has_its_default_lane_and_a_named_lane_wins(env, tmp_path):
+    buffer = services().buffer
+    enqueue_change(subscription_group_id=GROUP, subscription_state="subscribed", email=email(1))
+    enqueue_change(
+        subscription_group_id=GROUP, subscription_state="subscribed", email=email(2), lane="bulk"
+    )
+    enqueue_changes([{"subscription_group_id": GROUP, "subscription_state": "subscribed",
+                      "email": email(3)}])  # fmt: skip
+    enqueue_changes(
+        [{"subscription_group_id": GROUP, "subscription_state": "subscribed", "email": email(4)}],
+        lane="bulk",
+    )
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(
+        path,
+        [
+            {"subscription_group_id": GROUP, "subscription_state": "subscribed",
+             "email": email(5)},
+            {"subscription_group_id": GROUP, "subscription_state": "subscribed",
+             "email": email(6), "lane": "live"},
+        ],
+    )  # fmt: skip
+    assert run_cli("import", str(path)).returncode == 0
+    assert run_cli("enqueue", "--group", GROUP, "--state", "subscribed",
+                   "--email", email(7)).returncode == 0  # fmt: skip
+    assert run_cli("enqueue", "--group", GROUP, "--state", "subscribed",
+                   "--email", email(8), "--lane", "bulk").returncode == 0  # fmt: skip
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, [{"subscription_group_id": GROUP, "subscription_state": "subscribed",
+                         "email": email(9)}])  # fmt: skip
+    assert run_cli("import", str(other), "--lane", "live").returncode == 0
+
+    live, bulk = lane_sets(buffer)
+    assert live == {field(email(n)) for n in (1, 3, 6, 7, 9)}
+    assert bulk == {field(email(n)) for n in (2, 4, 5, 8)}
+    assert pending_record(buffer, GROUP, "email", email(1))["l"] == 1
+    assert "l" not in pending_record(buffer, GROUP, "email", email(2))
+
+
+def test_a_bad_lane_is_one_line_and_enqueues_nothing(env, tmp_path):
+    buffer = services().buffer
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(
+        path,
+        [
+            {"subscription_group_id": GROUP, "subscription_state": "subscribed",
+             "email": email(1)},
+            {"subscription_group_id": GROUP, "subscription_state": "subscribed",
+             "email": email(2), "lane": "fast"},
+        ],
+    )  # fmt: skip
+    result = run_cli("import", str(path))
+    assert result.returncode != 0
+    assert "line 2" in result.stderr and "lane" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    result = run_cli("enqueue", "--group", GROUP, "--state", "subscribed", "--email", email(3),
+                     "--lane", "express")  # fmt: skip
+    assert result.returncode != 0
+    assert "lane" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    result = run_cli("import", str(path), "--lane", "soon")
+    assert result.returncode != 0 and "--lane" in result.stderr
+    assert buffer.pending_count() == 0
+
+
+def test_a_live_change_replacing_a_pending_bulk_one_moves_it_to_the_live_lane(env):
+    buffer = services().buffer
+    buffer.enqueue([change(email(1)), change(email(2))], lane=Lane.BULK)
+    buffer.enqueue([change(email(1), "unsubscribed")], lane=Lane.LIVE)
+    # A newer bulk change replacing a pending live one keeps its place in the live lane.
+    buffer.enqueue([change(email(2), "unsubscribed", lane="live")])
+    buffer.enqueue([change(email(2), "subscribed")], lane=Lane.BULK)
+    live, bulk = lane_sets(buffer)
+    assert live == {field(email(1)), field(email(2))}
+    assert bulk == set()
+    assert pending_record(buffer, GROUP, "email", email(2))["s"] == "subscribed"
+
+
+def test_an_older_bulk_change_never_overwrites_a_newer_live_one(env):
+    buffer = services().buffer
+    buffer.enqueue([change(email(1), "unsubscribed", occurred_at=1_700_000_000)])
+    buffer.enqueue([change(email(1), "subscribed", occurred_at=1_699_999_000)], lane=Lane.BULK)
+    assert buffer.stale == 1
+    assert pending_record(buffer, GROUP, "email", email(1))["s"] == "unsubscribed"
+
+
+def test_live_is_cut_first_with_room_the_backfill_cannot_take(env):
+    """Bulk fills its share of MAX_BATCHES_IN_FLIGHT; live changes are cut into batches of
+    their own (ids of the live lane) in the same tick, ahead of the bulk backlog."""
+    buffer = services().buffer
+    buffer.enqueue([change(f"bulk-{n}", kind="external_id") for n in range(5000)], lane=Lane.BULK)
+    recorder = Recorder()
+    cutter = coalescer(recorder, batch_linger_seconds=0, max_batches_in_flight=20)
+    first = cutter.tick()
+    assert first.batches == 18  # 20 less the live reserve (10 %, at least 1)
+    assert all(batch_lane(batch_id) is Lane.BULK for batch_id in recorder.ids)
+    assert cutter.tick().batches == 0  # the bulk share is full
+
+    buffer.enqueue([change(email(n), "unsubscribed") for n in range(3)])  # live
+    second = cutter.tick()
+    assert second.batches == 1
+    live_id = recorder.ids[-1]
+    assert batch_lane(live_id) is Lane.LIVE and live_id.startswith("live-")
+    lanes = buffer.lanes(server_time_ms(buffer.client))
+    assert lanes["live"]["pending"] == 0
+    assert lanes["bulk"]["pending"] == 5000 - 18 * 50
+
+
+def test_status_json_shows_pending_and_the_oldest_due_age_per_lane(env):
+    buffer = services().buffer
+    buffer.enqueue([change(email(n)) for n in range(3)], lane=Lane.BULK)
+    buffer.enqueue([change(email(n + 10)) for n in range(2)])
+    buffer.enqueue([change(email(99), delay_seconds=600)])  # live, not due yet
+    result = run_cli("status", "--json")
+    assert result.returncode == 0, result.stderr
+    lanes = json.loads(result.stdout)["lanes"]
+    assert lanes["live"]["pending"] == 3
+    assert lanes["bulk"]["pending"] == 3
+    assert 0 <= lanes["live"]["oldest_seconds"] < 60
+    text = run_cli("status").stdout
+    assert "live: pending, oldest due" in text and "bulk: pending, oldest due" in text
+
+
+# --- the budget: bulk reserves only a little ahead; live keeps bulk's floor ------------
+
+
+def lane_limiter(redis_client: Any, *, bulk_wait: float, floor: float) -> RateLimiter:
+    """100 requests a second (10 ms apart, no burst to speak of), live waits up to 10 s."""
+    budget = Budget.for_limit(100, 1, headroom=0.0, burst_fraction=0.0)
+    return RateLimiter(
+        redis_client,
+        "{test}:lanes-limiter",
+        budget,
+        max_wait_seconds=10,
+        bulk_max_wait_seconds=bulk_wait,
+        bulk_floor_share=floor,
+    )
+
+
+def test_bulk_reserves_only_a_little_ahead_so_a_live_turn_comes_soon(env, redis_client):
+    limiter = lane_limiter(redis_client, bulk_wait=0.2, floor=0.1)
+    granted = 0
+    while limiter.acquire(Lane.BULK).granted:
+        granted += 1
+        assert granted < 100, "bulk reserved further ahead than its 0.2 s"
+    assert 18 <= granted <= 22  # 0.2 s of 10 ms turns
+    live = limiter.acquire(Lane.LIVE)
+    assert live.granted and live.wait_seconds <= 0.25
+
+
+def send_times(limiter: RateLimiter, lane: Lane, count: int) -> list[float]:
+    sends = []
+    for _ in range(count):
+        grant = limiter.acquire(lane)
+        assert grant.granted and grant.send_at_ms is not None
+        sends.append(grant.send_at_ms)
+    return sends
+
+
+def test_live_alone_spends_at_most_its_share_and_bulk_keeps_the_floor(env, redis_client):
+    limiter = lane_limiter(redis_client, bulk_wait=10, floor=0.5)
+    live = send_times(limiter, Lane.LIVE, 50)
+    # Live's own limit spaces its turns 20 ms apart: half the budget, the rest is bulk's.
+    assert min(b - a for a, b in itertools.pairwise(live)) >= 19.9
+    # Bulk alone: the whole budget, 10 ms apart; never closer, whatever the lanes.
+    bulk = send_times(limiter, Lane.BULK, 50)
+    assert min(b - a for a, b in itertools.pairwise(live + bulk)) >= 9.9
+    assert bulk[-1] - bulk[0] <= 50 * 10
+
+
+def test_a_live_only_tick_runs_beside_a_full_tick_holding_its_lock(env):
+    buffer = services().buffer
+    recorder = Recorder()
+    cutter = coalescer(recorder, batch_linger_seconds=0)
+    held = buffer.tick_lock(30)
+    assert held.acquire()  # a full tick cutting a backfill, say
+    try:
+        buffer.enqueue([change(email(1), "unsubscribed")])
+        assert cutter.tick().skipped
+        report = cutter.tick(live_only=True)
+        assert report.batches == 1 and batch_lane(recorder.ids[-1]) is Lane.LIVE
+    finally:
+        held.release()
+
+
+def test_under_a_backlog_a_live_change_wakes_a_tick_at_once_and_bulk_does_not(env):
+    """A run draining a backlog waits for the beat's next run to cut bulk again, but a live
+    change's nudge wakes it for a live-only tick at once."""
+    buffer = services().buffer
+    buffer.enqueue([change(f"bulk-{n}", kind="external_id") for n in range(3000)], lane=Lane.BULK)
+    recorder = Recorder()
+    cutter = coalescer(recorder, batch_linger_seconds=0, max_batches_in_flight=10)
+    result: list[Any] = []
+    # Four seconds: its BLPOP stays under the client's 5 s socket timeout.
+    thread = threading.Thread(target=lambda: result.append(cutter.run(4)))
+    thread.start()
+    try:
+        wait_for(lambda: len(recorder.ids) == 9, what="the first tick to fill bulk's room")
+        buffer.enqueue([change("more-bulk", kind="external_id")], lane=Lane.BULK)
+        buffer.enqueue([change(email(1), "unsubscribed")])
+        wait_for(
+            lambda: any(batch_lane(b) is Lane.LIVE for b in recorder.ids),
+            timeout=5,
+            what="the live change to be cut",
+        )
+        assert len(recorder.ids) == 10  # the live batch only, in the room bulk leaves
+    finally:
+        thread.join(timeout=60)
