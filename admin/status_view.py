@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from admin.status import Status
+from core.outcome import redirected
 
 Rows = list[tuple[str, str]]
 
@@ -93,6 +94,8 @@ def sections(status: Status, now: float) -> list[Section]:
     posting = "running"
     if status.budget_source == "unknown" and status.tokens_left is None:
         posting = "unknown: no BRAZE_API_KEY here and no worker recorded its workspace"
+    elif status.credentials_refused and redirected(status.credentials_refused):
+        posting = "stopped: the Braze endpoint redirects (a configuration error)"
     elif status.credentials_refused:
         posting = "stopped: Braze refuses the API key"
     elif status.paused:
@@ -189,7 +192,12 @@ def sections(status: Status, now: float) -> list[Section]:
 def warnings(status: Status) -> list[str]:
     """What an operator should look at, each with where the runbook answers it."""
     found = []
-    if status.credentials_refused:
+    if status.credentials_refused and redirected(status.credentials_refused):
+        found.append(
+            "the Braze endpoint redirects: posting is stopped "
+            "(runbook: the Braze endpoint redirects)"
+        )
+    elif status.credentials_refused:
         found.append("Braze refuses the API key: posting is stopped (runbook: the key was revoked)")
     if status.throttled_last_minute:
         found.append(

@@ -135,6 +135,12 @@ def unexpected_detail(status: int, body: str, content_type: str, truncated: bool
     return f"HTTP {status}: unexpected answer, not Braze's ({kind}, {size}first bytes: {first})"
 
 
+def redirected(reason: str) -> bool:
+    """True if a circuit's `reason` is a redirect (a configuration error), not a refused
+    key: what `classify` says of a 3xx."""
+    return reason.startswith("HTTP 3") and ": redirect to " in reason
+
+
 def classify(
     status: int | None,
     body: str = "",

@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
+from admin.status import read_status
+from admin.status_view import warnings
 from config.settings import Settings, load_settings
-from core.outcome import MAX_ANSWER_BYTES
+from core.outcome import MAX_ANSWER_BYTES, redirected
 from delivery.braze_client import V1_PATH, BrazeClient
 from delivery.poster import Poster
 from delivery.services import services
@@ -93,12 +95,20 @@ def test_a_redirect_is_never_followed_and_stops_posting_said_once(
     for batch_id in (first_id, second_id):
         assert record(redis_client, batch_id)["attempts"] == 0  # nothing spent
         assert redis_client.hget(found.keys.schedule_reasons, batch_id) == b"credentials"
+    # `status` tells a configuration error, not a refused key.
+    shown = read_status(found.redis, found.keys, found.limiter)
+    assert shown.credentials_refused and redirected(shown.credentials_refused)
+    assert "redirects" in sections_text(shown)
     loud = [r for r in caplog.records if "configuration error" in r.getMessage()]
     assert len(loud) == 1
     assert "BRAZE_REST_ENDPOINT" in loud[0].getMessage()
     assert SIM_KEY not in caplog.text
     stats = sim_stats(sim, log=True)
     assert [r["status"] for r in stats["requests"]] == [301]  # one request, nothing followed
+
+
+def sections_text(status: Any) -> str:
+    return " ".join(warnings(status))
 
 
 @pytest.fixture

@@ -134,6 +134,16 @@ def test_a_refused_key_wins_over_a_pause_and_is_explained():
     assert budget["Braze said"] == "401: Invalid API key"
 
 
+def test_a_redirect_is_shown_as_a_configuration_error_not_a_refused_key():
+    redirect = "HTTP 301: redirect to https://elsewhere.example/x not followed"
+    stopped = replace(QUIET, credentials_refused=redirect, credentials_refused_since=NOW - 5)
+    budget = as_dict(stopped)["rate budget"]
+    assert budget["posting"] == "stopped: the Braze endpoint redirects (a configuration error)"
+    assert budget["Braze said"] == redirect
+    [warning] = warnings(stopped)
+    assert "runbook: the Braze endpoint redirects" in warning
+
+
 def test_a_quiet_system_has_no_warnings():
     assert warnings(QUIET) == []
     assert as_dict(QUIET)["last minute"]["identifiers per request"] == "-"
