@@ -47,7 +47,8 @@ def test_changes_go_in_like_import_rows_with_accepted_and_stale_counts(api, redi
             # Older than the one accepted above for the same group and identifier.
             row(1, "unsubscribed", occurred_at="2026-01-01T00:00:00Z"),
             {"subscription_group_id": "sms", "subscription_state": "subscribed",
-             "external_id": " user-9 ", "use_double_opt_in_logic": True, "delay_seconds": 120},
+             "external_id": " user-9 ", "use_double_opt_in_logic": True, "delay_seconds": 120,
+             "lane": "bulk"},
         ]
     )
     assert many.status_code == 202 and many.json() == {"accepted": 4, "stale": 1}
@@ -70,15 +71,17 @@ def test_one_bad_row_refuses_the_request_listing_every_bad_row_masked(api, redis
         row(5, emial="typo"),
         {"subscription_group_id": "sms", "subscription_state": "subscribed",
          "phone": "4155550123"},  # the reason quotes it: masked
+        row(8, lane="fast"),
     ]
     answer = api.post(rows)
     assert answer.status_code == 422
     errors = answer.json()["errors"]
     assert [(e["index"], e["field"]) for e in errors] == [
-        (1, "subscription_state"), (3, "email"), (4, "change"), (5, "emial"), (6, "phone")
+        (1, "subscription_state"), (3, "email"), (4, "change"), (5, "emial"), (6, "phone"),
+        (7, "lane"),
     ]
     assert "jane.doe@@example.com" not in answer.text and "jane.doe" not in answer.text
-    assert "4155550123" not in answer.text and "got '41*****123'" in errors[-1]["reason"]
+    assert "4155550123" not in answer.text and "got '41*****123'" in errors[-2]["reason"]
     assert pending(redis_client) == 0  # nothing enqueued, not even rows 0 and 2
     assert api.post([]).json() == {"accepted": 0, "stale": 0}
     scalar = api.post(42)
