@@ -37,6 +37,8 @@ def exported_names(env: dict[str, str]) -> set[str]:
     family: Metric
     for family in registry_for(found.redis, found.keys, found.limiter).collect():
         names.add(family.name + ("_total" if family.type == "counter" else ""))
+        if family.type == "histogram":  # queried by its series: _bucket, _sum, _count
+            names |= {sample.name for sample in family.samples}
     return names
 
 
