@@ -96,6 +96,11 @@ def test_repairs_are_ordinary_changes_in_the_buffer(env, sim, tmp_path):
         run.check(repair=True)
         assert run.report.repaired == 2  # a drifted, b unknown
     assert pending_states(found) == {"a": "unsubscribed", "b": "subscribed"}
+    # In the bulk lane (issue 22): a repair uses what live changes leave of the budget.
+    changes = [json.loads(raw) for raw in found.redis.hvals(found.keys.pending)]
+    assert [change.get("l") for change in changes] == [None, None]
+    assert found.redis.zcard(found.keys.due) == 2
+    assert found.redis.zcard(found.keys.due_live) == 0
 
 
 # --------------------------------------------------------------------------------------
