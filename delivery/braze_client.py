@@ -220,7 +220,7 @@ class BrazeClient:
                 "Authorization": f"Bearer {api_key.get_secret_value()}",
                 "Content-Type": "application/json",
                 "User-Agent": "braze-subs",
-                # A compressed body could expand far past the cap in one chunk.
+                # Braze's answers are small: uncompressed, the cap counts what is sent.
                 "Accept-Encoding": "identity",
             },
             # Each phase at most the whole; the deadline cuts every one to what is left.
@@ -265,7 +265,9 @@ class BrazeClient:
             chunks: list[bytes] = []
             size = 0
             truncated = False
-            for chunk in response.iter_raw():
+            # Decoded as it comes: a server that compresses although asked not to is still
+            # read (a compressed chunk expands at most ~1000-fold before the cap stops it).
+            for chunk in response.iter_bytes():
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > MAX_ANSWER_BYTES:

@@ -4,6 +4,7 @@ simulator's `answer` faults over real HTTP, batch records in real Redis."""
 
 from __future__ import annotations
 
+import gzip
 import logging
 import socket
 import threading
@@ -256,6 +257,24 @@ def test_trickled_headers_end_at_the_overall_deadline():
             braze.close()
     assert reply.status is None and "Timeout" in (reply.error or "")
     assert took < 1.9, f"the exchange took {took:.2f} s with a 1 s deadline"
+
+
+def test_a_compressed_answer_is_still_brazes():
+    """Asked for no compression, a server (or a proxy) may compress anyway: the answer is
+    decoded before it is read as Braze's JSON."""
+    body = gzip.compress(b'{"message":"success"}')
+    answer = (
+        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    with trickling_server(answer, 0.0) as url:
+        braze = client(url)
+        try:
+            reply = braze.post(V1_PATH, BODY)
+        finally:
+            braze.close()
+    assert (reply.status, reply.body, reply.truncated) == (201, '{"message":"success"}', False)
 
 
 def test_the_deadline_wraps_the_transports_httpx_made():
