@@ -55,6 +55,7 @@ class Rules:
     take_back_live: bool = False  # a claim can be lost by a live-but-frozen holder's lease
     # expiring with no heartbeat known: the old lease-only protocol
     outcome_first: bool = True  # the outcome is recorded before the bookkeeping (issue 21)
+    forget_ends_claims: bool = True  # forget.lua ends the claims not yet sent (issue 21)
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,19 @@ class State:
     sweeps: int = 2
     failures: int = 1
     crashes: int = 0  # a worker's error after its answer arrived (bounded like freezes)
+    forgets: int = 0  # `forget` of the identifier may run (once)
+    # The first token claimed after `forget` ran (0: it has not): a worker holding an older
+    # token read the identifier into memory with its batch before the erasure.
+    erased_token: int = 0
     enqueued: bool = False
     violation: str | None = None
 
 
-def start(*, freezes: int = 2, crashes: int = 0) -> State:
+def start(*, freezes: int = 2, crashes: int = 0, forget: bool = False) -> State:
     return State(
         freezes=freezes,
         crashes=crashes,
+        forgets=int(forget),
         batches=frozenset({("b1", OLD)}),
         claims=frozenset(),
         schedule=frozenset(),
@@ -145,6 +151,28 @@ def steps(state: State, rules: Rules) -> Iterator[tuple[str, State]]:
     # --- the producer writes the newer state once -----------------------------------------
     if not state.enqueued:
         yield "enqueue", replace(state, pending=NEW, enqueued=True)
+    # --- an operator runs `forget` (forget.lua) --------------------------------------------
+    if state.forgets:
+        unsent = {
+            worker.job[0]
+            for worker in state.workers
+            if worker.job is not None and worker.job[2] == "c"
+        }
+        stopped = {c for c in state.claims if c[0] in unsent} if rules.forget_ends_claims else set()
+        yield (
+            "forget",
+            replace(
+                state,
+                forgets=0,
+                erased_token=state.next_token,
+                pending=None,
+                locked_by=None,
+                # Every batch record loses its member: version 0, nothing to send.
+                batches=frozenset((b, 0) for b, _v in state.batches),
+                claims=state.claims - stopped,
+                schedule=state.schedule | {c[0] for c in stopped},
+            ),
+        )
     # --- the tick ----------------------------------------------------------------------------
     if state.locked_by is None and state.pending is not None:  # cut the newer change
         yield (
@@ -261,7 +289,8 @@ def _worker_steps(
                 and _holder(state, batch) is None
                 and batch not in state.schedule
             )
-            if claimable and state.pending is not None and state.locked_by == batch:
+            superseded = state.pending is not None and state.locked_by == batch
+            if claimable and (superseded or version == 0):
                 yield f"w{index} claims {batch}: empty", _end_batch(after, batch)
             elif claimable:
                 token = state.next_token
@@ -289,16 +318,18 @@ def _worker_steps(
         violation = state.violation
         if not held:
             violation = violation or f"w{index} sent {batch} without a live claim"
-        if state.braze is not None and version is not None and version < state.braze:
+        if state.braze is not None and version and version < state.braze:
             violation = violation or f"w{index} sent state {version} after {state.braze}"
         if _send_status(state, batch) in ("inflight", "done"):
             violation = violation or f"{batch} sent again though its outcome was known"
+        if state.erased_token and token < state.erased_token:
+            violation = violation or f"w{index} sent the identifier after forget returned"
         for result in ("ok", "fail") if state.failures else ("ok",):
             yield (
                 f"w{index} sends {batch} ({result})",
                 replace(
                     state,
-                    braze=version if version is not None else state.braze,
+                    braze=version if version else state.braze,
                     sends=_with_send(state, batch, "inflight"),
                     failures=state.failures - (result == "fail"),
                     workers=_set_worker(state, index, Worker(True, (batch, token, "s", result))),
@@ -372,10 +403,18 @@ def finished(state: State) -> bool:
     return not state.batches and state.pending is None and state.enqueued
 
 
-def explore(rules: Rules, *, freezes: int = 2, crashes: int = 0) -> tuple[int, list[str] | None]:
+def settled(state: State) -> bool:
+    """The end every run must reach: the newest state delivered, or the identifier erased
+    (then nothing more is owed it; a change enqueued after `forget` is delivered)."""
+    return finished(state) and (state.braze == NEW or state.erased_token > 0)
+
+
+def explore(
+    rules: Rules, *, freezes: int = 2, crashes: int = 0, forget: bool = False
+) -> tuple[int, list[str] | None]:
     """Visit every reachable state; return how many, and a run to the first violation (or
     to a state that can go no further without having delivered the newest state)."""
-    first = start(freezes=freezes, crashes=crashes)
+    first = start(freezes=freezes, crashes=crashes, forget=forget)
     parents: dict[State, tuple[State, str] | None] = {first: None}
     stack = [first]
 
@@ -392,7 +431,7 @@ def explore(rules: Rules, *, freezes: int = 2, crashes: int = 0) -> tuple[int, l
             return len(parents), [*path(state), state.violation]
         moves = list(steps(state, rules))
         progress = [m for m in moves if "freezes" not in m[0]]
-        if not progress and not (finished(state) and state.braze == NEW):
+        if not progress and not settled(state):
             return len(parents), [*path(state), f"stuck: {state}"]
         for name, following in moves:
             if following not in parents:
@@ -437,3 +476,20 @@ def test_the_checker_finds_the_re_send_when_bookkeeping_came_before_the_outcome(
     assert counterexample is not None
     assert "sent again though its outcome was known" in counterexample[-1]
     assert any("fails after the answer" in step for step in counterexample)
+
+
+def test_forget_while_a_batch_is_claimed_never_lets_it_send_the_identifier():
+    """Issue 21 item 6: `forget` at any point — a batch claimed and waiting for its turn,
+    on the wire, waiting in the schedule, pending — with freezes and a failed request
+    around it: no request that a worker read before the erasure is sent after it."""
+    visited, counterexample = explore(Rules(), freezes=1, forget=True)
+    assert counterexample is None, "\n".join(counterexample)
+    assert visited > 1_000
+
+
+def test_the_checker_finds_the_send_after_forget_when_claims_are_left_alone():
+    """As it was: forget removed the identifier from the record, but a worker that had read
+    it already still held its claim, passed the fence and sent it."""
+    _visited, counterexample = explore(Rules(forget_ends_claims=False), freezes=1, forget=True)
+    assert counterexample is not None
+    assert "sent the identifier after forget returned" in counterexample[-1]
