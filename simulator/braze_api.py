@@ -42,9 +42,10 @@ PORTAL_PAGE = (
     "<!DOCTYPE html><html><head><title>Sign in to the network</title></head>"
     "<body><h1>Welcome</h1><p>Accept the terms to continue.</p></body></html>"
 )
+# A plausible count left beside an absurd limit and reset: what a reader acts on.
 ABSURD_RATE_LIMIT_HEADERS = {
     "X-RateLimit-Limit": "9" * 400,
-    "X-RateLimit-Remaining": "1e400",
+    "X-RateLimit-Remaining": "3",
     "X-RateLimit-Reset": "1e308",
 }
 

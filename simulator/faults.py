@@ -29,8 +29,8 @@ class Faults:
       another host), `nested` (201 whose JSON nests `nested_depth` deep), `huge` (500 with
       a `huge_bytes` body), `trickle` (Braze's answer, applied, its body sent one byte
       every `trickle_ms`); null: Braze answers.
-    - `absurd_rate_limit_headers`: every post's X-RateLimit-* headers are absurd values
-      (`1e308`, `1e400`, 400 digits).
+    - `absurd_rate_limit_headers`: every post's X-RateLimit-Reset is `1e308` and its
+      X-RateLimit-Limit 400 digits (X-RateLimit-Remaining a plausible 3).
     """
 
     api_keys: frozenset[str]
