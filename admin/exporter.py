@@ -65,11 +65,13 @@ def circuit_reason_label(reason: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Extras:
-    """What the exporter reads beside `status`: totals by endpoint and status, the last tick."""
+    """What the exporter reads beside `status`: totals by endpoint and status, the last tick,
+    beat's last heartbeat."""
 
     requests: list[counters.RequestCount]
     last_tick_ms: float | None
     api: ApiTotals | None = None  # the HTTP API's requests (`stores/api_metrics.py`)
+    beat_seen_ms: float | None = None
 
 
 def read_extras(client: Redis, keys: Keys) -> Extras:
@@ -77,11 +79,13 @@ def read_extras(client: Redis, keys: Keys) -> Extras:
     pipe.hgetall(keys.request_totals)
     pipe.get(keys.coalesce_last_tick)
     pipe.hgetall(keys.api_requests)
-    raw_requests, last_tick, raw_api = pipe.execute()
+    pipe.get(keys.beat_seen)
+    raw_requests, last_tick, raw_api, beat_seen = pipe.execute()
     return Extras(
         requests=counters.request_totals(raw_requests),
         last_tick_ms=float(last_tick) if last_tick else None,
         api=read_api_totals(raw_api),
+        beat_seen_ms=float(beat_seen) if beat_seen else None,
     )
 
 
@@ -239,8 +243,16 @@ def families(status: Status, extras: Extras) -> Iterator[Metric]:
     )
     yield _gauge(
         "coalescer_last_tick_timestamp",
-        "When the coalescer (beat) last finished a tick, Unix time (Redis clock).",
+        "When the coalescer last finished a tick, Unix time (Redis clock); beat schedules "
+        "the ticks, the workers run them, so it stops when either is missing.",
         extras.last_tick_ms / 1000 if extras.last_tick_ms else 0.0,
+        unit="seconds",
+    )
+    yield _gauge(
+        "beat_last_seen_timestamp",
+        "Beat's last heartbeat in Redis (every HEARTBEAT_INTERVAL_SECONDS), Unix time "
+        "(Redis clock); 0: never seen.",
+        extras.beat_seen_ms / 1000 if extras.beat_seen_ms else 0.0,
         unit="seconds",
     )
     yield _gauge(

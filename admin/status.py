@@ -87,6 +87,11 @@ class Status:
     lanes: dict[str, dict[str, int | float]] = field(
         default_factory=lambda: {lane.value: {"pending": 0, "oldest_seconds": 0.0} for lane in Lane}
     )
+    # Beat only schedules the coalescer; its ticks run on the workers (their own queue).
+    # Seconds since beat's last heartbeat in Redis and since the last finished tick; None:
+    # never seen.
+    beat_last_seen_seconds: float | None = None
+    last_tick_seconds: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,4 +218,10 @@ def read_status(
         workers_seen_last_day=found.workers.seen_last_day,
         workers_alive_ids=found.workers.alive_ids,
         lanes=lanes,
+        beat_last_seen_seconds=_age(found.beat_seen_ms, now_ms),
+        last_tick_seconds=_age(found.last_tick_ms, now_ms),
     )
+
+
+def _age(then_ms: int | None, now_ms: int) -> float | None:
+    return None if then_ms is None else round(max(now_ms - then_ms, 0) / 1000, 3)

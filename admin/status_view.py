@@ -24,6 +24,11 @@ REASON_LABELS = {
 }
 # An overdue schedule entry or a backlog older than this is worth a warning.
 WARN_AFTER_SECONDS = 300
+# Beat writes its heartbeat every second: silent this long, it is not running.
+BEAT_SILENT_SECONDS = 15
+# The coalescer ticks every second: no tick this long, with beat and workers running, is
+# worth a look.
+TICK_LATE_SECONDS = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,10 @@ def next_due(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return f"in {duration(seconds)}" if seconds >= 0 else f"overdue by {duration(-seconds)}"
+
+
+def ago(seconds: float | None) -> str:
+    return "never seen" if seconds is None else f"{duration(seconds)} ago"
 
 
 def waiting_rows(status: Status) -> Rows:
@@ -137,6 +146,13 @@ def sections(status: Status, now: float) -> list[Section]:
             [
                 ("alive (heartbeat)", count(status.workers_alive)),
                 ("seen in the last day", count(status.workers_seen_last_day)),
+            ],
+        ),
+        Section(
+            "beat and coalescer",
+            [
+                ("beat: last heartbeat", ago(status.beat_last_seen_seconds)),
+                ("last coalescer tick (run by workers)", ago(status.last_tick_seconds)),
             ],
         ),
         Section(
@@ -218,9 +234,25 @@ def warnings(status: Status) -> list[str]:
     for finding in status.redis_findings or []:
         found.append(f"redis: {finding} (README: Redis settings that keep every change)")
     work = status.waiting_batches + status.batches_in_flight + status.due_now
+    beat = status.beat_last_seen_seconds
+    beat_down = (beat is None and bool(work)) or (beat is not None and beat > BEAT_SILENT_SECONDS)
+    if beat_down:
+        found.append(
+            f"beat is not running (last heartbeat: {ago(beat)}): no coalescer tick is "
+            "scheduled, nothing is cut into batches or sent from the schedule "
+            "(runbook: beat is not running)"
+        )
     if not status.workers_alive and work:
         found.append(
-            "no worker is alive (no heartbeat) while work waits (runbook: nothing is being sent)"
+            "no worker is alive (no heartbeat) while work waits: nothing is posted, and the "
+            "coalescer, whose ticks run on the workers, does not tick "
+            "(runbook: no worker is alive)"
+        )
+    tick = status.last_tick_seconds
+    if not beat_down and status.workers_alive and tick is not None and tick > TICK_LATE_SECONDS:
+        found.append(
+            f"no coalescer tick for {duration(tick)} though beat and workers run "
+            "(runbook: nothing is being sent)"
         )
     next_due_seconds = status.waiting_next_due_seconds
     if next_due_seconds is not None and -next_due_seconds > WARN_AFTER_SECONDS:

@@ -1,8 +1,9 @@
 """What the fleet is doing, read from Redis for `status` and the Prometheus exporter:
-the batches waiting in the schedule (by reason), the batches being posted now, and the
-worker processes alive. Read-only: the workers and the coalescer write these keys
-(`Keys.schedule`, `Keys.schedule_reasons`, `Keys.claims`, `Keys.workers`,
-`Keys.heartbeat`).
+the batches waiting in the schedule (by reason), the batches being posted now, the worker
+processes alive, when beat was last seen and when the coalescer last ticked. Read-only: the
+workers, beat and the coalescer write these keys (`Keys.schedule`, `Keys.schedule_reasons`,
+`Keys.claims`, `Keys.workers`, `Keys.heartbeat`, `Keys.beat_seen`,
+`Keys.coalesce_last_tick`).
 
 Cheap by construction, so a scrape every few seconds costs nothing against a busy Redis:
 no SCAN or KEYS; the schedule and its reasons hold at most the batches in flight
@@ -64,6 +65,8 @@ class Fleet:
     waiting: Waiting
     posting: int  # batches claimed by a worker now (posting, or its lease not yet ended)
     workers: Workers
+    beat_seen_ms: int | None = None  # beat's last heartbeat (Redis clock); None: never
+    last_tick_ms: int | None = None  # the last finished coalescer tick; None: never
 
 
 def _queue_waiting(pipe: Pipeline, keys: Keys) -> None:
@@ -120,9 +123,14 @@ def read_fleet(client: Redis, keys: Keys, now_ms: int) -> Fleet:
     _queue_waiting(pipe, keys)
     pipe.zcard(keys.claims)
     _queue_workers(pipe, keys, now_ms)
+    pipe.get(keys.beat_seen)
+    pipe.get(keys.coalesce_last_tick)
     replies = pipe.execute()
+    beat_seen, last_tick = replies[6:8]
     return Fleet(
         waiting=_waiting(replies[0:3], now_ms),
         posting=int(replies[3]),
         workers=_workers(client, keys, replies[4:6]),
+        beat_seen_ms=int(float(beat_seen)) if beat_seen else None,
+        last_tick_ms=int(float(last_tick)) if last_tick else None,
     )

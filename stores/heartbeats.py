@@ -13,8 +13,15 @@ from collections.abc import Iterable
 
 from redis import Redis
 
+from stores.clock import server_time_ms
 from stores.keys import Keys
 from stores.scripts import Scripts
+
+
+def beat_alive(client: Redis, keys: Keys) -> None:
+    """Beat is running now (Redis's clock). Beat only schedules: the coalescer's ticks run
+    on the workers, so the last tick's age alone cannot tell which of the two is missing."""
+    client.set(keys.beat_seen, server_time_ms(client))
 
 
 class Heartbeats:

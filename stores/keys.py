@@ -234,6 +234,12 @@ class Keys:
         return self._key("coalesce:arrivals")
 
     @property
+    def beat_seen(self) -> str:
+        """STRING Redis time (ms) of beat's last heartbeat (every HEARTBEAT_INTERVAL_SECONDS):
+        tells "beat is not running" apart from "no worker runs the coalescer's ticks"."""
+        return self._key("beat:seen")
+
+    @property
     def coalesce_nudge(self) -> str:
         """LIST of at most one item, pushed by producers after an enqueue: wakes a coalescer
         waiting for work (BLPOP) so an idle pipeline does not wait for the next beat."""

@@ -1,10 +1,13 @@
-"""The Celery app: `celery -A worker.app worker` posts batches, `celery -A worker.app beat`
-runs the coalescer. Settings are validated on import, so a bad variable stops the process
-at start with one line."""
+"""The Celery app: `celery -A worker.app worker` posts batches and runs the coalescer's ticks
+(on their own queue), `celery -A worker.app beat` schedules those ticks. Settings are
+validated on import, so a bad variable stops the process at start with one line."""
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -197,6 +200,32 @@ def _require_braze(**_: Any) -> None:
 def _check_redis_at_beat_start(**_: Any) -> None:
     _warn_if_redis_can_lose_changes()
     _start_heartbeat("beat")
+    threading.Thread(target=_beat_in_redis, name="braze-subs-beat-seen", daemon=True).start()
+
+
+def _beat_in_redis() -> None:
+    """Beat says it runs, in Redis, every HEARTBEAT_INTERVAL_SECONDS, for `status`, the
+    exporter and the alerts: the coalescer's ticks run on the workers, so only this tells
+    "beat is not running" from "no worker runs the ticks". A Redis outage is logged once
+    and retried; the thread dies with the process."""
+    from redis.exceptions import RedisError
+
+    from stores.heartbeats import beat_alive
+
+    found = _services()
+    client, keys = found.redis, found.keys
+    failing = False
+    while True:
+        try:
+            beat_alive(client, keys)
+            failing = False
+        except RedisError as exc:
+            if not failing:
+                logging.getLogger("braze_subs.beat").warning(
+                    "beat cannot write its heartbeat to Redis: %s", exc
+                )
+            failing = True
+        time.sleep(settings.heartbeat_interval_seconds)
 
 
 _heartbeats: list[Heartbeat] = []
@@ -239,6 +268,12 @@ def _record_workspace() -> None:
     from delivery.services import services
 
     services().record_workspace()
+
+
+def _services() -> Any:
+    from delivery.services import services
+
+    return services()
 
 
 def _warn_if_redis_can_lose_changes() -> None:

@@ -54,6 +54,15 @@ def runbook_entry(name: str) -> str:
     return title
 
 
+def first_step(title: str) -> str:
+    """The first thing README's runbook entry `title` tells the operator to do: its first
+    numbered step, or its first paragraph."""
+    readme = (ROOT / "README.md").read_text()
+    entry = readme.split(f"**{title}**", 1)[1].split("\n**", 1)[0]
+    paragraphs = [p.strip() for p in entry.split("\n\n")[1:] if p.strip()]
+    return " ".join(paragraphs[0].split())
+
+
 def status(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """`braze-subs status --json` as a shell runs it (this process's environment: the key
     the fleet started with)."""
@@ -159,3 +168,134 @@ def test_key_rotation_as_the_runbook_says_clears_metric_alert_and_status_within_
     assert re.search(r"posting running", text), text
     assert "the key was revoked" not in text
     assert SIM_KEY not in text and NEW_KEY not in text
+
+
+COMPONENT_ALERTS = ("BrazeSubsBeatDown", "BrazeSubsNoWorkerAlive", "BrazeSubsNoCoalescerTick")
+
+
+def only_firing(api: Prometheus, name: str | None) -> bool:
+    """`name` (or none) is the one of the component alerts whose expression holds."""
+    return [alert for alert in COMPONENT_ALERTS if firing(api, alert)] == ([name] if name else [])
+
+
+def unsubscribed(url: str) -> int:
+    return sum(state == "unsubscribed" for state in braze_states(url, "news").values())
+
+
+def warnings_of(text: str) -> list[str]:
+    return [w.strip() for w in text.split("! ")[1:]]
+
+
+def component_warnings(text: str) -> list[str]:
+    """The status warnings about a missing process (beat, workers, the ticks)."""
+    starts = ("beat is not running", "no worker is alive", "no coalescer tick")
+    return [w for w in warnings_of(text) if w.startswith(starts)]
+
+
+@pytest.mark.timeout(420)  # three situations, each held past its alert's threshold
+def test_each_situation_names_the_missing_component_in_alert_status_and_runbook(
+    default_env,
+    sim,
+    processes,
+    prometheus: Prometheus,  # noqa: F811
+):
+    """A 429 storm, beat stopped, every worker stopped (defaults throughout): the alert
+    whose expression holds, the `status` warning and the runbook entry they name agree on
+    what is missing, and the alerts for the other components stay silent."""
+    workers = [processes.worker("w1", concurrency=4), processes.worker("w2", concurrency=4)]
+    beat = processes.beat("beat-1")
+    enqueue_changes(changes(0, 200))
+    wait_for(lambda: len(braze_states(sim.url, "news")) == 200, timeout=60, what="200 delivered")
+    wait_for(lambda: only_firing(prometheus, None), timeout=30, what="no component alert")
+    text = status_text()
+    assert "beat: last heartbeat" in text and "last coalescer tick (run by workers)" in text
+    assert not [w for w in warnings_of(text) if "runbook" in w], text
+    assert component_warnings(text) == []
+
+    # 1. A 429 storm: Braze allows 4 requests per 3 s, the fleet's budget far more.
+    faults(sim, rate_limit=4, window_seconds=3)
+    enqueue_changes(changes(200, 2000, "unsubscribed"))
+    assert runbook_entry("BrazeSubsSustained429") == "Braze answers 429"
+    wait_for(
+        lambda: firing(prometheus, "BrazeSubsSustained429"),
+        timeout=90,
+        interval=1.0,
+        what="BrazeSubsSustained429's expression to hold",
+    )
+    waiting = wait_for(
+        lambda: (found := status()["waiting_by_reason"])["paused"] and found,
+        timeout=30,
+        interval=0.2,
+        what="batches waiting after a 429",
+    )
+    assert waiting["credentials"] == 0  # a 429 pause is not the key's
+    text = status_text()
+    assert "paused after a 429" in text and "key refused" not in text
+    assert any("(runbook: Braze answers 429)" in w for w in warnings_of(text)), text
+    assert "429" in first_step("Braze answers 429")
+    assert only_firing(prometheus, None)
+    faults(sim, rate_limit=5000, window_seconds=60)
+    wait_for(
+        lambda: unsubscribed(sim.url) == 2000,
+        timeout=120,
+        interval=1.0,
+        what="the storm's changes delivered",
+    )
+
+    # 2. Beat stopped: the workers are alive, nothing is cut.
+    beat.signal_group(signal.SIGTERM)
+    beat.wait(timeout=30)
+    enqueue_changes(changes(0, 100))
+    assert runbook_entry("BrazeSubsBeatDown") == "Beat is not running"
+    assert first_step("Beat is not running").startswith("1. Start beat")
+    wait_for(
+        lambda: only_firing(prometheus, "BrazeSubsBeatDown"),
+        timeout=90,
+        interval=1.0,
+        what="BrazeSubsBeatDown alone",
+    )
+    text = status_text()
+    [warning] = component_warnings(text)
+    assert warning.startswith("beat is not running") and "(runbook: beat is not running)" in warning
+    assert status()["last_tick_seconds"] > 30 and status()["workers_alive"] == 2
+    processes.start("beat", "beat-2")
+    wait_for(lambda: status()["pending"] == 0 and status()["in_flight"] == 0, timeout=60)
+    wait_for(lambda: only_firing(prometheus, None), timeout=30, what="beat's alert to clear")
+
+    # 3. Every worker stopped: beat is alive, and the coalescer (run by workers) stops too.
+    for worker in workers:
+        worker.signal_group(signal.SIGTERM)
+    for worker in workers:
+        worker.wait(timeout=60)
+    enqueue_changes(changes(100, 100, "unsubscribed"))
+    assert runbook_entry("BrazeSubsNoWorkerAlive") == "No worker is alive"
+    assert first_step("No worker is alive").startswith("1. Start workers")
+    wait_for(
+        lambda: only_firing(prometheus, "BrazeSubsNoWorkerAlive"),
+        timeout=60,
+        interval=1.0,
+        what="BrazeSubsNoWorkerAlive alone",
+    )
+    # Past the tick alert's own threshold (a minute without a tick): still not beat's.
+    wait_for(
+        lambda: (
+            (prometheus.value("time() - braze_subs_coalescer_last_tick_timestamp_seconds") or 0)
+            > 65
+        ),
+        timeout=120,
+        interval=2.0,
+        what="a minute without a coalescer tick",
+    )
+    assert only_firing(prometheus, "BrazeSubsNoWorkerAlive")
+    text = status_text()
+    [warning] = component_warnings(text)
+    assert warning.startswith("no worker is alive") and "(runbook: no worker is alive)" in warning
+    found = status()
+    assert found["beat_last_seen_seconds"] < 5 and found["last_tick_seconds"] > 60
+    processes.worker("w3", concurrency=4)
+    wait_for(
+        lambda: unsubscribed(sim.url) == 2100,
+        timeout=60,
+        what="the changes made while workers were gone delivered",
+    )
+    wait_for(lambda: only_firing(prometheus, None), timeout=30, what="the workers' alert to clear")

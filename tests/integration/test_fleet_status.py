@@ -198,9 +198,11 @@ def test_status_warns_when_work_waits_and_no_heartbeat_is_alive(env):
     lines = [" ".join(line.split()) for line in result.stdout.splitlines()]
     assert "alive (heartbeat) 0" in lines
     assert "recovered from a dead worker 1" in lines
+    text = " ".join(result.stdout.split())  # warnings wrap at 80 columns
     assert (
-        "! no worker is alive (no heartbeat) while work waits (runbook: nothing is being sent)"
-        in lines
+        "! no worker is alive (no heartbeat) while work waits: nothing is posted, and the "
+        "coalescer, whose ticks run on the workers, does not tick "
+        "(runbook: no worker is alive)" in text
     ), result.stdout
 
 

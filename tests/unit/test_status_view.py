@@ -27,6 +27,8 @@ QUIET = Status(
     dead_lettered_total=0,
     dead_letters_expired=0,
     tokens_left=98,
+    beat_last_seen_seconds=0.4,
+    last_tick_seconds=0.2,
 )
 
 
@@ -183,7 +185,8 @@ def test_the_schedule_lists_every_reason_that_holds_batches_and_when_the_next_is
 def test_no_worker_alive_while_work_waits_is_a_warning():
     stranded = replace(QUIET, waiting_batches=4, workers_seen_last_day=2)
     (found,) = warnings(stranded)
-    assert found.startswith("no worker is alive") and "nothing is being sent" in found
+    assert found.startswith("no worker is alive") and "runbook: no worker is alive" in found
+    assert "ticks run on the workers" in found
     assert warnings(replace(stranded, workers_alive=1)) == []
     # due changes wait for a batch too (the coalescer cuts them, no worker posts them)
     assert len(warnings(replace(QUIET, due_now=10))) == 1
@@ -197,3 +200,32 @@ def test_a_waiting_batch_overdue_for_five_minutes_is_a_warning():
     assert found.startswith("the soonest waiting batch is overdue by 5 min 01 s")
     assert warnings(replace(late, waiting_next_due_seconds=-300.0)) == []
     assert warnings(replace(late, waiting_next_due_seconds=600.0)) == []
+
+
+def test_beat_and_the_last_tick_are_shown_and_a_silent_beat_is_named():
+    """Issue 27: with beat stopped, status showed no warning for 5 minutes and no tick line;
+    with every worker stopped, the tick stops too (it runs on the workers): each warning
+    names the component that is missing."""
+    shown = as_dict(QUIET)["beat and coalescer"]
+    assert shown == {
+        "beat: last heartbeat": "0.4 s ago",
+        "last coalescer tick (run by workers)": "0.2 s ago",
+    }
+    no_beat = replace(QUIET, workers_alive=2, beat_last_seen_seconds=16.0, last_tick_seconds=16.0)
+    (found,) = warnings(no_beat)
+    assert found.startswith("beat is not running (last heartbeat: 16.0 s ago)")
+    assert found.endswith("(runbook: beat is not running)")
+    assert warnings(replace(no_beat, beat_last_seen_seconds=15.0, last_tick_seconds=1.0)) == []
+    # Never seen: a warning once work waits for it.
+    never = replace(QUIET, workers_alive=1, beat_last_seen_seconds=None, last_tick_seconds=None)
+    assert warnings(never) == []
+    assert warnings(replace(never, due_now=5))[0].startswith("beat is not running (last")
+    assert as_dict(never)["beat and coalescer"]["beat: last heartbeat"] == "never seen"
+    # Every worker gone: the tick is late too, but the warning names the workers only.
+    no_workers = replace(QUIET, due_now=5, last_tick_seconds=120.0)
+    (found,) = warnings(no_workers)
+    assert found.startswith("no worker is alive")
+    # Beat and workers run, yet no tick: named as such.
+    stuck = replace(QUIET, workers_alive=2, last_tick_seconds=31.0)
+    (found,) = warnings(stuck)
+    assert found.startswith("no coalescer tick for 31.0 s though beat and workers run")
