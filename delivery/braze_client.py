@@ -243,19 +243,28 @@ class BrazeClient:
         """POST `body`. `fence`, when given, is asked right before the request's first byte
         is written (after the pool and the connection are ready, httpcore's trace hook);
         if it answers False, nothing is sent and the reply says `unsent`."""
+        return self._exchange(
+            self._fenced(lambda: self._http.build_request("POST", path, json=body), fence)
+        )
+
+    @staticmethod
+    def _fenced(
+        build: Callable[[], httpx.Request], fence: Callable[[], bool] | None
+    ) -> Callable[[], httpx.Request]:
+        """`build`, with `fence` asked right before the request's first byte."""
         if fence is None:
-            return self._exchange(lambda: self._http.build_request("POST", path, json=body))
+            return build
 
         def trace(event: str, _info: dict[str, Any]) -> None:
             if event in FIRST_BYTE_EVENTS and not fence():
                 raise _FenceRefused
 
-        def build() -> httpx.Request:
-            request = self._http.build_request("POST", path, json=body)
+        def fenced() -> httpx.Request:
+            request = build()
             request.extensions["trace"] = trace
             return request
 
-        return self._exchange(build)
+        return fenced
 
     def _read(self, request: httpx.Request) -> tuple[httpx.Response, bytes, bool]:
         """Send `request` and read its answer's body up to MAX_ANSWER_BYTES; the rest is
@@ -306,9 +315,19 @@ class BrazeClient:
             truncated=truncated,
         )
 
-    def get(self, path: str, params: list[tuple[str, str]]) -> Reply:
-        """One GET (the read endpoints); `params` may repeat a name (`email=a&email=b`)."""
-        return self._exchange(lambda: self._http.build_request("GET", path, params=params))
+    def get(
+        self,
+        path: str,
+        params: list[tuple[str, str]],
+        *,
+        fence: Callable[[], bool] | None = None,
+    ) -> Reply:
+        """One GET (the read endpoints); `params` may repeat a name (`email=a&email=b`).
+        `fence` as for `post`: an opt-out read asks whether its identifiers are still
+        held (not erased meanwhile) right before the first byte."""
+        return self._exchange(
+            self._fenced(lambda: self._http.build_request("GET", path, params=params), fence)
+        )
 
     def close(self) -> None:
         self._http.close()

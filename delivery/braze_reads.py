@@ -246,16 +246,23 @@ class BrazeReader:
     # --- the endpoints ----------------------------------------------------------------------
 
     def statuses(
-        self, group_id: str, kind: IdentifierKind | str, values: list[str]
+        self,
+        group_id: str,
+        kind: IdentifierKind | str,
+        values: list[str],
+        *,
+        fence: Callable[[], bool] | None = None,
     ) -> dict[str, ReadState]:
-        """The state of each of up to 100 identifiers of one kind in one group."""
+        """The state of each of up to 100 identifiers of one kind in one group. `fence`,
+        asked right before each request's first byte: False sends nothing and raises
+        `ReadDeferred` (an identifier of the read was erased meanwhile)."""
         if not values:
             return {}
         if len(values) > MAX_READ_IDENTIFIERS:
             raise ValueError(f"at most {MAX_READ_IDENTIFIERS} identifiers per read")
         kind_name = IdentifierKind(kind).value
         params = [("subscription_group_id", group_id)] + [(kind_name, v) for v in values]
-        reply = self._get(STATUS_PATH, params)
+        reply = self._get(STATUS_PATH, params, fence)
         return parse_status_reply(reply.body, values)
 
     def user_groups(
@@ -294,13 +301,17 @@ class BrazeReader:
                 raise ReadDeferred(wait, "waiting for the read budget")
             self.sleep(max(wait, 0.01) + self.rng.uniform(0, 0.05))
 
-    def _get(self, path: str, params: list[tuple[str, str]]) -> Reply:
+    def _get(
+        self, path: str, params: list[tuple[str, str]], fence: Callable[[], bool] | None = None
+    ) -> Reply:
         attempt = 0
         while True:
             attempt += 1
             self._turn()
+            reply = self.braze.get(path, params, fence=fence)
+            if reply.unsent:  # the fence refused: not one byte went out
+                raise ReadDeferred(0.0, "an identifier of the read was erased meanwhile")
             self.calls = next(self._calls) + 1  # atomic under threads, unlike += 1
-            reply = self.braze.get(path, params)
             if self.record is not None:
                 self.record(path, reply.status)
             result = classify(

@@ -166,9 +166,18 @@ class OptOutCheck:
             for companion in companions:
                 values += [v for v in to_check(companion) if v not in values]
             ids = [r.id for r in members] + [c.id for c in companions]
+            # Which batch holds each value read: `forget` releases its lock, and the read
+            # then sends nothing (checked right before its first byte).
+            holders = {v: r.id for r in members for v in needs[r.id]}
+            holders.update((v, c.id) for c in companions for v in to_check(c) if v not in holders)
             try:
                 read_ms = server_time_ms(self.reads.client)
-                states = self.reader.statuses(group_id, kind, values)
+                states = self.reader.statuses(
+                    group_id,
+                    kind,
+                    values,
+                    fence=lambda g=group_id, k=kind, h=holders: self.reads.still_held(g, k, h),
+                )
             except BaseException:
                 self.reads.release(ids)
                 raise

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from redis import Redis
 
 from stores.batch_records import BatchRecord
-from stores.keys import Keys
+from stores.keys import Keys, buffer_field
 
 CLAIM = b"claim"
 
@@ -53,6 +53,20 @@ class OptOutReads:
     def __init__(self, client: Redis, keys: Keys) -> None:
         self.client = client
         self.keys = keys
+
+    def still_held(self, group_id: str, kind: str, holders: dict[str, str]) -> bool:
+        """Whether each value is still locked by the batch it was read for (`holders`:
+        value -> batch id), i.e. not erased by `forget` since: asked right before an
+        opt-out read's first byte, so the read never names an erased identifier."""
+        if not holders:
+            return True
+        values = list(holders)
+        fields = [buffer_field(group_id, kind, value) for value in values]
+        locks = self.client.hmget(self.keys.inflight, fields)
+        return all(
+            lock is not None and lock.decode() == holders[value]
+            for value, lock in zip(values, locks, strict=True)
+        )
 
     def get(self, batch_ids: Sequence[str]) -> list[OptOutRead | bytes | None]:
         """For each batch: its result, `CLAIM` while someone reads it, or None."""

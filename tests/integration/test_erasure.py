@@ -22,7 +22,7 @@ from stores.history import ConsentHistory
 from stores.keys import FIELD_SEPARATOR
 from tests.cli_runs import run_real
 from tests.conftest import come_due, keyspace_traces
-from tests.sim_control import faults, set_in_braze, sim_states
+from tests.sim_control import faults, set_in_braze, sim_states, sim_stats
 
 # Distinct masks (j***@example.com, b***@…, c***@…): the texts can be read back.
 JANE, BOB, CARL = "jane.doe@example.com", "bob@example.org", "carl@example.net"
@@ -237,4 +237,39 @@ def test_forget_while_the_batch_waits_for_its_opt_out_read_sends_nothing_for_it(
     assert ("news", "email", JANE) not in sim_states(sim)
     assert post_due(poster) == ["delivered"]
     assert ("news", "email", JANE) not in sim_states(sim)
+    assert_no_trace(redis_client, "email", JANE)
+
+
+def test_forget_before_the_opt_out_read_keeps_the_identifier_out_of_the_read(
+    env, sim, redis_client
+):
+    """The opt-out read asks Braze about each identifier of the batch: when `forget` runs
+    while the worker waits for its turn, the read is fenced like the post (its identifiers
+    still locked by their batches, checked right before the first byte): no read names
+    jane; the batch is read and posted again without her."""
+    found = services()
+    poster = found.poster()
+    set_in_braze(sim.url, "news", "subscribed", [BOB])
+    enqueue(("news", JANE), ("news", BOB), respect_opt_out=True)
+    [batch_id] = tick("v1")
+    original = poster.limiter.acquire
+
+    def turn_after_forget(*args: Any, **options: Any) -> Any:
+        forget(JANE)
+        return original(*args, **options)
+
+    poster.limiter.acquire = turn_after_forget  # type: ignore[method-assign]
+    try:
+        assert poster.post(batch_id).status in ("lost", "waiting", "queued")
+    finally:
+        poster.limiter.acquire = original  # type: ignore[method-assign]
+    statuses: list[str] = []
+    for _ in range(3):
+        statuses += post_due(poster)
+        if found.batches.count() == 0:
+            break
+    assert "delivered" in statuses, statuses
+    reads = sim_stats(sim, log=True)["reads"]["requests"]
+    assert reads and all(read["identifiers"] == 1 for read in reads), reads
+    assert sim_states(sim) == {("news", "email", BOB): "subscribed"}
     assert_no_trace(redis_client, "email", JANE)
