@@ -83,6 +83,10 @@ LaneOption = Annotated[
 ]
 
 
+# The key `braze-subs simulate` accepts unless told others (README: Running it locally).
+SIMULATOR_KEY = "sim-key"
+
+
 class CliError(BrazeSubsError):
     """A usage or environment problem found by a command; `code` is the exit code."""
 
@@ -756,7 +760,12 @@ def simulate(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8700,
     api_key: Annotated[
-        list[str] | None, typer.Option("--api-key", help="Accepted key (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--api-key",
+            help="A key it accepts (repeatable): the workers' BRAZE_API_KEY.",
+            show_default=SIMULATOR_KEY,
+        ),
     ] = None,
     email_group: Annotated[
         list[str] | None, typer.Option("--email-group", help="An email group id (repeatable).")
@@ -782,14 +791,20 @@ def simulate(
         int, typer.Option(help="Applied states kept for /_sim/applied (0: none).")
     ] = 1_000_000,
 ) -> None:
-    """Run a local Braze stand-in (v1 and v2, rate limits, faults) for development and demos."""
+    """Run a local Braze stand-in (v1 and v2, rate limits, faults) for development and demos.
+
+    It accepts the key sim-key unless --api-key says otherwise (README: Running it locally).
+
+    Workers: BRAZE_API_KEY=sim-key BRAZE_REST_ENDPOINT=http://127.0.0.1:8700
+
+    Faults: POST /_sim/faults; undo them: POST /_sim/reset."""
     _require_dev_tooling("simulate", "simulator")
     from simulator import SimulatorConfig
     from simulator.server import serve
 
     try:
         config = SimulatorConfig(
-            api_keys=set(api_key or ["sim-key"]),
+            api_keys=set(api_key or [SIMULATOR_KEY]),
             email_groups=set(email_group or []),
             sms_groups=set(sms_group or []),
             auto_groups=auto_groups,
@@ -804,7 +819,11 @@ def simulate(
         )
     except ValueError as error:  # one line naming the option, no traceback
         _fail(f"simulate: {error}", EXIT_REFUSED)
-    err.print(f"Braze simulator on http://{host}:{port} (control API under /_sim/)")
+    keys = ", ".join(sorted(config.api_keys))
+    err.print(
+        f"Braze simulator on http://{host}:{port}, accepting the key {keys} "
+        "(control API under /_sim/: state, stats, faults, reset)"
+    )
     serve(config, host=host, port=port)
 
 

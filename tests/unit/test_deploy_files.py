@@ -137,3 +137,17 @@ def test_every_variable_is_documented():
     used |= {name.upper() for name in Settings.model_fields}
     missing = sorted(name for name in used if f"`{name}`" not in readme)
     assert not missing, f"not documented in README.md: {missing}"
+
+
+def test_no_readme_link_leaves_the_repository():
+    """Issue 27: README linked ../shared/braze-api/SPEC.md, outside the repository. Every
+    link resolves to a file of the repository (or a section of README), and no path in
+    backticks points outside it."""
+    readme = (ROOT / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", readme):
+        if target.startswith("#"):
+            continue
+        assert "://" not in target, f"README links outside the repository: {target}"
+        path = (ROOT / target.split("#", 1)[0]).resolve()
+        assert path.is_relative_to(ROOT) and path.exists(), target
+    assert re.findall(r"`\.\./[^`]*`", readme) == []
