@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from config.settings import Settings
+from core.redaction import confine
 from stores.clock import server_time_ms
 from stores.dead_letters import DeadLetters
 
@@ -35,7 +36,8 @@ def expire_dead_letters(settings: Settings, dead_letters: DeadLetters) -> int:
                 entry.subscription_group_id,
                 entry.subscription_state,
                 len(entry.identifiers),
-                entry.error,
+                # The entry keeps its own identifiers whole in Braze's text; a log does not.
+                confine(entry.error, [(i["kind"], i["value"]) for i in entry.identifiers]),
             )
         expired += len(entries)
         if len(entries) < STEP:

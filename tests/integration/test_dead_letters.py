@@ -254,3 +254,28 @@ def test_entries_past_retention_expire_counted_and_logged(env, redis_client, cap
     assert status.dead_letters_expired == 1
     assert status.dead_letter == 1
     assert_count_consistent(redis_client)
+
+
+def test_an_expired_entry_is_logged_without_the_identifiers_its_error_names(
+    env, redis_client, caplog
+):
+    """Issue 21, item 8: Braze's text in a dead letter names its identifier (kept whole in
+    the entry, which is that identifier's record); the expiry's WARNING line masks it."""
+    from config.settings import load_settings
+
+    found = services()
+    batch_id = take_one_batch([row("news", email(1), "subscribed")])
+    found.batches.claim(batch_id, "t", 60_000)
+    found.batches.dead_letter(batch_id, "t", f"HTTP 400: Invalid email: {email(1)}")
+    assert email(1) in store().list()[0].error
+    now = server_time_ms(redis_client)
+    redis_client.zadd(found.keys.dead_letter_index, {batch_id: now - 31 * 86_400_000})
+    logger = logging.getLogger("braze_subs.dead_letters")
+    logger.addHandler(caplog.handler)
+    try:
+        assert expire_dead_letters(load_settings(), found.dead_letters) == 1
+    finally:
+        logger.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if batch_id in r.getMessage()]
+    assert lines and all(email(1) not in line for line in lines), lines
+    assert any("Invalid email: u***@" in line for line in lines), lines
