@@ -104,7 +104,8 @@ WARN_STATUSES = (PostStatus.RETRY, PostStatus.DEAD_LETTERED, PostStatus.LOST)
 
 def masked_detail(detail: str, records: list[BatchRecord]) -> str:
     """`detail` (Braze's message) with every identifier of the batches it quotes masked,
-    for log lines; the batch record and the dead letter keep it whole."""
+    for log lines; a batch record and a dead letter keep their own identifiers whole
+    (the stores confine the rest: stores/batch_records.py)."""
     for record in records:
         kind = record.key.kind.value
         for value in named_identifiers(detail, record.values) if detail else ():
