@@ -1,7 +1,7 @@
 """Live latency during a backfill: this tree (live and bulk lanes) and a base commit side by
 side, in one run.
 
-    .venv/bin/python -m bench.lanes                     # base: 021ddb2 (main before lanes)
+    .venv/bin/python -m bench.lanes                     # base: 9c34ab5 (main before lanes)
     .venv/bin/python -m bench.lanes --rows 60000 --live-seconds 30   # quicker
 
 For each tree (the base is checked out into a temporary git worktree and run from there:
@@ -40,7 +40,7 @@ from simulator import SimulatorConfig, SimulatorServer
 from stores.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = "021ddb2"  # main before lanes (issue 22)
+BASE = "9c34ab5"  # main just before lanes landed (issue 22)
 LIVE_GROUP = "live-news"
 
 # The live producer, run in the tree under test: RATE changes a second, each line printed

@@ -16,6 +16,7 @@ from stores.buffer import Buffer
 from stores.clock import server_time_ms
 from stores.limiter import Budget, RateLimiter
 from tasks.producer import enqueue_change, enqueue_changes
+from tests.api_process import running_api
 from tests.cli_runs import run_cli
 from tests.conftest import email, wait_for
 from tests.integration.test_buffer import Recorder, change, coalescer, field, pending_record
@@ -245,3 +246,29 @@ def test_under_a_backlog_a_live_change_wakes_a_tick_at_once_and_bulk_does_not(en
         assert len(recorder.ids) == 10  # the live batch only, in the room bulk leaves
     finally:
         thread.join(timeout=60)
+
+
+def test_the_http_api_is_live_unless_a_row_names_bulk(env, tmp_path):
+    buffer = services().buffer
+    with running_api(env["REDIS_URL"], tmp_path) as api:
+        rows = [
+            {"subscription_group_id": GROUP, "subscription_state": "unsubscribed",
+             "email": email(1)},
+            {"subscription_group_id": GROUP, "subscription_state": "subscribed",
+             "email": email(2), "lane": "bulk"},
+        ]  # fmt: skip
+        assert api.post(rows).status_code == 202
+        bad = api.post([{**rows[0], "lane": "urgent"}])
+        assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "lane"
+    live, bulk = lane_sets(buffer)
+    assert live == {field(email(1))} and bulk == {field(email(2))}
+
+
+def test_a_dlq_replay_goes_in_the_bulk_lane(env):
+    from tests.integration.test_dead_letters import dead_letter, store
+
+    buffer = services().buffer
+    entry = dead_letter(GROUP, [email(1), email(2)])  # enqueued live, then dead-lettered
+    assert store().replay([entry]).requeued == 2
+    live, bulk = lane_sets(buffer)
+    assert live == set() and bulk == {field(email(1)), field(email(2))}

@@ -164,3 +164,26 @@ def test_the_schedule_by_reason_posting_and_workers_alive():
     # a batch due later is not overdue
     later = scrape(replace(busy, waiting_next_due_seconds=30.0), Extras([], None))
     assert later["braze_subs_waiting_overdue_seconds"] == {(): 0}
+
+
+def test_each_lane_has_its_pending_and_oldest_due_age_series():
+    status = replace(
+        IDLE,
+        lanes={
+            "live": {"pending": 3, "oldest_seconds": 0.4},
+            "bulk": {"pending": 60_000, "oldest_seconds": 95.0},
+        },
+    )
+    found = scrape(status, Extras(requests=[], last_tick_ms=None))
+    assert found["braze_subs_lane_pending"] == {
+        (("lane", "live"),): 3.0,
+        (("lane", "bulk"),): 60_000.0,
+    }
+    assert found["braze_subs_lane_oldest_due_age_seconds"] == {
+        (("lane", "live"),): 0.4,
+        (("lane", "bulk"),): 95.0,
+    }
+    # Idle: both lanes are exported at zero, so an alert on live never lacks its series.
+    idle = scrape(IDLE, Extras(requests=[], last_tick_ms=None))
+    idle = idle["braze_subs_lane_oldest_due_age_seconds"]
+    assert idle == {(("lane", "live"),): 0.0, (("lane", "bulk"),): 0.0}
