@@ -29,6 +29,9 @@ BEAT_SILENT_SECONDS = 15
 # The coalescer ticks every second: no tick this long, with beat and workers running, is
 # worth a look.
 TICK_LATE_SECONDS = 30
+# A live change waits for no backfill: one due this long is worth a warning (the alert
+# BrazeSubsLiveLaneWaiting fires after five minutes of it).
+LIVE_WARN_AFTER_SECONDS = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,5 +267,11 @@ def warnings(status: Status) -> list[str]:
         found.append(
             f"the oldest due change has waited {duration(status.oldest_due_age_seconds)} "
             "(runbook: a backlog is growing)"
+        )
+    live_oldest = float(status.lanes.get("live", {}).get("oldest_seconds", 0.0))
+    if live_oldest > LIVE_WARN_AFTER_SECONDS:
+        found.append(
+            f"a live change has waited {duration(live_oldest)} to be cut "
+            "(runbook: live changes wait)"
         )
     return found

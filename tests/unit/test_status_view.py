@@ -229,3 +229,20 @@ def test_beat_and_the_last_tick_are_shown_and_a_silent_beat_is_named():
     stuck = replace(QUIET, workers_alive=2, last_tick_seconds=31.0)
     (found,) = warnings(stuck)
     assert found.startswith("no coalescer tick for 31.0 s though beat and workers run")
+
+
+def test_live_changes_waiting_are_shown_per_lane_and_warned_after_a_minute():
+    lanes = {
+        "live": {"pending": 4, "oldest_seconds": 75.0},
+        "bulk": {"pending": 120_000, "oldest_seconds": 900.0},
+    }
+    status = replace(QUIET, lanes=lanes)
+    rows = dict(row for section in sections(status, NOW) for row in section.rows)
+    assert rows["live: pending, oldest due"] == "4, 1 min 15 s"
+    assert rows["bulk: pending, oldest due"] == "120,000, 15 min 00 s"
+    assert warnings(status) == [
+        "a live change has waited 1 min 15 s to be cut (runbook: live changes wait)"
+    ]
+    # A backfill's old bulk changes alone are no reason to warn about live.
+    calm = {**lanes, "live": {"pending": 0, "oldest_seconds": 0.0}}
+    assert warnings(replace(QUIET, lanes=calm)) == []
