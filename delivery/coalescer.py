@@ -48,6 +48,9 @@ DISPATCH_LIMIT = 1000
 READ_AHEAD = 2
 MIN_READ = 2000
 
+# Under a backlog, how often at most a run ticks (live-only) for the schedule's due batches.
+BACKLOG_DISPATCH_SECONDS = 0.1
+
 # How soon a run whose tick found the lock held ticks again.
 SKIPPED_RETRY_SECONDS = 0.05
 
@@ -133,10 +136,16 @@ class Coalescer:
                 # Another run held the lock (its tick may have started before the change
                 # that nudged this one): look again shortly rather than lose the nudge.
                 wait = min(remaining, SKIPPED_RETRY_SECONDS)
-            elif report.next_check_ms is not None and not backlog:
+            elif report.next_check_ms is not None:
                 # A partial batch lingers for company, or a batch waits in the schedule:
-                # tick again when it is due, or sooner on a nudge.
-                wait = min(remaining, max(0.01, (report.next_check_ms - report.now_ms) / 1000))
+                # tick again when it is due, or sooner on a nudge. Under a backlog that
+                # tick is live-only (it sends the schedule's due batches too), at most
+                # every BACKLOG_DISPATCH_SECONDS: bulk reserves turns only
+                # BULK_TOKEN_WAIT_MAX_SECONDS ahead, and the batches waiting for theirs must
+                # not wait for the beat's next full tick, or the budget goes unspent.
+                soonest = 0.01 if not backlog else BACKLOG_DISPATCH_SECONDS
+                due_in = (report.next_check_ms - report.now_ms) / 1000
+                wait = min(remaining, max(soonest, due_in))
             nudged = self.buffer.wait_for_nudge(wait, live_only=backlog)
             if not nudged and wait >= remaining:
                 break
@@ -154,8 +163,9 @@ class Coalescer:
         )
 
     def tick(self, live_only: bool = False) -> TickReport:
-        """One tick; `live_only`: cut the live lane alone, nothing else (a backlog's bulk
-        and the recovery wait for the beat's next full tick). A live-only tick has a lock
+        """One tick; `live_only`: cut the live lane and send the schedule's due batches
+        their messages, nothing else (a backlog's bulk and the recovery wait for the
+        beat's next full tick). A live-only tick has a lock
         of its own, so it runs beside a full tick rather than wait for it: two cuts side by
         side are safe (take_batch.lua), and a full tick cutting a backfill's batches may
         hold its lock for a good part of a second."""
@@ -166,7 +176,9 @@ class Coalescer:
             max(3.0, settings.coalesce_interval_seconds * 3), live_only=live_only
         )
         if not lock.acquire():
-            return TickReport(skipped=True)
+            # A live-only tick skipped keeps the backlog state it was asked in: the run
+            # retries live-only, not a full tick.
+            return TickReport(skipped=True, backlog=live_only)
         try:
             report = self._tick(live_only)
         finally:
@@ -205,7 +217,17 @@ class Coalescer:
     def _tick(self, live_only: bool = False) -> TickReport:
         settings = self.settings
         now_ms = server_time_ms(self.buffer.client)
-        recovered, dispatched, swept = (0, 0, 0) if live_only else self._recover(now_ms)
+        if live_only:
+            # Live first, then the schedule's due batches (one script; two ticks split its
+            # entries): cheap, and what keeps bulk's turns taken between full ticks.
+            room = settings.max_batches_in_flight - self.store.count()
+            live = self._cut(Lane.LIVE, now_ms, room)
+            due = self.store.dispatch_due(DISPATCH_LIMIT, settings.redispatch_grace_ms)
+            for batch_id in due:
+                self.dispatch(batch_id)
+            # It saw no bulk: it keeps the backlog state it was woken in.
+            return self._report(now_ms, {"dispatched": len(due)}, [live], backlog=True)
+        recovered, dispatched, swept = self._recover(now_ms)
         moved = {"redispatched": swept, "recovered": recovered, "dispatched": dispatched}
 
         # Live first: its changes are cut before bulk's, with the whole in-flight cap; bulk
@@ -214,16 +236,20 @@ class Coalescer:
         cap = settings.max_batches_in_flight
         in_flight = self.store.count()
         live = self._cut(Lane.LIVE, now_ms, cap - in_flight)
-        cuts = [live]
-        if not live_only:
-            reserve = max(1, math.ceil(cap * LIVE_RESERVED_SHARE))
-            room = cap - reserve - in_flight - live.batches
-            # At most two beats' worth of the budget a tick: the pipeline stays fed, and a
-            # tick never holds the lock (which a live change's tick waits for) for long.
-            per_tick = math.ceil(
-                2 * self.limiter.requests_per_second * settings.coalesce_interval_seconds
-            )
-            cuts.append(self._cut(Lane.BULK, now_ms, min(room, max(1, per_tick))))
+        reserve = max(1, math.ceil(cap * LIVE_RESERVED_SHARE))
+        room = cap - reserve - in_flight - live.batches
+        # At most two beats' worth of the budget a tick: the pipeline stays fed, and a
+        # tick never holds the lock (which a live change's tick waits for) for long.
+        per_tick = math.ceil(
+            2 * self.limiter.requests_per_second * settings.coalesce_interval_seconds
+        )
+        bulk = self._cut(Lane.BULK, now_ms, min(room, max(1, per_tick)))
+        return self._report(now_ms, moved, [live, bulk], backlog=live.more or bulk.more)
+
+    def _report(
+        self, now_ms: int, moved: dict[str, int], cuts: list[_Cut], *, backlog: bool
+    ) -> TickReport:
+        live = cuts[0]
         batches = sum(cut.batches for cut in cuts)
         identifiers = sum(cut.identifiers for cut in cuts)
         if batches:
@@ -242,8 +268,7 @@ class Coalescer:
             identifiers=identifiers,
             pressure=max(cut.pressure for cut in cuts),
             linger_ms=max(cut.linger_ms for cut in cuts),
-            # A live-only tick saw no bulk: it keeps the backlog state it was woken in.
-            backlog=live_only or any(cut.more for cut in cuts),
+            backlog=backlog,
             next_check_ms=max(now_ms, min(checks)) if checks else None,
             now_ms=now_ms,
         )
