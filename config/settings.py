@@ -117,7 +117,8 @@ class Settings(BaseSettings):
     http_timeout_seconds: float = Field(default=10.0, gt=0)
 
     # --- Redis ----------------------------------------------------------------------------
-    # Broker, change buffer, limiter and dead letters all live in this one Redis.
+    # Change buffer, limiter and dead letters live in this one Redis; the broker too unless
+    # BROKER_URL names another.
     redis_url: str = "redis://localhost:6379/0"
     # Prefix of every key braze-subs writes, so it can share a Redis with other apps. It
     # sits inside a hash tag (`{prefix}:...`): a `{` or `}` would move the tag, and the Lua
@@ -133,6 +134,12 @@ class Settings(BaseSettings):
     # of the master the sentinels watch, e.g. `mymaster`. No default: a wrong name would
     # only fail later.
     redis_sentinel_master: str | None = None
+    # Celery's broker, when it is not REDIS_URL's Redis: another Redis (redis://, rediss://,
+    # unix://, sentinel://, with REDIS_CA_FILE and REDIS_SENTINEL_MASTER as for REDIS_URL)
+    # or RabbitMQ (amqp://user:password@host:5672/vhost, amqps:// verified against the
+    # system's CAs or SSL_CERT_FILE). On RabbitMQ braze-subs declares its queues as quorum
+    # queues (README "Broker on its own"). Unset: REDIS_URL, as before.
+    broker_url: str | None = None
 
     # --- Batching -------------------------------------------------------------------------
     # Identifiers per request; Braze allows 50 and full batches make the rate budget go
@@ -360,6 +367,34 @@ class Settings(BaseSettings):
                     raise ValueError("a sentinel's port is not a number") from None
         return value
 
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        # Messages name the scheme or part at fault, never the URL (it holds a password).
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        scheme = urlsplit(value).scheme
+        if scheme not in ("amqp", "amqps"):
+            try:
+                return cls._redis_url(value)
+            except ValueError as exc:
+                if scheme in ("redis", "rediss", "unix", "sentinel"):
+                    raise
+                raise ValueError(
+                    "must start with amqp://, amqps://, redis://, rediss://, unix:// or sentinel://"
+                ) from exc
+        if ";" in value:
+            raise ValueError("one RabbitMQ URL only (a cluster sits behind one address)")
+        parts = urlsplit(value)
+        if not parts.hostname:
+            raise ValueError(f"{scheme}:// needs a host, e.g. {scheme}://user:password@host/vhost")
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            raise ValueError("the port is not a number") from None
+        return value
+
     @field_validator("redis_key_prefix")
     @classmethod
     def _key_prefix(cls, value: str) -> str:
@@ -395,6 +430,11 @@ class Settings(BaseSettings):
         if self.redis_url.startswith("sentinel://") and not self.redis_sentinel_master:
             raise ValueError(
                 "REDIS_SENTINEL_MASTER: required with a sentinel:// REDIS_URL "
+                "(the master's name the sentinels watch, e.g. mymaster)"
+            )
+        if self.broker.startswith("sentinel://") and not self.redis_sentinel_master:
+            raise ValueError(
+                "REDIS_SENTINEL_MASTER: required with a sentinel:// BROKER_URL "
                 "(the master's name the sentinels watch, e.g. mymaster)"
             )
         if self.batch_claim_seconds <= self.http_timeout_seconds + self.heartbeat_interval_seconds:
@@ -477,11 +517,17 @@ class Settings(BaseSettings):
         host = urlsplit(self.rest_endpoint or "").netloc or "unset"
         return f"{host}:{digest}"
 
-    def redis_tls(self) -> dict[str, Any] | None:
+    @property
+    def broker(self) -> str:
+        """Celery's broker URL: BROKER_URL, else REDIS_URL."""
+        return self.broker_url or self.redis_url
+
+    def redis_tls(self, url: str | None = None) -> dict[str, Any] | None:
         """TLS options of every Redis connection (ours and the broker's) for a rediss://
-        URL: the certificate is always verified, against REDIS_CA_FILE or the URL's
-        `ssl_ca_certs` if given (else the system's CAs). None for other URLs."""
-        parts = urlsplit(self.redis_url)
+        URL (REDIS_URL unless `url` is given): the certificate is always verified, against
+        REDIS_CA_FILE or the URL's `ssl_ca_certs` if given (else the system's CAs). None for
+        other URLs."""
+        parts = urlsplit(url or self.redis_url)
         if parts.scheme != "rediss":
             return None
         # The host name is checked against the certificate explicitly: redis-py's default

@@ -2,7 +2,8 @@
 sentinel:// (the master the sentinels name, followed across a failover).
 
 Every braze-subs Redis client is made here, so TLS and Sentinel are configured in one
-place; the Celery broker gets the same from `broker_options` (tasks/celery_app.py).
+place; the Celery broker gets the same from `broker_options` (tasks/celery_app.py), on
+BROKER_URL when it is set: another Redis, or RabbitMQ (amqp://, amqps://).
 """
 
 from __future__ import annotations
@@ -47,14 +48,50 @@ def redis_client(settings: Settings, **options: Any) -> Redis:
     return Redis.from_url(url, **(settings.redis_tls() or {}), **options)
 
 
+# RabbitMQ queues are declared quorum queues: replicated (Raft) and durable, so a broker
+# node's loss keeps the messages a majority holds. Celery's requirements for them, met in
+# tasks/celery_app.py: no global QoS (Celery turns it off itself when it sees a quorum
+# queue, `worker_detect_quorum_queues`), no ETA/countdown messages (none are sent: a
+# waiting batch waits in Redis's schedule), durable and not auto-deleted or exclusive.
+QUORUM_QUEUE = {"x-queue-type": "quorum"}
+
+
+def is_amqp(url: str) -> bool:
+    """True for a RabbitMQ broker URL (amqp://, amqps://)."""
+    return urlsplit(url).scheme in ("amqp", "amqps")
+
+
+def broker_queue_arguments(settings: Settings) -> dict[str, Any] | None:
+    """The `x-arguments` every queue of the app is declared with: quorum on RabbitMQ,
+    none on Redis (where a queue is a list)."""
+    return dict(QUORUM_QUEUE) if is_amqp(settings.broker) else None
+
+
 def broker_options(settings: Settings) -> dict[str, Any]:
-    """Celery configuration for the broker on REDIS_URL: its URL in kombu's terms, TLS
-    with verification (kombu would otherwise fall back to CERT_NONE with a warning) and
-    the Sentinel master's name."""
-    url = settings.redis_url
+    """Celery configuration for the broker on BROKER_URL (else REDIS_URL): its URL in
+    kombu's terms, TLS with verification (kombu would otherwise fall back to CERT_NONE
+    with a warning), the Sentinel master's name, and for RabbitMQ publisher confirms and
+    quorum queues for any queue created on the fly."""
+    url = settings.broker
     options: dict[str, Any] = {"broker_url": url}
     transport: dict[str, Any] = {}
-    tls = settings.redis_tls()
+    if is_amqp(url):
+        # A message published is confirmed by RabbitMQ (for a quorum queue: written by a
+        # majority of its replicas) before apply_async returns.
+        transport["confirm_publish"] = True
+        options["task_create_missing_queue_type"] = "quorum"
+        options["task_default_queue_type"] = "quorum"
+        if urlsplit(url).scheme == "amqps":
+            # py-amqp builds the context with ssl.create_default_context: certificate and
+            # host name verified against the system's CAs (or SSL_CERT_FILE's); kombu puts
+            # the URL's host in for a server_hostname of None.
+            options["broker_use_ssl"] = {
+                "context": {"check_hostname": True},
+                "server_hostname": None,
+            }
+        options["broker_transport_options"] = transport
+        return options
+    tls = settings.redis_tls(url)
     if tls is not None:
         options["broker_use_ssl"] = {
             "ssl_cert_reqs": ssl.CERT_REQUIRED,

@@ -5,11 +5,12 @@ validated on import, so a bad variable stops the process at start with one line.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Celery
 from celery.signals import (
@@ -25,9 +26,10 @@ from kombu import Queue
 from kombu.utils.scheduling import priority_cycle
 
 from config.settings import Settings, SettingsError, get_settings, is_loopback_host
-from stores.connection import broker_options
+from stores.connection import broker_options, broker_queue_arguments
 from tasks.health import Heartbeat, heartbeat_path
 from tasks.logs import configure_logging, quiet_banner_for_json, use_json_for_celery
+from tasks.masked_messages import MaskingConsumer
 from tasks.message_json import register as register_message_json
 
 if TYPE_CHECKING:
@@ -58,6 +60,21 @@ class LanesFirst(priority_cycle):
     def update(self, it: Iterable[str]) -> None:
         rank = {name: index for index, name in enumerate(QUEUE_ORDER)}
         self.items[:] = sorted(it, key=lambda name: (rank.get(name, len(rank)), name))
+
+
+class WorkerConsumer(MaskingConsumer):  # type: ignore[misc]
+    """The worker's consumer (tasks/masked_messages.py) without Celery's native delayed
+    delivery, which Celery adds on RabbitMQ quorum queues for ETA/countdown messages.
+    braze-subs sends none (a waiting batch waits in Redis's schedule), and the step would
+    only bind our queues to exchanges of its own and warn, on every start, that our direct
+    exchange cannot take delayed messages."""
+
+    class Blueprint(MaskingConsumer.Blueprint):  # type: ignore[misc]
+        default_steps: ClassVar[list[str]] = [
+            step
+            for step in MaskingConsumer.Blueprint.default_steps
+            if not step.endswith(":DelayedDelivery")
+        ]
 
 
 def _settings_or_exit() -> Settings:
@@ -102,9 +119,18 @@ register_message_json()
 
 
 def create_app(settings: Settings) -> Celery:
-    # The broker's URL, TLS (certificate verified) and Sentinel master, as for our own
-    # Redis clients (stores/connection.py).
+    # The broker's URL (BROKER_URL, else REDIS_URL), TLS (certificate verified) and
+    # Sentinel master, as for our own Redis clients; on RabbitMQ, publisher confirms and
+    # every queue declared a quorum queue (stores/connection.py).
     broker = broker_options(settings)
+    queue_arguments = broker_queue_arguments(settings)
+    # The `celery` command copies a BROKER_URL variable into CELERY_BROKER_URL (its `-b`
+    # option's variable), which Celery prefers to the app's configuration: that copy would
+    # bypass the URL built here (a unix:// socket is kombu's redis+socket://). Dropped when
+    # it is that copy; a different CELERY_BROKER_URL (`-b URL`) still wins, as documented.
+    copied = os.environ.get("CELERY_BROKER_URL", "").strip()
+    if settings.broker_url and copied == settings.broker_url:
+        del os.environ["CELERY_BROKER_URL"]
     app = Celery(
         "braze-subs",
         broker=broker.pop("broker_url"),
@@ -136,7 +162,7 @@ def create_app(settings: Settings) -> Celery:
         worker_pool="threads",
         # Messages the worker cannot run (a misspelled task name, an invalid body) are
         # logged with their arguments masked, not whole (tasks/masked_messages.py).
-        worker_consumer="tasks.masked_messages:MaskingConsumer",
+        worker_consumer="tasks.celery_app:WorkerConsumer",
         worker_concurrency=settings.worker_concurrency,
         # SIGTERM is a warm shutdown: posts not yet sent hand their batches back at once
         # (`worker_shutting_down` below) and requests on the wire finish, within
@@ -146,7 +172,7 @@ def create_app(settings: Settings) -> Celery:
         # Task events for Flower.
         worker_send_task_events=True,
         task_send_sent_event=True,
-        task_queues=tuple(Queue(name) for name in QUEUE_ORDER),
+        task_queues=tuple(Queue(name, queue_arguments=queue_arguments) for name in QUEUE_ORDER),
         task_default_queue=RECORD_QUEUE,
         task_routes={
             "subscriptions.coalesce": {"queue": COALESCE_QUEUE},

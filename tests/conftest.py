@@ -23,6 +23,8 @@ from redis import Redis
 from core.planning import PlannedBatch
 from delivery.services import reset_services, services
 from devtools.processes import CeleryProcess, ProcessGroup, wait_until
+from devtools.rabbitmq import RabbitMQ
+from devtools.rabbitmq import unavailable as rabbitmq_unavailable
 from simulator import SimulatorConfig, SimulatorServer
 from simulator.order_check import Enqueued, Key, applied_from_document, check_order
 from simulator.order_check import enqueued_from_rows as rows_by_key
@@ -177,6 +179,53 @@ def default_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[st
             monkeypatch.delenv(name, raising=False)
     reset_services()
     return env
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ]:
+    """A private rabbitmq-server for the session (devtools/rabbitmq.py), started on first
+    use; the tests that need it skip with the reason where it is not installed."""
+    reason = rabbitmq_unavailable()
+    if reason:
+        pytest.skip(reason)
+    server = RabbitMQ(tmp_path_factory.mktemp("rabbitmq")).start()
+    yield server
+    server.stop()
+
+
+class Broker(str):
+    """A test's BROKER_URL on the private RabbitMQ, with its own virtual host."""
+
+    server: RabbitMQ
+    vhost: str
+
+    def queues(self) -> dict[str, dict[str, Any]]:
+        return self.server.queues(self.vhost)
+
+
+@pytest.fixture
+def rabbitmq(
+    rabbitmq_server: RabbitMQ, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Broker]:
+    """`env` with BROKER_URL on a fresh virtual host of the private RabbitMQ (deleted after
+    the test). Request it before `processes` so the processes started see it."""
+    vhost = rabbitmq_server.add_vhost()
+    url = Broker(rabbitmq_server.url(vhost))
+    url.server, url.vhost = rabbitmq_server, vhost
+    env["BROKER_URL"] = url
+    monkeypatch.setenv("BROKER_URL", url)
+    reset_services()
+    yield url
+    rabbitmq_server.delete_vhost(vhost)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest, env: dict[str, str]) -> str:
+    """Run a test on each broker: REDIS_URL's Redis (as by default) and RabbitMQ
+    (BROKER_URL, `rabbitmq`). Request it before `processes`."""
+    if request.param == "rabbitmq":
+        request.getfixturevalue("rabbitmq")
+    return str(request.param)
 
 
 @pytest.fixture

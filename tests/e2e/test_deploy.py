@@ -164,3 +164,49 @@ def test_json_logs_hold_no_key_and_no_identifiers(env, sim, processes, tmp_path)
     text = log.read_text()
     assert SIM_KEY not in text
     assert "jane.doe@example.com" not in text and "14155550123" not in text
+
+
+def test_the_rabbitmq_profile_gives_every_process_the_broker(tmp_path):
+    """Issue 24: `--profile rabbitmq` with BROKER_URL and RABBITMQ_PASSWORD as the compose
+    file's header says: every Celery process takes its broker from BROKER_URL (the state
+    stays on REDIS_URL), RabbitMQ keeps its data on a volume; without the profile the
+    broker is REDIS_URL's Redis, as before."""
+    url = "amqp://braze-subs:pw-123@rabbitmq:5672/"
+    done = podman_compose(
+        tmp_path,
+        {"FLOWER_BASIC_AUTH": "admin:secret", "BROKER_URL": url, "RABBITMQ_PASSWORD": "pw-123"},
+        "--profile", "rabbitmq", "config",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    config = yaml.safe_load(done.stdout)
+    for name in PROCESSES:
+        settings = settings_of(config["services"][name])
+        assert settings.broker == url and settings.redis_url == "redis://redis:6379/0", name
+    rabbitmq = config["services"]["rabbitmq"]
+    assert rabbitmq["environment"]["RABBITMQ_DEFAULT_PASS"] == "pw-123"
+    assert any(volume.endswith(":/var/lib/rabbitmq") for volume in rabbitmq["volumes"])
+    plain = rendered(tmp_path, {})
+    assert "rabbitmq" not in plain["services"]
+    assert settings_of(plain["services"]["worker"]).broker == "redis://redis:6379/0"
+
+
+def test_rabbitmq_without_a_password_stops_in_one_line(tmp_path):
+    """The profile's RabbitMQ never starts with an empty password: its command as compose
+    renders it, run by a real shell (a stand-in `docker-entrypoint.sh` on PATH)."""
+    done = podman_compose(
+        tmp_path, {"FLOWER_BASIC_AUTH": "admin:secret"}, "--profile", "rabbitmq", "config"
+    )
+    assert done.returncode == 0, done.stderr
+    command = yaml.safe_load(done.stdout)["services"]["rabbitmq"]["command"]
+    entrypoint = tmp_path / "bin" / "docker-entrypoint.sh"
+    entrypoint.parent.mkdir()
+    entrypoint.write_text('#!/bin/sh\necho "started $*"\n')
+    entrypoint.chmod(0o755)
+    path = f"{entrypoint.parent}:{os.environ['PATH']}"
+    without = subprocess.run(command, env={"PATH": path}, capture_output=True, text=True)
+    assert_one_line_error(without, "RABBITMQ_PASSWORD", "BROKER_URL")
+    assert without.stdout == ""
+    with_password = subprocess.run(
+        command, env={"PATH": path, "RABBITMQ_DEFAULT_PASS": "pw"}, capture_output=True, text=True
+    )
+    assert with_password.stdout.strip() == "started rabbitmq-server", with_password.stderr

@@ -442,7 +442,8 @@ def test_two_beats_and_a_killed_beat_post_each_change_at_most_once(env, sim, pro
 # --------------------------------------------------------------------------------------
 
 
-def test_worker_killed_repeatedly_while_draining(env, sim, processes):
+def test_worker_killed_repeatedly_while_draining(broker, env, sim, processes):
+    """On each broker: REDIS_URL's Redis, and RabbitMQ (BROKER_URL, issue 24)."""
     rng = random.Random(6)
     extra = worker_env(HTTP_TIMEOUT_SECONDS=3, BATCH_CLAIM_SECONDS=6, BATCH_REDISPATCH_SECONDS=4)
     faults(sim, latency_ms=20)

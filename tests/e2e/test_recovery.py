@@ -98,13 +98,14 @@ def test_a_frozen_worker_thawed_sends_no_stale_state(default_env, sim, processes
 
 
 def test_kill_9_and_sigterm_mid_backlog_recover_within_seconds(
-    default_env, sim, processes, fleet, sent
+    broker, default_env, sim, processes, fleet, sent
 ):
     """Three workers drain 4,000 changes from slow answers (500 ms) with 10 % 500s. One
     is killed with SIGKILL and another gets SIGTERM while both hold claims: the killed
     worker's batches (some with a request on the wire) are taken back within the goal and
     land seconds later; the SIGTERM'd worker hands back what it has not sent and exits
-    well inside a stop grace period; the backlog drains within seconds."""
+    well inside a stop grace period; the backlog drains within seconds. On each broker:
+    REDIS_URL's Redis, and RabbitMQ (BROKER_URL, issue 24)."""
     report = kill_and_term(processes, fleet, Sim(sim.url), enqueuer(sent), timeout=90)
     print(f"kill -9 + SIGTERM: {report.figures()}")
     assert report.killed_batches >= 1 and report.term_batches >= 1, report.figures()

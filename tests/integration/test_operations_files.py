@@ -136,6 +136,40 @@ def test_kustomize_build_passes_the_schema():
         validate(doc)
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_the_rabbitmq_overlay_gives_the_celery_processes_the_broker():
+    """Issue 24: deploy/k8s-rabbitmq builds on the base, passes the schema, adds a RabbitMQ
+    StatefulSet on a volume, and BROKER_URL from the Secret braze-subs-broker to the
+    worker, beat and Flower, each keeping its own variables."""
+    overlay = K8S.parent / "k8s-rabbitmq"
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True
+    ).stdout
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built) if d}
+    for doc in docs.values():
+        assert doc["metadata"].get("namespace", "braze-subs") == "braze-subs"
+        validate(doc)
+    base = manifests()
+    for name in ("braze-subs-worker", "braze-subs-beat", "braze-subs-flower"):
+        (only,) = docs[("Deployment", name)]["spec"]["template"]["spec"]["containers"]
+        env = {item["name"]: item for item in only.get("env", [])}
+        assert env["BROKER_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": "braze-subs-broker",
+            "key": "BROKER_URL",
+        }, name
+        (before,) = base[("Deployment", name)]["spec"]["template"]["spec"]["containers"]
+        assert {item["name"] for item in before.get("env", [])} <= set(env), name
+    for name in ("braze-subs-metrics", "braze-subs-api"):
+        (only,) = docs[("Deployment", name)]["spec"]["template"]["spec"]["containers"]
+        assert "BROKER_URL" not in {item["name"] for item in only.get("env", [])}
+    rabbitmq = docs[("StatefulSet", "rabbitmq")]["spec"]
+    (node,) = rabbitmq["template"]["spec"]["containers"]
+    mount = node["volumeMounts"][0]
+    assert mount["mountPath"] == "/var/lib/rabbitmq"
+    assert rabbitmq["volumeClaimTemplates"][0]["metadata"]["name"] == mount["name"]
+    assert ("Service", "rabbitmq") in docs
+
+
 def container(name: str) -> dict[str, Any]:
     docs = manifests()
     kind = "StatefulSet" if name == "redis" else "Deployment"

@@ -79,6 +79,8 @@ def readme_defaults() -> dict[str, str]:
 WORDED = {
     "IMPORT_JOBS": ("one per CPU", None),
     "HEALTH_DIR": ("temp dir`/braze-subs`", str(Path(tempfile.gettempdir()) / "braze-subs")),
+    # Unset: Celery's broker is REDIS_URL (Settings.broker).
+    "BROKER_URL": ("`REDIS_URL`", None),
 }
 
 

@@ -1,0 +1,125 @@
+"""BROKER_URL (issue 24, the broker on its own): the setting's checks and what it makes of
+Celery's configuration. Pure: no broker is contacted (tests/e2e/test_rabbitmq.py does)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from config.settings import SettingsError, load_settings
+from stores.connection import broker_options, broker_queue_arguments
+
+SECRET = "s3cret-pw"
+
+
+def test_unset_the_broker_is_redis_url_as_before():
+    settings = load_settings(redis_url="redis://r:6379/2")
+    assert settings.broker_url is None and settings.broker == "redis://r:6379/2"
+    assert broker_options(settings)["broker_url"] == "redis://r:6379/2"
+    assert broker_queue_arguments(settings) is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"amqp://app:{SECRET}@rabbit:5672/braze",
+        f"amqps://app:{SECRET}@rabbit.example.com/braze",
+        f"redis://:{SECRET}@broker-redis:6379/0",
+        "unix:///run/broker.sock?db=1",
+    ],
+)
+def test_a_broker_of_its_own_is_accepted(url):
+    settings = load_settings(redis_url="redis://state:6379/0", broker_url=url)
+    assert settings.broker == url
+    assert settings.redis_url == "redis://state:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (f"http://u:{SECRET}@rabbit/", "must start with amqp://, amqps://, redis://"),
+        (f"amqp://u:{SECRET}@:5672/", "amqp:// needs a host"),
+        (f"amqp://u:{SECRET}@rabbit:56x2/", "the port is not a number"),
+        (f"amqp://u:{SECRET}@a/;amqp://u:{SECRET}@b/", "one RabbitMQ URL only"),
+        (f"rediss://u:{SECRET}@r/0?ssl_cert_reqs=none", "ssl_cert_reqs must stay 'required'"),
+        (f"sentinel://:{SECRET}@s:26x79", "a sentinel's port is not a number"),
+    ],
+)
+def test_a_malformed_broker_url_is_one_line_naming_it_without_its_password(url, says):
+    with pytest.raises(SettingsError) as caught:
+        load_settings(broker_url=url)
+    message = str(caught.value)
+    assert message.startswith("BROKER_URL: ") and says in message
+    assert SECRET not in message and "\n" not in message
+
+
+def test_a_sentinel_broker_needs_the_master_name():
+    with pytest.raises(SettingsError, match="REDIS_SENTINEL_MASTER: required with a sentinel"):
+        load_settings(broker_url="sentinel://s1:26379")
+    settings = load_settings(broker_url="sentinel://s1:26379", redis_sentinel_master="m")
+    assert broker_options(settings)["broker_transport_options"]["master_name"] == "m"
+
+
+def test_rabbitmq_gets_quorum_queues_and_publisher_confirms():
+    settings = load_settings(broker_url="amqp://u:p@rabbit/braze")
+    options = broker_options(settings)
+    assert options["broker_url"] == "amqp://u:p@rabbit/braze"
+    assert options["broker_transport_options"] == {"confirm_publish": True}
+    assert options["task_create_missing_queue_type"] == "quorum"
+    assert broker_queue_arguments(settings) == {"x-queue-type": "quorum"}
+    assert "broker_use_ssl" not in options
+
+
+def test_amqps_verifies_the_certificate_and_the_host_name():
+    options = broker_options(load_settings(broker_url="amqps://u:p@rabbit.example.com/v"))
+    # py-amqp: `context` goes to ssl.create_default_context (CERT_REQUIRED, system CAs);
+    # a server_hostname of None is replaced by the URL's host by kombu.
+    assert options["broker_use_ssl"] == {
+        "context": {"check_hostname": True},
+        "server_hostname": None,
+    }
+
+
+def test_a_rediss_broker_is_verified_like_redis_url():
+    options = broker_options(
+        load_settings(redis_url="redis://state/0", broker_url="rediss://broker:6380/0")
+    )
+    assert options["broker_use_ssl"]["ssl_check_hostname"] is True
+
+
+def _app_conf(env: dict[str, str]) -> str:
+    """The worker app's broker URL and its queues' arguments, in a fresh interpreter (the
+    app is built on import) with `env` as the `celery` command would leave it."""
+    code = (
+        "from tasks.celery_app import app, QUEUE_ORDER\n"
+        "queues = {q.name: q.queue_arguments for q in app.conf.task_queues}\n"
+        "assert set(queues) == set(QUEUE_ORDER)\n"
+        "print(app.conf.broker_url, sorted(map(str, queues.values())))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_every_queue_of_the_app_is_a_quorum_queue_on_rabbitmq():
+    shown = _app_conf({"BROKER_URL": "amqp://u:p@rabbit/braze"})
+    assert shown.startswith("amqp://u:p@rabbit/braze ")
+    assert shown.count("'x-queue-type': 'quorum'") == 4, shown
+    assert "None" in _app_conf({"BROKER_URL": "redis://broker/1"})
+
+
+def test_the_celery_commands_copy_of_broker_url_does_not_bypass_the_app():
+    """`celery` copies BROKER_URL into CELERY_BROKER_URL, which Celery prefers: the unix://
+    socket must still reach kombu as redis+socket://."""
+    url = "unix:///run/broker.sock?db=3"
+    shown = _app_conf({"BROKER_URL": url, "CELERY_BROKER_URL": url})
+    assert shown.startswith("redis+socket:///run/broker.sock?virtual_host=3 "), shown
