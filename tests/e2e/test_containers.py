@@ -292,6 +292,22 @@ class Stack:
         ):
             subprocess.run(["podman", *args], capture_output=True, env=self.env, timeout=120)
 
+    def leftovers(self) -> dict[str, list[str]]:
+        """What of the project is still there, by kind."""
+        label = f"label=com.docker.compose.project={self.project}"
+        found = {
+            kind: self.podman(kind, *(["ls"] if kind != "ps" else ["--all"]), "--quiet",
+                              "--filter", label).split()
+            for kind in ("ps", "volume", "network")
+        }  # fmt: skip
+        pods = self.podman("pod", "ps", "--quiet", "--filter", f"name=pod_{self.project}")
+        return {
+            "containers": found["ps"],
+            "pods": pods.split(),
+            "volumes": found["volume"],
+            "networks": found["network"],
+        }
+
     def containers_all(self, label: str) -> list[str]:
         out = subprocess.run(
             ["podman", "ps", "--all", "--quiet", "--filter", label],
@@ -471,6 +487,15 @@ def test_compose_stack_in_podman_keeps_every_last_write(stack: Stack) -> None:
     stats = stack.sim("/_sim/stats", log="0")
     assert stats["malformed"] == 0 and stats["rejected_400"] == 0, stats
     print(f"container test: stack up to settled in {time.monotonic() - started:.1f} s")
+
+    # The teardown README documents (issue 27: `podman-compose down -v` left the scaled
+    # workers, Redis, the pod, the volume and the network behind): nothing of the project
+    # is left, the four workers added by --scale included.
+    stack.save_logs()
+    assert len(stack.containers("worker")) == 4
+    done = run([str(ROOT / "deploy" / "podman-down.sh"), stack.project], env=stack.env)
+    assert f"{stack.project}: removed " in done.stdout, done.stdout
+    assert stack.leftovers() == {"containers": [], "pods": [], "volumes": [], "networks": []}
 
 
 def _answers(url: str) -> bool:
