@@ -225,9 +225,10 @@ def log_since(process: CeleryProcess, offset: int) -> str:
     return process.log_path.read_bytes()[offset:].decode(errors="replace")
 
 
-# Celery's line for a finished post task: its PostReport, batch id and status first.
+# Celery's line for a finished post task: its PostReport, batch id (live ones 'live-…') and
+# status first.
 TASK_DONE = re.compile(
-    r"post_batch\[[^\]]+\] succeeded in [\d.]+s: \{'batch_id': '(\w+)', 'status': '(\w+)'"
+    r"post_batch\[[^\]]+\] succeeded in [\d.]+s: \{'batch_id': '([\w-]+)', 'status': '(\w+)'"
 )
 
 
