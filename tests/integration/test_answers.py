@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 import socket
 import threading
 import time
@@ -214,6 +215,23 @@ def test_a_trickled_answer_ends_at_the_overall_deadline(sim):
     assert took < 1.9, f"the exchange took {took:.2f} s with a 1 s deadline"
 
 
+def read_request(connection: socket.socket) -> None:
+    """Read one HTTP request, headers and its Content-Length body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while length and len(body) < int(length.group(1)):
+        chunk = connection.recv(65536)
+        if not chunk:
+            return
+        body += chunk
+
+
 @contextmanager
 def trickling_server(answer: bytes, interval: float) -> Iterator[str]:
     """A bare HTTP server that reads a request, then sends `answer` (status line and
@@ -224,7 +242,7 @@ def trickling_server(answer: bytes, interval: float) -> Iterator[str]:
     def serve() -> None:
         connection, _ = listener.accept()
         with connection:
-            connection.recv(65536)
+            read_request(connection)  # whole: closing on unread bytes would reset it
             for byte in answer:
                 if stop.wait(interval):
                     return
