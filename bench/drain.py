@@ -3,12 +3,15 @@ well the shared budget is used.
 
     .venv/bin/python -m bench.drain                       # one v1 and one v2 worker
     .venv/bin/python -m bench.drain --workers v1,v1,v1    # three v1 workers
+    .venv/bin/python -m bench.drain --brokers redis,rabbitmq   # the broker on its own, side by side
 
 Starts a private redis-server, the simulator enforcing fixed windows of LIMIT per WINDOW
 seconds, the given workers and beat (real processes, as in the Procfile); enqueues a backlog
 of unique identifiers; waits until everything is delivered; prints utilisation of the limit,
 identifiers per request, 429s, the busiest sliding and fixed window, and the drain time
 against the ideal (identifiers / 50 / limit windows). Writes the figures as JSON too.
+With `--brokers`, one run per broker in turn: REDIS_URL's Redis (as by default), and a
+private rabbitmq-server as BROKER_URL (devtools/rabbitmq.py; issue 24).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from admin.status import read_status
 from bench.figures import publish
 from core.changes import Change, IdentifierKind, SubscriptionState
 from devtools.processes import celery_process, local_redis
+from devtools.rabbitmq import RabbitMQ
+from devtools.rabbitmq import unavailable as rabbitmq_unavailable
 from simulator import SimulatorConfig, SimulatorServer
 from stores.buffer import Buffer
 from stores.keys import Keys
@@ -52,12 +57,20 @@ def backlog(identifiers: int, groups: int, rng: random.Random) -> list[Change]:
     return changes
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, broker: str = "redis") -> dict[str, Any]:
     rng = random.Random(1)
     versions = args.workers.split(",")
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(TemporaryDirectory(prefix="braze-subs-bench-")))
         redis_url = stack.enter_context(local_redis(workdir))
+        broker_url = ""  # empty: REDIS_URL's Redis
+        if broker == "rabbitmq":
+            reason = rabbitmq_unavailable()
+            if reason:
+                raise SystemExit(f"--brokers rabbitmq: {reason}")
+            rabbitmq = RabbitMQ(workdir / "rabbitmq").start()
+            stack.callback(rabbitmq.stop)
+            broker_url = rabbitmq.url()
         sim = SimulatorServer(
             SimulatorConfig(
                 api_keys={"bench-key"},
@@ -76,6 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         env = {
             **os.environ,
             "REDIS_URL": redis_url,
+            "BROKER_URL": broker_url,
             "BRAZE_REST_ENDPOINT": sim.url,
             "BRAZE_API_KEY": "bench-key",
             "BRAZE_RATE_LIMIT": str(args.limit),
@@ -112,6 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     expected = {(c.group_id, c.kind.value, c.value): c.state.value for c in changes}
     received = {(s["group"], s["kind"], s["value"]): s["state"] for s in final}
     return {
+        "broker": broker,
         "workers": versions,
         "limit": args.limit,
         "window_seconds": args.window,
@@ -140,9 +155,17 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--window", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument(
+        "--brokers", default="redis", help="comma-separated: redis, rabbitmq (one run each)"
+    )
     args = parser.parse_args()
-    result = run(args)
-    publish(result, "drain-" + "-".join(result["workers"]) + ".json")
+    for broker in args.brokers.split(","):
+        if broker not in ("redis", "rabbitmq"):
+            raise SystemExit(f"--brokers: unknown broker {broker!r} (redis, rabbitmq)")
+    for broker in args.brokers.split(","):
+        result = run(args, broker)
+        suffix = "" if broker == "redis" else f"-{broker}"
+        publish(result, "drain-" + "-".join(result["workers"]) + suffix + ".json")
 
 
 if __name__ == "__main__":
