@@ -254,3 +254,54 @@ def test_a_password_protected_unix_socket_for_our_clients_and_the_broker(tmp_pat
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------------------
+# The broker on its own (issue 24): BROKER_URL on another Redis, the state on REDIS_URL
+# --------------------------------------------------------------------------------------
+
+
+def _kombu_keys(client: Redis) -> list[bytes]:
+    return [key for key in client.scan_iter("_kombu.binding.*")]
+
+
+def test_a_sentinel_broker_of_its_own_beside_the_state(sentinel, env, sim, processes):
+    """BROKER_URL=sentinel://... (REDIS_SENTINEL_MASTER names its master), REDIS_URL the
+    session's Redis: a worker and beat deliver, Celery's queues live on the sentinel's
+    master and none on REDIS_URL's Redis."""
+    broker_env = {"BROKER_URL": sentinel, "REDIS_SENTINEL_MASTER": "mymaster"}
+    processes.worker("w1", concurrency=2, extra_env=broker_env)
+    processes.start("beat", "beat", extra_env=broker_env)
+    enqueue_change(subscription_group_id="news", subscription_state="subscribed", email="t@b.co")
+    wait_for(lambda: sim_states(sim), timeout=30, what="the change delivered")
+    assert sim_states(sim) == {("news", "email", "t@b.co"): "subscribed"}
+    port = int(sentinel.rsplit(":", 1)[1].split("/")[0])
+    host, master_port = Redis(port=port).execute_command(
+        "SENTINEL", "get-master-addr-by-name", "mymaster"
+    )
+    assert _kombu_keys(Redis(host=host.decode(), port=int(master_port)))
+    assert not _kombu_keys(Redis.from_url(env["REDIS_URL"]))
+
+
+def test_a_unix_socket_broker_of_its_own_beside_the_state(tmp_path, env, sim, processes):
+    """BROKER_URL=unix://...: the `celery` command copies BROKER_URL into CELERY_BROKER_URL,
+    which Celery prefers to the app's kombu URL (redis+socket://); the copy is dropped, so
+    the worker and beat reach the socket, and the state stays on REDIS_URL."""
+    socket = tmp_path / "broker.sock"
+    server = start_redis(tmp_path, "--port", "0", "--unixsocket", str(socket))
+    try:
+        url = f"unix://{socket}?db=0"
+        probe = Redis.from_url(url)
+        wait_until(lambda: _pings(probe), timeout=10, what="redis-server on a unix socket")
+        processes.worker("w1", concurrency=2, extra_env={"BROKER_URL": url})
+        processes.start("beat", "beat", extra_env={"BROKER_URL": url})
+        enqueue_change(
+            subscription_group_id="news", subscription_state="subscribed", email="v@b.co"
+        )
+        wait_for(lambda: sim_states(sim), timeout=30, what="the change delivered")
+        assert sim_states(sim) == {("news", "email", "v@b.co"): "subscribed"}
+        assert _kombu_keys(probe)
+        assert not _kombu_keys(Redis.from_url(env["REDIS_URL"]))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
