@@ -48,8 +48,25 @@ def _child_env(**extra: str) -> dict[str, str]:
             {"BRAZE_RATE_LIMIT": "abc"},
             "BRAZE_RATE_LIMIT",
         ),
+        # Issue 24: a malformed BROKER_URL, its password (the secret) never shown.
+        (
+            ["-m", "celery", "-A", "worker.app", "worker"],
+            {"BROKER_URL": f"amqp://app:{SECRET}@:5672/braze"},
+            "BROKER_URL",
+        ),
+        (
+            ["-m", "celery", "-A", "worker.app", "beat"],
+            {"BROKER_URL": f"rabbitmq://app:{SECRET}@rabbit/"},
+            "BROKER_URL",
+        ),
     ],
-    ids=["cli-status", "cli-status-long-message", "celery-beat"],
+    ids=[
+        "cli-status",
+        "cli-status-long-message",
+        "celery-beat",
+        "celery-worker-broker-url",
+        "celery-beat-broker-scheme",
+    ],
 )
 def test_process_stops_with_one_line(command, env, variable):
     result = subprocess.run(
