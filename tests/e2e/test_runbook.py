@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 import yaml
+from redis import Redis
 
 from devtools.processes import worker_args
 from tasks.producer import enqueue_changes
 from tests.cli_runs import run_real
-from tests.conftest import SIM_KEY, identifier, wait_for
+from tests.conftest import SIM_KEY, identifier, keyspace_traces, wait_for
 from tests.e2e.test_prometheus import Prometheus, exporter, prometheus  # noqa: F401 (fixtures)
 from tests.sim_control import braze_states, faults
 
@@ -168,6 +169,11 @@ def test_key_rotation_as_the_runbook_says_clears_metric_alert_and_status_within_
     assert re.search(r"posting running", text), text
     assert "the key was revoked" not in text
     assert SIM_KEY not in text and NEW_KEY not in text
+    # Neither key is anywhere in Redis, names or values: the circuit names the refused key
+    # by its workspace id (endpoint host + a hash of the key).
+    client = Redis.from_url(default_env["REDIS_URL"])
+    for key in (SIM_KEY, NEW_KEY):
+        assert keyspace_traces(client, key) == [], key
 
 
 COMPONENT_ALERTS = ("BrazeSubsBeatDown", "BrazeSubsNoWorkerAlive", "BrazeSubsNoCoalescerTick")
