@@ -90,8 +90,9 @@ class Settings(BaseSettings):
     # long a live change waits behind a backfill in the budget; short enough for a live
     # p99 under 2 s, long enough that a backfill keeps >= 95 % of the budget (bench/lanes.py).
     bulk_token_wait_max_seconds: float = Field(default=0.5, gt=0)
-    # Share of the budget bulk keeps however much live there is: live alone may spend at
-    # most 1 - this of it, so a flood of live changes never starves a backfill.
+    # Share of the budget bulk keeps however much live there is: while bulk waits, live may
+    # spend at most 1 - this of it, so a flood of live changes never starves a backfill
+    # (without bulk, live may spend all of it).
     bulk_floor_share: float = Field(default=0.1, ge=0, lt=1)
     # After Braze refuses the key (401/403/404) every worker stops posting; one request is
     # let through this often as a probe, and its success resumes posting everywhere.

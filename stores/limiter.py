@@ -97,6 +97,12 @@ class LimiterState:
     circuit_here: bool = False  # the refused key is this budget's
 
 
+# How long after a bulk request live still keeps to its share of the budget: bulk asks
+# continuously while it has work (fresh batches every beat, refused ones again within
+# their reach), so a gap this long means no bulk waits.
+BULK_SEEN_MS = 2000
+
+
 class RateLimiter:
     def __init__(
         self,
@@ -148,6 +154,7 @@ class RateLimiter:
                 self.probe_interval_ms,
                 self.workspace,
                 self.live_interval_ms if live else 0,
+                BULK_SEEN_MS,
             ],
         )
         mark = mark.decode() if isinstance(mark, bytes) else mark

@@ -10,11 +10,14 @@
 -- ARGV[6] this budget's workspace id (endpoint host + a hash of the key)
 -- ARGV[7] 0 for a bulk request; for a live one, the interval of the live lane's own limit
 --         (ms: interval / (1 - bulk floor share)), kept in "live_tat" of the same hash
+-- ARGV[8] how long after a bulk request live still keeps to its own limit (ms); a bulk
+--         request notes its time in "bulk_at"
 --
 -- Lanes: the caller passes a shorter ARGV[3] for bulk, so bulk never reserves turns
 -- further ahead than that and a live request's turn comes at most that long after now;
--- a live request must also fit the live lane's own limit, so live alone never spends
--- more than 1 - the floor share of the budget and bulk keeps the rest.
+-- while bulk has asked for a turn lately, a live request must also fit the live lane's
+-- own limit, so live never spends more than 1 - the floor share of the budget and bulk
+-- keeps the rest; without bulk, live may spend it all.
 --
 -- A generic cell rate algorithm with reservations: the caller that is granted a request
 -- is told how long to wait before sending it, so nobody spins or polls. Sends granted this
@@ -56,9 +59,17 @@ end
 local wait = tat - tolerance - now
 local live_interval = tonumber(ARGV[7])
 local live_tat = 0
+local floor_applies = false
 if live_interval > 0 then
-  live_tat = math.max(tonumber(redis.call('HGET', KEYS[1], 'live_tat') or '0'), now)
-  wait = math.max(wait, live_tat - tolerance - now)
+  -- Live keeps to its share only while bulk is asking for turns: alone, it may have all.
+  local bulk_at = tonumber(redis.call('HGET', KEYS[1], 'bulk_at') or '0')
+  floor_applies = now - bulk_at <= tonumber(ARGV[8])
+  if floor_applies then
+    live_tat = math.max(tonumber(redis.call('HGET', KEYS[1], 'live_tat') or '0'), now)
+    wait = math.max(wait, live_tat - tolerance - now)
+  end
+else
+  redis.call('HSET', KEYS[1], 'bulk_at', string.format('%.3f', now))
 end
 if wait < 0 then
   wait = 0
@@ -78,7 +89,13 @@ end
 -- sends closer than the interval, whatever the lanes.
 redis.call('HSET', KEYS[1], 'tat', string.format('%.3f', math.max(tat, now + wait) + interval))
 if live_interval > 0 then
-  redis.call('HSET', KEYS[1], 'live_tat', string.format('%.3f', live_tat + live_interval))
+  -- Without bulk, live's own limit follows its sends, so it holds nothing back from live
+  -- when bulk comes.
+  local base = live_tat
+  if not floor_applies then
+    base = now + wait
+  end
+  redis.call('HSET', KEYS[1], 'live_tat', string.format('%.3f', base + live_interval))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {1, math.ceil(wait), string.format('%.3f', now + wait), check, ''}

@@ -198,8 +198,12 @@ def send_times(limiter: RateLimiter, lane: Lane, count: int) -> list[float]:
     return sends
 
 
-def test_live_alone_spends_at_most_its_share_and_bulk_keeps_the_floor(env, redis_client):
+def test_live_spends_at_most_its_share_while_bulk_waits_and_all_without_it(env, redis_client):
     limiter = lane_limiter(redis_client, bulk_wait=10, floor=0.5)
+    # No bulk: live may have the whole budget, turns 10 ms apart (not its own 20).
+    alone = send_times(limiter, Lane.LIVE, 20)
+    assert min(b - a for a, b in itertools.pairwise(alone)) <= 10.2
+    send_times(limiter, Lane.BULK, 1)  # bulk asks for a turn: it is waiting now
     live = send_times(limiter, Lane.LIVE, 50)
     # Live's own limit spaces its turns 20 ms apart: half the budget, the rest is bulk's.
     assert min(b - a for a, b in itertools.pairwise(live)) >= 19.9
