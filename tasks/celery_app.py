@@ -47,8 +47,13 @@ COALESCE_QUEUE = "braze-subs.coalesce"
 POST_QUEUE = "braze-subs.post"
 LIVE_POST_QUEUE = "braze-subs.post.live"
 # The order a worker looks at its queues in (kombu's Redis transport BRPOPs them in one
-# call, first non-empty wins): ticks, live posts, producers' record_change, bulk posts.
-QUEUE_ORDER = (COALESCE_QUEUE, LIVE_POST_QUEUE, RECORD_QUEUE, POST_QUEUE)
+# call, first non-empty wins): live posts, ticks, producers' record_change, bulk posts.
+# Live posts come before ticks: a tick run stays 1.5 beat intervals, so after an outage
+# (beat queued up to `expires` of ticks while no worker ran) the tick queue stays non-empty
+# for many seconds while the pool drains it, and a live post ranked behind it waited that
+# long (11-37 s seen in e2e/test_faults.py::test_worker_killed_mid_tick_does_not_stall_coalescing).
+# Live posts are bounded by what ticks cut, so they cannot starve the ticks.
+QUEUE_ORDER = (LIVE_POST_QUEUE, COALESCE_QUEUE, RECORD_QUEUE, POST_QUEUE)
 
 
 class LanesFirst(priority_cycle):
