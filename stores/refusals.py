@@ -172,6 +172,10 @@ class Refusals:
         transaction: of two halves refused at the same moment, the second always sees the
         first, so exactly one condemns the group or both wait no longer than a turn."""
         k = self.keys
+        # Braze's message names no one of this half (else it was not anonymous), but it may
+        # name the sibling's members: stored with every email and phone masked, as a
+        # refusal's detail is (an identifier is stored only in its own records).
+        detail = confine(detail, ())
         pipe = self.client.pipeline(transaction=True)
         pipe.set(k.refused_half(batch_id), detail, px=max(1, round(ttl_seconds * 1000)))
         pipe.exists(k.refused_half(sibling_id))

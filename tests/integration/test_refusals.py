@@ -13,6 +13,7 @@ from admin.status_view import sections, warnings
 from delivery.poster import Poster
 from delivery.services import services
 from stores.dead_letters import DeadLetters
+from stores.refusals import Refusals
 from tests.conftest import email
 from tests.integration.test_poster import drive, make_batch
 from tests.sim_control import faults, sim_stats, sim_subscriptions
@@ -172,3 +173,15 @@ def test_when_the_refusal_ends_the_next_batch_asks_braze_again(sim, env, redis_c
     faults(sim, reject_groups=[])  # the group was created meanwhile
     assert poster.post(batch("email", [email(3)], group="gone")).status == "delivered"
     assert requests(sim) == before + 1
+
+
+def test_a_refused_halfs_message_is_stored_without_the_siblings_identifiers(env, redis_client):
+    """A half of an anonymous split waits for its sibling with Braze's message; that message
+    may name the sibling's members, whose data must not sit in this half's record."""
+    found = services()
+    Refusals(found.redis, found.keys).mark_half_refused(
+        "half-a", "half-b", f"invalid email {email(7)} or phone +14155550107", ttl_seconds=60
+    )
+    stored = redis_client.get(found.keys.refused_half("half-a")).decode()
+    assert email(7) not in stored and "+14155550107" not in stored, stored
+    assert "invalid email" in stored
