@@ -19,7 +19,7 @@ import httpx
 from pydantic import SecretStr
 
 from core.changes import SubscriptionState
-from core.outcome import MAX_ANSWER_BYTES
+from core.outcome import MAX_ANSWER_BYTES, Classified, classify
 from core.planning import BatchKey
 from core.redaction import scrub
 
@@ -74,6 +74,18 @@ class Reply:
     def header(self, name: str) -> str:
         """A header of the answer, whatever its case; "" if absent."""
         return next((v for k, v in self.headers.items() if k.lower() == name), "")
+
+    def classified(self) -> Classified:
+        """What this exchange means (core/outcome.py `classify`): the one reading of a
+        reply's status, body, content type, truncation and redirect, for posts and reads."""
+        return classify(
+            self.status,
+            self.body,
+            self.error,
+            content_type=self.header("content-type"),
+            truncated=self.truncated,
+            location=self.header("location"),
+        )
 
 
 class _Deadline(threading.local):

@@ -26,7 +26,7 @@ from redis import Redis
 from config.settings import Settings
 from core.changes import IdentifierKind
 from core.errors import EXIT_ENVIRONMENT, BrazeSubsError
-from core.outcome import Outcome, backoff_seconds, classify, parse_answer, parse_rate_limit
+from core.outcome import Outcome, backoff_seconds, parse_answer, parse_rate_limit
 from delivery.braze_client import BrazeClient, Reply
 from stores.limiter import Budget, RateLimiter
 
@@ -314,14 +314,7 @@ class BrazeReader:
             self.calls = next(self._calls) + 1  # atomic under threads, unlike += 1
             if self.record is not None:
                 self.record(path, reply.status)
-            result = classify(
-                reply.status,
-                reply.body,
-                reply.error,
-                content_type=reply.header("content-type"),
-                truncated=reply.truncated,
-                location=reply.header("location"),
-            )
+            result = reply.classified()
             rate = parse_rate_limit(reply.headers)
             if self.limiter is not None and reply.status is not None:
                 self.limiter.observe(rate)

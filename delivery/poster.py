@@ -41,7 +41,6 @@ from core.outcome import (
     PostStatus,
     RateLimit,
     backoff_seconds,
-    classify,
     parse_rate_limit,
 )
 from core.planning import batch_lane
@@ -238,14 +237,7 @@ class Poster:
                 report.size,
             )
             return replace(report, status=PostStatus.LOST, detail="claim lost before sending")
-        result = classify(
-            reply.status,
-            reply.body,
-            reply.error,
-            content_type=reply.header("content-type"),
-            truncated=reply.truncated,
-            location=reply.header("location"),
-        )
+        result = reply.classified()
         report = replace(
             report,
             http_status=reply.status,
@@ -455,16 +447,7 @@ class Poster:
                 or len(values | set(record.values)) > self.settings.batch_max_identifiers
             ):
                 # Cannot happen for packs the planner made; never send an oversized request.
-                self.store.defer(
-                    sibling_id,
-                    token,
-                    error="",
-                    count_attempt=False,
-                    due_in_ms=0,
-                    reason=WaitReason.READY,
-                    grace_ms=self.grace_ms,
-                    solo=True,
-                )
+                self._put_back_alone(sibling_id, token)
                 continue
             values |= set(record.values)
             siblings.append(record)
@@ -482,16 +465,21 @@ class Poster:
             if claim.status is not ClaimStatus.CLAIMED:
                 continue
             self.liveness.hold(sibling_id, token)
-            self.store.defer(
-                sibling_id,
-                token,
-                error="",
-                count_attempt=False,
-                due_in_ms=0,
-                reason=WaitReason.READY,
-                grace_ms=self.grace_ms,
-                solo=True,
-            )
+            self._put_back_alone(sibling_id, token)
+
+    def _put_back_alone(self, batch_id: str, token: str) -> None:
+        """A pack's batch this worker claimed but will not send with its pack: into the
+        schedule on its own (out of the pack), due now, no attempt spent."""
+        self.store.defer(
+            batch_id,
+            token,
+            error="",
+            count_attempt=False,
+            due_in_ms=0,
+            reason=WaitReason.READY,
+            grace_ms=self.grace_ms,
+            solo=True,
+        )
 
     def _send(self, records: list[BatchRecord], fence: Callable[[], bool]) -> Reply:
         if self.settings.braze_api_version == "v2":

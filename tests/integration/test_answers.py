@@ -21,7 +21,7 @@ from admin.status import read_status
 from admin.status_view import warnings
 from config.settings import Settings, load_settings
 from core.outcome import MAX_ANSWER_BYTES, redirected
-from delivery.braze_client import V1_PATH, BrazeClient
+from delivery.braze_client import V1_PATH, BrazeClient, Reply
 from delivery.poster import Poster
 from delivery.services import services
 from stores.dead_letters import DeadLetters
@@ -180,15 +180,13 @@ def test_failing_bookkeeping_after_a_201_cannot_re_post(sim, redis_client, monke
 def test_an_error_after_sending_gives_back_with_the_attempt_counted(sim, redis_client, monkeypatch):
     """The answer arrived but this process failed before recording its outcome: unknown,
     so a retry, and it counts, so that it cannot go on for ever."""
-    import delivery.poster as poster_module
-
     found = services()
     batch_id = email_batch([email(7)])
 
     def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise RuntimeError("boom while reading the answer")
 
-    monkeypatch.setattr(poster_module, "classify", broken)
+    monkeypatch.setattr(Reply, "classified", broken)
     with pytest.raises(RuntimeError):
         found.poster().post(batch_id)
     assert redis_client.hget(found.keys.schedule_reasons, batch_id) == b"retry"
