@@ -233,11 +233,21 @@ class Coalescer:
         # Live first: its changes are cut before bulk's, with the whole in-flight cap; bulk
         # leaves a share of the cap to live (LIVE_RESERVED_SHARE), so a backfill that fills
         # it never keeps a live change in the buffer.
+        # The same the other way for bulk's floor share (BULK_FLOOR_SHARE): while bulk has
+        # due changes, live leaves that share of the cap to bulk's batches, or a live flood
+        # that keeps the cap full would leave the floor nothing to post. Each reserve counts
+        # only what its lane has in flight below it.
         cap = settings.max_batches_in_flight
         in_flight = self.store.count()
-        live = self._cut(Lane.LIVE, now_ms, cap - in_flight)
+        live_in_flight = self.store.count_live()
+        bulk_floor = math.ceil(cap * settings.bulk_floor_share)
+        if bulk_floor and self.buffer.has_due(Lane.BULK, now_ms):
+            owed = max(0, bulk_floor - (in_flight - live_in_flight))
+        else:
+            owed = 0
+        live = self._cut(Lane.LIVE, now_ms, cap - in_flight - owed)
         reserve = max(1, math.ceil(cap * LIVE_RESERVED_SHARE))
-        room = cap - reserve - in_flight - live.batches
+        room = max(cap - reserve - in_flight - live.batches, owed)
         # At most two beats' worth of the budget a tick: the pipeline stays fed, and a
         # tick never holds the lock (which a live change's tick waits for) for long.
         per_tick = math.ceil(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from core.changes import IdentifierKind, SubscriptionState
+from core.changes import IdentifierKind, Lane, SubscriptionState
 from core.planning import BatchKey, batch_lane, lane_prefix
 from core.redaction import confine
 from core.waiting import WaitReason
@@ -431,3 +431,12 @@ class BatchStore(ScriptedStore):
     def count(self) -> int:
         """Batches cut and not yet finished."""
         return int(self.client.zcard(self.keys.batches))
+
+    def count_live(self) -> int:
+        """Of those, the live lane's (their ids say it). Reads every id: called once a full
+        tick, on a set bounded by MAX_BATCHES_IN_FLIGHT."""
+        return sum(
+            1
+            for raw in self.client.zrange(self.keys.batches, 0, -1)
+            if batch_lane(_text(raw)) is Lane.LIVE
+        )

@@ -258,6 +258,11 @@ class Buffer(ScriptedStore):
         """Identifiers in batches not yet acknowledged by Braze."""
         return int(self.client.hlen(self.keys.inflight))
 
+    def has_due(self, lane: Lane, now_ms: int) -> bool:
+        """Whether any of `lane`'s changes is due at `now_ms` (one ZCOUNT)."""
+        due = self.keys.due_live if lane is Lane.LIVE else self.keys.due
+        return bool(self.client.zcount(due, "-inf", now_ms))
+
     def lanes(self, now_ms: int) -> dict[str, dict[str, int | float]]:
         """Per lane: `pending`, the changes waiting to be cut (not behind a batch in flight,
         whose end makes them due), and `oldest_seconds`, how long the oldest due one has

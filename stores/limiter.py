@@ -136,6 +136,12 @@ class RateLimiter:
             else min(self.max_wait_ms, bulk_max_wait_seconds * 1000)
         )
         self.live_interval_ms = budget.interval_ms / (1 - bulk_floor_share)
+        # While bulk asks, live reserves its own share's turns at most this far ahead, so
+        # the shared budget is never promised past bulk's reach and a bulk caller gets the
+        # turns live leaves (a live turn ends one interval after its own: hence the minus).
+        self.live_floor_reach_ms = max(
+            0.0, self.bulk_max_wait_ms - budget.interval_ms + budget.tolerance_ms
+        )
         self.probe_interval_ms = round(probe_interval_seconds * 1000)
         self.scripts = scripts or Scripts(client)
 
@@ -155,6 +161,7 @@ class RateLimiter:
                 self.workspace,
                 self.live_interval_ms if live else 0,
                 BULK_SEEN_MS,
+                self.live_floor_reach_ms,
             ],
         )
         mark = mark.decode() if isinstance(mark, bytes) else mark

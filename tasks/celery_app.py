@@ -60,11 +60,41 @@ class LanesFirst(priority_cycle):
     """kombu's `queue_order_strategy` (Redis transport) for our workers: the queues in
     `QUEUE_ORDER`, any other after them. kombu's own "priority" keeps the order of a set
     (arbitrary per process) and its default round robin gives a backfill's post queue the
-    same turn as live's, so neither serves."""
+    same turn as live's, so neither serves.
+
+    A floor share for bulk (issue 22): the limiter keeps `BULK_FLOOR_SHARE` of the budget
+    for bulk only while bulk asks for turns, and bulk asks only from a bulk message a thread
+    took; under a live flood the live queue is never empty, so live-first alone would never
+    hand one out. So after every `1 / BULK_FLOOR_SHARE - 1` live posts taken in a row, the
+    next read looks at the bulk queue first (an empty one costs nothing: the same BRPOP
+    falls through to the others). kombu calls `rotate` with each message's queue."""
+
+    live_in_a_row = 0
+    _bulk_every: int | None = None
 
     def update(self, it: Iterable[str]) -> None:
         rank = {name: index for index, name in enumerate(QUEUE_ORDER)}
         self.items[:] = sorted(it, key=lambda name: (rank.get(name, len(rank)), name))
+
+    def _bulk_turn_after(self) -> int:
+        if self._bulk_every is None:
+            share = get_settings().bulk_floor_share
+            # 0: no floor, bulk only after everything else, as before.
+            self._bulk_every = 0 if share <= 0 else max(1, round(1 / share) - 1)
+        return self._bulk_every
+
+    def consume(self, n: int) -> list[str]:
+        every = self._bulk_turn_after()
+        if every and self.live_in_a_row >= every and POST_QUEUE in self.items[:n]:
+            items = self.items[:n]
+            return [POST_QUEUE, *(name for name in items if name != POST_QUEUE)]
+        return list(self.items[:n])
+
+    def rotate(self, last_used: str) -> None:
+        if last_used == LIVE_POST_QUEUE:
+            self.live_in_a_row += 1
+        elif last_used == POST_QUEUE:
+            self.live_in_a_row = 0
 
 
 class WorkerConsumer(MaskingConsumer):  # type: ignore[misc]

@@ -12,12 +12,17 @@
 --         (ms: interval / (1 - bulk floor share)), kept in "live_tat" of the same hash
 -- ARGV[8] how long after a bulk request live still keeps to its own limit (ms); a bulk
 --         request notes its time in "bulk_at"
+-- ARGV[9] while bulk asks: how far ahead live may reserve turns of its own limit (ms);
+--         refused live callers are spaced by "live_queue_tat"
 --
 -- Lanes: the caller passes a shorter ARGV[3] for bulk, so bulk never reserves turns
 -- further ahead than that and a live request's turn comes at most that long after now;
 -- while bulk has asked for a turn lately, a live request must also fit the live lane's
 -- own limit, so live never spends more than 1 - the floor share of the budget and bulk
--- keeps the rest; without bulk, live may spend it all.
+-- keeps the rest; without bulk, live may spend it all. While bulk asks, live also reserves
+-- its own limit's turns at most ARGV[9] ahead (a live flood goes back to the schedule
+-- rather than holding the budget two seconds ahead): the shared turns then stay within
+-- bulk's reach, so a bulk caller finds the share live leaves.
 --
 -- A generic cell rate algorithm with reservations: the caller that is granted a request
 -- is told how long to wait before sending it, so nobody spins or polls. Sends granted this
@@ -30,8 +35,9 @@
 -- may work (a rotation), and its first success closes the circuit for everyone.
 -- Returns {1, wait ms, send time ms, "probe" | "check" | "", ""} (granted: send after the
 -- wait) or {0, wait ms, "", "", why} (not granted, nothing reserved; why: "paused" after a
--- 429, "credentials" for the next probe, "budget" when the turn is further than ARGV[3]: then the wait is when to ask again, a
--- place in the queue of refused callers).
+-- 429, "credentials" for the next probe, "budget" when the turn is further than ARGV[3], or
+-- a live turn of its own limit further than ARGV[9] while bulk asks: then the wait is when
+-- to ask again, a place in the queue of refused callers).
 local now = now_ms_exact()
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
@@ -66,7 +72,18 @@ if live_interval > 0 then
   floor_applies = now - bulk_at <= tonumber(ARGV[8])
   if floor_applies then
     live_tat = math.max(tonumber(redis.call('HGET', KEYS[1], 'live_tat') or '0'), now)
-    wait = math.max(wait, live_tat - tolerance - now)
+    local own = live_tat - tolerance - now
+    local horizon = tonumber(ARGV[9])
+    if own > horizon then
+      -- Live's own share is reserved that far already: ask again when it is within reach,
+      -- the refused live callers one live interval apart.
+      local queued = math.max(tonumber(redis.call('HGET', KEYS[1], 'live_queue_tat') or '0'),
+        live_tat)
+      redis.call('HSET', KEYS[1], 'live_queue_tat', string.format('%.3f', queued + live_interval))
+      local back = math.max(queued - tolerance - horizon / 2 - now, own - horizon)
+      return {0, math.ceil(back), '', '', 'budget'}
+    end
+    wait = math.max(wait, own)
   end
 else
   redis.call('HSET', KEYS[1], 'bulk_at', string.format('%.3f', now))

@@ -146,6 +146,21 @@ def test_live_is_cut_first_with_room_the_backfill_cannot_take(env):
     assert lanes["bulk"]["pending"] == 5000 - 18 * 50
 
 
+def test_a_live_flood_leaves_bulk_its_floor_share_of_the_batches_in_flight(env):
+    """Live alone could fill MAX_BATCHES_IN_FLIGHT: while bulk has due changes, live leaves
+    BULK_FLOOR_SHARE (10 %) of it to bulk's batches, or the budget's floor would have
+    nothing to post once the backfill's batches in flight ended."""
+    buffer = services().buffer
+    buffer.enqueue([change(f"bulk-{n}", kind="external_id") for n in range(2000)], lane=Lane.BULK)
+    buffer.enqueue([change(email(n), "unsubscribed") for n in range(5000)])  # live
+    recorder = Recorder()
+    cutter = coalescer(recorder, batch_linger_seconds=0, max_batches_in_flight=20)
+    assert cutter.tick().batches == 20
+    lanes = [batch_lane(batch_id) for batch_id in recorder.ids]
+    assert lanes.count(Lane.LIVE) == 18 and lanes.count(Lane.BULK) == 2
+    assert cutter.tick().batches == 0  # the cap is full; bulk holds its 2 of it
+
+
 def test_status_json_shows_pending_and_the_oldest_due_age_per_lane(env):
     buffer = services().buffer
     buffer.enqueue([change(email(n)) for n in range(3)], lane=Lane.BULK)
@@ -211,6 +226,23 @@ def test_live_spends_at_most_its_share_while_bulk_waits_and_all_without_it(env, 
     bulk = send_times(limiter, Lane.BULK, 50)
     assert min(b - a for a, b in itertools.pairwise(live + bulk)) >= 9.9
     assert bulk[-1] - bulk[0] <= 50 * 10
+
+
+def test_a_live_flood_leaves_the_budget_within_bulks_reach(env, redis_client):
+    """While bulk asks, live reserves its own share's turns only a little ahead (a flood's
+    extra requests are refused, to wait in the schedule), so the next bulk caller finds a
+    turn within its reach: bulk's floor share is there to take, not promised to live
+    seconds ahead."""
+    limiter = lane_limiter(redis_client, bulk_wait=0.2, floor=0.1)
+    assert limiter.acquire(Lane.BULK).granted  # bulk waits
+    live = []
+    while (grant := limiter.acquire(Lane.LIVE)).granted:
+        live.append(grant.wait_seconds)
+        assert len(live) < 200, "live reserved its turns far beyond bulk's reach"
+    assert grant.waits_for == "budget" and grant.wait_seconds > 0
+    assert len(live) >= 15  # ~0.2 s of its 11 ms turns
+    bulk = limiter.acquire(Lane.BULK)
+    assert bulk.granted and bulk.wait_seconds <= 0.2
 
 
 def test_a_live_only_tick_runs_beside_a_full_tick_holding_its_lock(env):
