@@ -220,7 +220,10 @@ class Coalescer:
         if live_only:
             # Live first, then the schedule's due batches (one script; two ticks split its
             # entries): cheap, and what keeps bulk's turns taken between full ticks.
-            room = settings.max_batches_in_flight - self.store.count()
+            in_flight = self.store.count()
+            room = (
+                settings.max_batches_in_flight - in_flight - self._owed_to_bulk(now_ms, in_flight)
+            )
             live = self._cut(Lane.LIVE, now_ms, room)
             due = self.store.dispatch_due(DISPATCH_LIMIT, settings.redispatch_grace_ms)
             for batch_id in due:
@@ -237,17 +240,15 @@ class Coalescer:
         # due changes, live leaves that share of the cap to bulk's batches, or a live flood
         # that keeps the cap full would leave the floor nothing to post. Each reserve counts
         # only what its lane has in flight below it.
+        # Live-only ticks (every BACKLOG_DISPATCH_SECONDS under a backlog) leave it too.
         cap = settings.max_batches_in_flight
         in_flight = self.store.count()
-        live_in_flight = self.store.count_live()
-        bulk_floor = math.ceil(cap * settings.bulk_floor_share)
-        if bulk_floor and self.buffer.has_due(Lane.BULK, now_ms):
-            owed = max(0, bulk_floor - (in_flight - live_in_flight))
-        else:
-            owed = 0
+        owed = self._owed_to_bulk(now_ms, in_flight)
         live = self._cut(Lane.LIVE, now_ms, cap - in_flight - owed)
         reserve = max(1, math.ceil(cap * LIVE_RESERVED_SHARE))
-        room = max(cap - reserve - in_flight - live.batches, owed)
+        room = max(
+            cap - reserve - in_flight - live.batches, min(owed, cap - in_flight - live.batches)
+        )
         # At most two beats' worth of the budget a tick: the pipeline stays fed, and a
         # tick never holds the lock (which a live change's tick waits for) for long.
         per_tick = math.ceil(
@@ -255,6 +256,18 @@ class Coalescer:
         )
         bulk = self._cut(Lane.BULK, now_ms, min(room, max(1, per_tick)))
         return self._report(now_ms, moved, [live, bulk], backlog=live.more or bulk.more)
+
+    def _owed_to_bulk(self, now_ms: int, in_flight: int) -> int:
+        """Batches of its floor share of MAX_BATCHES_IN_FLIGHT that bulk lacks while it has
+        due changes (0 when it has none, or its share in flight already). Two ZCOUNTs; the
+        batch ids are read only while both lanes have due changes."""
+        settings = self.settings
+        bulk_floor = math.ceil(settings.max_batches_in_flight * settings.bulk_floor_share)
+        if not bulk_floor or not self.buffer.has_due(Lane.BULK, now_ms):
+            return 0
+        if not self.buffer.has_due(Lane.LIVE, now_ms):
+            return 0  # no live change to hold back
+        return max(0, bulk_floor - (in_flight - self.store.count_live()))
 
     def _report(
         self, now_ms: int, moved: dict[str, int], cuts: list[_Cut], *, backlog: bool

@@ -161,6 +161,22 @@ def test_a_live_flood_leaves_bulk_its_floor_share_of_the_batches_in_flight(env):
     assert cutter.tick().batches == 0  # the cap is full; bulk holds its 2 of it
 
 
+def test_a_live_only_tick_leaves_bulk_its_floor_of_the_batches_in_flight_too(env):
+    """Under a backlog live-only ticks run every 0.1 s between full ones: they must not fill
+    the cap bulk's floor needs either, and the full tick then cuts bulk within the cap."""
+    buffer = services().buffer
+    buffer.enqueue([change(f"bulk-{n}", kind="external_id") for n in range(2000)], lane=Lane.BULK)
+    buffer.enqueue([change(email(n), "unsubscribed") for n in range(5000)])  # live
+    recorder = Recorder()
+    cutter = coalescer(recorder, batch_linger_seconds=0, max_batches_in_flight=20)
+    assert cutter.tick(live_only=True).batches == 18
+    assert cutter.tick(live_only=True).batches == 0
+    assert cutter.tick().batches == 2
+    lanes = [batch_lane(batch_id) for batch_id in recorder.ids]
+    assert lanes.count(Lane.LIVE) == 18 and lanes.count(Lane.BULK) == 2
+    assert services().batches.count() == 20  # never beyond the cap
+
+
 def test_status_json_shows_pending_and_the_oldest_due_age_per_lane(env):
     buffer = services().buffer
     buffer.enqueue([change(email(n)) for n in range(3)], lane=Lane.BULK)
