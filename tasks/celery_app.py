@@ -62,14 +62,15 @@ class LanesFirst(priority_cycle):
     (arbitrary per process) and its default round robin gives a backfill's post queue the
     same turn as live's, so neither serves.
 
-    A floor share for bulk (issue 22): the limiter keeps `BULK_FLOOR_SHARE` of the budget for bulk
-    only while bulk asks for turns, and bulk asks only from a bulk message a thread took; under a
-    live flood whose turns keep every thread busy the live queue is never empty, so live-first alone
-    would never hand one out. (With the limiter sending a flood's extra live batches back to the
-    schedule, threads free up and the 2-worker e2e flood gave bulk 0.112 without this too; this
-    makes it hold whatever the fleet's size.) So after every `1 / BULK_FLOOR_SHARE - 1` live posts
-    taken in a row, the next read looks at the bulk queue first (an empty one costs nothing: the
-    same BRPOP falls through to the others). kombu calls `rotate` with each message's queue."""
+    A floor share for bulk (issue 22): the limiter keeps `BULK_FLOOR_SHARE` of the budget for
+    bulk only while bulk asks for turns, and bulk asks only from a bulk message a thread took;
+    under a live flood whose turns keep every thread busy the live queue is never empty, so
+    live-first alone would never hand one out. (With the limiter sending a flood's extra live
+    batches back to the schedule, threads free up: the default fleet's e2e flood gave bulk 0.112
+    without this too, but 1 worker of 2 threads gave bulk 0 without it, 0.099 with it.) So after
+    every `1 / BULK_FLOOR_SHARE - 1` live posts taken in a row, the next read looks at the bulk
+    queue first (an empty one costs nothing: the same BRPOP falls through to the others). kombu
+    calls `rotate` with each message's queue."""
 
     live_in_a_row = 0
     _bulk_every: int | None = None

@@ -50,8 +50,19 @@ def requests_between(sim: Any, groups: list[str], start: float, end: float) -> s
     return found
 
 
+@pytest.mark.parametrize(
+    ("workers", "threads"),
+    [
+        (2, 16),  # the defaults: 2 workers of WORKER_CONCURRENCY 16
+        # A fleet a live flood keeps busy: every thread waits for a live turn, the live
+        # queue is never empty, and only the workers' queue order (LanesFirst's bulk look
+        # after 9 live posts) hands bulk a message: 0 bulk requests without it.
+        (1, 2),
+    ],
+    ids=["default-fleet", "busy-fleet"],
+)
 def test_a_live_flood_leaves_bulk_its_floor_share(
-    default_env, sim, processes, monkeypatch, tmp_path
+    default_env, sim, processes, monkeypatch, tmp_path, workers, threads
 ):
     budget = {"BRAZE_RATE_LIMIT": str(LIMIT), "BRAZE_RATE_LIMIT_WINDOW_SECONDS": str(WINDOW)}
     httpx.post(
@@ -60,8 +71,8 @@ def test_a_live_flood_leaves_bulk_its_floor_share(
     for name, value in budget.items():
         monkeypatch.setenv(name, value)
         default_env[name] = value
-    for index in range(2):  # WORKER_CONCURRENCY's default
-        processes.worker(f"w{index}", concurrency=16, extra_env=budget)
+    for index in range(workers):
+        processes.worker(f"w{index}", concurrency=threads, extra_env=budget)
     processes.start("beat", "beat", extra_env=budget)
 
     sent = EnqueuedLog()
