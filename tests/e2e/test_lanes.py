@@ -4,7 +4,6 @@ at their default settings, against the simulator enforcing the same budget."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -17,7 +16,8 @@ from delivery.services import services
 from tasks.producer import enqueue_change
 from tests.cli_runs import run_real
 from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, wait_for
-from tests.sim_control import sim_stats
+from tests.import_files import write_rows
+from tests.sim_control import faults, sim_stats
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +62,7 @@ def test_a_live_stream_beside_a_backfill_at_default_settings(
     default_env, sim, processes, monkeypatch, tmp_path: Path
 ):
     budget = {"BRAZE_RATE_LIMIT": str(LIMIT), "BRAZE_RATE_LIMIT_WINDOW_SECONDS": str(WINDOW)}
-    httpx.post(
-        f"{sim.url}/_sim/faults", json={"rate_limit": LIMIT, "window_seconds": WINDOW}
-    ).raise_for_status()
+    faults(sim, rate_limit=LIMIT, window_seconds=WINDOW)
     for name, value in budget.items():
         monkeypatch.setenv(name, value)
         default_env[name] = value
@@ -74,9 +72,7 @@ def test_a_live_stream_beside_a_backfill_at_default_settings(
 
     sent = EnqueuedLog()
     rows = sent.add(backfill_rows())
-    path = tmp_path / "backfill.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    imported = run_real("import", str(path))
+    imported = run_real("import", str(write_rows(tmp_path / "backfill.jsonl", rows)))
     assert imported.returncode == 0, imported.stderr
     # The backfill is under way: batches cut, queued, turns reserved ahead.
     wait_for(

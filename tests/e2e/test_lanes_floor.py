@@ -4,7 +4,6 @@ their default settings, a scaled budget, the simulator enforcing it."""
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -14,7 +13,8 @@ import pytest
 from tasks.producer import enqueue_changes
 from tests.cli_runs import run_real
 from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, wait_for
-from tests.sim_control import sim_stats
+from tests.import_files import write_rows
+from tests.sim_control import faults, sim_stats
 
 pytestmark = pytest.mark.slow
 
@@ -65,9 +65,7 @@ def test_a_live_flood_leaves_bulk_its_floor_share(
     default_env, sim, processes, monkeypatch, tmp_path, workers, threads
 ):
     budget = {"BRAZE_RATE_LIMIT": str(LIMIT), "BRAZE_RATE_LIMIT_WINDOW_SECONDS": str(WINDOW)}
-    httpx.post(
-        f"{sim.url}/_sim/faults", json={"rate_limit": LIMIT, "window_seconds": WINDOW}
-    ).raise_for_status()
+    faults(sim, rate_limit=LIMIT, window_seconds=WINDOW)
     for name, value in budget.items():
         monkeypatch.setenv(name, value)
         default_env[name] = value
@@ -77,9 +75,7 @@ def test_a_live_flood_leaves_bulk_its_floor_share(
 
     sent = EnqueuedLog()
     backfill = sent.add(rows("bulk", BULK_ROWS, len(BULK_GROUPS)))
-    path = tmp_path / "backfill.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in backfill))
-    imported = run_real("import", str(path))
+    imported = run_real("import", str(write_rows(tmp_path / "backfill.jsonl", backfill)))
     assert imported.returncode == 0, imported.stderr
     wait_for(
         lambda: sim_stats(sim)["requests_total"] >= 20,
