@@ -790,6 +790,14 @@ def simulate(
     applied_log_limit: Annotated[
         int, typer.Option(help="Applied states kept for /_sim/applied (0: none).")
     ] = 1_000_000,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A TOML file of [workspaces.NAME] tables (api_keys and any option above): "
+            "several workspaces, told apart by key; unset fields take the options' values.",
+        ),
+    ] = None,
 ) -> None:
     """Run a local Braze stand-in (v1 and v2, rate limits, faults) for development and demos.
 
@@ -797,10 +805,14 @@ def simulate(
 
     Workers: BRAZE_API_KEY=sim-key BRAZE_REST_ENDPOINT=http://127.0.0.1:8700
 
-    Faults: POST /_sim/faults; undo them: POST /_sim/reset."""
+    Faults: POST /_sim/faults; undo them: POST /_sim/reset (?workspace=NAME with --config)."""
     _require_dev_tooling("simulate", "simulator")
     from simulator import SimulatorConfig
+    from simulator.config_file import ConfigFileError, load_config_file
     from simulator.server import serve
+
+    if config_file is not None and api_key:
+        _fail("simulate: --api-key does not apply with --config", EXIT_REFUSED)
 
     try:
         config = SimulatorConfig(
@@ -819,12 +831,27 @@ def simulate(
         )
     except ValueError as error:  # one line naming the option, no traceback
         _fail(f"simulate: {error}", EXIT_REFUSED)
-    keys = ", ".join(sorted(config.api_keys))
-    err.print(
-        f"Braze simulator on http://{host}:{port}, accepting the key {keys} "
-        "(control API under /_sim/: state, stats, faults, reset)"
+    if config_file is None:
+        keys = ", ".join(sorted(config.api_keys))
+        err.print(
+            f"Braze simulator on http://{host}:{port}, accepting the key {keys} "
+            "(control API under /_sim/: state, stats, faults, reset)"
+        )
+        serve(config, host=host, port=port)
+        return
+    try:
+        workspaces = load_config_file(config_file, config)
+    except ConfigFileError as error:  # one line naming the table and field
+        _fail(f"simulate: {error}", EXIT_REFUSED)
+    listed = "; ".join(
+        f"{name} (key {', '.join(sorted(ws.api_keys))})"
+        for name, ws in workspaces.workspaces.items()
     )
-    serve(config, host=host, port=port)
+    err.print(
+        f"Braze simulator on http://{host}:{port}, workspaces {listed} "
+        "(control API under /_sim/, ?workspace=NAME: state, stats, faults, reset)"
+    )
+    serve(workspaces, host=host, port=port)
 
 
 @app.command()

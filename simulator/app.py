@@ -5,20 +5,43 @@ from __future__ import annotations
 from starlette.applications import Starlette
 
 from simulator.braze_api import BrazeApi
-from simulator.config import SimulatorConfig
-from simulator.control import ControlApi
+from simulator.config import SimulatorConfig, WorkspacesConfig, as_workspaces
+from simulator.control import ControlApi, unknown_workspace
 from simulator.hold import HoldGate
 from simulator.state import SimulatorState
+from simulator.workspaces import SimulatorWorkspaces, UnknownWorkspace
 
 
-def create_app(config: SimulatorConfig, state: SimulatorState | None = None) -> Starlette:
-    """A Starlette app serving the Braze endpoints and the `/_sim/` control API.
+def simulator_workspaces(
+    config: SimulatorConfig | WorkspacesConfig,
+    state: SimulatorState | SimulatorWorkspaces | None = None,
+) -> SimulatorWorkspaces:
+    """The workspaces to serve: `state` when given (one state is workspace `default`), else
+    fresh ones from `config`."""
+    if isinstance(state, SimulatorWorkspaces):
+        return state
+    if isinstance(state, SimulatorState):
+        return SimulatorWorkspaces({as_workspaces(config).names[0]: state})
+    return SimulatorWorkspaces.from_config(as_workspaces(config))
 
-    `app.state.simulator` is the `SimulatorState` it serves.
+
+def create_app(
+    config: SimulatorConfig | WorkspacesConfig,
+    state: SimulatorState | SimulatorWorkspaces | None = None,
+) -> Starlette:
+    """A Starlette app serving the Braze endpoints and the `/_sim/` control API for one
+    workspace (a `SimulatorConfig`) or several (`WorkspacesConfig`).
+
+    `app.state.simulator` is the first workspace's `SimulatorState`,
+    `app.state.workspaces` every workspace's (`SimulatorWorkspaces`).
     """
-    sim_state = state if state is not None else SimulatorState(config)
-    gate = HoldGate(sim_state)
-    routes = [*BrazeApi(sim_state, gate).routes(), *ControlApi(sim_state, gate).routes()]
-    app = Starlette(routes=routes)
-    app.state.simulator = sim_state
+    workspaces = simulator_workspaces(config, state)
+    gates = {name: HoldGate(ws_state) for name, ws_state in workspaces}
+    routes = [
+        *BrazeApi(workspaces, gates).routes(),
+        *ControlApi(workspaces, gates).routes(),
+    ]
+    app = Starlette(routes=routes, exception_handlers={UnknownWorkspace: unknown_workspace})
+    app.state.simulator = workspaces.first
+    app.state.workspaces = workspaces
     return app

@@ -9,6 +9,9 @@ none, `reject_groups` naming the group), body validation (400), then the state c
 not applied). The answer is logged and counted, then held while the `hold` fault is on.
 Every answer carries the X-RateLimit-* headers. The `answer` fault puts something else in
 Braze's place (an HTML page, a redirect, nested JSON, a huge body, a trickle: `answers`).
+
+The workspace that serves a request is the one its key selects (`SimulatorWorkspaces`); its
+faults, budget and state are that workspace's alone.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from simulator.ratelimit import WindowStatus
 from simulator.reads import ReadApi
 from simulator.state import Outcome, RequestRecord, SimulatorState
 from simulator.validation import collect_groups, collect_identifiers, validate
+from simulator.workspaces import SimulatorWorkspaces
 
 _NOT_JSON = object()
 
@@ -80,17 +84,17 @@ def _parse_json(raw: bytes) -> object:
 
 
 class BrazeApi:
-    """Request handlers bound to one simulator state."""
+    """Request handlers bound to the simulator's workspaces (each with its hold gate)."""
 
-    def __init__(self, state: SimulatorState, gate: HoldGate) -> None:
-        self._state = state
-        self._gate = gate
+    def __init__(self, workspaces: SimulatorWorkspaces, gates: dict[str, HoldGate]) -> None:
+        self._workspaces = workspaces
+        self._gates = gates
 
     def routes(self) -> list[Route]:
         return [
             Route("/subscription/status/set", self.post_v1, methods=["POST"]),
             Route("/v2/subscription/status/set", self.post_v2, methods=["POST"]),
-            *ReadApi(self._state).routes(),
+            *ReadApi(self._workspaces).routes(),
         ]
 
     async def post_v1(self, request: Request) -> Response:
@@ -100,25 +104,29 @@ class BrazeApi:
         return await self._post(request, "v2")
 
     async def _post(self, request: Request, endpoint: Endpoint) -> Response:
-        latency_ms = self._state.faults().latency_ms
+        authorization = request.headers.get("authorization")
+        name = self._workspaces.name_for_key(bearer_key(authorization))
+        state = self._workspaces.get(name)
+        latency_ms = state.faults().latency_ms
         if latency_ms > 0:
             await asyncio.sleep(latency_ms / 1000)
         raw = await request.body()
-        faults = self._state.faults()
+        faults = state.faults()
         if faults.answer in NOT_BRAZE_ANSWERS:
-            response = self._not_braze(endpoint, raw, faults)
+            response = self._not_braze(state, endpoint, raw, faults)
         else:
-            response = self._answer(endpoint, raw, request.headers.get("authorization"))
+            response = self._answer(state, endpoint, raw, authorization)
             if faults.answer == "trickle":
                 response = _trickled(response, faults.trickle_ms / 1000)
         if faults.absurd_rate_limit_headers:
             response.headers.update(ABSURD_RATE_LIMIT_HEADERS)
-        await self._gate.wait()
+        await self._gates[name].wait()
         return response
 
-    def _not_braze(self, endpoint: Endpoint, raw: bytes, faults: Faults) -> Response:
+    def _not_braze(
+        self, state: SimulatorState, endpoint: Endpoint, raw: bytes, faults: Faults
+    ) -> Response:
         """An answer from something in Braze's place; nothing is applied."""
-        state = self._state
         identifiers, entries = collect_identifiers(endpoint, _parse_json(raw))
         status = {"html": 200, "redirect": 301, "nested": 201, "huge": 500}[str(faults.answer)]
         record = RequestRecord(state.now(), endpoint, len(set(identifiers)), entries, status)
@@ -135,8 +143,9 @@ class BrazeApi:
             return Response(body, 201, media_type="application/json")
         return StreamingResponse(_zeros(faults.huge_bytes), 500, media_type="text/plain")
 
-    def _answer(self, endpoint: Endpoint, raw: bytes, authorization: str | None) -> Response:
-        state = self._state
+    def _answer(
+        self, state: SimulatorState, endpoint: Endpoint, raw: bytes, authorization: str | None
+    ) -> Response:
         now = state.now()
         body = _parse_json(raw)
         identifiers, entries = collect_identifiers(endpoint, body)

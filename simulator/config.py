@@ -1,12 +1,20 @@
-"""Settings of one simulator instance (the `braze-subs simulate` flags map onto these fields)."""
+"""Settings of one simulator instance: one simulated workspace (`SimulatorConfig`, the
+`braze-subs simulate` flags map onto its fields) or several (`WorkspacesConfig`, from
+`simulate --config FILE`, see `simulator.config_file`)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from simulator.model import Channel
 
 DEFAULT_API_KEY = "sim-key"
+# The name of the workspace of a simulator given one `SimulatorConfig`.
+DEFAULT_WORKSPACE = "default"
+# Workspace names: as braze-subs' BRAZE_WORKSPACES_FILE names them (and REDIS_KEY_PREFIX).
+WORKSPACE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass
@@ -74,3 +82,55 @@ class SimulatorConfig:
         channels: dict[str, Channel] = dict.fromkeys(self.email_groups, "email")
         channels.update(dict.fromkeys(self.sms_groups, "sms"))
         return channels
+
+
+@dataclass
+class WorkspacesConfig:
+    """Several simulated Braze workspaces served by one simulator, in order (the first is
+    what the control API means when a request names none).
+
+    Each workspace has its own keys, groups, budgets, fault switches and state; a Braze
+    request is served by the workspace that accepts its key. A key accepted by two
+    workspaces would make that choice ambiguous, so it is refused (naming the workspaces,
+    never the key).
+    """
+
+    workspaces: dict[str, SimulatorConfig]
+
+    def __post_init__(self) -> None:
+        self.workspaces = dict(self.workspaces)
+        if not self.workspaces:
+            raise ValueError("at least one workspace is needed")
+        for name in self.workspaces:
+            if not isinstance(name, str) or not WORKSPACE_NAME.fullmatch(name):
+                raise ValueError(
+                    f"workspace name {name!r} must be 1-64 letters, digits, '.', '_' or '-'"
+                )
+        clash = shared_key(self.workspaces)
+        if clash is not None:
+            first, second = clash
+            raise ValueError(f"workspaces {first} and {second} accept the same API key")
+
+    @classmethod
+    def single(cls, config: SimulatorConfig, name: str = DEFAULT_WORKSPACE) -> WorkspacesConfig:
+        return cls({name: config})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.workspaces)
+
+
+def shared_key(configs: Mapping[str, SimulatorConfig]) -> tuple[str, str] | None:
+    """The first two workspaces accepting a common key, None when every key is one's own."""
+    owner: dict[str, str] = {}
+    for name, config in configs.items():
+        for key in config.api_keys:
+            if key in owner and owner[key] != name:
+                return owner[key], name
+            owner[key] = name
+    return None
+
+
+def as_workspaces(config: SimulatorConfig | WorkspacesConfig) -> WorkspacesConfig:
+    """A simulator's config as workspaces: one `SimulatorConfig` is workspace `default`."""
+    return config if isinstance(config, WorkspacesConfig) else WorkspacesConfig.single(config)

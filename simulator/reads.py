@@ -16,6 +16,9 @@ parameters are ignored, as Braze documents; email and phone together are refused
 `offset` default 0) and reports `total_count`. The simulator keeps no profiles: each
 identifier is its own user, listed with the groups that hold a state for it (a user with no
 state in any group is not found).
+
+As for the posts, the request's key selects the workspace whose budget, faults and states
+answer it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from simulator.auth import bearer_key
 from simulator.model import Kind, ReadEndpoint
 from simulator.state import ReadRecord, SimulatorState
 from simulator.validation import BOTH_EMAIL_AND_PHONE
+from simulator.workspaces import SimulatorWorkspaces
 
 QUERY_NAMES: dict[Kind, tuple[str, ...]] = {
     "external_id": ("external_id", "external_id[]"),
@@ -90,10 +94,10 @@ def _int_param(raw: str | None, name: str, default: int, low: int, high: int | N
 
 
 class ReadApi:
-    """Handlers of the two read endpoints bound to one simulator state."""
+    """Handlers of the two read endpoints bound to the simulator's workspaces."""
 
-    def __init__(self, state: SimulatorState) -> None:
-        self._state = state
+    def __init__(self, workspaces: SimulatorWorkspaces) -> None:
+        self._workspaces = workspaces
 
     def routes(self) -> list[Route]:
         return [
@@ -111,9 +115,10 @@ class ReadApi:
         self,
         request: Request,
         endpoint: ReadEndpoint,
-        answer: Callable[[Request, list[int]], dict[str, Any]],
+        answer: Callable[[SimulatorState, Request, list[int]], dict[str, Any]],
     ) -> Response:
-        state = self._state
+        authorization = request.headers.get("authorization")
+        state = self._workspaces.for_key(bearer_key(authorization))
         latency_ms = state.faults().latency_ms
         if latency_ms > 0:
             await asyncio.sleep(latency_ms / 1000)
@@ -124,7 +129,7 @@ class ReadApi:
             state.finish_read(ReadRecord(now, endpoint, asked[0], status))
             return JSONResponse(content, status, headers=headers)
 
-        if not state.authorize(bearer_key(request.headers.get("authorization"))):
+        if not state.authorize(bearer_key(authorization)):
             message = "Invalid API key: missing or not recognised"
             return reply(401, {"message": message}, state.peek_read_window(now).headers())
         if state.faults().outage:
@@ -134,13 +139,14 @@ class ReadApi:
         if not window.allowed:
             return reply(429, {"message": "Rate limit exceeded"}, window.headers())
         try:
-            content = answer(request, asked)
+            content = answer(state, request, asked)
         except Refused as refused:
             return reply(400, {"message": str(refused)}, window.headers())
         return reply(200, content, window.headers())
 
-    def _status_get(self, request: Request, asked: list[int]) -> dict[str, Any]:
-        state = self._state
+    def _status_get(
+        self, state: SimulatorState, request: Request, asked: list[int]
+    ) -> dict[str, Any]:
         params = request.query_params
         group = params.get("subscription_group_id")
         if not group:
@@ -159,8 +165,9 @@ class ReadApi:
             status = {value: LEGACY_VALUES[answer] for value, answer in status.items()}
         return {"status": status, "message": "success"}
 
-    def _user_status(self, request: Request, asked: list[int]) -> dict[str, Any]:
-        state = self._state
+    def _user_status(
+        self, state: SimulatorState, request: Request, asked: list[int]
+    ) -> dict[str, Any]:
         params = request.query_params
         kind, values = query_identifiers(params.getlist, USER_STATUS_MAX_IDENTIFIERS)
         asked[0] = len(values)

@@ -9,9 +9,10 @@ from types import TracebackType
 
 import uvicorn
 
-from simulator.app import create_app
-from simulator.config import SimulatorConfig
+from simulator.app import create_app, simulator_workspaces
+from simulator.config import SimulatorConfig, WorkspacesConfig
 from simulator.state import SimulatorState
+from simulator.workspaces import SimulatorWorkspaces
 
 _LOG_LEVEL = "warning"
 
@@ -41,12 +42,15 @@ class SimulatorServer:
     Usage: `with SimulatorServer(SimulatorConfig(email_groups={"g"})) as sim:` then
     post to `f"{sim.url}/subscription/status/set"` and inspect `sim.state`.
 
+    Given a `WorkspacesConfig`, it serves several workspaces: `sim.workspace(name)` is
+    one's state, `sim.state` the first's.
+
     `port=0` picks a free port; `.url` and `.port` give the one in use once started.
     """
 
     def __init__(
         self,
-        config: SimulatorConfig | None = None,
+        config: SimulatorConfig | WorkspacesConfig | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         *,
@@ -56,12 +60,21 @@ class SimulatorServer:
         self.config = config if config is not None else SimulatorConfig()
         self.host = host
         self._requested_port = port
-        self.state = state if state is not None else SimulatorState(self.config)
+        self.workspaces: SimulatorWorkspaces = simulator_workspaces(self.config, state)
         self._log_level = log_level
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
         self._port: int | None = None
+
+    @property
+    def state(self) -> SimulatorState:
+        """The first (with one `SimulatorConfig`, the only) workspace's state."""
+        return self.workspaces.first
+
+    def workspace(self, name: str) -> SimulatorState:
+        """The state of the workspace named `name` (`UnknownWorkspace` if there is none)."""
+        return self.workspaces.get(name)
 
     @property
     def port(self) -> int:
@@ -79,7 +92,7 @@ class SimulatorServer:
             raise RuntimeError("the simulator is already started")
         self._socket = _bind(self.host, self._requested_port)
         self._port = self._socket.getsockname()[1]
-        app = create_app(self.config, self.state)
+        app = create_app(self.config, self.workspaces)
         config = uvicorn.Config(
             app,
             log_level=self._log_level,
@@ -119,7 +132,7 @@ class SimulatorServer:
         """Stop serving (held responses are released first) and wait for the thread."""
         if self._server is None or self._thread is None:
             return
-        self.state.release_holds()
+        self.workspaces.release_holds()
         self._server.should_exit = True
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -147,7 +160,7 @@ class SimulatorServer:
 
 
 def serve(
-    config: SimulatorConfig,
+    config: SimulatorConfig | WorkspacesConfig,
     host: str = "127.0.0.1",
     port: int = 9000,
     *,

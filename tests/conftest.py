@@ -14,7 +14,7 @@ import os
 import signal
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -33,6 +33,7 @@ from stores.buffer import Buffer
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("unit", "integration", "e2e")
 SIM_KEY = "sim-key"
+SIM_KEY_B = "sim-key-b"  # the second simulator's (`second_simulator`, workspace eu)
 
 # Settings every integration test starts from: a fast coalescer, short linger and backoff.
 BASE_ENV = {
@@ -152,6 +153,72 @@ def sim(simulator: SimulatorServer) -> Iterator[SimulatorServer]:
     httpx.post(f"{simulator.url}/_sim/reset").raise_for_status()
     yield simulator
     httpx.post(f"{simulator.url}/_sim/reset").raise_for_status()
+
+
+@pytest.fixture(scope="session")
+def second_simulator() -> Iterator[SimulatorServer]:
+    """Another simulator instance (another Braze workspace: its own key, budget, state)."""
+    server = SimulatorServer(SimulatorConfig(api_keys={SIM_KEY_B}, auto_groups=True))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sim_b(second_simulator: SimulatorServer) -> Iterator[SimulatorServer]:
+    httpx.post(f"{second_simulator.url}/_sim/reset").raise_for_status()
+    yield second_simulator
+    httpx.post(f"{second_simulator.url}/_sim/reset").raise_for_status()
+
+
+class TwoWorkspaces(dict[str, str]):
+    """`env` with BRAZE_WORKSPACES_FILE naming two workspaces, `us` on `sim` (key SIM_KEY)
+    and `eu` on `sim_b` (SIM_KEY_B), each owning its `groups`; keys from the variables
+    BRAZE_KEY_US / BRAZE_KEY_EU; BRAZE_API_KEY and BRAZE_REST_ENDPOINT unset."""
+
+    file: Path
+    names: ClassVar[tuple[str, str]] = ("us", "eu")
+    groups: ClassVar[Mapping[str, tuple[str, str]]] = {
+        "us": ("us-email", "us-sms"),
+        "eu": ("eu-email", "eu-sms"),
+    }
+    keys: ClassVar[Mapping[str, str]] = {"us": SIM_KEY, "eu": SIM_KEY_B}
+    sims: dict[str, SimulatorServer]
+
+
+@pytest.fixture
+def workspaces_env(
+    env: dict[str, str],
+    sim: SimulatorServer,
+    sim_b: SimulatorServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> TwoWorkspaces:
+    """Two workspaces on two simulators (`TwoWorkspaces`). Request it (and `default_env`,
+    if wanted) before `processes` so the processes started see it."""
+    values = TwoWorkspaces()
+    values.sims = {"us": sim, "eu": sim_b}
+    values.file = tmp_path / "workspaces.toml"
+    values.file.write_text(
+        "".join(
+            f"[workspaces.{name}]\n"
+            f'rest_endpoint = "{values.sims[name].url}"\n'
+            f'api_key_env = "BRAZE_KEY_{name.upper()}"\n'
+            f"groups = {json.dumps(list(values.groups[name]))}\n\n"
+            for name in values.names
+        )
+    )
+    for name in ("BRAZE_API_KEY", "BRAZE_REST_ENDPOINT"):
+        env.pop(name, None)
+        monkeypatch.delenv(name, raising=False)
+    env["BRAZE_WORKSPACES_FILE"] = str(values.file)
+    for name in values.names:
+        env[f"BRAZE_KEY_{name.upper()}"] = values.keys[name]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    values.update(env)
+    reset_services()
+    return values
 
 
 @pytest.fixture

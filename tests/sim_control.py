@@ -1,4 +1,6 @@
-"""Braze's side of things, set and read through the simulator's control API (`/_sim/...`)."""
+"""Braze's side of things, set and read through the simulator's control API (`/_sim/...`).
+
+`workspace=` names one workspace of a simulator serving several (default: its first)."""
 
 from __future__ import annotations
 
@@ -18,15 +20,29 @@ def control_client(url: str, key: str) -> Iterator[httpx.Client]:
         http.post("/_sim/reset")
 
 
-def set_in_braze(url: str, group: str, state: str, values: list[str], kind: str = "email") -> None:
+def _workspace(workspace: str | None) -> dict[str, str]:
+    return {} if workspace is None else {"workspace": workspace}
+
+
+def set_in_braze(
+    url: str,
+    group: str,
+    state: str,
+    values: list[str],
+    kind: str = "email",
+    *,
+    workspace: str | None = None,
+) -> None:
     """What a footer link or a STOP reply does: Braze changes, braze-subs is not told."""
     body = {"group": group, "kind": kind, "values": values, "state": state}
-    httpx.post(f"{url}/_sim/set_state", json=body).raise_for_status()
+    params = _workspace(workspace)
+    httpx.post(f"{url}/_sim/set_state", json=body, params=params).raise_for_status()
 
 
-def braze_states(url: str, group: str) -> dict[str, str]:
+def braze_states(url: str, group: str, *, workspace: str | None = None) -> dict[str, str]:
     """The state Braze holds for each identifier value in `group`."""
-    data = httpx.get(f"{url}/_sim/state", params={"log": "0"}).json()
+    params = {"log": "0", **_workspace(workspace)}
+    data = httpx.get(f"{url}/_sim/state", params=params).json()
     return {s["value"]: s["state"] for s in data["subscriptions"] if s["group"] == group}
 
 
@@ -35,23 +51,27 @@ def _url(sim: Any) -> str:
     return sim if isinstance(sim, str) else sim.url
 
 
-def faults(sim: Any, **switches: Any) -> None:
+def faults(sim: Any, *, workspace: str | None = None, **switches: Any) -> None:
     """Switch the simulator's faults (outage, error_rate, latency, hold, api_keys, ...)."""
-    httpx.post(f"{_url(sim)}/_sim/faults", json=switches, timeout=10).raise_for_status()
+    url = f"{_url(sim)}/_sim/faults"
+    httpx.post(url, json=switches, params=_workspace(workspace), timeout=10).raise_for_status()
 
 
-def sim_stats(sim: Any, *, log: bool = False) -> dict[str, Any]:
+def sim_stats(sim: Any, *, log: bool = False, workspace: str | None = None) -> dict[str, Any]:
     """The simulator's counters; `log`: with every request it received (`requests`)."""
-    params = {} if log else {"log": "0"}
+    params = {**({} if log else {"log": "0"}), **_workspace(workspace)}
     return httpx.get(f"{_url(sim)}/_sim/stats", params=params, timeout=30).json()
 
 
-def sim_subscriptions(sim: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
+def sim_subscriptions(
+    sim: Any, *, workspace: str | None = None
+) -> dict[tuple[str, str, str], dict[str, Any]]:
     """What Braze holds: (group, kind, value) -> the subscription's record."""
-    data = httpx.get(f"{_url(sim)}/_sim/state", params={"log": "0"}, timeout=30).json()
+    params = {"log": "0", **_workspace(workspace)}
+    data = httpx.get(f"{_url(sim)}/_sim/state", params=params, timeout=30).json()
     return {(s["group"], s["kind"], s["value"]): s for s in data["subscriptions"]}
 
 
-def sim_states(sim: Any) -> dict[tuple[str, str, str], str]:
+def sim_states(sim: Any, *, workspace: str | None = None) -> dict[tuple[str, str, str], str]:
     """What Braze holds: (group, kind, value) -> state."""
-    return {key: s["state"] for key, s in sim_subscriptions(sim).items()}
+    return {key: s["state"] for key, s in sim_subscriptions(sim, workspace=workspace).items()}

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -11,8 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
-from simulator import SimulatorConfig, SimulatorServer
+from devtools.processes import free_port, wait_until
+from simulator import SimulatorConfig, SimulatorServer, WorkspacesConfig
+from simulator.config_file import ConfigFileError, load_config_file
 from simulator.validation import BOTH_EMAIL_AND_PHONE
+from tests.cli_runs import assert_one_line_error, run_real
 from tests.sim_control import control_client
 
 KEY = "sim-key"
@@ -637,3 +644,294 @@ def test_server_in_process_state_and_config_errors():
         response = httpx.post(f"{sim.url}{V1}", json=v1("s", phone="+14155550100"), headers=AUTH)
         assert response.status_code == 201
         assert sim.state.status("s", "phone", "+14155550100") == "subscribed"
+
+
+# --- several workspaces in one simulator (issue 23) -------------------------------------------
+
+US_KEY, EU_KEY = "us-key", "eu-key"
+US, EU = {"Authorization": f"Bearer {US_KEY}"}, {"Authorization": f"Bearer {EU_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def two_workspaces() -> Iterator[SimulatorServer]:
+    config = WorkspacesConfig(
+        {
+            "us": SimulatorConfig(api_keys={US_KEY}, email_groups={"us-news"}),
+            "eu": SimulatorConfig(
+                api_keys={EU_KEY}, email_groups={"eu-news"}, rate_limit=2, read_rate_limit=1
+            ),
+        }
+    )
+    with SimulatorServer(config) as sim:
+        yield sim
+
+
+@pytest.fixture
+def both(two_workspaces: SimulatorServer) -> Iterator[httpx.Client]:
+    """A client without a key (each request sends its workspace's); every workspace reset."""
+    with httpx.Client(base_url=two_workspaces.url, timeout=10) as http:
+        assert http.post("/_sim/reset").status_code == 200
+        yield http
+        http.post("/_sim/reset")
+
+
+def ws_get(http: httpx.Client, path: str, workspace: str | None, **params: Any) -> Any:
+    if workspace is not None:
+        params["workspace"] = workspace
+    response = http.get(path, params=params)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def ws_subscriptions(http: httpx.Client, workspace: str | None) -> set[tuple[str, str, str, str]]:
+    subs = ws_get(http, "/_sim/state", workspace)["subscriptions"]
+    return {(s["group"], s["kind"], s["value"], s["state"]) for s in subs}
+
+
+def ws_faults(http: httpx.Client, workspace: str, **switches: Any) -> httpx.Response:
+    return http.post("/_sim/faults", params={"workspace": workspace}, json=switches)
+
+
+def test_the_key_selects_the_workspace_and_its_groups(both, two_workspaces):
+    assert ws_get(both, "/_sim/workspaces", None) == {"workspaces": ["us", "eu"]}
+    assert both.post(V1, json=v1("us-news", external_id="u1"), headers=US).status_code == 201
+    assert both.post(V1, json=v1("eu-news", external_id="u2"), headers=EU).status_code == 201
+    # A group of the other workspace is unknown here, as in Braze.
+    refused = both.post(V1, json=v1("us-news", external_id="u3"), headers=EU)
+    assert refused.status_code == 400
+    assert refused.json() == {"message": "Unknown subscription_group_id: us-news"}
+    assert ws_subscriptions(both, "us") == {("us-news", "external_id", "u1", "subscribed")}
+    assert ws_subscriptions(both, "eu") == {("eu-news", "external_id", "u2", "subscribed")}
+    assert ws_subscriptions(both, None) == ws_subscriptions(both, "us")  # the first by default
+    assert two_workspaces.workspace("eu").status("eu-news", "external_id", "u2") == "subscribed"
+    assert two_workspaces.state is two_workspaces.workspace("us")
+    read = both.get(GET, params={"subscription_group_id": "us-news", "external_id": "u1"})
+    assert read.status_code == 401  # no key: no workspace answers
+    read = both.get(
+        GET, params={"subscription_group_id": "us-news", "external_id": "u1"}, headers=US
+    )
+    assert read.json()["status"] == {"u1": "subscribed"}
+    us, eu = ws_get(both, "/_sim/stats", "us"), ws_get(both, "/_sim/stats", "eu")
+    assert (us["requests_ok"], us["rejected_400"]) == (1, 0)
+    assert (eu["requests_ok"], eu["rejected_400"]) == (1, 1)
+    applied = ws_get(both, "/_sim/applied", "eu")["applied"]
+    assert [(a["group"], a["value"]) for a in applied] == [("eu-news", "u2")]
+
+
+def test_each_workspace_spends_its_own_budgets(both):
+    for n in range(2):
+        assert both.post(V1, json=v1("eu-news", external_id=f"e{n}"), headers=EU).status_code == 201
+    limited = both.post(V1, json=v1("eu-news", external_id="e2"), headers=EU)
+    assert limited.status_code == 429
+    assert limited.headers["x-ratelimit-limit"] == "2"
+    # The other workspace's budget is untouched by the first's spending.
+    ok = both.post(V1, json=v1("us-news", external_id="u1"), headers=US)
+    assert ok.status_code == 201
+    assert (ok.headers["x-ratelimit-limit"], ok.headers["x-ratelimit-remaining"]) == (
+        "5000",
+        "4999",
+    )
+    query = {"subscription_group_id": "eu-news", "external_id": "e0"}
+    assert both.get(GET, params=query, headers=EU).status_code == 200
+    assert both.get(GET, params=query, headers=EU).status_code == 429  # eu's read budget is 1
+    query = {"subscription_group_id": "us-news", "external_id": "u1"}
+    assert both.get(GET, params=query, headers=US).status_code == 200
+    eu, us = ws_get(both, "/_sim/stats", "eu"), ws_get(both, "/_sim/stats", "us")
+    assert (eu["rate_limited_429"], eu["window_requests"], eu["reads"]["rate_limited_429"]) == (
+        1,
+        2,
+        1,
+    )
+    assert (us["rate_limited_429"], us["window_requests"], us["reads"]["requests_ok"]) == (0, 1, 1)
+
+
+def test_a_fault_switched_in_one_workspace_leaves_the_other_alone(both):
+    assert ws_faults(both, "eu", outage=True, latency_ms=1).status_code == 200
+    assert both.post(V1, json=v1("eu-news", external_id="e1"), headers=EU).status_code == 503
+    assert both.post(V1, json=v1("us-news", external_id="u1"), headers=US).status_code == 201
+    assert ws_get(both, "/_sim/faults", "eu")["outage"] is True
+    assert ws_get(both, "/_sim/faults", "us")["outage"] is False
+    assert ws_get(both, "/_sim/faults", None)["outage"] is False
+    assert ws_get(both, "/_sim/stats", "eu")["server_errors"] == 1
+    assert ws_get(both, "/_sim/stats", "us")["server_errors"] == 0
+    # reset with ?workspace= resets that one alone; without, every workspace.
+    assert ws_faults(both, "us", reject=["x"]).status_code == 200
+    assert both.post("/_sim/reset", params={"workspace": "eu"}).status_code == 200
+    assert ws_get(both, "/_sim/faults", "eu")["outage"] is False
+    assert ws_get(both, "/_sim/faults", "us")["reject"] == ["x"]
+    assert ws_subscriptions(both, "us") != set()
+    assert both.post("/_sim/reset").status_code == 200
+    assert ws_get(both, "/_sim/faults", "us")["reject"] == []
+    assert ws_subscriptions(both, "us") == set()
+
+
+def test_a_refused_key_is_counted_in_the_workspace_that_refused_it(both):
+    assert ws_faults(both, "eu", api_keys=["eu-new"]).status_code == 200
+    old = both.post(V1, json=v1("eu-news", external_id="e1"), headers=EU)
+    assert old.status_code == 401 and EU_KEY not in old.text
+    new = {"Authorization": "Bearer eu-new"}
+    assert both.post(V1, json=v1("eu-news", external_id="e1"), headers=new).status_code == 201
+    assert both.post(V1, json=v1("us-news", external_id="u1"), headers=US).status_code == 201
+    stranger = {"Authorization": "Bearer never-seen"}
+    assert both.post(V1, json=v1("us-news", external_id="u2"), headers=stranger).status_code == 401
+    assert ws_get(both, "/_sim/stats", "eu")["unauthorized"] == 1
+    assert ws_get(both, "/_sim/stats", "us")["unauthorized"] == 1  # the stranger: the first's
+    # A key is one workspace's: giving it to another too is refused, naming no key.
+    taken = ws_faults(both, "us", api_keys=[US_KEY, "eu-new"])
+    assert taken.status_code == 400
+    assert taken.json() == {"message": "api_keys: workspace eu accepts one of these keys already"}
+    assert ws_get(both, "/_sim/faults", "us")["api_keys"] == [US_KEY]
+
+
+def test_set_state_and_unknown_workspaces(both):
+    body = {
+        "group": "eu-news",
+        "kind": "email",
+        "values": ["a@example.com"],
+        "state": "unsubscribed",
+    }
+    set_ok = both.post("/_sim/set_state", params={"workspace": "eu"}, json=body)
+    assert set_ok.status_code == 200
+    assert ws_subscriptions(both, "eu") == {("eu-news", "email", "a@example.com", "unsubscribed")}
+    assert both.post("/_sim/set_state", json=body).status_code == 400  # us has no eu-news
+    for method, path in [("GET", "/_sim/stats"), ("POST", "/_sim/faults"), ("POST", "/_sim/reset")]:
+        response = both.request(method, path, params={"workspace": "apac"}, json={})
+        assert response.status_code == 404
+        assert response.json() == {"message": "Unknown workspace: apac (this simulator has us, eu)"}
+
+
+def test_workspaces_config_refuses_a_shared_key_and_bad_names():
+    shared = SimulatorConfig(api_keys={"k"})
+    with pytest.raises(ValueError, match=r"^workspaces a and b accept the same API key$"):
+        WorkspacesConfig({"a": shared, "b": SimulatorConfig(api_keys={"k", "other"})})
+    with pytest.raises(ValueError, match="workspace name 'a b'"):
+        WorkspacesConfig({"a b": shared})
+    with pytest.raises(ValueError, match="at least one workspace"):
+        WorkspacesConfig({})
+
+
+# --- `braze-subs simulate --config FILE` ------------------------------------------------------
+
+CONFIG_FILE = """
+[workspaces.us]
+api_keys = ["us-key"]
+email_groups = ["us-news"]
+
+[workspaces.eu]
+api_keys = ["eu-key", "eu-key-2"]
+auto_groups = true
+rate_limit = 3
+"""
+
+
+def test_simulate_serves_the_workspaces_of_its_config_file(tmp_path):
+    path = tmp_path / "sim.toml"
+    path.write_text(CONFIG_FILE)
+    port = free_port()
+    command = [sys.executable, "-m", "worker", "simulate", "--port", str(port)]
+    options = ["--config", str(path), "--rate-limit", "7", "--no-auto-groups"]
+    process = subprocess.Popen(
+        [*command, *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/_sim/health").status_code == 200
+        except httpx.TransportError:
+            assert process.poll() is None, f"braze-subs simulate exited: {process.stderr}"
+            return False
+
+    try:
+        wait_until(healthy, timeout=30, what="braze-subs simulate --config")
+        with httpx.Client(base_url=url, timeout=10) as http:
+            assert http.get("/_sim/workspaces").json() == {"workspaces": ["us", "eu"]}
+            us = http.post(V1, json=v1("us-news", external_id="u"), headers=US)
+            # Unset in the table: the command line's --rate-limit 7.
+            assert (us.status_code, us.headers["x-ratelimit-limit"]) == (201, "7")
+            eu = http.post(V1, json=v1("any-group", external_id="e"), headers=EU)
+            assert (eu.status_code, eu.headers["x-ratelimit-limit"]) == (201, "3")
+            second = {"Authorization": "Bearer eu-key-2"}
+            assert (
+                http.post(V1, json=v1("eu-2", external_id="e"), headers=second).status_code == 201
+            )
+            # us learns no group (--no-auto-groups), eu does (its table's auto_groups).
+            refused = http.post(V1, json=v1("any-group", external_id="u"), headers=US)
+            assert refused.json() == {"message": "Unknown subscription_group_id: any-group"}
+            stats_of = {
+                name: http.get("/_sim/stats", params={"workspace": name, "log": "0"}).json()
+                for name in ("us", "eu")
+            }
+            assert (stats_of["us"]["requests_ok"], stats_of["us"]["rejected_400"]) == (1, 1)
+            assert (stats_of["eu"]["requests_ok"], stats_of["eu"]["rejected_400"]) == (2, 0)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+BAD_CONFIGS = [
+    ("", "no [workspaces.NAME] table"),
+    ("title = 'x'\n[workspaces.a]\napi_keys = ['k']", "unknown key 'title'"),
+    ("[workspaces.a]\nemail_groups = ['g']", "[workspaces.a] api_keys: missing"),
+    ("[workspaces.a]\napi_keys = []", "[workspaces.a] api_keys: must be a non-empty array"),
+    ("[workspaces.a]\napi_keys = ['k']\nrate_limit = '5'", "[workspaces.a] rate_limit: must be an"),
+    ("[workspaces.a]\napi_keys = ['k']\nrate_limit = 0", "[workspaces.a] rate_limit must be at"),
+    ("[workspaces.a]\napi_keys = ['k']\nratelimit = 5", "[workspaces.a] ratelimit: unknown field"),
+    (
+        "[workspaces.a]\napi_keys = ['k']\nemail_groups = ['g']\nsms_groups = ['g']",
+        "[workspaces.a] groups cannot be both email and SMS groups",
+    ),
+    (
+        "[workspaces.a]\napi_keys = ['secret-k']\n[workspaces.b]\napi_keys = ['secret-k']",
+        "[workspaces.b] api_keys: a key [workspaces.a] accepts too",
+    ),
+    ("[workspaces.'a b']\napi_keys = ['k']", "[workspaces.a b]: the name must be"),
+    ("[workspaces.a]\napi_keys = ['k'\n", "not valid TOML"),
+    ("[workspaces]\na = 1", "[workspaces.a] must be a table"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_CONFIGS)
+def test_a_bad_config_file_is_one_line_naming_table_and_field(tmp_path, text, message):
+    path = tmp_path / "sim.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigFileError) as refused:
+        load_config_file(path, SimulatorConfig())
+    assert message in str(refused.value)
+    assert "\n" not in str(refused.value) and "secret-k" not in str(refused.value)
+
+
+def test_simulate_refuses_a_bad_config_file_in_one_line(tmp_path):
+    path = tmp_path / "sim.toml"
+    path.write_text("[workspaces.eu]\napi_keys = ['secret-k']\nwindow_seconds = -1\n")
+    result = run_real("simulate", "--config", str(path))
+    assert_one_line_error(result, "simulate: [workspaces.eu] window_seconds must be positive")
+    assert result.returncode == 1 and "secret-k" not in result.stderr
+    missing = run_real("simulate", "--config", str(tmp_path / "none.toml"))
+    assert_one_line_error(missing, "none.toml: cannot read")
+    both_ways = run_real("simulate", "--config", str(path), "--api-key", "k")
+    assert_one_line_error(both_ways, "simulate: --api-key does not apply with --config")
+
+
+# --- the fixtures of two workspaces on two simulators (tests/conftest.py) ----------------------
+
+
+def test_workspaces_env_names_two_simulators_each_with_its_own_key(workspaces_env):
+    tables = tomllib.loads(workspaces_env.file.read_text())["workspaces"]
+    assert list(tables) == ["us", "eu"]
+    assert os.environ["BRAZE_WORKSPACES_FILE"] == str(workspaces_env.file)
+    assert "BRAZE_API_KEY" not in os.environ and "BRAZE_API_KEY" not in workspaces_env
+    urls = {tables[name]["rest_endpoint"] for name in tables}
+    assert len(urls) == 2
+    for name, table in tables.items():
+        assert table["groups"] == list(workspaces_env.groups[name])
+        key = os.environ[table["api_key_env"]]
+        assert workspaces_env[table["api_key_env"]] == key == workspaces_env.keys[name]
+        other = next(url for url in urls if url != table["rest_endpoint"])
+        body = v1(table["groups"][0], external_id="u1")
+        headers = {"Authorization": f"Bearer {key}"}
+        assert (
+            httpx.post(f"{table['rest_endpoint']}{V1}", json=body, headers=headers).status_code
+            == 201
+        )
+        assert httpx.post(f"{other}{V1}", json=body, headers=headers).status_code == 401
