@@ -31,8 +31,8 @@ from rich.progress import (
 from rich.table import Column, Table
 from rich.text import Text
 
-from admin.status import Status, find_budget, read_status
-from admin.status_view import sections, warnings
+from admin.status import Overview, Target, find_budget, read_overview
+from admin.status_view import overview_sections, overview_warnings
 from admin.verify import Mismatch, VerifyReport
 from config.settings import get_settings
 from core.changes import InvalidChange, Lane, parse_lane
@@ -286,9 +286,10 @@ def status(
     # recorded; if none did, status says it cannot tell rather than show a fresh budget.
     source = find_budget(found.redis, found.keys, found.settings)
     limiter = found.limiter_for(source.workspace) if source.workspace else None
+    targets = [Target("default", found.keys, limiter, source)]
 
-    def snapshot() -> Status:
-        return read_status(found.redis, found.keys, limiter, source)
+    def snapshot() -> Overview:
+        return read_overview(found.redis, targets, found.keys)
 
     if as_json:
         out.print_json(json.dumps(snapshot().as_dict()))
@@ -305,17 +306,18 @@ def status(
             pass
 
 
-def _status_table(snapshot: Status) -> Table:
+def _status_table(snapshot: Overview) -> Table:
     table = Table(title="braze-subs status", show_header=False, title_justify="left", box=None)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    for number, section in enumerate(sections(snapshot, time.time())):
+    shown = overview_sections(snapshot.total, snapshot.workspaces, time.time())
+    for number, section in enumerate(shown):
         if number:
             table.add_row("", "")
         table.add_row(Text(section.title.upper(), style="cyan"), "")
         for label, value in section.rows:
             table.add_row(f"  {label}", value)
-    notes = warnings(snapshot)
+    notes = overview_warnings(snapshot.total, snapshot.workspaces)
     if notes:
         table.add_row("", "")
         for note in notes:
@@ -864,7 +866,7 @@ def metrics(
     ] = None,
 ) -> None:
     """The Prometheus exporter: serves /metrics, reading Redis on every scrape."""
-    from admin.exporter import serve
+    from admin.exporter import registry_for, serve
     from stores.connection import redis_client
     from stores.limiter import RateLimiter
 
@@ -881,7 +883,7 @@ def metrics(
     port = port or found.settings.metrics_port
     host = host or found.settings.metrics_address
     err.print(f"braze-subs metrics on http://{host}:{port}/metrics", highlight=False)
-    serve(port, host, client, found.keys, limiter)
+    serve(port, host, registry_for(client, found.keys, limiter))
 
 
 @app.command("api")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -225,3 +226,133 @@ def read_status(
 
 def _age(then_ms: int | None, now_ms: int) -> float | None:
     return None if then_ms is None else round(max(now_ms - then_ms, 0) / 1000, 3)
+
+
+# --- several workspaces (issue 23) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One workspace as `status` and the exporter read it: its keys (its own hash tag), its
+    shared budget (None: unknown) and whose budget that is."""
+
+    name: str
+    keys: Keys
+    limiter: RateLimiter | None = None
+    source: BudgetSource | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Overview:
+    """Every workspace's status and their totals: `status --json` is the totals' keys (as
+    before workspaces) and `workspaces: {NAME: {...}}`, always present."""
+
+    total: Status
+    workspaces: dict[str, Status]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.total.as_dict(),
+            "workspaces": {name: status.as_dict() for name, status in self.workspaces.items()},
+        }
+
+
+def read_overview(client: Redis, targets: Sequence[Target], deployment: Keys) -> Overview:
+    """Each workspace's status (one `read_status` each) and their totals. Beat's heartbeat
+    is the deployment's (`deployment`: the default tag's keys), one for every workspace."""
+    seen = client.get(deployment.beat_seen)
+    beat = _age(int(float(seen)), server_time_ms(client)) if seen else None
+    per = {
+        target.name: replace(
+            read_status(client, target.keys, target.limiter, target.source),
+            beat_last_seen_seconds=beat,
+        )
+        for target in targets
+    }
+    return Overview(combine(per), per)
+
+
+# Figures that add up over workspaces (the rest: see `combine`).
+_SUMMED = (
+    "pending", "due_now", "due_later", "in_flight", "batches_in_flight", "dead_letter",
+    "dead_letter_entries", "enqueued_total", "batches_total", "delivered_total",
+    "dead_lettered_total", "dead_letters_expired", "opt_out_skipped", "stale",
+    "beyond_retention", "erased", "requests_last_minute", "identifiers_last_minute",
+    "throttled_last_minute", "delivery_errors_total", "splits_total", "waiting_batches",
+    "batches_posting",
+)  # fmt: skip
+
+
+def combine(per: Mapping[str, Status]) -> Status:
+    """The deployment's totals over its workspaces (pure). One workspace: its status as it
+    is (exactly what `status` showed before workspaces). Several: counts summed; ages the
+    largest (the workspace furthest behind), the next due time the soonest; the budget's
+    tokens summed (unknown if any is), paused if any workspace is, each pause reason and
+    refused key named by its workspace; workers the most any workspace sees (one worker
+    process serves every workspace); Redis's findings and beat are the deployment's."""
+    statuses = list(per.values())
+    if len(statuses) == 1:
+        return statuses[0]
+    first = statuses[0]
+    sums = {name: sum(getattr(s, name) for s in statuses) for name in _SUMMED}
+    lanes: dict[str, dict[str, int | float]] = {}
+    for status in statuses:
+        for lane, figures in status.lanes.items():
+            into = lanes.setdefault(lane, {"pending": 0, "oldest_seconds": 0.0})
+            into["pending"] = int(into["pending"]) + int(figures["pending"])
+            into["oldest_seconds"] = max(
+                float(into["oldest_seconds"]), float(figures["oldest_seconds"])
+            )
+    by_reason: dict[str, int] = {}
+    for status in statuses:
+        for reason, waiting in status.waiting_by_reason.items():
+            by_reason[reason] = by_reason.get(reason, 0) + waiting
+    tokens = [s.tokens_left for s in statuses]
+    paused = [s.paused for s in statuses]
+    named = [(name, s) for name, s in per.items()]
+    requests, identifiers = sums["requests_last_minute"], sums["identifiers_last_minute"]
+    sources = {s.budget_source for s in statuses}
+    refused = [(name, s) for name, s in named if s.credentials_refused]
+    alive_ids = sorted({worker for s in statuses for worker in s.workers_alive_ids})
+    ticks = [s.last_tick_seconds for s in statuses]
+    return replace(
+        first,
+        **sums,
+        oldest_due_age_seconds=_largest(s.oldest_due_age_seconds for s in statuses),
+        tokens_left=None if None in tokens else sum(t for t in tokens if t is not None),
+        paused=True if True in paused else (None if None in paused else False),
+        paused_until=_largest(s.paused_until for s in statuses),
+        pause_reason=_joined((name, s.pause_reason) for name, s in named),
+        credentials_refused=_joined((name, s.credentials_refused) for name, s in refused),
+        credentials_refused_since=min(
+            (s.credentials_refused_since for _, s in refused if s.credentials_refused_since),
+            default=None,
+        ),
+        identifiers_per_request=round(identifiers / requests, 1) if requests else None,
+        refused_groups=[
+            {**refusal, "workspace": name} for name, s in named for refusal in s.refused_groups
+        ],
+        budget_workspace=_joined((name, s.budget_workspace) for name, s in named),
+        budget_source=first.budget_source if len(sources) == 1 else "per workspace",
+        waiting_by_reason=by_reason,
+        waiting_next_due_seconds=_smallest(s.waiting_next_due_seconds for s in statuses),
+        workers_alive=max(s.workers_alive for s in statuses),
+        workers_seen_last_day=max(s.workers_seen_last_day for s in statuses),
+        workers_alive_ids=alive_ids[: fleet.ALIVE_IDS_SHOWN],
+        lanes=lanes,
+        last_tick_seconds=None if None in ticks else max(t for t in ticks if t is not None),
+    )
+
+
+def _largest(values: Any) -> Any:
+    return max((v for v in values if v is not None), default=None)
+
+
+def _smallest(values: Any) -> Any:
+    return min((v for v in values if v is not None), default=None)
+
+
+def _joined(pairs: Any) -> str | None:
+    """ "NAME: text; NAME: text" of the workspaces that have a text; None if none has."""
+    found = [f"{name}: {text}" for name, text in pairs if text]
+    return "; ".join(found) if found else None

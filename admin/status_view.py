@@ -101,8 +101,8 @@ def lane_rows(status: Status) -> Rows:
     ]
 
 
-def sections(status: Status, now: float) -> list[Section]:
-    """The status table, top to bottom: what waits, what is out, what failed, the budget."""
+def budget_rows(status: Status, now: float) -> Rows:
+    """Whether posting runs (or why not) and the shared budget's tokens."""
     posting = "running"
     if status.budget_source == "unknown" and status.tokens_left is None:
         posting = "unknown: no BRAZE_API_KEY here and no worker recorded its workspace"
@@ -123,6 +123,60 @@ def sections(status: Status, now: float) -> list[Section]:
     if status.credentials_refused:
         budget.append(("refused since", moment(status.credentials_refused_since, now)))
         budget.append(("Braze said", status.credentials_refused))
+    return budget
+
+
+def workspace_section(name: str, status: Status, now: float) -> Section:
+    """One workspace of several (issue 23): its budget and circuit, what waits, what is out
+    and what failed in it; the deployment's sections show the totals."""
+    rows = budget_rows(status, now)
+    rows += [
+        ("pending changes", count(status.pending)),
+        ("due now", count(status.due_now)),
+        ("oldest due waiting", duration(status.oldest_due_age_seconds)),
+        *lane_rows(status),
+        ("in flight: identifiers", count(status.in_flight)),
+        ("in flight: batches", count(status.batches_in_flight)),
+        ("waiting batches (schedule)", count(status.waiting_batches)),
+        ("dead letters: identifiers", count(status.dead_letter)),
+        ("dead letters: entries", count(status.dead_letter_entries)),
+        ("requests in the last minute", count(status.requests_last_minute)),
+        ("429 answers in the last minute", count(status.throttled_last_minute)),
+    ]
+    rows += [
+        (
+            f"refused: {r['group']} {r['state']} {r['kind']}",
+            f"until {moment(r['until'], now)}: {r['detail']}",
+        )
+        for r in status.refused_groups
+    ]
+    return Section(f"workspace {name}", rows)
+
+
+def overview_sections(total: Status, per: dict[str, Status], now: float) -> list[Section]:
+    """The whole table: with one workspace exactly `sections` (as before workspaces); with
+    several, the deployment's totals (without a rate budget: each workspace has its own)
+    and then a section per workspace."""
+    if len(per) <= 1:
+        return sections(total, now)
+    shown = [section for section in sections(total, now) if section.title != "rate budget"]
+    return shown + [workspace_section(name, status, now) for name, status in per.items()]
+
+
+def overview_warnings(total: Status, per: dict[str, Status]) -> list[str]:
+    """`warnings` for the deployment (with one workspace, exactly as before); with several,
+    each workspace's own warnings name it."""
+    if len(per) <= 1:
+        return warnings(total)
+    found = warnings(total, workspace_level=False)
+    for name, status in per.items():
+        found += [f"workspace {name}: {note}" for note in warnings(status, deployment_level=False)]
+    return found
+
+
+def sections(status: Status, now: float) -> list[Section]:
+    """The status table, top to bottom: what waits, what is out, what failed, the budget."""
+    budget = budget_rows(status, now)
     per_request = status.identifiers_per_request
     return [
         Section(
@@ -172,7 +226,8 @@ def sections(status: Status, now: float) -> list[Section]:
                     "refused by Braze (batches dead-lettered unsent)",
                     [
                         (
-                            f"{r['group']} {r['state']} {r['kind']}",
+                            (f"{r['workspace']}: " if "workspace" in r else "")
+                            + f"{r['group']} {r['state']} {r['kind']}",
                             f"until {moment(r['until'], now)}: {r['detail']}",
                         )
                         for r in status.refused_groups
@@ -208,68 +263,75 @@ def sections(status: Status, now: float) -> list[Section]:
     ]
 
 
-def warnings(status: Status) -> list[str]:
-    """What an operator should look at, each with where the runbook answers it."""
-    found = []
-    if status.credentials_refused and redirected(status.credentials_refused):
+def warnings(
+    status: Status, *, workspace_level: bool = True, deployment_level: bool = True
+) -> list[str]:
+    """What an operator should look at, each with where the runbook answers it. With
+    several workspaces, a workspace's own (`workspace_level`: its key, budget, dead
+    letters, refusals, backlog, ticks) and the deployment's (Redis, beat, workers) are
+    asked for apart (`overview_warnings`)."""
+    found: list[str] = []
+    mine, ours = workspace_level, deployment_level
+    if mine and status.credentials_refused and redirected(status.credentials_refused):
         found.append(
             "the Braze endpoint redirects: posting is stopped "
             "(runbook: the Braze endpoint redirects)"
         )
-    elif status.credentials_refused:
+    elif mine and status.credentials_refused:
         found.append("Braze refuses the API key: posting is stopped (runbook: the key was revoked)")
-    if status.throttled_last_minute:
+    if mine and status.throttled_last_minute:
         found.append(
             f"{status.throttled_last_minute} 429 answers in the last minute "
             "(runbook: Braze answers 429)"
         )
-    if status.dead_letter_entries:
+    if mine and status.dead_letter_entries:
         found.append(
             f"{status.dead_letter_entries:,} dead-letter entries "
             "(runbook: the dead-letter store is filling)"
         )
-    for refused in status.refused_groups:
+    for refused in status.refused_groups if mine else []:
         found.append(
             f"Braze refuses group {refused['group']} ({refused['state']}, {refused['kind']}) "
             "as a whole: its batches are dead-lettered unsent "
             "(runbook: the dead-letter store is filling)"
         )
-    for finding in status.redis_findings or []:
+    for finding in (status.redis_findings or []) if ours else []:
         found.append(f"redis: {finding} (README: Redis settings that keep every change)")
     work = status.waiting_batches + status.batches_in_flight + status.due_now
     beat = status.beat_last_seen_seconds
     beat_down = (beat is None and bool(work)) or (beat is not None and beat > BEAT_SILENT_SECONDS)
-    if beat_down:
+    if ours and beat_down:
         found.append(
             f"beat is not running (last heartbeat: {ago(beat)}): no coalescer tick is "
             "scheduled, nothing is cut into batches or sent from the schedule "
             "(runbook: beat is not running)"
         )
-    if not status.workers_alive and work:
+    if ours and not status.workers_alive and work:
         found.append(
             "no worker is alive (no heartbeat) while work waits: nothing is posted, and the "
             "coalescer, whose ticks run on the workers, does not tick "
             "(runbook: no worker is alive)"
         )
     tick = status.last_tick_seconds
-    if not beat_down and status.workers_alive and tick is not None and tick > TICK_LATE_SECONDS:
+    late = tick is not None and tick > TICK_LATE_SECONDS
+    if mine and not beat_down and status.workers_alive and late:
         found.append(
             f"no coalescer tick for {duration(tick)} though beat and workers run "
             "(runbook: nothing is being sent)"
         )
     next_due_seconds = status.waiting_next_due_seconds
-    if next_due_seconds is not None and -next_due_seconds > WARN_AFTER_SECONDS:
+    if mine and next_due_seconds is not None and -next_due_seconds > WARN_AFTER_SECONDS:
         found.append(
             f"the soonest waiting batch is overdue by {duration(-next_due_seconds)} "
             "(runbook: nothing is being sent)"
         )
-    if (status.oldest_due_age_seconds or 0) > WARN_AFTER_SECONDS:
+    if mine and (status.oldest_due_age_seconds or 0) > WARN_AFTER_SECONDS:
         found.append(
             f"the oldest due change has waited {duration(status.oldest_due_age_seconds)} "
             "(runbook: a backlog is growing)"
         )
     live_oldest = float(status.lanes.get("live", {}).get("oldest_seconds", 0.0))
-    if live_oldest > LIVE_WARN_AFTER_SECONDS:
+    if mine and live_oldest > LIVE_WARN_AFTER_SECONDS:
         found.append(
             f"a live change has waited {duration(live_oldest)} to be cut "
             "(runbook: live changes wait)"

@@ -248,6 +248,8 @@ def scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
 def test_a_scrape_exports_the_schedule_posting_and_workers_alive(env, exporter):
     found = services()
     populate(found.redis, found.keys)
+    # Every series of the pipeline is the `default` workspace's without BRAZE_WORKSPACES_FILE.
+    DEFAULT = (("workspace", "default"),)
     metrics = scrape(exporter)
     waiting = {
         dict(labels)["reason"]: value
@@ -259,17 +261,17 @@ def test_a_scrape_exports_the_schedule_posting_and_workers_alive(env, exporter):
         "credentials": 2,
         "budget": 1,
     }
-    assert 2.0 <= metrics["braze_subs_waiting_overdue_seconds"][()] < 60
-    assert metrics["braze_subs_batches_posting"] == {(): 2}
-    assert metrics["braze_subs_workers_alive"][()] in (2, 3)
+    assert 2.0 <= metrics["braze_subs_waiting_overdue_seconds"][DEFAULT] < 60
+    assert metrics["braze_subs_batches_posting"] == {DEFAULT: 2}
+    assert metrics["braze_subs_workers_alive"][DEFAULT] in (2, 3)
     # The short heartbeat expires by itself and the next scrape counts two.
     wait_for(
-        lambda: scrape(exporter)["braze_subs_workers_alive"] == {(): 2},
+        lambda: scrape(exporter)["braze_subs_workers_alive"] == {DEFAULT: 2},
         timeout=10,
         what="a scrape to stop counting the expired heartbeat",
     )
     # Work waits and the last heartbeat goes: the gauge the alert pages on reads 0.
     found.redis.delete(found.keys.heartbeat("host-a:11:aa"), found.keys.heartbeat("host-b:22:bb"))
-    assert scrape(exporter)["braze_subs_workers_alive"] == {(): 0}
+    assert scrape(exporter)["braze_subs_workers_alive"] == {DEFAULT: 0}
     # Worker ids never become labels.
     assert "host-a" not in httpx.get(exporter, timeout=10).text

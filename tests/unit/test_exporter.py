@@ -7,7 +7,13 @@ from dataclasses import replace
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from admin.exporter import Extras, circuit_reason_label, families, pause_reason_label
+from admin.exporter import (
+    Extras,
+    circuit_reason_label,
+    families,
+    pause_reason_label,
+    scrape_families,
+)
 from admin.status import Status
 from stores.counters import RequestCount
 
@@ -30,12 +36,35 @@ IDLE = Status(
 )
 
 
+# Series that belong to the deployment, not to a workspace: no `workspace` label.
+DEPLOYMENT_SERIES = {
+    "braze_subs_beat_last_seen_timestamp_seconds",
+    "braze_subs_redis_unsafe_settings",
+}
+
+
 def scrape(status: Status, extras: Extras) -> dict[str, dict[tuple, float]]:
-    """The exposition text as Prometheus would parse it: name -> {labels: value}."""
+    """The exposition text of a deployment of one workspace as Prometheus would parse it:
+    name -> {labels: value}, the `workspace` label (always "default" here: checked) left
+    out."""
+    found: dict[str, dict[tuple, float]] = {}
+    for name, samples in parse(lambda: families(status, extras)).items():
+        for labels, value in samples.items():
+            named = dict(labels)
+            if name in DEPLOYMENT_SERIES or name.startswith("braze_subs_api_"):
+                assert "workspace" not in named, (name, labels)
+            else:
+                assert named.pop("workspace") == "default", (name, labels)
+            found.setdefault(name, {})[tuple(sorted(named.items()))] = value
+    return found
+
+
+def parse(collect) -> dict[str, dict[tuple, float]]:
+    """What `collect()` exposes, as Prometheus would parse it: name -> {labels: value}."""
 
     class Fixed:
         def collect(self):
-            return families(status, extras)
+            return collect()
 
     registry = CollectorRegistry()
     registry.register(Fixed())
@@ -187,3 +216,51 @@ def test_each_lane_has_its_pending_and_oldest_due_age_series():
     idle = scrape(IDLE, Extras(requests=[], last_tick_ms=None))
     idle = idle["braze_subs_lane_oldest_due_age_seconds"]
     assert idle == {(("lane", "live"),): 0.0, (("lane", "bulk"),): 0.0}
+
+
+def test_two_workspaces_each_labelled_and_the_deployments_series_once():
+    """Issue 23: every series of a workspace's pipeline carries `workspace`; beat's, Redis's
+    and the HTTP API's are the deployment's, exported once without it."""
+    us = replace(IDLE, pending=5, tokens_left=40, paused=False)
+    eu = replace(
+        IDLE,
+        pending=7,
+        tokens_left=0,
+        paused=True,
+        pause_reason="HTTP 401: refused",
+        credentials_refused="HTTP 401: refused",
+    )
+    us_extras = Extras([RequestCount("/subscription/status/set", "201", 4)], 1_000.0)
+    eu_extras = Extras([RequestCount("/subscription/status/set", "401", 2)], 2_000.0)
+    shared = Extras([], None, beat_seen_ms=3_000.0)
+    found = parse(
+        lambda: scrape_families({"us": (us, us_extras), "eu": (eu, eu_extras)}, shared, [])
+    )
+    assert found["braze_subs_buffer_pending"] == {
+        (("workspace", "us"),): 5,
+        (("workspace", "eu"),): 7,
+    }
+    assert found["braze_subs_budget_tokens"] == {
+        (("workspace", "us"),): 40,
+        (("workspace", "eu"),): 0,
+    }
+    open_circuits = {
+        labels: value
+        for labels, value in found["braze_subs_credentials_circuit_open"].items()
+        if value
+    }
+    assert open_circuits == {(("reason", "401"), ("workspace", "eu")): 1}
+    assert found["braze_subs_braze_requests_total"] == {
+        (("code", "201"), ("endpoint", "/subscription/status/set"), ("workspace", "us")): 4,
+        (("code", "401"), ("endpoint", "/subscription/status/set"), ("workspace", "eu")): 2,
+    }
+    assert found["braze_subs_coalescer_last_tick_timestamp_seconds"] == {
+        (("workspace", "us"),): 1.0,
+        (("workspace", "eu"),): 2.0,
+    }
+    assert found["braze_subs_beat_last_seen_timestamp_seconds"] == {(): 3.0}
+    assert found["braze_subs_redis_unsafe_settings"] == {(): 0}
+    for name, samples in found.items():
+        if name in DEPLOYMENT_SERIES:
+            continue
+        assert {dict(labels)["workspace"] for labels in samples} <= {"us", "eu"}, name

@@ -246,3 +246,118 @@ def test_live_changes_waiting_are_shown_per_lane_and_warned_after_a_minute():
     # A backfill's old bulk changes alone are no reason to warn about live.
     calm = {**lanes, "live": {"pending": 0, "oldest_seconds": 0.0}}
     assert warnings(replace(QUIET, lanes=calm)) == []
+
+
+# --- several workspaces (issue 23) ------------------------------------------------------
+
+
+def test_one_workspace_is_shown_exactly_as_before_workspaces():
+    from admin.status import combine
+    from admin.status_view import overview_sections, overview_warnings
+
+    busy = replace(QUIET, pending=5, throttled_last_minute=2)
+    assert combine({"default": busy}) is busy
+    assert overview_sections(busy, {"default": busy}, NOW) == sections(busy, NOW)
+    assert overview_warnings(busy, {"default": busy}) == warnings(busy)
+
+
+def test_totals_of_two_workspaces_add_up_and_name_each_pause():
+    from admin.status import combine
+
+    us = replace(
+        QUIET,
+        pending=3,
+        in_flight=50,
+        dead_letter=2,
+        tokens_left=40,
+        oldest_due_age_seconds=1.5,
+        requests_last_minute=10,
+        identifiers_last_minute=400,
+        waiting_by_reason={**QUIET.waiting_by_reason, "retry": 2},
+        lanes={
+            "live": {"pending": 1, "oldest_seconds": 0.5},
+            "bulk": {"pending": 2, "oldest_seconds": 9.0},
+        },
+        workers_alive=2,
+    )
+    eu = replace(
+        QUIET,
+        pending=4,
+        in_flight=0,
+        dead_letter=5,
+        tokens_left=0,
+        paused=True,
+        pause_reason="HTTP 401: refused",
+        credentials_refused="HTTP 401: refused",
+        credentials_refused_since=NOW - 5,
+        oldest_due_age_seconds=30.0,
+        requests_last_minute=10,
+        identifiers_last_minute=100,
+        waiting_by_reason={**QUIET.waiting_by_reason, "credentials": 3},
+        lanes={
+            "live": {"pending": 4, "oldest_seconds": 2.0},
+            "bulk": {"pending": 0, "oldest_seconds": 0.0},
+        },
+        workers_alive=2,
+        refused_groups=[
+            {
+                "group": "g",
+                "state": "subscribed",
+                "kind": "email",
+                "detail": "x",
+                "since": 1.0,
+                "until": 2.0,
+            }
+        ],
+    )
+    total = combine({"us": us, "eu": eu})
+    assert (total.pending, total.in_flight, total.dead_letter) == (7, 50, 7)
+    assert total.tokens_left == 40
+    assert total.paused is True
+    assert total.pause_reason == "eu: HTTP 401: refused"
+    assert total.credentials_refused == "eu: HTTP 401: refused"
+    assert total.oldest_due_age_seconds == 30.0
+    assert total.identifiers_per_request == 25.0
+    assert total.waiting_by_reason["retry"] == 2 and total.waiting_by_reason["credentials"] == 3
+    assert total.lanes == {
+        "live": {"pending": 5, "oldest_seconds": 2.0},
+        "bulk": {"pending": 2, "oldest_seconds": 9.0},
+    }
+    assert total.workers_alive == 2  # the same processes serve both
+    assert total.refused_groups == [{**eu.refused_groups[0], "workspace": "eu"}]
+    # a workspace whose budget is unknown makes the sum unknown, not smaller
+    assert combine({"us": us, "eu": replace(eu, tokens_left=None)}).tokens_left is None
+
+
+def test_several_workspaces_get_a_section_each_and_their_warnings_name_them():
+    from admin.status import combine
+    from admin.status_view import overview_sections, overview_warnings
+
+    evicts = ["maxmemory-policy allkeys-lru evicts keys"]  # one Redis: every read finds it
+    us = replace(QUIET, pending=3, tokens_left=40, redis_findings=evicts)
+    eu = replace(
+        QUIET,
+        pending=4,
+        tokens_left=0,
+        paused=True,
+        credentials_refused="HTTP 401: refused",
+        credentials_refused_since=NOW - 5,
+        redis_findings=evicts,
+    )
+    per = {"us": us, "eu": eu}
+    total = combine(per)
+    shown = {section.title: dict(section.rows) for section in overview_sections(total, per, NOW)}
+    assert "rate budget" not in shown  # each workspace has its own
+    assert shown["buffer"]["pending changes"] == "7"
+    assert shown["workspace us"]["posting"] == "running"
+    assert shown["workspace us"]["tokens left"] == "40"
+    assert shown["workspace us"]["pending changes"] == "3"
+    assert shown["workspace eu"]["posting"] == "stopped: Braze refuses the API key"
+    assert shown["workspace eu"]["pending changes"] == "4"
+    notes = overview_warnings(total, per)
+    assert notes == [
+        "redis: maxmemory-policy allkeys-lru evicts keys (README: Redis settings that keep "
+        "every change)",
+        "workspace eu: Braze refuses the API key: posting is stopped (runbook: the key was "
+        "revoked)",
+    ]
