@@ -185,6 +185,20 @@ class TwoWorkspaces(dict[str, str]):
     keys: ClassVar[Mapping[str, str]] = {"us": SIM_KEY, "eu": SIM_KEY_B}
     sims: dict[str, SimulatorServer]
 
+    def write(self, **fields: Mapping[str, Any]) -> None:
+        """(Re)write the file; `us={"rate_limit": 40}` adds fields to a workspace's table."""
+        tables = []
+        for name in self.names:
+            table = {
+                "rest_endpoint": self.sims[name].url,
+                "api_key_env": f"BRAZE_KEY_{name.upper()}",
+                "groups": list(self.groups[name]),
+                **fields.get(name, {}),
+            }
+            lines = [f"{field} = {json.dumps(value)}" for field, value in table.items()]
+            tables.append(f"[workspaces.{name}]\n" + "\n".join(lines) + "\n")
+        self.file.write_text("\n".join(tables))
+
 
 @pytest.fixture
 def workspaces_env(
@@ -199,15 +213,7 @@ def workspaces_env(
     values = TwoWorkspaces()
     values.sims = {"us": sim, "eu": sim_b}
     values.file = tmp_path / "workspaces.toml"
-    values.file.write_text(
-        "".join(
-            f"[workspaces.{name}]\n"
-            f'rest_endpoint = "{values.sims[name].url}"\n'
-            f'api_key_env = "BRAZE_KEY_{name.upper()}"\n'
-            f"groups = {json.dumps(list(values.groups[name]))}\n\n"
-            for name in values.names
-        )
-    )
+    values.write()
     for name in ("BRAZE_API_KEY", "BRAZE_REST_ENDPOINT"):
         env.pop(name, None)
         monkeypatch.delenv(name, raising=False)

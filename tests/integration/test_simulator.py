@@ -935,3 +935,11 @@ def test_workspaces_env_names_two_simulators_each_with_its_own_key(workspaces_en
             == 201
         )
         assert httpx.post(f"{other}{V1}", json=body, headers=headers).status_code == 401
+
+
+def test_workspaces_env_writes_more_fields_on_request(workspaces_env):
+    workspaces_env.write(us={"rate_limit": 40, "rate_limit_window_seconds": 2.0})
+    tables = tomllib.loads(workspaces_env.file.read_text())["workspaces"]
+    assert (tables["us"]["rate_limit"], tables["us"]["rate_limit_window_seconds"]) == (40, 2.0)
+    assert "rate_limit" not in tables["eu"]
+    assert tables["eu"]["groups"] == ["eu-email", "eu-sms"]
