@@ -14,13 +14,24 @@ import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import BrazeSubsError
+from core.routing import DEFAULT_WORKSPACE
+
+if TYPE_CHECKING:
+    from config.workspaces import Workspace
 
 # Braze's published REST endpoints (SPEC.md). Braze adds instances over time, which is why
 # BRAZE_REST_ENDPOINT can always be given directly instead.
@@ -62,6 +73,10 @@ class Settings(BaseSettings):
     braze_api_key: SecretStr | None = None
     # Base URL of the workspace's REST API; plain http://127.0.0.1:PORT works for simulators.
     braze_rest_endpoint: str | None = None
+    # Several Braze workspaces from one deployment (config/workspaces.py, README "Several
+    # workspaces"): a TOML file with one [workspaces.NAME] table each. Unset: the Braze
+    # settings here are the one workspace, `default`.
+    braze_workspaces_file: str | None = None
     # Plain http:// sends the API key in clear text, so it is refused for any host but a
     # loopback one (a local simulator) unless this says otherwise (a TLS-terminating
     # sidecar on a private network, a test rig).
@@ -295,6 +310,11 @@ class Settings(BaseSettings):
     # "text" for people, "json" for log shippers.
     log_format: Literal["text", "json"] = "text"
 
+    # Which workspace these settings are for (`for_workspace`); not a variable.
+    _workspace_name: str = PrivateAttr(default=DEFAULT_WORKSPACE)
+    # Why a workspace of BRAZE_WORKSPACES_FILE has no key (one line naming its table).
+    _key_problem: str | None = PrivateAttr(default=None)
+
     @field_validator("braze_api_key", mode="before")
     @classmethod
     def _header_safe_key(cls, value: object) -> object:
@@ -406,7 +426,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("redis_ca_file", "api_tokens_file")
+    @field_validator("redis_ca_file", "api_tokens_file", "braze_workspaces_file")
     @classmethod
     def _readable_file(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
@@ -561,8 +581,38 @@ class Settings(BaseSettings):
                 )
         return tokens
 
+    @property
+    def workspace_name(self) -> str:
+        """The workspace these settings are for: `default` unless `for_workspace` made
+        them for a table of BRAZE_WORKSPACES_FILE."""
+        return self._workspace_name
+
+    def for_workspace(self, workspace: Workspace) -> Settings:
+        """A copy for one workspace: its key, endpoint and budgets (the optional ones it
+        leaves unset: these settings'), so every consumer of `braze_rate_limit`,
+        `workspace_id`, `rest_endpoint`, ... is per workspace unchanged."""
+        update: dict[str, Any] = {
+            "braze_api_key": workspace.api_key,
+            "braze_rest_endpoint": workspace.rest_endpoint,
+        }
+        if workspace.rest_endpoint is not None and workspace.rest_endpoint != self.rest_endpoint:
+            update["braze_instance"] = None  # the table's endpoint, not BRAZE_INSTANCE's
+        for field, value in (
+            ("braze_rate_limit", workspace.rate_limit),
+            ("braze_rate_limit_window_seconds", workspace.rate_limit_window_seconds),
+            ("braze_read_rate_limit", workspace.read_rate_limit),
+        ):
+            if value is not None:
+                update[field] = value
+        copy = self.model_copy(update=update)
+        copy._workspace_name = workspace.name
+        copy._key_problem = workspace.key_problem
+        return copy
+
     def require_braze(self) -> None:
         """Raise SettingsError unless this process can talk to Braze."""
+        if self._key_problem is not None:
+            raise SettingsError(self._key_problem)
         if self.braze_api_key is None or not self.braze_api_key.get_secret_value().strip():
             raise SettingsError("BRAZE_API_KEY: missing (required to post to Braze)")
         if self.rest_endpoint is None:
@@ -600,5 +650,10 @@ def load_settings(**overrides: object) -> Settings:
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once."""
-    return load_settings()
+    """The process-wide settings, read once; BRAZE_WORKSPACES_FILE is read (and checked)
+    with them, so a bad file stops a process at start too."""
+    settings = load_settings()
+    from config.workspaces import get_workspaces  # it imports this module
+
+    get_workspaces(settings)
+    return settings

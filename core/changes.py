@@ -62,6 +62,9 @@ class Change:
     # None: not named; the way in decides (live for the Python API, the task and
     # `enqueue`; bulk for `import`, `verify --repair` and `dlq replay`).
     lane: Lane | None = None
+    # None: not named; core/routing.py decides (the group's workspace in
+    # BRAZE_WORKSPACES_FILE, or the only one).
+    workspace: str | None = None
 
 
 class InvalidChange(InputRefused, ValueError):
@@ -96,6 +99,7 @@ OPTIONAL_FIELDS: tuple[str, ...] = (
     "source",
     "respect_opt_out",
     "lane",
+    "workspace",
 )
 KNOWN_FIELDS: frozenset[str] = frozenset(
     ("subscription_group_id", "subscription_state", *IDENTIFIER_FIELDS, *OPTIONAL_FIELDS)
@@ -179,6 +183,7 @@ def parse_change(data: Mapping[str, Any], *, now: float | None = None) -> Change
     source = data.get("source")
     respect = data.get("respect_opt_out")
     lane = data.get("lane")
+    workspace = data.get("workspace")
     return Change(
         group_id,
         state,
@@ -190,6 +195,7 @@ def parse_change(data: Mapping[str, Any], *, now: float | None = None) -> Change
         "" if source is None else _parse_source(source),
         False if respect is None else _parse_bool("respect_opt_out", respect),
         None if _is_blank(lane) else parse_lane(lane),
+        None if _is_blank(workspace) else parse_workspace_name(workspace),
     )
 
 
@@ -199,6 +205,27 @@ def parse_lane(value: Any) -> Lane:
     if found is None:
         raise InvalidChange("lane", f"must be 'live' or 'bulk', got {show_value(value)}")
     return found
+
+
+# Workspace names sit inside the keys' hash tag (`{prefix/NAME}`, stores/keys.py): the same
+# characters as REDIS_KEY_PREFIX, so neither a `{`/`}` nor a `/` can move the tag or make two
+# names meet. core/routing.py decides which workspace a change goes to.
+WORKSPACE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+WORKSPACE_NAME_RULE = "1-64 letters, digits, '.', '_' or '-'"
+
+
+def is_workspace_name(value: object) -> bool:
+    return isinstance(value, str) and WORKSPACE_NAME.fullmatch(value) is not None
+
+
+def parse_workspace_name(value: Any, field: str = "workspace") -> str:
+    """A workspace name as a change gives it (trimmed); raises `InvalidChange` naming
+    `field`."""
+    text = value.strip() if isinstance(value, str) else value
+    if not isinstance(text, str) or WORKSPACE_NAME.fullmatch(text) is None:
+        shown = show_value(value) if isinstance(value, str) else _type(value)
+        raise InvalidChange(field, f"must be a workspace name ({WORKSPACE_NAME_RULE}), got {shown}")
+    return text
 
 
 def change_to_row(change: Change) -> dict[str, Any]:
@@ -218,6 +245,8 @@ def change_to_row(change: Change) -> dict[str, Any]:
         row["respect_opt_out"] = True
     if change.lane is not None:
         row["lane"] = change.lane.value
+    if change.workspace is not None:
+        row["workspace"] = change.workspace
     return row
 
 
@@ -341,6 +370,11 @@ def normalise_phone(value: Any) -> str:
 # --------------------------------------------------------------------------------------
 # Field helpers
 # --------------------------------------------------------------------------------------
+
+
+def parse_group_id(value: Any) -> str:
+    """A subscription group id (trimmed); raises `InvalidChange` naming the field."""
+    return _parse_group_id(value)
 
 
 def _parse_group_id(value: Any) -> str:

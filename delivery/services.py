@@ -27,7 +27,9 @@ from stores.heartbeats import Heartbeats
 from stores.limiter import Budget, RateLimiter
 from stores.opt_out_reads import OptOutReads
 from stores.refusals import Refusals
-from stores.services import StoreServices, forget_services, process_services
+from stores.services import StoreServices, forget_services, process_services, workspace_names
+
+__all__ = ["Services", "reset_services", "services", "workspace_names"]
 
 
 class Services(StoreServices):
@@ -163,9 +165,11 @@ class Services(StoreServices):
         )
 
 
-def services() -> Services:
-    """This process's services (threads share them; a forked child builds its own)."""
-    return process_services(Services)
+def services(workspace: str | None = None) -> Services:
+    """This process's services for one workspace (threads share them; a forked child builds
+    its own). None: the only workspace, or `default`; with several and none named
+    `default`, a LookupError naming the choices (`workspace_names()` lists them)."""
+    return process_services(Services, workspace)
 
 
 def reset_services() -> None:

@@ -3,12 +3,22 @@
 Every key carries the configured prefix inside a hash tag (`{prefix}:...`), so that on a
 Redis Cluster all of them live in one slot and the Lua scripts may touch any of them.
 No key name ever contains the API key: the workspace is named by `Settings.workspace_id`.
+
+Each Braze workspace of BRAZE_WORKSPACES_FILE (issue 23) is a whole pipeline in a key space
+of its own: the hash tag is `{prefix/NAME}`, except for the workspace named `default`, whose
+tag stays `{prefix}`, exactly the keys of before workspaces (a deployment without the file,
+or a file naming a workspace `default`, keeps what is in flight). The Lua scripts derive
+their keys from a declared key's `{tag}:` (`_prelude.lua key_prefix`), so they need no
+change; one workspace's scripts touch one slot. REDIS_KEY_PREFIX and workspace names hold no
+`/`, `{` or `}`, so no two (prefix, workspace) pairs share a tag.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+
+from core.routing import DEFAULT_WORKSPACE, is_workspace_name
 
 # Separates group, identifier kind and value in a buffer field. Validation refuses control
 # characters in group ids and external ids, and emails and E.164 phones cannot hold them,
@@ -32,14 +42,38 @@ def split_field(field: str) -> tuple[str, str, str]:
     return group_id, kind, value
 
 
+def workspace_tag(prefix: str, workspace: str = DEFAULT_WORKSPACE) -> str:
+    """The hash tag of a workspace's keys, braces included: `{prefix}` for `default`,
+    `{prefix/NAME}` for any other."""
+    if workspace == DEFAULT_WORKSPACE:
+        return f"{{{prefix}}}"
+    return f"{{{prefix}/{workspace}}}"
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Key names under one prefix."""
+    """Key names under one prefix, in one workspace's key space."""
 
     prefix: str
+    workspace: str = DEFAULT_WORKSPACE
+
+    def __post_init__(self) -> None:
+        # Settings and the routing check names first; this guards the key space itself.
+        if not is_workspace_name(self.workspace):
+            raise ValueError(f"not a workspace name: {self.workspace!r}")
+
+    @property
+    def tag(self) -> str:
+        """This workspace's hash tag, braces included (`{prefix}` or `{prefix/NAME}`)."""
+        return workspace_tag(self.prefix, self.workspace)
+
+    @property
+    def deployment(self) -> Keys:
+        """The keys of the default tag: where deployment-wide keys live."""
+        return self if self.workspace == DEFAULT_WORKSPACE else Keys(self.prefix)
 
     def _key(self, name: str) -> str:
-        return f"{{{self.prefix}}}:{name}"
+        return f"{self.tag}:{name}"
 
     @property
     def seq(self) -> str:
@@ -199,7 +233,7 @@ class Keys:
 
     @property
     def credentials(self) -> str:
-        """HASH the deployment's credentials circuit (circuit.lua): the workspace id of the
+        """HASH the workspace's credentials circuit (circuit.lua): the workspace id of the
         key Braze refuses (host + a hash of the key, never the key), why, since when, its
         next probe. Absent while no key is refused; any working key deletes it."""
         return self._key("credentials")
@@ -219,8 +253,10 @@ class Keys:
     @property
     def api_requests(self) -> str:
         """HASH the HTTP API's totals since start, fleet-wide (`stores/api_metrics.py`):
-        "status <code>", "changes <accepted|stale>", "duration <bucket>", "duration sum"."""
-        return self._key("api:requests")
+        "status <code>", "changes <accepted|stale>", "duration <bucket>", "duration sum".
+        Deployment-wide: always in the default tag `{prefix}`, whichever workspace's keys
+        name it."""
+        return self.deployment._key("api:requests")
 
     @property
     def coalesce_last_tick(self) -> str:
@@ -236,8 +272,9 @@ class Keys:
     @property
     def beat_seen(self) -> str:
         """STRING Redis time (ms) of beat's last heartbeat (every HEARTBEAT_INTERVAL_SECONDS):
-        tells "beat is not running" apart from "no worker runs the coalescer's ticks"."""
-        return self._key("beat:seen")
+        tells "beat is not running" apart from "no worker runs the coalescer's ticks".
+        Deployment-wide (one beat schedules every workspace): always in the default tag."""
+        return self.deployment._key("beat:seen")
 
     @property
     def coalesce_nudge(self) -> str:

@@ -19,6 +19,8 @@ from typing import TypeVar
 from redis import Redis
 
 from config.settings import Settings, get_settings
+from config.workspaces import forget_workspaces, get_workspaces
+from core.routing import DEFAULT_WORKSPACE
 from stores.buffer import Buffer
 from stores.connection import redis_client
 from stores.history import Retention
@@ -27,9 +29,16 @@ from stores.scripts import Scripts
 
 
 class StoreServices:
-    def __init__(self, settings: Settings) -> None:
+    """One workspace's Redis half (the workspace `settings` are for: `default` unless
+    `Settings.for_workspace` made them); `redis`: a client to share (the registry gives
+    every workspace of a process the first one's pool)."""
+
+    def __init__(self, settings: Settings, *, redis: Redis | None = None) -> None:
         self.settings = settings
-        self.keys = Keys(settings.redis_key_prefix)
+        self.workspace = settings.workspace_name
+        self.keys = Keys(settings.redis_key_prefix, settings.workspace_name)
+        if redis is not None:
+            self.__dict__["redis"] = redis  # what the cached property would hold
 
     @cached_property
     def redis(self) -> Redis:
@@ -59,35 +68,72 @@ class StoreServices:
 Found = TypeVar("Found", bound=StoreServices)
 
 _lock = threading.Lock()
-_current: dict[int, StoreServices] = {}
+# (process id, workspace name) -> that workspace's services in this process.
+_current: dict[tuple[int, str], StoreServices] = {}
 
 
-def process_services(kind: type[Found]) -> Found:
-    """This process's services, at least of `kind` (threads share them; a forked child
-    builds its own). A `StoreServices` found where a subclass is asked for is replaced
-    once by the subclass, built from the same settings."""
+def workspace_names() -> tuple[str, ...]:
+    """The workspaces this deployment serves, in BRAZE_WORKSPACES_FILE's order (`default`
+    alone without the file)."""
+    return get_workspaces().names
+
+
+def resolve_workspace(workspace: str | None) -> str:
+    """The name `workspace` stands for: itself if known; None is the only workspace, or
+    `default`. A programming error otherwise (routing names the workspace of every change
+    before anything reaches here)."""
+    names = workspace_names()
+    if workspace is None:
+        if len(names) == 1:
+            return names[0]
+        if DEFAULT_WORKSPACE in names:
+            return DEFAULT_WORKSPACE
+        raise LookupError(
+            f"several workspaces ({', '.join(names)}) and none named {DEFAULT_WORKSPACE!r}: "
+            "name the workspace"
+        )
+    if workspace not in names:
+        raise LookupError(f"no workspace {workspace!r} (known: {', '.join(names)})")
+    return workspace
+
+
+def process_services(kind: type[Found], workspace: str | None = None) -> Found:
+    """This process's services for one workspace (`resolve_workspace`), at least of `kind`
+    (threads share them; a forked child builds its own). A `StoreServices` found where a
+    subclass is asked for is replaced once by the subclass, built from the same settings."""
     pid = os.getpid()
-    found = _current.get(pid)
+    if workspace is None or (pid, workspace) not in _current:
+        workspace = resolve_workspace(workspace)
+    found = _current.get((pid, workspace))
     if not isinstance(found, kind):
         with _lock:
-            found = _current.get(pid)
+            found = _current.get((pid, workspace))
             if not isinstance(found, kind):
-                settings = found.settings if found is not None else get_settings()
-                _current.clear()  # a parent's, after a fork: never used here
-                found = _current[pid] = kind(settings)
+                if any(key[0] != pid for key in _current):
+                    _current.clear()  # a parent's, after a fork: never used here
+                if found is not None:
+                    settings = found.settings
+                else:
+                    settings = get_settings()
+                    settings = settings.for_workspace(get_workspaces(settings)[workspace])
+                sibling = next(iter(_current.values()), None)
+                shared = sibling.__dict__.get("redis") if sibling is not None else None
+                found = _current[(pid, workspace)] = kind(settings, redis=shared)
     return found
 
 
-def store_services() -> StoreServices:
-    """This process's services for enqueuing (the worker's, when it has them)."""
-    return process_services(StoreServices)
+def store_services(workspace: str | None = None) -> StoreServices:
+    """This process's services for enqueuing into `workspace` (None: the only one, or
+    `default`), the worker's when it has them."""
+    return process_services(StoreServices, workspace)
 
 
 def forget_services() -> None:
-    """Close and forget this process's services and settings (tests that change settings,
-    through `delivery.services.reset_services`)."""
+    """Close and forget this process's services, settings and workspaces (tests that
+    change settings, through `delivery.services.reset_services`)."""
     with _lock:
         for found in _current.values():
             found.close()
         _current.clear()
     get_settings.cache_clear()
+    forget_workspaces()
