@@ -15,7 +15,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import (
     Field,
@@ -49,6 +49,40 @@ INSTANCES: dict[str, str] = {
 
 # Braze's hard cap on identifiers in one subscription-status request.
 BRAZE_MAX_IDENTIFIERS = 50
+
+
+# REDIS_URL schemes naming a Redis Cluster by its seed nodes; `rediss+cluster://` is TLS
+# (verified as for rediss://, REDIS_CA_FILE or `?ssl_ca_certs=`), on every node.
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def cluster_seeds(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """(seed nodes, username, password) of
+    `redis+cluster://[user:password@]host:port[,host:port...][/0][?options]`. The client
+    learns every other node from a seed (CLUSTER SLOTS), so one reachable seed is enough;
+    a Redis Cluster has only database 0. Raises ValueError naming the part at fault (never
+    the password)."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError("a Redis Cluster has only database 0 (leave the path empty or /0)")
+    seeds: list[tuple[str, int]] = []
+    for seed in hosts.split(","):
+        host, _, port = seed.strip().rpartition(":") if ":" in seed else (seed.strip(), "", "")
+        host = host.strip("[]")
+        if not host:
+            raise ValueError(
+                f"{parts.scheme}:// needs its seed nodes as host:port, several joined by ','"
+            )
+        if port and not port.isdigit():
+            raise ValueError("a seed node's port is not a number")
+        seeds.append((host, int(port) if port else 6379))
+    username, password = None, None
+    if userinfo:
+        name, _, secret = userinfo.partition(":")
+        username = unquote(name) or None
+        password = unquote(secret) if secret else None
+    return seeds, username, password
 
 
 class SettingsError(BrazeSubsError):
@@ -134,7 +168,9 @@ class Settings(BaseSettings):
 
     # --- Redis ----------------------------------------------------------------------------
     # Change buffer, limiter and dead letters live in this one Redis; the broker too unless
-    # BROKER_URL names another.
+    # BROKER_URL names another. `redis+cluster://[user:password@]h1:p1[,h2:p2...]` (TLS:
+    # `rediss+cluster://`) puts them on a Redis Cluster instead, named by seed nodes; the
+    # broker must then be BROKER_URL (README "State on a Redis Cluster").
     redis_url: str = "redis://localhost:6379/0"
     # Prefix of every key braze-subs writes, so it can share a Redis with other apps. It
     # sits inside a hash tag (`{prefix}:...`): a `{` or `}` would move the tag, and the Lua
@@ -363,9 +399,13 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         value = value.strip()
         scheme = urlsplit(value).scheme
-        if scheme not in ("redis", "rediss", "unix", "sentinel"):
-            raise ValueError("must start with redis://, rediss://, unix:// or sentinel://")
-        if scheme == "rediss":
+        if scheme not in ("redis", "rediss", "unix", "sentinel", *CLUSTER_SCHEMES):
+            raise ValueError(
+                "must start with redis://, rediss://, unix://, sentinel:// or redis+cluster://"
+            )
+        if scheme in CLUSTER_SCHEMES:
+            cluster_seeds(value)  # raises ValueError naming the part at fault
+        if scheme in ("rediss", "rediss+cluster"):
             query = dict(parse_qsl(urlsplit(value).query))
             wanted = query.get("ssl_cert_reqs", "required").lower()
             if wanted not in ("required", "cert_required"):
@@ -396,6 +436,10 @@ class Settings(BaseSettings):
             return None
         value = value.strip()
         scheme = urlsplit(value).scheme
+        if scheme in CLUSTER_SCHEMES:
+            raise ValueError(
+                "Celery's broker cannot be a Redis Cluster (a plain Redis, sentinel:// or amqp://)"
+            )
         if scheme not in ("amqp", "amqps"):
             try:
                 return cls._redis_url(value)
@@ -452,6 +496,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "REDIS_SENTINEL_MASTER: required with a sentinel:// REDIS_URL "
                 "(the master's name the sentinels watch, e.g. mymaster)"
+            )
+        if self.is_cluster and self.broker_url is None:
+            raise ValueError(
+                "BROKER_URL: required with a redis+cluster:// REDIS_URL (Celery's broker "
+                "cannot use a Redis Cluster: name a plain Redis, sentinel:// or amqp://)"
             )
         if self.broker.startswith("sentinel://") and not self.redis_sentinel_master:
             raise ValueError(
@@ -539,6 +588,11 @@ class Settings(BaseSettings):
         return f"{host}:{digest}"
 
     @property
+    def is_cluster(self) -> bool:
+        """REDIS_URL names a Redis Cluster (redis+cluster://, rediss+cluster://)."""
+        return urlsplit(self.redis_url).scheme in CLUSTER_SCHEMES
+
+    @property
     def broker(self) -> str:
         """Celery's broker URL: BROKER_URL, else REDIS_URL."""
         return self.broker_url or self.redis_url
@@ -549,7 +603,7 @@ class Settings(BaseSettings):
         REDIS_CA_FILE or the URL's `ssl_ca_certs` if given (else the system's CAs). None for
         other URLs."""
         parts = urlsplit(url or self.redis_url)
-        if parts.scheme != "rediss":
+        if parts.scheme not in ("rediss", "rediss+cluster"):
             return None
         # The host name is checked against the certificate explicitly: redis-py's default
         # for it changed between the versions pyproject.toml allows (off before 6).

@@ -1,5 +1,6 @@
-"""Redis clients for REDIS_URL: redis://, rediss:// (certificate verified), unix:// and
-sentinel:// (the master the sentinels name, followed across a failover).
+"""Redis clients for REDIS_URL: redis://, rediss:// (certificate verified), unix://,
+sentinel:// (the master the sentinels name, followed across a failover) and
+redis+cluster:// / rediss+cluster:// (a Redis Cluster by its seed nodes).
 
 Every braze-subs Redis client is made here, so TLS and Sentinel are configured in one
 place; the Celery broker gets the same from `broker_options` (tasks/celery_app.py), on
@@ -9,13 +10,14 @@ BROKER_URL when it is set: another Redis, or RabbitMQ (amqp://, amqps://).
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from redis import Redis
+from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
-from config.settings import Settings
+from config.settings import Settings, cluster_seeds
 
 
 def _sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], str | None, int]:
@@ -33,9 +35,33 @@ def _sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], str | None, int]:
     return hosts, password, db
 
 
+def cluster_client(settings: Settings, **options: Any) -> RedisCluster:
+    """A client of the Redis Cluster a redis+cluster:// (rediss+cluster://) REDIS_URL
+    names by its seed nodes: redis-py's RedisCluster, which learns the slot map from a
+    seed, sends each command to the master of its keys' slot, follows MOVED/ASK and
+    learns the map again after a failover. Replicas are not read (every read must see
+    the last write: the claims and fences depend on it)."""
+    seeds, username, password = cluster_seeds(settings.redis_url)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+        username=username,
+        password=password,
+        ssl=settings.redis_tls() is not None,
+        **(settings.redis_tls() or {}),
+        **options,
+    )
+
+
 def redis_client(settings: Settings, **options: Any) -> Redis:
     """A client of the Redis that REDIS_URL names. `options` go to each connection
-    (timeouts, health checks)."""
+    (timeouts, health checks).
+
+    For a Redis Cluster it is a `RedisCluster`, which speaks the same commands (typed as
+    Redis for the callers): every multi-key command, transaction and script of braze-subs
+    touches the keys of one workspace, one hash tag, so one slot; pipelines without a
+    transaction may span workspaces (RedisCluster sends each node its part)."""
+    if settings.is_cluster:
+        return cast(Redis, cluster_client(settings, **options))
     url = settings.redis_url
     if url.startswith("sentinel://"):
         hosts, password, db = _sentinel_hosts(url)

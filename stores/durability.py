@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping
 
 from redis import Redis
+from redis.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 log = logging.getLogger("braze_subs.durability")
@@ -56,7 +57,22 @@ def findings(config: Mapping[str, str]) -> list[str]:
 
 
 def check(client: Redis) -> list[str] | None:
-    """The findings for the server behind `client`, or None if it would not say."""
+    """The findings for the server behind `client`, or None if it would not say. On a
+    Redis Cluster, every node's (masters and replicas: a replica promoted by a failover
+    serves with its own configuration), each finding naming the nodes it holds for."""
+    if isinstance(client, RedisCluster):
+        nodes: dict[str, list[str]] = {}
+        for node in client.get_nodes():
+            found = _check_one(client.get_redis_connection(node))
+            if found is None:
+                return None
+            for finding in found:
+                nodes.setdefault(finding, []).append(node.name)
+        return [f"{finding} (nodes {', '.join(sorted(names))})" for finding, names in nodes.items()]
+    return _check_one(client)
+
+
+def _check_one(client: Redis) -> list[str] | None:
     pipe = client.pipeline(transaction=False)
     for name in ("maxmemory-policy", "appendonly", "appendfsync", "save"):
         pipe.config_get(name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from redis import Redis
 
@@ -223,11 +224,7 @@ class RateLimiter:
     def pause_after_turn(self) -> tuple[float, str]:
         """Seconds left of a pause every worker must respect now, and why: "paused" (a
         429), "credentials" (this budget's key is refused: its next probe), or (0, "")."""
-        pipe = self.client.pipeline(transaction=True)  # one round trip, one instant
-        pipe.time()
-        pipe.hget(self.key, "paused_until")
-        pipe.hmget(self.credentials_key, KEY_REFUSAL_FIELDS)
-        clock, paused, refusal_fields = pipe.execute()
+        clock, (paused,), refusal_fields = self._read("paused_until")
         now = exact_ms(clock)
         refusal = KeyRefusal.from_fields(refusal_fields)
         if paused and float(paused) > now:
@@ -235,6 +232,15 @@ class RateLimiter:
         if refusal is not None and refusal.workspace == self.workspace:
             return max(0.0, (refusal.probe_at_ms - now) / 1000), "credentials"
         return 0.0, ""
+
+    def _read(self, *fields: str) -> tuple[tuple[int, int], list[Any], list[Any]]:
+        """Redis's clock, `fields` of the budget and the credentials circuit's fields, at
+        one instant in one round trip (limiter_state.lua: a script, so that on a Redis
+        Cluster the clock is that of the node holding the budget)."""
+        seconds, micros, values, refusal_fields = self.scripts.limiter_state(
+            keys=[self.key, self.credentials_key], args=[*fields, "|", *KEY_REFUSAL_FIELDS]
+        )
+        return (int(seconds), int(micros)), values, refusal_fields
 
     def committed_ahead_ms(self, now_ms: float) -> float:
         """How far into the future the shared budget is already promised at `now_ms` (Redis
@@ -248,11 +254,9 @@ class RateLimiter:
         return 1000 / self.budget.interval_ms
 
     def state(self) -> LimiterState:
-        pipe = self.client.pipeline(transaction=True)  # one round trip, one instant
-        pipe.time()
-        pipe.hmget(self.key, "tat", "paused_until", "pause_reason")
-        pipe.hmget(self.credentials_key, KEY_REFUSAL_FIELDS)
-        clock, (tat, paused, reason), refusal_fields = pipe.execute()
+        clock, (tat, paused, reason), refusal_fields = self._read(
+            "tat", "paused_until", "pause_reason"
+        )
         refusal = KeyRefusal.from_fields(refusal_fields)
         here = refusal is not None and refusal.workspace == self.workspace
         now = exact_ms(clock)  # the scripts' precision, not whole ms

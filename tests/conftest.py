@@ -25,6 +25,8 @@ from delivery.services import reset_services, services
 from devtools.processes import CeleryProcess, ProcessGroup, wait_until
 from devtools.rabbitmq import RabbitMQ
 from devtools.rabbitmq import unavailable as rabbitmq_unavailable
+from devtools.redis_cluster import RedisCluster
+from devtools.redis_cluster import unavailable as redis_cluster_unavailable
 from simulator import SimulatorConfig, SimulatorServer
 from simulator.order_check import Enqueued, Key, applied_from_document, check_order
 from simulator.order_check import enqueued_from_rows as rows_by_key
@@ -299,6 +301,38 @@ def broker(request: pytest.FixtureRequest, env: dict[str, str]) -> str:
     if request.param == "rabbitmq":
         request.getfixturevalue("rabbitmq")
     return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A private 3-master, 3-replica Redis Cluster for the session (devtools/redis_cluster.py),
+    started on first use; skipped with the reason where redis-server cannot run one."""
+    reason = redis_cluster_unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(
+    redis_cluster_server: RedisCluster,
+    env: dict[str, str],
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[RedisCluster]:
+    """`env` with braze-subs' state on the session's Redis Cluster (REDIS_URL
+    redis+cluster://) and Celery's broker on the session's plain Redis (BROKER_URL);
+    every master flushed after the test. Request it before `processes`."""
+    values = {"REDIS_URL": redis_cluster_server.url, "BROKER_URL": redis_url}
+    env.update(values)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    reset_services()
+    yield redis_cluster_server
+    reset_services()
+    redis_cluster_server.flush()
 
 
 @pytest.fixture

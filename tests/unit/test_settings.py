@@ -416,7 +416,7 @@ def test_require_braze_names_the_missing_endpoint():
         ({"REDIS_URL": "sentinel://h1:26379"}, "REDIS_SENTINEL_MASTER: required"),
         ({"REDIS_URL": "rediss://h:6380/0?ssl_cert_reqs=none"}, "REDIS_URL: ssl_cert_reqs"),
         ({"REDIS_CA_FILE": "/nonexistent/ca.pem"}, "REDIS_CA_FILE: no such file"),
-        ({"REDIS_URL": "redis+cluster://h:7000"}, "REDIS_URL: must start with"),
+        ({"REDIS_URL": "redis+cluster://h:7000"}, "BROKER_URL: required with a redis+cluster"),
     ],
 )
 def test_redis_connection_settings_are_checked_at_start(monkeypatch, env, message):
