@@ -6,11 +6,12 @@ stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import heapq
 import importlib.util
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -35,10 +36,11 @@ from admin.status import Overview, Target, find_budget, read_overview
 from admin.status_view import overview_sections, overview_warnings
 from admin.verify import Mismatch, VerifyReport
 from config.settings import get_settings
-from core.changes import InvalidChange, Lane, parse_lane
+from core.changes import Change, InvalidChange, Lane, parse_lane
 from core.errors import EXIT_ENVIRONMENT, EXIT_REFUSED, BrazeSubsError
 from core.redaction import redact_url
-from delivery.services import services
+from delivery.braze_reads import BrazeReader
+from delivery.services import Services, services, workspace_names
 from stores.dead_letters import DeadLetter, DeadLetters
 from tasks.bulk_import import count_lines, enqueue_file
 from tasks.producer import enqueue_change
@@ -73,6 +75,14 @@ EntryIds = Annotated[
     list[str] | None, typer.Argument(help="Entry ids, whole or any unique prefix.")
 ]
 AllEntries = Annotated[bool, typer.Option("--all", help="Every entry.")]
+# Which workspace of BRAZE_WORKSPACES_FILE (issue 23) an admin command covers: one, or all.
+WorkspaceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--workspace",
+        help="Only this workspace (a name in BRAZE_WORKSPACES_FILE; default: every one).",
+    ),
+]
 LaneOption = Annotated[
     str | None,
     typer.Option(
@@ -97,6 +107,22 @@ class CliError(BrazeSubsError):
 
 def _fail(message: str, code: int = EXIT_ENVIRONMENT) -> NoReturn:
     raise CliError(message, code)
+
+
+def _workspaces(given: str | None) -> list[str]:
+    """The workspaces a command covers: every one of the deployment, or the one named
+    (a name it does not serve: one line naming the choices, exit 2)."""
+    names = list(workspace_names())
+    if given is None:
+        return names
+    if given not in names:
+        _fail(f"--workspace: no workspace {given!r}; choose from: {', '.join(names)}")
+    return [given]
+
+
+def _several_workspaces() -> bool:
+    """Whether the deployment serves more than one workspace (then listings name each)."""
+    return len(workspace_names()) > 1
 
 
 def _lane_or_fail(given: str | None, default: Lane) -> Lane:
@@ -279,17 +305,20 @@ def status(
         ),
     ] = None,
 ) -> None:
-    """Where the work stands: buffer, batches in flight, dead letters, the rate budget."""
-    found = services()
-
-    # Without BRAZE_API_KEY (an operator's shell) the budget is the one the workers
-    # recorded; if none did, status says it cannot tell rather than show a fresh budget.
-    source = find_budget(found.redis, found.keys, found.settings)
-    limiter = found.limiter_for(source.workspace) if source.workspace else None
-    targets = [Target("default", found.keys, limiter, source)]
+    """Where the work stands: buffer, batches in flight, dead letters, the rate budget;
+    with several workspaces, the totals and a section per workspace."""
+    targets: list[Target] = []
+    for name in workspace_names():
+        found = services(name)
+        # Without the key (an operator's shell) the budget is the one the workers
+        # recorded; if none did, status says it cannot tell rather than show a fresh one.
+        source = find_budget(found.redis, found.keys, found.settings)
+        limiter = found.limiter_for(source.workspace) if source.workspace else None
+        targets.append(Target(name, found.keys, limiter, source))
+    client, deployment = found.redis, found.keys.deployment
 
     def snapshot() -> Overview:
-        return read_overview(found.redis, targets, found.keys)
+        return read_overview(client, targets, deployment)
 
     if as_json:
         out.print_json(json.dumps(snapshot().as_dict()))
@@ -338,25 +367,26 @@ def dlq_list(
     all_: Annotated[
         bool, typer.Option("--all", help="Every entry, read page by page (streamed).")
     ] = False,
+    workspace: WorkspaceOption = None,
 ) -> None:
-    """List dead-letter entries, oldest first, a page at a time."""
+    """List dead-letter entries, oldest first, a page at a time (each names its workspace)."""
     if cursor is not None and not _is_cursor(cursor):
         _fail(f"--cursor: not a cursor printed by dlq list: {cursor!r}")
-    found = services()
-    store = found.dead_letters
+    stores = {name: services(name).dead_letters for name in _workspaces(workspace)}
     if all_:
-        _dlq_list_all(store, as_json, cursor)
+        _dlq_list_all(stores, as_json, cursor)
         return
-    entries, next_cursor = store.page(cursor, limit)
+    entries, next_cursor = _dlq_page(stores, cursor, limit)
     if as_json:
-        out.print_json(json.dumps([entry.as_dict() for entry in entries]))
+        out.print_json(json.dumps([_dlq_entry(name, entry) for name, entry in entries]))
     else:
         out.print(_dlq_table(entries))
-    total = int(found.redis.hlen(found.keys.dead_letters))
+    total = sum(int(store.client.hlen(store.keys.dead_letters)) for store in stores.values())
     if next_cursor is not None:
+        narrowed = f" --workspace {workspace}" if workspace else ""
         err.print(
             f"{len(entries)} of {total:,} entries; next page: "
-            f"braze-subs dlq list --limit {limit} --cursor {next_cursor}",
+            f"braze-subs dlq list --limit {limit} --cursor {next_cursor}{narrowed}",
             highlight=False,
         )
 
@@ -366,16 +396,46 @@ def _is_cursor(cursor: str) -> bool:
     return bool(sep) and score.isdigit() and bool(entry_id)
 
 
-def _dlq_list_all(store: DeadLetters, as_json: bool, cursor: str | None) -> None:
+def _dlq_entry(workspace: str, entry: DeadLetter) -> dict[str, object]:
+    return {**entry.as_dict(), "workspace": workspace}
+
+
+Named = list[tuple[str, DeadLetter]]
+
+
+def _dlq_page(
+    stores: dict[str, DeadLetters], cursor: str | None, limit: int
+) -> tuple[Named, str | None]:
+    """Up to `limit` entries after `cursor` over the workspaces' stores, oldest first, each
+    with its workspace, and the next page's cursor. A cursor is a position (dead-lettered
+    ms, id) that orders entries of every workspace alike, so one cursor pages them all:
+    each store gives its next `limit`, the merge keeps the first `limit`."""
+    merged: Named = []
+    more = False
+    for name, store in stores.items():
+        entries, after = store.page(cursor, limit)
+        merged += [(name, entry) for entry in entries]
+        more = more or after is not None
+    if len(stores) == 1:
+        return merged, after
+    merged.sort(key=lambda pair: (pair[1].dead_lettered_at, pair[1].id))
+    shown = merged[:limit]
+    if not shown or not (more or len(merged) > limit):
+        return shown, None
+    last = shown[-1][1]
+    return shown, f"{last.dead_lettered_at}:{last.id}"
+
+
+def _dlq_list_all(stores: dict[str, DeadLetters], as_json: bool, cursor: str | None) -> None:
     """Stream every entry in pages, so memory stays bounded by one page."""
     first = True
     if as_json:
         sys.stdout.write("[")
     while True:
-        entries, cursor = store.page(cursor, 1000)
+        entries, cursor = _dlq_page(stores, cursor, 1000)
         if as_json:
-            for entry in entries:
-                sys.stdout.write(("\n" if first else ",\n") + json.dumps(entry.as_dict()))
+            for name, entry in entries:
+                sys.stdout.write(("\n" if first else ",\n") + json.dumps(_dlq_entry(name, entry)))
                 first = False
         elif entries:
             out.print(_dlq_table(entries))
@@ -386,21 +446,24 @@ def _dlq_list_all(store: DeadLetters, as_json: bool, cursor: str | None) -> None
         sys.stdout.flush()
 
 
-def _dlq_table(entries: list[DeadLetter]) -> Table:
+def _dlq_table(entries: Named) -> Table:
     # The id whole, whatever the width (the error column wraps instead): it is what
     # `dlq replay/purge` take.
-    widest = max((len(entry.id) for entry in entries), default=2)
+    widest = max((len(entry.id) for _, entry in entries), default=2)
+    several = _several_workspaces()
     table = Table(
         Column("id", no_wrap=True, min_width=widest),
+        *(["workspace"] if several else []),
         "group",
         "state",
         "identifiers",
         "attempts",
         "error",
     )
-    for entry in entries:
+    for name, entry in entries:
         table.add_row(
             entry.id,
+            *([name] if several else []),
             entry.subscription_group_id,
             entry.subscription_state,
             str(len(entry.identifiers)),
@@ -418,22 +481,47 @@ def _ids_or_all(ids: list[str] | None, all_: bool) -> list[str] | None:
     return None if all_ else list(ids or [])
 
 
-def _resolve(store: DeadLetters, ids: list[str] | None) -> tuple[list[str] | None, list[str]]:
-    """Entry ids as typed, whole or a unique prefix (`dlq list` may cut them): the ids and
-    those that matched nothing. An ambiguous prefix refuses the whole command before any
-    entry is touched, naming what it matched."""
+def _resolve(
+    stores: dict[str, DeadLetters], ids: list[str] | None
+) -> tuple[dict[str, list[str] | None], list[str]]:
+    """Entry ids as typed, whole or a unique prefix (`dlq list` may cut them), each found in
+    whichever workspace holds it: the ids per workspace (None: all of its entries) and
+    those that matched nothing. A prefix matching more than one entry, in one workspace or
+    across them, refuses the whole command before any entry is touched, naming what it
+    matched."""
     if ids is None:
-        return None, []
-    resolved = store.resolve(ids)
-    if resolved.ambiguous:
-        prefix, matches = next(iter(resolved.ambiguous.items()))
-        named = ", ".join(matches[:3]) + (", …" if len(matches) > 3 else "")
-        _fail(
-            f"entry id {prefix!r} matches more than one entry ({named}): give more of it; "
-            "nothing was replayed or purged",
-            EXIT_REFUSED,
-        )
-    return resolved.ids, resolved.missing
+        return dict.fromkeys(stores), []
+    chosen: dict[str, list[str] | None] = {name: [] for name in stores}
+    missing: list[str] = []
+    for text in ids:
+        found: list[tuple[str, str]] = []
+        for name, store in stores.items():
+            resolved = store.resolve([text])
+            if resolved.ambiguous:
+                _ambiguous(text, resolved.ambiguous[text])
+            found += [(name, entry_id) for entry_id in resolved.ids]
+        whole = [pair for pair in found if pair[1] == text]
+        found = whole or found
+        if len(found) > 1:
+            _ambiguous(text, [f"{entry_id} ({name})" for name, entry_id in found])
+        if not found:
+            missing.append(text)
+            continue
+        name, entry_id = found[0]
+        listed = chosen[name]
+        assert listed is not None
+        if entry_id not in listed:
+            listed.append(entry_id)
+    return chosen, missing
+
+
+def _ambiguous(prefix: str, matches: list[str]) -> NoReturn:
+    named = ", ".join(sorted(matches)[:3]) + (", …" if len(matches) > 3 else "")
+    _fail(
+        f"entry id {prefix!r} matches more than one entry ({named}): give more of it; "
+        "nothing was replayed or purged",
+        EXIT_REFUSED,
+    )
 
 
 def _refuse_missing(missing: list[str]) -> None:
@@ -446,31 +534,44 @@ def _refuse_missing(missing: list[str]) -> None:
 def dlq_replay(
     ids: EntryIds = None,
     all_: AllEntries = False,
+    workspace: WorkspaceOption = None,
 ) -> None:
     """Return dead-lettered identifiers to the buffer (a newer change for one wins)."""
-    store = services().dead_letters
-    chosen, missing = _resolve(store, _ids_or_all(ids, all_))
-    report = store.replay(chosen)
-    report.missing += missing
+    stores = {name: services(name).dead_letters for name in _workspaces(workspace)}
+    chosen, missing = _resolve(stores, _ids_or_all(ids, all_))
+    entries = requeued = superseded = 0
+    for name, entry_ids in chosen.items():
+        if entry_ids == []:
+            continue
+        report = stores[name].replay(entry_ids)
+        entries, requeued = entries + report.entries, requeued + report.requeued
+        superseded += report.superseded
+        missing += report.missing
     err.print(
-        f"replayed {report.entries} entries: {report.requeued} identifiers back in the buffer, "
-        f"{report.superseded} skipped (a newer change exists)"
+        f"replayed {entries} entries: {requeued} identifiers back in the buffer, "
+        f"{superseded} skipped (a newer change exists)"
     )
-    _refuse_missing(report.missing)
+    _refuse_missing(missing)
 
 
 @dlq_app.command("purge")
 def dlq_purge(
     ids: EntryIds = None,
     all_: AllEntries = False,
+    workspace: WorkspaceOption = None,
 ) -> None:
     """Delete dead-letter entries for good."""
-    store = services().dead_letters
-    chosen, missing = _resolve(store, _ids_or_all(ids, all_))
-    report = store.purge(chosen)
-    report.missing += missing
-    err.print(f"purged {report.entries} entries ({report.identifiers} identifiers)")
-    _refuse_missing(report.missing)
+    stores = {name: services(name).dead_letters for name in _workspaces(workspace)}
+    chosen, missing = _resolve(stores, _ids_or_all(ids, all_))
+    entries = identifiers = 0
+    for name, entry_ids in chosen.items():
+        if entry_ids == []:
+            continue
+        report = stores[name].purge(entry_ids)
+        entries, identifiers = entries + report.entries, identifiers + report.identifiers
+        missing += report.missing
+    err.print(f"purged {entries} entries ({identifiers} identifiers)")
+    _refuse_missing(missing)
 
 
 def _identifier_option(
@@ -515,17 +616,46 @@ def verify(
             "(opted out in Braze); says how many first.",
         ),
     ] = False,
+    workspace: Annotated[
+        str | None,
+        typer.Option(
+            "--workspace",
+            help="The workspace of rows that name none and whose group BRAZE_WORKSPACES_FILE "
+            "gives to none (default: the only workspace).",
+        ),
+    ] = None,
 ) -> None:
     """Read Braze back for every row of FILE and report drift (exit 0 none, 1 drift, 2
-    bad input or Braze unreachable)."""
-    from admin.verify import Verification, write_json
+    bad input or Braze unreachable). Each row is read from its workspace's Braze: the
+    row's `workspace`, else its group's, else --workspace, else the only one."""
+    from admin.verify import Side, Verification, write_json
+    from config.workspaces import get_workspaces
 
     if resubscribe and not repair:
         _fail("--resubscribe goes with --repair")
+    names = _workspaces(None)
+    if workspace is not None:
+        _workspaces(workspace)  # a name the deployment serves, or one line and exit 2
     if not file.is_file():
         _fail(f"{file}: no such file")
-    found = services()
-    found.settings.require_braze()
+    routes = get_workspaces().routes
+
+    def route(change: Change) -> str:
+        unowned = change.workspace is None and change.group_id not in routes.groups
+        if unowned and workspace is not None:
+            return workspace
+        return routes.route(change.group_id, change.workspace)
+
+    sides: dict[str, Side] = {}
+    for name in names:
+        found = services(name)
+        sides[name] = Side(
+            found.redis,
+            found.keys,
+            found.buffer,
+            make_reader=_reader_of(found),
+        )
+    concurrency = services(names[0]).settings.verify_concurrency
     total_lines = count_lines(file)
     columns = (
         TextColumn("{task.description:<10}"),
@@ -536,8 +666,7 @@ def verify(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    reader = found.reader(max_wait_seconds=None)
-    with Verification(reader, found.redis, found.keys, buffer=found.buffer) as run:
+    with Verification.across(sides, route) as run:
         with Progress(*columns, console=err, transient=False) as bar:
             tasks: dict[str, int] = {}
 
@@ -552,11 +681,13 @@ def verify(
             distinct = run.load(file, progress, total_lines)
             report = run.report
             if report.ok:
+                for name in run.workspaces():  # each workspace read needs its key
+                    services(name).settings.require_braze()
                 run.check(
                     repair=repair,
                     progress=progress,
                     total=distinct,
-                    concurrency=found.settings.verify_concurrency,
+                    concurrency=concurrency,
                 )
         opted_out = report.totals.opted_out_in_braze
         if report.ok and resubscribe and opted_out:
@@ -580,6 +711,11 @@ def verify(
 
 
 MISMATCHES_SHOWN = 50
+
+
+def _reader_of(found: Services) -> Callable[[], BrazeReader]:
+    """A workspace's reader, made when its first row is read (as long as it takes)."""
+    return lambda: found.reader(max_wait_seconds=None)
 
 
 def _print_verify(report: VerifyReport, mismatches: Iterator[Mismatch]) -> None:
@@ -657,28 +793,40 @@ def lookup(
     email: EmailOption = None,
     phone: PhoneOption = None,
     as_json: JsonOption = False,
+    workspace: WorkspaceOption = None,
 ) -> None:
-    """The identifier's subscription groups and states in Braze."""
+    """The identifier's subscription groups and states in Braze (each workspace's Braze,
+    a section each, unless --workspace names one)."""
     kind, value = _identifier_option(external_id, email, phone)
-    found = services()
-    found.settings.require_braze()
-    users = found.reader(max_wait_seconds=None).user_groups(kind, value)
+    names = _workspaces(workspace)
+    readers = {}
+    for name in names:  # every workspace's key and endpoint, before the first read
+        found = services(name)
+        found.settings.require_braze()
+        readers[name] = found.reader(max_wait_seconds=None)
+    held = {name: reader.user_groups(kind, value) for name, reader in readers.items()}
     if as_json:
+        users = [{**u.as_dict(), "workspace": name} for name, found in held.items() for u in found]
+        workspaces = {name: {"users": [u.as_dict() for u in found]} for name, found in held.items()}
         out.print_json(
-            json.dumps({"kind": kind, "value": value, "users": [u.as_dict() for u in users]})
+            json.dumps({"kind": kind, "value": value, "users": users, "workspaces": workspaces})
         )
         return
-    if not users:
-        out.print(f"Braze holds no user for {kind} {value}")
-        return
-    table = Table("user", "group", "name", "channel", "state")
-    for user in users:
-        who = user.external_id or user.email or user.phone or "-"
-        for group in user.groups or ():
-            table.add_row(who, group.group_id, group.name, group.channel, group.state.value)
-        if not user.groups:
-            table.add_row(who, "-", "", "", "no groups")
-    out.print(table)
+    several = _several_workspaces()
+    for name, users in held.items():
+        if several:
+            out.print(f"workspace {name}")
+        if not users:
+            out.print(f"Braze holds no user for {kind} {value}")
+            continue
+        table = Table("user", "group", "name", "channel", "state")
+        for user in users:
+            who = user.external_id or user.email or user.phone or "-"
+            for group in user.groups or ():
+                table.add_row(who, group.group_id, group.name, group.channel, group.state.value)
+            if not user.groups:
+                table.add_row(who, "-", "", "", "no groups")
+        out.print(table)
 
 
 @app.command()
@@ -688,40 +836,58 @@ def history(
     phone: PhoneOption = None,
     group: Annotated[str | None, typer.Option("--group", help="Only this group.")] = None,
     as_json: JsonOption = False,
+    workspace: WorkspaceOption = None,
 ) -> None:
-    """What happened here to the identifier's changes, oldest first (consent history)."""
-    from stores.history import ConsentHistory
+    """What happened here to the identifier's changes, oldest first (consent history), in
+    every workspace unless --workspace names one; each event says its workspace."""
+    from core.changes import format_ms
+    from stores.history import ConsentHistory, HistoryEvent
 
     kind, value = _identifier_option(external_id, email, phone)
-    found = services()
-    reader = ConsentHistory(found.redis, found.keys)
-    events = reader.events(kind, value, group)
-    marks = reader.watermarks(kind, value)
-    if group is not None:
-        marks = {g: ms for g, ms in marks.items() if g == group}
+    per_workspace: list[list[tuple[str, HistoryEvent]]] = []
+    marks: dict[str, dict[str, int]] = {}
+    for name in _workspaces(workspace):
+        found = services(name)
+        reader = ConsentHistory(found.redis, found.keys)
+        per_workspace.append([(name, event) for event in reader.events(kind, value, group)])
+        marks[name] = {
+            g: ms for g, ms in reader.watermarks(kind, value).items() if group in (None, g)
+        }
+    # Each workspace's events are in order; merged by time, each keeps its own order.
+    events = list(heapq.merge(*per_workspace, key=lambda pair: pair[1].at_ms))
+    latest: dict[str, int] = {}
+    for held in marks.values():
+        for g, ms in held.items():
+            latest[g] = max(ms, latest.get(g, ms))
     if as_json:
-        from core.changes import format_ms
-
         out.print_json(
             json.dumps(
                 {
                     "kind": kind,
                     "value": value,
-                    "events": [event.as_dict() for event in events],
-                    "watermarks": {g: format_ms(ms) for g, ms in sorted(marks.items())},
+                    "events": [{**e.as_dict(), "workspace": name} for name, e in events],
+                    "watermarks": {g: format_ms(ms) for g, ms in sorted(latest.items())},
+                    "watermarks_by_workspace": {
+                        name: {g: format_ms(ms) for g, ms in sorted(held.items())}
+                        for name, held in marks.items()
+                    },
                 }
             )
         )
         return
     if not events:
-        days = found.settings.history_retention_days
+        days = services(next(iter(marks))).settings.history_retention_days
         out.print(f"no history for {kind} {value} (kept {days:g} days after the last event)")
         return
-    from core.changes import format_ms
-
-    table = Table("at (UTC)", "group", "what")
-    for event in events:
-        table.add_row(format_ms(event.at_ms), event.group_id or "-", event.describe())
+    several = _several_workspaces()
+    table = Table("at (UTC)", *(["workspace"] if several else []), "group", "what")
+    for name, event in events:
+        table.add_row(
+            format_ms(event.at_ms),
+            *([name] if several else []),
+            event.group_id or "-",
+            event.describe(),
+        )
     out.print(table)
 
 
@@ -731,25 +897,32 @@ def forget(
     email: EmailOption = None,
     phone: PhoneOption = None,
 ) -> None:
-    """Erase everything braze-subs holds about the identifier (not Braze's copy)."""
+    """Erase everything braze-subs holds about the identifier, in every workspace (not
+    Braze's copy)."""
     from stores.erasure import forget as erase
 
     kind, value = _identifier_option(external_id, email, phone)
-    found = services()
-    report = erase(
-        found.redis,
-        found.keys,
-        kind,
-        value,
-        scripts=found.scripts,
-        retention=found.retention,
-        grace_ms=found.settings.redispatch_grace_ms,
-    )
+    names = list(workspace_names())
+    totals: dict[str, int] = {}
+    for name in names:
+        found = services(name)
+        report = erase(
+            found.redis,
+            found.keys,
+            kind,
+            value,
+            scripts=found.scripts,
+            retention=found.retention,
+            grace_ms=found.settings.redispatch_grace_ms,
+        )
+        for what, removed in report.as_dict().items():
+            totals[what] = totals.get(what, 0) + removed
+    where = f" (every workspace: {', '.join(names)})" if len(names) > 1 else ""
     out.print(
-        f"erased {kind} {value} from braze-subs: {report.pending} pending changes, "
-        f"{report.in_flight} batches in flight (they finish without it), "
-        f"{report.dead_letters} dead-letter entries, {report.history_events} history events, "
-        f"{report.watermarks} watermarks"
+        f"erased {kind} {value} from braze-subs{where}: {totals['pending']} pending changes, "
+        f"{totals['in_flight']} batches in flight (they finish without it), "
+        f"{totals['dead_letters']} dead-letter entries, {totals['history_events']} history "
+        f"events, {totals['watermarks']} watermarks"
     )
     out.print(
         "Braze is not changed: delete the user there with Braze's user deletion "
@@ -865,25 +1038,29 @@ def metrics(
         str | None, typer.Option(help="Address to listen on (default: METRICS_ADDRESS).")
     ] = None,
 ) -> None:
-    """The Prometheus exporter: serves /metrics, reading Redis on every scrape."""
+    """The Prometheus exporter: serves /metrics, reading Redis on every scrape (every
+    workspace's pipeline, each series labelled with its workspace)."""
     from admin.exporter import registry_for, serve
     from stores.connection import redis_client
     from stores.limiter import RateLimiter
 
-    found = services()
+    names = list(workspace_names())
+    found = services(names[0])
     # Its own client with timeouts: a scrape against an unreachable Redis answers
     # braze_subs_redis_up 0 within seconds instead of hanging until Prometheus gives up.
     client = redis_client(found.settings, socket_timeout=5, socket_connect_timeout=5)
     client.ping()  # an unreachable Redis stops the exporter at start, in one line
-    from admin.status import find_budget
-
-    source = find_budget(client, found.keys, found.settings)
-    shared = found.limiter_for(source.workspace or found.settings.workspace_id)
-    limiter = RateLimiter(client, shared.key, shared.budget, max_wait_seconds=0)
+    targets = []
+    for name in names:
+        found = services(name)
+        source = find_budget(client, found.keys, found.settings)
+        shared = found.limiter_for(source.workspace or found.settings.workspace_id)
+        limiter = RateLimiter(client, shared.key, shared.budget, max_wait_seconds=0)
+        targets.append(Target(name, found.keys, limiter, source))
     port = port or found.settings.metrics_port
     host = host or found.settings.metrics_address
     err.print(f"braze-subs metrics on http://{host}:{port}/metrics", highlight=False)
-    serve(port, host, registry_for(client, found.keys, limiter))
+    serve(port, host, registry_for(client, found.keys.deployment, None, targets=targets))
 
 
 @app.command("api")

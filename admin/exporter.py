@@ -35,6 +35,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from admin.status import Status, Target, read_status
+from core.routing import DEFAULT_WORKSPACE
 from stores import counters
 from stores.api_metrics import ApiTotals, read_api_totals
 from stores.fleet import WAIT_REASONS, WORKERS_READ
@@ -42,7 +43,6 @@ from stores.keys import Keys
 from stores.limiter import RateLimiter
 
 logger = logging.getLogger("braze_subs.exporter")
-DEFAULT_WORKSPACE = "default"  # REBASE: core.routing
 
 PREFIX = "braze_subs_"
 # The values the `reason` labels may take (bounded: the free text stays in `status`).

@@ -34,6 +34,12 @@ streaming, so a file of 10 million rows needs bounded memory:
    one more look that no change for it waits or flies.
 
 Mismatches are kept in the spool too and streamed out at the end, each with its outcome.
+
+Several workspaces (BRAZE_WORKSPACES_FILE, issue 23): each row is routed in pass 1 (its
+`workspace`, else its group's in the file, else the command's `--workspace`, else the only
+workspace); a row that fits none is a bad row, named by its line. Pass 2 reads each row
+from its workspace's Braze through that workspace's read budget, weighs it against that
+workspace's history, and repairs it into that workspace's buffer.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ from typing import Any
 
 from redis import Redis
 
-from core.changes import Change, IdentifierKind, Lane, SubscriptionState
+from core.changes import Change, IdentifierKind, InvalidChange, Lane, SubscriptionState
+from core.routing import DEFAULT_WORKSPACE
 from delivery.braze_reads import MAX_READ_IDENTIFIERS, BrazeReader, ReadState
 from stores.buffer import Buffer
 from stores.clock import server_time_ms
@@ -122,6 +129,7 @@ class Mismatch:
     expected: str
     braze: str  # subscribed | unsubscribed | unknown
     outcome: str = DRIFT  # one of OUTCOMES
+    workspace: str = DEFAULT_WORKSPACE  # whose Braze was read
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -132,6 +140,7 @@ class Mismatch:
             "braze": self.braze,
             "line": self.line,
             "outcome": self.outcome,
+            "workspace": self.workspace,
         }
 
 
@@ -166,6 +175,7 @@ class VerifyReport:
     errors: list[RowError] = field(default_factory=list)
     totals: GroupCounts = field(default_factory=GroupCounts)
     groups: dict[str, GroupCounts] = field(default_factory=dict)
+    workspaces: dict[str, GroupCounts] = field(default_factory=dict)  # the same, by workspace
     repaired: int = 0  # repairs enqueued and accepted (re-subscriptions included)
     resubscribed: int = 0  # of those, opted out in Braze and re-subscribed (--resubscribe)
     read_calls: int = 0
@@ -182,23 +192,63 @@ class VerifyReport:
         totals = self.totals
         return totals.drift + totals.unknown + totals.beyond_retention > 0
 
-    def count(self, group_id: str, outcome: str) -> None:
+    def count(self, group_id: str, outcome: str, workspace: str = DEFAULT_WORKSPACE) -> None:
         counts = self.groups.setdefault(group_id, GroupCounts())
-        for target in (counts, self.totals):
+        mine = self.workspaces.setdefault(workspace, GroupCounts())
+        for target in (counts, mine, self.totals):
             target.checked += 1
             setattr(target, outcome, getattr(target, outcome) + 1)
 
-    def recount(self, group_id: str, was: str, now: str) -> None:
+    def recount(
+        self, group_id: str, was: str, now: str, workspace: str = DEFAULT_WORKSPACE
+    ) -> None:
         """A row's outcome changed (its repair lost to a change accepted meanwhile)."""
-        for target in (self.groups[group_id], self.totals):
+        for target in (self.groups[group_id], self.workspaces[workspace], self.totals):
             setattr(target, was, getattr(target, was) - 1)
             setattr(target, now, getattr(target, now) + 1)
+
+
+class Side:
+    """One workspace as `verify` uses it: its Braze (through its read budget: `reader`, or
+    `make_reader` called the first time a row of the workspace is read, so a workspace no
+    row goes to needs no key), its keys, and its buffer for repairs (None: no repairs)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        buffer: Buffer | None = None,
+        *,
+        reader: BrazeReader | None = None,
+        make_reader: Callable[[], BrazeReader] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.buffer = buffer
+        self._reader = reader
+        self._make_reader = make_reader
+        self.history = ConsentHistory(redis, keys, buffer.scripts if buffer else None)
+
+    @property
+    def reader(self) -> BrazeReader:
+        if self._reader is None:
+            assert self._make_reader is not None, "a Side needs a reader or make_reader"
+            self._reader = self._make_reader()
+        return self._reader
+
+    @property
+    def calls(self) -> int:
+        return self._reader.calls if self._reader is not None else 0
+
+
+# Which workspace a valid row goes to; raises `InvalidChange` for a row that fits none.
+Route = Callable[[Change], str]
 
 
 class Verification:
     """One run of `verify`: the spool lives as long as this object (use it as a context
     manager); `mismatches()` streams what `check` found, in file order. Repairs go into
-    `buffer` (None: nothing is repaired)."""
+    `buffer` (None: nothing is repaired). Several workspaces: `Verification.across`."""
 
     def __init__(
         self,
@@ -208,12 +258,15 @@ class Verification:
         *,
         buffer: Buffer | None = None,
         spool_dir: Path | None = None,
+        sides: dict[str, Side] | None = None,
+        route: Route | None = None,
     ) -> None:
-        self.reader = reader
-        self.redis = redis
-        self.keys = keys
-        self.buffer = buffer
-        self.history = ConsentHistory(redis, keys, buffer.scripts if buffer else None)
+        self.sides = sides or {DEFAULT_WORKSPACE: Side(redis, keys, buffer, reader=reader)}
+        only = next(iter(self.sides))
+        self.route: Route = route or (lambda _change: only)
+        first = self.sides[only]
+        self.redis = first.redis  # one Redis: its clock (the horizon) is every workspace's
+        self.buffer = first.buffer
         # Rows without occurred_at stand for the state when the file was written (`load`).
         self.written_ms = 0
         # Older than this (Redis's clock less the watermark retention), a row without a
@@ -229,18 +282,36 @@ class Verification:
             PRAGMA cache_size = -16384;
             PRAGMA temp_store = FILE;
             CREATE TABLE expected (
-                grp TEXT NOT NULL, kind TEXT NOT NULL, value TEXT NOT NULL,
+                ws TEXT NOT NULL, grp TEXT NOT NULL, kind TEXT NOT NULL, value TEXT NOT NULL,
                 state TEXT NOT NULL, doi INTEGER NOT NULL, line INTEGER NOT NULL,
                 occurred INTEGER,
-                PRIMARY KEY (grp, kind, value)
+                PRIMARY KEY (ws, grp, kind, value)
             ) WITHOUT ROWID;
             CREATE TABLE mismatch (
                 line INTEGER PRIMARY KEY, grp TEXT, kind TEXT, value TEXT,
-                expected TEXT, braze TEXT, outcome TEXT, doi INTEGER, repair_ms INTEGER
+                expected TEXT, braze TEXT, outcome TEXT, doi INTEGER, repair_ms INTEGER,
+                ws TEXT
             );
             """
         )
         self.report = VerifyReport()
+        self._used: set[str] = set()  # the workspaces rows go to (`load`)
+
+    @classmethod
+    def across(
+        cls, sides: dict[str, Side], route: Route, *, spool_dir: Path | None = None
+    ) -> Verification:
+        """A run over several workspaces: each row goes where `route` says."""
+        first = next(iter(sides.values()))
+        return cls(
+            None,  # type: ignore[arg-type]  # the sides' readers
+            first.redis,
+            first.keys,
+            buffer=first.buffer,
+            spool_dir=spool_dir,
+            sides=sides,
+            route=route,
+        )
 
     def __enter__(self) -> Verification:
         return self
@@ -261,20 +332,28 @@ class Verification:
         # Read before the rows: a file rewritten meanwhile is only taken as newer.
         self.written_ms = min(round(os.stat(path).st_mtime * 1000), round(time.time() * 1000))
         insert = (
-            "INSERT INTO expected VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (grp, kind, value) "
+            "INSERT INTO expected VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (ws, grp, kind, value) "
             "DO UPDATE SET state = excluded.state, doi = excluded.doi, line = excluded.line, "
             "occurred = excluded.occurred"
         )
-        batch: list[tuple[str, str, str, str, int, int, int | None]] = []
+        batch: list[tuple[str, str, str, str, str, int, int, int | None]] = []
         for line, item in iter_changes(path):
             report.rows += 1
+            if not isinstance(item, RowError):
+                try:
+                    workspace = self.route(item)
+                except InvalidChange as refused:  # fits no workspace: a bad row
+                    item = RowError(line, refused.field, refused.message)
             if isinstance(item, RowError):
                 report.invalid += 1
                 if len(report.errors) < MAX_ERRORS_KEPT:
                     report.errors.append(item)
             elif report.ok:
+                self._used.add(workspace)
                 batch.append(
                     (
+                        workspace,
                         item.group_id,
                         item.kind,
                         item.value,
@@ -294,6 +373,10 @@ class Verification:
         progress("validating", total_lines, total_lines)
         (distinct,) = self._db.execute("SELECT count(*) FROM expected").fetchone()
         return int(distinct)
+
+    def workspaces(self) -> list[str]:
+        """The workspaces the valid rows go to (after `load`), in the deployment's order."""
+        return [name for name in self.sides if name in self._used]
 
     def _write(self, sql: str, batch: list[tuple[Any, ...]]) -> None:
         with self._db:
@@ -323,21 +406,26 @@ class Verification:
         retention = self.buffer.retention if self.buffer is not None else Retention()
         self.horizon_ms = server_time_ms(self.redis) - retention.watermark_ms
         rows = self._db.execute(
-            "SELECT grp, kind, value, state, doi, line, occurred FROM expected "
-            "ORDER BY grp, kind, value"
+            "SELECT grp, kind, value, state, doi, line, occurred, ws FROM expected "
+            "ORDER BY ws, grp, kind, value"
         )
         chunks = (
-            (group_id, kind, chunk)
-            for (group_id, kind), members in groupby(rows, key=lambda row: (row[0], row[1]))
+            (workspace, group_id, kind, chunk)
+            for (workspace, group_id, kind), members in groupby(
+                rows, key=lambda row: (row[7], row[0], row[1])
+            )
             for chunk in _chunks(members, MAX_READ_IDENTIFIERS)
         )
+        for workspace in self.workspaces():
+            self.sides[workspace].reader  # noqa: B018  # made here, not on a pool thread
         done = 0
         pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="verify")
-        in_flight: deque[tuple[str, str, list[tuple[Any, ...]], Future[Read]]] = deque()
+        in_flight: deque[tuple[str, str, str, list[tuple[Any, ...]], Future[Read]]] = deque()
         try:
-            for group_id, kind, chunk in chunks:
-                future = pool.submit(self._read, group_id, kind, [row[2] for row in chunk])
-                in_flight.append((group_id, kind, chunk, future))
+            for workspace, group_id, kind, chunk in chunks:
+                values = [row[2] for row in chunk]
+                future = pool.submit(self._read, workspace, group_id, kind, values)
+                in_flight.append((workspace, group_id, kind, chunk, future))
                 if len(in_flight) >= 2 * max(1, concurrency):
                     done += self._settle(*in_flight.popleft(), repair)
                     progress("reading", done, total)
@@ -346,17 +434,18 @@ class Verification:
                 progress("reading", done, total)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            self.report.read_calls = self.reader.calls
+            self.report.read_calls = sum(side.calls for side in self.sides.values())
 
-    def _read(self, group_id: str, kind: str, values: list[str]) -> Read:
+    def _read(self, workspace: str, group_id: str, kind: str, values: list[str]) -> Read:
         """One chunk's read (on a pool thread): Redis before, Braze, Redis after."""
-        before = self._changing(group_id, kind, values)
-        states = self.reader.statuses(group_id, kind, values)
-        after = self._changing(group_id, kind, values)
+        before = self._changing(workspace, group_id, kind, values)
+        states = self.sides[workspace].reader.statuses(group_id, kind, values)
+        after = self._changing(workspace, group_id, kind, values)
         return [was or now for was, now in zip(before, after, strict=True)], states
 
     def _settle(
         self,
+        workspace: str,
         group_id: str,
         kind: str,
         chunk: list[tuple[Any, ...]],
@@ -369,14 +458,14 @@ class Verification:
         for row, busy in zip(chunk, changing, strict=True):
             braze = states[row[2]]
             if braze.value == row[3]:
-                report.count(group_id, "matching")
+                report.count(group_id, "matching", workspace)
             elif busy:
-                report.count(group_id, "changing")
+                report.count(group_id, "changing", workspace)
             else:
                 differing.append((row, braze))
         if not differing:
             return len(chunk)
-        accepted = self.history.latest_accepted(
+        accepted = self.sides[workspace].history.latest_accepted(
             group_id, kind, [row[2] for row, _braze in differing]
         )
         wrong: list[tuple[Any, ...]] = []
@@ -384,15 +473,18 @@ class Verification:
             value, expected, doi, line, occurred = row[2], row[3], row[4], row[5], row[6]
             row_ms = self.written_ms if occurred is None else occurred
             outcome = weigh(expected, braze, row_ms, latest, self.horizon_ms)
-            report.count(group_id, outcome)
+            report.count(group_id, outcome, workspace)
             wrong.append(
                 (line, group_id, kind, value, expected, braze.value, outcome, doi,
-                 repair_time(row_ms, latest))
+                 repair_time(row_ms, latest), workspace)
             )  # fmt: skip
         with self._db:
-            self._db.executemany("INSERT INTO mismatch VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", wrong)
+            self._db.executemany(
+                "INSERT INTO mismatch VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", wrong
+            )
         if repair and self.buffer is not None:
-            self._repair(group_id, kind, [m for m in wrong if m[6] in (DRIFT, UNKNOWN)])
+            drifted = [m for m in wrong if m[6] in (DRIFT, UNKNOWN)]
+            self._repair(workspace, group_id, kind, drifted)
         return len(chunk)
 
     def resubscribe(self) -> int:
@@ -402,27 +494,32 @@ class Verification:
         if self.buffer is None:
             return 0
         rows = self._db.execute(
-            "SELECT line, grp, kind, value, expected, braze, outcome, doi, repair_ms "
-            "FROM mismatch WHERE outcome = ? ORDER BY grp, kind, value",
+            "SELECT line, grp, kind, value, expected, braze, outcome, doi, repair_ms, ws "
+            "FROM mismatch WHERE outcome = ? ORDER BY ws, grp, kind, value",
             (OPTED_OUT,),
         ).fetchall()  # a list: the spool is updated while the rows are repaired
         before = self.report.repaired
-        for (group_id, kind), members in groupby(rows, key=lambda row: (row[1], row[2])):
+        for (workspace, group_id, kind), members in groupby(
+            rows, key=lambda row: (row[9], row[1], row[2])
+        ):
             for chunk in _chunks(members, MAX_READ_IDENTIFIERS):
-                self._repair(group_id, kind, chunk)
+                self._repair(workspace, group_id, kind, chunk)
         self.report.resubscribed = self.report.repaired - before
         return self.report.resubscribed
 
-    def _repair(self, group_id: str, kind: str, wrong: list[tuple[Any, ...]]) -> None:
-        """Enqueue each row again, one change per script call so that each one's fate is
-        known: enqueue.lua drops it as stale if a change that occurred later was accepted
-        since the read (the row is then superseded after all)."""
-        assert self.buffer is not None
+    def _repair(
+        self, workspace: str, group_id: str, kind: str, wrong: list[tuple[Any, ...]]
+    ) -> None:
+        """Enqueue each row again into its workspace's buffer, one change per script call so
+        that each one's fate is known: enqueue.lua drops it as stale if a change that
+        occurred later was accepted since the read (the row is then superseded after all)."""
+        buffer = self.sides[workspace].buffer
+        assert buffer is not None
         if not wrong:
             return
         # One more look just before enqueueing: a change that arrived since the read waits
         # or flies, and Braze is about to move; leave that identifier alone.
-        quiet = self._changing(group_id, kind, [row[3] for row in wrong])
+        quiet = self._changing(workspace, group_id, kind, [row[3] for row in wrong])
         for row, busy in zip(wrong, quiet, strict=True):
             if busy:
                 continue
@@ -438,24 +535,27 @@ class Verification:
                 occurred_ms=repair_ms,
                 source="braze-subs verify --repair",
                 lane=Lane.BULK,  # a repair uses what live changes leave of the budget
+                workspace=workspace,
             )
-            stale = self.buffer.stale
-            self.buffer.enqueue([change])
-            if self.buffer.stale == stale:
+            stale = buffer.stale
+            buffer.enqueue([change])
+            if buffer.stale == stale:
                 self.report.repaired += 1
             else:
-                self.report.recount(group_id, outcome, SUPERSEDED)
+                self.report.recount(group_id, outcome, SUPERSEDED, workspace)
                 with self._db:
                     self._db.execute(
                         "UPDATE mismatch SET outcome = ? WHERE line = ?", (SUPERSEDED, line)
                     )
 
-    def _changing(self, group_id: str, kind: str, values: list[str]) -> list[bool]:
-        """For each identifier: does a change for it wait in the buffer or fly in a batch?"""
+    def _changing(self, workspace: str, group_id: str, kind: str, values: list[str]) -> list[bool]:
+        """For each identifier: does a change for it wait in its workspace's buffer or fly
+        in a batch?"""
+        side = self.sides[workspace]
         fields = [buffer_field(group_id, kind, value) for value in values]
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(self.keys.pending, fields)
-        pipe.hmget(self.keys.inflight, fields)
+        pipe = side.redis.pipeline(transaction=False)
+        pipe.hmget(side.keys.pending, fields)
+        pipe.hmget(side.keys.inflight, fields)
         pending, inflight = pipe.execute()
         return [p is not None or f is not None for p, f in zip(pending, inflight, strict=True)]
 
@@ -465,7 +565,8 @@ class Verification:
         """The rows Braze does not match and that are not changing, in file order, each
         with its outcome, streamed from the spool."""
         cursor = self._db.execute(
-            "SELECT line, grp, kind, value, expected, braze, outcome FROM mismatch ORDER BY line"
+            "SELECT line, grp, kind, value, expected, braze, outcome, ws FROM mismatch "
+            "ORDER BY line"
         )
         for row in cursor:
             yield Mismatch(*row)
@@ -499,6 +600,7 @@ def write_json(report: VerifyReport, mismatches: Iterable[Mismatch], out: Any) -
         "resubscribed": report.resubscribed,
         "read_calls": report.read_calls,
         "groups": {group: counts.as_dict() for group, counts in sorted(report.groups.items())},
+        "workspaces": {name: counts.as_dict() for name, counts in report.workspaces.items()},
     }
     out.write(json.dumps(head)[:-1] + ', "mismatches": [')
     for number, mismatch in enumerate(mismatches):

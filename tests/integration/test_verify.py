@@ -221,10 +221,10 @@ class NewerChangeBeforeTheRepair(Verification):
     repair is enqueued: neither pending nor in flight by then, so only the enqueue's own
     atomic check of the watermark can stop the repair."""
 
-    def _repair(self, group_id, kind, wrong):
+    def _repair(self, workspace, group_id, kind, wrong):
         if wrong:
             accept_and_deliver({**row(wrong[0][3], "subscribed"), "occurred_at": time.time() - 1})
-        super()._repair(group_id, kind, wrong)
+        super()._repair(workspace, group_id, kind, wrong)
 
 
 def test_a_change_accepted_between_the_read_and_the_repair_wins(env, sim, tmp_path):
