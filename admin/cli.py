@@ -36,14 +36,15 @@ from admin.status import Overview, Target, find_budget, read_overview
 from admin.status_view import overview_sections, overview_warnings
 from admin.verify import Mismatch, VerifyReport
 from config.settings import get_settings
-from core.changes import Change, InvalidChange, Lane, parse_lane
+from config.workspaces import get_workspaces
+from core.changes import Change, InvalidChange, Lane, parse_lane, parse_workspace_name
 from core.errors import EXIT_ENVIRONMENT, EXIT_REFUSED, BrazeSubsError
 from core.redaction import redact_url
 from delivery.braze_reads import BrazeReader
 from delivery.services import Services, services, workspace_names
 from stores.dead_letters import DeadLetter, DeadLetters
 from tasks.bulk_import import count_lines, enqueue_file
-from tasks.producer import enqueue_change
+from tasks.producer import change_from_fields, workspace_of
 
 app = typer.Typer(
     name="braze-subs",
@@ -89,6 +90,17 @@ LaneOption = Annotated[
         "--lane",
         help="live (goes first; the default of enqueue) or bulk (uses what live leaves; "
         "the default of import). For import: the lane of rows that name none.",
+    ),
+]
+
+# The workspace of a change (BRAZE_WORKSPACES_FILE): enqueue and import.
+EnqueueWorkspaceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--workspace",
+        help="The Braze workspace (a table of BRAZE_WORKSPACES_FILE). Default: the group's "
+        "workspace in the file, else the only one. For import: the workspace of rows that "
+        "name none and whose group the file gives to none.",
     ),
 ]
 
@@ -167,11 +179,12 @@ def enqueue(
         ),
     ] = False,
     lane: LaneOption = None,
+    workspace: EnqueueWorkspaceOption = None,
 ) -> None:
     """Enqueue one change."""
-    buffer = services().buffer
-    stale_before = buffer.stale
-    change = enqueue_change(
+    # Validated and routed before anything is written: a change that fits no workspace
+    # is refused naming its group, as from every other way in.
+    change = change_from_fields(
         subscription_group_id=group,
         subscription_state=state,
         external_id=external_id,
@@ -183,8 +196,11 @@ def enqueue(
         source=source,
         respect_opt_out=respect_opt_out or None,
         lane=lane,
+        workspace=workspace,
     )
-    if buffer.stale > stale_before:
+    buffer = services(workspace_of(change)).new_buffer()  # its `stale`: this change's
+    buffer.enqueue([change], lane=Lane.LIVE)
+    if buffer.stale:
         err.print(
             f"dropped as stale: {change.group_id} {change.state.value} ({change.kind.value}) "
             "occurred before the change already accepted for it (see braze-subs history)"
@@ -231,6 +247,7 @@ def import_(
         ),
     ] = 1,
     lane: LaneOption = None,
+    workspace: EnqueueWorkspaceOption = None,
 ) -> None:
     """Enqueue many changes from JSON Lines or CSV; by default all-or-nothing."""
     if rejects is not None and not skip_invalid:
@@ -240,8 +257,13 @@ def import_(
     if jobs is None:
         jobs = get_settings().import_jobs
     import_lane = _lane_or_fail(lane, Lane.BULK)
+    routes = get_workspaces().routes
+    if workspace is not None:
+        try:
+            workspace = routes.route("", fallback=parse_workspace_name(workspace))
+        except InvalidChange as exc:
+            _fail(f"--workspace: {exc.message}", EXIT_REFUSED)
     total = count_lines(file)
-    buffer = services().buffer
     columns = (
         TextColumn("{task.description:<10}"),
         BarColumn(),
@@ -264,7 +286,9 @@ def import_(
         try:
             result = enqueue_file(
                 file,
-                buffer,
+                lambda name: services(name).buffer,
+                routes=routes,
+                workspace=workspace,
                 skip_invalid=skip_invalid,
                 rejects=rejects,
                 progress=progress,
@@ -292,6 +316,9 @@ def import_(
     if result.stale:
         note += f", {result.stale} dropped as stale (a change that occurred later is accepted)"
     where = f" (see {rejects})" if result.rejected and rejects else ""
+    if len(routes.names) > 1 and result.by_workspace:
+        each = ", ".join(f"{name} {count}" for name, count in result.by_workspace.items())
+        note = f" ({each}){note}"
     err.print(f"{file}: {result.enqueued} changes enqueued{note}{where}")
 
 

@@ -31,7 +31,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from functools import cached_property
 from typing import Any
 
@@ -57,13 +57,15 @@ from starlette.routing import Route
 from api.openapi import openapi_document
 from api.tokens import BearerTokens
 from config.settings import Settings, get_settings
+from config.workspaces import get_workspaces
 from core.changes import Change, InvalidChange
 from core.redaction import mask_identifiers_in, scrub
+from core.routing import Routes
 from stores.api_metrics import ApiMetrics
 from stores.connection import redis_client
 from stores.services import StoreServices
 from tasks.logs import configure_logging
-from tasks.producer import ChangesRejected, validate_changes
+from tasks.producer import ChangesRejected, by_workspace, route_changes
 
 logger = logging.getLogger("braze_subs.api")
 
@@ -174,11 +176,24 @@ def _json_type(value: Any) -> str:
 class Ingest:
     """The routes' logic, over one process's services, tokens and request metrics."""
 
-    def __init__(self, settings: Settings, services: StoreServices, tokens: BearerTokens) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        services: StoreServices,
+        tokens: BearerTokens,
+        workspaces: Mapping[str, StoreServices] | None = None,
+    ) -> None:
         self.settings = settings
-        self.services = services
+        self.services = services  # the deployment's: Redis's health, the metrics
+        # Each workspace's services (BRAZE_WORKSPACES_FILE): its own buffer, one client.
+        self.workspaces = dict(workspaces) if workspaces else {services.workspace: services}
+        self.routes = Routes(tuple(self.workspaces))
         self.tokens = tokens
-        self.pending = PendingEstimate(self.services.buffer.pending_count)
+        self.pending = PendingEstimate(self._pending_count)
+
+    def _pending_count(self) -> int:
+        """What is pending over every workspace (API_MAX_PENDING bounds the one Redis)."""
+        return sum(found.buffer.pending_count() for found in self.workspaces.values())
 
     async def changes(self, request: Request) -> Response:
         if not self.tokens.accepts(request.headers.get("authorization")):
@@ -232,9 +247,10 @@ class Ingest:
         return data
 
     def _accept(self, rows: list[Any]) -> tuple[int, int]:
-        """Validate every row, then enqueue them all in one atomic step (in a thread)."""
-        changes = self._validated(rows)
-        buffer = self.services.new_buffer()  # its `stale` counts this request's only
+        """Validate and route every row, then enqueue them in one atomic step per workspace
+        (in a thread; a request's changes of one workspace are one script call)."""
+        split = by_workspace(self._validated(rows, self.routes))
+        stale = 0
         try:
             if self.pending.current() >= self.settings.api_max_pending:
                 raise _error(
@@ -242,8 +258,12 @@ class Ingest:
                     f"more than {self.settings.api_max_pending} changes are waiting: retry later",
                     {"Retry-After": str(RETRY_AFTER_FULL)},
                 )
-            accepted = buffer.enqueue(changes, chunk_size=MAX_CHANGES)
-            self.pending.added(accepted - buffer.stale)
+            accepted = 0
+            for workspace, changes in split.items():
+                buffer = self.workspaces[workspace].new_buffer()  # `stale`: this request's
+                accepted += buffer.enqueue(changes, chunk_size=MAX_CHANGES)
+                stale += buffer.stale
+            self.pending.added(accepted - stale)
         except UNAVAILABLE as error:
             # The script ran whole or not at all; after a timeout nobody knows which, and a
             # retry of the same changes is harmless (the same state, at the same time).
@@ -255,19 +275,19 @@ class Ingest:
                 f"the change store refuses writes now ({type(error).__name__}): retry later",
                 {"Retry-After": str(RETRY_AFTER_UNAVAILABLE)},
             ) from None
-        return accepted, buffer.stale
+        return accepted, stale
 
     @staticmethod
-    def _validated(rows: list[Any]) -> list[Change]:
+    def _validated(rows: list[Any], routes: Routes) -> list[tuple[Change, str]]:
         errors: list[tuple[int, InvalidChange]] = [
             (index, InvalidChange("change", f"must be an object, got {_json_type(row)}"))
             for index, row in enumerate(rows)
             if not isinstance(row, dict)
         ]
         objects = [(index, row) for index, row in enumerate(rows) if isinstance(row, dict)]
-        changes: list[Change] = []
+        changes: list[tuple[Change, str]] = []
         try:
-            changes = validate_changes(row for _, row in objects)
+            changes = route_changes((row for _, row in objects), routes)
         except ChangesRejected as rejected:
             errors += [(objects[position][0], error) for position, error in rejected.errors]
         if errors:
@@ -372,8 +392,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
     tokens = BearerTokens(settings.require_api_tokens())
     configure_logging(settings)
+    workspaces = get_workspaces(settings)
     services = ApiServices(settings)
-    ingest = Ingest(settings, services, tokens)
+    each = {
+        name: ApiServices(settings.for_workspace(workspaces[name]), redis=services.redis)
+        for name in workspaces.names
+    }
+    ingest = Ingest(settings, services, tokens, each)
+    ingest.routes = workspaces.routes
     metrics = ApiMetrics(services.redis, services.keys)  # the client connects when used
 
     @contextlib.asynccontextmanager

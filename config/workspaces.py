@@ -97,6 +97,14 @@ class Workspaces(Mapping[str, Workspace]):
     def __repr__(self) -> str:
         return f"Workspaces({', '.join(self.names)})"
 
+    @property
+    def default(self) -> str | None:
+        """The workspace a task or call naming none stands for: the only one, else the one
+        named `default`; None when there are several and none is named so."""
+        if len(self._by_name) == 1:
+            return self.names[0]
+        return DEFAULT_WORKSPACE if DEFAULT_WORKSPACE in self._by_name else None
+
     def require_keys(self) -> None:
         """Every workspace's key must be there (a worker's start): raise `SettingsError`
         naming the first table and field without one."""

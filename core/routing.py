@@ -48,11 +48,19 @@ class Routes:
         if unknown:
             raise ValueError(f"groups routed to unknown workspaces: {sorted(unknown)}")
 
-    def route(self, group_id: str, named: str | None = None) -> str:
-        """The workspace of a change for `group_id` that names `named` (or none).
+    def route(self, group_id: str, named: str | None = None, fallback: str | None = None) -> str:
+        """The workspace of a change for `group_id` that names `named` (or none);
+        `fallback` (a command's `--workspace` for the rows of a file) stands in after the
+        group's workspace, before "the only one".
 
-        Raises `InvalidChange`: `workspace` when the name is unknown or the file gives the
+        Raises `InvalidChange`: `workspace` when a name is unknown or the file gives the
         group to another workspace; `subscription_group_id` when nothing decides."""
+        if fallback is not None and fallback not in self.names:
+            raise InvalidChange(
+                "workspace",
+                f"no workspace {fallback!r} in BRAZE_WORKSPACES_FILE "
+                f"(known: {', '.join(self.names)})",
+            )
         owner = self.groups.get(group_id)
         if named is not None:
             if named not in self.names:
@@ -70,6 +78,8 @@ class Routes:
             return named
         if owner is not None:
             return owner
+        if fallback is not None:
+            return fallback
         if len(self.names) == 1:
             return self.names[0]
         raise InvalidChange(

@@ -82,12 +82,11 @@ def resolve_workspace(workspace: str | None) -> str:
     """The name `workspace` stands for: itself if known; None is the only workspace, or
     `default`. A programming error otherwise (routing names the workspace of every change
     before anything reaches here)."""
-    names = workspace_names()
+    workspaces = get_workspaces()
+    names = workspaces.names
     if workspace is None:
-        if len(names) == 1:
-            return names[0]
-        if DEFAULT_WORKSPACE in names:
-            return DEFAULT_WORKSPACE
+        if workspaces.default is not None:
+            return workspaces.default
         raise LookupError(
             f"several workspaces ({', '.join(names)}) and none named {DEFAULT_WORKSPACE!r}: "
             "name the workspace"

@@ -33,6 +33,7 @@ from redis.exceptions import OutOfMemoryError, RedisError
 from core.changes import Lane
 from core.errors import BrazeSubsError
 from core.redaction import scrub
+from core.routing import Routes
 from stores.buffer import Buffer, PipelinedEnqueue
 from tasks.parallel import cpu_count, ordered_map
 from tasks.rows import (
@@ -65,6 +66,8 @@ class ImportResult:
     stale: int = 0  # of those enqueued, dropped: a change that occurred later was accepted
     errors: list[RowError] = field(default_factory=list)
     jobs: int = 1  # processes that validated the file (1: this one)
+    # Changes enqueued per workspace (confirmed by Redis), in order of first appearance.
+    by_workspace: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -78,35 +81,91 @@ class ImportInterrupted(BrazeSubsError):
 
 @dataclass(slots=True)
 class _Resume:
-    """Where to resume: the chunks handed to the enqueuer, as (changes up to the chunk's
-    end, the chunk's last line). One pair per chunk, so it stays small."""
+    """Where to resume: the chunks handed to the enqueuers, as (changes of each workspace
+    up to the chunk's end, the chunk's last line). One entry per chunk, so it stays small.
+    Each workspace's enqueuer confirms a prefix of its own changes; a line is behind us
+    once every workspace has confirmed its changes up to it."""
 
-    ends: list[tuple[int, int]] = field(default_factory=list)
-    total: int = 0
+    ends: list[tuple[dict[str, int], int]] = field(default_factory=list)
+    totals: dict[str, int] = field(default_factory=dict)
 
-    def add(self, changes: int, last_line: int) -> None:
-        self.total += changes
-        self.ends.append((self.total, last_line))
+    @property
+    def total(self) -> int:
+        return sum(self.totals.values())
 
-    def line_after(self, confirmed: int) -> int:
+    def add(self, changes: dict[str, int], last_line: int) -> None:
+        for workspace, count in changes.items():
+            self.totals[workspace] = self.totals.get(workspace, 0) + count
+        self.ends.append((dict(self.totals), last_line))
+
+    def line_after(self, confirmed: dict[str, int]) -> int:
         """The first line not known to be enqueued whole: every row before it is in."""
         line = 0
-        for end, last_line in self.ends:
-            if end > confirmed:
+        for ends, last_line in self.ends:
+            if any(end > confirmed.get(workspace, 0) for workspace, end in ends.items()):
                 break
             line = last_line
         return line + 1
 
 
+class _Enqueuers:
+    """One pipelined enqueue per workspace, opened as its first change comes: each keeps
+    its workspace's changes in file order (two workspaces never share an identifier)."""
+
+    def __init__(self, buffers: Callable[[str], Buffer], lane: Lane) -> None:
+        self._buffers = buffers
+        self._lane = lane
+        self._stack = contextlib.ExitStack()
+        self.each: dict[str, PipelinedEnqueue] = {}
+
+    def __enter__(self) -> _Enqueuers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.__exit__(*exc)  # type: ignore[arg-type]
+
+    def add(self, split: dict[str, list[bytes]]) -> None:
+        for workspace, args in split.items():
+            enqueuer = self.each.get(workspace)
+            if enqueuer is None:
+                enqueuer = self.each[workspace] = self._stack.enter_context(
+                    self._buffers(workspace).pipelined(self._lane)
+                )
+            enqueuer.add(args)
+
+    def finish(self) -> None:
+        for enqueuer in self.each.values():
+            enqueuer.finish()
+
+    @property
+    def count(self) -> int:
+        return sum(enqueuer.count for enqueuer in self.each.values())
+
+    @property
+    def stale(self) -> int:
+        return sum(enqueuer.stale for enqueuer in self.each.values())
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {workspace: enqueuer.count for workspace, enqueuer in self.each.items()}
+
+
+def _changes_per_workspace(chunk: ChunkResult) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for workspace, changes in chunk.routed:
+        counts[workspace] = counts.get(workspace, 0) + changes
+    return counts
+
+
 def _interrupted(
-    path: Path, exc: RedisError, enqueuer: PipelinedEnqueue, resume: _Resume, planned: int
+    path: Path, exc: RedisError, enqueuer: _Enqueuers, resume: _Resume, planned: int
 ) -> ImportInterrupted:
     if isinstance(exc, OutOfMemoryError):
         why = "OOM: Redis is full (used memory > maxmemory) and refuses writes"
     else:
         detail = scrub(" ".join(str(exc).split()))[:200]
         why = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    line = resume.line_after(enqueuer.count)
+    line = resume.line_after(enqueuer.counts)
     return ImportInterrupted(
         f"{path}: Redis failed mid-import ({why}); "
         f"{enqueuer.count:,} changes enqueued (of {planned:,} sent), every row before line "
@@ -150,6 +209,8 @@ def checked_chunks(
     chunk_lines: int = CHUNK_LINES,
     respect_opt_outs: bool = False,
     from_line: int = 1,
+    routes: Routes | None = None,
+    workspace: str | None = None,
 ) -> Iterator[ChunkResult]:
     """Every chunk of the file validated, in file order: in this process when `jobs` is 1,
     else by `jobs` worker processes with at most `IN_FLIGHT_PER_JOB * jobs` chunks in flight.
@@ -160,7 +221,13 @@ def checked_chunks(
     chunks: Iterator[Chunk] = read_chunks(path, chunk_lines)
     if from_line > 1:  # resuming: chunks wholly before the line are read, not validated
         chunks = (chunk for chunk in chunks if chunk.last_line >= from_line)
-    check = functools.partial(check_chunk, respect_opt_outs=respect_opt_outs, from_line=from_line)
+    check = functools.partial(
+        check_chunk,
+        respect_opt_outs=respect_opt_outs,
+        from_line=from_line,
+        routes=routes,
+        workspace=workspace,
+    )
     if jobs <= 1:
         yield from map(check, chunks)
         return
@@ -186,13 +253,13 @@ def _tally(result: ImportResult, chunk: ChunkResult) -> None:
 # The spool keeps pass 1's valid changes on disk as the chunks' pickled lists of
 # enqueue-script arguments, back to back: pass 2 sends them without parsing or validating
 # anything again (phonenumbers alone costs ~50 µs a row) and without a `Change` per row.
-def _unspooled(spool: IO[bytes]) -> Iterator[list[bytes]]:
+def _unspooled(spool: IO[bytes]) -> Iterator[dict[str, list[bytes]]]:
     while True:
         try:
-            args: list[bytes] = pickle.load(spool)
+            routed, packed = pickle.load(spool)
         except EOFError:
             return
-        yield args
+        yield ChunkResult(0, 0, 0, [], packed, routed).by_workspace()
 
 
 @contextlib.contextmanager
@@ -207,7 +274,7 @@ def _rejects_writer(path: Path | None) -> Iterator[IO[str] | None]:
 def _validate_then_enqueue(
     path: Path,
     results: Iterable[ChunkResult],
-    buffer: Buffer,
+    buffers: Callable[[str], Buffer],
     progress: Progress,
     result: ImportResult,
     lane: Lane,
@@ -217,38 +284,39 @@ def _validate_then_enqueue(
         for chunk in results:
             _tally(result, chunk)
             if result.ok and chunk.valid:  # after a bad row, nothing will be enqueued
-                spool.write(chunk.packed_args)
-                resume.add(chunk.valid, chunk.last_line)
+                pickle.dump((chunk.routed, chunk.packed_args), spool, pickle.HIGHEST_PROTOCOL)
+                resume.add(_changes_per_workspace(chunk), chunk.last_line)
             progress("validating", chunk.last_line)
         if not result.ok:
             return
         spool.seek(0)
-        with buffer.pipelined(lane) as enqueuer:
+        with _Enqueuers(buffers, lane) as enqueuer:
             try:
-                for args in _unspooled(spool):
+                for split in _unspooled(spool):
                     done = enqueuer.count
-                    enqueuer.add(args)
+                    enqueuer.add(split)
                     if enqueuer.count != done:
                         progress("enqueuing", enqueuer.count)
                 enqueuer.finish()
             except RedisError as exc:
                 raise _interrupted(path, exc, enqueuer, resume, resume.total) from None
-        progress("enqueuing", enqueuer.count)
-        result.enqueued = enqueuer.count
-        result.stale = enqueuer.stale
+            progress("enqueuing", enqueuer.count)
+            result.enqueued = enqueuer.count
+            result.stale = enqueuer.stale
+            result.by_workspace = enqueuer.counts
 
 
 def _enqueue_valid_rows(
     path: Path,
     results: Iterable[ChunkResult],
-    buffer: Buffer,
+    buffers: Callable[[str], Buffer],
     progress: Progress,
     result: ImportResult,
     rejects_file: IO[str] | None,
     lane: Lane,
 ) -> None:
     resume = _Resume()
-    with buffer.pipelined(lane) as enqueuer:
+    with _Enqueuers(buffers, lane) as enqueuer:
         try:
             for chunk in results:
                 _tally(result, chunk)
@@ -256,20 +324,21 @@ def _enqueue_valid_rows(
                     for error in chunk.errors:
                         record = {"line": error.line, "field": error.field, "error": error.message}
                         rejects_file.write(json.dumps(record) + "\n")
-                resume.add(chunk.valid, chunk.last_line)
+                resume.add(_changes_per_workspace(chunk), chunk.last_line)
                 if chunk.valid:
-                    enqueuer.add(chunk.args)
+                    enqueuer.add(chunk.by_workspace())
                 progress("enqueuing", chunk.last_line)
             enqueuer.finish()
         except RedisError as exc:
             raise _interrupted(path, exc, enqueuer, resume, resume.total) from None
-    result.enqueued = enqueuer.count
-    result.stale = enqueuer.stale
+        result.enqueued = enqueuer.count
+        result.stale = enqueuer.stale
+        result.by_workspace = enqueuer.counts
 
 
 def enqueue_file(
     path: Path,
-    buffer: Buffer,
+    buffer: Buffer | Callable[[str], Buffer],
     *,
     skip_invalid: bool = False,
     rejects: Path | None = None,
@@ -280,6 +349,8 @@ def enqueue_file(
     respect_opt_outs: bool = False,
     from_line: int = 1,
     lane: Lane = Lane.BULK,
+    routes: Routes | None = None,
+    workspace: str | None = None,
 ) -> ImportResult:
     """Import a file: validate it all first (unless `skip_invalid`), then enqueue in order.
 
@@ -288,18 +359,38 @@ def enqueue_file(
     `respect_opt_outs` sets `respect_opt_out` on every row. `from_line` skips the rows
     before that line (resuming an import Redis interrupted: `ImportInterrupted` says where).
     `lane` is the lane of the rows that name none (bulk: an import uses what live leaves).
+
+    Every row is routed to a workspace (`routes`; `workspace`: of rows that name none) and
+    enqueued into that workspace's buffer (`buffer`: a function of the workspace's name,
+    or one `Buffer`, which is then the only workspace).
     """
     path = Path(path)
+    if isinstance(buffer, Buffer):
+        only = buffer
+        routes = routes or Routes((only.keys.workspace,))
+        buffers: Callable[[str], Buffer] = lambda _workspace: only  # noqa: E731
+    else:
+        buffers = buffer
     result = ImportResult(jobs=parallel_jobs(path, jobs, parallel_min_bytes))
+    checked = functools.partial(
+        checked_chunks,
+        path,
+        result.jobs,
+        chunk_lines,
+        respect_opt_outs,
+        from_line,
+        routes,
+        workspace,
+    )
     if not skip_invalid:
-        results = checked_chunks(path, result.jobs, chunk_lines, respect_opt_outs, from_line)
+        results = checked()
         with contextlib.closing(results):
-            _validate_then_enqueue(path, results, buffer, progress, result, lane)
+            _validate_then_enqueue(path, results, buffers, progress, result, lane)
         return result
 
     # --skip-invalid: one pass; bad rows go to the rejects file as they come.
     with _rejects_writer(rejects) as rejects_file:
-        results = checked_chunks(path, result.jobs, chunk_lines, respect_opt_outs, from_line)
+        results = checked()
         with contextlib.closing(results):
-            _enqueue_valid_rows(path, results, buffer, progress, result, rejects_file, lane)
+            _enqueue_valid_rows(path, results, buffers, progress, result, rejects_file, lane)
     return result

@@ -26,6 +26,7 @@ from kombu import Queue
 from kombu.utils.scheduling import priority_cycle
 
 from config.settings import Settings, SettingsError, get_settings, is_loopback_host
+from config.workspaces import get_workspaces
 from stores.connection import broker_options, broker_queue_arguments
 from tasks.health import Heartbeat, heartbeat_path
 from tasks.logs import configure_logging, quiet_banner_for_json, use_json_for_celery
@@ -156,6 +157,34 @@ def _guard_flower() -> None:
 register_message_json()
 
 
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Beat's entries: a coalescer tick and the dead letters' expiry for every workspace
+    (kwargs `workspace`; the workspace a task naming none stands for keeps the entries and
+    messages of before workspaces)."""
+    interval = settings.coalesce_interval_seconds
+    expiry = settings.dead_letter_expiry_interval_seconds
+    workspaces = get_workspaces(settings)
+    schedule: dict[str, dict[str, Any]] = {}
+    for name in workspaces.names:
+        plain = name == workspaces.default
+        kwargs = {} if plain else {"workspace": name}
+        suffix = "" if plain else f":{name}"
+        schedule[f"coalesce{suffix}"] = {
+            "task": "subscriptions.coalesce",
+            "schedule": interval,
+            "kwargs": kwargs,
+            # A tick that could not run in time is replaced by the next one.
+            "options": {"expires": max(interval * 5, 5.0)},
+        }
+        schedule[f"expire-dead-letters{suffix}"] = {
+            "task": "subscriptions.expire_dead_letters",
+            "schedule": expiry,
+            "kwargs": kwargs,
+            "options": {"expires": expiry},
+        }
+    return schedule
+
+
 def create_app(settings: Settings) -> Celery:
     # The broker's URL (BROKER_URL, else REDIS_URL), TLS (certificate verified) and
     # Sentinel master, as for our own Redis clients; on RabbitMQ, publisher confirms and
@@ -175,7 +204,6 @@ def create_app(settings: Settings) -> Celery:
         include=["tasks.subscriptions"],
         amqp="tasks.masked_messages:MaskingAMQP",
     )
-    interval = settings.coalesce_interval_seconds
     app.conf.update(
         # At-least-once: a message is acknowledged after its task ran, and redelivered if
         # the worker died. Batches are idempotent to resend; order is kept by the buffer's
@@ -220,19 +248,7 @@ def create_app(settings: Settings) -> Celery:
         # In-memory schedule: no shelve file to share or lock, so two beats can run (by
         # mistake) side by side; the coalescer's own lock and scripts keep that harmless.
         beat_scheduler="celery.beat:Scheduler",
-        beat_schedule={
-            "coalesce": {
-                "task": "subscriptions.coalesce",
-                "schedule": interval,
-                # A tick that could not run in time is replaced by the next one.
-                "options": {"expires": max(interval * 5, 5.0)},
-            },
-            "expire-dead-letters": {
-                "task": "subscriptions.expire_dead_letters",
-                "schedule": settings.dead_letter_expiry_interval_seconds,
-                "options": {"expires": settings.dead_letter_expiry_interval_seconds},
-            },
-        },
+        beat_schedule=beat_schedule(settings),
     )
     return app
 
@@ -249,15 +265,21 @@ if settings.log_format == "json":
 
 @worker_init.connect
 def _require_braze(**_: Any) -> None:
-    """A worker that cannot reach Braze stops at start, not on its first batch."""
+    """A worker that cannot reach Braze stops at start, not on its first batch: every
+    workspace's key and endpoint must be there (one line naming the variable, or the
+    table and field of BRAZE_WORKSPACES_FILE). Then, per workspace: the workspace id it
+    posts for is recorded, and its heartbeat (in that workspace's keys, where the claim
+    scripts read it) beats before the first message is received."""
     try:
-        settings.require_braze()
+        for name in _workspace_names():
+            _services(name).settings.require_braze()
     except SettingsError as exc:
         raise SystemExit(f"braze-subs: {exc}") from None
     _warn_if_redis_can_lose_changes()
     _record_workspace()
     _start_heartbeat("worker")
-    _liveness().ensure_started()  # known alive before the first message is received
+    for liveness in _every_liveness():
+        liveness.ensure_started()  # known alive before the first message is received
 
 
 @beat_init.connect
@@ -276,8 +298,8 @@ def _beat_in_redis() -> None:
 
     from stores.heartbeats import beat_alive
 
-    found = _services()
-    client, keys = found.redis, found.keys
+    found = _services(_workspace_names()[0])
+    client, keys = found.redis, found.keys.deployment
     failing = False
     while True:
         try:
@@ -308,7 +330,8 @@ def _start_heartbeat(role: str) -> None:
 def _hand_back_on_stop(**_: Any) -> None:
     """SIGTERM (warm shutdown): requests on the wire finish; every post that has not sent
     yet hands its batches back to the schedule, due now, instead of waiting for its turn."""
-    _liveness().begin_stop()
+    for liveness in _every_liveness():
+        liveness.begin_stop()
 
 
 @worker_shutdown.connect
@@ -317,31 +340,35 @@ def _stop_heartbeat(**_: Any) -> None:
         _heartbeats.pop().stop()
     # Without a heartbeat, anything still held (a prefetched message) goes to other
     # workers on the next tick, not after the heartbeat's expiry.
-    _liveness().stop()
+    for liveness in _every_liveness():
+        liveness.stop()
 
 
-def _liveness() -> Liveness:
-    from delivery.services import services
+def _workspace_names() -> tuple[str, ...]:
+    return get_workspaces().names
 
-    return services().liveness
+
+def _every_liveness() -> list[Liveness]:
+    """This process's heartbeat in every workspace (each workspace's claims are fenced by
+    the heartbeats in its own keys)."""
+    return [_services(name).liveness for name in _workspace_names()]
 
 
 def _record_workspace() -> None:
-    """Tell `status`, which may run without the API key, whose budget the fleet spends:
-    the workspace id (endpoint host + a hash of the key, never the key) and when."""
+    """Tell `status`, which may run without the API key, whose budget the fleet spends in
+    each workspace: the workspace id (endpoint host + a hash of the key, never the key)
+    and when."""
+    for name in _workspace_names():
+        _services(name).record_workspace()
+
+
+def _services(workspace: str | None = None) -> Any:
     from delivery.services import services
 
-    services().record_workspace()
-
-
-def _services() -> Any:
-    from delivery.services import services
-
-    return services()
+    return services(workspace)
 
 
 def _warn_if_redis_can_lose_changes() -> None:
-    from delivery.services import services
     from stores import durability
 
-    durability.warn_if_unsafe(services().redis)
+    durability.warn_if_unsafe(_services(_workspace_names()[0]).redis)

@@ -39,6 +39,7 @@ from core.changes import (
     parse_change,
 )
 from core.errors import InputRefused
+from core.routing import Routes
 from stores.buffer import ARGS_PER_CHANGE, encode_change
 
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
@@ -173,6 +174,20 @@ class ChunkResult:
     valid: int
     errors: list[RowError]
     packed_args: bytes
+    # The workspace of each run of consecutive valid changes, in order: (name, changes).
+    # One run for a chunk of one workspace's rows; () for a chunk without valid rows.
+    routed: tuple[tuple[str, int], ...] = ()
+
+    def by_workspace(self) -> dict[str, list[bytes]]:
+        """Each workspace's enqueue-script arguments, in file order."""
+        args = self.args
+        split: dict[str, list[bytes]] = {}
+        start = 0
+        for workspace, changes in self.routed:
+            end = start + changes * ARGS_PER_CHANGE
+            split.setdefault(workspace, []).extend(args[start:end])
+            start = end
+        return split
 
     @property
     def args(self) -> list[bytes]:
@@ -202,13 +217,23 @@ def read_chunks(path: Path, lines: int = CHUNK_LINES) -> Iterator[Chunk]:
 _RESPECT_OPT_OUT_ARG = 6
 
 
-def check_chunk(chunk: Chunk, respect_opt_outs: bool = False, from_line: int = 1) -> ChunkResult:
+def check_chunk(
+    chunk: Chunk,
+    respect_opt_outs: bool = False,
+    from_line: int = 1,
+    routes: Routes | None = None,
+    workspace: str | None = None,
+) -> ChunkResult:
     """Validate one chunk: what `iter_changes` says of its rows, in compact form.
 
     A plain function of its arguments, so it runs the same in a worker process.
     `respect_opt_outs` sets `respect_opt_out` on every valid row (`import --respect-opt-outs`);
-    rows before `from_line` are left out (`import --from-line`).
+    rows before `from_line` are left out (`import --from-line`). Every valid row is routed
+    (`routes`, default: the one workspace `default`): its `workspace` column, else its
+    group's, else `workspace` (`import --workspace`), else the only one; a row that fits
+    no workspace is a bad row like any other.
     """
+    routes = routes or Routes()
     if isinstance(chunk, JsonlChunk):
         rows = _jsonl_rows(enumerate(chunk.lines, chunk.first_line))
     else:
@@ -216,6 +241,7 @@ def check_chunk(chunk: Chunk, respect_opt_outs: bool = False, from_line: int = 1
     count = 0
     errors: list[RowError] = []
     args: list[bytes] = []
+    runs: list[list[Any]] = []  # [workspace, changes] of consecutive valid rows
     for line, row in rows:
         if line < from_line:  # resuming after an interrupted import: already enqueued
             continue
@@ -225,13 +251,24 @@ def check_chunk(chunk: Chunk, respect_opt_outs: bool = False, from_line: int = 1
             errors.append(item)
             continue
         try:
+            target = routes.route(item.group_id, item.workspace, workspace)
+        except InvalidChange as exc:
+            errors.append(RowError(line, exc.field, exc.message))
+            continue
+        try:
             args += encode_change(item)
         except UnicodeEncodeError:
             errors.append(_unencodable(line, item))
+            continue
+        if runs and runs[-1][0] == target:
+            runs[-1][1] += 1
+        else:
+            runs.append([target, 1])
     if respect_opt_outs:
         args[_RESPECT_OPT_OUT_ARG::ARGS_PER_CHANGE] = [b"1"] * (len(args) // ARGS_PER_CHANGE)
     packed = pickle.dumps(args, pickle.HIGHEST_PROTOCOL)
-    return ChunkResult(chunk.last_line, count, len(args) // ARGS_PER_CHANGE, errors, packed)
+    routed = tuple((name, changes) for name, changes in runs)
+    return ChunkResult(chunk.last_line, count, len(args) // ARGS_PER_CHANGE, errors, packed, routed)
 
 
 def _unencodable(line: int, change: Change) -> RowError:

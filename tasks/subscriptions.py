@@ -2,15 +2,21 @@
 
 - `subscriptions.record_change(**row)`: a producer in another service, sharing only the
   broker, records one change (same keyword arguments as an import row).
-- `subscriptions.coalesce()`: the beat task that cuts due changes into batches.
-- `subscriptions.post_batch(batch_id)`: posts one batch now; its message carries only the
-  id. There are no countdown (ETA) messages: a batch that has to wait waits in the schedule
-  in Redis, and the coalescer's tick sends it a message when it is due.
+- `subscriptions.coalesce(workspace=None)`: the beat task that cuts one workspace's due
+  changes into batches (beat has an entry per workspace).
+- `subscriptions.post_batch(batch_id, workspace=None)`: posts one batch of a workspace now;
+  its message carries only the id and the workspace. There are no countdown (ETA)
+  messages: a batch that has to wait waits in the schedule in Redis, and the coalescer's
+  tick sends it a message when it is due.
+
+`workspace=None` is the only workspace, or the one named `default` (issue 23): messages of
+a version before workspaces still work.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import logging
 from dataclasses import asdict
@@ -18,13 +24,14 @@ from typing import Any
 
 from celery.signals import worker_ready
 
+from config.workspaces import get_workspaces
 from core.changes import InvalidChange, Lane
 from core.errors import InputRefused
 from core.planning import batch_lane
 from core.redaction import mask_identifiers_in
 from core.waiting import WaitReason
 from delivery.dead_letter_retention import expire_dead_letters
-from delivery.services import services
+from delivery.services import services, workspace_names
 from tasks.celery_app import LIVE_POST_QUEUE, POST_QUEUE, app
 from tasks.producer import enqueue_change
 
@@ -75,9 +82,9 @@ def record_change(*args: Any, **row: Any) -> dict[str, Any]:
 
 
 @app.task(name="subscriptions.coalesce")
-def coalesce() -> dict[str, Any]:
-    found = services()
-    coalescer = found.coalescer(_dispatch)
+def coalesce(workspace: str | None = None) -> dict[str, Any]:
+    found = services(workspace)
+    coalescer = found.coalescer(functools.partial(_dispatch, found.workspace))
     # Stay a little longer than one beat interval, ticking again on a producer's nudge or
     # when a lingering batch becomes ready, so some run is always awake. Overlapping runs
     # are harmless: each tick takes the coalescer lock, and a nudge wakes one run only, so
@@ -86,41 +93,53 @@ def coalesce() -> dict[str, Any]:
 
 
 @app.task(name="subscriptions.expire_dead_letters")
-def expire_dead_letters_task() -> dict[str, Any]:
-    """Beat task: remove dead-letter entries past DEAD_LETTER_RETENTION_DAYS."""
-    found = services()
+def expire_dead_letters_task(workspace: str | None = None) -> dict[str, Any]:
+    """Beat task: remove one workspace's dead-letter entries past DEAD_LETTER_RETENTION_DAYS."""
+    found = services(workspace)
     return {"expired": expire_dead_letters(found.settings, found.dead_letters)}
 
 
 @worker_ready.connect
 def _coalesce_at_start(**_: Any) -> None:
-    """A worker that has just started ticks at once rather than at beat's next interval:
-    after a deploy or a restart, changes already waiting do not wait for the schedule.
+    """A worker that has just started ticks at once, in every workspace, rather than at
+    beat's next interval: after a deploy or a restart, changes already waiting do not wait
+    for the schedule.
 
     Batches that waited for the next probe of a refused key go at once too, unless this
     worker's key is the refused one: after the runbook's key rotation (a working key
     deployed, workers restarted) the backlog goes out within seconds, not a probe later,
-    and the first success with the new key closes the circuit for every reader."""
-    found = services()
-    if not found.limiter.state().circuit_here:
-        released = found.batches.release_waiting(WaitReason.CREDENTIALS)
-        if released:
-            logger.warning(
-                "%d batches waited for a refused API key: due now with this worker's key",
-                released,
-            )
-    interval = found.settings.coalesce_interval_seconds
-    coalesce.apply_async(expires=max(interval * 5, 5.0))
+    and the first success with the new key closes the circuit for every reader. Each
+    workspace has its own key and circuit, so each decides for itself."""
+    for workspace in workspace_names():
+        found = services(workspace)
+        if not found.limiter.state().circuit_here:
+            released = found.batches.release_waiting(WaitReason.CREDENTIALS)
+            if released:
+                logger.warning(
+                    "workspace %s: %d batches waited for a refused API key: due now with "
+                    "this worker's key",
+                    workspace,
+                    released,
+                )
+        interval = found.settings.coalesce_interval_seconds
+        coalesce.apply_async(kwargs=workspace_kwargs(workspace), expires=max(interval * 5, 5.0))
 
 
-def _dispatch(batch_id: str) -> None:
-    """The one kind of post message: "post this batch now" (no countdown), into the queue of
-    the batch's lane."""
+def workspace_kwargs(workspace: str) -> dict[str, Any]:
+    """A task's kwargs for `workspace`: none for the workspace a task naming none stands
+    for (a deployment without the file: the messages of before workspaces, which any
+    version runs)."""
+    return {} if workspace == get_workspaces().default else {"workspace": workspace}
+
+
+def _dispatch(workspace: str, batch_id: str) -> None:
+    """The one kind of post message: "post this batch of this workspace now" (no
+    countdown), into the queue of the batch's lane."""
     queue = LIVE_POST_QUEUE if batch_lane(batch_id) is Lane.LIVE else POST_QUEUE
-    post_batch.apply_async(args=(batch_id,), queue=queue)
+    post_batch.apply_async(args=(batch_id,), kwargs=workspace_kwargs(workspace), queue=queue)
 
 
 @app.task(name="subscriptions.post_batch")
-def post_batch(batch_id: str) -> dict[str, Any]:
+def post_batch(batch_id: str, workspace: str | None = None) -> dict[str, Any]:
     # Whatever has to wait is put into the schedule by the poster; nothing is retried here.
-    return asdict(services().poster().post(batch_id))
+    return asdict(services(workspace).poster().post(batch_id))

@@ -312,6 +312,14 @@ def test_else_the_groups_workspace():
     assert ROUTES.route("g-eu") == "eu"
 
 
+def test_a_commands_fallback_comes_after_the_groups_workspace():
+    assert ROUTES.route("g-unlisted", None, "eu") == "eu"
+    assert ROUTES.route("g-us", None, "eu") == "us"
+    assert ROUTES.route("g-us", "us", "eu") == "us"
+    with pytest.raises(InvalidChange, match="'apac'"):
+        ROUTES.route("g-us", None, "apac")
+
+
 def test_else_the_only_workspace():
     assert Routes().route("anything") == DEFAULT_WORKSPACE
     assert Routes(("only",)).route("anything") == "only"
