@@ -14,9 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from pydantic import SecretStr
 from redis import Redis
 
 from config.settings import load_settings
+from config.workspaces import Workspace
 from core.changes import Change, IdentifierKind, SubscriptionState
 from core.planning import plan_batches
 from core.waiting import WaitReason
@@ -48,6 +50,17 @@ def busy_services(args: argparse.Namespace) -> Iterator[tuple[Services, float]]:
         fill(found, args.pending)
         fill_fleet(found, args.waiting, args.workers)
         yield found, time.perf_counter() - started
+
+
+def other_workspace(found: Services, name: str) -> Services:
+    """The services of another workspace (issue 23) on the same Redis as `found`: its own
+    key space (`{prefix/NAME}`), endpoint and key, as BRAZE_WORKSPACES_FILE would give."""
+    workspace = Workspace(
+        name=name,
+        rest_endpoint=found.settings.rest_endpoint,
+        api_key=SecretStr(f"bench-key-{name}"),
+    )
+    return Services(found.settings.for_workspace(workspace), redis=found.redis)
 
 
 def fill(found: Services, pending: int) -> None:
