@@ -210,3 +210,51 @@ def test_record_change_from_another_service_routes_by_kwarg_and_group(
     ]
     assert enqueued == [1, 1]
     foreign.close()
+
+
+def test_key_rotation_in_one_workspace_delivers_within_seconds_of_the_restart(
+    workspaces_env, processes, redis_client
+):
+    """The runbook's rotation, in us alone: us's key is refused and its batches wait for
+    the next probe (CREDENTIALS_PROBE_SECONDS at its default, a minute) while eu keeps
+    posting; the worker is restarted with us's new key and us drains within seconds (the
+    start releases what waited for the key, in each workspace whose key now works)."""
+    us_sim, eu_sim = workspaces_env.sims["us"], workspaces_env.sims["eu"]
+    default_probe = {"CREDENTIALS_PROBE_SECONDS": "60"}
+    faults(us_sim, api_keys=["the-new-us-key"])  # the old one is revoked
+    old = processes.worker("w-old", extra_env=default_probe)
+    processes.beat()
+    rng = random.Random(11)
+    sent = {"us": EnqueuedLog(), "eu": EnqueuedLog()}
+    enqueue_mixed(rng, sent, 120)
+    wait_for(lambda: drained(redis_client, "eu"), timeout=60, what="eu to drain")
+    us = keys("us")
+
+    def us_waits_for_the_key() -> bool:
+        """Everything cut, and every us batch in the schedule for the key."""
+        reasons = [r.decode() for r in redis_client.hvals(us.schedule_reasons)]
+        batches = redis_client.zcard(us.batches)
+        return (
+            not redis_client.hlen(us.pending)
+            and bool(batches)
+            and len(reasons) == batches
+            and set(reasons) == {"credentials"}
+        )
+
+    wait_for(us_waits_for_the_key, timeout=60, what="every us batch to wait for the key")
+    assert sim_stats(us_sim)["requests_ok"] == 0
+
+    processes.kill(old)
+    new = processes.worker("w-new", extra_env={**default_probe, "BRAZE_KEY_US": "the-new-us-key"})
+    assert new.alive()
+    ready = time.monotonic()
+    wait_for(lambda: drained(redis_client, "us"), timeout=30, what="us to drain with the new key")
+    took = time.monotonic() - ready
+    assert took < 30, took  # well before the old key's next probe (a minute)
+    assert not redis_client.exists(us.credentials)
+    assert sim_states(us_sim) == final_states(sent["us"])
+    assert sim_states(eu_sim) == final_states(sent["eu"])
+    assert sim_stats(eu_sim)["unauthorized"] == 0
+    for workspace, sim in workspaces_env.sims.items():
+        assert_applied_in_order(sim.url, sent[workspace])
+    print(f"us drained {took:.1f}s after the worker with its new key was ready")
