@@ -656,7 +656,6 @@ def verify(
     bad input or Braze unreachable). Each row is read from its workspace's Braze: the
     row's `workspace`, else its group's, else --workspace, else the only one."""
     from admin.verify import Side, Verification, write_json
-    from config.workspaces import get_workspaces
 
     if resubscribe and not repair:
         _fail("--resubscribe goes with --repair")
@@ -668,10 +667,7 @@ def verify(
     routes = get_workspaces().routes
 
     def route(change: Change) -> str:
-        unowned = change.workspace is None and change.group_id not in routes.groups
-        if unowned and workspace is not None:
-            return workspace
-        return routes.route(change.group_id, change.workspace)
+        return routes.route(change.group_id, change.workspace, fallback=workspace)
 
     sides: dict[str, Side] = {}
     for name in names:
