@@ -108,3 +108,52 @@ def test_chunks_are_cut_by_bytes_as_well_as_lines(tmp_path, suffix):
         else:
             size = sum(len(line or b"") for line in chunk.lines)
         assert size <= CHUNK_BYTES + MAX_LINE_BYTES
+
+
+def test_a_full_redis_mid_import_of_two_workspaces_resumes_from_a_line_both_hold(
+    tmp_path, small_redis
+):
+    """Issue 23: rows of two workspaces, each enqueued on its own pipelined connection in
+    calls of 1,000 changes; eu's rows are sparse (one in 40), so when Redis fills up, us has
+    confirmed rows far past eu's last full call. The line to resume from is one before
+    which every row is in *both* workspaces (counting confirmed changes over both would
+    name a line past eu's unsent rows), so the resumed import ends with every row."""
+    workspaces = tmp_path / "workspaces.toml"
+    workspaces.write_text(
+        '[workspaces.us]\nrest_endpoint = "http://127.0.0.1:1"\napi_key_env = "K_US"\n'
+        'groups = ["us-news"]\n'
+        '[workspaces.eu]\nrest_endpoint = "http://127.0.0.1:2"\napi_key_env = "K_EU"\n'
+        'groups = ["eu-news"]\n'
+    )
+    path = tmp_path / "changes.jsonl"
+    with open(path, "w") as handle:
+        for n in range(ROWS):
+            row = {
+                "subscription_group_id": "eu-news" if n % 40 == 0 else "us-news",
+                "subscription_state": "subscribed",
+                "external_id": f"user-{n:06d}-with-a-long-enough-external-id",
+            }
+            handle.write(json.dumps(row) + "\n")
+    env = {"REDIS_URL": small_redis, "BRAZE_WORKSPACES_FILE": str(workspaces)}
+    result = run_cli("import", str(path), "--jobs", "1", extra_env=env)
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = assert_last_line(result, "OOM")
+    client = Redis.from_url(small_redis)
+    each = {name: Keys("braze-subs", name).pending for name in ("us", "eu")}
+    pending = {name: int(client.hlen(key)) for name, key in each.items()}
+    enqueued = int(line.split(" changes enqueued")[0].rsplit(" ", 1)[1].replace(",", ""))
+    assert enqueued == sum(pending.values()) and 0 < enqueued < ROWS
+    resume = int(line.rsplit("--from-line ", 1)[1])
+    # Every row before the line is in, in its workspace.
+    before = resume - 1
+    eu_before = (before + 39) // 40
+    assert pending["eu"] >= eu_before and pending["us"] >= before - eu_before, (pending, resume)
+
+    client.config_set("maxmemory", "0")
+    again = run_cli("import", str(path), "--from-line", str(resume), extra_env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {name: int(client.hlen(key)) for name, key in each.items()} == {
+        "us": ROWS - ROWS // 40,
+        "eu": ROWS // 40,
+    }
