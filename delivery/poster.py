@@ -136,6 +136,9 @@ class Poster:
         self.rng = rng or random.Random()
         self.opt_outs = opt_outs  # respect_opt_out: leave out who opted out in Braze
         self.grace_ms = settings.redispatch_grace_ms
+        # A claim that finds members superseded refills the batch up to this many with due
+        # changes of its kind (claim_batch.lua), so the request goes out full (issue 26).
+        self.top_up_to = settings.batch_max_identifiers
 
     # --- the steps ------------------------------------------------------------------------
 
@@ -144,7 +147,7 @@ class Poster:
         live.ensure_started()  # the heartbeat exists before the claim names its holder
         token = f"{live.worker_id}/{uuid.uuid4().hex}"
         lease_ms = self.settings.claim_lease_ms
-        claim = self.store.claim(batch_id, token, lease_ms)
+        claim = self.store.claim(batch_id, token, lease_ms, top_up_to=self.top_up_to)
         if claim.status is not ClaimStatus.CLAIMED or claim.record is None:
             return PostReport(batch_id, CLAIM_REPORTS[claim.status])
         live.hold(batch_id, token)
@@ -437,7 +440,7 @@ class Poster:
         for sibling_id in lead.pack:
             if sibling_id == lead.id:
                 continue
-            claim = self.store.claim(sibling_id, token, lease_ms)
+            claim = self.store.claim(sibling_id, token, lease_ms, top_up_to=self.top_up_to)
             record = claim.record
             if claim.status is not ClaimStatus.CLAIMED or record is None:
                 continue
@@ -461,7 +464,7 @@ class Poster:
         for sibling_id in lead.pack:
             if sibling_id == lead.id:
                 continue
-            claim = self.store.claim(sibling_id, token, lease_ms)
+            claim = self.store.claim(sibling_id, token, lease_ms, top_up_to=self.top_up_to)
             if claim.status is not ClaimStatus.CLAIMED:
                 continue
             self.liveness.hold(sibling_id, token)

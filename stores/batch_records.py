@@ -88,6 +88,16 @@ class ClaimStatus(StrEnum):
 class Claim:
     status: ClaimStatus
     record: BatchRecord | None = None
+    topped_up: int = 0  # members the claim's top-up took into the batch (claim_batch.lua)
+
+
+# Most due entries a claim's top-up looks at (claim_batch.lua ARGV[7]), oldest due first,
+# for changes of its batch's group, state, kind and double opt-in. A bound on the script's
+# time (Redis runs nothing else meanwhile): ~1,000 entries are read and compared as
+# strings in well under a millisecond, and only those of the batch's group and kind are
+# decoded. With a dozen (group, state, kind) keys mixed in the due set, 1,000 entries hold
+# ~80 of the batch's key: enough to refill what a flip takes out.
+TOP_UP_LOOK_AT = 1000
 
 
 class Ended(StrEnum):
@@ -175,7 +185,11 @@ class BatchStore(ScriptedStore):
 
     # --- the claim ---------------------------------------------------------------------
 
-    def claim(self, batch_id: str, token: str, lease_ms: int) -> Claim:
+    def claim(self, batch_id: str, token: str, lease_ms: int, *, top_up_to: int = 0) -> Claim:
+        """Claim a batch for `token` (claim_batch.lua). Members superseded by a newer
+        change leave it; if some did and `top_up_to` > 0, it is topped up with due
+        changes of its group, state, kind and double opt-in up to that many members (a
+        v2 pack: that many distinct identifiers)."""
         k = self.keys
         reply = self.scripts.claim_batch(
             keys=[
@@ -186,14 +200,25 @@ class BatchStore(ScriptedStore):
                 k.due,
                 k.inflight,
                 k.coalesce_nudge,
+                k.due_live,
+                k.stats,
             ],
-            args=[batch_id, token, lease_ms, *self.retention.history_args],
+            args=[
+                batch_id,
+                token,
+                lease_ms,
+                *self.retention.history_args,
+                top_up_to,
+                TOP_UP_LOOK_AT,
+                self.retention.subject_ms,
+            ],
         )
         status = ClaimStatus(_text(reply[0]))
         record = BatchRecord.from_json(reply[1]) if len(reply) > 1 else None
+        topped_up = int(reply[2]) if len(reply) > 2 else 0
         if status is ClaimStatus.CLAIMED and record is not None:
             self._texts.claimed(token, record)
-        return Claim(status, record)
+        return Claim(status, record, topped_up)
 
     def fence(self, batch_ids: list[str], token: str, need_ms: int) -> bool:
         """True if `token` still holds every batch's claim with more than `need_ms` left;

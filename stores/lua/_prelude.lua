@@ -104,6 +104,41 @@ local function remember_enqueued(key, group, change, keep_ms, max_events)
     keep_ms, max_events)
 end
 
+-- Taking a pending change into a batch: one owner for the coalescer's cut (take_batch.lua)
+-- and a claim's top-up (claim_batch.lua), so both take a change exactly alike.
+--
+-- take_change(at, id, group, kind, value, change)
+--                          move the pending change of `group SEP kind SEP value` (its JSON
+--                          decoded) into batch `id`, where `at` holds the declared keys and
+--                          the bookkeeping's arguments: {prefix = "{prefix}:", pending,
+--                          due, due_live, inflight, keep (history ms), most (events),
+--                          subject_keep (ms), now}. The change leaves the buffer (pending
+--                          and both lanes' due sets), its field is locked to `id` in
+--                          inflight, the subject's watermark for the group becomes the
+--                          change's occurred time (enqueue.lua accepted it against the one
+--                          before, so it only rises; it outlives the batch), and the history
+--                          gets its "enqueued" (at its arrival; not for a replayed change,
+--                          whose "replayed" is there) and "batched". The caller has checked
+--                          that the buffer holds this change and that no batch locks the
+--                          field. Returns the record's member {value, seq, respect opt-out
+--                          0|1, occurred at ms}.
+local function take_change(at, id, group, kind, value, change)
+  local field = group .. SEP .. kind .. SEP .. value
+  redis.call('HDEL', at.pending, field)
+  redis.call('ZREM', at.due, field)
+  redis.call('ZREM', at.due_live, field)
+  redis.call('HSET', at.inflight, field, id)
+  local occurred = occurred_of(change)
+  local subject, history = identity_keys(at.prefix, kind .. SEP .. value)
+  redis.call('HSET', subject, 'w' .. SEP .. group, occurred)
+  touch_subject(subject, at.subject_keep)
+  if not change.p then
+    remember_enqueued(history, group, change, at.keep, at.most)
+  end
+  remember(history, at.now, {e = 'batched', g = group, b = id, q = change.q}, at.keep, at.most)
+  return {value, change.q, change.r or 0, occurred}
+end
+
 -- The schedule (stores/keys.py `schedule`, `schedule_reasons`): every batch that waits
 -- for its next try waits there, with a due time and a reason (core/waiting.py).
 --

@@ -1,6 +1,8 @@
--- claim_batch.lua: give one worker the right to post a batch, and drop superseded members.
+-- claim_batch.lua: give one worker the right to post a batch, drop superseded members, and
+-- top the batch up with due changes of its kind when it lost some.
 --
--- KEYS[1] batch     STRING batch record (JSON); rewritten without superseded members
+-- KEYS[1] batch     STRING batch record (JSON); rewritten without superseded members (and
+--                          with the members of a top-up)
 -- KEYS[2] batches   ZSET   batch id -> sweep deadline ms; pushed to the lease's end
 -- KEYS[3] claims    ZSET   batch id -> lease end ms; the claim is written here
 -- KEYS[4] tokens    HASH   batch id -> holder's token ("<worker id>/<random>")
@@ -8,14 +10,22 @@
 -- KEYS[6] schedule  ZSET   batch id -> due ms (read: a waiting batch is not claimable);
 --                          an emptied batch's pack siblings are put here, due now
 -- KEYS[7] reasons   HASH   batch id -> what it waits for
--- KEYS[8] pending   HASH   field -> change (read: a field here is a newer change)
--- KEYS[9] due       ZSET   field -> due ms; a released field becomes due (in its lane's
---                          set: this one for bulk, the one `lane_due` names for live)
--- KEYS[10] inflight HASH   field -> batch id; released for superseded members
+-- KEYS[8] pending   HASH   field -> change (read: a field here is a newer change); a
+--                          change taken by the top-up is deleted
+-- KEYS[9] due       ZSET   field -> due ms, bulk lane; a released bulk field becomes due
+--                          here; the top-up reads it and its members leave it
+-- KEYS[10] inflight HASH   field -> batch id; released for superseded members, locked to
+--                          this batch for the top-up's members
 -- KEYS[11] nudge    LIST   wakes a coalescer when pack siblings become due
+-- KEYS[12] due live ZSET   like KEYS[9], the live lane's
+-- KEYS[13] stats    HASH   "batched" and "topped_up" += members a top-up took
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] lease (ms)
 -- ARGV[4] history retention (ms)  ARGV[5] most history events per identifier
--- Per member superseded (see _prelude.lua): its history gets "superseded" (in its batch)
+-- ARGV[6] most identifiers per batch (and per v2 request)   ARGV[7] most due entries the
+-- top-up looks at   ARGV[8] subject key lifetime (ms)
+-- Per member superseded (see _prelude.lua): its history gets "superseded" (in its batch).
+-- Per member of a top-up: what take_batch.lua does per member (`take_change`).
+-- The records of the batch's v2 pack siblings are read (named like KEYS[1], with their id).
 --
 -- Guarantees: at most one claim per batch, and only a batch that is neither claimed nor
 -- waiting in the schedule can be claimed. So a duplicate or late message for a batch that
@@ -27,9 +37,93 @@
 -- older state is never sent after it. When every member was superseded the batch ends,
 -- and the other batches of its v2 pack that no one holds are scheduled due now (they were
 -- to travel with this batch's message).
+-- Top-up (issue 26): a batch that lost members but kept some, claimed afresh (not a
+-- renewal), never attempted and never split, takes due changes of its own group, state,
+-- identifier kind and double opt-in, oldest due first, until it holds ARGV[6] members
+-- (for a v2 pack: until the pack holds ARGV[6] distinct identifiers, the other records
+-- counted as they are now), looking at most at ARGV[7] due entries. A live batch looks at
+-- live's due changes, then bulk's; a bulk batch at bulk's only (a live change must not
+-- wait for bulk's turns). Each is taken exactly as the coalescer's take_batch.lua takes
+-- one: only a change the buffer holds whose field no batch locks (one in-flight lock per
+-- identifier), not due later (a delay), out of the buffer and locked in the same step,
+-- watermark and history written. So the request goes out full, and order holds as for a
+-- cut: a taken change is the newest of its identifier, and no batch holds an older one.
 -- Returns {"gone"} (finished already), {"busy"} (another worker holds it), {"waiting"}
--- (it waits in the schedule), {"empty", record as it was} or {"claimed", record}. The
--- holder may claim again with its own token (a renewal).
+-- (it waits in the schedule), {"empty", record as it was} or {"claimed", record, members
+-- the top-up took}. The holder may claim again with its own token (a renewal).
+
+-- Step of the top-up's read of a due set (entries per ZRANGEBYSCORE).
+local TOP_UP_STEP = 100
+
+-- top_up(record, kept, at, max_members, look_at): take due changes into `record` (kept
+-- members `kept`, appended to) as the header says; returns how many were taken.
+local function top_up(record, kept, at, max_members, look_at)
+  local values, distinct = {}, 0
+  local function count(value)
+    if not values[value] then
+      values[value] = true
+      distinct = distinct + 1
+    end
+  end
+  for _, member in ipairs(kept) do
+    count(member[1])
+  end
+  -- The siblings' records are named like this one's (stores/keys.py `batch`: the id last).
+  local named = string.sub(KEYS[1], 1, #KEYS[1] - #record.id)
+  for _, sibling in ipairs(record.pack or {}) do
+    if sibling ~= record.id then
+      if string.sub(KEYS[1], -#record.id) ~= record.id then
+        return 0  -- cannot name the siblings: no top-up rather than an oversized request
+      end
+      local other = redis.call('GET', named .. sibling)
+      if other then
+        for _, member in ipairs(cjson.decode(other).members) do
+          count(member[1])
+        end
+      end
+    end
+  end
+  local lanes = {at.due}
+  if string.sub(record.id, 1, 5) == 'live-' then  -- core/planning.py LIVE_BATCH_PREFIX
+    lanes = {at.due_live, at.due}
+  end
+  local prefix = record.group .. SEP .. record.kind .. SEP
+  local taken, looked = 0, 0
+  for _, lane in ipairs(lanes) do
+    local offset = 0
+    while #kept < max_members and looked < look_at do
+      local fields = redis.call('ZRANGEBYSCORE', lane, '-inf', at.now, 'LIMIT', offset,
+        math.min(TOP_UP_STEP, look_at - looked))
+      if #fields == 0 then
+        break
+      end
+      looked = looked + #fields
+      local left = #fields
+      for _, field in ipairs(fields) do
+        if #kept >= max_members then
+          break
+        end
+        if string.sub(field, 1, #prefix) == prefix then
+          local value = string.sub(field, #prefix + 1)
+          local current = redis.call('HGET', at.pending, field)
+          local change = current and cjson.decode(current)
+          if change and change.s == record.state and tonumber(change.o) == record.doi
+              and (values[value] or distinct < max_members)
+              and redis.call('HEXISTS', at.inflight, field) == 0 then
+            kept[#kept + 1] = take_change(at, record.id, record.group, record.kind, value,
+              change)
+            count(value)
+            taken = taken + 1
+            left = left - 1  -- it left this due set: the next read starts one earlier
+          end
+        end
+      end
+      offset = offset + left
+    end
+  end
+  return taken
+end
+
 local id = ARGV[1]
 local record_json = redis.call('GET', KEYS[1])
 if not record_json then
@@ -55,7 +149,11 @@ for _, member in ipairs(record.members) do
     if redis.call('HGET', KEYS[10], field) == id then
       redis.call('HDEL', KEYS[10], field)
       local change = cjson.decode(newer)
-      redis.call('ZADD', lane_due(KEYS[9], change), change.t, field)
+      if change.l == 1 then
+        redis.call('ZADD', KEYS[12], change.t, field)
+      else
+        redis.call('ZADD', KEYS[9], change.t, field)
+      end
     end
     local _, history = identity_keys(keys_prefix, record.kind .. SEP .. member[1])
     remember(history, now, {e = 'superseded', g = record.group, at = 'batch', b = id},
@@ -82,7 +180,17 @@ if #kept == 0 then
   end
   return {'empty', record_json}
 end
+local topped = 0
 if #kept < #record.members then
+  if not holder and record.attempts == 0 and not record.split and not record.sibling then
+    topped = top_up(record, kept, {prefix = keys_prefix, pending = KEYS[8], due = KEYS[9],
+      due_live = KEYS[12], inflight = KEYS[10], keep = keep, most = most,
+      subject_keep = tonumber(ARGV[8]), now = now}, tonumber(ARGV[6]), tonumber(ARGV[7]))
+    if topped > 0 then
+      redis.call('HINCRBY', KEYS[13], 'batched', topped)
+      redis.call('HINCRBY', KEYS[13], 'topped_up', topped)
+    end
+  end
   record.members = kept
   record_json = cjson.encode(record)
   redis.call('SET', KEYS[1], record_json)
@@ -94,4 +202,4 @@ if not holder then
   redis.call('HDEL', KEYS[5], id)
 end
 redis.call('ZADD', KEYS[2], lease_end, id)
-return {'claimed', record_json}
+return {'claimed', record_json, topped}

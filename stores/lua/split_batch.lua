@@ -19,7 +19,9 @@
 -- and stays locked (no newer change can overtake it while it is being isolated); the
 -- halves carry the attempts so far (not the last error text: it may quote members that go
 -- to the other half, and an identifier is stored only in its own records), belong to no
--- v2 pack, and wait in the schedule, due now (no message is left to the splitting worker); halves of a split that
+-- v2 pack, are marked `split` (never topped up: a bisection keeps to the refused batch's
+-- members), and wait in the schedule, due now (no message is left to the splitting
+-- worker); halves of a split that
 -- named nobody (ARGV[6] "") each carry the other's id as `sibling`, so that if both are
 -- refused the whole batch is condemned (core/refusal.py). Returns the size of the first
 -- half, or -1 if the batch is gone, has a single member, or the caller lost its claim.
@@ -71,6 +73,7 @@ for half = 1, 2 do
   record.id = id
   record.members = halves[half]
   record.pack = {id}
+  record.split = 1  -- a half is never topped up at its claim (claim_batch.lua)
   record.sibling = nil
   if named == 0 then
     record.sibling = ARGV[5 - half]

@@ -12,10 +12,8 @@
 -- one v2 request with this one (its pack)   ARGV[8] history retention (ms)
 -- ARGV[9] most history events per identifier   ARGV[10] subject key lifetime (ms)
 -- ARGV[11..] pairs: value, sequence number planned
--- Per identifier taken (see _prelude.lua): the subject's watermark for the group becomes
--- the change's occurred time (enqueue.lua accepted it against the one before, so it only
--- rises), which outlives the batch; the history gets the change's "enqueued" (at its
--- arrival time; not for a replayed change, whose "replayed" is there) and "batched".
+-- Each member is taken by `take_change` (_prelude.lua: the buffer, the lock, the
+-- watermark, the history), as a claim's top-up takes one (claim_batch.lua).
 --
 -- The record's members are [value, seq, respect opt-out 0|1, occurred at ms], so the poster
 -- sees per member whether Braze's opt-out is to be respected.
@@ -28,11 +26,10 @@
 -- sweep re-dispatches a record whose task message never left. Returns the members taken
 -- (0: nothing was written).
 local prefix = ARGV[2] .. SEP .. ARGV[4] .. SEP
-local keys_prefix = key_prefix(KEYS[1])
-local keep, most = tonumber(ARGV[8]), tonumber(ARGV[9])
-local subject_keep = tonumber(ARGV[10])
-local mark_field = 'w' .. SEP .. ARGV[2]
 local now = now_ms()
+local at = {prefix = key_prefix(KEYS[1]), pending = KEYS[1], due = KEYS[2], due_live = KEYS[7],
+  inflight = KEYS[3], keep = tonumber(ARGV[8]), most = tonumber(ARGV[9]),
+  subject_keep = tonumber(ARGV[10]), now = now}
 local members = {}
 for i = 11, #ARGV, 2 do
   local field = prefix .. ARGV[i]
@@ -40,19 +37,7 @@ for i = 11, #ARGV, 2 do
   local change = current and cjson.decode(current)
   if change and change.q == tonumber(ARGV[i + 1])
       and redis.call('HEXISTS', KEYS[3], field) == 0 then
-    redis.call('HDEL', KEYS[1], field)
-    redis.call('ZREM', KEYS[2], field)
-    redis.call('ZREM', KEYS[7], field)
-    redis.call('HSET', KEYS[3], field, ARGV[1])
-    local occurred = occurred_of(change)
-    members[#members + 1] = {ARGV[i], change.q, change.r or 0, occurred}
-    local subject, history = identity_keys(keys_prefix, ARGV[4] .. SEP .. ARGV[i])
-    redis.call('HSET', subject, mark_field, occurred)
-    touch_subject(subject, subject_keep)
-    if not change.p then
-      remember_enqueued(history, ARGV[2], change, keep, most)
-    end
-    remember(history, now, {e = 'batched', g = ARGV[2], b = ARGV[1], q = change.q}, keep, most)
+    members[#members + 1] = take_change(at, ARGV[1], ARGV[2], ARGV[4], ARGV[i], change)
   end
 end
 if #members == 0 then

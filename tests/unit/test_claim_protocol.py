@@ -7,7 +7,10 @@ may freeze (SIGSTOP: its heartbeat expires) at any step and thaw later; a reques
 Each step is one Lua script (or one request) of the real system:
 
 - claim_batch.lua: a message claims a batch only if it is neither claimed nor scheduled,
-  and a batch whose member is superseded by a pending newer change ends empty;
+  and a batch whose member is superseded by a pending newer change ends empty; a batch of
+  other identifiers ("h", the host) that lost members at its claim is topped up in the same
+  step with the identifier's due change, if no batch locks it (issue 26), and a newer
+  change supersedes the identifier in the host as in any batch;
 - fence_batch.lua + the request: the fence runs right before the first byte is written
   (httpcore's trace hook, delivery/braze_client.py), so the model treats fence-and-write as
   one step (the limit of any fencing without Braze's help: README, guarantees);
@@ -33,7 +36,8 @@ receives an older state after a newer one; a batch is sent again only when its e
 request failed or its outcome is unknown (the sender died or froze after sending): never
 because of a duplicate message; and every run that can go no further has delivered the
 newest state. The same checker, run on the protocol as it was before (no fence, unchecked
-finish, leases that expire under a frozen worker), finds the stale state of issue 9.
+finish, leases that expire under a frozen worker), finds the stale state of issue 9, and
+with a top-up that ignored the in-flight lock, an older state sent after a newer one.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-OLD, NEW = 1, 2  # the identifier's states, in the order they were written
+OLD, NEW = 1, 2  # the identifier's states, in the order they were written (3: a third)
+HOST = "h"  # a batch of other identifiers, which may take the identifier in at its claim
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Rules:
     # expiring with no heartbeat known: the old lease-only protocol
     outcome_first: bool = True  # the outcome is recorded before the bookkeeping (issue 21)
     forget_ends_claims: bool = True  # forget.lua ends the claims not yet sent (issue 21)
+    top_up_checks_lock: bool = True  # a top-up takes only a change no batch locks (issue 26)
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ class Worker:
 
 @dataclass(frozen=True)
 class State:
-    batches: frozenset[tuple[str, int]]  # (batch id, state it carries)
+    batches: frozenset[tuple[str, int]]  # (batch id, state it carries; 0: none of it)
     claims: frozenset[tuple[str, int, int]]  # (batch id, token, holder worker index)
     schedule: frozenset[str]
     messages: tuple[str, ...]  # sorted multiset of "post this batch now" messages
@@ -89,19 +95,32 @@ class State:
     # The first token claimed after `forget` ran (0: it has not): a worker holding an older
     # token read the identifier into memory with its batch before the erasure.
     erased_token: int = 0
-    enqueued: bool = False
+    written: int = 0  # newer states written so far (the producer's steps)
+    writes: int = 1  # newer states the producer writes in all (NEW, then 3, ...)
     violation: str | None = None
 
 
-def start(*, freezes: int = 2, crashes: int = 0, forget: bool = False) -> State:
+def start(
+    *,
+    freezes: int = 2,
+    crashes: int = 0,
+    forget: bool = False,
+    writes: int = 1,
+    host: bool = False,
+    sweeps: int = 2,
+) -> State:
+    """`host`: a batch of other identifiers is cut too, which may take the identifier in
+    at its claim (a top-up)."""
     return State(
         freezes=freezes,
         crashes=crashes,
         forgets=int(forget),
-        batches=frozenset({("b1", OLD)}),
+        writes=writes,
+        sweeps=sweeps,
+        batches=frozenset({("b1", OLD), *((HOST, 0),) * host}),
         claims=frozenset(),
         schedule=frozenset(),
-        messages=("b1",),
+        messages=("b1", HOST) if host else ("b1",),
         locked_by="b1",
         pending=None,
         braze=None,
@@ -148,17 +167,19 @@ def _end_batch(state: State, batch: str) -> State:
 
 def steps(state: State, rules: Rules) -> Iterator[tuple[str, State]]:
     """Every step that can happen next."""
-    # --- the producer writes the newer state once -----------------------------------------
-    if not state.enqueued:
-        yield "enqueue", replace(state, pending=NEW, enqueued=True)
+    # --- the producer writes each newer state in turn --------------------------------------
+    if state.written < state.writes:
+        yield "enqueue", replace(state, pending=NEW + state.written, written=state.written + 1)
     # --- an operator runs `forget` (forget.lua) --------------------------------------------
     if state.forgets:
+        # Claims whose holder has not sent (no fence yet), told by the token: a frozen
+        # worker's stale job may name a batch that another worker has claimed and sent since.
         unsent = {
-            worker.job[0]
+            worker.job[1]
             for worker in state.workers
             if worker.job is not None and worker.job[2] == "c"
         }
-        stopped = {c for c in state.claims if c[0] in unsent} if rules.forget_ends_claims else set()
+        stopped = {c for c in state.claims if c[1] in unsent} if rules.forget_ends_claims else set()
         yield (
             "forget",
             replace(
@@ -175,14 +196,15 @@ def steps(state: State, rules: Rules) -> Iterator[tuple[str, State]]:
         )
     # --- the tick ----------------------------------------------------------------------------
     if state.locked_by is None and state.pending is not None:  # cut the newer change
+        cut = f"b{state.pending}"
         yield (
             "cut",
             replace(
                 state,
-                batches=state.batches | {("b2", state.pending)},
-                locked_by="b2",
+                batches=state.batches | {(cut, state.pending)},
+                locked_by=cut,
                 pending=None,
-                messages=tuple(sorted((*state.messages, "b2"))),
+                messages=tuple(sorted((*state.messages, cut))),
             ),
         )
     for batch in sorted(state.schedule):  # dispatch_due.lua
@@ -290,7 +312,9 @@ def _worker_steps(
                 and batch not in state.schedule
             )
             superseded = state.pending is not None and state.locked_by == batch
-            if claimable and (superseded or version == 0):
+            if claimable and batch == HOST:
+                yield from _claim_host(after, index, superseded, rules)
+            elif claimable and (superseded or version == 0):
                 yield f"w{index} claims {batch}: empty", _end_batch(after, batch)
             elif claimable:
                 token = state.next_token
@@ -399,22 +423,69 @@ def _worker_steps(
         )
 
 
+def _claim_host(
+    state: State, index: int, superseded: bool, rules: Rules
+) -> Iterator[tuple[str, State]]:
+    """claim_batch.lua on the host batch: it keeps its other identifiers, so it is never
+    empty. A newer change supersedes the identifier in it (it leaves, its lock goes). Then,
+    since the host lost members (the model lets it have lost some at every claim), the
+    top-up may take the identifier's due change: only if no batch locks it (or, with the
+    rule switched off, whatever locks it). It may also not (another state, not due yet, or
+    the batch full): both are explored."""
+    token = state.next_token
+    version = _version(state, HOST) or 0
+    locked_by = state.locked_by
+    if superseded:
+        version, locked_by = 0, None
+    claimed = replace(
+        state,
+        batches=frozenset(b for b in state.batches if b[0] != HOST) | {(HOST, version)},
+        locked_by=locked_by,
+        claims=state.claims | {(HOST, token, index)},
+        next_token=token + 1,
+        workers=_set_worker(state, index, Worker(True, (HOST, token, "c", ""))),
+    )
+    yield f"w{index} claims {HOST}", claimed
+    takeable = locked_by is None or not rules.top_up_checks_lock
+    if state.pending is not None and takeable and version == 0:
+        yield (
+            f"w{index} claims {HOST}, topped up with {state.pending}",
+            replace(
+                claimed,
+                batches=frozenset(b for b in state.batches if b[0] != HOST)
+                | {(HOST, state.pending)},
+                locked_by=HOST,
+                pending=None,
+            ),
+        )
+
+
 def finished(state: State) -> bool:
-    return not state.batches and state.pending is None and state.enqueued
+    return not state.batches and state.pending is None and state.written == state.writes
 
 
 def settled(state: State) -> bool:
     """The end every run must reach: the newest state delivered, or the identifier erased
     (then nothing more is owed it; a change enqueued after `forget` is delivered)."""
-    return finished(state) and (state.braze == NEW or state.erased_token > 0)
+    newest = NEW + state.writes - 1
+    return finished(state) and (state.braze == newest or state.erased_token > 0)
 
 
 def explore(
-    rules: Rules, *, freezes: int = 2, crashes: int = 0, forget: bool = False
+    rules: Rules,
+    *,
+    freezes: int = 2,
+    crashes: int = 0,
+    forget: bool = False,
+    writes: int = 1,
+    host: bool = False,
+    sweeps: int = 2,
 ) -> tuple[int, list[str] | None]:
     """Visit every reachable state; return how many, and a run to the first violation (or
     to a state that can go no further without having delivered the newest state)."""
-    first = start(freezes=freezes, crashes=crashes, forget=forget)
+    first = start(
+        freezes=freezes, crashes=crashes, forget=forget, writes=writes, host=host, sweeps=sweeps
+    )
     parents: dict[State, tuple[State, str] | None] = {first: None}
     stack = [first]
 
@@ -493,3 +564,38 @@ def test_the_checker_finds_the_send_after_forget_when_claims_are_left_alone():
     _visited, counterexample = explore(Rules(forget_ends_claims=False), freezes=1, forget=True)
     assert counterexample is not None
     assert "sent the identifier after forget returned" in counterexample[-1]
+
+
+def test_a_top_up_at_claim_never_sends_a_stale_state():
+    """Issue 26: a batch of other identifiers that lost members at its claim takes the
+    identifier's due change in the same step. Two newer states are written, so the host
+    may carry one and lose it to the next (and take that one in again), with a failed
+    request and the sweep around it: no stale state, no send without a claim, no re-send
+    of a known outcome, and the newest state always arrives."""
+    visited, counterexample = explore(Rules(), freezes=0, writes=2, host=True)
+    assert counterexample is None, "\n".join(counterexample)
+    assert visited > 10_000
+
+
+def test_a_top_up_at_claim_with_a_frozen_or_killed_worker_never_sends_a_stale_state():
+    """The same with one freeze, kill or lost message anywhere (take-backs, the fence)."""
+    visited, counterexample = explore(Rules(), freezes=1, writes=1, host=True, sweeps=0)
+    assert counterexample is None, "\n".join(counterexample)
+    assert visited > 10_000
+
+
+def test_a_top_up_at_claim_with_forget_never_sends_the_identifier_after_it():
+    visited, counterexample = explore(Rules(), freezes=0, forget=True, host=True, sweeps=0)
+    assert counterexample is None, "\n".join(counterexample)
+    assert visited > 1_000
+
+
+def test_the_checker_finds_the_stale_state_when_a_top_up_ignores_the_lock():
+    """A top-up that took the newer change while a batch still locked the identifier (its
+    older state not yet sent) would let the two batches race: the older lands last."""
+    _visited, counterexample = explore(
+        Rules(top_up_checks_lock=False), freezes=0, writes=1, host=True
+    )
+    assert counterexample is not None
+    assert "after" in counterexample[-1]
+    assert any("topped up" in step for step in counterexample)

@@ -1,0 +1,259 @@
+"""Issue 26: a batch that loses members at its claim is topped up, in the same atomic step
+(claim_batch.lua), with due changes of its group, state, identifier kind and double opt-in,
+taken as the coalescer's take_batch.lua takes them (`take_change`, _prelude.lua); against
+a real redis-server."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from core.changes import Lane, parse_change
+from core.planning import plan_batches
+from core.waiting import WaitReason
+from delivery.services import services
+from stores.batch_records import ClaimStatus, Ended, Finish
+from stores.buffer import Buffer
+from stores.clock import server_time_ms
+from stores.keys import buffer_field
+from tests.conftest import email, take_each
+
+GROUP = "news"
+LEASE_MS = 30_000
+A, B = "worker-a/1", "worker-b/1"
+
+
+def row(value: str, state: str = "subscribed", group: str = GROUP, **extra: Any) -> dict:
+    kind = "external_id" if value.startswith("user-") else "email"
+    return {"subscription_group_id": group, "subscription_state": state, kind: value, **extra}
+
+
+def enqueue(rows: list[dict], lane: Lane = Lane.BULK) -> None:
+    services().buffer.enqueue([parse_change(r) for r in rows], lane=lane)
+
+
+def cut(rows: list[dict], lane: Lane = Lane.BULK) -> str:
+    """Enqueue the rows and take them into one batch of `lane`; returns its id."""
+    buffer: Buffer = services().buffer
+    enqueue(rows, lane)
+    now = server_time_ms(buffer.client)
+    values = {r.get("email") or r.get("external_id") for r in rows}
+    changes = [c for c in buffer.read_due(now, 1000)[0] if c.value in values]
+    [batch] = plan_batches(changes, now_ms=now, max_identifiers=50)
+    [pack] = buffer.take([[batch]], 60_000, lane)
+    [(batch_id, size)] = pack
+    assert size == len(rows)
+    return batch_id
+
+
+def members(batch_id: str) -> list[str]:
+    raw = services().redis.get(services().keys.batch(batch_id))
+    return [m[0] for m in json.loads(raw)["members"]]
+
+
+def locked(redis_client: Any) -> dict[str, str]:
+    keys = services().keys
+    return {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.inflight).items()}
+
+
+def due_fields(redis_client: Any) -> set[str]:
+    keys = services().keys
+    return {
+        raw.decode()
+        for name in (keys.due, keys.due_live)
+        for raw in redis_client.zrange(name, 0, -1)
+    }
+
+
+def events(redis_client: Any, kind: str, value: str) -> list[dict]:
+    raw = redis_client.lrange(services().keys.history(kind, value), 0, -1)
+    return [json.loads(entry.decode().partition("\x1f")[2]) for entry in raw]
+
+
+def stat(redis_client: Any, name: str) -> int:
+    return int(redis_client.hget(services().keys.stats, name) or 0)
+
+
+def test_a_batch_that_lost_members_takes_due_changes_of_its_kind_only(env, redis_client):
+    store = services().batches
+    batch_id = cut([row(email(n)) for n in range(1, 6)])
+    batched = stat(redis_client, "batched")
+    enqueue([row(email(2), "unsubscribed")])  # supersedes a member: it waits for the lock
+    enqueue(
+        [
+            row(email(10)),  # same group, state, kind: taken
+            row(email(11)),  # taken
+            row(email(12), "unsubscribed"),  # another state
+            row(email(13), group="promo"),  # another group
+            row("user-14"),  # another kind
+            row(email(15), delay_seconds=60),  # not due yet
+        ]
+    )
+    enqueue([row(email(16))], Lane.LIVE)  # the live lane: not for a bulk batch
+
+    claim = store.claim(batch_id, A, LEASE_MS, top_up_to=50)
+
+    assert claim.status is ClaimStatus.CLAIMED and claim.record is not None
+    assert claim.topped_up == 2
+    topped = [email(1), email(3), email(4), email(5), email(10), email(11)]
+    assert sorted(claim.record.values) == sorted(topped) == sorted(members(batch_id))
+    # Taken as the coalescer takes: out of the buffer, locked to this batch, bookkept.
+    assert locked(redis_client) == {buffer_field(GROUP, "email", v): batch_id for v in topped}
+    pending = services().buffer
+    for value in (email(10), email(11)):
+        field = buffer_field(GROUP, "email", value)
+        assert field not in due_fields(redis_client)
+        assert redis_client.hget(services().keys.pending, field) is None
+        kinds = [e["e"] for e in events(redis_client, "email", value)]
+        assert kinds[-2:] == ["enqueued", "batched"]
+        assert events(redis_client, "email", value)[-1]["b"] == batch_id
+        watermark = redis_client.hget(services().keys.subject("email", value), f"w\x1f{GROUP}")
+        assert watermark is not None
+    assert stat(redis_client, "topped_up") == 2
+    assert stat(redis_client, "batched") == batched + 2
+    # Everything else still waits in the buffer, due (the delayed one later).
+    assert pending.pending_count() == 6
+    assert buffer_field(GROUP, "email", email(2)) in due_fields(redis_client)
+    assert buffer_field(GROUP, "email", email(12)) in due_fields(redis_client)
+
+    assert store.delivered(batch_id, A) == Finish(Ended.ENDED, 6)
+    assert locked(redis_client) == {}
+
+
+def test_the_top_up_stops_at_top_up_to_oldest_due_first(env, redis_client):
+    store = services().batches
+    batch_id = cut([row(email(n)) for n in range(1, 5)])
+    enqueue([row(email(1), "unsubscribed")])
+    for n in (20, 21, 22):  # one call each: due in this order
+        enqueue([row(email(n))])
+
+    claim = store.claim(batch_id, A, LEASE_MS, top_up_to=5)
+
+    assert claim.topped_up == 2
+    assert sorted(members(batch_id)) == sorted([email(2), email(3), email(4), email(20), email(21)])
+    assert buffer_field(GROUP, "email", email(22)) in due_fields(redis_client)
+
+
+def test_double_opt_in_is_part_of_the_batch_kind(env, redis_client):
+    store = services().batches
+    sms = "sms-promos"
+    batch_id = cut([row(f"user-{n}", group=sms) for n in range(1, 4)])
+    enqueue([row("user-1", "unsubscribed", group=sms)])
+    enqueue(
+        [
+            row("user-7", group=sms, use_double_opt_in_logic=True),
+            row("user-8", group=sms),
+        ]
+    )
+    claim = store.claim(batch_id, A, LEASE_MS, top_up_to=50)
+    assert claim.topped_up == 1
+    assert sorted(members(batch_id)) == ["user-2", "user-3", "user-8"]
+
+
+def test_no_top_up_without_a_loss_nor_on_a_renewal_a_retry_or_a_split_half(env, redis_client):
+    store = services().batches
+    keys = services().keys
+    # Nothing lost: the batch is left as it was cut (its partial size was the planner's).
+    intact = cut([row(email(1)), row(email(2))])
+    enqueue([row(email(30)), row(email(31)), row(email(32)), row(email(33))])
+    assert store.claim(intact, A, LEASE_MS, top_up_to=50).topped_up == 0
+    assert sorted(members(intact)) == [email(1), email(2)]
+    # A renewal by the holder: it may have sent the batch already.
+    enqueue([row(email(1), "unsubscribed")])
+    renewed = store.claim(intact, A, LEASE_MS, top_up_to=50)
+    assert renewed.status is ClaimStatus.CLAIMED and renewed.topped_up == 0
+    assert members(intact) == [email(2)]
+
+    # A batch with an attempt counted: new members would inherit its attempts.
+    retried = cut([row(email(40)), row(email(41))])
+    assert store.claim(retried, B, LEASE_MS).status is ClaimStatus.CLAIMED
+    store.defer(
+        retried,
+        B,
+        error="HTTP 503",
+        count_attempt=True,
+        due_in_ms=0,
+        reason=WaitReason.RETRY,
+        grace_ms=120_000,
+    )
+    assert store.dispatch_due(1000, 120_000) == [retried]
+    enqueue([row(email(40), "unsubscribed")])
+    again = store.claim(retried, B, LEASE_MS, top_up_to=50)
+    assert again.status is ClaimStatus.CLAIMED and again.topped_up == 0
+    assert members(retried) == [email(41)]
+
+    # A half of a split: the bisection keeps to the refused batch's members.
+    refused = cut([row(email(50)), row(email(51)), row(email(52)), row(email(53))])
+    assert store.claim(refused, A, LEASE_MS).status is ClaimStatus.CLAIMED
+    first, _second = store.split(refused, A, isolate=None, grace_ms=120_000)
+    redis_client.delete(keys.schedule)  # as if dispatched
+    enqueue([row(email(50), "unsubscribed")])
+    half = store.claim(first, A, LEASE_MS, top_up_to=50)
+    assert half.status is ClaimStatus.CLAIMED and half.topped_up == 0
+    assert members(first) == [email(51)]
+    assert buffer_field(GROUP, "email", email(30)) in due_fields(redis_client)
+
+
+def test_a_live_batch_takes_live_changes_first_then_bulk(env, redis_client):
+    store = services().batches
+    live_batch = cut([row(email(1)), row(email(2))], Lane.LIVE)
+    assert live_batch.startswith("live-")
+    enqueue([row(email(1), "unsubscribed")], Lane.LIVE)
+    enqueue([row(email(60)), row(email(61))], Lane.BULK)  # due first
+    enqueue([row(email(70))], Lane.LIVE)  # due later, but live
+
+    claim = store.claim(live_batch, A, LEASE_MS, top_up_to=3)
+    assert claim.topped_up == 2
+    assert sorted(members(live_batch)) == [email(2), email(60), email(70)]
+    # A bulk batch takes no live change: it would wait for bulk's turns.
+    bulk_batch = cut([row(email(80)), row(email(81))], Lane.BULK)
+    enqueue([row(email(80), "unsubscribed")], Lane.BULK)
+    enqueue([row(email(90))], Lane.LIVE)
+    claim = store.claim(bulk_batch, B, LEASE_MS, top_up_to=50)
+    assert claim.topped_up == 1  # email(61), the bulk one left
+    assert sorted(members(bulk_batch)) == [email(61), email(81)]
+    assert buffer_field(GROUP, "email", email(90)) in due_fields(redis_client)
+
+
+def test_a_v2_pack_stays_within_its_distinct_identifiers(env, redis_client):
+    """The other batches of the pack count as they are: a value already in the pack costs
+    nothing, a new one takes one of the request's slots."""
+    found = services()
+    buffer, store = found.buffer, found.batches
+    enqueue([row(email(n)) for n in (1, 2, 3)])
+    enqueue([row(email(n), group="promo") for n in (1, 2, 3, 7)])
+    now = server_time_ms(redis_client)
+    changes, _ = buffer.read_due(now, 1000)
+    plan = plan_batches(changes, now_ms=now, max_identifiers=50)
+    assert len(plan) == 2
+    [pack] = buffer.take([plan], 60_000)
+    ids = {members(batch_id)[-1]: batch_id for batch_id, _size in pack}
+    news, promo = ids[email(3)], ids[email(7)]
+    enqueue([row(email(1), "unsubscribed")])  # leaves the news batch
+    enqueue([row(email(4))])
+    enqueue([row(email(5))])
+    enqueue([row(email(7))])  # in the pack already (promo): free
+
+    claim = store.claim(news, A, LEASE_MS, top_up_to=5)
+
+    assert claim.topped_up == 2
+    assert sorted(members(news)) == [email(2), email(3), email(4), email(7)]
+    union = set(members(news)) | set(members(promo))
+    assert len(union) == 5
+    assert buffer_field(GROUP, "email", email(5)) in due_fields(redis_client)
+    # The poster takes the sibling too: one request of 5 distinct identifiers.
+    sibling = store.claim(promo, A, LEASE_MS, top_up_to=5)
+    assert sibling.status is ClaimStatus.CLAIMED and sibling.topped_up == 0
+
+
+def test_take_each_still_cuts_as_before(env, redis_client):
+    """take_batch.lua through the shared `take_change`: the record, the locks, the history."""
+    buffer = services().buffer
+    enqueue([row(email(1)), row(email(2))])
+    now = server_time_ms(redis_client)
+    changes, _ = buffer.read_due(now, 100)
+    [(batch_id, size)] = take_each(buffer, plan_batches(changes, now_ms=now, max_identifiers=50), 1)
+    assert size == 2
+    assert set(locked(redis_client).values()) == {batch_id}
+    assert [e["e"] for e in events(redis_client, "email", email(1))] == ["enqueued", "batched"]
+    assert due_fields(redis_client) == set()
