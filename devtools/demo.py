@@ -158,13 +158,17 @@ def run_demo(*, changes: int, console: Console, out: Console, keep_running: bool
         table.add_row("distinct group + identifier pairs", f"{len(expected):,}")
         table.add_row("requests accepted (201)", f"{len(requests):,}")
         table.add_row("identifiers posted", f"{identifiers:,}")
-        table.add_row("identifiers per request", f"{identifiers / max(1, len(requests)):.1f}")
+        per_request = identifiers / max(1, len(requests))
+        table.add_row("identifiers per request", f"{per_request:.1f}")
+        table.add_row("fill (of 50 per request)", f"{per_request / 50:.2f}")
         # Batches are cut full; a member a later wave flipped before its batch was posted
-        # leaves it at the claim (its older state is never sent), so that request goes out
-        # smaller and the newer state goes in a later batch: the figure above is below 50
-        # by about that many.
-        cut = int(client.hget(keys.stats, "batched") or 0)
+        # leaves it at the claim (its older state is never sent), and the claim tops the
+        # batch up with due changes of its group, state and kind, when there are any; the
+        # newer state goes in a later batch. "Cut" counts the members a top-up took too.
+        counted = client.hmget(keys.stats, ["batched", "topped_up"])
+        cut, topped_up = (int(value or 0) for value in counted)
         table.add_row("identifiers cut into batches", f"{cut:,}")
+        table.add_row("… taken in by a top-up at claim", f"{topped_up:,}")
         table.add_row(
             "… superseded before their post",
             f"{max(0, cut - identifiers):,}",

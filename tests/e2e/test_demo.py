@@ -109,3 +109,7 @@ def test_demo_honours_redis_key_prefix(tmp_path):
     assert "every identifier is in its last-written state" in result.stderr
     (checked,) = re.findall(r"last-written state\s*│\s*([\d,]+) of ([\d,]+)", result.stdout)
     assert checked[0] == checked[1] and int(checked[0]) > 100, result.stdout
+    # The table shows the fill of the requests and what the claims' top-ups took in.
+    (fill,) = re.findall(r"fill \(of 50 per request\)\s*│\s*([\d.]+)", result.stdout)
+    assert 0 < float(fill) <= 1, result.stdout
+    assert re.search(r"taken in by a top-up at claim\s*│\s*[\d,]+", result.stdout), result.stdout
