@@ -198,15 +198,19 @@ def enqueue(
         lane=lane,
         workspace=workspace,
     )
-    buffer = services(workspace_of(change)).new_buffer()  # its `stale`: this change's
+    target = workspace_of(change)
+    buffer = services(target).new_buffer()  # its `stale`: this change's
     buffer.enqueue([change], lane=Lane.LIVE)
+    # With several workspaces, say which one took it.
+    where = f" (workspace {target})" if len(workspace_names()) > 1 else ""
     if buffer.stale:
         err.print(
-            f"dropped as stale: {change.group_id} {change.state.value} ({change.kind.value}) "
-            "occurred before the change already accepted for it (see braze-subs history)"
+            f"dropped as stale: {change.group_id} {change.state.value} ({change.kind.value})"
+            f"{where} occurred before the change already accepted for it "
+            "(see braze-subs history)"
         )
         return
-    err.print(f"enqueued: {change.group_id} {change.state.value} ({change.kind.value})")
+    err.print(f"enqueued: {change.group_id} {change.state.value} ({change.kind.value}){where}")
 
 
 @app.command("import")

@@ -114,6 +114,7 @@ def test_cli_enqueue_workspace(workspaces_env, redis_client):
     assert run_cli(*base, "--group", "us-sms", "--email", "a@x.io").returncode == 0
     done = run_cli(*base, "--group", "new", "--email", "b@x.io", "--workspace", "eu")
     assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "enqueued: new subscribed (email) (workspace eu)"
     assert pending(redis_client, "us") == {"a@x.io": "us-sms"}
     assert pending(redis_client, "eu") == {"b@x.io": "new"}
     refused = run_cli(*base, "--group", "lost", "--email", "c@x.io")
