@@ -257,3 +257,28 @@ def test_take_each_still_cuts_as_before(env, redis_client):
     assert set(locked(redis_client).values()) == {batch_id}
     assert [e["e"] for e in events(redis_client, "email", email(1))] == ["enqueued", "batched"]
     assert due_fields(redis_client) == set()
+
+
+def test_a_top_up_never_takes_another_workspaces_changes(workspaces_env, redis_client):
+    """Issue 23's workspaces are separate key spaces: a claim in `us` reads `us`'s due sets
+    only, even for a group both workspaces were told to hold."""
+    us, eu = services("us"), services("eu")
+    shared = "shared-news"  # in no workspace's table: each change names its workspace
+    us.buffer.enqueue(
+        [parse_change(row(email(n), group=shared)) for n in (1, 2, 3)], lane=Lane.BULK
+    )
+    now = server_time_ms(redis_client)
+    changes, _ = us.buffer.read_due(now, 100)
+    [(batch_id, size)] = take_each(
+        us.buffer, plan_batches(changes, now_ms=now, max_identifiers=50), 60_000
+    )
+    assert size == 3
+    us.buffer.enqueue([parse_change(row(email(1), "unsubscribed", group=shared))], lane=Lane.BULK)
+    eu.buffer.enqueue([parse_change(row(email(n), group=shared)) for n in (7, 8)], lane=Lane.BULK)
+
+    claim = us.batches.claim(batch_id, A, LEASE_MS, top_up_to=50)
+
+    assert claim.status is ClaimStatus.CLAIMED and claim.topped_up == 0
+    assert sorted(claim.record.values) == [email(2), email(3)]
+    assert eu.buffer.pending_count() == 2
+    assert redis_client.hlen(eu.keys.inflight) == 0
