@@ -348,6 +348,13 @@ def test_verify_reads_each_row_from_its_workspaces_braze_and_repairs_into_it(
         name: sim_stats(sim)["reads"]["requests_total"] for name, sim in (("us", us), ("eu", eu))
     }
     assert after["us"] - before["us"] == 2 and after["eu"] - before["eu"] == 2
+    # ... each through its own read budget (its key space, its workspace id), none through
+    # the write budget.
+    for name in ("us", "eu"):
+        found = services(name)
+        workspace_id = found.settings.workspace_id
+        assert found.redis.exists(found.keys.read_limiter(workspace_id))
+        assert not found.redis.exists(found.keys.limiter(workspace_id))
     # Each repair waits in its own workspace's buffer.
     assert pending_values("us") == {email(2), email(6)}
     assert pending_values("eu") == {email(4)}
