@@ -9,9 +9,12 @@ simulator, and flushes Redis afterwards.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import signal
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -367,11 +370,102 @@ def processes(env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark each test with its kind, from its folder: `pytest -m unit` runs the pure tests
-    alone, `-m "not e2e"` everything without Celery processes."""
+    alone, `-m "not e2e"` everything without Celery processes. Then the order and the
+    groups of a parallel run (see "Running in parallel" below)."""
     for item in items:
         kind = Path(str(item.fspath)).parent.name
         if kind in KINDS:
             item.add_marker(getattr(pytest.mark, kind))
+        group = xdist_group_of(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    # The `alone` tests last (a stable sort keeps the rest in their order): they run while
+    # the other workers are idle anyway, at the end, rather than holding them up midway.
+    items.sort(key=lambda item: item.get_closest_marker("alone") is not None)
+
+
+# --------------------------------------------------------------------------------------
+# Running in parallel: `./dev test` runs pytest-xdist (`-n 2 --dist loadgroup`). Each
+# xdist worker is a process with its own session fixtures: its own redis-server
+# (pytest-redis picks a free port per worker), simulator (port 0), rabbitmq-server and
+# temporary folders, so tests of two workers share no state. What they do share is the
+# machine's two cores: a test whose assertion rests on time or throughput (a p99, a budget's
+# utilisation, "within N seconds") is marked `alone` and runs with no other test running.
+# --------------------------------------------------------------------------------------
+
+# Tests that share something costly or global run on one worker, one after the other:
+# the RabbitMQ tests share one rabbitmq-server (a worker's session starts its own on
+# first use; ~5 s and an Erlang VM each), the podman tests one image store and build, and
+# the packaging tests one wheel (a module-scoped fixture, built once per worker).
+XDIST_GROUPS = {
+    "tests/e2e/test_containers.py": "podman",
+    "tests/e2e/test_deploy.py": "podman",
+    "tests/integration/test_packaging.py": "packaging",
+}
+
+
+def xdist_group_of(item: pytest.Item) -> str | None:
+    """The xdist group `item` must run in (`--dist loadgroup`), if any."""
+    path = Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
+    if path in XDIST_GROUPS:
+        return XDIST_GROUPS[path]
+    callspec = getattr(item, "callspec", None)
+    uses_rabbitmq = "rabbitmq_server" in getattr(item, "fixturenames", ())
+    if uses_rabbitmq or (callspec is not None and callspec.params.get("broker") == "rabbitmq"):
+        return "rabbitmq"
+    return None
+
+
+_ROOM_LOCKS: tuple[int, int] | None = None
+
+
+def _room_locks() -> tuple[int, int] | None:
+    """The two lock files the xdist workers of this run share (None outside xdist): the
+    gate, held shared for an instant by a test about to start and exclusively by an
+    `alone` test from before it waits until it ends (so no new test starts meanwhile),
+    and the room, held shared by every running test and exclusively by an `alone` one."""
+    global _ROOM_LOCKS
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run or not os.environ.get("PYTEST_XDIST_WORKER"):
+        return None
+    if _ROOM_LOCKS is None:
+        base = Path(tempfile.gettempdir()) / f"braze-subs-tests-{run}"
+        flags = os.O_RDWR | os.O_CREAT
+        _ROOM_LOCKS = (os.open(f"{base}.gate", flags, 0o600), os.open(f"{base}.room", flags))
+    return _ROOM_LOCKS
+
+
+@contextlib.contextmanager
+def _turn(alone: bool) -> Iterator[None]:
+    """A test's turn in the room: shared with the other workers' tests, or alone. Writer
+    first: once an `alone` test holds the gate, the others finish their current test and
+    wait; flock(2) itself would let a stream of shared holders starve it."""
+    locks = _room_locks()
+    if locks is None:
+        yield
+        return
+    gate, room = locks
+    if alone:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(room, fcntl.LOCK_EX)
+    else:
+        fcntl.flock(gate, fcntl.LOCK_SH)
+        fcntl.flock(room, fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        fcntl.flock(room, fcntl.LOCK_UN)
+        if alone:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Setup, call and teardown of each test inside its turn. tryfirst: outside
+    pytest-timeout's wrapper, so the wait for a turn is not counted in the test's timeout."""
+    with _turn(alone=item.get_closest_marker("alone") is not None):
+        return (yield)
 
 
 def keyspace_traces(client: Redis, needle: str) -> list[str]:

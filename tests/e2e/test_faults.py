@@ -585,6 +585,7 @@ def test_redis_restart_with_append_only_persistence(env, sim, own_redis, process
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.alone  # a change within 5 s of the kill: timed
 def test_worker_killed_mid_tick_does_not_stall_coalescing(env, sim, processes):
     found = services()
     client, lock = found.redis, found.keys.coalesce_lock

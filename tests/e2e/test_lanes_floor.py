@@ -16,7 +16,9 @@ from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, wait_f
 from tests.import_files import write_rows
 from tests.sim_control import faults, sim_stats
 
-pytestmark = pytest.mark.slow
+# alone: its figures (latency, shares of the budget, seconds to recover) are measured;
+# under xdist nothing else runs meanwhile (tests/conftest.py, "Running in parallel").
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 LIMIT = 60  # requests per WINDOW: ~1,450 identifiers a second at 50 a request
 WINDOW = 2.0

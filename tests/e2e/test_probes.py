@@ -44,6 +44,7 @@ def seconds_until_failing(env: dict[str, str], role: str) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.alone  # within seconds: timed
 @pytest.mark.parametrize("role", ["worker", "beat"])
 def test_liveness_fails_within_seconds_of_a_freeze_and_of_a_kill(env, processes, tmp_path, role):
     health = {**env, "HEALTH_DIR": str(tmp_path / "health")}

@@ -14,7 +14,9 @@ from tasks.producer import enqueue_changes
 from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, wait_for
 from tests.sim_control import sim_states, sim_stats
 
-pytestmark = pytest.mark.slow
+# alone: its figures (latency, shares of the budget, seconds to recover) are measured;
+# under xdist nothing else runs meanwhile (tests/conftest.py, "Running in parallel").
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 LIMIT = 40
 WINDOW = 2.0

@@ -91,6 +91,7 @@ def changes(start: int, count: int, state: str = "subscribed") -> list[dict[str,
     ]
 
 
+@pytest.mark.alone  # cleared within 10 s: timed
 def test_key_rotation_as_the_runbook_says_clears_metric_alert_and_status_within_seconds(
     default_env,
     sim,

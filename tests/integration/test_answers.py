@@ -197,6 +197,7 @@ def test_an_error_after_sending_gives_back_with_the_attempt_counted(sim, redis_c
 # --- item 5: one deadline per exchange; bodies read up to a cap ------------------------------
 
 
+@pytest.mark.alone  # the deadline's overshoot is timed
 def test_a_trickled_answer_ends_at_the_overall_deadline(sim):
     """HTTP_TIMEOUT_SECONDS is the setting under test: 1 s. The simulator sends Braze's
     answer a byte every 0.2 s (about 4 s in all); httpx's per-phase timeout never fires."""
@@ -259,6 +260,7 @@ def trickling_server(answer: bytes, interval: float) -> Iterator[str]:
         thread.join(5)
 
 
+@pytest.mark.alone  # the deadline's overshoot is timed
 def test_trickled_headers_end_at_the_overall_deadline():
     """Headers a byte at a time: httpx's read timeout restarts with every byte; the
     exchange's deadline (HTTP_TIMEOUT_SECONDS, 1 s here: the setting under test) does not."""
