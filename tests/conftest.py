@@ -394,14 +394,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # --------------------------------------------------------------------------------------
 
 # Tests that share something costly or global run on one worker, one after the other:
-# the RabbitMQ tests share one rabbitmq-server (a worker's session starts its own on
-# first use; ~5 s and an Erlang VM each), the podman tests one image store and build, and
-# the packaging tests one wheel (a module-scoped fixture, built once per worker).
+# the RabbitMQ tests share one rabbitmq-server and the cluster tests one Redis Cluster (a
+# worker's session starts its own on first use: an Erlang VM; six redis-servers), the
+# podman tests one image store and build, the packaging tests one wheel (a module-scoped
+# fixture, built once per worker).
 XDIST_GROUPS = {
     "tests/e2e/test_containers.py": "podman",
     "tests/e2e/test_deploy.py": "podman",
     "tests/integration/test_packaging.py": "packaging",
 }
+XDIST_GROUP_FIXTURES = {"rabbitmq_server": "rabbitmq", "redis_cluster_server": "redis-cluster"}
 
 
 def xdist_group_of(item: pytest.Item) -> str | None:
@@ -409,9 +411,11 @@ def xdist_group_of(item: pytest.Item) -> str | None:
     path = Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
     if path in XDIST_GROUPS:
         return XDIST_GROUPS[path]
-    callspec = getattr(item, "callspec", None)
-    uses_rabbitmq = "rabbitmq_server" in getattr(item, "fixturenames", ())
-    if uses_rabbitmq or (callspec is not None and callspec.params.get("broker") == "rabbitmq"):
+    for fixture in getattr(item, "fixturenames", ()):
+        if fixture in XDIST_GROUP_FIXTURES:
+            return XDIST_GROUP_FIXTURES[fixture]
+    callspec = getattr(item, "callspec", None)  # `broker` asks for RabbitMQ at run time
+    if callspec is not None and callspec.params.get("broker") == "rabbitmq":
         return "rabbitmq"
     return None
 

@@ -14,7 +14,9 @@ from tasks.producer import enqueue_changes
 from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, wait_for
 from tests.sim_control import sim_states, sim_stats
 
-pytestmark = pytest.mark.slow
+# alone: its figure (the fill of requests at full budget) is measured; under xdist nothing
+# else runs meanwhile (tests/conftest.py, "Running in parallel").
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 CHANGES = 20_000
 WAVES = 3
