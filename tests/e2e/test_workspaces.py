@@ -1,24 +1,46 @@
 """Several Braze workspaces from one deployment (issue 23), end to end: one Redis, one fleet
-(a worker and beat), two simulators, each a workspace with its own key (`workspaces_env`:
-`us` on `sim` with SIM_KEY owns us-email/us-sms, `eu` on `sim_b` with SIM_KEY_B owns
-eu-email/eu-sms). Each workspace posts only its own changes, with its own key, to its own
-endpoint, in order; a refused key in one never stops the other."""
+(worker and beat processes), two simulators, each a workspace with its own key
+(`workspaces_env`: `us` on `sim` with SIM_KEY owns us-email/us-sms, `eu` on `sim_b` with
+SIM_KEY_B owns eu-email/eu-sms). Each workspace posts only its own changes, with its own key,
+to its own endpoint, in order; a refused key in one never stops the other.
+
+The second part runs at default timings (`default_env`), with the budgets scaled down (the
+file's `rate_limit` per workspace and each simulator's windows alike) so that a workspace's
+full budget is reached within seconds: each way in, one workspace in a long outage or
+refusing its key while the other drains at its full budget, `verify` across both.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import random
+import signal
 import time
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 from redis import Redis
 
 from config.settings import get_settings
 from devtools.processes import worker_args
 from stores.keys import Keys
-from tasks.producer import enqueue_changes
-from tests.conftest import EnqueuedLog, assert_applied_in_order, email, wait_for
-from tests.sim_control import faults, sim_states, sim_stats
+from tasks.producer import ChangesRejected, enqueue_change, enqueue_changes
+from tests.cli_runs import run_real
+from tests.conftest import (
+    EnqueuedLog,
+    TwoWorkspaces,
+    assert_applied_in_order,
+    email,
+    identifier,
+    keyspace_traces,
+    wait_for,
+)
+from tests.import_files import write_rows
+from tests.sim_control import faults, set_in_braze, sim_states, sim_stats
 
 pytestmark = pytest.mark.slow
 
@@ -258,3 +280,271 @@ def test_key_rotation_in_one_workspace_delivers_within_seconds_of_the_restart(
     for workspace, sim in workspaces_env.sims.items():
         assert_applied_in_order(sim.url, sent[workspace])
     print(f"us drained {took:.1f}s after the worker with its new key was ready")
+
+
+# ======================================================================================
+# At default timings, the budgets scaled down
+# ======================================================================================
+
+LIMIT = 40  # requests per WINDOW in each workspace
+WINDOW = 2.0
+NEW_KEY = "the-rotated-us-key"
+
+
+def row(group: str, n: int, state: str = "unsubscribed", kind: str = "email") -> dict[str, Any]:
+    return {"subscription_group_id": group, "subscription_state": state, kind: identifier(kind, n)}
+
+
+def backlog(ws: TwoWorkspaces, name: str, count: int) -> list[dict[str, Any]]:
+    """`count` distinct identifiers over the workspace's two groups (emails, phones)."""
+    email_group, sms_group = ws.groups[name]
+    made = []
+    for n in range(count):
+        if n % 2:
+            made.append(row(email_group, n, ("subscribed", "unsubscribed")[n % 4 // 2]))
+        else:
+            phone = {"phone": f"+1415{2_000_000 + n:07d}"}
+            made.append({**row(sms_group, n, "subscribed", kind="phone"), **phone})
+    return made
+
+
+def scale_budgets(ws: TwoWorkspaces) -> None:
+    """LIMIT per WINDOW in each workspace: in the file (what the fleet spends) and in each
+    simulator (what Braze allows)."""
+    budget = {"rate_limit": LIMIT, "rate_limit_window_seconds": WINDOW}
+    ws.write(us=budget, eu=budget)
+    for sim in ws.sims.values():
+        faults(sim, rate_limit=LIMIT, window_seconds=WINDOW)
+
+
+def waiting(name: str) -> int:
+    """The workspace's changes not yet acknowledged by Braze (pending + in flight)."""
+    from admin.status import read_status
+    from delivery.services import services
+
+    found = services(name)
+    status = read_status(found.redis, found.keys)
+    return status.pending + status.in_flight
+
+
+def status_json() -> dict[str, Any]:
+    done = run_real("status", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def utilisation(stats: dict[str, Any]) -> float:
+    """The mean share of LIMIT that the workspace's requests filled in Braze's fixed windows
+    between its first and its last (the drain fills those two only in part)."""
+    counted = [r["t"] for r in stats["requests"] if r["status"] not in (401, 429, 503)]
+    per_window = Counter(math.floor(t / WINDOW) for t in counted)
+    inner = range(min(per_window) + 1, max(per_window))
+    assert len(inner) >= 4, "too short a drain to measure"
+    return sum(per_window[i] for i in inner) / (len(inner) * LIMIT)
+
+
+def start_fleet(processes: Any, extra_env: dict[str, str] | None = None) -> list[Any]:
+    """Two workers and beat, serving both workspaces."""
+    workers = [processes.worker(f"w{n}", concurrency=8, extra_env=extra_env) for n in range(2)]
+    beat = processes.start("beat", "beat", extra_env=extra_env)
+    return [*workers, beat]
+
+
+def assert_only_its_groups(ws: TwoWorkspaces, extra: dict[str, set[str]]) -> None:
+    for name in ws.names:
+        groups = {group for group, _, _ in sim_states(ws.sims[name])}
+        assert groups <= set(ws.groups[name]) | extra.get(name, set()), (name, groups)
+
+
+# --------------------------------------------------------------------------------------
+# Routing: each way in
+# --------------------------------------------------------------------------------------
+
+
+def test_each_way_in_reaches_its_own_workspace(
+    default_env, workspaces_env: TwoWorkspaces, processes, tmp_path: Path
+):
+    ws = workspaces_env
+    sent = {name: EnqueuedLog() for name in ws.names}
+    # Refused at the door, nothing written: a group of no workspace, named by none.
+    with pytest.raises(ChangesRejected, match=SHARED):
+        enqueue_changes([row("us-email", 1), row(SHARED, 2)])
+    refused = write_rows(tmp_path / "refused.jsonl", [row("eu-email", 1), row(SHARED, 3)])
+    done = run_real("import", str(refused))
+    assert done.returncode != 0 and SHARED in done.stderr and "Traceback" not in done.stderr
+    assert waiting("us") == waiting("eu") == 0
+
+    fleet = start_fleet(processes)
+    # The Python API: by group, both workspaces in one call (interleaved), and by name.
+    pairs = zip(backlog(ws, "us", 60), backlog(ws, "eu", 60), strict=True)
+    mixed = [found for pair in pairs for found in pair]
+    sent["us"].add(mixed[0::2])
+    sent["eu"].add(mixed[1::2])
+    enqueue_changes(mixed)
+    named = row(SHARED, 100, "subscribed")
+    enqueue_change(**sent["eu"].add([named])[0], workspace="eu")
+    # The task, from a service sharing only the broker: by group, and by name.
+    foreign = Celery("other-service", broker=ws["REDIS_URL"])
+    by_task = {"us": row("us-sms", 200, kind="phone"), "eu": row(SHARED, 201)}
+    foreign.send_task("subscriptions.record_change", kwargs=sent["us"].add([by_task["us"]])[0])
+    foreign.send_task(
+        "subscriptions.record_change",
+        kwargs={**sent["eu"].add([by_task["eu"]])[0], "workspace": "eu"},
+    )
+    # An import with a `workspace` column (the unlisted group in each) and rows by group.
+    imported = {
+        "us": [{**row(SHARED, 300 + n), "workspace": "us"} for n in range(5)]
+        + [row("us-email", 310 + n) for n in range(5)],
+        "eu": [{**row(SHARED, 400 + n), "workspace": "eu"} for n in range(5)]
+        + [row("eu-email", 410 + n) for n in range(5)],
+    }
+    path = write_rows(tmp_path / "both.jsonl", [*imported["us"], *imported["eu"]])
+    done = run_real("import", str(path))
+    assert done.returncode == 0, done.stderr
+    for name in ws.names:
+        sent[name].add(imported[name])
+
+    expected = {
+        name: {key: changes[-1] for key, changes in sent[name].items()} for name in ws.names
+    }
+    for name in ws.names:
+        wait_for(
+            lambda name=name: sim_states(ws.sims[name]) == expected[name],
+            timeout=60,
+            interval=0.5,
+            what=f"{name}'s simulator to hold every change routed to {name}",
+        )
+    assert all(fleet_process.alive() for fleet_process in fleet)
+    assert_only_its_groups(ws, {name: {SHARED} for name in ws.names})
+    for name in ws.names:
+        stats = sim_stats(ws.sims[name])
+        assert stats["unauthorized"] == 0, (name, stats)  # each posted with its own key
+        assert_applied_in_order(ws.sims[name].url, sent[name], allow_repeats=False)
+
+
+# --------------------------------------------------------------------------------------
+# One workspace in trouble, the other at its full budget
+# --------------------------------------------------------------------------------------
+
+
+def test_a_long_outage_in_us_leaves_eu_its_full_budget(
+    default_env, workspaces_env: TwoWorkspaces, processes
+):
+    ws = workspaces_env
+    scale_budgets(ws)
+    us, eu = ws.sims["us"], ws.sims["eu"]
+    faults(us, outage=True)
+    sent = {name: EnqueuedLog() for name in ws.names}
+    for name in ws.names:
+        enqueue_changes(sent[name].add(backlog(ws, name, 12000)))  # 240 requests: 12 windows
+    start_fleet(processes)
+
+    wait_for(lambda: waiting("eu") == 0, timeout=120, interval=0.2, what="eu to drain")
+    eu_stats, us_stats = sim_stats(eu, log=True), sim_stats(us)
+    used = utilisation(eu_stats)
+    print(
+        f"us in outage ({us_stats['server_errors']} x 503): eu drained at {used:.3f} of its "
+        f"budget, {eu_stats['rate_limited_429']} x 429"
+    )
+    assert eu_stats["rate_limited_429"] == 0
+    assert used >= 0.85, used
+    assert us_stats["requests_ok"] == 0 and us_stats["server_errors"] >= 5, us_stats
+    assert waiting("us") == 12000  # every us change still waits for Braze
+    assert status_json()["workspaces"]["us"]["dead_letter"] == 0
+
+    faults(us, outage=False)  # the outage ends: us drains on its retries' schedule
+    wait_for(lambda: waiting("us") == 0, timeout=180, interval=0.5, what="us to drain")
+    assert sim_stats(us)["rate_limited_429"] == 0
+    for name in ws.names:
+        assert len(sim_states(ws.sims[name])) == 12000
+        assert_applied_in_order(ws.sims[name].url, sent[name], allow_repeats=True)
+
+
+def test_a_refused_key_in_us_then_the_runbooks_rotation_while_eu_drains(
+    default_env, workspaces_env: TwoWorkspaces, processes
+):
+    ws = workspaces_env
+    scale_budgets(ws)
+    us, eu = ws.sims["us"], ws.sims["eu"]
+    faults(us, api_keys=[NEW_KEY])  # us's key is revoked in Braze; eu's still works
+    sent = {name: EnqueuedLog() for name in ws.names}
+    for name in ws.names:
+        enqueue_changes(sent[name].add(backlog(ws, name, 10000)))  # 200 requests: 10 windows
+    fleet = start_fleet(processes)
+
+    wait_for(lambda: waiting("eu") == 0, timeout=120, interval=0.2, what="eu to drain")
+    eu_stats, us_stats = sim_stats(eu, log=True), sim_stats(us)
+    used = utilisation(eu_stats)
+    print(
+        f"us refusing the key ({us_stats['unauthorized']} x 401): eu drained at {used:.3f} "
+        f"of its budget, {eu_stats['rate_limited_429']} x 429"
+    )
+    assert eu_stats["rate_limited_429"] == 0 and eu_stats["unauthorized"] == 0
+    assert used >= 0.85, used
+    # us's circuit holds its posts (one probe a minute by default): a few 401s, no more.
+    assert us_stats["requests_ok"] == 0 and 1 <= us_stats["unauthorized"] <= 20, us_stats
+    found = status_json()["workspaces"]
+    assert found["us"]["credentials_refused"] and not found["eu"]["credentials_refused"]
+
+    # The runbook's rotation, in us only: its new key, then worker and beat restarted.
+    for process in fleet:
+        process.signal_group(signal.SIGTERM)
+        process.wait(timeout=60)
+    rotated = time.monotonic()
+    start_fleet(processes, extra_env={"BRAZE_KEY_US": NEW_KEY})
+    wait_for(lambda: waiting("us") == 0, timeout=60, interval=0.2, what="us to drain")
+    print(f"us drained {time.monotonic() - rotated:.1f} s after the rotation began")
+    assert sim_stats(eu)["unauthorized"] == 0
+    for name in ws.names:
+        assert len(sim_states(ws.sims[name])) == 10000
+        assert_applied_in_order(ws.sims[name].url, sent[name], allow_repeats=False)
+    client = Redis.from_url(ws["REDIS_URL"])
+    for key in (*ws.keys.values(), NEW_KEY):
+        assert keyspace_traces(client, key) == [], "a key in Redis"
+
+
+# --------------------------------------------------------------------------------------
+# verify across both
+# --------------------------------------------------------------------------------------
+
+
+def test_verify_reads_each_row_from_its_own_workspaces_braze(
+    default_env, workspaces_env: TwoWorkspaces, tmp_path: Path
+):
+    ws = workspaces_env
+    rows = {
+        "us": [row("us-email", n) for n in range(6)],
+        "eu": [row("eu-email", 100 + n) for n in range(6)]
+        + [{**row(SHARED, 200 + n), "workspace": "eu"} for n in range(2)],
+    }
+    for name, listed in rows.items():
+        by_group: dict[str, list[str]] = {}
+        for found in listed:
+            by_group.setdefault(found["subscription_group_id"], []).append(found["email"])
+        for group, values in by_group.items():
+            set_in_braze(ws.sims[name].url, group, "unsubscribed", values)
+    # Drift: one in each workspace. The other workspace's Braze holding a row's group and
+    # identifier in the other state means nothing (eu is never asked about us's rows).
+    set_in_braze(ws.sims["us"].url, "us-email", "subscribed", [identifier("email", 0)])
+    set_in_braze(ws.sims["eu"].url, SHARED, "subscribed", [identifier("email", 200)])
+    set_in_braze(ws.sims["eu"].url, "us-email", "subscribed", [identifier("email", 1)])
+    path = write_rows(tmp_path / "verify.jsonl", [*rows["us"], *rows["eu"]])
+
+    done = run_real("verify", str(path), "--json")
+    assert done.returncode == 1 and done.stdout, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert (report["checked"], report["matching"], report["drift"]) == (14, 12, 2), report
+    assert report["unknown"] == 0
+    drifted = {
+        (m["workspace"], m["subscription_group_id"], m["value"]) for m in report["mismatches"]
+    }
+    assert drifted == {
+        ("us", "us-email", identifier("email", 0)),
+        ("eu", SHARED, identifier("email", 200)),
+    }
+    per = report["workspaces"]
+    assert (per["us"]["checked"], per["us"]["drift"]) == (6, 1)
+    assert (per["eu"]["checked"], per["eu"]["drift"]) == (8, 1)
+    for name in ws.names:  # each workspace's Braze was read with its own key
+        reads = sim_stats(ws.sims[name])["reads"]
+        assert reads["requests_ok"] >= 1 and reads["unauthorized"] == 0, (name, reads)
