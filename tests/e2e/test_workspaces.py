@@ -427,6 +427,7 @@ def test_each_way_in_reaches_its_own_workspace(
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.alone  # eu's share of its budget is measured
 def test_a_long_outage_in_us_leaves_eu_its_full_budget(
     default_env, workspaces_env: TwoWorkspaces, processes
 ):
@@ -460,6 +461,7 @@ def test_a_long_outage_in_us_leaves_eu_its_full_budget(
         assert_applied_in_order(ws.sims[name].url, sent[name], allow_repeats=True)
 
 
+@pytest.mark.alone  # eu's share of its budget is measured
 def test_a_refused_key_in_us_then_the_runbooks_rotation_while_eu_drains(
     default_env, workspaces_env: TwoWorkspaces, processes
 ):
