@@ -62,14 +62,39 @@ def check(client: Redis) -> list[str] | None:
     serves with its own configuration), each finding naming the nodes it holds for."""
     if isinstance(client, RedisCluster):
         nodes: dict[str, list[str]] = {}
-        for node in client.get_nodes():
-            found = _check_one(client.get_redis_connection(node))
+        for name, node, owned in _cluster_nodes(client):
+            found = _check_one(node)
+            if owned:
+                node.close()
             if found is None:
                 return None
             for finding in found:
-                nodes.setdefault(finding, []).append(node.name)
+                nodes.setdefault(finding, []).append(name)
         return [f"{finding} (nodes {', '.join(sorted(names))})" for finding, names in nodes.items()]
     return _check_one(client)
+
+
+def _cluster_nodes(client: RedisCluster) -> list[tuple[str, Redis, bool]]:
+    """(host:port, client, made here: close it after use) of every master the cluster
+    client knows and of each master's replicas (redis-py keeps only the masters unless
+    it reads from replicas; their addresses come from the master's INFO replication),
+    with the client's credentials and TLS."""
+    found: list[tuple[str, Redis, bool]] = []
+    options = dict(client.nodes_manager.connection_kwargs)
+    for node in client.get_nodes():
+        master = client.get_redis_connection(node)
+        found.append((node.name, master, False))
+        try:
+            replication = master.info("replication")
+        except RedisError:
+            continue
+        for index in range(int(replication.get("connected_slaves", 0))):
+            replica = replication.get(f"slave{index}")
+            if isinstance(replica, dict) and "ip" in replica and "port" in replica:
+                options.update(host=replica["ip"], port=int(replica["port"]))
+                name = f"{replica['ip']}:{replica['port']}"
+                found.append((name, Redis(**options), True))
+    return found
 
 
 def _check_one(client: Redis) -> list[str] | None:

@@ -72,6 +72,8 @@ def forget(
             keys.schedule_reasons,
             keys.batches,
             keys.coalesce_nudge,
+            keys.subject(kind, value),
+            keys.history(kind, value),
         ],
         args=[kind, value, retention.history_ms, grace_ms],
     )

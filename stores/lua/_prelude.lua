@@ -21,7 +21,9 @@ end
 -- Per identifier (kind + value, across groups) two keys hold what outlives the buffer.
 -- Their names carry a SHA-1 of "kind \31 value", never the identifier itself, and the
 -- hash tag of the declared keys, so they live in the same slot (Redis Cluster) although
--- they cannot be declared in KEYS (one pair per identifier touched):
+-- they are not declared in KEYS by the scripts that touch one pair per member of a batch
+-- (up to 50 pairs: Python would hash every member for names the script derives anyway);
+-- forget.lua, which touches one identifier, declares them:
 --   P .. "subject:" .. sha1   HASH  "w" SEP group -> occurred at ms of the latest change
 --                                   accepted (the watermark); "d" SEP dead-letter entry id
 --                                   -> group, for every entry holding the identifier

@@ -18,8 +18,11 @@
 -- KEYS[14] reasons   HASH   batch id -> "ready"
 -- KEYS[15] batches   ZSET   batch id -> sweep deadline (read: unfinished; set)
 -- KEYS[16] nudge     LIST   wakes a coalescer to send those batches their messages
--- Derived (see _prelude.lua): the identifier's subject and history keys (deleted; the
--- history is left holding one "erased" event with the counts, no identifier); the records
+-- KEYS[17] subject   HASH   the identifier's watermarks and dead-letter index: deleted
+-- KEYS[18] history   LIST   its history: left holding one "erased" event with the counts,
+--                           no identifier (both as _prelude.lua's identity_keys names them;
+--                           a script refuses names that differ)
+-- Derived (see _prelude.lua; same hash tag, so same slot): the records
 -- of the batches that hold it ({prefix}:batch:<id>: it leaves their members and their
 -- error text) and their opt-out reads ({prefix}:optout:<id>: deleted, a cache).
 -- ARGV[1] kind   ARGV[2] value (normalised)   ARGV[3] history retention (ms)
@@ -41,6 +44,9 @@ local kind, value = ARGV[1], ARGV[2]
 local ident = kind .. SEP .. value
 local prefix = key_prefix(KEYS[1])
 local subject, history = identity_keys(prefix, ident)
+if KEYS[17] ~= subject or KEYS[18] ~= history then
+  return redis.error_reply('ERR forget: KEYS[17..18] are not the identifier\'s subject and history')
+end
 local marker = '[erased]'
 
 local function scrub(text)
