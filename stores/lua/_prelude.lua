@@ -166,3 +166,34 @@ local function nudge(list)
   redis.call('LPUSH', list, 1)
   redis.call('LTRIM', list, 0, 0)
 end
+
+-- call_in_slices(command, key, items)
+--                          `command key item...` (`command item...` when key is nil) once
+--                          per SLICE items (Lua's C stack bounds unpack), so a script that
+--                          writes or reads many fields pays one call for them rather than
+--                          one each; nothing for no items. Keep pairs (HSET field value,
+--                          ZADD score member) whole: SLICE is even. Returns the array
+--                          replies concatenated in order (HMGET's values, false for a
+--                          missing field) and the integer replies added up (EXISTS)
+local SLICE = 1000
+
+local function call_in_slices(command, key, items)
+  local replies, sum = {}, 0
+  for start = 1, #items, SLICE do
+    local stop = math.min(start + SLICE - 1, #items)
+    local reply
+    if key then
+      reply = redis.call(command, key, unpack(items, start, stop))
+    else
+      reply = redis.call(command, unpack(items, start, stop))
+    end
+    if type(reply) == 'table' then
+      for _, value in ipairs(reply) do
+        replies[#replies + 1] = value
+      end
+    elseif type(reply) == 'number' then
+      sum = sum + reply
+    end
+  end
+  return replies, sum
+end

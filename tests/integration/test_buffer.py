@@ -19,6 +19,7 @@ from delivery.services import services
 from stores.batch_records import BatchStore
 from stores.buffer import Buffer
 from stores.clock import server_time_ms
+from stores.history import ConsentHistory
 from stores.keys import buffer_field
 from tests.conftest import email, wait_for
 
@@ -127,6 +128,57 @@ def test_last_write_wins_within_one_call(env):
         (email(1), "unsubscribed"),
         (email(2), "subscribed"),
     }
+
+
+def test_one_call_writes_each_field_once_in_its_lane_whatever_its_changes(env, redis_client):
+    """enqueue.lua writes a call's changes with one HSET and one ZADD per lane: a field
+    changed several times in the call ends with its last change, due in one lane only (a
+    bulk field that a later change turns live leaves the bulk set), a locked field is not
+    made due, and a dead letter is superseded once."""
+    buffer = services().buffer
+    k = buffer.keys
+    redis_client.hset(k.inflight, field(email(3)), "batch-x")
+    redis_client.hset(k.dead_letter_fields, field(email(4)), "entry-x")
+    buffer.enqueue([change(email(1), "subscribed")], lane=Lane.BULK)  # pending before
+    buffer.enqueue(
+        [
+            change(email(1), "unsubscribed"),  # bulk, replacing the pending one
+            change(email(2), "subscribed"),  # bulk ...
+            change(email(1), "subscribed", lane="live"),  # ... email(1) turns live
+            change(email(3), "unsubscribed"),  # locked: pending, not due
+            change(email(4), "unsubscribed"),  # supersedes the dead letter
+            change(email(2), "unsubscribed"),  # email(2) last: unsubscribed, bulk
+            change(email(4), "subscribed"),
+        ],
+        lane=Lane.BULK,
+    )
+    assert pending_record(buffer, GROUP, "email", email(1))["s"] == "subscribed"
+    assert pending_record(buffer, GROUP, "email", email(1))["l"] == 1
+    assert pending_record(buffer, GROUP, "email", email(2))["s"] == "unsubscribed"
+    assert pending_record(buffer, GROUP, "email", email(4))["s"] == "subscribed"
+    live = {raw.decode() for raw in redis_client.zrange(k.due_live, 0, -1)}
+    bulk = {raw.decode() for raw in redis_client.zrange(k.due, 0, -1)}
+    assert live == {field(email(1))}
+    assert bulk == {field(email(2)), field(email(4))}
+    assert pending_record(buffer, GROUP, "email", email(3))["s"] == "unsubscribed"
+    assert redis_client.hget(k.dead_letter_fields, field(email(4))) is None
+    assert int(redis_client.hget(k.stats, "enqueued")) == 8
+    found = services()
+    history = ConsentHistory(found.redis, found.keys)
+    # (the pending change's own "enqueued" is read from the buffer, last)
+    assert [e.event for e in history.events("email", email(4))] == [
+        "superseded",
+        "enqueued",
+        "superseded",
+        "enqueued",
+    ]
+    assert [e.event for e in history.events("email", email(1))] == [
+        "enqueued",
+        "superseded",
+        "enqueued",
+        "superseded",
+        "enqueued",
+    ]
 
 
 def test_last_write_wins_across_calls(env):

@@ -94,6 +94,30 @@ def test_an_older_change_is_dropped_as_stale_whatever_the_arrival_order(env, red
     assert events(email(1)) == ["enqueued", "stale", "superseded", "enqueued"]
 
 
+def test_a_watermark_among_new_identifiers_in_one_call_still_drops_the_older_change(
+    env, redis_client
+):
+    """enqueue.lua reads watermarks only when a subject key exists for some field of the call
+    (one EXISTS for all): one identifier with a watermark among 199 new ones is still seen,
+    in the middle of the call and at its end, and its later change in the same call is
+    compared with the earlier one."""
+    enqueue(row(email(7), "unsubscribed", T0 + 20), row(email(300), "unsubscribed", T0 + 20))
+    take_all()  # the watermarks of email(7) and email(300): T0 + 20
+    rows = [row(email(n), "subscribed", T0 + 10) for n in range(100, 300)]
+    rows[50] = row(email(7), "subscribed", T0 + 10)  # older than its watermark: stale
+    rows.append(row(email(7), "subscribed", T0 + 30))  # newer: accepted
+    rows.append(row(email(7), "unsubscribed", T0 + 25))  # older than the one before it
+    rows[-3] = row(email(300), "subscribed", T0 + 10)  # stale, at the end
+    buffer = enqueue(*rows)
+    assert buffer.stale == 3
+    assert pending_state(email(7)) == "subscribed"
+    assert pending_state(email(300)) is None
+    assert pending_state(email(151)) == "subscribed"
+    assert stale_count() == 3
+    assert events(email(7)) == ["enqueued", "batched", "stale", "enqueued", "stale"]
+    assert events(email(300))[-1] == "stale"
+
+
 def test_the_watermark_outlives_the_batch_in_flight_and_delivered(env, sim, redis_client):
     found = services()
     poster = found.poster()
