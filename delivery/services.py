@@ -77,7 +77,7 @@ class Services(StoreServices):
             braze or self.braze,
             self.limiter,
             self.liveness,
-            Counters(self.redis, self.keys),
+            Counters(self.redis, self.keys, self.scripts),
             Refusals(self.redis, self.keys),
             opt_outs=self.opt_outs,
         )

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from redis import Redis
 
-from stores.clock import server_time_ms
 from stores.keys import Keys
+from stores.scripts import Scripts
 
 # Seconds a per-second hash is kept: the last minute, with room for a slow reader.
 RETENTION_SECONDS = 180
@@ -35,31 +35,6 @@ class Totals:
 
 # The HTTP status of a request that got no answer (timeout, connection error).
 NO_ANSWER = "none"
-
-
-def record(
-    client: Redis,
-    keys: Keys,
-    now_ms: float,
-    *,
-    identifiers: int,
-    throttled: bool,
-    endpoint: str = "",
-    status: int | None = None,
-) -> None:
-    """Count one request (and its identifiers, unless Braze throttled it); with `endpoint`,
-    also in the totals by endpoint and HTTP status."""
-    key = keys.metrics(int(now_ms // 1000))
-    pipe = client.pipeline(transaction=False)
-    pipe.hincrby(key, "requests", 1)
-    if throttled:
-        pipe.hincrby(key, "throttled", 1)
-    else:
-        pipe.hincrby(key, "identifiers", identifiers)
-    pipe.expire(key, RETENTION_SECONDS)
-    if endpoint:
-        pipe.hincrby(keys.request_totals, f"{endpoint} {status or NO_ANSWER}", 1)
-    pipe.execute()
 
 
 def record_request(client: Redis, keys: Keys, endpoint: str, status: int | None) -> None:
@@ -139,23 +114,27 @@ class Counters:
     """The counters one poster writes, bound to its Redis (so the poster need not reach
     into another store's client)."""
 
-    def __init__(self, client: Redis, keys: Keys) -> None:
+    def __init__(self, client: Redis, keys: Keys, scripts: Scripts | None = None) -> None:
         self.client = client
         self.keys = keys
+        self.scripts = scripts or Scripts(client)
 
     def request(
         self, *, identifiers: int, throttled: bool, endpoint: str, status: int | None
     ) -> None:
         """One post answered (or not): per second, and in the totals by endpoint and HTTP
-        status. The second is Redis's, so every worker counts on one clock."""
-        record(
-            self.client,
-            self.keys,
-            server_time_ms(self.client),
-            identifiers=identifiers,
-            throttled=throttled,
-            endpoint=endpoint,
-            status=status,
+        status. The second is Redis's, so every worker counts on one clock: read inside
+        count_request.lua, one round trip a post (a TIME and then a pipeline before)."""
+        metrics_prefix = self.keys.metrics(0).removesuffix("0")
+        self.scripts.count_request(
+            keys=[self.keys.request_totals],
+            args=[
+                metrics_prefix,
+                identifiers,
+                1 if throttled else 0,
+                f"{endpoint} {status or NO_ANSWER}" if endpoint else "",
+                RETENTION_SECONDS,
+            ],
         )
 
     def add(self, event: str, amount: int = 1) -> None:

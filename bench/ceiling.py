@@ -1,0 +1,121 @@
+"""The pipeline's ceiling (issue 26): identifiers per second two v1 workers drain with an
+unlimited budget, this tree and a base commit side by side, alternating, in one run.
+
+    .venv/bin/python -m bench.ceiling                       # base: main before issue 26's ceiling
+    .venv/bin/python -m bench.ceiling --rounds 5 --identifiers 50000
+
+Each round runs `bench.drain`'s drain (a private redis-server, the simulator on the same
+cores, two v1 workers and beat as in the Procfile; 100,000 unique identifiers; a limit of
+100,000 requests per 2 s, so the budget never binds) once in each tree, the order of the
+two trees swapped every round so that neither always runs on the busier minute. The base
+is checked out into a temporary git worktree and run from there with this interpreter (as
+bench/lanes.py does). Reports per tree every round's identifiers/s (identifiers / the time
+from the first request to the last), the median, min and max, and wrong final states.
+The machine is shared: compare the two trees within a run, not across runs. Writes
+bench/results/ceiling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.figures import publish
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = "103cb06"  # main before issue 26's ceiling work
+
+# Runs in the tree's own directory (first on sys.path), so the tree's code is measured.
+DRAIN = (
+    "import argparse, json\n"
+    "from bench.drain import run\n"
+    "args = argparse.Namespace(workers='v1,v1', identifiers={identifiers}, groups=4,\n"
+    "    limit={limit}, window={window}, timeout={timeout})\n"
+    "print('FIGURES ' + json.dumps(run(args)))\n"
+)
+
+
+def drain(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
+    code = DRAIN.format(
+        identifiers=args.identifiers, limit=args.limit, window=args.window, timeout=args.timeout
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("FIGURES ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"drain in {tree} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    figures: dict[str, Any] = json.loads(lines[-1].removeprefix("FIGURES "))
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=BASE)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--identifiers", type=int, default=100_000)
+    parser.add_argument("--limit", type=int, default=100_000)
+    parser.add_argument("--window", type=float, default=2.0)
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+
+    rates: dict[str, list[float]] = {"base": [], "this": []}
+    wrong: dict[str, int] = {"base": 0, "this": 0}
+    with tempfile.TemporaryDirectory(prefix="braze-subs-ceiling-") as tmp:
+        base_tree = Path(tmp) / "base"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            for round_ in range(args.rounds):
+                order = [("base", base_tree), ("this", ROOT)]
+                if round_ % 2:
+                    order.reverse()
+                for name, tree in order:
+                    figures = drain(tree, args)
+                    rate = figures["identifiers"] / figures["drain_seconds"]
+                    rates[name].append(round(rate))
+                    wrong[name] += figures["wrong_final_state"]
+                    print(
+                        f"round {round_ + 1} {name}: {rate:,.0f} identifiers/s "
+                        f"({figures['drain_seconds']} s, {figures['requests']} requests)",
+                        flush=True,
+                    )
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
+                check=False,
+                capture_output=True,
+            )
+    result: dict[str, Any] = {
+        "base": args.base,
+        "identifiers": args.identifiers,
+        "workers": "v1,v1",
+        "limit": f"{args.limit} per {args.window:g} s",
+        "load_average": round(os.getloadavg()[0], 1),
+    }
+    for name, values in rates.items():
+        result[f"{name}.identifiers_per_second"] = values
+        result[f"{name}.median"] = round(statistics.median(values))
+        result[f"{name}.spread"] = f"{min(values):,}-{max(values):,}"
+        result[f"{name}.wrong_final_state"] = wrong[name]
+    result["ratio_of_medians"] = round(result["this.median"] / result["base.median"], 3)
+    publish(result, "ceiling.json")
+
+
+if __name__ == "__main__":
+    main()
