@@ -270,6 +270,13 @@ class Keys:
         return self._key("coalesce:arrivals")
 
     @property
+    def served_workspaces(self) -> str:
+        """SET of the names of every workspace a worker has served (`stores/served.py`):
+        where a worker's start looks for work left in a key space the file no longer
+        serves. Deployment-wide: always in the default tag."""
+        return self.deployment._key("workspaces:served")
+
+    @property
     def beat_seen(self) -> str:
         """STRING Redis time (ms) of beat's last heartbeat (every HEARTBEAT_INTERVAL_SECONDS):
         tells "beat is not running" apart from "no worker runs the coalescer's ticks".

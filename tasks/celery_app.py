@@ -275,11 +275,44 @@ def _require_braze(**_: Any) -> None:
             _services(name).settings.require_braze()
     except SettingsError as exc:
         raise SystemExit(f"braze-subs: {exc}") from None
+    _refuse_stranded_work()
     _warn_if_redis_can_lose_changes()
     _record_workspace()
     _start_heartbeat("worker")
     for liveness in _every_liveness():
         liveness.ensure_started()  # known alive before the first message is received
+
+
+def _refuse_stranded_work() -> None:
+    """A worker does not start while work waits in the key space of a workspace the file
+    does not serve (renamed, taken out, or the `default` of a deployment moved to the file
+    under another name): no tick, post or `dlq` command would ever look there, so its
+    unsubscribes would wait forever, unseen (stores/served.py). One line naming it and the
+    way out. Redis unreachable: the check waits for the next start (it is not what keeps
+    the worker from posting)."""
+    from redis.exceptions import RedisError
+
+    from stores.served import record_served, stranded_work
+
+    names = _workspace_names()
+    found = _services(names[0])
+    try:
+        stranded = stranded_work(found.redis, settings.redis_key_prefix, names)
+        if not stranded:
+            record_served(found.redis, settings.redis_key_prefix, names)
+    except RedisError as exc:
+        logging.getLogger("braze_subs.worker").warning(
+            "could not check Redis for work of workspaces no longer served: %s", exc
+        )
+        return
+    if stranded:
+        held = "; ".join(entry.describe() for entry in stranded)
+        raise SystemExit(
+            f"braze-subs: Redis holds work of a workspace BRAZE_WORKSPACES_FILE does not "
+            f"serve: {held}. Put its [workspaces.NAME] table back (a deployment moving to "
+            "the file names its workspace `default`) and let it drain, or purge its dead "
+            "letters (dlq purge --all --workspace NAME), before taking it out"
+        )
 
 
 @beat_init.connect

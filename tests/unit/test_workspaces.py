@@ -276,7 +276,8 @@ def test_another_workspace_has_a_hash_tag_of_its_own():
         if isinstance(value, str)
     ]
     assert len(names) > 20
-    deployment_wide = {Keys("braze-subs").api_requests, Keys("braze-subs").beat_seen}
+    default = Keys("braze-subs")
+    deployment_wide = {default.api_requests, default.beat_seen, default.served_workspaces}
     for name in names:
         if name in deployment_wide:
             continue
@@ -284,6 +285,7 @@ def test_another_workspace_has_a_hash_tag_of_its_own():
     # Deployment-wide keys stay in the default tag whichever workspace names them.
     assert us.api_requests == "{braze-subs}:api:requests"
     assert us.beat_seen == "{braze-subs}:beat:seen"
+    assert us.served_workspaces == "{braze-subs}:workspaces:served"
 
 
 def test_no_two_workspaces_share_a_key_space():
