@@ -15,6 +15,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from redis import Redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.sentinel import Sentinel
 
 from config.settings import Settings, cluster_seeds
@@ -42,14 +44,20 @@ def cluster_client(settings: Settings, **options: Any) -> RedisCluster:
     learns the map again after a failover. Replicas are not read (every read must see
     the last write: the claims and fences depend on it)."""
     seeds, username, password = cluster_seeds(settings.redis_url)
-    return RedisCluster(
-        startup_nodes=[ClusterNode(host, port) for host, port in seeds],
-        username=username,
-        password=password,
-        ssl=settings.redis_tls() is not None,
-        **(settings.redis_tls() or {}),
-        **options,
-    )
+    try:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+            username=username,
+            password=password,
+            ssl=settings.redis_tls() is not None,
+            **(settings.redis_tls() or {}),
+            **options,
+        )
+    except RedisClusterException as exc:
+        # RedisCluster asks a seed for the slot map as it is made; no seed answering is
+        # the ConnectionError every caller already reports in one line ("cannot reach
+        # Redis at ..."), not redis-py's RedisClusterException, which is no RedisError.
+        raise RedisConnectionError(str(exc)) from None
 
 
 def redis_client(settings: Settings, **options: Any) -> Redis:

@@ -22,7 +22,7 @@ from stores.clock import server_time_ms
 from stores.dead_letters import DeadLetters
 from stores.erasure import forget
 from stores.history import ConsentHistory
-from tests.cli_runs import run_cli
+from tests.cli_runs import assert_one_line_error, run_cli, run_real
 from tests.conftest import TwoWorkspaces, email, take_each
 from tests.sim_control import sim_states
 
@@ -207,3 +207,18 @@ def test_status_exporter_and_dlq_read_every_workspace_across_the_masters(cluster
         (("workspace", "eu"),): 3,
     }
     assert found["braze_subs_dead_letter_identifiers"][(("workspace", "eu"),)] == 2
+
+
+def test_an_unreachable_cluster_is_one_line_without_the_password():
+    """RedisCluster asks a seed for the slot map as it is made: no seed answering is the
+    one line every command prints for an unreachable Redis, not redis-py's traceback."""
+    environ = {
+        "REDIS_URL": "redis+cluster://:s3cret-pw@127.0.0.1:1,127.0.0.1:2",
+        "BROKER_URL": "redis://127.0.0.1:3/0",
+        "BRAZE_API_KEY": "sim-key",
+        "BRAZE_REST_ENDPOINT": "http://127.0.0.1:4",
+    }
+    result = run_real("status", extra_env=environ, timeout=60)
+    assert result.returncode != 0
+    assert_one_line_error(result, "cannot reach Redis at redis+cluster://:***@127.0.0.1:1")
+    assert "s3cret-pw" not in result.stderr + result.stdout
