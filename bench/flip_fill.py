@@ -16,7 +16,10 @@ the fill (identifiers per request / 50), the floor of that fill (the fewest requ
 identifiers posted need: per group, state and kind, ceil(n / 50)), identifiers cut into
 batches, superseded before their post, taken in by a top-up, identifiers not in their
 last-written state, order violations (the order oracle, `simulator.order_check`) and
-429s. Writes bench/results/flip-fill.json.
+429s; and where the requests beyond the floor went: the short requests, the requests
+beyond the floor per key, and why each short batch was short (`short_batches`, from the
+identifiers' histories). FLIP_FILL_DUMP=PREFIX also writes each request's key and size.
+Writes bench/results/flip-fill.json.
 """
 
 from __future__ import annotations
@@ -68,6 +71,47 @@ def waves_of(changes: int, waves: int, seed: int) -> list[list[dict[str, Any]]]:
     rows = sample_changes(changes, random.Random(seed))
     size = -(-len(rows) // waves)
     return [rows[start : start + size] for start in range(0, len(rows), size)]
+
+
+SHORT_KINDS = (
+    "cut_short",  # a partial remainder at its cut, lost nothing
+    "cut_short_lost",  # a partial remainder that also lost members at its claim
+    "lost_none_taken",  # cut full, lost members, the top-up found nothing to take
+    "lost_partly_taken",  # cut full, lost members, the top-up took fewer than were free
+)
+
+
+def short_batches(client: Redis) -> dict[str, Any]:
+    """Why each posted batch was short, from the identifiers' histories (`batched` at the
+    cut and at a top-up, `superseded` in the batch, `posted`): per kind, how many batches
+    and how many requests' worth of empty places (sum of (50 - posted) / 50)."""
+    per_batch: dict[str, dict[str, list[int]]] = {}
+    for key in client.scan_iter(match="*history:*", count=1000):
+        for raw in client.lrange(key, 0, -1):
+            at, _, body = raw.decode().partition("\x1f")
+            event = json.loads(body)
+            if event.get("e") in ("batched", "superseded", "posted") and event.get("b"):
+                slot = per_batch.setdefault(event["b"], {})
+                slot.setdefault(event["e"], []).append(int(float(at)))
+    counts: Counter[str] = Counter()
+    empty: Counter[str] = Counter()
+    for events in per_batch.values():
+        posted = len(events.get("posted", []))
+        if not posted or posted >= BATCH:
+            continue
+        batched = events.get("batched", [])
+        cut = sum(1 for t in batched if t == min(batched))
+        lost = len(events.get("superseded", []))
+        if cut < BATCH:
+            kind = "cut_short_lost" if lost else "cut_short"
+        else:
+            kind = "lost_partly_taken" if len(batched) > cut else "lost_none_taken"
+        counts[kind] += 1
+        empty[kind] += BATCH - posted
+    return {
+        **{f"short.{kind}": counts[kind] for kind in SHORT_KINDS},
+        **{f"empty_requests.{kind}": round(empty[kind] / BATCH, 1) for kind in SHORT_KINDS},
+    }
 
 
 def run_tree(tree: Path, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -131,6 +175,7 @@ def run_tree(tree: Path, args: argparse.Namespace, workdir: Path) -> dict[str, A
         document = httpx.get(f"{sim.url}/_sim/applied", timeout=60).json()
         state = httpx.get(f"{sim.url}/_sim/state", params={"log": "0"}, timeout=60).json()
         counted = {k.decode(): int(v) for k, v in client.hgetall(keys.stats).items()}
+        short = short_batches(client)
 
     accepted = [r for r in stats["requests"] if r["status"] == 201]
     posted = sum(r["identifiers"] for r in accepted)
@@ -141,6 +186,29 @@ def run_tree(tree: Path, args: argparse.Namespace, workdir: Path) -> dict[str, A
         for entry in states:
             per_key[(group, entry["state"], kind)] += 1
     floor_requests = sum(math.ceil(n / BATCH) for n in per_key.values())
+    # Each accepted request's key and size, from the applied log (one time per request):
+    # where the requests beyond the floor went (keys sent in more requests than they need).
+    sent: dict[float, Counter[tuple[str, str, str]]] = {}
+    for (group, kind, _value), states in applied.items():
+        for entry in states:
+            sent.setdefault(entry["t"], Counter())[(group, entry["state"], kind)] += 1
+    requests_per_key: Counter[tuple[str, str, str]] = Counter()
+    for per_request in sent.values():
+        for key in per_request:
+            requests_per_key[key] += 1
+    extra = {
+        "/".join(key): (requests_per_key[key], math.ceil(n / BATCH), n)
+        for key, n in per_key.items()
+        if requests_per_key[key] > math.ceil(n / BATCH)
+    }
+    if os.environ.get("FLIP_FILL_DUMP"):
+        dump = [
+            {"t": t - min(sent), "keys": {"/".join(k): n for k, n in c.items()}}
+            for t, c in sorted(sent.items())
+        ]
+        Path(os.environ["FLIP_FILL_DUMP"] + f"-{tree.name}.json").write_text(
+            json.dumps({"requests": dump, "extra": extra}, indent=1)
+        )
     expected = {}
     for row in rows:
         kind = next(k for k in ("email", "phone", "external_id") if k in row)
@@ -154,11 +222,14 @@ def run_tree(tree: Path, args: argparse.Namespace, workdir: Path) -> dict[str, A
         "fill": round(posted / len(accepted) / BATCH, 3),
         "floor_requests": floor_requests,
         "floor_fill": round(posted / floor_requests / BATCH, 3),
+        "short_requests": sum(1 for r in accepted if r["identifiers"] < BATCH),
+        "requests_beyond_floor_per_key": sum(sent_n - need for sent_n, need, _ in extra.values()),
         "cut_into_batches": counted.get("batched", 0),
         "superseded_before_post": max(0, counted.get("batched", 0) - posted),
         "topped_up": counted.get("topped_up", 0),
         "wrong_final_states": sum(1 for k, v in expected.items() if received.get(k) != v),
         "order_violations": len(check_order(enqueued_from_rows(rows), applied)),
+        **short,
         "status_429": stats["rate_limited_429"],
         "posting_seconds": round(last - first, 1),
     }

@@ -187,7 +187,8 @@ class BatchStore(ScriptedStore):
 
     def claim(self, batch_id: str, token: str, lease_ms: int, *, top_up_to: int = 0) -> Claim:
         """Claim a batch for `token` (claim_batch.lua). Members superseded by a newer
-        change leave it; if some did and `top_up_to` > 0, it is topped up with due
+        change leave it; if it holds fewer than `top_up_to` members then (it lost some, or was
+        cut short), it is topped up with due
         changes of its group, state, kind and double opt-in up to that many members (a
         v2 pack: that many distinct identifiers)."""
         k = self.keys

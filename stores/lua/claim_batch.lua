@@ -1,5 +1,5 @@
 -- claim_batch.lua: give one worker the right to post a batch, drop superseded members, and
--- top the batch up with due changes of its kind when it lost some.
+-- top the batch up with due changes of its kind when it is short.
 --
 -- KEYS[1] batch     STRING batch record (JSON); rewritten without superseded members (and
 --                          with the members of a top-up)
@@ -37,8 +37,10 @@
 -- older state is never sent after it. When every member was superseded the batch ends,
 -- and the other batches of its v2 pack that no one holds are scheduled due now (they were
 -- to travel with this batch's message).
--- Top-up (issue 26): a batch that lost members but kept some, claimed afresh (not a
--- renewal), never attempted and never split, takes due changes of its own group, state,
+-- Top-up (issue 26): a batch short of ARGV[6] members (it lost members but kept some,
+-- or it was cut short: a key's partial remainder, or planned members a newer change
+-- replaced before the cut took them), claimed afresh (not a renewal), never attempted and
+-- never split, takes due changes of its own group, state,
 -- identifier kind and double opt-in, oldest due first, until it holds ARGV[6] members
 -- (for a v2 pack: until the pack holds ARGV[6] distinct identifiers, the other records
 -- counted as they are now), looking at most at ARGV[7] due entries. A live batch looks at
@@ -181,16 +183,18 @@ if #kept == 0 then
   return {'empty', record_json}
 end
 local topped = 0
-if #kept < #record.members then
-  if not holder and record.attempts == 0 and not record.split and not record.sibling then
-    topped = top_up(record, kept, {prefix = keys_prefix, pending = KEYS[8], due = KEYS[9],
-      due_live = KEYS[12], inflight = KEYS[10], keep = keep, most = most,
-      subject_keep = tonumber(ARGV[8]), now = now}, tonumber(ARGV[6]), tonumber(ARGV[7]))
-    if topped > 0 then
-      redis.call('HINCRBY', KEYS[13], 'batched', topped)
-      redis.call('HINCRBY', KEYS[13], 'topped_up', topped)
-    end
+local lost = #kept < #record.members
+if #kept < tonumber(ARGV[6]) and not holder and record.attempts == 0 and not record.split
+    and not record.sibling then
+  topped = top_up(record, kept, {prefix = keys_prefix, pending = KEYS[8], due = KEYS[9],
+    due_live = KEYS[12], inflight = KEYS[10], keep = keep, most = most,
+    subject_keep = tonumber(ARGV[8]), now = now}, tonumber(ARGV[6]), tonumber(ARGV[7]))
+  if topped > 0 then
+    redis.call('HINCRBY', KEYS[13], 'batched', topped)
+    redis.call('HINCRBY', KEYS[13], 'topped_up', topped)
   end
+end
+if lost or topped > 0 then
   record.members = kept
   record_json = cjson.encode(record)
   redis.call('SET', KEYS[1], record_json)
