@@ -132,6 +132,9 @@ def changes(start: int, count: int, state: str = "subscribed") -> list[dict[str,
     ]
 
 
+# alone: its 429 needs the workers to post within the simulator's 3 s window spent by the
+# other client (timed out waiting for one in a serial CI run and in a parallel run here).
+@pytest.mark.alone
 def test_prometheus_sees_backlog_requests_429s_and_a_refused_key(
     env, sim, processes, prometheus: Prometheus
 ):
