@@ -67,7 +67,11 @@ class RedisCluster:
     def node(self, port: int) -> Redis:
         return Redis(host="127.0.0.1", port=port, socket_timeout=5)
 
-    def start(self, timeout: float = 60.0) -> RedisCluster:
+    def start(self, timeout: float = 60.0, create: bool = True) -> RedisCluster:
+        """Start every node; with `create`, join them (`redis-cli --cluster create`) and
+        wait until the cluster is healthy. Without it the nodes answer but know only
+        themselves (for a test that joins them its own way, e.g. docker-compose.yml's
+        `redis-cluster-create` command)."""
         binary = shutil.which("redis-server")
         assert binary is not None
         for port in self.ports:
@@ -94,6 +98,8 @@ class RedisCluster:
         try:
             for port in self.ports:
                 wait_until(lambda p=port: self._pings(p), timeout=10, what=f"redis-server :{port}")
+            if not create:
+                return self
             created = subprocess.run(
                 [
                     "redis-cli", "--cluster", "create",

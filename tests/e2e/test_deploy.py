@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config.settings import INSTANCES, Settings, SettingsError, load_settings
+from config.settings import INSTANCES, Settings, SettingsError, cluster_seeds, load_settings
 from tests.cli_runs import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,3 +210,102 @@ def test_rabbitmq_without_a_password_stops_in_one_line(tmp_path):
         command, env={"PATH": path, "RABBITMQ_DEFAULT_PASS": "pw"}, capture_output=True, text=True
     )
     assert with_password.stdout.strip() == "started rabbitmq-server", with_password.stderr
+
+
+CLUSTER_URL = "redis+cluster://redis-node-1:6379,redis-node-2:6379,redis-node-3:6379"
+NODES = [f"redis-node-{n}" for n in range(1, 7)]
+
+
+def cluster_profile(tmp_path: Path) -> dict:
+    """docker-compose.yml rendered with `--profile cluster` and the variables its header
+    exports."""
+    done = podman_compose(
+        tmp_path,
+        {
+            "FLOWER_BASIC_AUTH": "admin:secret",
+            "RABBITMQ_PASSWORD": "pw-123",
+            "BROKER_URL": "amqp://braze-subs:pw-123@rabbitmq:5672/",
+            "REDIS_URL": CLUSTER_URL,
+        },
+        "--profile", "cluster", "config",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+def test_the_cluster_profile_puts_the_state_on_six_nodes_and_the_broker_on_rabbitmq(tmp_path):
+    """Issue 24: `--profile cluster` with the variables the compose file's header exports:
+    every process (the API and the exporter too: a redis+cluster:// REDIS_URL requires
+    BROKER_URL of each) loads its settings with the state on the cluster's seeds and the
+    broker on RabbitMQ; six nodes, each cluster-enabled, announcing its service name, on
+    a volume of its own; the one-shot creation waits for all six; the seeds in the header's
+    REDIS_URL are nodes of the profile. Without the profile none of it runs."""
+    config = cluster_profile(tmp_path)
+    services = config["services"]
+    for name in (*PROCESSES, "api"):
+        settings = settings_of(services[name])
+        assert settings.is_cluster and settings.redis_url == CLUSTER_URL, name
+        assert settings.broker == "amqp://braze-subs:pw-123@rabbitmq:5672/", name
+    assert services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_PASS"] == "pw-123"
+    volumes = set()
+    for name in NODES:
+        node = services[name]
+        flags = dict(zip(node["command"][1::2], node["command"][2::2], strict=True))
+        assert flags["--cluster-enabled"] == "yes", name
+        assert flags["--cluster-announce-hostname"] == name, name
+        assert flags["--cluster-preferred-endpoint-type"] == "hostname", name
+        assert flags["--cluster-config-file"].startswith(flags["--dir"] + "/"), name
+        (volume,) = node["volumes"]
+        assert volume.endswith(":" + flags["--dir"]), name
+        volumes.add(volume.split(":")[0])
+    assert len(volumes) == len(NODES)
+    create = services["redis-cluster-create"]
+    assert {name: dep["condition"] for name, dep in create["depends_on"].items()} == {
+        name: "service_healthy" for name in NODES
+    }
+    assert create["environment"]["REDIS_CLUSTER_NODES"].split() == [f"{n}:6379" for n in NODES]
+    seeds, _, _ = cluster_seeds(CLUSTER_URL)
+    assert {host for host, _ in seeds} <= set(NODES)
+    plain = rendered(tmp_path, {})
+    assert (
+        not set(NODES) & set(plain["services"]) and "redis-cluster-create" not in plain["services"]
+    )
+
+
+def test_the_cluster_create_service_joins_six_nodes_once(tmp_path):
+    """The profile's `redis-cluster-create` command as compose renders it, run by a real
+    shell against six fresh `redis-server --cluster-enabled yes` (127.0.0.1 and free ports
+    in place of the service names): 3 masters with a replica each, every slot served; run
+    again (every later `up`), it exits 0 and leaves the cluster as it was."""
+    from devtools.redis_cluster import RedisCluster, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    create = cluster_profile(tmp_path)["services"]["redis-cluster-create"]
+    cluster = RedisCluster(tmp_path / "nodes").start(create=False)
+    try:
+        environment = {
+            "PATH": os.environ["PATH"],
+            "REDIS_CLUSTER_NODES": " ".join(f"127.0.0.1:{port}" for port in cluster.ports),
+        }
+        first = subprocess.run(
+            create["command"], env=environment, capture_output=True, text=True, timeout=120
+        )
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr
+        cluster.wait_healthy()
+        shards = cluster.shards()
+        assert len(shards) == 3 and all(len(replicas) == 1 for replicas in shards.values())
+        nodes = cluster.node(cluster.ports[0]).execute_command("CLUSTER NODES")
+        again = subprocess.run(
+            create["command"], env=environment, capture_output=True, text=True, timeout=120
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "nothing to do" in again.stdout
+        assert cluster.shards() == shards
+        after = cluster.node(cluster.ports[0]).execute_command("CLUSTER NODES")
+        assert {row["node_id"] for row in after.values()} == {
+            row["node_id"] for row in nodes.values()
+        }
+    finally:
+        cluster.stop()

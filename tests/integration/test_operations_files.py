@@ -170,6 +170,78 @@ def test_the_rabbitmq_overlay_gives_the_celery_processes_the_broker():
     assert ("Service", "rabbitmq") in docs
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_the_cluster_overlay_puts_the_state_on_a_redis_cluster_and_the_broker_on_rabbitmq():
+    """Issue 24: deploy/k8s-cluster builds on k8s-rabbitmq and passes the schema; the base's
+    single Redis is gone; six cluster nodes behind a headless Service, each persisted,
+    announcing its own name under it; a Job joining them with --cluster-replicas 1 by the
+    compose profile's own script; REDIS_URL names nodes of the StatefulSet as seeds; every
+    Deployment (the exporter and the API too) gets BROKER_URL from the broker's Secret, and
+    loads its settings with the amqp:// URL the kustomization says to put there."""
+    from config.settings import cluster_seeds, load_settings
+
+    overlay = K8S.parent / "k8s-cluster"
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True
+    ).stdout
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built) if d}
+    for doc in docs.values():
+        assert doc["metadata"].get("namespace", "braze-subs") == "braze-subs"
+        validate(doc)
+    assert ("StatefulSet", "redis") not in docs and ("Service", "redis") not in docs
+    assert ("StatefulSet", "rabbitmq") in docs and ("Service", "rabbitmq") in docs
+
+    nodes = docs[("StatefulSet", "redis-cluster")]["spec"]
+    service = docs[("Service", "redis-cluster")]["spec"]
+    assert service["clusterIP"] == "None" and nodes["serviceName"] == "redis-cluster"
+    labels = nodes["template"]["metadata"]["labels"]
+    assert service["selector"].items() <= labels.items()
+    assert nodes["replicas"] == 6
+    (node,) = nodes["template"]["spec"]["containers"]
+    flags = dict(zip(node["args"][0::2], node["args"][1::2], strict=True))
+    assert findings({name.lstrip("-"): value for name, value in flags.items()}) == []
+    assert flags["--cluster-enabled"] == "yes"
+    assert flags["--cluster-preferred-endpoint-type"] == "hostname"
+    assert flags["--cluster-announce-hostname"] == "$(POD_NAME).redis-cluster"
+    env = {item["name"]: item for item in node["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    mount = node["volumeMounts"][0]
+    assert mount["mountPath"] == flags["--dir"] and flags["--cluster-config-file"].startswith(
+        flags["--dir"] + "/"
+    )
+    assert nodes["volumeClaimTemplates"][0]["metadata"]["name"] == mount["name"]
+    ports = {port["name"]: port["containerPort"] for port in node["ports"]}
+    names = [f"redis-cluster-{i}.redis-cluster" for i in range(nodes["replicas"])]
+
+    (create,) = docs[("Job", "redis-cluster-create")]["spec"]["template"]["spec"]["containers"]
+    members = {item["name"]: item["value"] for item in create["env"]}["REDIS_CLUSTER_NODES"]
+    assert members.split() == [f"{name}:{ports['redis']}" for name in names]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    script = compose["services"]["redis-cluster-create"]["command"][2].replace("$$", "$")
+    assert create["command"] == ["sh", "-c", script]
+    assert "--cluster-replicas 1 --cluster-yes" in script
+
+    config = docs[("ConfigMap", "braze-subs")]["data"]
+    seeds, _, _ = cluster_seeds(config["REDIS_URL"])
+    assert seeds and all(host in names and port == ports["redis"] for host, port in seeds)
+    kustomization = (overlay / "kustomization.yaml").read_text()
+    broker = "amqp://braze-subs:pw-123@rabbitmq:5672/"
+    assert "BROKER_URL=amqp://braze-subs:$PW@rabbitmq:5672/" in kustomization
+    deployments = [name for kind, name in docs if kind == "Deployment"]
+    assert len(deployments) == 5
+    for name in deployments:
+        (only,) = docs[("Deployment", name)]["spec"]["template"]["spec"]["containers"]
+        env = {item["name"]: item for item in only.get("env", [])}
+        assert env["BROKER_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": "braze-subs-broker",
+            "key": "BROKER_URL",
+        }, name
+        plain = {key: item["value"] for key, item in env.items() if "value" in item}
+        values = {**config, **plain, "BROKER_URL": broker}
+        settings = load_settings(**{key.lower(): value for key, value in values.items()})
+        assert settings.is_cluster and settings.broker == broker, name
+
+
 def container(name: str) -> dict[str, Any]:
     docs = manifests()
     kind = "StatefulSet" if name == "redis" else "Deployment"

@@ -96,11 +96,33 @@ def test_the_image_copies_every_package():
 
 
 def test_every_long_running_service_has_a_health_check():
-    """The image's HEALTHCHECK probes a worker; every other service brings its own."""
+    """The image's HEALTHCHECK probes a worker; every other service brings its own, but a
+    one-shot (`restart: "no"`, the cluster profile's `redis-cluster-create`)."""
     services = compose()["services"]
+    one_shot = {name for name, service in services.items() if service.get("restart") == "no"}
+    assert one_shot == {"redis-cluster-create"}
     for name, service in services.items():
-        if name != "worker":
+        if name != "worker" and name not in one_shot:
             assert "healthcheck" in service, name
+
+
+def test_compose_cluster_nodes_persist_and_differ_only_by_name():
+    """The `cluster` profile's six nodes keep every change as `redis` does, each announcing
+    its own service name and keeping its data (and nodes.conf) on a volume of its own."""
+    services = compose()["services"]
+    nodes = {name: service for name, service in services.items() if name.startswith("redis-node-")}
+    assert sorted(nodes) == [f"redis-node-{n}" for n in range(1, 7)]
+    redis = services["redis"]["command"]
+    redis_flags = dict(zip(redis[1::2], redis[2::2], strict=True))
+    for name, node in nodes.items():
+        assert node["profiles"] == ["cluster"] and "healthcheck" in node, name
+        assert node["image"] == services["redis"]["image"], name
+        flags = dict(zip(node["command"][1::2], node["command"][2::2], strict=True))
+        assert findings({flag.lstrip("-"): value for flag, value in flags.items()}) == []
+        assert {flag: value for flag, value in flags.items() if flag in redis_flags} == redis_flags
+        assert flags["--cluster-announce-hostname"] == name
+        assert node["volumes"] == [f"{name}-data:/data"]
+    assert set(services["rabbitmq"]["profiles"]) == {"rabbitmq", "cluster"}
 
 
 def test_published_ports_are_loopback_by_default():
