@@ -267,10 +267,9 @@ class Coalescer:
 
     def _live_ahead(self) -> int:
         """Live batches this tick may cut: LIVE_AHEAD_SECONDS of the budget, less the live
-        batches in flight that are not waiting in the schedule (a batch waiting for a
-        retry, a 429's reset or the key's probe keeps no other live change waiting)."""
+        batches in flight (at least 1)."""
         ahead = math.ceil(LIVE_AHEAD_SECONDS * self.limiter.requests_per_second)
-        return max(0, ahead - self.store.count_live() + self.store.count_live_waiting())
+        return max(1, ahead - self.store.count_live())
 
     def _owed_to_bulk(self, now_ms: int, in_flight: int) -> int:
         """Batches of its floor share of MAX_BATCHES_IN_FLIGHT that bulk lacks while it has

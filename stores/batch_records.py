@@ -458,16 +458,6 @@ class BatchStore(ScriptedStore):
         """Batches cut and not yet finished."""
         return int(self.client.zcard(self.keys.batches))
 
-    def count_live_waiting(self) -> int:
-        """Of the live lane's, those waiting in the schedule (a retry's backoff, a 429's
-        pause, a refused key's probe, a turn far off). Reads the schedule's ids: bounded
-        by MAX_BATCHES_IN_FLIGHT."""
-        return sum(
-            1
-            for raw in self.client.zrange(self.keys.schedule, 0, -1)
-            if batch_lane(_text(raw)) is Lane.LIVE
-        )
-
     def count_live(self) -> int:
         """Of those, the live lane's (their ids say it). Reads every id: called once a full
         tick, on a set bounded by MAX_BATCHES_IN_FLIGHT."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import threading
 from typing import Any
 
@@ -176,33 +175,6 @@ def test_a_live_only_tick_leaves_bulk_its_floor_of_the_batches_in_flight_too(env
     lanes = [batch_lane(batch_id) for batch_id in recorder.ids]
     assert lanes.count(Lane.LIVE) == 18 and lanes.count(Lane.BULK) == 2
     assert services().batches.count() == 20  # never beyond the cap
-
-
-def test_a_live_flood_is_cut_only_a_second_of_the_budget_ahead(env):
-    """Issue 26, fill under flips: live batches are cut at most LIVE_AHEAD_SECONDS of the
-    budget ahead of their turns (live batches in flight counted), so a later flip of the
-    same identifier replaces its change in the buffer instead of emptying a batch that
-    waits for its turn. Default settings: Braze's 5,000 a minute, 500 batches in flight."""
-    from delivery.coalescer import LIVE_AHEAD_SECONDS
-
-    buffer = services().buffer
-    buffer.enqueue([change(email(n), "unsubscribed") for n in range(10_000)])  # live
-    recorder = Recorder()
-    cutter = coalescer(recorder)
-    ahead = math.ceil(LIVE_AHEAD_SECONDS * services().limiter.requests_per_second)
-    assert 50 < ahead < 200  # 10,000 identifiers need 200 batches
-    assert cutter.tick().batches == ahead
-    assert cutter.tick(live_only=True).batches == 0  # none of them ended yet
-    for batch_id in recorder.ids[:10]:  # ten posted
-        services().redis.zrem(services().keys.batches, batch_id)
-    assert cutter.tick(live_only=True).batches == 10
-    # Batches waiting in the schedule (a retry's backoff, say) leave their room to others.
-    waiting = recorder.ids[10:15]
-    services().redis.zadd(services().keys.schedule, {b: 1 for b in waiting})
-    assert cutter.tick(live_only=True).batches == 5
-    ahead += 5
-    lanes = buffer.lanes(server_time_ms(buffer.client))
-    assert lanes["live"]["pending"] == 10_000 - (ahead + 10) * 50
 
 
 def test_status_json_shows_pending_and_the_oldest_due_age_per_lane(env):
