@@ -51,14 +51,6 @@ MIN_READ = 2000
 # Under a backlog, how often at most a run ticks (live-only) for the schedule's due batches.
 BACKLOG_DISPATCH_SECONDS = 0.1
 
-# Live batches in flight at most, in seconds of the budget (issue 26, fill under flips): a
-# live flood is cut only about as far ahead as the budget sends it, so a later change of
-# the same identifier (a flip) replaces its older one in the buffer instead of superseding
-# a member of a batch waiting for its turn, which then goes out short. Under a backlog a
-# run ticks live-only every BACKLOG_DISPATCH_SECONDS, so the pipeline stays fed; a light
-# live stream never has that many batches in flight.
-LIVE_AHEAD_SECONDS = 1.0
-
 # How soon a run whose tick found the lock held ticks again.
 SKIPPED_RETRY_SECONDS = 0.05
 
@@ -232,7 +224,7 @@ class Coalescer:
             room = (
                 settings.max_batches_in_flight - in_flight - self._owed_to_bulk(now_ms, in_flight)
             )
-            live = self._cut(Lane.LIVE, now_ms, min(room, self._live_ahead()))
+            live = self._cut(Lane.LIVE, now_ms, room)
             due = self.store.dispatch_due(DISPATCH_LIMIT, settings.redispatch_grace_ms)
             for batch_id in due:
                 self.dispatch(batch_id)
@@ -252,7 +244,7 @@ class Coalescer:
         cap = settings.max_batches_in_flight
         in_flight = self.store.count()
         owed = self._owed_to_bulk(now_ms, in_flight)
-        live = self._cut(Lane.LIVE, now_ms, min(cap - in_flight - owed, self._live_ahead()))
+        live = self._cut(Lane.LIVE, now_ms, cap - in_flight - owed)
         reserve = max(1, math.ceil(cap * LIVE_RESERVED_SHARE))
         room = max(
             cap - reserve - in_flight - live.batches, min(owed, cap - in_flight - live.batches)
@@ -264,12 +256,6 @@ class Coalescer:
         )
         bulk = self._cut(Lane.BULK, now_ms, min(room, max(1, per_tick)))
         return self._report(now_ms, moved, [live, bulk], backlog=live.more or bulk.more)
-
-    def _live_ahead(self) -> int:
-        """Live batches this tick may cut: LIVE_AHEAD_SECONDS of the budget, less the live
-        batches in flight (at least 1)."""
-        ahead = math.ceil(LIVE_AHEAD_SECONDS * self.limiter.requests_per_second)
-        return max(1, ahead - self.store.count_live())
 
     def _owed_to_bulk(self, now_ms: int, in_flight: int) -> int:
         """Batches of its floor share of MAX_BATCHES_IN_FLIGHT that bulk lacks while it has
