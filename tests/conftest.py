@@ -401,6 +401,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 XDIST_GROUPS = {
     "tests/e2e/test_containers.py": "podman",
     "tests/e2e/test_deploy.py": "podman",
+    "tests/e2e/test_containers_cluster.py": "podman",
     "tests/integration/test_packaging.py": "packaging",
 }
 XDIST_GROUP_FIXTURES = {"rabbitmq_server": "rabbitmq", "redis_cluster_server": "redis-cluster"}

@@ -222,3 +222,22 @@ def test_an_unreachable_cluster_is_one_line_without_the_password():
     assert result.returncode != 0
     assert_one_line_error(result, "cannot reach Redis at redis+cluster://:***@127.0.0.1:1")
     assert "s3cret-pw" not in result.stderr + result.stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="`braze-subs import` on a cluster: stores/buffer.py PipelinedEnqueue takes "
+    "`client.connection_pool`, which redis-py's RedisCluster has not (AttributeError); "
+    "found by e2e/test_containers_cluster.py, left to the owner of stores/",
+)
+def test_import_enqueues_a_file_on_the_cluster(redis_cluster, tmp_path):
+    """`braze-subs import FILE` with REDIS_URL=redis+cluster://, as an operator runs it."""
+    path = tmp_path / "changes.jsonl"
+    rows = [
+        {"subscription_group_id": "news", "subscription_state": "subscribed", "email": email(n)}
+        for n in range(20)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run_real("import", str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "20 changes enqueued" in result.stdout + result.stderr
