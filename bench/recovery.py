@@ -5,12 +5,17 @@ key rotation delivers; optionally a worker frozen past its lease.
     .venv/bin/python -m bench.recovery                # kill -9 + SIGTERM, key rotation
     .venv/bin/python -m bench.recovery --runs 5       # the kill 5 times, and its spread
     .venv/bin/python -m bench.recovery --freeze       # and a worker frozen for 65 s
+    .venv/bin/python -m bench.recovery --runs 3 --systems redis,cluster+rabbitmq  # side by side
 
 Each scenario starts its own `celery -A worker.app` workers and beat (as the Procfile
 does) against a private redis-server and the simulator, every setting at its default but
 the API key, Redis and Braze's address (the freeze also lowers BRAZE_RATE_LIMIT: a tight
 budget is its scenario, so that claimed batches wait for their turn). Writes the figures
-to bench/results/recovery.json.
+to bench/results/recovery.json. With `--systems` (issue 24) the kill scenario runs on each
+state store + broker named (bench.drain.SYSTEMS: `redis`, the state on one redis-server that
+is the broker too; `cluster+rabbitmq`, the state on a 3 + 3 Redis Cluster and the broker a
+rabbitmq-server; ...), side by side in one run, and its summary per system goes to
+bench/results/recovery-systems.json.
 
 The scenarios are functions of a process group, a Redis client and the simulator, so that
 `tests/e2e/test_recovery.py` runs the same ones and asserts on what they return.
@@ -56,7 +61,7 @@ from redis import Redis
 from admin.status import read_status
 from bench.workloads import STATES, identity
 from config.settings import Settings
-from devtools.processes import CeleryProcess, ProcessGroup, local_redis, worker_args
+from devtools.processes import CeleryProcess, ProcessGroup, worker_args
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -627,18 +632,26 @@ def freeze(
 KEY = "bench-key"
 
 
-def _run(scenario: Callable[..., Any]) -> dict[str, Any]:
+def _run(scenario: Callable[..., Any], system: str = "redis") -> dict[str, Any]:
+    """`scenario` against a fresh state store and broker of `system` (bench.drain.SYSTEMS:
+    `redis`, one redis-server for both, or e.g. `cluster+rabbitmq`) and simulator."""
+    from bench.drain import SYSTEMS, start_stores
     from delivery.services import reset_services, services
     from simulator import SimulatorConfig, SimulatorServer
     from tasks.producer import enqueue_changes
 
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(TemporaryDirectory(prefix="braze-subs-bench-")))
-        redis_url = stack.enter_context(local_redis(workdir))
+        redis_url, broker_url = start_stores(stack, workdir, *SYSTEMS[system])
         server = SimulatorServer(SimulatorConfig(api_keys={KEY}, auto_groups=True))
         server.start()
         stack.callback(server.stop)
-        env = {"REDIS_URL": redis_url, "BRAZE_REST_ENDPOINT": server.url, "BRAZE_API_KEY": KEY}
+        env = {
+            "REDIS_URL": redis_url,
+            "BROKER_URL": broker_url,
+            "BRAZE_REST_ENDPOINT": server.url,
+            "BRAZE_API_KEY": KEY,
+        }
         os.environ.update(env)
         reset_services()
         found = services()
@@ -677,9 +690,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1, help="runs of kill_and_term")
     parser.add_argument("--freeze", action="store_true", help="also the 65 s freeze (slow)")
+    parser.add_argument(
+        "--systems",
+        default="",
+        help="comma-separated state+broker systems (bench.drain.SYSTEMS, e.g. "
+        "redis,cluster+rabbitmq): kill_and_term on each, side by side, the order rotated "
+        "every run; writes bench/results/recovery-systems.json",
+    )
     args = parser.parse_args()
     # A killed worker's request cut off mid-body makes the simulator log a ClientDisconnect.
     logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+    if args.systems:
+        side_by_side(args.systems.split(","), args.runs)
+        return
     results: dict[str, Any] = {}
     runs = []
     for run in range(args.runs):
@@ -697,6 +720,27 @@ def main() -> None:
         show(name, results[name])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "recovery.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def side_by_side(systems: list[str], runs: int) -> None:
+    """kill_and_term `runs` times on each system, the systems' order rotated every run."""
+    from bench.drain import SYSTEMS
+    from bench.figures import publish
+
+    for system in systems:
+        if system not in SYSTEMS:
+            raise SystemExit(f"--systems: unknown system {system!r} ({', '.join(SYSTEMS)})")
+    found: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
+    for run in range(runs):
+        for system in systems[run % len(systems) :] + systems[: run % len(systems)]:
+            found[system].append(_run(kill_and_term, system))
+            show(f"kill_and_term on {system} (run {run + 1})", found[system][-1])
+    figures: dict[str, Any] = {"runs": runs}
+    for system in systems:
+        for name, value in summary(found[system]).items():
+            if name != "runs":
+                figures[f"{system} {name}"] = value
+    publish(figures, "recovery-systems.json")
 
 
 if __name__ == "__main__":
