@@ -57,6 +57,7 @@ from delivery.braze_client import V1_PATH, V2_PATH, BrazeClient, Reply, v1_body,
 from delivery.braze_reads import BrazeReadError, ReadDeferred
 from delivery.liveness import Liveness
 from delivery.opt_outs import OptOutCheck
+from delivery.thread_share import Seat, ThreadShare
 from stores.batch_records import BatchRecord, BatchStore, ClaimStatus, Deferred, Ended
 from stores.counters import Counters
 from stores.limiter import Grant, RateLimiter
@@ -86,6 +87,10 @@ class _Sent:
 
     sent: bool = False
 
+
+# The least a batch waits in the schedule for a thread of its workspace's share (plus as
+# much jitter): about a beat, so it comes back with the next tick or the one after.
+SEAT_WAIT_MIN_SECONDS = 0.5
 
 # How often a refused half of a split looks again whether its sibling was answered.
 HOLD_SECONDS = 1.0
@@ -125,6 +130,7 @@ class Poster:
         *,
         rng: random.Random | None = None,
         opt_outs: OptOutCheck | None = None,
+        share: ThreadShare | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -135,6 +141,9 @@ class Poster:
         self.refusals = refusals  # groups Braze refuses as a whole; halves of a split
         self.rng = rng or random.Random()
         self.opt_outs = opt_outs  # respect_opt_out: leave out who opted out in Braze
+        # Several workspaces served: this one's share of the process's threads.
+        self.share = share
+        self.workspace = settings.workspace_name
         self.grace_ms = settings.redispatch_grace_ms
         # A claim that finds members superseded refills the batch up to this many with due
         # changes of its kind (claim_batch.lua), so the request goes out full (issue 26).
@@ -209,7 +218,38 @@ class Poster:
             self._log(records, unsent)
             return unsent
 
+        seat = self.share.take(self.workspace) if self.share is not None else None
+        if self.share is not None and seat is None:
+            # This workspace holds its share of the process's threads: its batches go back
+            # into the schedule until a seat is likely free, and this thread takes the
+            # next message (another workspace's, perhaps) at once (delivery/thread_share.py).
+            wait = max(self.share.free_in(self.workspace), SEAT_WAIT_MIN_SECONDS)
+            return self._waiting(
+                records,
+                token,
+                report,
+                wait + self.rng.uniform(0, SEAT_WAIT_MIN_SECONDS),
+                WaitReason.BUDGET,
+                "waiting for a thread: the workspace holds its share of the worker's threads",
+            )
+        try:
+            return self._post_in_seat(lead, records, token, report, sent, seat)
+        finally:
+            if seat is not None:
+                seat.release()
+
+    def _post_in_seat(
+        self,
+        lead: BatchRecord,
+        records: list[BatchRecord],
+        token: str,
+        report: PostReport,
+        sent: _Sent,
+        seat: Seat | None,
+    ) -> PostReport:
         grant = self.limiter.acquire(batch_lane(lead.id))
+        if seat is not None and grant.granted:
+            seat.expect_release_in(grant.wait_seconds)
         waiting = self._wait_for_turn(grant, records, token, report)
         if waiting is not None:
             return waiting

@@ -18,6 +18,7 @@ from delivery.coalescer import Coalescer
 from delivery.liveness import Liveness
 from delivery.opt_outs import OptOutCheck
 from delivery.poster import Poster
+from delivery.thread_share import process_share
 from stores import counters
 from stores.batch_records import BatchStore
 from stores.clock import server_time_ms
@@ -80,6 +81,7 @@ class Services(StoreServices):
             Counters(self.redis, self.keys, self.scripts),
             Refusals(self.redis, self.keys),
             opt_outs=self.opt_outs,
+            share=process_share(self.settings.worker_concurrency, len(workspace_names())),
         )
 
     @cached_property

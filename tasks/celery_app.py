@@ -264,7 +264,7 @@ if settings.log_format == "json":
 
 
 @worker_init.connect
-def _require_braze(**_: Any) -> None:
+def _require_braze(sender: Any = None, **_: Any) -> None:
     """A worker that cannot reach Braze stops at start, not on its first batch: every
     workspace's key and endpoint must be there (one line naming the variable, or the
     table and field of BRAZE_WORKSPACES_FILE). Then, per workspace: the workspace id it
@@ -276,6 +276,11 @@ def _require_braze(**_: Any) -> None:
     except SettingsError as exc:
         raise SystemExit(f"braze-subs: {exc}") from None
     _refuse_stranded_work()
+    # The pool's real size (`--concurrency` wins over WORKER_CONCURRENCY): each workspace's
+    # share of the threads is counted from it (delivery/thread_share.py).
+    from delivery.thread_share import set_pool_size
+
+    set_pool_size(getattr(sender, "concurrency", None))
     _warn_if_redis_can_lose_changes()
     _record_workspace()
     _start_heartbeat("worker")

@@ -273,7 +273,13 @@ def test_key_rotation_in_one_workspace_delivers_within_seconds_of_the_restart(
     wait_for(lambda: drained(redis_client, "us"), timeout=30, what="us to drain with the new key")
     took = time.monotonic() - ready
     assert took < 30, took  # well before the old key's next probe (a minute)
-    assert not redis_client.exists(us.credentials)
+    # The circuit closes in the bookkeeping after the batch's outcome is recorded (so a
+    # failure there cannot send it again): a moment after the drain, under load.
+    wait_for(
+        lambda: not redis_client.exists(us.credentials),
+        timeout=10,
+        what="us's credentials circuit to close after the first success with the new key",
+    )
     assert sim_states(us_sim) == final_states(sent["us"])
     assert sim_states(eu_sim) == final_states(sent["eu"])
     assert sim_stats(eu_sim)["unauthorized"] == 0
@@ -459,10 +465,48 @@ def test_a_long_outage_in_us_leaves_eu_its_full_budget(
 
     faults(us, outage=False)  # the outage ends: us drains on its retries' schedule
     wait_for(lambda: waiting("us") == 0, timeout=180, interval=0.5, what="us to drain")
-    assert sim_stats(us)["rate_limited_429"] == 0
+    assert sim_stats(us)["rate_limited_429"] <= 1  # the scaled budget's headroom: see above
     for name in ws.names:
         assert len(sim_states(ws.sims[name])) == 12000
         assert_applied_in_order(ws.sims[name].url, sent[name], allow_repeats=True)
+
+
+@pytest.mark.alone  # eu's share of its budget is measured
+def test_a_slow_braze_in_us_leaves_eu_its_threads_and_its_full_budget(
+    default_env, workspaces_env: TwoWorkspaces, processes
+):
+    """us's Braze answers every post after 8 s (a slow upstream, under HTTP_TIMEOUT_SECONDS):
+    each us post holds its thread 8 s, and us has far more batches than the fleet has
+    threads. Without a share per workspace every thread ends up waiting on us and eu gets
+    a thread now and then (about 1 request a second of its 20); with it, us holds its share
+    of each worker's threads and eu drains at its full budget (delivery/thread_share.py)."""
+    ws = workspaces_env
+    scale_budgets(ws)
+    us, eu = ws.sims["us"], ws.sims["eu"]
+    faults(us, latency_ms=8000)
+    sent = {name: EnqueuedLog() for name in ws.names}
+    for name in ws.names:
+        enqueue_changes(sent[name].add(backlog(ws, name, 12000)))  # 240 requests each
+    start_fleet(processes)
+
+    wait_for(lambda: waiting("eu") == 0, timeout=120, interval=0.2, what="eu to drain")
+    eu_stats, us_stats = sim_stats(eu, log=True), sim_stats(us)
+    used = utilisation(eu_stats)
+    print(
+        f"us slow ({us_stats['requests_ok']} answered so far): eu drained at {used:.3f} of "
+        f"its budget, {eu_stats['rate_limited_429']} x 429"
+    )
+    assert eu_stats["rate_limited_429"] <= 1  # as in the outage test above
+    assert used >= 0.85, used
+    assert us_stats["requests_ok"] > 0, us_stats  # us kept posting meanwhile, slowly
+    assert waiting("us") > 0
+
+    faults(us, latency_ms=0)  # us's Braze is fast again: us drains
+    wait_for(lambda: waiting("us") == 0, timeout=180, interval=0.5, what="us to drain")
+    for name in ws.names:
+        assert len(sim_states(ws.sims[name])) == 12000
+        assert_applied_in_order(ws.sims[name].url, sent[name], allow_repeats=True)
+    assert status_json()["dead_letter"] == 0
 
 
 @pytest.mark.alone  # eu's share of its budget is measured
