@@ -63,6 +63,7 @@ from core.redaction import mask_identifiers_in, scrub
 from core.routing import Routes
 from stores.api_metrics import ApiMetrics
 from stores.connection import redis_client
+from stores.replication import NotReplicated
 from stores.services import StoreServices
 from tasks.logs import configure_logging
 from tasks.producer import ChangesRejected, by_workspace, route_changes
@@ -264,6 +265,16 @@ class Ingest:
                 accepted += buffer.enqueue(changes, chunk_size=MAX_CHANGES)
                 stale += buffer.stale
             self.pending.added(accepted - stale)
+        except NotReplicated as error:
+            # REDIS_WAIT_REPLICAS: the master applied the changes, too few replicas have
+            # them yet; the producer sends them again (harmless: the same state, the same
+            # time), by when a replica that was behind has usually caught up.
+            logger.warning("Redis took the enqueue without its replicas: %s", error)
+            raise _error(
+                503,
+                str(error),
+                {"Retry-After": str(RETRY_AFTER_UNAVAILABLE)},
+            ) from None
         except UNAVAILABLE as error:
             # The script ran whole or not at all; after a timeout nobody knows which, and a
             # retry of the same changes is harmless (the same state, at the same time).

@@ -192,6 +192,14 @@ class Settings(BaseSettings):
     # system's CAs or SSL_CERT_FILE). On RabbitMQ braze-subs declares its queues as quorum
     # queues (README "Broker on its own"). Unset: REDIS_URL, as before.
     broker_url: str | None = None
+    # WAIT-acknowledged enqueues: replicas that must have every enqueue (each script call,
+    # up to 1,000 changes) before a producer is told "accepted", within
+    # REDIS_WAIT_TIMEOUT_MS; fewer is an error for the producer (HTTP 503, CLI and import:
+    # one line). 0: Redis's asynchronous replication, and an enqueue the master had not
+    # passed on is lost if it crashes (README "State on a Redis Cluster", "Failover").
+    redis_wait_replicas: int = Field(default=0, ge=0)
+    # How long an enqueue waits for those replicas (WAIT's timeout; 0, "forever", refused).
+    redis_wait_timeout_ms: int = Field(default=500, ge=1, le=60_000)
 
     # --- Batching -------------------------------------------------------------------------
     # Identifiers per request; Braze allows 50 and full batches make the rate budget go

@@ -13,12 +13,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 
 from redis import Redis
+from redis.exceptions import NoScriptError
 from redis.lock import Lock
 
 from core.changes import Change, IdentifierKind, Lane, SubscriptionState
 from core.planning import PendingChange, PlannedBatch, lane_prefix
 from stores.base import ScriptedStore
-from stores.keys import buffer_field, identity_digest, split_field
+from stores.history import Retention
+from stores.keys import Keys, buffer_field, identity_digest, split_field
+from stores.replication import ReplicaWait, write_node
+from stores.scripts import Scripts
 
 # Changes per enqueue script call. Large enough that the round trip is amortised over many
 # changes, small enough that one call never blocks Redis for more than a few milliseconds.
@@ -81,7 +85,21 @@ def _chunks(items: Iterable[Change], size: int) -> Iterator[list[Change]]:
 
 
 class Buffer(ScriptedStore):
+    """`wait`: the replicas that must acknowledge each enqueue call (REDIS_WAIT_REPLICAS,
+    `stores.replication`); none by default."""
+
     stale = 0  # changes this buffer's `enqueue` calls dropped as stale, so far
+
+    def __init__(
+        self,
+        client: Redis,
+        keys: Keys,
+        scripts: Scripts | None = None,
+        retention: Retention | None = None,
+        wait: ReplicaWait | None = None,
+    ) -> None:
+        super().__init__(client, keys, scripts, retention)
+        self.wait = wait or ReplicaWait()
 
     def _enqueue_keys(self) -> list[str]:
         k = self.keys
@@ -122,16 +140,44 @@ class Buffer(ScriptedStore):
         is the lane of the changes that name none.
 
         Each chunk is one atomic script call; callers that need all-or-nothing validate
-        everything before calling (the producer API does).
+        everything before calling (the producer API does). With `wait` on, each call is
+        followed by WAIT on its connection, and a call too few replicas acknowledged
+        raises `NotReplicated` (the chunks before it were acknowledged).
         """
         count = 0
         keys = self._enqueue_keys()
         head = self._enqueue_head(lane)
         for chunk in _chunks(changes, chunk_size):
-            _last, stale = self.scripts.enqueue(keys=keys, args=head + encode_changes(chunk))
+            args = head + encode_changes(chunk)
+            if self.wait.on:
+                _last, stale = self._acknowledged(keys, args, len(chunk))
+            else:
+                _last, stale = self.scripts.enqueue(keys=keys, args=args)
             self.stale += int(stale)
             count += len(chunk)
         return count
+
+    def _acknowledged(self, keys: list[str], args: list[bytes], changes: int) -> list[bytes]:
+        """One enqueue call and `WAIT` in one pipeline, on one connection of the node that
+        takes the workspace's writes (`write_node`): one round trip. EVALSHA first; a node
+        that does not know the script (restarted, a promoted replica) answers NOSCRIPT and
+        writes nothing, and the pair goes again as EVAL with the source."""
+        node = write_node(self.client, self.keys.pending)
+        script = self.scripts.enqueue
+        for call in (("EVALSHA", script.sha), ("EVAL", script.script)):
+            pipe = node.pipeline(transaction=False)
+            pipe.execute_command(*call, len(keys), *keys, *args)
+            pipe.execute_command(*self.wait.command())
+            reply, acknowledged = pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            if isinstance(acknowledged, Exception):
+                raise acknowledged
+            self.wait.check(acknowledged, changes)
+            return list(reply)
+        raise NoScriptError("the enqueue script was refused as EVAL too")
 
     def tick_lock(self, timeout_seconds: float, *, live_only: bool = False) -> Lock:
         """The lock coalescer ticks take turns with (not blocking: a tick that finds it
@@ -307,12 +353,17 @@ class PipelinedEnqueue:
     error the connection is dropped, unread replies and all. `count` is the changes Redis
     has confirmed (`stale` of them dropped as older than a change already accepted);
     `sent` those handed to it.
+
+    The connection is one of the node that takes the workspace's writes (`write_node`: on
+    a Redis Cluster, the master of its slot). With the buffer's `wait` on, every call is
+    followed by WAIT on the connection, and a call's changes count as confirmed once its
+    WAIT says enough replicas have them (`NotReplicated` otherwise).
     """
 
     def __init__(self, buffer: Buffer, lane: Lane = Lane.BULK) -> None:
-        self._client = Redis(
-            connection_pool=buffer.client.connection_pool, single_connection_client=True
-        )
+        node = write_node(buffer.client, buffer.keys.pending)
+        self._client = Redis(connection_pool=node.connection_pool, single_connection_client=True)
+        self._wait = buffer.wait
         self._connection = self._client.connection
         assert self._connection is not None
         self._buffer = buffer
@@ -362,6 +413,8 @@ class PipelinedEnqueue:
         assert self._connection is not None
         # No health check: its PING would read a reply meant for a call in flight.
         self._connection.send_command(*self._head, *args, check_health=False)
+        if self._wait.on:  # answered after the call, once the replicas have it
+            self._connection.send_command(*self._wait.command(), check_health=False)
         changes = len(args) // ARGS_PER_CHANGE
         self._unanswered.append(changes)
         self.sent += changes
@@ -370,5 +423,8 @@ class PipelinedEnqueue:
 
     def _answer(self) -> None:
         _last, stale = self._client.parse_response(self._connection, "EVAL")
+        changes = self._unanswered.pop(0)
+        if self._wait.on:
+            self._wait.check(self._client.parse_response(self._connection, "WAIT"), changes)
         self.stale += int(stale)
-        self.count += self._unanswered.pop(0)
+        self.count += changes

@@ -25,6 +25,7 @@ from stores.buffer import Buffer
 from stores.connection import redis_client
 from stores.history import Retention
 from stores.keys import Keys
+from stores.replication import ReplicaWait
 from stores.scripts import Scripts
 
 
@@ -58,8 +59,15 @@ class StoreServices:
 
     def new_buffer(self) -> Buffer:
         """A buffer of its own over the shared client, whose `stale` counts only the
-        enqueues made through it (the HTTP API answers each request with its own)."""
-        return Buffer(self.redis, self.keys, self.scripts, self.retention)
+        enqueues made through it (the HTTP API answers each request with its own); each
+        enqueue acknowledged by REDIS_WAIT_REPLICAS replicas (`stores.replication`)."""
+        return Buffer(
+            self.redis,
+            self.keys,
+            self.scripts,
+            self.retention,
+            ReplicaWait.from_settings(self.settings),
+        )
 
     def close(self) -> None:
         """Release what this process holds open (subclasses add theirs)."""

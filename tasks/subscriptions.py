@@ -32,6 +32,7 @@ from core.redaction import mask_identifiers_in
 from core.waiting import WaitReason
 from delivery.dead_letter_retention import expire_dead_letters
 from delivery.services import services, workspace_names
+from stores.replication import NotReplicated
 from tasks.celery_app import LIVE_POST_QUEUE, POST_QUEUE, app
 from tasks.producer import enqueue_change
 
@@ -54,10 +55,12 @@ FIELDS = tuple(
 # `throws`: a refused change is the producer's bad input, not a fault of the worker: Celery
 # logs it as one line ("raised expected: ChangeRefused('field: reason')", INFO) without a
 # traceback, and the task still ends FAILURE with the reason for the producer and Flower.
+# So is `NotReplicated` (REDIS_WAIT_REPLICAS not reached in time: one WARNING line here,
+# the task FAILURE with the setting named; sending the change again is safe).
 @app.task(
     name="subscriptions.record_change",
     Request="tasks.masked_messages:RedactedRequest",
-    throws=(ChangeRefused,),
+    throws=(ChangeRefused, NotReplicated),
 )
 def record_change(*args: Any, **row: Any) -> dict[str, Any]:
     """Validate and enqueue one change. Invalid input fails the task with the reason."""
@@ -77,6 +80,9 @@ def record_change(*args: Any, **row: Any) -> dict[str, Any]:
     except InvalidChange as exc:
         # `from None`: the original exception, which quotes the value, is not chained.
         raise ChangeRefused(mask_identifiers_in(str(exc), row)) from None
+    except NotReplicated as exc:
+        logger.warning("record_change: %s", exc)  # names no identifier
+        raise
     # Flower shows the result: keep it free of the identifier itself.
     return {"group": change.group_id, "state": change.state.value, "kind": change.kind.value}
 
