@@ -21,7 +21,7 @@ from core.planning import PendingChange, PlannedBatch, lane_prefix
 from stores.base import ScriptedStore
 from stores.history import Retention
 from stores.keys import Keys, buffer_field, identity_digest, split_field
-from stores.replication import ReplicaWait, write_node
+from stores.replication import ReplicaWait, on_write_node, write_node
 from stores.scripts import Scripts
 
 # Changes per enqueue script call. Large enough that the round trip is amortised over many
@@ -159,25 +159,29 @@ class Buffer(ScriptedStore):
 
     def _acknowledged(self, keys: list[str], args: list[bytes], changes: int) -> list[bytes]:
         """One enqueue call and `WAIT` in one pipeline, on one connection of the node that
-        takes the workspace's writes (`write_node`): one round trip. EVALSHA first; a node
-        that does not know the script (restarted, a promoted replica) answers NOSCRIPT and
-        writes nothing, and the pair goes again as EVAL with the source."""
-        node = write_node(self.client, self.keys.pending)
+        takes the workspace's writes (`on_write_node`, which follows a failover): one
+        round trip. EVALSHA first; a node that does not know the script (restarted, a
+        promoted replica) answers NOSCRIPT and writes nothing, and the pair goes again as
+        EVAL with the source."""
         script = self.scripts.enqueue
-        for call in (("EVALSHA", script.sha), ("EVAL", script.script)):
-            pipe = node.pipeline(transaction=False)
-            pipe.execute_command(*call, len(keys), *keys, *args)
-            pipe.execute_command(*self.wait.command())
-            reply, acknowledged = pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError):
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            if isinstance(acknowledged, Exception):
-                raise acknowledged
-            self.wait.check(acknowledged, changes)
-            return list(reply)
-        raise NoScriptError("the enqueue script was refused as EVAL too")
+
+        def call(node: Redis) -> list[bytes]:
+            for sent in (("EVALSHA", script.sha), ("EVAL", script.script)):
+                pipe = node.pipeline(transaction=False)
+                pipe.execute_command(*sent, len(keys), *keys, *args)
+                pipe.execute_command(*self.wait.command())
+                reply, acknowledged = pipe.execute(raise_on_error=False)
+                if isinstance(reply, NoScriptError):
+                    continue
+                if isinstance(reply, Exception):
+                    raise reply
+                if isinstance(acknowledged, Exception):
+                    raise acknowledged
+                self.wait.check(acknowledged, changes)
+                return list(reply)
+            raise NoScriptError("the enqueue script was refused as EVAL too")
+
+        return on_write_node(self.client, self.keys.pending, call)
 
     def tick_lock(self, timeout_seconds: float, *, live_only: bool = False) -> Lock:
         """The lock coalescer ticks take turns with (not blocking: a tick that finds it

@@ -22,14 +22,20 @@ change sent twice ends in the same state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from redis import Redis
 from redis.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import AskError, ClusterDownError, RedisError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.settings import Settings
 from core.errors import BrazeSubsError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +82,36 @@ class NotReplicated(BrazeSubsError, RedisError):
 
 def write_node(client: Redis, key: str) -> Redis:
     """A plain client of the node that takes writes of `key`: `client` itself, or on a
-    Redis Cluster the client of the master serving the key's slot now (a pipeline there
-    runs on one connection, so a WAIT in it counts the pipeline's writes). A slot that
-    moves afterwards answers MOVED, a ResponseError: nothing was written, and the caller's
-    error says to send again; the cluster client learns the new map on its next command."""
+    Redis Cluster the client of the master serving the key's slot as the cluster client
+    knows it now (a pipeline there runs on one connection, so a WAIT in it counts the
+    pipeline's writes). `on_write_node` learns the slot map again when it is stale."""
     if isinstance(client, RedisCluster):
         cluster: RedisCluster = client
         return cluster.get_redis_connection(cluster.get_node_from_key(key))
     return client
+
+
+# What a node of a cluster answers when it no longer serves the slot (or cannot be
+# reached: a master that died): the slot map is learnt again and the call made once more.
+_MAP_STALE = (AskError, ClusterDownError, TryAgainError, RedisConnectionError, RedisTimeoutError)
+MAP_ATTEMPTS = 3
+
+
+def on_write_node(client: Redis, key: str, call: Callable[[Redis], T]) -> T:
+    """`call(node)` on the node that takes writes of `key` (`write_node`). On a Redis
+    Cluster a MOVED/ASK (a failover, a slot moved), CLUSTERDOWN, TRYAGAIN or a connection
+    error makes the cluster client learn the slot map again, and the call goes again to
+    the master the map names, up to `MAP_ATTEMPTS` times: what RedisCluster does for the
+    commands it routes itself, which a call on one node's client bypasses. An enqueue
+    sent twice is harmless (the same change at the same time ends in the same state)."""
+    if not isinstance(client, RedisCluster):
+        return call(client)
+    cluster: RedisCluster = client
+    for attempt in range(1, MAP_ATTEMPTS + 1):
+        try:
+            return call(write_node(cluster, key))
+        except _MAP_STALE:
+            if attempt == MAP_ATTEMPTS:
+                raise
+            cluster.nodes_manager.initialize()
+    raise AssertionError("unreachable")

@@ -240,3 +240,23 @@ def test_the_http_api_on_the_cluster_answers_503_while_the_replica_is_stopped(
     on_cluster, tmp_path
 ):
     the_http_api_answers_503_while_the_replica_is_stopped(on_cluster, tmp_path)
+
+
+def test_an_import_on_the_cluster_goes_to_the_workspaces_master(redis_cluster, tmp_path):
+    """Without the setting too: the import's pipelined enqueue takes its connection from
+    the master of the workspace's slot (it asked RedisCluster for a connection pool it
+    does not have, and `braze-subs import` failed on a cluster)."""
+    imported = run_cli("import", str(jsonl(tmp_path / "in.jsonl", 0, 2500)))
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    master = redis_cluster.node(redis_cluster.master_of(services().keys.pending))
+    assert pending_on(master) == 2500
+
+
+def test_acknowledged_enqueues_follow_a_failover_on_the_cluster(on_cluster, redis_cluster):
+    """The WAIT goes to the master this process's slot map names; after a failover that
+    master answers MOVED, and the map is learnt again (fails with MovedError without)."""
+    assert enqueue_changes([row(0)]) == 1
+    old = redis_cluster.master_of(services().keys.pending)
+    new = redis_cluster.failover(old)
+    assert enqueue_changes([row(1)]) == 1  # acknowledged by the old master, a replica now
+    assert pending_on(redis_cluster.node(new)) == 2
