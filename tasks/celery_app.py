@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Celery
@@ -53,8 +53,17 @@ LIVE_POST_QUEUE = "braze-subs.post.live"
 # (beat queued up to `expires` of ticks while no worker ran) the tick queue stays non-empty
 # for many seconds while the pool drains it, and a live post ranked behind it waited that
 # long (11-37 s seen in e2e/test_faults.py::test_worker_killed_mid_tick_does_not_stall_coalescing).
-# Live posts are bounded by what ticks cut, so they cannot starve the ticks.
+# But live posts can starve the ticks: two workspaces' first cuts put 1,000 live messages in
+# the queue (a message waits for its workspace's seat and turn, ~25 s of budget), and the
+# ticks queued behind them while the batches in flight ran out: both workspaces sent almost
+# nothing for 2-4 s mid-drain (bench/workspaces.py, 0.92 of their budgets). So a tick gets
+# the first look once `TICK_TURN_SECONDS` have passed since this process last took one
+# (`LanesFirst`): a pile of stale ticks then takes one thread's turn each half second, not
+# every thread.
 QUEUE_ORDER = (LIVE_POST_QUEUE, COALESCE_QUEUE, RECORD_QUEUE, POST_QUEUE)
+# Half a beat (COALESCE_INTERVAL_SECONDS is 1): beat's ticks, one per workspace a beat, are
+# taken as they come by a fleet of two processes or more.
+TICK_TURN_SECONDS = 0.5
 
 
 class LanesFirst(priority_cycle):
@@ -75,6 +84,8 @@ class LanesFirst(priority_cycle):
 
     live_in_a_row = 0
     _bulk_every: int | None = None
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    _tick_taken_at: float | None = None
 
     def update(self, it: Iterable[str]) -> None:
         rank = {name: index for index, name in enumerate(QUEUE_ORDER)}
@@ -88,17 +99,27 @@ class LanesFirst(priority_cycle):
         return self._bulk_every
 
     def consume(self, n: int) -> list[str]:
+        items = list(self.items[:n])
         every = self._bulk_turn_after()
-        if every and self.live_in_a_row >= every and POST_QUEUE in self.items[:n]:
-            items = self.items[:n]
-            return [POST_QUEUE, *(name for name in items if name != POST_QUEUE)]
-        return list(self.items[:n])
+        if every and self.live_in_a_row >= every and POST_QUEUE in items:
+            items = [POST_QUEUE, *(name for name in items if name != POST_QUEUE)]
+        if COALESCE_QUEUE in items and self._ticks_turn():
+            items = [COALESCE_QUEUE, *(name for name in items if name != COALESCE_QUEUE)]
+        return items
+
+    def _ticks_turn(self) -> bool:
+        now = self.clock()
+        if self._tick_taken_at is None:
+            self._tick_taken_at = now  # the start: the first tick was just sent
+        return now - self._tick_taken_at >= TICK_TURN_SECONDS
 
     def rotate(self, last_used: str) -> None:
         if last_used == LIVE_POST_QUEUE:
             self.live_in_a_row += 1
         elif last_used == POST_QUEUE:
             self.live_in_a_row = 0
+        elif last_used == COALESCE_QUEUE:
+            self._tick_taken_at = self.clock()
 
 
 class WorkerConsumer(MaskingConsumer):  # type: ignore[misc]
