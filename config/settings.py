@@ -188,9 +188,11 @@ class Settings(BaseSettings):
     redis_sentinel_master: str | None = None
     # Celery's broker, when it is not REDIS_URL's Redis: another Redis (redis://, rediss://,
     # unix://, sentinel://, with REDIS_CA_FILE and REDIS_SENTINEL_MASTER as for REDIS_URL)
-    # or RabbitMQ (amqp://user:password@host:5672/vhost, amqps:// verified against the
-    # system's CAs or SSL_CERT_FILE). On RabbitMQ braze-subs declares its queues as quorum
-    # queues (README "Broker on its own"). Unset: REDIS_URL, as before.
+    # or RabbitMQ (amqp://user:password@host:5672/vhost, amqps:// verified against
+    # BROKER_CA_FILE, else the system's CAs). A RabbitMQ cluster is listed node by node,
+    # `amqp://u:p@n1:5672/v;amqp://u:p@n2:5672/v;...` (kombu's failover: the next node when
+    # one is lost). On RabbitMQ braze-subs declares its queues as quorum queues (README
+    # "Broker on its own"). Unset: REDIS_URL, as before.
     broker_url: str | None = None
     # WAIT-acknowledged enqueues: replicas that must have every enqueue (each script call,
     # up to 1,000 changes) before a producer is told "accepted", within
@@ -200,6 +202,10 @@ class Settings(BaseSettings):
     redis_wait_replicas: int = Field(default=0, ge=0)
     # How long an enqueue waits for those replicas (WAIT's timeout; 0, "forever", refused).
     redis_wait_timeout_ms: int = Field(default=500, ge=1, le=60_000)
+    # PEM file of the CA(s) that sign RabbitMQ's certificate, for an amqps:// BROKER_URL
+    # (certificate and host name verified). Unset: the system's CAs. Only this connection
+    # uses it: SSL_CERT_FILE would also replace the CAs the Braze client trusts.
+    broker_ca_file: str | None = None
 
     # --- Batching -------------------------------------------------------------------------
     # Identifiers per request; Braze allows 50 and full batches make the rate budget go
@@ -457,16 +463,23 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "must start with amqp://, amqps://, redis://, rediss://, unix:// or sentinel://"
                 ) from exc
-        if ";" in value:
-            raise ValueError("one RabbitMQ URL only (a cluster sits behind one address)")
-        parts = urlsplit(value)
-        if not parts.hostname:
-            raise ValueError(f"{scheme}:// needs a host, e.g. {scheme}://user:password@host/vhost")
-        try:
-            parts.port  # noqa: B018 - raises on a malformed port
-        except ValueError:
-            raise ValueError("the port is not a number") from None
-        return value
+        # A RabbitMQ cluster: its nodes `;`-joined, each a whole URL (kombu's failover list,
+        # tried in turn from the first; the next one when a connection is lost).
+        nodes = [part.strip() for part in value.split(";")]
+        for n, node in enumerate(nodes, start=1):
+            which = f"node {n} of {len(nodes)}: " if len(nodes) > 1 else ""
+            parts = urlsplit(node)
+            if parts.scheme != scheme:
+                raise ValueError(f"{which}every node must be {scheme}:// like the first")
+            if not parts.hostname:
+                raise ValueError(
+                    f"{which}{scheme}:// needs a host, e.g. {scheme}://user:password@host/vhost"
+                )
+            try:
+                parts.port  # noqa: B018 - raises on a malformed port
+            except ValueError:
+                raise ValueError(f"{which}the port is not a number") from None
+        return ";".join(nodes)
 
     @field_validator("redis_key_prefix")
     @classmethod
@@ -478,7 +491,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("redis_ca_file", "api_tokens_file", "braze_workspaces_file")
+    @field_validator("redis_ca_file", "broker_ca_file", "api_tokens_file", "braze_workspaces_file")
     @classmethod
     def _readable_file(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
@@ -514,6 +527,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "REDIS_SENTINEL_MASTER: required with a sentinel:// BROKER_URL "
                 "(the master's name the sentinels watch, e.g. mymaster)"
+            )
+        if self.broker_ca_file and urlsplit(self.broker).scheme != "amqps":
+            raise ValueError(
+                "BROKER_CA_FILE: only for an amqps:// BROKER_URL (a rediss:// broker is "
+                "verified against REDIS_CA_FILE)"
             )
         if self.batch_claim_seconds <= self.http_timeout_seconds + self.heartbeat_interval_seconds:
             # A send needs more than HTTP_TIMEOUT_SECONDS of lease left, and the heartbeat

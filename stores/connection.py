@@ -115,14 +115,21 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         transport["confirm_publish"] = True
         options["task_create_missing_queue_type"] = "quorum"
         options["task_default_queue_type"] = "quorum"
+        # After a lost connection Celery lowers the prefetch of the new consumers by the
+        # tasks still running, then raises it back as they end with basic.qos: a no-op on
+        # quorum queues, whose QoS is per consumer and fixed when it starts (celery#9512,
+        # fixed upstream after 5.6.3 by skipping the reduction in that case). Measured here
+        # (tests/e2e/test_rabbitmq_cluster.py): a worker failing over to another node
+        # stalled ~60 s with it; without it the drain ended 5 s after the kill.
+        options["worker_enable_prefetch_count_reduction"] = False
         if urlsplit(url).scheme == "amqps":
             # py-amqp builds the context with ssl.create_default_context: certificate and
-            # host name verified against the system's CAs (or SSL_CERT_FILE's); kombu puts
+            # host name verified against BROKER_CA_FILE's CAs, else the system's; kombu puts
             # the URL's host in for a server_hostname of None.
-            options["broker_use_ssl"] = {
-                "context": {"check_hostname": True},
-                "server_hostname": None,
-            }
+            context: dict[str, Any] = {"check_hostname": True}
+            if settings.broker_ca_file:
+                context["cafile"] = settings.broker_ca_file
+            options["broker_use_ssl"] = {"context": context, "server_hostname": None}
         options["broker_transport_options"] = transport
         return options
     tls = settings.redis_tls(url)

@@ -404,7 +404,12 @@ XDIST_GROUPS = {
     "tests/e2e/test_containers_cluster.py": "podman",
     "tests/integration/test_packaging.py": "packaging",
 }
-XDIST_GROUP_FIXTURES = {"rabbitmq_server": "rabbitmq", "redis_cluster_server": "redis-cluster"}
+XDIST_GROUP_FIXTURES = {
+    "rabbitmq_server": "rabbitmq",
+    "tls_rabbitmq": "rabbitmq",  # tests/e2e/test_rabbitmq_tls.py's node
+    "rabbitmq_cluster": "rabbitmq",  # tests/e2e/test_rabbitmq_cluster.py's three nodes
+    "redis_cluster_server": "redis-cluster",
+}
 
 
 def xdist_group_of(item: pytest.Item) -> str | None:

@@ -42,7 +42,9 @@ def test_a_broker_of_its_own_is_accepted(url):
         (f"http://u:{SECRET}@rabbit/", "must start with amqp://, amqps://, redis://"),
         (f"amqp://u:{SECRET}@:5672/", "amqp:// needs a host"),
         (f"amqp://u:{SECRET}@rabbit:56x2/", "the port is not a number"),
-        (f"amqp://u:{SECRET}@a/;amqp://u:{SECRET}@b/", "one RabbitMQ URL only"),
+        (f"amqp://u:{SECRET}@a/;amqps://u:{SECRET}@b/", "node 2 of 2: every node must be amqp://"),
+        (f"amqp://u:{SECRET}@a/;amqp://u:{SECRET}@/", "node 2 of 2: amqp:// needs a host"),
+        (f"amqp://u:{SECRET}@a/;amqp://u:{SECRET}@b:x/;amqp://c/", "node 2 of 3: the port is"),
         (f"rediss://u:{SECRET}@r/0?ssl_cert_reqs=none", "ssl_cert_reqs must stay 'required'"),
         (f"sentinel://:{SECRET}@s:26x79", "a sentinel's port is not a number"),
     ],
@@ -70,6 +72,11 @@ def test_rabbitmq_gets_quorum_queues_and_publisher_confirms():
     assert options["task_create_missing_queue_type"] == "quorum"
     assert broker_queue_arguments(settings) == {"x-queue-type": "quorum"}
     assert "broker_use_ssl" not in options
+    # celery#9512: the prefetch lowered after a reconnection never comes back on quorum
+    # queues (per-consumer QoS); tests/e2e/test_rabbitmq_cluster.py measures the stall.
+    assert options["worker_enable_prefetch_count_reduction"] is False
+    redis = broker_options(load_settings(broker_url="redis://broker/1"))
+    assert "worker_enable_prefetch_count_reduction" not in redis
 
 
 def test_amqps_verifies_the_certificate_and_the_host_name():
@@ -80,6 +87,48 @@ def test_amqps_verifies_the_certificate_and_the_host_name():
         "context": {"check_hostname": True},
         "server_hostname": None,
     }
+
+
+def test_amqps_with_broker_ca_file_verifies_against_that_ca_only(tmp_path):
+    ca = tmp_path / "rabbit-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    options = broker_options(
+        load_settings(broker_url="amqps://u:p@rabbit.example.com/v", broker_ca_file=str(ca))
+    )
+    assert options["broker_use_ssl"] == {
+        "context": {"check_hostname": True, "cafile": str(ca)},
+        "server_hostname": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("broker", "says"),
+    [
+        ("amqp://u:p@rabbit/v", "BROKER_CA_FILE: only for an amqps:// BROKER_URL"),
+        (None, "BROKER_CA_FILE: only for an amqps:// BROKER_URL"),
+        ("amqps://u:p@rabbit/v", "BROKER_CA_FILE: no such file"),
+    ],
+)
+def test_broker_ca_file_is_checked_in_one_line(tmp_path, broker, says):
+    ca = tmp_path / "ca.pem"
+    if "no such file" not in says:
+        ca.write_text("pem")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(broker_url=broker, broker_ca_file=str(ca))
+    assert says in str(caught.value) and "\n" not in str(caught.value)
+    assert "p@rabbit" not in str(caught.value)
+
+
+def test_a_rabbitmq_cluster_is_listed_node_by_node():
+    """kombu's failover form: the nodes `;`-joined, whole URLs, spaces around them dropped;
+    Celery gets the list as it is (kombu tries the next node when one is lost)."""
+    nodes = [f"amqp://u:{SECRET}@rabbit-{n}:5672/braze" for n in range(3)]
+    settings = load_settings(broker_url=" ; ".join(nodes))
+    assert settings.broker == ";".join(nodes)
+    assert broker_options(settings)["broker_url"] == ";".join(nodes)
+    assert broker_queue_arguments(settings) == {"x-queue-type": "quorum"}
+    tls = load_settings(broker_url=";".join(n.replace("amqp:", "amqps:") for n in nodes))
+    assert broker_options(tls)["broker_use_ssl"]["context"]["check_hostname"] is True
 
 
 def test_a_rediss_broker_is_verified_like_redis_url():
