@@ -19,10 +19,13 @@ import difflib
 import functools
 import inspect
 import logging
+import time
 from dataclasses import asdict
 from typing import Any
 
+from amqp.exceptions import MessageNacked
 from celery.signals import worker_ready
+from kombu.exceptions import OperationalError
 
 from config.workspaces import get_workspaces
 from core.changes import InvalidChange, Lane
@@ -138,11 +141,34 @@ def workspace_kwargs(workspace: str) -> dict[str, Any]:
     return {} if workspace == get_workspaces().default else {"workspace": workspace}
 
 
+# RabbitMQ nacks a publish that a quorum queue could not commit, e.g. its leader's node
+# died mid-publish (seen in tests/e2e/test_rabbitmq_cluster.py): the message may or may not
+# be in the queue. kombu retries a lost connection (and fails over to the next node) but
+# not a nack, so the tick failed and the batch waited for the sweep
+# (BATCH_REDISPATCH_SECONDS, 120 s). Published again after the new leader's election
+# (well under a second): a second message for the batch posts nothing (one claim wins).
+NACKED_PUBLISH_RETRIES = 5
+NACKED_PUBLISH_PAUSE_SECONDS = 0.5
+
+
 def _dispatch(workspace: str, batch_id: str) -> None:
     """The one kind of post message: "post this batch of this workspace now" (no
     countdown), into the queue of the batch's lane."""
     queue = LIVE_POST_QUEUE if batch_lane(batch_id) is Lane.LIVE else POST_QUEUE
-    post_batch.apply_async(args=(batch_id,), kwargs=workspace_kwargs(workspace), queue=queue)
+    for attempt in range(NACKED_PUBLISH_RETRIES + 1):
+        try:
+            post_batch.apply_async(
+                args=(batch_id,), kwargs=workspace_kwargs(workspace), queue=queue
+            )
+            return
+        except OperationalError as exc:
+            if not isinstance(exc.__cause__, MessageNacked) or attempt == NACKED_PUBLISH_RETRIES:
+                raise
+            logger.warning(
+                "the broker refused (nacked) batch %s's post message; publishing it again",
+                batch_id,
+            )
+            time.sleep(NACKED_PUBLISH_PAUSE_SECONDS)
 
 
 @app.task(name="subscriptions.post_batch")

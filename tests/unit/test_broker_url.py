@@ -172,3 +172,85 @@ def test_the_celery_commands_copy_of_broker_url_does_not_bypass_the_app():
     url = "unix:///run/broker.sock?db=3"
     shown = _app_conf({"BROKER_URL": url, "CELERY_BROKER_URL": url})
     assert shown.startswith("redis+socket:///run/broker.sock?virtual_host=3 "), shown
+
+
+def test_a_rabbitmq_clusters_url_is_shown_with_every_nodes_password_masked():
+    """What our own messages would show of a RabbitMQ cluster's BROKER_URL (Celery masks
+    its own as `user:**@`, e2e/test_rabbitmq_tls.py reads it in the worker's log)."""
+    from core.redaction import redact_url
+
+    url = ";".join(f"amqps://app:{SECRET}@rabbit-{n}:5671/braze" for n in range(3))
+    shown = redact_url(url)
+    assert SECRET not in shown
+    assert shown == ";".join(f"amqps://app:***@rabbit-{n}:5671/braze" for n in range(3))
+
+
+def _nacked() -> Exception:
+    from amqp.exceptions import MessageNacked
+    from kombu.exceptions import OperationalError
+
+    error = OperationalError("")
+    error.__cause__ = MessageNacked()  # as kombu's _reraise_as_library_errors raises it
+    return error
+
+
+@pytest.mark.parametrize("nacks", [1, 5])
+def test_a_post_message_rabbitmq_nacked_is_published_again(monkeypatch, nacks):
+    """A quorum queue whose leader died mid-publish nacks the message (seen in
+    e2e/test_rabbitmq_cluster.py, where the tick then failed and its batches waited 120 s
+    for the sweep): the post message is published again, and once it goes the tick goes on."""
+    import tasks.subscriptions as subscriptions
+
+    calls: list[dict] = []
+
+    def publish(**options):
+        calls.append(options)
+        if len(calls) <= nacks:
+            raise _nacked()
+
+    warned: list[str] = []
+    monkeypatch.setattr(subscriptions.post_batch, "apply_async", publish)
+    monkeypatch.setattr(subscriptions.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(
+        subscriptions.logger, "warning", lambda text, *args: warned.append(text % args)
+    )
+    subscriptions._dispatch("default", "live-b1")
+    assert len(calls) == nacks + 1
+    assert {c["queue"] for c in calls} == {"braze-subs.post.live"}
+    assert (
+        warned
+        == ["the broker refused (nacked) batch live-b1's post message; publishing it again"] * nacks
+    )
+
+
+def test_a_message_nacked_every_time_or_a_lost_connection_still_fails_the_tick(monkeypatch):
+    """Past NACKED_PUBLISH_RETRIES, and for any other broker error (kombu has already
+    retried and failed over), the error goes up as before: the batch's message is then
+    sent again by the sweep."""
+    from kombu.exceptions import OperationalError
+
+    import tasks.subscriptions as subscriptions
+
+    calls = 0
+
+    def nacked(**_options):
+        nonlocal calls
+        calls += 1
+        raise _nacked()
+
+    monkeypatch.setattr(subscriptions.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(subscriptions.post_batch, "apply_async", nacked)
+    with pytest.raises(OperationalError):
+        subscriptions._dispatch("default", "b2")
+    assert calls == subscriptions.NACKED_PUBLISH_RETRIES + 1
+
+    def lost(**_options):
+        nonlocal calls
+        calls += 1
+        raise OperationalError("connection lost")
+
+    calls = 0
+    monkeypatch.setattr(subscriptions.post_batch, "apply_async", lost)
+    with pytest.raises(OperationalError, match="connection lost"):
+        subscriptions._dispatch("default", "b3")
+    assert calls == 1
