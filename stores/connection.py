@@ -120,7 +120,7 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         # quorum queues, whose QoS is per consumer and fixed when it starts (celery#9512,
         # fixed upstream after 5.6.3 by skipping the reduction in that case). Measured here
         # (tests/e2e/test_rabbitmq_cluster.py): a worker failing over to another node
-        # stalled ~60 s with it; without it the drain ended 5 s after the kill.
+        # stalled ~60 s with it; without it the drain ended 2-6 s after the kill.
         options["worker_enable_prefetch_count_reduction"] = False
         if urlsplit(url).scheme == "amqps":
             # py-amqp builds the context with ssl.create_default_context: certificate and

@@ -38,7 +38,7 @@ from tests.sim_control import faults, sim_states, sim_stats
 pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 # From the kill to the last change delivered, stated in README ("A RabbitMQ cluster"):
-# measured 5 s here (the worker's and beat's reconnection to the next node at once, the
+# measured 2-6 s here (the worker's and beat's reconnection to the next node at once, the
 # new leaders elected in under a second, the dead connection's messages ready again and
 # run, and what was still to post at 1 s per request). With Celery's prefetch reduction
 # after a reconnection (turned off on RabbitMQ, stores/connection.py) the worker stalled
