@@ -18,7 +18,8 @@ shared rate budget, send, and act on Braze's answer.
 Waiting for a turn is not a failed attempt either.
 
 Whatever has to wait (a retry's backoff, a 429 pause, the key's next probe, a turn too far
-off in the budget) waits in the schedule in Redis, never in this process: the coalescer's
+off in the budget, a thread while its workspace holds its share of them:
+delivery/thread_share.py) waits in the schedule in Redis, never in this process: the coalescer's
 tick sends it a message when due (stores/batch_records.py). The claim is checked right
 before the request (`fence`), and every end of a batch checks it again: a worker that lost
 its claim while it waited or froze sends nothing and reports nothing as delivered.
