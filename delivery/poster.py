@@ -34,6 +34,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from redis.backoff import FullJitterBackoff
 
 from config.settings import Settings
 from core.outcome import (
@@ -60,11 +63,20 @@ from delivery.liveness import Liveness
 from delivery.opt_outs import OptOutCheck
 from delivery.thread_share import Seat, ThreadShare
 from stores.batch_records import BatchRecord, BatchStore, ClaimStatus, Deferred, Ended
+from stores.connection import REDIS_UNAVAILABLE
 from stores.counters import Counters
 from stores.limiter import Grant, RateLimiter
 from stores.refusals import Refusals
 
 logger = logging.getLogger("braze_subs.poster")
+
+T = TypeVar("T")
+
+# While Redis does not answer (a failover: the master of the workspace's slot is gone until
+# its replica is promoted), a claim and a give-back are tried again after these waits:
+# full jitter, doubling from 0.05 s up to 1 s (redis-py's own backoff), so they go through
+# within about a second of the new master, for at most a lease (see `_until_answered`).
+UNAVAILABLE_BACKOFF = FullJitterBackoff(cap=1.0, base=0.05)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +169,13 @@ class Poster:
         live.ensure_started()  # the heartbeat exists before the claim names its holder
         token = f"{live.worker_id}/{uuid.uuid4().hex}"
         lease_ms = self.settings.claim_lease_ms
-        claim = self.store.claim(batch_id, token, lease_ms, top_up_to=self.top_up_to)
+        # Tried again while Redis does not answer: the message is taken, and a claim that
+        # raised may or may not have been made; the same token claims again either way (a
+        # renewal if it was made), rather than leave the batch for the sweep or the lease.
+        claim = self._until_answered(
+            lambda: self.store.claim(batch_id, token, lease_ms, top_up_to=self.top_up_to),
+            lease_ms,
+        )
         if claim.status is not ClaimStatus.CLAIMED or claim.record is None:
             return PostReport(batch_id, CLAIM_REPORTS[claim.status])
         live.hold(batch_id, token)
@@ -177,24 +195,54 @@ class Poster:
         for, and it counts as an attempt, so that a post whose answer keeps failing this
         process is dead-lettered after MAX_ATTEMPTS instead of re-sent for ever (a double
         opt-in SMS each time). A batch whose outcome was recorded already is not held any
-        more (its claim ended): this finds nothing to do for it. If Redis is unreachable
-        this fails too and the lease bounds the wait."""
+        more (its claim ended): this finds nothing to do for it.
+
+        If Redis does not answer (the error was a failover's, and so is the give-back's),
+        the give-back is tried again with backoff until it goes through, for at most a
+        lease, so the batch waits seconds after the new master is up, not the lease or
+        the sweep. It stays fenced: `defer` ends the claim only if this token still holds
+        it, so a give-back that comes late, after the tick took the batch back (this
+        worker frozen, or its heartbeat expired during the failover), finds it not its
+        own and changes nothing; and a process that dies or freezes while it tries again
+        stops beating, so the tick takes the batch back as from any dead worker."""
         held = [b for b, held_by in self.liveness.held().items() if held_by == token]
         for batch_id in held:
             try:
-                self.store.defer(
-                    batch_id,
-                    token,
-                    error="error in the worker after sending: outcome unknown"
-                    if sent
-                    else "error in the worker while posting",
-                    count_attempt=sent,
-                    due_in_ms=round(self.settings.retry_backoff_base_seconds * 1000),
-                    reason=WaitReason.RETRY,
-                    grace_ms=self.grace_ms,
+                self._until_answered(
+                    lambda batch_id=batch_id: self.store.defer(
+                        batch_id,
+                        token,
+                        error="error in the worker after sending: outcome unknown"
+                        if sent
+                        else "error in the worker while posting",
+                        count_attempt=sent,
+                        due_in_ms=round(self.settings.retry_backoff_base_seconds * 1000),
+                        reason=WaitReason.RETRY,
+                        grace_ms=self.grace_ms,
+                    ),
+                    self.settings.claim_lease_ms,
                 )
             except Exception as exc:  # the original error is the one that matters
                 logger.warning("batch %s: could not be given back: %s", batch_id, exc)
+
+    def _until_answered(self, call: Callable[[], T], within_ms: int) -> T:
+        """`call()`, tried again after each error of a Redis that does not answer for now
+        (stores.connection.REDIS_UNAVAILABLE: a failover) after UNAVAILABLE_BACKOFF's
+        wait, until it answers; the last error is raised once the next try would come
+        after `within_ms` or the worker begins to stop (its heartbeat goes with it, and
+        the tick takes back what it holds). Any other error is raised at once. Safe for
+        the steps it wraps because each checks the claim itself: a claim by its token (a
+        renewal if the first try was made), a give-back only while the token holds it."""
+        deadline = time.monotonic() + within_ms / 1000
+        failures = 0
+        while True:
+            try:
+                return call()
+            except REDIS_UNAVAILABLE:
+                failures += 1
+                delay = UNAVAILABLE_BACKOFF.compute(failures)
+                if time.monotonic() + delay > deadline or not self.liveness.wait(delay):
+                    raise
 
     def _post_claimed(
         self, lead: BatchRecord, token: str, lease_ms: int, sent: _Sent

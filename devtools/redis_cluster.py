@@ -1,7 +1,8 @@
 """A private Redis Cluster for the tests and benchmarks: 3 masters and 3 replicas, each a
 `redis-server --cluster-enabled yes` on a free port of 127.0.0.1 (its cluster bus on port
 + 10000), joined by `redis-cli --cluster create ... --cluster-replicas 1 --cluster-yes`.
-Failover helpers (`failover`: CLUSTER FAILOVER on a replica; `kill_master`: SIGKILL) let a
+Failover helpers (`failover`: CLUSTER FAILOVER on a replica; `kill_master`: SIGKILL;
+`kill_master_unreplaced` then `promote`: an outage as long as the test makes it) let a
 test move a slot's master mid-run. Stopped, every node, at the end.
 
 The nodes' `cluster-node-timeout` is 2 s (Redis's default 15 s) so a killed master's
@@ -214,6 +215,32 @@ class RedisCluster:
         new = wait_until(promoted, timeout=timeout, what=f"a replica of :{master} promoted")
         self.wait_healthy(timeout)
         return int(new)
+
+    def kill_master_unreplaced(self, master: int) -> list[int]:
+        """SIGKILL `master` with its replicas told not to take over by themselves
+        (`cluster-replica-no-failover yes`): its slots have no master until `promote`, an
+        outage as long as the caller makes it (a slow failover: Redis's default
+        cluster-node-timeout is 15 s). Returns the replicas' ports."""
+        replicas = self.shards()[master]
+        for port in replicas:
+            self.node(port).config_set("cluster-replica-no-failover", "yes")
+        process = self.processes[master]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        return replicas
+
+    def promote(self, replica: int, timeout: float = 60.0) -> int:
+        """End the outage `kill_master_unreplaced` began: CLUSTER FAILOVER FORCE on
+        `replica` (its master is gone, so no hand-over), then wait until it serves the
+        slots and the cluster is healthy; returns its port."""
+        node = self.node(replica)
+        node.config_set("cluster-replica-no-failover", "no")
+        node.execute_command("CLUSTER FAILOVER", "FORCE")
+        wait_until(
+            lambda: replica in self.shards(), timeout=timeout, what=f"replica :{replica} promoted"
+        )
+        self.wait_healthy(timeout)
+        return replica
 
     def flush(self) -> None:
         """FLUSHALL on every master (the replicas follow)."""

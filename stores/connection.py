@@ -15,11 +15,35 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from redis import Redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import (
+    ClusterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import Sentinel
 
 from config.settings import Settings, cluster_seeds
+
+# The errors of a Redis that does not answer for now, as during a failover: the master is
+# gone (connection refused or timed out) until a replica is promoted, a cluster slot has
+# no master (CLUSTERDOWN, TRYAGAIN mid-resharding, redis-py's slot not covered or no node
+# reachable), or the old master was demoted under a client that still writes to it
+# (READONLY). A caller that may wait a little tries again after these; any other error is
+# an answer (a script's error, a bug) and is not tried again.
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    ReadOnlyError,
+    SlotNotCoveredError,
+    RedisClusterUnreachableError,
+)
 
 
 def _sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], str | None, int]:

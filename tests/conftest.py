@@ -339,6 +339,29 @@ def redis_cluster(
 
 
 @pytest.fixture
+def own_cluster(
+    redis_cluster_server: RedisCluster,
+    redis_url: str,
+    env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[RedisCluster]:
+    """A cluster of this test's own (its masters fail over and die), REDIS_URL on it and
+    BROKER_URL on the session's plain Redis; stopped after the test. (It asks for
+    `redis_cluster_server` only to skip where no cluster can run.) Request it before
+    `processes`."""
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    values = {"REDIS_URL": cluster.url, "BROKER_URL": redis_url}
+    env.update(values)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    reset_services()
+    yield cluster
+    reset_services()
+    cluster.stop()
+
+
+@pytest.fixture
 def redis_client(env: dict[str, str]) -> Redis:
     return Redis.from_url(env["REDIS_URL"])
 

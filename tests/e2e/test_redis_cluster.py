@@ -6,17 +6,21 @@ over HTTP; the order oracle at the end. Then a master fails over mid-drain."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
-from delivery.services import reset_services, services
-from devtools.redis_cluster import RedisCluster as RedisClusterNodes
+from delivery.services import services
 from stores.keys import Keys
 from tasks.producer import enqueue_changes
 from tests.conftest import EnqueuedLog, assert_applied_in_order, drained, identifier, wait_for
 from tests.sim_control import faults, sim_states, sim_stats
 
 pytestmark = pytest.mark.slow
+
+# promotion -> drained after a master's kill -9 (what is left of the drain, and the posts the
+# outage caught given back): well under the claim's lease (60 s) and the sweep (120 s).
+FAILOVER_DRAIN_BOUND_SECONDS = 45
 
 GROUPS = {"email": ["news", "promo-mail"], "phone": ["sms-promos"], "external_id": ["news"]}
 
@@ -55,21 +59,6 @@ def test_drain_on_a_redis_cluster_ends_in_last_written_state(redis_cluster, sim,
     }
     assert written and all(name.startswith(tag + ":") for name in written), sorted(written)[:5]
     assert any(":history:" in name for name in written)
-
-
-@pytest.fixture
-def own_cluster(redis_cluster_server, redis_url, env, tmp_path, monkeypatch):
-    """A cluster of this test's own (its masters fail over and die), REDIS_URL on it and
-    BROKER_URL on the session's plain Redis; stopped after the test."""
-    cluster = RedisClusterNodes(tmp_path / "cluster").start()
-    values = {"REDIS_URL": cluster.url, "BROKER_URL": redis_url}
-    env.update(values)
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    reset_services()
-    yield cluster
-    reset_services()
-    cluster.stop()
 
 
 def replicated(cluster, master: int) -> None:
@@ -140,10 +129,18 @@ def test_a_master_killed_mid_drain_every_identifier_ends_in_its_last_state(
     replicated(own_cluster, master)
     mid_drain(sim, 0)
     promoted = own_cluster.kill_master(master)
+    promoted_at = time.monotonic()
     assert own_cluster.master_of(Keys("braze-subs").pending) == promoted
     assert pending_or_in_flight()  # the kill came mid-drain
     answered = sim_stats(sim.url)["requests_ok"]
-    wait_for(drained, timeout=240, what="the buffer to drain after the failover")
+    # Posts the outage caught give their batches back once the new master answers
+    # (delivery/poster.py `_until_answered`), so the drain goes on at once: before, such
+    # a batch stayed claimed until its lease ran out (60 s) or its message was swept
+    # (120 s), and this drain took 55-174 s.
+    wait_for(
+        drained, timeout=FAILOVER_DRAIN_BOUND_SECONDS, what="the buffer to drain after the failover"
+    )
+    print(f"promotion -> drained: {time.monotonic() - promoted_at:.1f} s")
     assert sim_stats(sim.url)["requests_ok"] > answered  # the drain went on on the replica
     assert sim_states(sim.url) == expected
     assert_applied_in_order(sim.url, sent)
