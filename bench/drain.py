@@ -245,7 +245,7 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
             found = runs[budget][system]
             for name in SHOWN[budget]:
                 values = [r[name] for r in found]
-                figures[f"{budget} {system} {name}"] = statistics.median(values)
+                figures[f"{budget} {system} {name}"] = round(statistics.median(values), 4)
                 if len(values) > 1:
                     figures[f"{budget} {system} {name} (rounds)"] = values
             figures[f"{budget} {system} wrong_final_state"] = sum(

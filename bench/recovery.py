@@ -670,7 +670,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "runs": len(runs),
         "kill_to_taken_back_max": max(run["kill_to_taken_back"] for run in runs),
-        "kill_to_batches_ended_median": statistics.median(ended),
+        "kill_to_batches_ended_median": round(statistics.median(ended), 2),
         "kill_to_batches_ended_max": max(ended),
         "term_exit_seconds_max": max(exits),
         "kill_to_drained": [run["kill_to_drained"] for run in runs],
