@@ -105,7 +105,10 @@ def budget_rows(status: Status, now: float) -> Rows:
     """Whether posting runs (or why not) and the shared budget's tokens."""
     posting = "running"
     if status.budget_source == "unknown" and status.tokens_left is None:
-        posting = "unknown: no BRAZE_API_KEY here and no worker recorded its workspace"
+        posting = (
+            "unknown: no API key here (BRAZE_API_KEY, or the workspace's api_key_env or "
+            "api_key_file) and no worker recorded its workspace"
+        )
     elif status.credentials_refused and redirected(status.credentials_refused):
         posting = "stopped: the Braze endpoint redirects (a configuration error)"
     elif status.credentials_refused:
