@@ -216,7 +216,7 @@ class Coalescer:
 
     def _tick(self, live_only: bool = False) -> TickReport:
         settings = self.settings
-        now_ms = server_time_ms(self.buffer.client)
+        now_ms = server_time_ms(self.buffer.client, near=self.buffer.keys.pending)
         if live_only:
             # Live first, then the schedule's due batches (one script; two ticks split its
             # entries): cheap, and what keeps bulk's turns taken between full ticks.

@@ -10,10 +10,19 @@ from __future__ import annotations
 
 from redis import Redis
 
+from stores.replication import on_write_node
 
-def server_time_ms(client: Redis) -> int:
-    """Redis server time in whole milliseconds (`now_ms()` in the scripts)."""
-    seconds, micros = client.time()
+
+def server_time_ms(client: Redis, near: str | None = None) -> int:
+    """Redis server time in whole milliseconds (`now_ms()` in the scripts). `near`: a key
+    whose scripts' clock this must be; on a Redis Cluster TIME then goes to the master
+    serving that key's slot (the node whose TIME those scripts read), not to whichever
+    node the client picks: the coalescer compares this with the due times its workspace's
+    scripts wrote, and nodes on different hosts keep different clocks."""
+    if near is None:
+        seconds, micros = client.time()
+    else:
+        seconds, micros = on_write_node(client, near, lambda node: node.time())
     return int(seconds) * 1000 + int(micros) // 1000
 
 

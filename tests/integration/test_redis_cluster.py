@@ -148,6 +148,30 @@ def test_the_limiter_and_its_state_read_on_the_budgets_master(cluster):
         assert 25 < limiter.paused_for() <= 30
 
 
+def test_the_coalescers_clock_is_the_time_of_its_workspaces_master(cluster):
+    """On a cluster TIME goes to the master whose scripts wrote the due times the tick
+    compares it with (nodes on different hosts keep different clocks), not to whichever
+    node the client picks: counted in each master's INFO commandstats."""
+
+    def time_calls() -> dict[int, int]:
+        stats = {port: cluster.node(port).info("commandstats") for port in cluster.shards()}
+        return {
+            port: int(found.get("cmdstat_time", {}).get("calls", 0))
+            for port, found in stats.items()
+        }
+
+    for name in WORKSPACES:
+        found = services(name)
+        key = found.keys.pending
+        before = time_calls()
+        for _ in range(25):
+            server_time_ms(found.redis, near=key)
+        after = time_calls()
+        grown = {port: after[port] - before[port] for port in after}
+        assert grown[cluster.master_of(key)] >= 25, grown
+        assert sum(grown.values()) - grown[cluster.master_of(key)] < 25, grown
+
+
 def test_scripts_run_on_a_node_that_forgot_them(cluster):
     """A replica promoted by a failover has an empty script cache (Redis does not
     replicate it): a direct call reloads it (NOSCRIPT -> SCRIPT LOAD on every master), a
@@ -224,12 +248,6 @@ def test_an_unreachable_cluster_is_one_line_without_the_password():
     assert "s3cret-pw" not in result.stderr + result.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`braze-subs import` on a cluster: stores/buffer.py PipelinedEnqueue takes "
-    "`client.connection_pool`, which redis-py's RedisCluster has not (AttributeError); "
-    "found by e2e/test_containers_cluster.py, left to the owner of stores/",
-)
 def test_import_enqueues_a_file_on_the_cluster(redis_cluster, tmp_path):
     """`braze-subs import FILE` with REDIS_URL=redis+cluster://, as an operator runs it."""
     path = tmp_path / "changes.jsonl"
