@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -254,3 +255,31 @@ def test_a_message_nacked_every_time_or_a_lost_connection_still_fails_the_tick(m
     with pytest.raises(OperationalError, match="connection lost"):
         subscriptions._dispatch("default", "b3")
     assert calls == 1
+
+
+def test_kombu_checks_a_later_amqps_node_against_the_first_nodes_name():
+    """README "A RabbitMQ cluster" (amqps and several host names) rests on this kombu
+    behaviour: the TLS options are shared by every node of the failover list, and the
+    first connection writes its host name into them, so the next node is verified against
+    the first one's name. Pinned here (no broker: the py-amqp connection is replaced); if
+    kombu fixes it, this fails and the README's caveat can go."""
+    import kombu
+
+    options = broker_options(
+        load_settings(broker_url="amqps://u:p@rabbit-a:5671/v;amqps://u:p@rabbit-b:5671/v")
+    )
+    connection = kombu.Connection(options["broker_url"], ssl=options["broker_use_ssl"])
+    seen: list[tuple[str, str]] = []
+
+    class Refused:
+        def __init__(self, **params: Any) -> None:
+            seen.append((params["host"], params["ssl"]["server_hostname"]))
+            raise OSError("no broker in a unit test")
+
+    for _node in range(2):
+        transport = connection.transport
+        transport.Connection = Refused
+        with pytest.raises(OSError):
+            transport.establish_connection()
+        connection.maybe_switch_next()
+    assert seen == [("rabbit-a:5671", "rabbit-a"), ("rabbit-b:5671", "rabbit-a")]
