@@ -63,7 +63,7 @@ from core.redaction import mask_identifiers_in, scrub
 from core.routing import Routes
 from stores.api_metrics import ApiMetrics
 from stores.connection import redis_client
-from stores.replication import NotReplicated
+from stores.replication import NotReplicated, replicas_short
 from stores.services import StoreServices
 from tasks.logs import configure_logging
 from tasks.producer import ChangesRejected, by_workspace, route_changes
@@ -106,10 +106,12 @@ class ApiServices(StoreServices):
 
     @cached_property
     def redis(self) -> Redis:
+        # An enqueue's WAIT (REDIS_WAIT_REPLICAS) may rightly take its whole timeout.
+        wait = self.replica_wait.timeout_ms / 1000 if self.replica_wait.on else 0
         return redis_client(
             self.settings,
             health_check_interval=30,
-            socket_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_timeout=REDIS_TIMEOUT_SECONDS + wait,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
         )
 
@@ -415,6 +417,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        for name, found in each.items():  # REDIS_WAIT_REPLICAS that no enqueue can meet
+            short = await run_in_threadpool(
+                replicas_short, found.redis, found.keys.pending, found.replica_wait
+            )
+            if short:
+                logger.warning("workspace %s: %s", name, short)
         stop = threading.Event()
         flusher = threading.Thread(
             target=_flush_every, args=(metrics, stop), name="api-metrics", daemon=True

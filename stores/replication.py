@@ -115,3 +115,24 @@ def on_write_node(client: Redis, key: str, call: Callable[[Redis], T]) -> T:
                 raise
             cluster.nodes_manager.initialize()
     raise AssertionError("unreachable")
+
+
+def replicas_short(client: Redis, key: str, wait: ReplicaWait) -> str | None:
+    """One sentence when the node that takes `key`'s writes has fewer replicas connected
+    than `wait` asks, so that every enqueue would be refused (after a failover that left
+    the promoted master alone, say); None when there are enough, when `wait` is off, or
+    when the node will not say."""
+    if not wait.on:
+        return None
+    try:
+        replication = write_node(client, key).info("replication")
+    except RedisError:
+        return None
+    connected = int(replication.get("connected_slaves", 0))
+    if connected >= wait.replicas:
+        return None
+    return (
+        f"REDIS_WAIT_REPLICAS={wait.replicas} but the master taking the enqueues has "
+        f"{connected} replica(s) connected: every enqueue is refused until "
+        f"{wait.replicas} are"
+    )

@@ -61,13 +61,12 @@ class StoreServices:
         """A buffer of its own over the shared client, whose `stale` counts only the
         enqueues made through it (the HTTP API answers each request with its own); each
         enqueue acknowledged by REDIS_WAIT_REPLICAS replicas (`stores.replication`)."""
-        return Buffer(
-            self.redis,
-            self.keys,
-            self.scripts,
-            self.retention,
-            ReplicaWait.from_settings(self.settings),
-        )
+        return Buffer(self.redis, self.keys, self.scripts, self.retention, self.replica_wait)
+
+    @cached_property
+    def replica_wait(self) -> ReplicaWait:
+        """REDIS_WAIT_REPLICAS and REDIS_WAIT_TIMEOUT_MS (`stores.replication`)."""
+        return ReplicaWait.from_settings(self.settings)
 
     def close(self) -> None:
         """Release what this process holds open (subclasses add theirs)."""

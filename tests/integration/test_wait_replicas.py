@@ -19,7 +19,7 @@ from redis import Redis
 from delivery.services import reset_services, services
 from devtools.redis_replica import RedisWithReplica
 from stores.keys import split_field
-from stores.replication import NotReplicated
+from stores.replication import NotReplicated, ReplicaWait, replicas_short
 from tasks.bulk_import import ImportInterrupted, enqueue_file
 from tasks.producer import enqueue_changes
 from tasks.subscriptions import record_change
@@ -121,6 +121,10 @@ def each_path_is_acknowledged(target: Target, tmp_path: Path) -> None:
     assert pending_on(target.replica) == 5002
     assert waits(target.master) - before >= 8  # one WAIT per call, on the writing node
     assert [waits(node) for node in target.others] == elsewhere
+    key = services().keys.pending
+    assert replicas_short(services().redis, key, ReplicaWait(1)) is None
+    short = replicas_short(services().redis, key, ReplicaWait(2))
+    assert short is not None and "has 1 replica(s) connected" in short
 
 
 def each_path_is_refused_while_the_replica_is_stopped(target: Target, tmp_path: Path) -> None:
@@ -260,3 +264,29 @@ def test_acknowledged_enqueues_follow_a_failover_on_the_cluster(on_cluster, redi
     new = redis_cluster.failover(old)
     assert enqueue_changes([row(1)]) == 1  # acknowledged by the old master, a replica now
     assert pending_on(redis_cluster.node(new)) == 2
+
+
+def test_the_api_names_a_wait_no_enqueue_can_meet_at_start(pair, tmp_path):
+    """REDIS_WAIT_REPLICAS=2 with one replica: one WARNING line as the API starts (every
+    enqueue would be refused), and the first request's 503 says why."""
+    with running_api(pair.url, tmp_path, REDIS_WAIT_REPLICAS="2") as api:
+        refused = api.post(row(1))
+        assert refused.status_code == 503
+        assert refused.json()["error"].startswith("REDIS_WAIT_REPLICAS=2: 1 replica(s)")
+        warned = [
+            line for line in api.log.read_text().splitlines() if "has 1 replica(s)" in line
+        ]
+    assert len(warned) == 1 and "REDIS_WAIT_REPLICAS=2" in warned[0], warned
+
+
+def test_the_api_waits_out_a_wait_timeout_longer_than_its_redis_timeout(pair, tmp_path):
+    """REDIS_WAIT_TIMEOUT_MS (the setting under test) at 6 s, past the API's 5 s Redis
+    timeout: the refusal is the replicas', not a timeout of the connection."""
+    with running_api(pair.url, tmp_path, REDIS_WAIT_TIMEOUT_MS="6000") as api:
+        pair.pause()
+        try:
+            refused = api.post(row(1))
+        finally:
+            pair.resume()
+    assert refused.status_code == 503
+    assert refused.json()["error"].startswith("REDIS_WAIT_REPLICAS=1: 0 replica(s)"), refused.text
