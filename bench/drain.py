@@ -80,17 +80,26 @@ def backlog(identifiers: int, groups: int, rng: random.Random) -> list[Change]:
     return changes
 
 
-def start_stores(stack: ExitStack, workdir: Path, state: str, broker: str) -> tuple[str, str]:
+def start_stores(
+    stack: ExitStack,
+    workdir: Path,
+    state: str,
+    broker: str,
+    clusters: list[RedisCluster] | None = None,
+) -> tuple[str, str]:
     """Start a private state store (`redis`: a redis-server; `cluster`: 3 masters and 3
-    replicas) and broker (`redis`: REDIS_URL's redis-server, or one of its own beside a
-    cluster; `rabbitmq`: a rabbitmq-server) under `workdir`, stopped with `stack`; returns
-    REDIS_URL and BROKER_URL (empty: REDIS_URL's Redis)."""
+    replicas, appended to `clusters` for a caller that fails one over) and broker (`redis`:
+    REDIS_URL's redis-server, or one of its own beside a cluster; `rabbitmq`: a
+    rabbitmq-server) under `workdir`, stopped with `stack`; returns REDIS_URL and BROKER_URL
+    (empty: REDIS_URL's Redis)."""
     if state == "cluster":
         reason = redis_cluster_unavailable()
         if reason:
             raise SystemExit(f"a Redis Cluster cannot run here: {reason}")
         cluster = RedisCluster(workdir / "cluster").start()
         stack.callback(cluster.stop)
+        if clusters is not None:
+            clusters.append(cluster)
         redis_url = cluster.url
     else:
         (workdir / "state").mkdir()

@@ -15,7 +15,10 @@ to bench/results/recovery.json. With `--systems` (issue 24) the kill scenario ru
 state store + broker named (bench.drain.SYSTEMS: `redis`, the state on one redis-server that
 is the broker too; `cluster+rabbitmq`, the state on a 3 + 3 Redis Cluster and the broker a
 rabbitmq-server; ...), side by side in one run, and its summary per system goes to
-bench/results/recovery-systems.json.
+bench/results/recovery-systems.json; on a cluster system, `master_kill` runs as often:
+kill -9 of the master holding the workspace mid-drain, timed kill -> promoted -> drained,
+with the post tasks the outage failed and how many of their batches could not be given
+back.
 
 The scenarios are functions of a process group, a Redis client and the simulator, so that
 `tests/e2e/test_recovery.py` runs the same ones and asserts on what they return.
@@ -626,6 +629,71 @@ def freeze(
 
 
 # --------------------------------------------------------------------------------------
+# 4. On a Redis Cluster: kill -9 of the master holding the workspace, mid-drain
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class MasterKillReport:
+    expected: dict[Slot, str]
+    kill_to_promoted: float  # kill -> the replica serves the slot (cluster-node-timeout 2 s)
+    promoted_to_drained: float  # -> nothing pending, in flight or claimed
+    posts_failed: int  # post tasks the outage ended with an error (their batches given back)
+    not_given_back: int  # of those, batches whose give-back failed (left for the lease)
+    requests: int = 0
+
+    def figures(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "expected"}
+
+
+POST_FAILED = re.compile(r"Task subscriptions\.post_batch\[[^\]]+\] raised unexpected")
+
+
+def master_kill(
+    procs: ProcessGroup,
+    fleet: Fleet,
+    sim: Sim,
+    enqueue: Enqueue,
+    *,
+    cluster: Any,  # devtools.redis_cluster.RedisCluster holding the state
+    changes: int = 3_000,
+    population: int = 1_200,
+    latency_ms: float = 1000,
+    seed: int = 24,
+    timeout: float = 180,
+) -> MasterKillReport:
+    """A worker (8 threads) and beat drain flipping changes with Braze answering in 1 s;
+    once the drain is under way the master of the workspace's slot gets SIGKILL (after
+    WAIT: the changes themselves are on the replica, what is measured is the outage).
+    As e2e/test_redis_cluster.py's kill test, timed."""
+    rng = random.Random(seed)
+    sim.faults(latency_ms=latency_ms)
+    (worker,) = start_workers(procs, ["w-1"], concurrency=8)
+    procs.beat()
+    expected: dict[Slot, str] = {}
+    enqueue(backlog_rows(rng, changes, population, expected))
+    master = cluster.master_of(fleet.keys.pending)
+    node = cluster.node(master)
+    node.set(f"{fleet.keys.tag}:bench-wait", "1")
+    node.execute_command("WAIT", 1, 10_000)
+    poll(lambda: sim.stats()["requests_ok"] >= 5, timeout=60, what="the drain under way")
+    killed = time.time()
+    cluster.kill_master(master)
+    promoted = time.time()
+    poll(fleet.drained, timeout=timeout, what="the drain after the promotion")
+    drained = time.time()
+    log = worker.log_path.read_text(errors="replace")
+    return MasterKillReport(
+        expected=expected,
+        kill_to_promoted=round(promoted - killed, 2),
+        promoted_to_drained=round(drained - promoted, 2),
+        posts_failed=len(POST_FAILED.findall(log)),
+        not_given_back=log.count("could not be given back"),
+        requests=sim.stats()["requests_total"],
+    )
+
+
+# --------------------------------------------------------------------------------------
 # The benchmark: each scenario against a fresh Redis and simulator
 # --------------------------------------------------------------------------------------
 
@@ -642,7 +710,8 @@ def _run(scenario: Callable[..., Any], system: str = "redis") -> dict[str, Any]:
 
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(TemporaryDirectory(prefix="braze-subs-bench-")))
-        redis_url, broker_url = start_stores(stack, workdir, *SYSTEMS[system])
+        clusters: list[Any] = []
+        redis_url, broker_url = start_stores(stack, workdir, *SYSTEMS[system], clusters)
         server = SimulatorServer(SimulatorConfig(api_keys={KEY}, auto_groups=True))
         server.start()
         stack.callback(server.stop)
@@ -656,7 +725,10 @@ def _run(scenario: Callable[..., Any], system: str = "redis") -> dict[str, Any]:
         reset_services()
         found = services()
         procs = stack.enter_context(ProcessGroup(workdir, {**os.environ, "LOG_LEVEL": "INFO"}))
-        report = scenario(procs, Fleet(found.redis, found.keys), Sim(server.url), enqueue_changes)
+        extra = {"cluster": clusters[0]} if scenario is master_kill else {}
+        report = scenario(
+            procs, Fleet(found.redis, found.keys), Sim(server.url), enqueue_changes, **extra
+        )
         states = Sim(server.url).states()
         wrong = sum(1 for slot, state in report.expected.items() if states.get(slot) != state)
         return {**report.figures(), "wrong_final_state": wrong}
@@ -740,6 +812,17 @@ def side_by_side(systems: list[str], runs: int) -> None:
         for name, value in summary(found[system]).items():
             if name != "runs":
                 figures[f"{system} {name}"] = value
+    # The state store's own failover, where there is one to kill: a cluster's master.
+    for system in (s for s in systems if SYSTEMS[s][0] == "cluster"):
+        kills = []
+        for run in range(runs):
+            kills.append(_run(master_kill, system))
+            show(f"master_kill on {system} (run {run + 1})", kills[-1])
+        for name in ("kill_to_promoted", "promoted_to_drained", "posts_failed", "not_given_back"):
+            figures[f"{system} master_kill {name}"] = [kill[name] for kill in kills]
+        figures[f"{system} master_kill wrong_final_state"] = sum(
+            kill["wrong_final_state"] for kill in kills
+        )
     publish(figures, "recovery-systems.json")
 
 
