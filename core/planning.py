@@ -165,3 +165,39 @@ def pack_batches(
     if current:
         packs.append(current)
     return packs
+
+
+# Several batches in one Celery message (issue 26, the ceiling). A message costs the fleet
+# about as much as a batch's whole post: the tick's publish and its task-sent event, the
+# worker's consume, its received/started/succeeded events (Flower's) and the ack. While the
+# budget is far from binding, the pipeline's own CPU is the ceiling, so a tick that cuts
+# many batches sends them in fewer messages, each posted batch by batch by one worker
+# thread (`subscriptions.post_batches`). At least MESSAGES_AT_LEAST messages keep that many
+# threads posting side by side; at most MESSAGE_MOST_BATCHES in one keep a message's last
+# batch from waiting long behind its first ones.
+MESSAGES_AT_LEAST = 8
+MESSAGE_MOST_BATCHES = 10
+
+
+def message_groups(
+    batch_ids: list[str],
+    *,
+    at_least: int = MESSAGES_AT_LEAST,
+    most: int = MESSAGE_MOST_BATCHES,
+) -> list[list[str]]:
+    """`batch_ids` (in the order they were cut: oldest due first) split into consecutive
+    groups, one message each: one batch a message while there are no more than
+    `at_least`; otherwise as few messages as hold at most `most` batches each, but never
+    fewer than `at_least`, their sizes differing by one at most."""
+    count = len(batch_ids)
+    if count <= at_least:
+        return [[batch_id] for batch_id in batch_ids]
+    messages = max(at_least, -(-count // max(1, most)))
+    size, extra = divmod(count, messages)
+    groups: list[list[str]] = []
+    start = 0
+    for index in range(messages):
+        stop = start + size + (1 if index < extra else 0)
+        groups.append(batch_ids[start:stop])
+        start = stop
+    return groups

@@ -25,7 +25,13 @@ from dataclasses import dataclass, replace
 from config.settings import Settings
 from core.changes import Lane
 from core.linger import BudgetRate, Load, linger_ms, pressure
-from core.planning import PendingChange, PlannedBatch, pack_batches, plan_batches
+from core.planning import (
+    PendingChange,
+    PlannedBatch,
+    message_groups,
+    pack_batches,
+    plan_batches,
+)
 from stores import counters
 from stores.batch_records import BatchStore
 from stores.buffer import Buffer
@@ -47,6 +53,10 @@ DISPATCH_LIMIT = 1000
 # MIN_READ), so batches come out full without reading a whole tick's worth for a few.
 READ_AHEAD = 2
 MIN_READ = 2000
+
+# A cut sends several batches in one message only while it is at most this fraction of the
+# budget's requests in a beat (see `Coalescer._send_cut`).
+MESSAGES_BUDGET_HEADROOM = 4
 
 # Under a backlog, how often at most a run ticks (live-only) for the schedule's due batches.
 BACKLOG_DISPATCH_SECONDS = 0.1
@@ -106,6 +116,7 @@ class Coalescer:
         limiter: RateLimiter,
         heartbeats: Heartbeats,
         dispatch: Callable[[str], object],
+        dispatch_many: Callable[[list[str]], object] | None = None,
     ) -> None:
         self.settings = settings
         self.buffer = buffer
@@ -113,6 +124,9 @@ class Coalescer:
         self.limiter = limiter
         self.heartbeats = heartbeats
         self.dispatch = dispatch  # sends one "post this batch now" message
+        # Sends one "post these batches now, one after the other" message (None: one
+        # message a batch). See `_send_cut`.
+        self.dispatch_many = dispatch_many
 
     def run(self, seconds: float) -> TickReport:
         """Tick, then keep ticking for up to `seconds` while the pipeline is light: at once
@@ -350,8 +364,7 @@ class Coalescer:
         taken = self.buffer.take(packs, settings.redispatch_grace_ms, lane)
         # One message per pack, for its first batch: a v2 worker claims the rest of the pack
         # and sends it in one request (v1 packs hold one batch each).
-        for pack in taken:
-            self.dispatch(pack[0][0])
+        self._send_cut([pack[0][0] for pack in taken])
         return _Cut(
             batches=sum(len(pack) for pack in taken),
             requests=len(taken),
@@ -361,6 +374,27 @@ class Coalescer:
             more=more,
             held_until=_held_until(changes, plan, linger, now_ms),
         )
+
+    def _send_cut(self, leads: list[str]) -> None:
+        """The messages for a cut's packs (their first batches' ids). While the cut is small
+        next to the budget (at most 1 / MESSAGES_BUDGET_HEADROOM of the requests it allows
+        in a beat) the budget is far from binding and the fleet's own CPU is the ceiling:
+        a cut of many batches goes in fewer messages of several batches each
+        (`core.planning.message_groups`). Near the budget each batch keeps a message of its
+        own, so that as many threads as there are batches can hold their turns in it.
+        (Not the linger's pressure: any backlog is full pressure there, whatever the
+        budget.) A batch's claim, fence and end do not depend on its message: a message of
+        several is as safe as one each."""
+        beat = self.limiter.requests_per_second * self.settings.coalesce_interval_seconds
+        if self.dispatch_many is None or len(leads) * MESSAGES_BUDGET_HEADROOM > beat:
+            groups = [[lead] for lead in leads]
+        else:
+            groups = message_groups(leads)
+        for group in groups:
+            if len(group) == 1:
+                self.dispatch(group[0])
+            else:
+                self.dispatch_many(group)
 
     def _load(self, now_ms: int, due: int, more: bool) -> Load:
         recent = counters.recent(self.buffer.client, self.buffer.keys, now_ms, RECENT_SECONDS)

@@ -57,8 +57,13 @@ class Services(StoreServices):
             lease_seconds=settings.batch_claim_seconds,
         )
 
-    def coalescer(self, dispatch: Callable[[str], object]) -> Coalescer:
-        """A coalescer over this process's stores; `dispatch` sends one post message."""
+    def coalescer(
+        self,
+        dispatch: Callable[[str], object],
+        dispatch_many: Callable[[list[str]], object] | None = None,
+    ) -> Coalescer:
+        """A coalescer over this process's stores; `dispatch` sends one post message,
+        `dispatch_many` one message of several batches."""
         return Coalescer(
             self.settings,
             self.buffer,
@@ -66,6 +71,7 @@ class Services(StoreServices):
             self.limiter,
             self.heartbeats,
             dispatch,
+            dispatch_many,
         )
 
     def poster(self, braze: BrazeClient | None = None, settings: Settings | None = None) -> Poster:

@@ -8,6 +8,11 @@
   its message carries only the id and the workspace. There are no countdown (ETA)
   messages: a batch that has to wait waits in the schedule in Redis, and the coalescer's
   tick sends it a message when it is due.
+- `subscriptions.post_batches(batch_ids, workspace=None)`: posts several batches of one
+  lane, one after the other, as `post_batch` posts each (issue 26: while the budget is far
+  from binding, a tick that cuts many batches sends them in fewer messages; see
+  `core.planning.message_groups`). A worker of a version before it discards the message
+  as unregistered; its batches go out when the sweep re-sends them (BATCH_REDISPATCH_SECONDS).
 
 `workspace=None` is the only workspace, or the one named `default` (issue 23): messages of
 a version before workspaces still work.
@@ -93,7 +98,10 @@ def record_change(*args: Any, **row: Any) -> dict[str, Any]:
 @app.task(name="subscriptions.coalesce")
 def coalesce(workspace: str | None = None) -> dict[str, Any]:
     found = services(workspace)
-    coalescer = found.coalescer(functools.partial(_dispatch, found.workspace))
+    coalescer = found.coalescer(
+        functools.partial(_dispatch, found.workspace),
+        functools.partial(_dispatch_many, found.workspace),
+    )
     # Stay a little longer than one beat interval, ticking again on a producer's nudge or
     # when a lingering batch becomes ready, so some run is always awake. Overlapping runs
     # are harmless: each tick takes the coalescer lock, and a nudge wakes one run only, so
@@ -171,7 +179,37 @@ def _dispatch(workspace: str, batch_id: str) -> None:
             time.sleep(NACKED_PUBLISH_PAUSE_SECONDS)
 
 
+def _dispatch_many(workspace: str, batch_ids: list[str]) -> None:
+    """One message for several batches of one lane (a cut's: `Coalescer._send_cut`)."""
+    queue = LIVE_POST_QUEUE if batch_lane(batch_ids[0]) is Lane.LIVE else POST_QUEUE
+    post_batches.apply_async(
+        args=(list(batch_ids),), kwargs=workspace_kwargs(workspace), queue=queue
+    )
+
+
 @app.task(name="subscriptions.post_batch")
 def post_batch(batch_id: str, workspace: str | None = None) -> dict[str, Any]:
     # Whatever has to wait is put into the schedule by the poster; nothing is retried here.
     return asdict(services(workspace).poster().post(batch_id))
+
+
+@app.task(name="subscriptions.post_batches")
+def post_batches(batch_ids: list[str], workspace: str | None = None) -> list[dict[str, Any]]:
+    """Each batch as `post_batch` posts it, in the message's order. A batch whose post
+    fails (its batches were given back to the schedule: `Poster.post`) does not keep the
+    others from going; the first error is raised once all had their turn. On SIGTERM the
+    batches not yet sent are handed back (the poster does it, batch by batch)."""
+    if not isinstance(batch_ids, list) or not all(isinstance(b, str) for b in batch_ids):
+        raise ValueError("batch_ids: a list of batch ids (strings) is required")
+    poster = services(workspace).poster()
+    reports: list[dict[str, Any]] = []
+    failed: Exception | None = None
+    for batch_id in batch_ids:
+        try:
+            reports.append(asdict(poster.post(batch_id)))
+        except Exception as exc:  # the others still go; raised below
+            logger.error("batch %s: post failed: %s: %s", batch_id, type(exc).__name__, exc)
+            failed = failed or exc
+    if failed is not None:
+        raise failed
+    return reports
