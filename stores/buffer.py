@@ -84,6 +84,10 @@ def _chunks(items: Iterable[Change], size: int) -> Iterator[list[Change]]:
         yield chunk
 
 
+_KINDS = {kind.value: kind for kind in IdentifierKind}
+_STATES = {state.value: state for state in SubscriptionState}
+
+
 class Buffer(ScriptedStore):
     """`wait`: the replicas that must acknowledge each enqueue call (REDIS_WAIT_REPLICAS,
     `stores.replication`); none by default."""
@@ -227,21 +231,25 @@ class Buffer(ScriptedStore):
         if not fields:
             return [], False
         payloads = self.client.hmget(self.keys.pending, fields)
+        # Per change, on every tick of a backlog (issue 26): the enums by dict lookup (an
+        # Enum call costs several times that), the JSON from str (from bytes, json first
+        # detects the encoding), the record's fields by position.
         changes: list[PendingChange] = []
+        append = changes.append
         for raw_field, payload in zip(fields, payloads, strict=True):
             if payload is None:  # taken by a concurrent coalescer since the range read
                 continue
             group_id, kind, value = split_field(raw_field.decode())
-            data = json.loads(payload)
-            changes.append(
+            data = json.loads(payload.decode())
+            append(
                 PendingChange(
-                    group_id=group_id,
-                    kind=IdentifierKind(kind),
-                    value=value,
-                    state=SubscriptionState(data["s"]),
-                    double_opt_in=bool(data["o"]),
-                    seq=int(data["q"]),
-                    due_ms=int(data["t"]),
+                    group_id,
+                    _KINDS[kind],
+                    value,
+                    _STATES[data["s"]],
+                    bool(data["o"]),
+                    int(data["q"]),
+                    int(data["t"]),
                 )
             )
         return changes, more

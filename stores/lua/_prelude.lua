@@ -45,6 +45,12 @@ end
 --                          append an event (a table; cjson-encoded) to a history, drop
 --                          the events beyond `max_events` or older than `keep_ms`, and
 --                          let the history expire `keep_ms` after its newest event
+-- remember_entries(h, now, entries, keep_ms, max_events)
+--                          the same for entries already encoded ("ms" SEP JSON, oldest
+--                          first), appended in one RPUSH, the cutoff `now` - `keep_ms`
+-- enqueued_entry(group, change)
+--                          the encoded "enqueued" entry of a pending change (its JSON
+--                          decoded), at its arrival time
 local function key_prefix(key)
   return string.match(key, '^(.-}:)')
 end
@@ -63,8 +69,8 @@ local function touch_subject(key, keep_ms)
   redis.call('PEXPIRE', key, keep_ms)
 end
 
-local function remember(key, now, event, keep_ms, max_events)
-  local length = redis.call('RPUSH', key, now .. SEP .. cjson.encode(event))
+local function remember_entries(key, now, entries, keep_ms, max_events)
+  local length = redis.call('RPUSH', key, unpack(entries))
   if length > 1 then
     if length > max_events then
       redis.call('LTRIM', key, length - max_events, -1)
@@ -82,6 +88,10 @@ local function remember(key, now, event, keep_ms, max_events)
   redis.call('PEXPIRE', key, keep_ms)
 end
 
+local function remember(key, now, event, keep_ms, max_events)
+  remember_entries(key, now, {now .. SEP .. cjson.encode(event)}, keep_ms, max_events)
+end
+
 -- lane_due(due, change)   the due set of a pending change's lane (its JSON decoded): `due`
 --                          itself for bulk, `due` .. ":live" for live ("l" = 1;
 --                          stores/keys.py `due_live`), for the scripts given only `due`
@@ -96,14 +106,19 @@ local function occurred_of(change)
   return change.w or (change.t - (change.d or 0))
 end
 
-local function remember_enqueued(key, group, change, keep_ms, max_events)
+local function enqueued_entry(group, change)
   local respect = nil
   if change.r == 1 then
     respect = 1
   end
-  remember(key, change.t - (change.d or 0), {e = 'enqueued', g = group, s = change.s,
-    o = change.w, c = change.c, q = change.q, r = respect, d = change.d, x = change.x},
-    keep_ms, max_events)
+  return (change.t - (change.d or 0)) .. SEP .. cjson.encode({e = 'enqueued', g = group,
+    s = change.s, o = change.w, c = change.c, q = change.q, r = respect, d = change.d,
+    x = change.x})
+end
+
+local function remember_enqueued(key, group, change, keep_ms, max_events)
+  remember_entries(key, change.t - (change.d or 0), {enqueued_entry(group, change)}, keep_ms,
+    max_events)
 end
 
 -- Taking a pending change into a batch: one owner for the coalescer's cut (take_batch.lua)
@@ -134,10 +149,16 @@ local function take_change(at, id, group, kind, value, change)
   local subject, history = identity_keys(at.prefix, kind .. SEP .. value)
   redis.call('HSET', subject, 'w' .. SEP .. group, occurred)
   touch_subject(subject, at.subject_keep)
+  -- Both events in one append (issue 26: one RPUSH, one look at the oldest, one PEXPIRE a
+  -- change, not two): the same list as appending them one by one, since the later
+  -- event's cutoff (now) is the stricter one and the trim keeps the newest events either way.
+  local entries = {}
   if not change.p then
-    remember_enqueued(history, group, change, at.keep, at.most)
+    entries[1] = enqueued_entry(group, change)
   end
-  remember(history, at.now, {e = 'batched', g = group, b = id, q = change.q}, at.keep, at.most)
+  entries[#entries + 1] = at.now .. SEP .. cjson.encode({e = 'batched', g = group, b = id,
+    q = change.q})
+  remember_entries(history, at.now, entries, at.keep, at.most)
   return {value, change.q, change.r or 0, occurred}
 end
 

@@ -144,9 +144,16 @@ local kept = {}
 local keys_prefix = key_prefix(KEYS[8])
 local keep, most = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
-for _, member in ipairs(record.members) do
-  local field = prefix .. member[1]
-  local newer = redis.call('HGET', KEYS[8], field)
+-- The members' newer changes, if any, in one HMGET (issue 26: one call a batch, not one a
+-- member); nothing below writes the buffer's changes before the top-up.
+local fields = {}
+for n, member in ipairs(record.members) do
+  fields[n] = prefix .. member[1]
+end
+local newers = call_in_slices('HMGET', KEYS[8], fields)
+for n, member in ipairs(record.members) do
+  local field = fields[n]
+  local newer = newers[n]
   if newer then
     if redis.call('HGET', KEYS[10], field) == id then
       redis.call('HDEL', KEYS[10], field)

@@ -31,12 +31,22 @@ local at = {prefix = key_prefix(KEYS[1]), pending = KEYS[1], due = KEYS[2], due_
   inflight = KEYS[3], keep = tonumber(ARGV[8]), most = tonumber(ARGV[9]),
   subject_keep = tonumber(ARGV[10]), now = now}
 local members = {}
+-- The planned members' changes and locks in one HMGET each (issue 26: two calls a batch,
+-- not two a member). Read before any is taken: taking one changes neither the change nor
+-- the lock of another field, and a value planned twice is taken once (`seen`).
+local fields = {}
 for i = 11, #ARGV, 2 do
-  local field = prefix .. ARGV[i]
-  local current = redis.call('HGET', KEYS[1], field)
+  fields[#fields + 1] = prefix .. ARGV[i]
+end
+local currents = call_in_slices('HMGET', KEYS[1], fields)
+local locks = call_in_slices('HMGET', KEYS[3], fields)
+local seen = {}
+for n = 1, #fields do
+  local i = 9 + 2 * n
+  local current = currents[n]
   local change = current and cjson.decode(current)
-  if change and change.q == tonumber(ARGV[i + 1])
-      and redis.call('HEXISTS', KEYS[3], field) == 0 then
+  if change and change.q == tonumber(ARGV[i + 1]) and not locks[n] and not seen[ARGV[i]] then
+    seen[ARGV[i]] = true
     members[#members + 1] = take_change(at, ARGV[1], ARGV[2], ARGV[4], ARGV[i], change)
   end
 end
