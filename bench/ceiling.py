@@ -1,7 +1,7 @@
 """The pipeline's ceiling (issue 26): identifiers per second two v1 workers drain with an
 unlimited budget, this tree and a base commit side by side, alternating, in one run.
 
-    .venv/bin/python -m bench.ceiling                       # base: main before issue 26's ceiling
+    .venv/bin/python -m bench.ceiling                       # base: main before its second step
     .venv/bin/python -m bench.ceiling --rounds 5 --identifiers 50000
 
 Each round runs `bench.drain`'s drain (a private redis-server, the simulator on the same
@@ -10,7 +10,8 @@ cores, two v1 workers and beat as in the Procfile; 100,000 unique identifiers; a
 two trees swapped every round so that neither always runs on the busier minute. The base
 is checked out into a temporary git worktree and run from there with this interpreter (as
 bench/lanes.py does). Reports per tree every round's identifiers/s (identifiers / the time
-from the first request to the last), the median, min and max, and wrong final states.
+from the first request to the last), the median, min and max, wrong final states, and
+Redis's commands per request and CPU seconds over the drain (INFO commandstats and cpu).
 The machine is shared: compare the two trees within a run, not across runs. Writes
 bench/results/ceiling.json.
 """
@@ -30,15 +31,35 @@ from typing import Any
 from bench.figures import publish
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = "103cb06"  # main before issue 26's ceiling work
+BASE = "46c0f36"  # main before the ceiling's second step (several batches a message)
 
 # Runs in the tree's own directory (first on sys.path), so the tree's code is measured.
+# Redis's own figures over the drain (the enqueue before it left out): the drain's status
+# poll is wrapped, so the first poll (the workers just started) resets INFO's counters and
+# the one that finds the pipeline drained reads them: commands run (those inside scripts
+# included) and Redis's CPU seconds.
 DRAIN = (
     "import argparse, json\n"
-    "from bench.drain import run\n"
+    "import bench.drain as drain\n"
+    "polled, redis_figures = drain.read_status, {{}}\n"
+    "def watched(client, keys):\n"
+    "    if not redis_figures:\n"
+    "        client.config_resetstat()\n"
+    "        cpu = client.info('cpu')\n"
+    "        redis_figures['cpu0'] = cpu['used_cpu_user'] + cpu['used_cpu_sys']\n"
+    "    status = polled(client, keys)\n"
+    "    if status.pending == 0 and status.in_flight == 0:\n"
+    "        stats, cpu = client.info('commandstats'), client.info('cpu')\n"
+    "        redis_figures['commands'] = sum(v['calls'] for v in stats.values())\n"
+    "        redis_figures['cpu'] = cpu['used_cpu_user'] + cpu['used_cpu_sys']\n"
+    "    return status\n"
+    "drain.read_status = watched\n"
     "args = argparse.Namespace(workers='v1,v1', identifiers={identifiers}, groups=4,\n"
     "    limit={limit}, window={window}, timeout={timeout})\n"
-    "print('FIGURES ' + json.dumps(run(args)))\n"
+    "figures = drain.run(args)\n"
+    "figures['redis_commands'] = redis_figures.get('commands', 0)\n"
+    "figures['redis_cpu_seconds'] = round(redis_figures.get('cpu', 0) - redis_figures['cpu0'], 2)\n"
+    "print('FIGURES ' + json.dumps(figures))\n"
 )
 
 
@@ -73,6 +94,8 @@ def main() -> None:
 
     rates: dict[str, list[float]] = {"base": [], "this": []}
     wrong: dict[str, int] = {"base": 0, "this": 0}
+    commands: dict[str, list[float]] = {"base": [], "this": []}
+    redis_cpu: dict[str, list[float]] = {"base": [], "this": []}
     with tempfile.TemporaryDirectory(prefix="braze-subs-ceiling-") as tmp:
         base_tree = Path(tmp) / "base"
         subprocess.run(
@@ -90,9 +113,14 @@ def main() -> None:
                     rate = figures["identifiers"] / figures["drain_seconds"]
                     rates[name].append(round(rate))
                     wrong[name] += figures["wrong_final_state"]
+                    per_request = figures["redis_commands"] / max(1, figures["requests"])
+                    commands[name].append(round(per_request))
+                    redis_cpu[name].append(figures["redis_cpu_seconds"])
                     print(
                         f"round {round_ + 1} {name}: {rate:,.0f} identifiers/s "
-                        f"({figures['drain_seconds']} s, {figures['requests']} requests)",
+                        f"({figures['drain_seconds']} s, {figures['requests']} requests; "
+                        f"Redis: {per_request:,.0f} commands a request, "
+                        f"{figures['redis_cpu_seconds']} s CPU)",
                         flush=True,
                     )
         finally:
@@ -113,6 +141,8 @@ def main() -> None:
         result[f"{name}.median"] = round(statistics.median(values))
         result[f"{name}.spread"] = f"{min(values):,}-{max(values):,}"
         result[f"{name}.wrong_final_state"] = wrong[name]
+        result[f"{name}.redis_commands_per_request"] = round(statistics.median(commands[name]))
+        result[f"{name}.redis_cpu_seconds"] = redis_cpu[name]
     result["ratio_of_medians"] = round(result["this.median"] / result["base.median"], 3)
     publish(result, "ceiling.json")
 
