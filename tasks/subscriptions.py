@@ -162,29 +162,35 @@ NACKED_PUBLISH_PAUSE_SECONDS = 0.5
 def _dispatch(workspace: str, batch_id: str) -> None:
     """The one kind of post message: "post this batch of this workspace now" (no
     countdown), into the queue of the batch's lane."""
-    queue = LIVE_POST_QUEUE if batch_lane(batch_id) is Lane.LIVE else POST_QUEUE
+    _publish(post_batch, (batch_id,), workspace, batch_id, f"batch {batch_id}'s")
+
+
+def _dispatch_many(workspace: str, batch_ids: list[str]) -> None:
+    """One message for several batches of one lane (a cut's: `Coalescer._send_cut`)."""
+    _publish(
+        post_batches,
+        (list(batch_ids),),
+        workspace,
+        batch_ids[0],
+        f"{len(batch_ids)} batches' ({batch_ids[0]}, ...)",
+    )
+
+
+def _publish(task: Any, args: tuple[Any, ...], workspace: str, lead: str, whose: str) -> None:
+    """A post message into the queue of its batches' lane (read off `lead`), published
+    again while the broker nacks it (see NACKED_PUBLISH_RETRIES)."""
+    queue = LIVE_POST_QUEUE if batch_lane(lead) is Lane.LIVE else POST_QUEUE
     for attempt in range(NACKED_PUBLISH_RETRIES + 1):
         try:
-            post_batch.apply_async(
-                args=(batch_id,), kwargs=workspace_kwargs(workspace), queue=queue
-            )
+            task.apply_async(args=args, kwargs=workspace_kwargs(workspace), queue=queue)
             return
         except OperationalError as exc:
             if not isinstance(exc.__cause__, MessageNacked) or attempt == NACKED_PUBLISH_RETRIES:
                 raise
             logger.warning(
-                "the broker refused (nacked) batch %s's post message; publishing it again",
-                batch_id,
+                "the broker refused (nacked) %s post message; publishing it again", whose
             )
             time.sleep(NACKED_PUBLISH_PAUSE_SECONDS)
-
-
-def _dispatch_many(workspace: str, batch_ids: list[str]) -> None:
-    """One message for several batches of one lane (a cut's: `Coalescer._send_cut`)."""
-    queue = LIVE_POST_QUEUE if batch_lane(batch_ids[0]) is Lane.LIVE else POST_QUEUE
-    post_batches.apply_async(
-        args=(list(batch_ids),), kwargs=workspace_kwargs(workspace), queue=queue
-    )
 
 
 @app.task(name="subscriptions.post_batch")

@@ -39,3 +39,28 @@ def test_every_batch_once_in_order_within_bounds(count: int, at_least: int, most
         assert len(groups) >= at_least
         assert max(len(g) for g in groups) <= max(most, -(-count // at_least))
         assert max(len(g) for g in groups) - min(len(g) for g in groups) <= 1
+
+
+def test_a_message_of_several_batches_nacked_is_published_again(monkeypatch) -> None:
+    """As a single batch's message (unit/test_broker_url.py): a nacked publish goes again,
+    into the lane's queue, with every batch id."""
+    from amqp.exceptions import MessageNacked
+    from kombu.exceptions import OperationalError
+
+    import tasks.subscriptions as subscriptions
+
+    calls: list[dict] = []
+
+    def publish(**options):
+        calls.append(options)
+        if len(calls) == 1:
+            error = OperationalError("")
+            error.__cause__ = MessageNacked()
+            raise error
+
+    monkeypatch.setattr(subscriptions.post_batches, "apply_async", publish)
+    monkeypatch.setattr(subscriptions.time, "sleep", lambda _s: None)
+    subscriptions._dispatch_many("default", ["live-b1", "live-b2", "live-b3"])
+    assert len(calls) == 2
+    assert all(c["queue"] == "braze-subs.post.live" for c in calls)
+    assert calls[-1]["args"] == (["live-b1", "live-b2", "live-b3"],)
