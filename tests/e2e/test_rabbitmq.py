@@ -5,7 +5,7 @@ real worker and beat processes, the simulator over HTTP, default timings.
 
 The recovery, SIGTERM and fault tests that run on Redis run on RabbitMQ too (the `broker`
 parameter of tests/e2e/test_recovery.py and tests/e2e/test_faults.py); these are what only
-RabbitMQ has: quorum queues, and acks_late across a worker's death.
+RabbitMQ has: quorum queues, acks_late across a worker's death, and publishes it nacks.
 """
 
 from __future__ import annotations
@@ -128,3 +128,33 @@ def test_a_worker_killed_mid_post_leaves_nothing_stranded(
         timeout=30,
         what="every post and record queue empty",
     )
+
+
+@pytest.mark.alone  # drained before the sweep's 120 s: timed
+def test_a_post_message_rabbitmq_nacks_is_published_again(
+    rabbitmq: Broker, default_env, sim, processes
+):
+    """A publish RabbitMQ refuses (nacks) is sent again, not left to the 120 s sweep: a
+    policy caps the live post queue at one message and rejects publishes beyond it
+    (`overflow: reject-publish`, RabbitMQ nacks them), as a quorum queue nacks a publish
+    when its leader dies (tests/e2e/test_rabbitmq_cluster.py). The coalescer's post
+    messages are nacked while the queue is full and published again as the worker frees
+    it; everything drains well before the sweep would have sent the batches again. Before
+    `_dispatch` published again, the first nack failed the tick and its batches waited
+    BATCH_REDISPATCH_SECONDS (120 s)."""
+    rabbitmq.server.ctl(
+        "set_policy", "-p", rabbitmq.vhost, "cap-live-posts", f"^{LIVE_POST_QUEUE}$",
+        '{"max-length": 1, "overflow": "reject-publish"}', "--apply-to", "queues",
+    )  # fmt: skip
+    sent = EnqueuedLog()
+    faults(sim, latency_ms=200)  # posts take a moment: the queue stays full meanwhile
+    worker = processes.worker("w1", concurrency=4)
+    processes.beat()
+    enqueue_changes(sent.add(rows(400, "subscribed", group="news")))
+    enqueue_changes(sent.add(rows(400, "subscribed", group="promo-mail")))
+    wait_for(drained, timeout=60, interval=0.2, what="everything to drain before the sweep")
+    assert "nacked" in worker.log()  # the cap did refuse publishes
+    assert "raised unexpected" not in worker.log()
+    states = sim_states(sim)
+    assert len(states) == 800 and set(states.values()) == {"subscribed"}
+    assert_applied_in_order(sim.url, sent)
