@@ -62,7 +62,7 @@ from delivery.braze_reads import BrazeReadError, ReadDeferred
 from delivery.liveness import Liveness
 from delivery.opt_outs import OptOutCheck
 from delivery.thread_share import Seat, ThreadShare
-from stores.batch_records import BatchRecord, BatchStore, ClaimStatus, Deferred, Ended
+from stores.batch_records import BatchRecord, BatchStore, Claim, ClaimStatus, Deferred, Ended
 from stores.connection import REDIS_UNAVAILABLE
 from stores.counters import Counters
 from stores.limiter import Grant, RateLimiter
@@ -169,24 +169,35 @@ class Poster:
         live.ensure_started()  # the heartbeat exists before the claim names its holder
         token = f"{live.worker_id}/{uuid.uuid4().hex}"
         lease_ms = self.settings.claim_lease_ms
-        # Tried again while Redis does not answer: the message is taken, and a claim that
-        # raised may or may not have been made; the same token claims again either way (a
-        # renewal if it was made), rather than leave the batch for the sweep or the lease.
-        claim = self._until_answered(
-            lambda: self.store.claim(batch_id, token, lease_ms, top_up_to=self.top_up_to),
-            lease_ms,
-        )
-        if claim.status is not ClaimStatus.CLAIMED or claim.record is None:
-            return PostReport(batch_id, CLAIM_REPORTS[claim.status])
-        live.hold(batch_id, token)
-        sent = _Sent()
+        # The workspace's seat first (delivery/thread_share.py): it is held through the
+        # claim's and the give-back's tries while Redis does not answer too, so a failover
+        # of one workspace's master holds at most that workspace's share of the threads.
+        seat = self.share.take(self.workspace) if self.share is not None else None
+        seated = self.share is None or seat is not None
         try:
-            return self._post_claimed(claim.record, token, lease_ms, sent)
-        except Exception:
-            self._give_back_after_error(token, sent.sent)
-            raise
+            # Tried again while Redis does not answer: the message is taken, and a claim
+            # that raised may or may not have been made; the same token claims again either
+            # way (a renewal if it was made), rather than leave the batch for the sweep or
+            # the lease. Without a seat, once: this thread is not the workspace's to hold
+            # (a claim that fails then leaves the batch to the sweep).
+            def claim_it() -> Claim:
+                return self.store.claim(batch_id, token, lease_ms, top_up_to=self.top_up_to)
+
+            claim = self._until_answered(claim_it, lease_ms) if seated else claim_it()
+            if claim.status is not ClaimStatus.CLAIMED or claim.record is None:
+                return PostReport(batch_id, CLAIM_REPORTS[claim.status])
+            live.hold(batch_id, token)
+            sent = _Sent()
+            try:
+                return self._post_claimed(claim.record, token, lease_ms, sent, seat, seated)
+            except Exception:
+                self._give_back_after_error(token, sent.sent)
+                raise
+            finally:
+                live.release_token(token)
         finally:
-            live.release_token(token)
+            if seat is not None:
+                seat.release()
 
     def _give_back_after_error(self, token: str, sent: bool) -> None:
         """An error of this process mid-post (Redis unreachable, a bug): put what it holds
@@ -245,7 +256,13 @@ class Poster:
                     raise
 
     def _post_claimed(
-        self, lead: BatchRecord, token: str, lease_ms: int, sent: _Sent
+        self,
+        lead: BatchRecord,
+        token: str,
+        lease_ms: int,
+        sent: _Sent,
+        seat: Seat | None,
+        seated: bool,
     ) -> PostReport:
         records = [lead]
         if self.settings.braze_api_version == "v2":
@@ -267,8 +284,7 @@ class Poster:
             self._log(records, unsent)
             return unsent
 
-        seat = self.share.take(self.workspace) if self.share is not None else None
-        if self.share is not None and seat is None:
+        if not seated and self.share is not None:
             # This workspace holds its share of the process's threads: its batches go back
             # into the schedule until a seat is likely free, and this thread takes the
             # next message (another workspace's, perhaps) at once (delivery/thread_share.py).
@@ -281,11 +297,7 @@ class Poster:
                 WaitReason.BUDGET,
                 "waiting for a thread: the workspace holds its share of the worker's threads",
             )
-        try:
-            return self._post_in_seat(lead, records, token, report, sent, seat)
-        finally:
-            if seat is not None:
-                seat.release()
+        return self._post_in_seat(lead, records, token, report, sent, seat)
 
     def _post_in_seat(
         self,

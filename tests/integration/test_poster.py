@@ -717,3 +717,41 @@ def test_a_post_whose_batch_was_taken_back_and_ended_meanwhile_reports_lost(
     monkeypatch.setattr(found.braze, "post", frozen_meanwhile)
     report = found.poster().post(batch_id)
     assert (report.status, report.http_status) == ("lost", 201)
+
+
+def test_a_workspace_holding_its_share_of_threads_puts_the_batch_back_unsent(sim, redis_client):
+    """Several workspaces served: a post whose workspace holds its share of the process's
+    threads sends nothing, spends no attempt, keeps the locks, and puts its batch back into
+    the schedule due about when a seat is free; once a seat is free it is delivered, and
+    the seat is given back after every post, whatever its end."""
+    from delivery.thread_share import ThreadShare
+
+    share = ThreadShare(4, 2)  # two workspaces served: this one alone may hold 3 of 4
+    poster = services().poster()
+    poster.share = share
+    workspace = poster.workspace
+    held = [share.take(workspace) for _ in range(3)]
+    assert all(seat is not None for seat in held) and share.take(workspace) is None
+    keys = services().keys
+    batch_id = email_batch([email(1), email(2)])
+    locks = inflight(redis_client)
+
+    report = poster.post(batch_id)
+    assert report.status == "waiting"
+    assert report.http_status is None and report.retry_in is not None
+    assert 0.5 <= report.retry_in <= 1.0
+    assert redis_client.hget(keys.schedule_reasons, batch_id) == b"budget"
+    kept = record(redis_client, batch_id)
+    assert kept is not None and kept["attempts"] == 0
+    assert "share of the worker's threads" in kept["error"]
+    assert inflight(redis_client) == locks
+    assert sim_stats(sim)["requests_ok"] == 0
+    assert share.held(workspace) == 3  # it took none
+
+    held[0].release()  # a post of the workspace ended: a seat is free
+    assert come_due(batch_id) == [batch_id]
+    assert poster.post(batch_id).status == "delivered"
+    assert share.held(workspace) == 2  # the delivered post gave its seat back
+    faults(sim, outage=True)
+    assert poster.post(email_batch([email(3)])).status == "retry"
+    assert share.held(workspace) == 2  # and so does a failed one
