@@ -328,14 +328,22 @@ def redis_cluster(
     """`env` with braze-subs' state on the session's Redis Cluster (REDIS_URL
     redis+cluster://) and Celery's broker on the session's plain Redis (BROKER_URL);
     every master flushed after the test. Request it before `processes`."""
-    values = {"REDIS_URL": redis_cluster_server.url, "BROKER_URL": redis_url}
+    state_on(env, monkeypatch, redis_cluster_server.url, broker_url=redis_url)
+    yield redis_cluster_server
+    reset_services()
+    redis_cluster_server.flush()
+
+
+def state_on(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, redis_url: str, *, broker_url: str
+) -> None:
+    """braze-subs' state on `redis_url` and Celery's broker on `broker_url`, for this
+    process (its services built again) and the processes it starts."""
+    values = {"REDIS_URL": redis_url, "BROKER_URL": broker_url}
     env.update(values)
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     reset_services()
-    yield redis_cluster_server
-    reset_services()
-    redis_cluster_server.flush()
 
 
 @pytest.fixture
@@ -351,11 +359,7 @@ def own_cluster(
     `redis_cluster_server` only to skip where no cluster can run.) Request it before
     `processes`."""
     cluster = RedisCluster(tmp_path / "cluster").start()
-    values = {"REDIS_URL": cluster.url, "BROKER_URL": redis_url}
-    env.update(values)
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    reset_services()
+    state_on(env, monkeypatch, cluster.url, broker_url=redis_url)
     yield cluster
     reset_services()
     cluster.stop()

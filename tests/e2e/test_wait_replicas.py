@@ -13,13 +13,11 @@ acknowledge is refused, and every change that was acknowledged is delivered."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 
 import pytest
 
 from delivery.services import reset_services
 from devtools.processes import wait_until
-from devtools.redis_cluster import RedisCluster as RedisClusterNodes
 from stores.keys import Keys
 from stores.replication import NotReplicated
 from tasks.producer import enqueue_changes
@@ -33,21 +31,6 @@ MOST_CHUNKS = 100  # while the replica is stopped: ~19 fit in the sockets here
 # Held by the master for its stopped replica, past the sockets: several calls' worth of
 # the replication stream (~0.5 MB a call), newer than anything the drain has reached.
 HELD_BYTES = 4_000_000
-
-
-@pytest.fixture
-def own_cluster(redis_cluster_server, redis_url, env, tmp_path, monkeypatch) -> Iterator:
-    """A cluster of this test's own (a master dies), REDIS_URL on it, BROKER_URL on the
-    session's plain Redis; stopped after the test."""
-    cluster = RedisClusterNodes(tmp_path / "cluster").start()
-    values = {"REDIS_URL": cluster.url, "BROKER_URL": redis_url}
-    env.update(values)
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    reset_services()
-    yield cluster
-    reset_services()
-    cluster.stop()
 
 
 def rows(first: int, count: int, expected: dict) -> list[dict[str, str]]:
