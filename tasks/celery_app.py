@@ -302,11 +302,48 @@ def _require_braze(sender: Any = None, **_: Any) -> None:
     from delivery.thread_share import set_pool_size
 
     set_pool_size(getattr(sender, "concurrency", None))
+    # The process is alive whether or not Redis answers yet; the steps that need Redis wait
+    # for it (a Redis Cluster still being created beside the worker, in compose's
+    # `cluster` profile: e2e/test_containers_cluster.py).
+    _start_heartbeat("worker")
+    _when_redis_answers("worker", _worker_steps_on_redis)
+
+
+def _worker_steps_on_redis() -> None:
     _warn_if_redis_can_lose_changes()
     _record_workspace()
-    _start_heartbeat("worker")
     for liveness in _every_liveness():
         liveness.ensure_started()  # known alive before the first message is received
+
+
+def _when_redis_answers(role: str, steps: Any) -> None:
+    """Run `steps` (idempotent) now, or, while Redis does not answer (not started yet, a
+    cluster whose slots are not assigned yet), again every second in a thread of its own
+    until they pass. Not in line: Celery logs an exception raised by a start-up signal's
+    handler and goes on without the rest of it, which left a worker started before its
+    Redis without the liveness heartbeat for good (its probe failing while it posted)."""
+    from redis.exceptions import RedisClusterException, RedisError
+
+    unanswered = (RedisError, RedisClusterException)
+    try:
+        steps()
+        return
+    except unanswered as exc:
+        logging.getLogger(f"braze_subs.{role}").warning(
+            "Redis does not answer yet (%s): its start-up checks wait for it", exc
+        )
+
+    def retry() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                steps()
+            except unanswered:
+                continue
+            logging.getLogger(f"braze_subs.{role}").info("Redis answers: start-up checks done")
+            return
+
+    threading.Thread(target=retry, name="braze-subs-start-on-redis", daemon=True).start()
 
 
 def _refuse_stranded_work() -> None:
@@ -343,8 +380,8 @@ def _refuse_stranded_work() -> None:
 
 @beat_init.connect
 def _check_redis_at_beat_start(**_: Any) -> None:
-    _warn_if_redis_can_lose_changes()
     _start_heartbeat("beat")
+    _when_redis_answers("beat", _warn_if_redis_can_lose_changes)
     threading.Thread(target=_beat_in_redis, name="braze-subs-beat-seen", daemon=True).start()
 
 
@@ -352,19 +389,19 @@ def _beat_in_redis() -> None:
     """Beat says it runs, in Redis, every HEARTBEAT_INTERVAL_SECONDS, for `status`, the
     exporter and the alerts: the coalescer's ticks run on the workers, so only this tells
     "beat is not running" from "no worker runs the ticks". A Redis outage is logged once
-    and retried; the thread dies with the process."""
-    from redis.exceptions import RedisError
+    and retried (a cluster with no slots yet fails already as its client is made); the
+    thread dies with the process."""
+    from redis.exceptions import RedisClusterException, RedisError
 
     from stores.heartbeats import beat_alive
 
-    found = _services(_workspace_names()[0])
-    client, keys = found.redis, found.keys.deployment
     failing = False
     while True:
         try:
-            beat_alive(client, keys)
+            found = _services(_workspace_names()[0])
+            beat_alive(found.redis, found.keys.deployment)
             failing = False
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             if not failing:
                 logging.getLogger("braze_subs.beat").warning(
                     "beat cannot write its heartbeat to Redis: %s", exc

@@ -109,3 +109,56 @@ def test_readiness_fails_while_redis_is_down_and_on_bad_settings(tmp_path):
     assert bad.stderr.strip() == (
         "braze-subs: not ready: BATCH_MAX_IDENTIFIERS: Braze accepts at most 50 identifiers"
     )
+
+
+@pytest.mark.parametrize("role", ["worker", "beat"])
+def test_a_process_started_before_its_cluster_is_formed_is_live_and_catches_up(
+    env, processes, tmp_path, role
+):
+    """Compose's `cluster` profile starts the processes while `redis-cluster-create` is still
+    joining the nodes (podman before 4.6 does not even wait for `service_healthy`). A
+    process whose cluster has no slots yet is live (its probe passes), and once the
+    cluster is formed it does what its start needed Redis for: the worker's heartbeat and
+    workspace recorded, beat's "seen" mark. Before, the first Redis call raised inside
+    Celery's start-up signal, the rest of the handler was skipped, and the probe failed
+    for good while the process worked (found by e2e/test_containers_cluster.py)."""
+    from devtools.redis_cluster import RedisCluster, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = RedisCluster(tmp_path / "nodes").start(create=False)  # nodes, no slots yet
+    try:
+        extra = {
+            "HEALTH_DIR": str(tmp_path / "health"),
+            "REDIS_URL": cluster.url,
+            "BROKER_URL": env["REDIS_URL"],
+        }
+        health = {**env, **extra}
+        if role == "worker":
+            processes.worker("w1", extra_env=extra)
+        else:
+            processes.start("beat", "beat", extra_env=extra)
+        wait_for(
+            lambda: probe(health, "live", "--role", role).returncode == 0,
+            timeout=60,
+            interval=0.2,
+            what=f"the {role} liveness probe to pass before the cluster is formed",
+        )
+        created = subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in cluster.ports),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert created.returncode == 0, created.stdout[-2000:]
+        wanted = ("heartbeat:", "workspaces") if role == "worker" else ("beat:seen",)
+
+        def found() -> bool:
+            keys = {k.decode() for p in cluster.ports for k in cluster.node(p).keys("*")}
+            return all(any(part in key for key in keys) for part in wanted)
+
+        wait_for(found, timeout=60, interval=0.2, what=f"the {role}'s keys once formed")
+        assert probe(health, "live", "--role", role).returncode == 0
+    finally:
+        processes.stop_all()  # before the cluster goes, so nothing retries a dead one
+        cluster.stop()
