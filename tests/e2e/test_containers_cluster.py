@@ -251,9 +251,16 @@ def test_cluster_profile_in_podman_drains_through_a_master_kill(
 
     # Every node announces its service name: the slot map the processes follow names
     # redis-node-N, never a container's address.
-    slots = stack.cli("redis-node-2", "cluster", "slots")
-    announced = {line.strip() for line in slots.splitlines() if line.strip().startswith("redis-")}
-    assert announced == set(NODES), slots
+    # (Polled: a replica that has just joined reaches another node's slot map by gossip, a
+    # moment after the create job saw the cluster whole; once seen in CI.)
+    def announced() -> set[str]:
+        slots = stack.cli("redis-node-2", "cluster", "slots")
+        return {line.strip() for line in slots.splitlines() if line.strip().startswith("redis-")}
+
+    wait_for(
+        lambda: announced() == set(NODES),
+        timeout=60, interval=1.0, what="every node in redis-node-2's slot map by its name",
+    )  # fmt: skip
     # The app's queues are quorum queues on RabbitMQ.
     rabbit = stack.one("rabbitmq")
     wait_for(
