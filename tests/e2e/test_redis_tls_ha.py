@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config.settings import SettingsError, load_settings
 from delivery.services import reset_services, services
+from devtools.certs import make_ca, openssl
 from devtools.processes import free_port, wait_until
 from stores.connection import redis_client
 from tasks.producer import enqueue_change
@@ -23,19 +24,6 @@ from tests.conftest import wait_for
 from tests.sim_control import sim_states
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_ca(directory: Path, name: str) -> Path:
-    openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        "-keyout", f"{name}.key", "-out", f"{name}.crt", "-subj", f"/CN={name}",
-        cwd=directory,
-    )  # fmt: skip
-    return directory / f"{name}.crt"
 
 
 @dataclass
