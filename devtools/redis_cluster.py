@@ -15,6 +15,7 @@ Dev tooling: not on the product's import path.
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 import shutil
 import signal
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from redis import Redis
 
-from devtools.processes import free_port, port_is_free, wait_until
+from devtools.processes import port_is_free, wait_until
 
 MASTERS = 3
 NODE_TIMEOUT_MS = 2000
@@ -43,11 +44,21 @@ def unavailable() -> str | None:
     return None
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for outgoing connections (Linux; 32768 else)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return 32768
+
+
 def _cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too."""
-    for _ in range(200):
-        port = free_port()
-        if port + 10000 < 65536 and port_is_free(port + 10000):
+    """A free port whose cluster bus port (+10000) is free too, both below the kernel's
+    ephemeral range: a port from that range can be taken by any outgoing connection between
+    this check and the node's bind (seen: the bus port 48035 taken, the node aborting)."""
+    high = _ephemeral_low() - 10000 - 1
+    for _ in range(500):
+        port = random.randint(max(1024, high - 12000), high)
+        if port_is_free(port) and port_is_free(port + 10000):
             return port
     raise RuntimeError("no free port pair (port, port + 10000) found")
 
