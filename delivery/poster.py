@@ -340,6 +340,7 @@ class Poster:
                 lead.id,
                 report.size,
             )
+            self._recover_orphans(records)
             return replace(report, status=PostStatus.LOST, detail="claim lost before sending")
         result = reply.classified()
         report = replace(
@@ -614,7 +615,7 @@ class Poster:
                 for record in records
             ]
             if any(finish.status is not Ended.ENDED for finish in ended):
-                return self._lost_during_request(report)
+                return self._lost_during_request(records, report)
             return replace(report, status=PostStatus.DELIVERED, detail="")
         if result.outcome is Outcome.RATE_LIMITED:
             window = settings.braze_rate_limit_window_seconds
@@ -679,11 +680,24 @@ class Poster:
                 str(exc)[:200],
             )
 
-    def _lost_during_request(self, report: PostReport) -> PostReport:
+    def _lost_during_request(self, records: list[BatchRecord], report: PostReport) -> PostReport:
         # Another worker holds or will take the claim (this one froze after its fence): it
         # ends the batch; this worker does not report what it cannot vouch for.
         logger.warning("batch %s: claim lost during its request", report.batch_id)
+        self._recover_orphans(records)
         return replace(report, status=PostStatus.LOST, detail="claim lost during the request")
+
+    def _recover_orphans(self, records: list[BatchRecord]) -> None:
+        """A claim can also be lost with the Redis master that took it (killed before its
+        replica had the write): then nobody holds the batch on the new master, its message
+        is consumed, and only the sweep would send it again, minutes later. Such batches go
+        back into the schedule now (recover_orphans.lua); one someone holds or that waits
+        already is left alone."""
+        ids = [record.id for record in records]
+        self._guarded(
+            "recovering batches nobody holds",
+            lambda: self.store.recover_orphans(ids, self.grace_ms),
+        )
 
     def _dead_letter(
         self,
@@ -702,7 +716,7 @@ class Poster:
             for record in records
         ]
         if any(finish.status is not Ended.ENDED for finish in ended):
-            return self._lost_during_request(report)
+            return self._lost_during_request(records, report)
         return replace(report, status=PostStatus.DEAD_LETTERED)
 
     def _isolate(self, records: list[BatchRecord], token: str, report: PostReport) -> PostReport:
@@ -849,7 +863,7 @@ class Poster:
             else:
                 ended.append(self.store.delivered(record.id, token, sent=record.values, **answer))
         if any(finish.status is not Ended.ENDED for finish in ended):
-            return self._lost_during_request(report)
+            return self._lost_during_request(records, report)
         self._guarded("count Braze's errors", lambda: self.counters.delivery_errors(len(errors)))
         logger.warning(
             "batch %s delivered with %d error(s) from Braze, %d identifier(s) dead-lettered: %s",
@@ -891,7 +905,7 @@ class Poster:
             for record in records
         ]
         if any(d.status is not Deferred.DEFERRED for d in deferred):
-            return self._lost_during_request(report)
+            return self._lost_during_request(records, report)
         return replace(report, retry_in=round(wait, 3))
 
     def _log(self, records: list[BatchRecord], report: PostReport) -> None:

@@ -433,6 +433,23 @@ class BatchStore(ScriptedStore):
         )
         return TakeBack(tuple(_text(raw) for raw in taken), int(unknown), int(alive))
 
+    def recover_orphans(self, batch_ids: list[str], grace_ms: int) -> list[str]:
+        """Of the batches a poster found it no longer held, those nobody holds, waits for or
+        will send again (a claim lost with a failed-over master) become due now."""
+        k = self.keys
+        ids = self.scripts.recover_orphans(
+            keys=[
+                k.batches,
+                k.claims,
+                k.claim_tokens,
+                k.schedule,
+                k.schedule_reasons,
+                k.coalesce_nudge,
+            ],
+            args=[grace_ms, *batch_ids],
+        )
+        return [_text(raw) for raw in ids]
+
     def dispatch_due(self, limit: int, grace_ms: int) -> list[str]:
         """Take the due batches out of the schedule: the caller sends each a message."""
         k = self.keys

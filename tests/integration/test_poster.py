@@ -755,3 +755,41 @@ def test_a_workspace_holding_its_share_of_threads_puts_the_batch_back_unsent(sim
     faults(sim, outage=True)
     assert poster.post(email_batch([email(3)])).status == "retry"
     assert share.held(workspace) == 2  # and so does a failed one
+
+
+def test_a_claim_lost_with_a_failed_over_master_goes_back_into_the_schedule_at_once(
+    sim, redis_client, monkeypatch
+):
+    """The master that took the claim dies before its replica has it: on the new master
+    nobody holds the batch and its message is consumed. The post's finish finds no claim;
+    the batch goes back into the schedule due now (not after BATCH_REDISPATCH_SECONDS' sweep),
+    its locks kept, and its next post delivers it. A batch someone else holds is left alone."""
+    found = services()
+    keys = found.keys
+    batch_id = email_batch([email(11), email(12)])
+    other = email_batch([email(13)])
+    locks = inflight(redis_client)
+    original = found.braze.post
+
+    def failed_over(path: str, body: Any, **options: Any) -> Any:
+        reply = original(path, body, **options)
+        for lost in (batch_id, other):  # the new master never saw these claims
+            redis_client.zrem(keys.claims, lost)
+            redis_client.hdel(keys.claim_tokens, lost)
+            redis_client.hdel(keys.fences, lost)
+        redis_client.zadd(keys.claims, {other: 10**13})  # ...and `other` was claimed since
+        redis_client.hset(keys.claim_tokens, other, "next-holder/1")
+        return reply
+
+    monkeypatch.setattr(found.braze, "post", failed_over)
+    report = found.poster().post(batch_id)
+    assert (report.status, report.http_status) == ("lost", 201)
+    assert redis_client.hget(keys.schedule_reasons, batch_id) == b"recovered"
+    assert inflight(redis_client) == locks
+    assert found.batches.recover_orphans([other], 1000) == []  # someone holds it
+    assert redis_client.zscore(keys.schedule, other) is None
+    monkeypatch.setattr(found.braze, "post", original)
+    assert come_due(batch_id) == [batch_id]
+    assert found.poster().post(batch_id).status == "delivered"
+    assert found.batches.recover_orphans([batch_id], 1000) == []  # finished: never revived
+    assert redis_client.zscore(keys.schedule, batch_id) is None
