@@ -7,6 +7,12 @@ expires after `HEARTBEAT_TTL_SECONDS`, and the coalescer's tick takes its batche
 
 `stopping` is set when the worker begins a warm shutdown (SIGTERM): a post that has not
 sent yet hands its batches back at once instead of waiting for a turn in the budget.
+
+A beat that fails (Redis did not answer: perhaps a failover) makes the next beat that
+goes through check the claims this process ended in the seconds before: a master killed
+before its replica had an end loses it, and on the new master the batch is still claimed
+in a token no post holds; it is put back into the schedule at once (`recover_ended`),
+not left for the lease to run out (BATCH_CLAIM_SECONDS).
 """
 
 from __future__ import annotations
@@ -15,13 +21,20 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
+from collections import deque
+from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
 from stores.heartbeats import Heartbeats
 
 logger = logging.getLogger("braze_subs.liveness")
+
+# Claims ended this long before a beat failed are checked once Redis answers again: far
+# beyond a replica's lag behind its master (milliseconds; seconds on a starved host).
+RECENT_ENDS_SECONDS = 10.0
 
 
 def new_worker_id() -> str:
@@ -38,6 +51,7 @@ class Liveness:
         ttl_seconds: float,
         lease_seconds: float,
         worker_id: str | None = None,
+        recover_ended: Callable[[list[tuple[str, str]]], list[str]] | None = None,
     ) -> None:
         self.heartbeats = heartbeats
         self.worker_id = worker_id or new_worker_id()
@@ -46,6 +60,10 @@ class Liveness:
         self.lease_ms = round(lease_seconds * 1000)
         self.stopping = threading.Event()
         self._held: dict[str, str] = {}  # batch id -> claim token
+        # (monotonic time, batch id, token) of the claims let go of lately, oldest first
+        self._ended: deque[tuple[float, str, str]] = deque()
+        self._to_check: dict[str, str] = {}  # ended claims to check once Redis answers
+        self.recover_ended = recover_ended
         self._lock = threading.Lock()
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
@@ -53,13 +71,44 @@ class Liveness:
     # --- beating --------------------------------------------------------------------------
 
     def beat(self) -> int:
-        """Beat now; returns the leases extended."""
+        """Beat now; returns the leases extended. Raises what Redis raises: then the claims
+        ended lately are checked by the next beat that goes through (`redis_failed`)."""
         with self._lock:
             held = list(self._held.items())
         extended = self.heartbeats.beat(
             self.worker_id, self.ttl_ms, claims=held, lease_ms=self.lease_ms
         )
+        self._check_ended()
         return extended
+
+    def redis_failed(self) -> None:
+        """Redis did not answer a beat: the claims ended in the last RECENT_ENDS_SECONDS
+        may have ended only on a master that is gone; check them once it answers again."""
+        with self._lock:
+            self._trim_ended()
+            self._to_check.update((batch_id, token) for _, batch_id, token in self._ended)
+
+    def _check_ended(self) -> None:
+        with self._lock:
+            pairs = list(self._to_check.items())
+        if not pairs or self.recover_ended is None:
+            return
+        recovered = self.recover_ended(pairs)
+        with self._lock:
+            for batch_id, token in pairs:
+                if self._to_check.get(batch_id) == token:
+                    del self._to_check[batch_id]
+        if recovered:
+            logger.warning(
+                "%d batches this worker had ended were still claimed after Redis came back "
+                "(their end was lost with the master): back in the schedule, due now",
+                len(recovered),
+            )
+
+    def _trim_ended(self) -> None:
+        horizon = time.monotonic() - RECENT_ENDS_SECONDS
+        while self._ended and self._ended[0][0] < horizon:
+            self._ended.popleft()
 
     def ensure_started(self) -> None:
         """Beat before the first claim (so no tick finds the claim's holder unknown), and
@@ -78,9 +127,11 @@ class Liveness:
         while not self._halt.wait(self.interval):
             try:
                 self.beat()
-            except RedisError as exc:
+            except Exception as exc:  # RedisError, and redis-py's cluster errors (which
+                # are not RedisErrors: a slot not covered mid-failover): the thread goes on.
                 # The key expires and the batches go to other workers: the safe side.
-                logger.warning("heartbeat failed: %s", exc)
+                logger.warning("heartbeat failed: %s: %s", type(exc).__name__, exc)
+                self.redis_failed()
 
     # --- the claims in progress -----------------------------------------------------------
 
@@ -90,10 +141,14 @@ class Liveness:
             self._held[batch_id] = token
 
     def release_token(self, token: str) -> None:
-        """Stop extending the claims of one post (all taken with `token`)."""
+        """Stop extending the claims of one post (all taken with `token`): its batches ended,
+        waited in the schedule or were lost; remembered a few seconds (`redis_failed`)."""
+        now = time.monotonic()
         with self._lock:
             for batch_id in [b for b, held in self._held.items() if held == token]:
                 del self._held[batch_id]
+                self._ended.append((now, batch_id, token))
+            self._trim_ended()
 
     def held(self) -> dict[str, str]:
         with self._lock:

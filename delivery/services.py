@@ -55,6 +55,9 @@ class Services(StoreServices):
             interval_seconds=settings.heartbeat_interval_seconds,
             ttl_seconds=settings.heartbeat_ttl_seconds,
             lease_seconds=settings.batch_claim_seconds,
+            recover_ended=lambda pairs: self.batches.recover_orphans(
+                (), settings.redispatch_grace_ms, ended_by=pairs
+            ),
         )
 
     def coalescer(

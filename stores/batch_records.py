@@ -433,20 +433,30 @@ class BatchStore(ScriptedStore):
         )
         return TakeBack(tuple(_text(raw) for raw in taken), int(unknown), int(alive))
 
-    def recover_orphans(self, batch_ids: list[str], grace_ms: int) -> list[str]:
-        """Of the batches a poster found it no longer held, those nobody holds, waits for or
-        will send again (a claim lost with a failed-over master) become due now."""
+    def recover_orphans(
+        self, batch_ids: Iterable[str], grace_ms: int, *, ended_by: Iterable[tuple[str, str]] = ()
+    ) -> list[str]:
+        """Batches their holder let go of that nobody will send again become due now
+        (recover_orphans.lua): `batch_ids` a poster found it did not hold (a claim lost with
+        a failed-over master, unless a take-over has it), `ended_by` (batch id, token) pairs
+        a holder ended that are still claimed in that token's name (an end lost so)."""
         k = self.keys
+        args: list[str | int] = [grace_ms]
+        for batch_id in batch_ids:
+            args += [batch_id, ""]
+        for batch_id, token in ended_by:
+            args += [batch_id, token]
         ids = self.scripts.recover_orphans(
             keys=[
                 k.batches,
                 k.claims,
                 k.claim_tokens,
+                k.fences,
                 k.schedule,
                 k.schedule_reasons,
                 k.coalesce_nudge,
             ],
-            args=[grace_ms, *batch_ids],
+            args=args,
         )
         return [_text(raw) for raw in ids]
 

@@ -9,6 +9,7 @@ Covers the guarantees stated at the top of `stores/lua/claim_batch.lua`, `fence_
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from admin.status import read_status
@@ -576,3 +577,50 @@ def test_a_claim_taken_back_and_ended_by_the_next_holder_is_lost_not_gone(env, r
     assert store.delivered(batch_id, B) == Finish(Ended.LOST)
     assert defer(batch_id, B) == Deferral(Deferred.LOST)
     assert store.dead_letter(batch_id, B, "late") == Finish(Ended.LOST)
+
+
+# --------------------------------------------------------------------------------------
+# ends lost with a failed-over master (recover_orphans.lua through the heartbeat)
+# --------------------------------------------------------------------------------------
+
+
+def test_ends_lost_with_the_master_are_found_by_the_beat_after_redis_failed(
+    env, redis_client, monkeypatch
+):
+    """This process ended three claims, then a beat failed (the master was killed). On the
+    new master one of them is still claimed in its ended token (the end was lost), one was
+    ended for real, one was taken over by another worker. The next beat that goes through
+    puts the first back into the schedule, due now, and leaves the others alone; a beat
+    that follows no failure checks nothing, and an end older than RECENT_ENDS_SECONDS
+    before the failure is not checked (the lease frees it)."""
+    import delivery.liveness as liveness_module
+
+    store, keys = services().batches, services().keys
+    live = services().liveness
+    lost, ended, taken_over, old = (make_batch([email(n)]) for n in (1, 2, 3, 4))
+    tokens = {lost: "me/lost", ended: "me/ended", taken_over: "me/taken", old: "me/old"}
+    for batch_id, token in tokens.items():
+        claimed(batch_id, token)
+        live.hold(batch_id, token)
+    monkeypatch.setattr(liveness_module, "RECENT_ENDS_SECONDS", 0.5)
+    live.release_token(tokens[old])  # long before the failure
+    time.sleep(0.6)  # past RECENT_ENDS_SECONDS: the one thing this test waits out
+    assert store.delivered(ended, tokens[ended]).status is Ended.ENDED
+    beat("worker-b")
+    redis_client.hset(keys.claim_tokens, taken_over, B)  # the take-over and B's new claim
+    for batch_id in (lost, ended, taken_over):
+        live.release_token(tokens[batch_id])
+
+    live.beat()  # no failure: nothing is checked
+    assert redis_client.hget(keys.claim_tokens, lost) == tokens[lost].encode()
+
+    live.redis_failed()
+    live.beat()
+    assert redis_client.hget(keys.schedule_reasons, lost) == b"recovered"
+    assert redis_client.hget(keys.claim_tokens, lost) is None
+    assert store.dispatch_due(1000, GRACE_MS) == [lost]
+    assert redis_client.hget(keys.claim_tokens, taken_over) == B.encode()
+    assert redis_client.hget(keys.claim_tokens, old) == tokens[old].encode()  # the lease's
+    assert raw_record(redis_client, ended) is None  # finished: never revived
+    live.beat()  # checked once
+    assert store.dispatch_due(1000, GRACE_MS) == []
