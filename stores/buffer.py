@@ -20,7 +20,7 @@ from core.changes import Change, IdentifierKind, Lane, SubscriptionState
 from core.planning import PendingChange, PlannedBatch, lane_prefix
 from stores.base import ScriptedStore
 from stores.history import Retention
-from stores.keys import Keys, buffer_field, identity_digest, split_field
+from stores.keys import FIELD_SEPARATOR, Keys, buffer_field, identity_digest, split_field
 from stores.replication import ReplicaWait, on_write_node, write_node
 from stores.scripts import Scripts
 
@@ -31,44 +31,76 @@ ENQUEUE_CHUNK = 1000
 # change), the importer encodes and sends the next (~4 µs a change) instead of waiting.
 CALLS_IN_FLIGHT = 3
 # The enqueue script's arguments per change (see `encode_change` and enqueue.lua).
-ARGS_PER_CHANGE = 9
+ARGS_PER_CHANGE = 5
 
-_STATE_BYTES: dict[SubscriptionState, bytes] = {
-    state: state.value.encode() for state in SubscriptionState
-}
 _LANE_BYTES: dict[Lane, bytes] = {lane: lane.value.encode() for lane in Lane}
+_LANE_MARK: dict[Lane | None, bytes] = {Lane.LIVE: b"l", Lane.BULK: b"b", None: b"-"}
+_SEP = FIELD_SEPARATOR.encode()
 
 
 def encode_change(
-    change: Change,
-) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes]:
+    change: Change, *, respect_opt_out: bool = False
+) -> tuple[bytes, bytes, bytes, bytes, bytes]:
     """The enqueue script's arguments for one change: the buffer's wire format, owned here.
 
-    field, state, double opt-in (0|1), delay (ms), occurred at (ms, or empty: Redis's clock
-    stands in), source (may be empty), respect opt-out (0|1), lane ("live", "bulk", or
-    empty: the call's default lane), and the identifier's digest (`identity_digest`, which
-    names its subject and history keys); see enqueue.lua.
+    Five: the buffer field; the identifier's digest (`identity_digest`, which names its
+    subject and history keys); the occurred time in ms (empty: Redis's clock stands in);
+    the profile, the lane as one byte ("l", "b", or "-": the call's default lane) followed
+    by the delay in ms; and the members of the pending change's JSON that the producer
+    knows — "s" (state), "o" (double opt-in 0|1), and only when they say something "w"
+    (occurred at), "d" (delay), "r" (respect opt-out), "c" (source) — which enqueue.lua
+    completes with what only Redis knows. `respect_opt_out` sets "r" whatever the change
+    says (`import --respect-opt-outs`). A call also names its changes' groups once
+    (`call_groups`).
 
-    The digest is computed here, where the field is, rather than by the script: SHA-1 in
-    Redis's Lua cost ~8,000 instructions a change, a sixth of the script's cost per change
-    (bench/enqueue_cost.py), and here it runs in the producer's process (for an import, in
-    the validating processes, in parallel). The script trusts it as it trusts the field.
+    Few arguments, much formatted here: each argument costs Redis ~850 instructions to
+    parse and hand to Lua (callgrind, bench/enqueue_cost.py), so nine per change were a
+    quarter of the script's cost; the formatting runs in the producer's process (for an
+    import, in the validating processes, in parallel). The digest likewise: SHA-1 in
+    Redis's Lua cost ~8,000 instructions a change. The script trusts all of it as it
+    trusts the field.
 
     Encoding to bytes here (rather than letting redis-py do it) lets the import encode rows
     where they are validated, in parallel, and finds text UTF-8 cannot carry (a lone
     surrogate from a JSON escape) before anything is sent: raises `UnicodeEncodeError`.
     """
+    delay_ms = round(change.delay_seconds * 1000)
+    members = _MEMBERS[change.state, change.double_opt_in]
+    if change.occurred_ms is not None:
+        occurred = b"%d" % change.occurred_ms
+        members += b',"w":' + occurred
+    else:
+        occurred = b""
+    if delay_ms > 0:
+        members += b',"d":%d' % delay_ms
+    if respect_opt_out or change.respect_opt_out:
+        members += b',"r":1'
+    if change.source:
+        # As UTF-8 (ensure_ascii=False), as cjson wrote it; encode() raises on a lone
+        # surrogate, which the import reports as a bad row.
+        members += b',"c":' + json.dumps(change.source, ensure_ascii=False).encode()
     return (
         buffer_field(change.group_id, change.kind, change.value).encode(),
-        _STATE_BYTES[change.state],
-        b"1" if change.double_opt_in else b"0",
-        b"%d" % round(change.delay_seconds * 1000),
-        b"" if change.occurred_ms is None else b"%d" % change.occurred_ms,
-        change.source.encode(),
-        b"1" if change.respect_opt_out else b"0",
-        b"" if change.lane is None else _LANE_BYTES[change.lane],
         identity_digest(change.kind.value, change.value).encode(),
+        occurred,
+        b"%s%d" % (_LANE_MARK[change.lane], delay_ms),
+        members,
     )
+
+
+_MEMBERS: dict[tuple[SubscriptionState, bool], bytes] = {
+    (state, double): b'"s":%s,"o":%d' % (json.dumps(state.value).encode(), double)
+    for state in SubscriptionState
+    for double in (False, True)
+}
+
+
+def call_groups(args: Sequence[bytes]) -> list[bytes]:
+    """What one enqueue call sends before its changes (`args`, encoded): how many groups
+    they name, then those groups, each once (enqueue.lua adds them to the groups set in
+    one SADD rather than finding each change's group in Lua)."""
+    groups = list(dict.fromkeys(field[: field.index(_SEP)] for field in args[::ARGS_PER_CHANGE]))
+    return [b"%d" % len(groups), *groups]
 
 
 def encode_changes(changes: Iterable[Change]) -> list[bytes]:
@@ -152,7 +184,8 @@ class Buffer(ScriptedStore):
         keys = self._enqueue_keys()
         head = self._enqueue_head(lane)
         for chunk in _chunks(changes, chunk_size):
-            args = head + encode_changes(chunk)
+            changes = encode_changes(chunk)
+            args = head + call_groups(changes) + changes
             if self.wait.on:
                 _last, stale = self._acknowledged(keys, args, len(chunk))
             else:
@@ -424,7 +457,7 @@ class PipelinedEnqueue:
     def _send(self, args: list[bytes]) -> None:
         assert self._connection is not None
         # No health check: its PING would read a reply meant for a call in flight.
-        self._connection.send_command(*self._head, *args, check_health=False)
+        self._connection.send_command(*self._head, *call_groups(args), *args, check_health=False)
         if self._wait.on:  # answered after the call, once the replicas have it
             self._connection.send_command(*self._wait.command(), check_health=False)
         changes = len(args) // ARGS_PER_CHANGE

@@ -213,10 +213,6 @@ def read_chunks(path: Path, lines: int = CHUNK_LINES) -> Iterator[Chunk]:
     return _jsonl_chunks(path, lines) if _is_jsonl(path) else _csv_chunks(path, lines)
 
 
-# The position of `respect_opt_out` among a change's enqueue-script arguments.
-_RESPECT_OPT_OUT_ARG = 6
-
-
 def check_chunk(
     chunk: Chunk,
     respect_opt_outs: bool = False,
@@ -256,7 +252,7 @@ def check_chunk(
             errors.append(RowError(line, exc.field, exc.message))
             continue
         try:
-            args += encode_change(item)
+            args += encode_change(item, respect_opt_out=respect_opt_outs)
         except UnicodeEncodeError:
             errors.append(_unencodable(line, item))
             continue
@@ -264,8 +260,6 @@ def check_chunk(
             runs[-1][1] += 1
         else:
             runs.append([target, 1])
-    if respect_opt_outs:
-        args[_RESPECT_OPT_OUT_ARG::ARGS_PER_CHANGE] = [b"1"] * (len(args) // ARGS_PER_CHANGE)
     packed = pickle.dumps(args, pickle.HIGHEST_PROTOCOL)
     routed = tuple((name, changes) for name, changes in runs)
     return ChunkResult(chunk.last_line, count, len(args) // ARGS_PER_CHANGE, errors, packed, routed)

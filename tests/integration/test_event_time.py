@@ -225,6 +225,70 @@ def test_key_names_never_hold_the_identifier(env, redis_client):
     assert Keys("braze-subs").history("email", email(1)) in names
 
 
+def test_every_field_of_a_change_survives_the_enqueue_wire_format(env, redis_client):
+    """encode_change formats the pending JSON's members in the producer (issue 26): what
+    the buffer, the history and `read_due` see is what the change said, sources with
+    quotes, backslashes, slashes and non-ASCII text included, in one call with others."""
+    source = 'web/"form" \\ café 表'
+    changes = [
+        row(
+            email(1),
+            "subscribed",
+            T0,
+            source=source,
+            delay_seconds=1.5,
+            respect_opt_out=True,
+            lane="bulk",
+        ),
+        row(email(2), "unsubscribed", None, source="a/b", group="sms", lane="live"),
+        {
+            "subscription_group_id": "sms",
+            "subscription_state": "subscribed",
+            "external_id": "u-1",
+            "use_double_opt_in_logic": True,
+        },
+        row(email(1), "unsubscribed", T0 - 1, source=source),  # stale: told with its fields
+    ]
+    buffer = enqueue(*changes)
+    assert buffer.stale == 1
+    first = json.loads(
+        redis_client.hget(buffer.keys.pending, buffer_field(GROUP, "email", email(1)))
+    )
+    assert (first["s"], first["o"], first["w"], first["d"], first["r"], first["c"]) == (
+        "subscribed",
+        0,
+        T0 * 1000,
+        1500,
+        1,
+        source,
+    )
+    assert "l" not in first and first["t"] - 1500 <= server_time_ms(redis_client)
+    second = json.loads(
+        redis_client.hget(buffer.keys.pending, buffer_field("sms", "email", email(2)))
+    )
+    assert (second["s"], second["c"], second["l"]) == ("unsubscribed", "a/b", 1)
+    assert "w" not in second and "d" not in second and "r" not in second
+    third = json.loads(
+        redis_client.hget(buffer.keys.pending, buffer_field("sms", "external_id", "u-1"))
+    )
+    assert (third["s"], third["o"]) == ("subscribed", 1)
+    assert [first["q"], second["q"], third["q"]] == [1, 2, 3]
+    assert {g.decode() for g in redis_client.smembers(buffer.keys.groups)} == {GROUP, "sms"}
+    story = ConsentHistory(redis_client, buffer.keys).events("email", email(1))
+    enqueued, stale = story  # the pending change's "enqueued", as history tells it
+    assert (enqueued.event, stale.event) == ("enqueued", "stale")
+    assert (enqueued.details["c"], enqueued.details["d"], enqueued.details["r"]) == (
+        source,
+        1500,
+        1,
+    )
+    assert (stale.details["s"], stale.details["c"], stale.details["o"]) == (
+        "unsubscribed",
+        source,
+        (T0 - 1) * 1000,
+    )
+
+
 # --------------------------------------------------------------------------------------
 # History: one identifier's story through a retry, a dead letter and a replay
 # --------------------------------------------------------------------------------------
@@ -262,6 +326,7 @@ def test_history_tells_the_story_through_a_retry_a_dead_letter_and_a_replay(env,
     assert enqueued.details["c"] == "support:ticket-123"
     assert enqueued.details["s"] == "unsubscribed" and enqueued.details["o"] == T0 * 1000
     assert stale.details["c"] == "backfill" and stale.details["m"] == T0 * 1000
+    assert stale.details["s"] == "subscribed" and stale.details["o"] == (T0 - 5) * 1000
     assert batched.details["b"] == batch_id
     assert (retried.details["h"], retried.details["n"]) == (503, 1)
     assert dead.details["h"] == 400 and dead.details["b"] == batch_id
