@@ -9,9 +9,15 @@ cores, two v1 workers and beat as in the Procfile; 100,000 unique identifiers; a
 100,000 requests per 2 s, so the budget never binds) once in each tree, the order of the
 two trees swapped every round so that neither always runs on the busier minute. The base
 is checked out into a temporary git worktree and run from there with this interpreter (as
-bench/lanes.py does). Reports per tree every round's identifiers/s (identifiers / the time
-from the first request to the last), the median, min and max, wrong final states, and
-Redis's commands per request and CPU seconds over the drain (INFO commandstats and cpu).
+bench/lanes.py does); a Python package this tree requires and the base does not (hiredis)
+is hidden from the base's processes, so that the base runs as its own install would.
+Reports per tree every round's identifiers/s (identifiers / the time from the first
+request to the last), the median, min and max, wrong final states, Redis's commands per
+request and CPU seconds over the drain (INFO commandstats and cpu), and the CPU seconds
+per 1,000 identifiers of each process (bench/cpu_split.py: the workers, beat, the
+simulator's process, redis-server; medians over the rounds) with the ceiling they imply:
+the machine's cores divided by the CPU all of them spend per identifier, what the pipeline
+could reach on this machine if nothing else ran and no process ever waited for another.
 The machine is shared: compare the two trees within a run, not across runs. Writes
 bench/results/ceiling.json.
 """
@@ -31,7 +37,13 @@ from typing import Any
 from bench.figures import publish
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = "46c0f36"  # main before the ceiling's second step (several batches a message)
+BASE = "468eece"  # main before the ceiling's third step (hiredis, the split per process)
+CPU_SPLIT = ROOT / "bench" / "cpu_split.py"
+# Packages this tree requires that a base may not (checked in the base's pyproject.toml):
+# hidden from the base's processes (an import of them fails), as the base's install lacks
+# them. redis-py uses hiredis whenever it can import it.
+NEWER_PACKAGES = ("hiredis",)
+PROCESSES = ("workers", "beat", "simulator", "redis-server")
 
 # Runs in the tree's own directory (first on sys.path), so the tree's code is measured.
 # Redis's own figures over the drain (the enqueue before it left out): the drain's status
@@ -54,23 +66,51 @@ DRAIN = (
     "        redis_figures['cpu'] = cpu['used_cpu_user'] + cpu['used_cpu_sys']\n"
     "    return status\n"
     "drain.read_status = watched\n"
+    "import importlib.util\n"
+    "spec = importlib.util.spec_from_file_location('ceiling_cpu_split', {cpu_split!r})\n"
+    "cpu_split = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(cpu_split)\n"
+    "split = cpu_split.watch(drain, {identifiers})\n"
     "args = argparse.Namespace(workers='v1,v1', identifiers={identifiers}, groups=4,\n"
     "    limit={limit}, window={window}, timeout={timeout})\n"
     "figures = drain.run(args)\n"
     "figures['redis_commands'] = redis_figures.get('commands', 0)\n"
     "figures['redis_cpu_seconds'] = round(redis_figures.get('cpu', 0) - redis_figures['cpu0'], 2)\n"
+    "figures['cpu_seconds'] = split.figures()\n"
     "print('FIGURES ' + json.dumps(figures))\n"
 )
 
 
-def drain(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
+def hidden_packages(tree: Path) -> list[str]:
+    """The packages of NEWER_PACKAGES the tree's pyproject.toml does not name."""
+    requirements = (tree / "pyproject.toml").read_text()
+    return [name for name in NEWER_PACKAGES if f'"{name}' not in requirements]
+
+
+def hiding(packages: list[str], folder: Path) -> str:
+    """A folder for PYTHONPATH whose sitecustomize.py makes importing `packages` fail in
+    every process started with it ("" when there is none to hide)."""
+    if not packages:
+        return ""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["import sys"] + [f"sys.modules[{name!r}] = None" for name in packages]
+    (folder / "sitecustomize.py").write_text("\n".join(lines) + "\n")
+    return str(folder)
+
+
+def drain(tree: Path, args: argparse.Namespace, hidden: str = "") -> dict[str, Any]:
     code = DRAIN.format(
-        identifiers=args.identifiers, limit=args.limit, window=args.window, timeout=args.timeout
+        identifiers=args.identifiers,
+        limit=args.limit,
+        window=args.window,
+        timeout=args.timeout,
+        cpu_split=str(CPU_SPLIT),
     )
+    path = os.pathsep.join(p for p in (hidden, str(tree)) if p)
     done = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tree,
-        env={**os.environ, "PYTHONPATH": str(tree)},
+        env={**os.environ, "PYTHONPATH": path},
         capture_output=True,
         text=True,
         check=False,
@@ -96,6 +136,7 @@ def main() -> None:
     wrong: dict[str, int] = {"base": 0, "this": 0}
     commands: dict[str, list[float]] = {"base": [], "this": []}
     redis_cpu: dict[str, list[float]] = {"base": [], "this": []}
+    cpu: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
     with tempfile.TemporaryDirectory(prefix="braze-subs-ceiling-") as tmp:
         base_tree = Path(tmp) / "base"
         subprocess.run(
@@ -103,14 +144,25 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
+        hidden = {
+            "base": hiding(hidden_packages(base_tree), Path(tmp) / "hidden"),
+            "this": "",
+        }
+        if hidden["base"]:
+            print(f"hidden from the base: {', '.join(hidden_packages(base_tree))}", flush=True)
         try:
             for round_ in range(args.rounds):
                 order = [("base", base_tree), ("this", ROOT)]
                 if round_ % 2:
                     order.reverse()
                 for name, tree in order:
-                    figures = drain(tree, args)
+                    figures = drain(tree, args, hidden[name])
                     rate = figures["identifiers"] / figures["drain_seconds"]
+                    per_thousand = {
+                        process: round(seconds * 1000 / figures["identifiers"], 3)
+                        for process, seconds in figures["cpu_seconds"].items()
+                    }
+                    cpu[name].append(per_thousand)
                     rates[name].append(round(rate))
                     wrong[name] += figures["wrong_final_state"]
                     per_request = figures["redis_commands"] / max(1, figures["requests"])
@@ -120,7 +172,9 @@ def main() -> None:
                         f"round {round_ + 1} {name}: {rate:,.0f} identifiers/s "
                         f"({figures['drain_seconds']} s, {figures['requests']} requests; "
                         f"Redis: {per_request:,.0f} commands a request, "
-                        f"{figures['redis_cpu_seconds']} s CPU)",
+                        f"{figures['redis_cpu_seconds']} s CPU; CPU s per 1,000 identifiers: "
+                        + ", ".join(f"{p} {per_thousand.get(p, 0)}" for p in PROCESSES)
+                        + ")",
                         flush=True,
                     )
         finally:
@@ -135,6 +189,7 @@ def main() -> None:
         "workers": "v1,v1",
         "limit": f"{args.limit} per {args.window:g} s",
         "load_average": round(os.getloadavg()[0], 1),
+        "cores": os.cpu_count(),
     }
     for name, values in rates.items():
         result[f"{name}.identifiers_per_second"] = values
@@ -143,6 +198,15 @@ def main() -> None:
         result[f"{name}.wrong_final_state"] = wrong[name]
         result[f"{name}.redis_commands_per_request"] = round(statistics.median(commands[name]))
         result[f"{name}.redis_cpu_seconds"] = redis_cpu[name]
+        # CPU seconds per 1,000 identifiers, each process's median over the rounds, and the
+        # identifiers/s the machine's cores allow at that cost (nothing else running).
+        split = {p: statistics.median(r.get(p, 0.0) for r in cpu[name]) for p in PROCESSES}
+        result[f"{name}.cpu_seconds_per_1000"] = {p: round(v, 3) for p, v in split.items()}
+        total = sum(split.values())
+        result[f"{name}.cpu_seconds_per_1000_total"] = round(total, 3)
+        result[f"{name}.cpu_bound_identifiers_per_second"] = (
+            round((os.cpu_count() or 1) * 1000 / total) if total else None
+        )
     result["ratio_of_medians"] = round(result["this.median"] / result["base.median"], 3)
     publish(result, "ceiling.json")
 

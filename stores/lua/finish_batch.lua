@@ -70,6 +70,14 @@ if ARGV[12] == 'listed' then
   end
 end
 local mark_field = 'w' .. SEP .. record.group
+-- A member's history event is the same for every member of the batch (its outcome, the
+-- batch, the answer): encoded once a batch, not once a member (issue 26).
+local dead_entry = {now .. SEP .. cjson.encode({e = 'dead_lettered', g = record.group,
+  b = ARGV[1], h = status, n = record.attempts + 1, x = ARGV[11]})}
+local skipped_entry = {now .. SEP .. cjson.encode({e = 'skipped_opt_out', g = record.group,
+  b = ARGV[1]})}
+local posted_entry = {now .. SEP .. cjson.encode({e = 'posted', g = record.group,
+  b = ARGV[1], h = status, l = answered})}
 local identifiers = {}
 local delivered = 0
 -- The members' locks and newer changes in one HMGET each (issue 26: two calls a batch, not
@@ -94,14 +102,12 @@ for n, member in ipairs(record.members) do
   end
   if dead then
     redis.call('HSET', subject, 'd' .. SEP .. ARGV[1], record.group)
-    remember(history, now, {e = 'dead_lettered', g = record.group, b = ARGV[1], h = status,
-      n = record.attempts + 1, x = ARGV[11]}, keep, most)
+    remember_entries(history, now, dead_entry, keep, most)
   elseif sent and not sent[member[1]] then
-    remember(history, now, {e = 'skipped_opt_out', g = record.group, b = ARGV[1]}, keep, most)
+    remember_entries(history, now, skipped_entry, keep, most)
     redis.call('HINCRBY', KEYS[12], 'opt_out_skipped', 1)
   else
-    remember(history, now, {e = 'posted', g = record.group, b = ARGV[1], h = status,
-      l = answered}, keep, most)
+    remember_entries(history, now, posted_entry, keep, most)
   end
   touch_subject(subject, subject_keep)
   local newer = newers[n]

@@ -80,6 +80,33 @@ def test_without_respect_opt_out_nothing_is_read(sim, poster):
     assert sim_stats(sim, log=True)["reads"]["requests_total"] == 0
 
 
+def test_a_batch_without_respect_opt_out_ends_every_member_as_posted(sim, poster, redis_client):
+    """Its end is told "all were sent" rather than given the list (issue 26): every
+    member's history says posted, none is counted as left out, the batch ends and its
+    locks go; beside it, a batch whose members respect opt-outs still lists them."""
+    plain = [email(n) for n in range(50)]
+    respecting = [email(n) for n in range(50, 60)]
+    set_in_braze(sim.url, GROUP, "unsubscribed", [plain[0], respecting[0]])
+    (plain_id,) = cut(plain, respect=False)
+    (respecting_id,) = cut(respecting)
+    assert poster.post(plain_id).status == "delivered"
+    assert poster.post(respecting_id).status == "delivered"
+    found = services()
+    history = ConsentHistory(found.redis, found.keys)
+    for value in plain:
+        assert [e.event for e in history.events("email", value)] == [
+            "enqueued",
+            "batched",
+            "posted",
+        ]
+    assert [e.event for e in history.events("email", respecting[0])][-1] == "skipped_opt_out"
+    assert [e.event for e in history.events("email", respecting[1])][-1] == "posted"
+    assert redis_client.hget(found.keys.stats, "opt_out_skipped") == b"1"
+    assert redis_client.hget(found.keys.stats, "delivered") == b"60"
+    assert not redis_client.exists(found.keys.batch(plain_id))
+    assert not redis_client.hlen(found.keys.inflight)
+
+
 def test_unsubscribing_changes_are_never_checked(sim, poster):
     (batch_id,) = cut([email(1)], state="unsubscribed")
     assert poster.post(batch_id).status == "delivered"
