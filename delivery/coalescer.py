@@ -361,7 +361,11 @@ class Coalescer:
             packs = pack_batches(plan, max_identifiers=settings.batch_max_identifiers)
         else:
             packs = [[batch] for batch in plan]
-        taken = self.buffer.take(packs, settings.redispatch_grace_ms, lane)
+        # A batch that travels alone and comes out short (a remainder, or planned members
+        # replaced since the read) takes the due changes of its kind that came since.
+        taken = self.buffer.take(
+            packs, settings.redispatch_grace_ms, lane, top_up_to=settings.batch_max_identifiers
+        )
         # One message per pack, for its first batch: a v2 worker claims the rest of the pack
         # and sends it in one request (v1 packs hold one batch each).
         self._send_cut([pack[0][0] for pack in taken])

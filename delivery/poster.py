@@ -323,6 +323,8 @@ class Poster:
         waiting = self._wait_for_turn(grant, records, token, report)
         if waiting is not None:
             return waiting
+        records = self._top_up_before_send(records, token)
+        report = replace(report, size=len({value for record in records for value in record.values}))
 
         records_or_report = self._respect_opt_outs(records, token, report)
         if isinstance(records_or_report, PostReport):
@@ -366,6 +368,27 @@ class Poster:
         report = replace(report, detail=masked_detail(report.detail, records))
         self._bookkeeping(records, report, reply, result, rate, grant)
         return report
+
+    def _top_up_before_send(self, records: list[BatchRecord], token: str) -> list[BatchRecord]:
+        """After the wait for the turn, before the request is built (and before the opt-out
+        check, which then covers the members taken too): a short batch is topped up again
+        with the due changes of its kind that came while it waited (top_up_batch.lua, the
+        claim's rules, while this token holds the claim; issue 26). A full request, a
+        retry (the new members would inherit its attempts) and a split's half cost no
+        round trip. A claim lost meanwhile leaves the record as it was: the fence refuses
+        the send anyway."""
+        if len({value for record in records for value in record.values}) >= self.top_up_to:
+            return records
+        need_ms = self.settings.http_timeout_ms
+        topped: list[BatchRecord] = []
+        for record in records:
+            fresh = None
+            if record.attempts == 0 and record.sibling is None:
+                fresh = self.store.top_up_before_send(
+                    record.id, token, need_ms, top_up_to=self.top_up_to
+                )
+            topped.append(fresh or record)
+        return topped
 
     def _bookkeeping(
         self,

@@ -91,7 +91,8 @@ class Claim:
     topped_up: int = 0  # members the claim's top-up took into the batch (claim_batch.lua)
 
 
-# Most due entries a claim's top-up looks at (claim_batch.lua ARGV[7]), oldest due first,
+# Most due entries a top-up looks at (claim_batch.lua ARGV[7]; top_up_batch.lua and
+# take_batch.lua the same), oldest due first,
 # for changes of its batch's group, state, kind and double opt-in. A bound on the script's
 # time (Redis runs nothing else meanwhile): ~1,000 entries are read and compared as
 # strings in well under a millisecond, and only those of the batch's group and kind are
@@ -220,6 +221,44 @@ class BatchStore(ScriptedStore):
         if status is ClaimStatus.CLAIMED and record is not None:
             self._texts.claimed(token, record)
         return Claim(status, record, topped_up)
+
+    def top_up_before_send(
+        self, batch_id: str, token: str, need_ms: int, *, top_up_to: int
+    ) -> BatchRecord | None:
+        """Right before the request is built: top a short claimed batch up again with the
+        due changes of its kind that came while it waited for its turn (top_up_batch.lua,
+        the claim's rules), while `token` holds its claim with more than `need_ms` left.
+        The record to build the request from (as it was if nothing was taken), or None if
+        the claim is not `token`'s any more (then the fence refuses the send as well)."""
+        k = self.keys
+        reply = self.scripts.top_up_batch(
+            keys=[
+                k.batch(batch_id),
+                k.claims,
+                k.claim_tokens,
+                k.fences,
+                k.pending,
+                k.due,
+                k.inflight,
+                k.due_live,
+                k.stats,
+            ],
+            args=[
+                batch_id,
+                token,
+                need_ms,
+                *self.retention.history_args,
+                top_up_to,
+                TOP_UP_LOOK_AT,
+                self.retention.subject_ms,
+            ],
+        )
+        if _text(reply[0]) == "lost":
+            return None
+        record = BatchRecord.from_json(reply[1])
+        if _text(reply[0]) == "topped":
+            self._texts.claimed(token, record)
+        return record
 
     def fence(self, batch_ids: list[str], token: str, need_ms: int) -> bool:
         """True if `token` still holds every batch's claim with more than `need_ms` left;

@@ -19,6 +19,7 @@ from redis.lock import Lock
 from core.changes import Change, IdentifierKind, Lane, SubscriptionState
 from core.planning import PendingChange, PlannedBatch, lane_prefix
 from stores.base import ScriptedStore
+from stores.batch_records import TOP_UP_LOOK_AT
 from stores.history import Retention
 from stores.keys import FIELD_SEPARATOR, Keys, buffer_field, identity_digest, split_field
 from stores.replication import ReplicaWait, on_write_node, write_node
@@ -292,11 +293,15 @@ class Buffer(ScriptedStore):
         packs: Sequence[Sequence[PlannedBatch]],
         redispatch_ms: int,
         lane: Lane = Lane.BULK,
+        *,
+        top_up_to: int = 0,
     ) -> list[list[tuple[str, int]]]:
         """Move planned batches out of the buffer into batch records, in one round trip.
 
         `packs` groups the batches that may share one v2 request (see `pack_batches`); each
         record lists its pack. The batches' ids carry their `lane` (`core.planning`).
+        A batch that travels alone and comes out short of `top_up_to` members is topped up
+        in its take with due changes of its kind (take_batch.lua; 0: not topped up).
         Returns, pack by pack, (batch id, members taken) for every batch that took at least
         one member (packs that took nothing are left out).
         """
@@ -324,6 +329,8 @@ class Buffer(ScriptedStore):
                 pack_json,
                 *self.retention.history_args,
                 self.retention.subject_ms,
+                top_up_to,
+                TOP_UP_LOOK_AT,
             ]
             for member in batch.members:
                 args += (member.value, member.seq)

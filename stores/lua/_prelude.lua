@@ -162,6 +162,91 @@ local function take_change(at, id, group, kind, value, change)
   return {value, change.q, change.r or 0, occurred}
 end
 
+-- Step of the top-up's read of a due set (entries per ZRANGEBYSCORE).
+local TOP_UP_STEP = 100
+
+-- Topping a short batch up (issue 26): one owner for the claim's top-up (claim_batch.lua)
+-- and the one right before the request (top_up_batch.lua), so both take alike.
+--
+-- top_up(record_key, record, kept, at, max_members, look_at)
+--                          take due changes of the batch's group, state, identifier kind
+--                          and double opt-in into `record` (stored at `record_key`; its
+--                          kept members `kept`, appended to), oldest due first, until it
+--                          holds `max_members` (for a v2 pack: until the pack holds that
+--                          many distinct identifiers, the siblings' records read as they
+--                          are now), looking at most at `look_at` due entries. A live
+--                          batch looks at live's due set, then bulk's; a bulk batch at
+--                          bulk's only. Each change is taken by `take_change` (`at` as
+--                          there), only if the buffer holds it, it is due, and no batch
+--                          locks its field. The caller writes the record back. Returns
+--                          how many were taken.
+local function top_up(record_key, record, kept, at, max_members, look_at)
+  local values, distinct = {}, 0
+  local function count(value)
+    if not values[value] then
+      values[value] = true
+      distinct = distinct + 1
+    end
+  end
+  for _, member in ipairs(kept) do
+    count(member[1])
+  end
+  -- The siblings' records are named like this one's (stores/keys.py `batch`: the id last).
+  local named = string.sub(record_key, 1, #record_key - #record.id)
+  for _, sibling in ipairs(record.pack or {}) do
+    if sibling ~= record.id then
+      if string.sub(record_key, -#record.id) ~= record.id then
+        return 0  -- cannot name the siblings: no top-up rather than an oversized request
+      end
+      local other = redis.call('GET', named .. sibling)
+      if other then
+        for _, member in ipairs(cjson.decode(other).members) do
+          count(member[1])
+        end
+      end
+    end
+  end
+  local lanes = {at.due}
+  if string.sub(record.id, 1, 5) == 'live-' then  -- core/planning.py LIVE_BATCH_PREFIX
+    lanes = {at.due_live, at.due}
+  end
+  local prefix = record.group .. SEP .. record.kind .. SEP
+  local taken, looked = 0, 0
+  for _, lane in ipairs(lanes) do
+    local offset = 0
+    while #kept < max_members and looked < look_at do
+      local fields = redis.call('ZRANGEBYSCORE', lane, '-inf', at.now, 'LIMIT', offset,
+        math.min(TOP_UP_STEP, look_at - looked))
+      if #fields == 0 then
+        break
+      end
+      looked = looked + #fields
+      local left = #fields
+      for _, field in ipairs(fields) do
+        if #kept >= max_members then
+          break
+        end
+        if string.sub(field, 1, #prefix) == prefix then
+          local value = string.sub(field, #prefix + 1)
+          local current = redis.call('HGET', at.pending, field)
+          local change = current and cjson.decode(current)
+          if change and change.s == record.state and tonumber(change.o) == record.doi
+              and (values[value] or distinct < max_members)
+              and redis.call('HEXISTS', at.inflight, field) == 0 then
+            kept[#kept + 1] = take_change(at, record.id, record.group, record.kind, value,
+              change)
+            count(value)
+            taken = taken + 1
+            left = left - 1  -- it left this due set: the next read starts one earlier
+          end
+        end
+      end
+      offset = offset + left
+    end
+  end
+  return taken
+end
+
 -- The schedule (stores/keys.py `schedule`, `schedule_reasons`): every batch that waits
 -- for its next try waits there, with a due time and a reason (core/waiting.py).
 --

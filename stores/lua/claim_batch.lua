@@ -50,81 +50,11 @@
 -- identifier), not due later (a delay), out of the buffer and locked in the same step,
 -- watermark and history written. So the request goes out full, and order holds as for a
 -- cut: a taken change is the newest of its identifier, and no batch holds an older one.
+-- (`top_up` in _prelude.lua, shared with top_up_batch.lua: the same top-up again right
+-- before the request, for changes that became due while the batch waited for its turn.)
 -- Returns {"gone"} (finished already), {"busy"} (another worker holds it), {"waiting"}
 -- (it waits in the schedule), {"empty", record as it was} or {"claimed", record, members
 -- the top-up took}. The holder may claim again with its own token (a renewal).
-
--- Step of the top-up's read of a due set (entries per ZRANGEBYSCORE).
-local TOP_UP_STEP = 100
-
--- top_up(record, kept, at, max_members, look_at): take due changes into `record` (kept
--- members `kept`, appended to) as the header says; returns how many were taken.
-local function top_up(record, kept, at, max_members, look_at)
-  local values, distinct = {}, 0
-  local function count(value)
-    if not values[value] then
-      values[value] = true
-      distinct = distinct + 1
-    end
-  end
-  for _, member in ipairs(kept) do
-    count(member[1])
-  end
-  -- The siblings' records are named like this one's (stores/keys.py `batch`: the id last).
-  local named = string.sub(KEYS[1], 1, #KEYS[1] - #record.id)
-  for _, sibling in ipairs(record.pack or {}) do
-    if sibling ~= record.id then
-      if string.sub(KEYS[1], -#record.id) ~= record.id then
-        return 0  -- cannot name the siblings: no top-up rather than an oversized request
-      end
-      local other = redis.call('GET', named .. sibling)
-      if other then
-        for _, member in ipairs(cjson.decode(other).members) do
-          count(member[1])
-        end
-      end
-    end
-  end
-  local lanes = {at.due}
-  if string.sub(record.id, 1, 5) == 'live-' then  -- core/planning.py LIVE_BATCH_PREFIX
-    lanes = {at.due_live, at.due}
-  end
-  local prefix = record.group .. SEP .. record.kind .. SEP
-  local taken, looked = 0, 0
-  for _, lane in ipairs(lanes) do
-    local offset = 0
-    while #kept < max_members and looked < look_at do
-      local fields = redis.call('ZRANGEBYSCORE', lane, '-inf', at.now, 'LIMIT', offset,
-        math.min(TOP_UP_STEP, look_at - looked))
-      if #fields == 0 then
-        break
-      end
-      looked = looked + #fields
-      local left = #fields
-      for _, field in ipairs(fields) do
-        if #kept >= max_members then
-          break
-        end
-        if string.sub(field, 1, #prefix) == prefix then
-          local value = string.sub(field, #prefix + 1)
-          local current = redis.call('HGET', at.pending, field)
-          local change = current and cjson.decode(current)
-          if change and change.s == record.state and tonumber(change.o) == record.doi
-              and (values[value] or distinct < max_members)
-              and redis.call('HEXISTS', at.inflight, field) == 0 then
-            kept[#kept + 1] = take_change(at, record.id, record.group, record.kind, value,
-              change)
-            count(value)
-            taken = taken + 1
-            left = left - 1  -- it left this due set: the next read starts one earlier
-          end
-        end
-      end
-      offset = offset + left
-    end
-  end
-  return taken
-end
 
 local id = ARGV[1]
 local record_json = redis.call('GET', KEYS[1])
@@ -193,8 +123,8 @@ local topped = 0
 local lost = #kept < #record.members
 if #kept < tonumber(ARGV[6]) and not holder and record.attempts == 0 and not record.split
     and not record.sibling then
-  topped = top_up(record, kept, {prefix = keys_prefix, pending = KEYS[8], due = KEYS[9],
-    due_live = KEYS[12], inflight = KEYS[10], keep = keep, most = most,
+  topped = top_up(KEYS[1], record, kept, {prefix = keys_prefix, pending = KEYS[8],
+    due = KEYS[9], due_live = KEYS[12], inflight = KEYS[10], keep = keep, most = most,
     subject_keep = tonumber(ARGV[8]), now = now}, tonumber(ARGV[6]), tonumber(ARGV[7]))
   if topped > 0 then
     redis.call('HINCRBY', KEYS[13], 'batched', topped)

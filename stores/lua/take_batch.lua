@@ -11,9 +11,12 @@
 -- ARGV[6] redispatch after (ms)    ARGV[7] JSON array: ids of the batches planned to share
 -- one v2 request with this one (its pack)   ARGV[8] history retention (ms)
 -- ARGV[9] most history events per identifier   ARGV[10] subject key lifetime (ms)
--- ARGV[11..] pairs: value, sequence number planned
+-- ARGV[11] most identifiers per batch a top-up fills it to (0: no top-up)
+-- ARGV[12] most due entries the top-up looks at
+-- ARGV[13..] pairs: value, sequence number planned
 -- Each member is taken by `take_change` (_prelude.lua: the buffer, the lock, the
 -- watermark, the history), as a claim's top-up takes one (claim_batch.lua).
+-- KEYS[6] "topped_up" += members a top-up took (they count in "batched" too).
 --
 -- The record's members are [value, seq, respect opt-out 0|1, occurred at ms], so the poster
 -- sees per member whether Braze's opt-out is to be respected.
@@ -23,8 +26,17 @@
 -- batch even with two coalescers running, and a change written after planning stays in the
 -- buffer for the next tick. The record is written in the same step that removes its
 -- changes from the buffer: a crash on either side of this script loses nothing, and the
--- sweep re-dispatches a record whose task message never left. Returns the members taken
--- (0: nothing was written).
+-- sweep re-dispatches a record whose task message never left.
+-- Top-up at the cut (issue 26): a batch that comes out short of ARGV[11] (a key's
+-- remainder, or planned members a newer change replaced between the cut's read and this
+-- take: under flips, whole runs of a key's batches came out short this way) and that
+-- travels alone (a pack of one: the other records of a v2 pack are not written yet, so
+-- its distinct identifiers could not be counted) takes due changes of its kind by the
+-- claim's rules (`top_up` in _prelude.lua: its group, state, kind and double opt-in,
+-- live then bulk for a live batch, bulk only for a bulk one, oldest due first; only a
+-- change the buffer holds, due, whose field no batch locks). So the changes that came
+-- after the read join the batch rather than a short batch of their own; order holds as
+-- for any member taken. Returns the members taken (0: nothing was written).
 local prefix = ARGV[2] .. SEP .. ARGV[4] .. SEP
 local now = now_ms()
 local at = {prefix = key_prefix(KEYS[1]), pending = KEYS[1], due = KEYS[2], due_live = KEYS[7],
@@ -35,14 +47,14 @@ local members = {}
 -- not two a member). Read before any is taken: taking one changes neither the change nor
 -- the lock of another field, and a value planned twice is taken once (`seen`).
 local fields = {}
-for i = 11, #ARGV, 2 do
+for i = 13, #ARGV, 2 do
   fields[#fields + 1] = prefix .. ARGV[i]
 end
 local currents = call_in_slices('HMGET', KEYS[1], fields)
 local locks = call_in_slices('HMGET', KEYS[3], fields)
 local seen = {}
 for n = 1, #fields do
-  local i = 9 + 2 * n
+  local i = 11 + 2 * n
   local current = currents[n]
   local change = current and cjson.decode(current)
   if change and change.q == tonumber(ARGV[i + 1]) and not locks[n] and not seen[ARGV[i]] then
@@ -53,10 +65,18 @@ end
 if #members == 0 then
   return 0
 end
-redis.call('SET', KEYS[5], cjson.encode({
+local record = {
   id = ARGV[1], group = ARGV[2], state = ARGV[3], kind = ARGV[4],
   doi = tonumber(ARGV[5]), members = members, attempts = 0, created = now,
-  pack = cjson.decode(ARGV[7])}))
+  pack = cjson.decode(ARGV[7])}
+local top_up_to = tonumber(ARGV[11])
+if #members < top_up_to and #record.pack <= 1 then
+  local topped = top_up(KEYS[5], record, members, at, top_up_to, tonumber(ARGV[12]))
+  if topped > 0 then
+    redis.call('HINCRBY', KEYS[6], 'topped_up', topped)
+  end
+end
+redis.call('SET', KEYS[5], cjson.encode(record))
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), ARGV[1])
 redis.call('HINCRBY', KEYS[6], 'batches', 1)
 redis.call('HINCRBY', KEYS[6], 'batched', #members)

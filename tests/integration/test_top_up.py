@@ -17,6 +17,7 @@ from stores.buffer import Buffer
 from stores.clock import server_time_ms
 from stores.keys import buffer_field
 from tests.conftest import email, take_each
+from tests.sim_control import sim_stats, sim_subscriptions
 
 GROUP = "news"
 LEASE_MS = 30_000
@@ -303,3 +304,166 @@ def test_a_top_up_never_takes_another_workspaces_changes(workspaces_env, redis_c
     assert sorted(claim.record.values) == [email(2), email(3)]
     assert eu.buffer.pending_count() == 2
     assert redis_client.hlen(eu.keys.inflight) == 0
+
+
+# --------------------------------------------------------------------------------------
+# Again right before the request (top_up_batch.lua): what came while the batch waited
+# --------------------------------------------------------------------------------------
+
+
+def test_a_short_batch_takes_what_came_while_it_waited_for_its_turn(
+    sim, env, redis_client, monkeypatch
+):
+    """Under a binding budget a claimed batch waits for its turn (acquire_token.lua, up to
+    TOKEN_WAIT_MAX_SECONDS) and changes of its kind that come meanwhile could not join it:
+    they were cut into short batches of their own. Right before the request is built, the
+    batch takes them (the claim's rules: its kind only, locked in the same step), and the
+    request carries them. Fails on the poster without the second top-up: one request of 2."""
+    found = services()
+    short = cut([row(email(1)), row(email(2))], Lane.LIVE)
+    # The budget is promised a little ahead: the grant comes with a short wait.
+    now = server_time_ms(redis_client)
+    redis_client.hset(found.limiter.key, "tat", now + found.limiter.budget.tolerance_ms + 300)
+    waited = []
+
+    def meanwhile(seconds: float) -> bool:
+        waited.append(seconds)
+        enqueue([row(email(30)), row(email(31))], Lane.LIVE)  # taken
+        enqueue([row(email(32), "unsubscribed")], Lane.LIVE)  # another state: left
+        enqueue([row(email(33))])  # bulk: a live batch takes it after live's
+        return True
+
+    monkeypatch.setattr(found.liveness, "wait", meanwhile)
+    report = found.poster().post(short)
+
+    assert waited and report.status == "delivered"
+    sent = [email(1), email(2), email(30), email(31), email(33)]
+    assert report.size == 5
+    [request] = sim_stats(sim, log=True)["requests"]
+    assert request["identifiers"] == 5
+    held = {(g, k, v): s["state"] for (g, k, v), s in sim_subscriptions(sim).items()}
+    assert held == {(GROUP, "email", v): "subscribed" for v in sent}
+    assert stat(redis_client, "topped_up") == 3
+    assert locked(redis_client) == {}  # ended: every lock released
+    assert due_fields(redis_client) == {buffer_field(GROUP, "email", email(32))}
+    batched = [e for e in events(redis_client, "email", email(30)) if e["e"] == "batched"]
+    assert [e["b"] for e in batched] == [short]
+
+
+def test_the_second_top_up_takes_nothing_into_a_claim_it_does_not_hold(env, redis_client):
+    """A worker that lost its claim while it waited (taken back, or too little lease left
+    for the exchange) takes nothing: the changes stay due for the batch's next holder or a
+    cut, and the fence refuses the send anyway."""
+    found = services()
+    store, keys = found.batches, found.keys
+    batch_id = cut([row(email(1)), row(email(2))])
+    assert store.claim(batch_id, A, LEASE_MS, top_up_to=50).topped_up == 0
+    enqueue([row(email(30))])
+    field = buffer_field(GROUP, "email", email(30))
+
+    assert store.top_up_before_send(batch_id, B, 5_000, top_up_to=50) is None  # not B's
+    assert store.top_up_before_send(batch_id, A, LEASE_MS, top_up_to=50) is None  # short
+    redis_client.hset(keys.claim_tokens, batch_id, B)  # taken over
+    assert store.top_up_before_send(batch_id, A, 5_000, top_up_to=50) is None
+    assert field in due_fields(redis_client)
+    assert members(batch_id) == [email(1), email(2)]
+    assert stat(redis_client, "topped_up") == 0
+
+    redis_client.hset(keys.claim_tokens, batch_id, A)
+    record = store.top_up_before_send(batch_id, A, 5_000, top_up_to=50)
+    assert record is not None and sorted(record.values) == [email(1), email(2), email(30)]
+    assert locked(redis_client)[field] == batch_id
+    assert members(batch_id) == list(record.values)
+    # Full now (top_up_to=3): nothing more, and the record is returned as it is.
+    enqueue([row(email(31))])
+    again = store.top_up_before_send(batch_id, A, 5_000, top_up_to=3)
+    assert again is not None and again.values == record.values
+
+
+def test_the_second_top_up_skips_a_retry_a_split_half_and_a_sent_batch(env, redis_client):
+    found = services()
+    store, keys = found.batches, found.keys
+    retried = cut([row(email(1)), row(email(2))])
+    assert store.claim(retried, A, LEASE_MS).status is ClaimStatus.CLAIMED
+    store.defer(
+        retried,
+        A,
+        error="HTTP 503",
+        count_attempt=True,
+        due_in_ms=0,
+        reason=WaitReason.RETRY,
+        grace_ms=120_000,
+    )
+    assert store.dispatch_due(1000, 120_000) == [retried]
+    assert store.claim(retried, A, LEASE_MS).status is ClaimStatus.CLAIMED
+    enqueue([row(email(30))])
+    kept = store.top_up_before_send(retried, A, 5_000, top_up_to=50)
+    assert kept is not None and kept.values == (email(1), email(2))
+
+    refused = cut([row(email(50)), row(email(51)), row(email(52)), row(email(53))])
+    assert store.claim(refused, B, LEASE_MS).status is ClaimStatus.CLAIMED
+    first, _second = store.split(refused, B, isolate=None, grace_ms=120_000)
+    redis_client.delete(keys.schedule)  # as if dispatched
+    assert store.claim(first, B, LEASE_MS).status is ClaimStatus.CLAIMED
+    half = store.top_up_before_send(first, B, 5_000, top_up_to=50)
+    assert half is not None and len(half.values) == 2
+
+    sent = cut([row(email(60))])
+    assert store.claim(sent, A, LEASE_MS).status is ClaimStatus.CLAIMED
+    assert store.fence([sent], A, 5_000)
+    fenced = store.top_up_before_send(sent, A, 5_000, top_up_to=50)
+    assert fenced is not None and fenced.values == (email(60),)
+    assert buffer_field(GROUP, "email", email(30)) in due_fields(redis_client)
+    assert stat(redis_client, "topped_up") == 0
+
+
+# --------------------------------------------------------------------------------------
+# At the cut (take_batch.lua): what came between the cut's read and its take
+# --------------------------------------------------------------------------------------
+
+
+def test_a_batch_cut_short_at_its_take_takes_what_came_since_the_read(env, redis_client):
+    """Under flips, whole runs of a key's batches came out of the cut short: their planned
+    members were replaced by the next wave between the cut's read and its take. The take
+    tops such a batch up with the due changes of its kind that came since (the claim's
+    rules), so they join it rather than a short batch of their own. Fails on the take
+    without the top-up: 2 members."""
+    buffer: Buffer = services().buffer
+    enqueue([row(email(n)) for n in range(3)], Lane.LIVE)
+    now = server_time_ms(redis_client)
+    [batch] = plan_batches(buffer.read_due(now, 100)[0], now_ms=now, max_identifiers=50)
+    enqueue([row(email(1), "unsubscribed")], Lane.LIVE)  # replaces a planned member
+    enqueue([row(email(10)), row(email(11))], Lane.LIVE)  # came since the read
+    enqueue([row(email(12))])  # bulk: a live batch takes it after live's
+    enqueue([row(email(13), group="promo")], Lane.LIVE)  # another group: left
+
+    [[(batch_id, size)]] = buffer.take([[batch]], 60_000, Lane.LIVE, top_up_to=50)
+
+    taken = [email(0), email(2), email(10), email(11), email(12)]
+    assert size == 5 and sorted(members(batch_id)) == sorted(taken)
+    assert locked(redis_client) == {buffer_field(GROUP, "email", v): batch_id for v in taken}
+    assert due_fields(redis_client) == {
+        buffer_field(GROUP, "email", email(1)),
+        buffer_field("promo", "email", email(13)),
+    }
+    assert stat(redis_client, "topped_up") == 3
+    assert stat(redis_client, "batched") == 5
+
+
+def test_a_take_tops_up_only_a_batch_that_travels_alone(env, redis_client):
+    """A v2 pack's other records are written later in the same round trip: its distinct
+    identifiers cannot be counted yet, so no batch of a pack of several is topped up at
+    its take (its claim does that). And without `top_up_to`, nothing is taken."""
+    buffer: Buffer = services().buffer
+    enqueue([row(email(1)), row(email(1), group="promo")])
+    now = server_time_ms(redis_client)
+    plan = plan_batches(buffer.read_due(now, 100)[0], now_ms=now, max_identifiers=50)
+    assert len(plan) == 2
+    enqueue([row(email(20)), row(email(21), group="promo")])
+    [pack] = buffer.take([plan], 60_000, top_up_to=50)
+    assert [size for _id, size in pack] == [1, 1]
+
+    alone = cut([row(email(30))])  # `cut` takes with the default: no top-up
+    assert members(alone) == [email(30)]
+    assert buffer_field(GROUP, "email", email(20)) in due_fields(redis_client)
+    assert stat(redis_client, "topped_up") == 0

@@ -11,6 +11,9 @@ Each step is one Lua script (or one request) of the real system:
   other identifiers ("h", the host) that lost members at its claim is topped up in the same
   step with the identifier's due change, if no batch locks it (issue 26), and a newer
   change supersedes the identifier in the host as in any batch;
+- top_up_batch.lua: between its claim and its fence (while it waited for its turn), a
+  worker holding the host may top it up again with the identifier's due change, by the
+  claim's rules, and only while it still holds the claim (issue 26);
 - fence_batch.lua + the request: the fence runs right before the first byte is written
   (httpcore's trace hook, delivery/braze_client.py), so the model treats fence-and-write as
   one step (the limit of any fencing without Braze's help: README, guarantees);
@@ -36,8 +39,9 @@ receives an older state after a newer one; a batch is sent again only when its e
 request failed or its outcome is unknown (the sender died or froze after sending): never
 because of a duplicate message; and every run that can go no further has delivered the
 newest state. The same checker, run on the protocol as it was before (no fence, unchecked
-finish, leases that expire under a frozen worker), finds the stale state of issue 9, and
-with a top-up that ignored the in-flight lock, an older state sent after a newer one.
+finish, leases that expire under a frozen worker), finds the stale state of issue 9,
+with a top-up that ignored the in-flight lock, an older state sent after a newer one, and
+with a top-up before the send into a batch its worker no longer holds, a change lost.
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ class Rules:
     outcome_first: bool = True  # the outcome is recorded before the bookkeeping (issue 21)
     forget_ends_claims: bool = True  # forget.lua ends the claims not yet sent (issue 21)
     top_up_checks_lock: bool = True  # a top-up takes only a change no batch locks (issue 26)
+    # The second top-up, right before the request (top_up_batch.lua), only into a batch
+    # its worker still holds (issue 26).
+    send_top_up_checks_claim: bool = True
 
 
 @dataclass(frozen=True)
@@ -333,6 +340,8 @@ def _worker_steps(
     batch, token, phase, outcome = worker.job
     held = _holder(state, batch) == (token, index)
     idle = _set_worker(state, index, Worker(True, None))
+    if phase == "c" and batch == HOST:
+        yield from _top_up_before_send(state, index, held, rules)
     if phase == "c":  # fence_batch.lua, then the request's first byte
         if rules.fence and not held:
             yield f"w{index} fence refuses {batch}", replace(state, workers=idle)
@@ -452,6 +461,29 @@ def _claim_host(
             f"w{index} claims {HOST}, topped up with {state.pending}",
             replace(
                 claimed,
+                batches=frozenset(b for b in state.batches if b[0] != HOST)
+                | {(HOST, state.pending)},
+                locked_by=HOST,
+                pending=None,
+            ),
+        )
+
+
+def _top_up_before_send(
+    state: State, index: int, held: bool, rules: Rules
+) -> Iterator[tuple[str, State]]:
+    """top_up_batch.lua on the host, between its claim and its fence (the worker waited for
+    its turn meanwhile): it may take the identifier's due change, as the claim's top-up
+    does (only if no batch locks it), and only while this worker still holds the host.
+    Whether it does or not (nothing due of its kind yet), the fence comes next."""
+    if rules.send_top_up_checks_claim and not held:
+        return  # the script answers "lost": nothing written
+    takeable = state.locked_by is None or not rules.top_up_checks_lock
+    if state.pending is not None and takeable and _version(state, HOST) == 0:
+        yield (
+            f"w{index} tops {HOST} up with {state.pending} before sending",
+            replace(
+                state,
                 batches=frozenset(b for b in state.batches if b[0] != HOST)
                 | {(HOST, state.pending)},
                 locked_by=HOST,
@@ -598,4 +630,16 @@ def test_the_checker_finds_the_stale_state_when_a_top_up_ignores_the_lock():
     )
     assert counterexample is not None
     assert "after" in counterexample[-1]
-    assert any("topped up" in step for step in counterexample)
+    # at the claim or right before the send: both take by the same rules
+    assert any("topped up" in step or "tops" in step for step in counterexample)
+
+
+def test_the_checker_finds_the_lost_change_when_the_second_top_up_ignores_the_claim():
+    """A worker that lost the host (frozen past its lease; taken back and sent by another)
+    and took the identifier's change into it before its fence refused: the change rides
+    in a batch already answered, ends with it, and never reaches Braze."""
+    _visited, counterexample = explore(
+        Rules(send_top_up_checks_claim=False), freezes=1, writes=1, host=True, sweeps=0
+    )
+    assert counterexample is not None
+    assert any("before sending" in step for step in counterexample)
