@@ -47,9 +47,24 @@ with a top-up before the send into a batch its worker no longer holds, a change 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pytest
+
+T = TypeVar("T")
+
+
+def replace(obj: T, **changes: Any) -> T:
+    """`dataclasses.replace` for the model's frozen dataclasses, without its per-call field
+    introspection (60 % of the checker's time): a copy of the instance's fields with
+    `changes`; no `__init__` runs, and the model's classes define no `__post_init__`."""
+    new = object.__new__(type(obj))
+    fields = obj.__dict__.copy()
+    fields.update(changes)
+    object.__setattr__(new, "__dict__", fields)
+    return new
+
 
 OLD, NEW = 1, 2  # the identifier's states, in the order they were written (3: a third)
 HOST = "h"  # a batch of other identifiers, which may take the identifier in at its claim
