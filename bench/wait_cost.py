@@ -104,8 +104,7 @@ def measure(
                 samples.setdefault(f"{path}/{mode}", []).append(figures)
     return {
         name: {
-            figure: round(statistics.median(each[figure] for each in runs), 3)
-            for figure in runs[0]
+            figure: round(statistics.median(each[figure] for each in runs), 3) for figure in runs[0]
         }
         for name, runs in samples.items()
     }

@@ -29,8 +29,13 @@ def test_waves_posted_to_the_api_end_in_braze_in_order_at_default_settings(
             for n in rng.sample(range(600), 400):
                 group = GROUPS[n % 2]
                 state = rng.choice(("subscribed", "unsubscribed"))
-                rows.append({"subscription_group_id": group, "subscription_state": state,
-                             "email": f"api{n}@example.com"})
+                rows.append(
+                    {
+                        "subscription_group_id": group,
+                        "subscription_state": state,
+                        "email": f"api{n}@example.com",
+                    }
+                )
             start = 0
             while start < len(rows):
                 size = rng.choice((1, 7, 50, 200))

@@ -433,9 +433,7 @@ def test_compose_stack_in_podman_keeps_every_last_write(stack: Stack) -> None:
         timeout=60,
     )
     assert denied.returncode != 0
-    others = [
-        stack.one(service) for service in ("beat", "flower", "metrics", "api", "simulator")
-    ]
+    others = [stack.one(service) for service in ("beat", "flower", "metrics", "api", "simulator")]
     for name in [redis, *others, *workers]:
         wait_for(lambda name=name: stack.healthy(name), timeout=90, interval=2.0, what=name)
     # The exporter, on its published port.

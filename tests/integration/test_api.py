@@ -29,8 +29,12 @@ def api(env: dict[str, str], tmp_path: Path) -> Iterator[Api]:
 
 
 def row(n: int, state: str = "subscribed", **fields: object) -> dict[str, object]:
-    return {"subscription_group_id": "newsletter", "subscription_state": state,
-            "email": email(n), **fields}
+    return {
+        "subscription_group_id": "newsletter",
+        "subscription_state": state,
+        "email": email(n),
+        **fields,
+    }
 
 
 def pending(redis_client: Redis) -> int:
@@ -46,9 +50,14 @@ def test_changes_go_in_like_import_rows_with_accepted_and_stale_counts(api, redi
             row(3, phone="+1 415 555 0100", email=None),
             # Older than the one accepted above for the same group and identifier.
             row(1, "unsubscribed", occurred_at="2026-01-01T00:00:00Z"),
-            {"subscription_group_id": "sms", "subscription_state": "subscribed",
-             "external_id": " user-9 ", "use_double_opt_in_logic": True, "delay_seconds": 120,
-             "lane": "bulk"},
+            {
+                "subscription_group_id": "sms",
+                "subscription_state": "subscribed",
+                "external_id": " user-9 ",
+                "use_double_opt_in_logic": True,
+                "delay_seconds": 120,
+                "lane": "bulk",
+            },
         ]
     )
     assert many.status_code == 202 and many.json() == {"accepted": 4, "stale": 1}
@@ -65,19 +74,29 @@ def test_one_bad_row_refuses_the_request_listing_every_bad_row_masked(api, redis
         row(1),
         row(2, "maybe"),
         row(3),
-        {"subscription_group_id": "newsletter", "subscription_state": "subscribed",
-         "email": "jane.doe@@example.com"},
+        {
+            "subscription_group_id": "newsletter",
+            "subscription_state": "subscribed",
+            "email": "jane.doe@@example.com",
+        },
         "not an object",
         row(5, emial="typo"),
-        {"subscription_group_id": "sms", "subscription_state": "subscribed",
-         "phone": "4155550123"},  # the reason quotes it: masked
+        {
+            "subscription_group_id": "sms",
+            "subscription_state": "subscribed",
+            "phone": "4155550123",
+        },  # the reason quotes it: masked
         row(8, lane="fast"),
     ]
     answer = api.post(rows)
     assert answer.status_code == 422
     errors = answer.json()["errors"]
     assert [(e["index"], e["field"]) for e in errors] == [
-        (1, "subscription_state"), (3, "email"), (4, "change"), (5, "emial"), (6, "phone"),
+        (1, "subscription_state"),
+        (3, "email"),
+        (4, "change"),
+        (5, "emial"),
+        (6, "phone"),
         (7, "lane"),
     ]
     assert "jane.doe@@example.com" not in answer.text and "jane.doe" not in answer.text
@@ -150,7 +169,10 @@ def test_access_lines_are_json_without_personal_data_or_tokens(api):
 
     lines = wait_for(lambda: (found := access_lines()) and found[-1]["route"] == "other" and found)
     assert [(line["route"], line["status"]) for line in lines[-4:]] == [
-        ("/v1/changes", 202), ("/v1/changes", 422), ("/v1/changes", 401), ("other", 404)
+        ("/v1/changes", 202),
+        ("/v1/changes", 422),
+        ("/v1/changes", 401),
+        ("other", 404),
     ]
     text = api.log.read_text()
     for secret in (email(7), email(8), email(9), TOKEN, "tok-wrong-but-long-enough", "example"):
@@ -171,8 +193,7 @@ def test_request_metrics_reach_the_exporter(api, redis_client):
         return samples
 
     samples = wait_for(
-        lambda: (s := exported()).get(("braze_subs_api_requests_total", (("code", "422"),)))
-        and s
+        lambda: (s := exported()).get(("braze_subs_api_requests_total", (("code", "422"),))) and s
     )
     assert samples[("braze_subs_api_requests_total", (("code", "202"),))] == 1
     assert samples[("braze_subs_api_changes_total", (("outcome", "accepted"),))] == 2
@@ -191,8 +212,12 @@ def test_no_token_configured_stops_the_api_at_start_in_one_line(env):
     environ.pop("API_TOKENS", None)
     environ.pop("API_TOKENS_FILE", None)
     result = subprocess.run(
-        [sys.executable, "-m", "worker", "api"], cwd=ROOT, env=environ,
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "worker", "api"],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

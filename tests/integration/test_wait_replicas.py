@@ -104,9 +104,7 @@ def pending_on(node: Redis) -> int:
 
 
 def enqueue_cli(n: int):
-    return run_cli(
-        "enqueue", "--group", "newsletter", "--state", "subscribed", "--email", email(n)
-    )
+    return run_cli("enqueue", "--group", "newsletter", "--state", "subscribed", "--email", email(n))
 
 
 def each_path_is_acknowledged(target: Target, tmp_path: Path) -> None:
@@ -153,9 +151,7 @@ def test_each_enqueue_path_is_acknowledged_by_the_replica(pair, tmp_path):
     each_path_is_acknowledged(pair, tmp_path)
 
 
-def test_each_enqueue_path_is_acknowledged_on_the_cluster_by_the_slots_master(
-    on_cluster, tmp_path
-):
+def test_each_enqueue_path_is_acknowledged_on_the_cluster_by_the_slots_master(on_cluster, tmp_path):
     each_path_is_acknowledged(on_cluster, tmp_path)
 
 
@@ -240,9 +236,7 @@ def test_the_http_api_answers_503_while_the_replica_is_stopped(pair, tmp_path):
     the_http_api_answers_503_while_the_replica_is_stopped(pair, tmp_path)
 
 
-def test_the_http_api_on_the_cluster_answers_503_while_the_replica_is_stopped(
-    on_cluster, tmp_path
-):
+def test_the_http_api_on_the_cluster_answers_503_while_the_replica_is_stopped(on_cluster, tmp_path):
     the_http_api_answers_503_while_the_replica_is_stopped(on_cluster, tmp_path)
 
 
@@ -273,9 +267,7 @@ def test_the_api_names_a_wait_no_enqueue_can_meet_at_start(pair, tmp_path):
         refused = api.post(row(1))
         assert refused.status_code == 503
         assert refused.json()["error"].startswith("REDIS_WAIT_REPLICAS=2: 1 replica(s)")
-        warned = [
-            line for line in api.log.read_text().splitlines() if "has 1 replica(s)" in line
-        ]
+        warned = [line for line in api.log.read_text().splitlines() if "has 1 replica(s)" in line]
     assert len(warned) == 1 and "REDIS_WAIT_REPLICAS=2" in warned[0], warned
 
 

@@ -15,8 +15,15 @@ def test_tokens_accept_only_a_bearer_of_one_of_them():
     tokens = BearerTokens(["first-token-0123456", "second-token-012345"])
     assert tokens.accepts("Bearer first-token-0123456")
     assert tokens.accepts("bearer  second-token-012345 ")
-    for header in (None, "", "Bearer", "Bearer first-token-012345", "Basic first-token-0123456",
-                   "first-token-0123456", "Bearer first-token-01234567"):
+    for header in (
+        None,
+        "",
+        "Bearer",
+        "Bearer first-token-012345",
+        "Basic first-token-0123456",
+        "first-token-0123456",
+        "Bearer first-token-01234567",
+    ):
         assert not tokens.accepts(header), header
     assert "first" not in repr(tokens) and "012345" not in repr(tokens)
 
