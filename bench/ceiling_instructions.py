@@ -1,0 +1,203 @@
+"""Instructions a worker's cut and posts execute per 1,000 identifiers, and redis-server's
+meanwhile (callgrind), this tree and a base side by side (issue 26).
+
+    .venv/bin/python -m bench.ceiling_instructions             # base: bench.ceiling's
+    .venv/bin/python -m bench.ceiling_instructions --base 46c0f36 --large 5000
+
+Wall and CPU time on a machine shared by other work vary by a fifth from one drain to the
+next (bench.ceiling); instruction counts do not. For each tree and each of two backlogs
+(--small, --large unique identifiers, bench.drain's mix) this starts redis-server under
+`valgrind --tool=callgrind`, the simulator in this process (not counted), and one Python
+process under callgrind that enqueues the backlog, then, counted from there in both
+processes (`callgrind_control -i on -z`), cuts it with the coalescer's tick and posts every
+batch with the poster (v1, one thread: the work two workers share in a drain, without
+Celery's messages), until the buffer is empty. The figure per 1,000 identifiers is the
+difference between the two backlogs (what start-up and the first tick cost alike cancels
+out). The tick is `Coalescer._tick` without its lock: under callgrind's slowdown a tick
+outlives the lock's 3 s (one SET and one script a tick). A package this tree requires and
+the base does not (hiredis) is hidden from the base, as in bench.ceiling. Writes
+bench/results/ceiling-instructions.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+
+from bench.ceiling import BASE, ROOT, hidden_packages, hiding
+from bench.figures import publish
+from devtools.processes import free_port
+from simulator import SimulatorConfig, SimulatorServer
+
+# The counted process: enqueue, then (counted) cut and post until nothing is left.
+HARNESS = """
+import os, random, subprocess, sys
+from config.settings import load_settings
+import bench.drain as drain
+from delivery.services import Services
+pids = [os.getpid(), int(os.environ["REDIS_PID"])]
+services = Services(load_settings(
+    redis_url=os.environ["REDIS_URL"], braze_rest_endpoint=os.environ["SIM_URL"],
+    braze_api_key="bench-key", braze_rate_limit=100000, braze_rate_limit_window_seconds=2))
+services.buffer.enqueue(drain.backlog(int(os.environ["IDENTIFIERS"]), 4, random.Random(1)))
+messages = []
+coalescer = services.coalescer(messages.append, messages.extend)
+poster = services.poster()
+poster.liveness.ensure_started()
+def control(*options):
+    for pid in pids:
+        subprocess.run(["callgrind_control", *options, str(pid)], check=True,
+                       capture_output=True)
+control("-i", "on")
+control("-z")
+while True:
+    coalescer._tick()
+    if not messages:
+        break
+    batches = list(messages)
+    messages.clear()
+    for batch_id in batches:
+        poster.post(batch_id)
+control("-d")
+control("-i", "off")
+"""
+
+
+def instructions(out_file: Path) -> int:
+    """The instructions in the dump `callgrind_control -d` wrote (FILE.1)."""
+    for line in Path(f"{out_file}.1").read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise SystemExit(f"no totals in {out_file}.1")
+
+
+def measure(tree: Path, hidden: str, identifiers: int, workdir: Path) -> dict[str, int]:
+    """Instructions of the cut and posts of `identifiers` (Python process, redis-server)."""
+    workdir.mkdir(parents=True)
+    callgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
+    port = free_port()
+    redis_out = workdir / "redis.out"
+    redis_server = subprocess.Popen(
+        [
+            *callgrind,
+            f"--callgrind-out-file={redis_out}",
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sim = SimulatorServer(
+        SimulatorConfig(
+            api_keys={"bench-key"}, auto_groups=True, rate_limit=100_000, window_seconds=2
+        )
+    )
+    try:
+        client = Redis(port=port)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.ping()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise SystemExit("redis-server under callgrind did not start") from None
+                time.sleep(0.2)
+        sim.start()
+        python_out = workdir / "python.out"
+        path = os.pathsep.join(p for p in (hidden, str(tree)) if p)
+        done = subprocess.run(
+            [*callgrind, f"--callgrind-out-file={python_out}", sys.executable, "-c", HARNESS],
+            cwd=tree,
+            env={
+                **os.environ,
+                "PYTHONPATH": path,
+                "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+                "REDIS_PID": str(redis_server.pid),
+                "SIM_URL": sim.url,
+                "IDENTIFIERS": str(identifiers),
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"the counted run in {tree} failed:\n{done.stderr[-2000:]}")
+        return {"python": instructions(python_out), "redis-server": instructions(redis_out)}
+    finally:
+        sim.stop()
+        redis_server.terminate()
+        redis_server.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=BASE)
+    parser.add_argument("--small", type=int, default=1000)
+    parser.add_argument("--large", type=int, default=3000)
+    args = parser.parse_args()
+    for tool in ("valgrind", "callgrind_control", "redis-server"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} not found (apt-get install valgrind redis-server)")
+    result: dict[str, Any] = {"base": args.base, "backlogs": f"{args.small}, {args.large}"}
+    with tempfile.TemporaryDirectory(prefix="braze-subs-instructions-") as tmp:
+        base_tree = Path(tmp) / "base"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            trees = {
+                "base": (base_tree, hiding(hidden_packages(base_tree), Path(tmp) / "hidden")),
+                "this": (ROOT, ""),
+            }
+            for name, (tree, hidden) in trees.items():
+                counted = {
+                    n: measure(tree, hidden, n, Path(tmp) / f"{name}-{n}")
+                    for n in (args.small, args.large)
+                }
+                for process in ("python", "redis-server"):
+                    per_thousand = (
+                        (counted[args.large][process] - counted[args.small][process])
+                        * 1000
+                        / (args.large - args.small)
+                    )
+                    result[f"{name}.{process}_instructions_per_1000"] = round(per_thousand)
+                    print(
+                        f"{name} {process}: {per_thousand / 1e6:,.1f} M instructions per "
+                        "1,000 identifiers",
+                        flush=True,
+                    )
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
+                check=False,
+                capture_output=True,
+            )
+    for process in ("python", "redis-server"):
+        base = result[f"base.{process}_instructions_per_1000"]
+        result[f"{process}_this_over_base"] = round(
+            result[f"this.{process}_instructions_per_1000"] / base, 3
+        )
+    publish(result, "ceiling-instructions.json")
+
+
+if __name__ == "__main__":
+    main()
