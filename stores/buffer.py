@@ -11,9 +11,10 @@ import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
+from typing import NamedTuple
 
 from redis import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 from redis.lock import Lock
 
 from core.changes import Change, IdentifierKind, Lane, SubscriptionState
@@ -102,6 +103,45 @@ def call_groups(args: Sequence[bytes]) -> list[bytes]:
     one SADD rather than finding each change's group in Lua)."""
     groups = list(dict.fromkeys(field[: field.index(_SEP)] for field in args[::ARGS_PER_CHANGE]))
     return [b"%d" % len(groups), *groups]
+
+
+class PackedChanges(NamedTuple):
+    """Encoded changes (`encode_change`) already in the Redis protocol (RESP bulk strings,
+    back to back), with the groups they name: a piece of an enqueue call. The import packs
+    them in its validating processes, in parallel, so the importing process only joins
+    pieces into calls and writes bytes to the socket (redis-py packed each of the ~5,000
+    arguments of a call in Python, in the one process every call goes through)."""
+
+    changes: int
+    groups: tuple[bytes, ...]
+    body: bytes
+
+
+def _bulk(args: Iterable[bytes]) -> bytes:
+    return b"".join([b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args])
+
+
+def pack_changes(args: Sequence[bytes], size: int = ENQUEUE_CHUNK) -> list[PackedChanges]:
+    """Encoded changes cut into pieces of at most `size` changes, in order."""
+    step = size * ARGS_PER_CHANGE
+    pieces = []
+    for start in range(0, len(args), step):
+        part = args[start : start + step]
+        groups = dict.fromkeys(field[: field.index(_SEP)] for field in part[::ARGS_PER_CHANGE])
+        pieces.append(PackedChanges(len(part) // ARGS_PER_CHANGE, tuple(groups), _bulk(part)))
+    return pieces
+
+
+def unpack_changes(piece: PackedChanges) -> list[bytes]:
+    """The encoded changes of a piece: `pack_changes`' inverse."""
+    args: list[bytes] = []
+    body, at = piece.body, 0
+    while at < len(body):
+        end = body.index(b"\r\n", at)
+        length = int(body[at + 1 : end])
+        args.append(body[end + 2 : end + 2 + length])
+        at = end + 4 + length
+    return args
 
 
 def encode_changes(changes: Iterable[Change]) -> list[bytes]:
@@ -394,8 +434,10 @@ def lane_figures(
 
 
 class PipelinedEnqueue:
-    """Sends enqueue-script calls, `ENQUEUE_CHUNK` changes each, in the order given, on a
-    connection of its own, with up to `CALLS_IN_FLIGHT` calls unanswered.
+    """Sends enqueue-script calls of up to `ENQUEUE_CHUNK` changes, in the order given, on a
+    connection of its own, with up to `CALLS_IN_FLIGHT` calls unanswered. A call is written
+    to the socket as bytes: the script's head, packed once, its groups, and the changes
+    as packed (`PackedChanges`: by the caller, `add_packed`, or here, `add`).
 
     Redis runs one connection's commands in the order sent, so the order of the changes and
     the atomicity of each call are those of `Buffer.enqueue`; only the waiting overlaps.
@@ -420,19 +462,25 @@ class PipelinedEnqueue:
         assert self._connection is not None
         self._buffer = buffer
         self._keys = buffer._enqueue_keys()
-        self._head = (
+        head = [
             "EVAL",
             buffer.scripts.enqueue.script,
             len(self._keys),
             *self._keys,
             *buffer._enqueue_head(lane),
+        ]
+        self._head_count = len(head)
+        encoder = self._client.connection_pool.get_encoder()
+        self._head_body = b"".join(
+            [b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in map(encoder.encode, head)]
         )
-        self._size = ENQUEUE_CHUNK * ARGS_PER_CHANGE
-        self._args: list[bytes] = []
+        self._queued: list[PackedChanges] = []  # the next call's pieces, not yet sent
+        self._queued_changes = 0
         self._unanswered: list[int] = []  # changes per call sent and not yet answered
         self.sent = 0
         self.count = 0
         self.stale = 0
+        self._failed = False
 
     def __enter__(self) -> PipelinedEnqueue:
         return self
@@ -444,39 +492,67 @@ class PipelinedEnqueue:
 
     def add(self, args: list[bytes]) -> None:
         """Queue encoded changes (`encode_changes`); every full call's worth is sent."""
-        self._args += args
-        if len(self._args) < self._size:
-            return
-        pending = self._args
-        whole = len(pending) - len(pending) % self._size
-        for start in range(0, whole, self._size):
-            self._send(pending[start : start + self._size])
-        self._args = pending[whole:]
+        self.add_packed(pack_changes(args))
+
+    def add_packed(self, pieces: Iterable[PackedChanges]) -> None:
+        """Queue changes packed already (`pack_changes`), in order; every full call's worth
+        is sent. Pieces are joined into calls of up to `ENQUEUE_CHUNK` changes."""
+        for piece in pieces:
+            if self._queued_changes + piece.changes > ENQUEUE_CHUNK:
+                self._send()
+            self._queued.append(piece)
+            self._queued_changes += piece.changes
+            if self._queued_changes >= ENQUEUE_CHUNK:
+                self._send()
 
     def finish(self) -> None:
         """Send what is queued and wait until Redis has applied every call."""
-        if self._args:
-            self._send(self._args)
-            self._args = []
+        if self._queued:
+            self._send()
         while self._unanswered:
             self._answer()
 
-    def _send(self, args: list[bytes]) -> None:
+    def _send(self) -> None:
         assert self._connection is not None
+        pieces, changes = self._queued, self._queued_changes
+        self._queued, self._queued_changes = [], 0
+        groups = list(dict.fromkeys(group for piece in pieces for group in piece.groups))
+        count = self._head_count + 1 + len(groups) + changes * ARGS_PER_CHANGE
         # No health check: its PING would read a reply meant for a call in flight.
-        self._connection.send_command(*self._head, *call_groups(args), *args, check_health=False)
+        self._connection.send_packed_command(
+            [
+                b"*%d\r\n" % count,
+                self._head_body,
+                _bulk((b"%d" % len(groups), *groups)),
+                *(piece.body for piece in pieces),
+            ],
+            check_health=False,
+        )
         if self._wait.on:  # answered after the call, once the replicas have it
             self._connection.send_command(*self._wait.command(), check_health=False)
-        changes = len(args) // ARGS_PER_CHANGE
         self._unanswered.append(changes)
         self.sent += changes
         if len(self._unanswered) >= CALLS_IN_FLIGHT:
             self._answer()
 
+    def settle(self) -> None:
+        """After another enqueuer failed: count the calls in flight that Redis answered,
+        up to this one's first failure, so `count` stays a prefix of the changes sent
+        (the import's resume line rests on that). Nothing is sent."""
+        while self._unanswered and not self._failed:
+            try:
+                self._answer()
+            except RedisError:
+                return
+
     def _answer(self) -> None:
-        _last, stale = self._client.parse_response(self._connection, "EVAL")
-        changes = self._unanswered.pop(0)
-        if self._wait.on:
-            self._wait.check(self._client.parse_response(self._connection, "WAIT"), changes)
+        try:
+            _last, stale = self._client.parse_response(self._connection, "EVAL")
+            changes = self._unanswered.pop(0)
+            if self._wait.on:
+                self._wait.check(self._client.parse_response(self._connection, "WAIT"), changes)
+        except RedisError:
+            self._failed = True  # later calls may succeed; they are not counted
+            raise
         self.stale += int(stale)
         self.count += changes

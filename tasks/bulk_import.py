@@ -34,7 +34,7 @@ from core.changes import Lane
 from core.errors import BrazeSubsError
 from core.redaction import scrub
 from core.routing import Routes
-from stores.buffer import Buffer, PipelinedEnqueue
+from stores.buffer import Buffer, PackedChanges, PipelinedEnqueue
 from tasks.parallel import cpu_count, ordered_map
 from tasks.rows import (
     CHUNK_LINES,
@@ -42,6 +42,7 @@ from tasks.rows import (
     ChunkResult,
     RowError,
     check_chunk,
+    pieces_by_workspace,
     read_chunks,
 )
 
@@ -124,18 +125,24 @@ class _Enqueuers:
     def __exit__(self, *exc: object) -> None:
         self._stack.__exit__(*exc)  # type: ignore[arg-type]
 
-    def add(self, split: dict[str, list[bytes]]) -> None:
-        for workspace, args in split.items():
+    def add(self, split: dict[str, list[PackedChanges]]) -> None:
+        for workspace, pieces in split.items():
             enqueuer = self.each.get(workspace)
             if enqueuer is None:
                 enqueuer = self.each[workspace] = self._stack.enter_context(
                     self._buffers(workspace).pipelined(self._lane)
                 )
-            enqueuer.add(args)
+            enqueuer.add_packed(pieces)
 
     def finish(self) -> None:
         for enqueuer in self.each.values():
             enqueuer.finish()
+
+    def settle(self) -> None:
+        """One of them failed: count what Redis answered the others (and it, up to its
+        failure), so the changes reported and the line to resume from are all that is in."""
+        for enqueuer in self.each.values():
+            enqueuer.settle()
 
     @property
     def count(self) -> int:
@@ -148,13 +155,6 @@ class _Enqueuers:
     @property
     def counts(self) -> dict[str, int]:
         return {workspace: enqueuer.count for workspace, enqueuer in self.each.items()}
-
-
-def _changes_per_workspace(chunk: ChunkResult) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for workspace, changes in chunk.routed:
-        counts[workspace] = counts.get(workspace, 0) + changes
-    return counts
 
 
 def _interrupted(
@@ -250,16 +250,16 @@ def _tally(result: ImportResult, chunk: ChunkResult) -> None:
             result.errors += chunk.errors[:room]
 
 
-# The spool keeps pass 1's valid changes on disk as the chunks' pickled lists of
-# enqueue-script arguments, back to back: pass 2 sends them without parsing or validating
-# anything again (phonenumbers alone costs ~50 µs a row) and without a `Change` per row.
-def _unspooled(spool: IO[bytes]) -> Iterator[dict[str, list[bytes]]]:
+# The spool keeps pass 1's valid changes on disk as the chunks' pieces of enqueue calls,
+# packed for the wire (`PackedChanges`), back to back: pass 2 writes them to Redis without parsing,
+# validating or even packing anything again (phonenumbers alone costs ~30-50 µs a row).
+def _unspooled(spool: IO[bytes]) -> Iterator[dict[str, list[PackedChanges]]]:
     while True:
         try:
-            routed, packed = pickle.load(spool)
+            pieces = pickle.load(spool)
         except EOFError:
             return
-        yield ChunkResult(0, 0, 0, [], packed, routed).by_workspace()
+        yield pieces_by_workspace(pieces)
 
 
 @contextlib.contextmanager
@@ -284,8 +284,8 @@ def _validate_then_enqueue(
         for chunk in results:
             _tally(result, chunk)
             if result.ok and chunk.valid:  # after a bad row, nothing will be enqueued
-                pickle.dump((chunk.routed, chunk.packed_args), spool, pickle.HIGHEST_PROTOCOL)
-                resume.add(_changes_per_workspace(chunk), chunk.last_line)
+                pickle.dump(chunk.pieces, spool, pickle.HIGHEST_PROTOCOL)
+                resume.add(chunk.routed, chunk.last_line)
             progress("validating", chunk.last_line)
         if not result.ok:
             return
@@ -299,6 +299,7 @@ def _validate_then_enqueue(
                         progress("enqueuing", enqueuer.count)
                 enqueuer.finish()
             except RedisError as exc:
+                enqueuer.settle()
                 raise _interrupted(path, exc, enqueuer, resume, resume.total) from None
             progress("enqueuing", enqueuer.count)
             result.enqueued = enqueuer.count
@@ -324,12 +325,13 @@ def _enqueue_valid_rows(
                     for error in chunk.errors:
                         record = {"line": error.line, "field": error.field, "error": error.message}
                         rejects_file.write(json.dumps(record) + "\n")
-                resume.add(_changes_per_workspace(chunk), chunk.last_line)
+                resume.add(chunk.routed, chunk.last_line)
                 if chunk.valid:
                     enqueuer.add(chunk.by_workspace())
                 progress("enqueuing", chunk.last_line)
             enqueuer.finish()
         except RedisError as exc:
+            enqueuer.settle()
             raise _interrupted(path, exc, enqueuer, resume, resume.total) from None
         result.enqueued = enqueuer.count
         result.stale = enqueuer.stale

@@ -13,9 +13,10 @@ missing CSV column) raise `ImportFileError`.
 `iter_changes` goes row by row (`braze-subs verify`). For bulk work (`braze-subs
 import`) the file is read in chunks instead (`read_chunks`): a few thousand lines, with
 their line numbers, that `check_chunk` validates on its own, in this process or in a worker
-process (`tasks.parallel`). A chunk's result carries its errors and the enqueue-script
-arguments of its valid changes, not `Change` objects, so it is cheap to send between
-processes. Both ways share the row readers below, so they agree on every row and message.
+process (`tasks.parallel`). A chunk's result carries its errors and its valid changes as
+pieces of enqueue calls packed for the wire, not `Change` objects, so it is cheap to send
+between processes and to write to Redis. Both ways share the row readers below, so they
+agree on every row and message.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import contextlib
 import csv
 import itertools
 import json
-import pickle
 import sys
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -40,7 +40,13 @@ from core.changes import (
 )
 from core.errors import InputRefused
 from core.routing import Routes
-from stores.buffer import ARGS_PER_CHANGE, encode_change
+from stores.buffer import (
+    ARGS_PER_CHANGE,
+    PackedChanges,
+    encode_change,
+    pack_changes,
+    unpack_changes,
+)
 
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 CSV_SUFFIXES = frozenset({".csv"})
@@ -164,40 +170,44 @@ Chunk = JsonlChunk | CsvChunk
 class ChunkResult:
     """What one chunk holds: rows, errors in line order, and its valid changes.
 
-    The changes are the buffer's enqueue-script arguments (`ARGS_PER_CHANGE` each, in file
-    order), pickled into one bytes object: it crosses from a worker process in one piece,
-    and can be spooled to disk as it is.
+    The changes are packed for the wire (`stores.buffer.PackedChanges`: pieces of at most
+    `ENQUEUE_CHUNK` changes, already in the Redis protocol), each piece with its workspace,
+    in file order: they cross from a worker process as a few bytes objects, are spooled
+    to disk as they are, and are written to Redis as they are.
     """
 
     last_line: int
     rows: int
     valid: int
     errors: list[RowError]
-    packed_args: bytes
-    # The workspace of each run of consecutive valid changes, in order: (name, changes).
-    # One run for a chunk of one workspace's rows; () for a chunk without valid rows.
-    routed: tuple[tuple[str, int], ...] = ()
+    pieces: tuple[tuple[str, PackedChanges], ...] = ()
 
-    def by_workspace(self) -> dict[str, list[bytes]]:
-        """Each workspace's enqueue-script arguments, in file order."""
-        args = self.args
-        split: dict[str, list[bytes]] = {}
-        start = 0
-        for workspace, changes in self.routed:
-            end = start + changes * ARGS_PER_CHANGE
-            split.setdefault(workspace, []).extend(args[start:end])
-            start = end
-        return split
+    @property
+    def routed(self) -> dict[str, int]:
+        """Changes per workspace."""
+        counts: dict[str, int] = {}
+        for workspace, piece in self.pieces:
+            counts[workspace] = counts.get(workspace, 0) + piece.changes
+        return counts
+
+    def by_workspace(self) -> dict[str, list[PackedChanges]]:
+        """Each workspace's pieces, in file order."""
+        return pieces_by_workspace(self.pieces)
 
     @property
     def args(self) -> list[bytes]:
-        return unpack_args(self.packed_args)
+        """The encoded changes of every piece, in order (`encode_change`'s arguments)."""
+        return [arg for _, piece in self.pieces for arg in unpack_changes(piece)]
 
 
-def unpack_args(packed: bytes) -> list[bytes]:
-    """The enqueue-script arguments of a `ChunkResult.packed_args`."""
-    args: list[bytes] = pickle.loads(packed)
-    return args
+def pieces_by_workspace(
+    pieces: Iterable[tuple[str, PackedChanges]],
+) -> dict[str, list[PackedChanges]]:
+    """Pieces of several workspaces, each workspace's in order."""
+    split: dict[str, list[PackedChanges]] = {}
+    for workspace, piece in pieces:
+        split.setdefault(workspace, []).append(piece)
+    return split
 
 
 def read_chunks(path: Path, lines: int = CHUNK_LINES) -> Iterator[Chunk]:
@@ -260,9 +270,13 @@ def check_chunk(
             runs[-1][1] += 1
         else:
             runs.append([target, 1])
-    packed = pickle.dumps(args, pickle.HIGHEST_PROTOCOL)
-    routed = tuple((name, changes) for name, changes in runs)
-    return ChunkResult(chunk.last_line, count, len(args) // ARGS_PER_CHANGE, errors, packed, routed)
+    pieces: list[tuple[str, PackedChanges]] = []
+    start = 0
+    for target, changes in runs:
+        end = start + changes * ARGS_PER_CHANGE
+        pieces += [(target, piece) for piece in pack_changes(args[start:end])]
+        start = end
+    return ChunkResult(chunk.last_line, count, len(args) // ARGS_PER_CHANGE, errors, tuple(pieces))
 
 
 def _unencodable(line: int, change: Change) -> RowError:
