@@ -1,6 +1,7 @@
 """What each way in costs Redis per change, this tree beside a base commit, in one run.
 
     .venv/bin/python -m bench.enqueue_cost [--rows 200000] [--rounds 3] [--base 038db7a]
+    .venv/bin/python -m bench.enqueue_cost --callgrind [--rows 20000] [--base 038db7a]
 
 For each round, each tree (this one, then the base checked out into a temporary git
 worktree) and each way in, a fresh private redis-server takes the same changes from a
@@ -21,11 +22,19 @@ the machine pays, parsing included), the scripts' time per change in INFO comman
 command, so a busy machine inflates it; the CPU figure is the steadier — and the wall
 time of the way in (`import`: the ratio to `raw` in the same round). Each figure is the
 median of the rounds with its spread (min-max).
+
+`--callgrind` counts instead of timing: the redis-server runs under valgrind's callgrind,
+its counters zeroed right before the way in starts and dumped when it ends, and the
+figure is the instructions the server executed per change (`instructions_per_change`;
+the scripts' compilation on their first call is included, ~1 % at 20,000 changes). The
+count does not depend on the machine's other load, so one round tells: use it to see what
+a change of the script costs, and the CPU figures for what the machine pays.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -33,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,12 +170,82 @@ def start_api(tree: Path, redis_url: str, workdir: Path) -> tuple[subprocess.Pop
     raise RuntimeError("the API did not start")
 
 
-def run_way(tree: Path, way: str, count: int, path: Path, workdir: Path) -> dict[str, float]:
+@contextlib.contextmanager
+def callgrind_redis(workdir: Path) -> Iterator[tuple[str, Callable[[], None], Callable[[], int]]]:
+    """A redis-server under callgrind: (its URL, zero the counters, dump and read the
+    instructions since they were zeroed)."""
+    from redis import Redis
+
+    from devtools.processes import free_port, wait_until
+
+    port = free_port()
+    out = workdir / "callgrind.out"
+    process = subprocess.Popen(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--busy-reply-threshold",
+            "600000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = Redis.from_url(url)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except Exception:
+            return False
+
+    def control(flag: str) -> None:
+        subprocess.run(
+            ["callgrind_control", flag, str(process.pid)], check=True, capture_output=True
+        )
+
+    def instructions() -> int:
+        control("-d")
+        dumps = sorted(workdir.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+        for line in dumps[-1].read_text().splitlines():
+            if line.startswith("totals:") or line.startswith("summary:"):
+                return int(line.split()[1])
+        raise RuntimeError("no totals in the callgrind dump")
+
+    try:
+        wait_until(answers, timeout=120, what="redis-server under callgrind to start")
+        yield url, lambda: control("-z"), instructions
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def run_way(
+    tree: Path, way: str, count: int, path: Path, workdir: Path, callgrind: bool = False
+) -> dict[str, float]:
     from redis import Redis
 
     from devtools.processes import local_redis
 
-    with tempfile.TemporaryDirectory(dir=workdir) as scratch, local_redis(Path(scratch)) as url:
+    with contextlib.ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=workdir)))
+        if callgrind:
+            url, zero, instructions = stack.enter_context(callgrind_redis(scratch))
+        else:
+            url = stack.enter_context(local_redis(scratch))
         client = Redis.from_url(url)
         api, port = (None, 0)
         if way == "api":
@@ -173,6 +253,8 @@ def run_way(tree: Path, way: str, count: int, path: Path, workdir: Path) -> dict
         try:
             client.config_resetstat()
             before = redis_cpu(client)
+            if callgrind:
+                zero()
             out = subprocess.run(
                 [
                     sys.executable,
@@ -194,12 +276,16 @@ def run_way(tree: Path, way: str, count: int, path: Path, workdir: Path) -> dict
                 text=True,
                 check=True,
             ).stdout
+            if callgrind:
+                counted = instructions()
             cpu = redis_cpu(client) - before
             usec = command_usec(client, way)
         finally:
             if api is not None:
                 api.terminate()
                 api.wait(timeout=30)
+    if callgrind:
+        return {"instructions_per_change": counted / count, "seconds": float(out.split()[-1])}
     return {
         "redis_cpu_us": cpu * 1e6 / count,
         "command_us": usec / count,
@@ -221,6 +307,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--base", default=BASE)
     parser.add_argument("--ways", default=",".join(WAYS))
+    parser.add_argument(
+        "--callgrind", action="store_true", help="count the server's instructions instead"
+    )
     parser.add_argument("--child")
     parser.add_argument("--redis")
     parser.add_argument("--file", type=Path)
@@ -255,7 +344,7 @@ def main() -> None:
                         if way == "raw" and name == "base":
                             continue  # the same code in both trees: once a round
                         count = args.rows if way in ("raw", "import") else args.calls
-                        figures = run_way(tree, way, count, path, work)
+                        figures = run_way(tree, way, count, path, work, args.callgrind)
                         results.setdefault(name, {}).setdefault(way, []).append(figures)
                         print(
                             f"round {round_ + 1} {name:4s} {way:15s} "
@@ -279,13 +368,18 @@ def main() -> None:
     for name in trees:
         for way, runs in results.get(name, {}).items():
             key = "raw" if way == "raw" else f"{name}.{way}"
+            if args.callgrind:
+                out[f"{key}.instructions_per_change"] = spread(
+                    [r["instructions_per_change"] for r in runs], 0
+                )
+                continue
             out[f"{key}.redis_cpu_us_per_change"] = spread([r["redis_cpu_us"] for r in runs])
             out[f"{key}.command_us_per_change"] = spread([r["command_us"] for r in runs])
             out[f"{key}.seconds"] = spread([r["seconds"] for r in runs])
             if way == "import" and raw:
                 ratios = [r0["seconds"] / r["seconds"] for r0, r in zip(raw, runs, strict=False)]
                 out[f"{key}.ratio_to_raw"] = spread(ratios, 3)
-    publish(out, "enqueue-cost.json")
+    publish(out, "enqueue-instructions.json" if args.callgrind else "enqueue-cost.json")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from itertools import islice
 from typing import NamedTuple
 
 from redis import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, TimeoutError
 from redis.lock import Lock
 
 from core.changes import Change, IdentifierKind, Lane, SubscriptionState
@@ -446,7 +446,8 @@ class PipelinedEnqueue:
     calls in flight, for ~1.5 KB more per call of ~80 KB. Use it as a context manager: on an
     error the connection is dropped, unread replies and all. `count` is the changes Redis
     has confirmed (`stale` of them dropped as older than a change already accepted);
-    `sent` those handed to it.
+    `prefix` those of them sent before the first call Redis refused (all of them while
+    none was); `sent` those handed to it.
 
     The connection is one of the node that takes the workspace's writes (`write_node`: on
     a Redis Cluster, the master of its slot). With the buffer's `wait` on, every call is
@@ -480,6 +481,7 @@ class PipelinedEnqueue:
         self.sent = 0
         self.count = 0
         self.stale = 0
+        self.prefix = 0  # of `count`, those sent before any call Redis refused
         self._failed = False
 
     def __enter__(self) -> PipelinedEnqueue:
@@ -536,23 +538,37 @@ class PipelinedEnqueue:
             self._answer()
 
     def settle(self) -> None:
-        """After another enqueuer failed: count the calls in flight that Redis answered,
-        up to this one's first failure, so `count` stays a prefix of the changes sent
-        (the import's resume line rests on that). Nothing is sent."""
-        while self._unanswered and not self._failed:
+        """After a failure (this enqueuer's or another's): read the answers to the calls
+        still in flight, counting those Redis applied, until none is left or the
+        connection is lost. A call refused (OOM: the calls in flight fill Redis's input
+        buffer) may be followed by one applied, so `count` is then more than `prefix`.
+        Nothing is sent."""
+        while self._unanswered:
             try:
                 self._answer()
-            except RedisError:
+            except (ConnectionError, TimeoutError):
                 return
+            except RedisError:
+                continue
 
     def _answer(self) -> None:
+        changes = self._unanswered.pop(0)
         try:
-            _last, stale = self._client.parse_response(self._connection, "EVAL")
-            changes = self._unanswered.pop(0)
+            try:
+                _last, stale = self._client.parse_response(self._connection, "EVAL")
+            finally:
+                if self._wait.on:  # its answer follows the call's, refused or not
+                    acknowledged = self._client.parse_response(self._connection, "WAIT")
             if self._wait.on:
-                self._wait.check(self._client.parse_response(self._connection, "WAIT"), changes)
-        except RedisError:
-            self._failed = True  # later calls may succeed; they are not counted
+                self._wait.check(acknowledged, changes)
+        except (ConnectionError, TimeoutError):
+            self._failed = True
+            self._unanswered.clear()  # the connection is gone: no answer will come
             raise
+        except RedisError:
+            self._failed = True
+            raise
+        if not self._failed:
+            self.prefix += changes
         self.stale += int(stale)
         self.count += changes

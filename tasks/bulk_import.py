@@ -139,10 +139,15 @@ class _Enqueuers:
             enqueuer.finish()
 
     def settle(self) -> None:
-        """One of them failed: count what Redis answered the others (and it, up to its
-        failure), so the changes reported and the line to resume from are all that is in."""
+        """One of them failed: read what Redis answered to every call in flight, so the
+        changes reported are all that is in (`count`) and the line to resume from rests
+        on what each holds without a gap (`prefixes`)."""
         for enqueuer in self.each.values():
             enqueuer.settle()
+
+    @property
+    def prefixes(self) -> dict[str, int]:
+        return {workspace: enqueuer.prefix for workspace, enqueuer in self.each.items()}
 
     @property
     def count(self) -> int:
@@ -165,7 +170,7 @@ def _interrupted(
     else:
         detail = scrub(" ".join(str(exc).split()))[:200]
         why = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    line = resume.line_after(enqueuer.counts)
+    line = resume.line_after(enqueuer.prefixes)
     return ImportInterrupted(
         f"{path}: Redis failed mid-import ({why}); "
         f"{enqueuer.count:,} changes enqueued (of {planned:,} sent), every row before line "
