@@ -164,11 +164,13 @@ def run_demo(*, changes: int, console: Console, out: Console, keep_running: bool
         # Batches are cut full; a member a later wave flipped before its batch was posted
         # leaves it at the claim (its older state is never sent), and the claim tops the
         # batch up with due changes of its group, state and kind, when there are any; the
-        # newer state goes in a later batch. "Cut" counts the members a top-up took too.
+        # newer state goes in a later batch. A short batch is topped up at its take and
+        # right before its request too, and takes in short batches of its kind no one has
+        # claimed. "Cut" counts the members a top-up took from the buffer too.
         counted = client.hmget(keys.stats, ["batched", "topped_up"])
         cut, topped_up = (int(value or 0) for value in counted)
         table.add_row("identifiers cut into batches", f"{cut:,}")
-        table.add_row("… taken in by a top-up at claim", f"{topped_up:,}")
+        table.add_row("… taken in by a top-up", f"{topped_up:,}")
         table.add_row(
             "… superseded before their post",
             f"{max(0, cut - identifiers):,}",

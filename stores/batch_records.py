@@ -204,6 +204,7 @@ class BatchStore(ScriptedStore):
                 k.coalesce_nudge,
                 k.due_live,
                 k.stats,
+                k.short_batches,
             ],
             args=[
                 batch_id,
@@ -242,6 +243,9 @@ class BatchStore(ScriptedStore):
                 k.inflight,
                 k.due_live,
                 k.stats,
+                k.short_batches,
+                k.schedule,
+                k.batches,
             ],
             args=[
                 batch_id,

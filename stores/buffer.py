@@ -383,6 +383,7 @@ class Buffer(ScriptedStore):
                     k.batch(batch_id),
                     k.stats,
                     k.due_live,
+                    k.short_batches,
                 ],
                 args=args,
                 client=pipe,

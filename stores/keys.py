@@ -108,6 +108,15 @@ class Keys:
         neither claimed nor waiting in the schedule past its deadline gets another message."""
         return self._key("batches")
 
+    @property
+    def short_batches(self) -> str:
+        """ZSET (all scored 0, read by prefix) "group SEP state SEP kind SEP doi SEP batch
+        id" of every short batch travelling alone that no one has claimed yet: a claim of a
+        short batch of the same kind takes their members in (issue 26, _prelude.lua
+        `absorb`). Added by the cut's take, removed by the batch's claim; an entry whose
+        batch ended unclaimed is dropped when a look finds it."""
+        return self._key("batches:short")
+
     def batch(self, batch_id: str) -> str:
         """STRING JSON record of one batch, written when its changes leave the buffer."""
         return self._key(f"batch:{batch_id}")

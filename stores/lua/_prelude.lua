@@ -303,3 +303,101 @@ local function call_in_slices(command, key, items)
   end
   return replies, sum
 end
+
+-- Short batches not yet claimed (issue 26): stores/keys.py `short_batches`, a ZSET of
+-- "group SEP state SEP kind SEP doi SEP batch id", all scored 0 and read by prefix.
+-- take_batch.lua adds a batch that travels alone and comes out short; its claim takes it
+-- out (claim_batch.lua), whatever the claim finds; an entry whose batch is gone or was
+-- claimed is dropped where a look finds it.
+--
+-- short_entry(record)      the entry of a batch record (decoded)
+-- absorb(at, record, kept, max_members)
+--                          move into `record` (being claimed or about to be sent; its kept
+--                          members `kept`, appended to) the members of other short
+--                          batches of its group, state, kind and double opt-in that no
+--                          one has claimed, oldest cut first, until it holds
+--                          `max_members`: a batch claimed now goes out now, and the later
+--                          one would have gone out short after it. Only a batch travelling
+--                          alone (so no v2 pack's distinct identifiers to count), never
+--                          attempted, never split, neither claimed nor waiting in the
+--                          schedule, of the same lane or, for a live `record`, bulk's;
+--                          and only if none of its members was superseded (the buffer
+--                          holds a newer change for none of them: those wait for their
+--                          own claim to leave). Each member moves with its lock (inflight
+--                          -> `record`), so its identifier is still in one batch only and
+--                          the newest change of it; its history gets "batched" in
+--                          `record`. An emptied batch ends (its record and sweep entry go:
+--                          its message finds it gone); a partly taken one is rewritten.
+--                          `at` as for `take_change`, with short, tokens, schedule and
+--                          batches. Returns the members moved.
+local ABSORB_LOOK = 20
+
+local function short_entry(record)
+  return record.group .. SEP .. record.state .. SEP .. record.kind .. SEP .. record.doi
+    .. SEP .. record.id
+end
+
+local function absorb(at, record_key, record, kept, max_members)
+  if #(record.pack or {}) > 1 or string.sub(record_key, -#record.id) ~= record.id then
+    return 0
+  end
+  local named = string.sub(record_key, 1, #record_key - #record.id)
+  local live = string.sub(record.id, 1, 5) == 'live-'  -- core/planning.py LIVE_BATCH_PREFIX
+  local key = record.group .. SEP .. record.state .. SEP .. record.kind .. SEP .. record.doi
+    .. SEP
+  local entries = redis.call('ZRANGEBYLEX', at.short, '[' .. key, '[' .. key .. '\255',
+    'LIMIT', 0, ABSORB_LOOK)
+  local moved = 0
+  local field_prefix = record.group .. SEP .. record.kind .. SEP
+  for _, entry in ipairs(entries) do
+    if #kept >= max_members then
+      break
+    end
+    local other_id = string.sub(entry, #key + 1)
+    if other_id ~= record.id then
+      local raw = redis.call('GET', named .. other_id)
+      local other = raw and cjson.decode(raw)
+      if not other or redis.call('HEXISTS', at.tokens, other_id) == 1
+          or redis.call('ZSCORE', at.schedule, other_id) then
+        redis.call('ZREM', at.short, entry)  -- ended, or claimed: no longer a candidate
+      elseif other.attempts == 0 and not other.split and not other.sibling
+          and #(other.pack or {}) <= 1
+          and (live or string.sub(other_id, 1, 5) ~= 'live-') then
+        local fields = {}
+        for n, member in ipairs(other.members) do
+          fields[n] = field_prefix .. member[1]
+        end
+        local superseded = false
+        for _, newer in ipairs(call_in_slices('HMGET', at.pending, fields)) do
+          if newer then
+            superseded = true
+          end
+        end
+        if not superseded then
+          local left = {}
+          for n, member in ipairs(other.members) do
+            if #kept < max_members then
+              kept[#kept + 1] = member
+              redis.call('HSET', at.inflight, fields[n], record.id)
+              local _, history = identity_keys(at.prefix, record.kind .. SEP .. member[1])
+              remember(history, at.now, {e = 'batched', g = record.group, b = record.id,
+                q = member[2]}, at.keep, at.most)
+              moved = moved + 1
+            else
+              left[#left + 1] = member
+            end
+          end
+          if #left == 0 then
+            redis.call('DEL', named .. other_id)
+            redis.call('ZREM', at.batches, other_id)
+            redis.call('ZREM', at.short, entry)
+          else
+            other.members = left
+            redis.call('SET', named .. other_id, cjson.encode(other))
+          end
+        end
+      end
+    end
+  end
+  return moved
+end

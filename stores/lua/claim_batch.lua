@@ -18,7 +18,11 @@
 --                          this batch for the top-up's members
 -- KEYS[11] nudge    LIST   wakes a coalescer when pack siblings become due
 -- KEYS[12] due live ZSET   like KEYS[9], the live lane's
--- KEYS[13] stats    HASH   "batched" and "topped_up" += members a top-up took
+-- KEYS[13] stats    HASH   "batched" and "topped_up" += members a top-up took ("topped_up"
+--                          only for members moved from another batch)
+-- KEYS[14] short    ZSET   short batches not yet claimed (_prelude.lua `short_entry`): this
+--                          batch's entry goes; a batch whose members this one absorbs
+--                          leaves it when emptied
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] lease (ms)
 -- ARGV[4] history retention (ms)  ARGV[5] most history events per identifier
 -- ARGV[6] most identifiers per batch (and per v2 request)   ARGV[7] most due entries the
@@ -52,6 +56,9 @@
 -- cut: a taken change is the newest of its identifier, and no batch holds an older one.
 -- (`top_up` in _prelude.lua, shared with top_up_batch.lua: the same top-up again right
 -- before the request, for changes that became due while the batch waited for its turn.)
+-- Before the due changes, such a batch takes in the members of other short batches of its
+-- kind no one has claimed yet (`absorb` in _prelude.lua: they would go out short after
+-- it), by the same rules, each member moving with its lock.
 -- Returns {"gone"} (finished already), {"busy"} (another worker holds it), {"waiting"}
 -- (it waits in the schedule), {"empty", record as it was} or {"claimed", record, members
 -- the top-up took}. The holder may claim again with its own token (a renewal).
@@ -69,6 +76,7 @@ if not holder and redis.call('ZSCORE', KEYS[6], id) then
   return {'waiting'}
 end
 local record = cjson.decode(record_json)
+redis.call('ZREM', KEYS[14], short_entry(record))
 local prefix = record.group .. SEP .. record.kind .. SEP
 local kept = {}
 local keys_prefix = key_prefix(KEYS[8])
@@ -123,11 +131,16 @@ local topped = 0
 local lost = #kept < #record.members
 if #kept < tonumber(ARGV[6]) and not holder and record.attempts == 0 and not record.split
     and not record.sibling then
-  topped = top_up(KEYS[1], record, kept, {prefix = keys_prefix, pending = KEYS[8],
-    due = KEYS[9], due_live = KEYS[12], inflight = KEYS[10], keep = keep, most = most,
-    subject_keep = tonumber(ARGV[8]), now = now}, tonumber(ARGV[6]), tonumber(ARGV[7]))
+  local at = {prefix = keys_prefix, pending = KEYS[8], due = KEYS[9], due_live = KEYS[12],
+    inflight = KEYS[10], keep = keep, most = most, subject_keep = tonumber(ARGV[8]),
+    now = now, short = KEYS[14], tokens = KEYS[4], schedule = KEYS[6], batches = KEYS[2]}
+  local absorbed = absorb(at, KEYS[1], record, kept, tonumber(ARGV[6]))
+  local taken = top_up(KEYS[1], record, kept, at, tonumber(ARGV[6]), tonumber(ARGV[7]))
+  topped = absorbed + taken
+  if taken > 0 then
+    redis.call('HINCRBY', KEYS[13], 'batched', taken)
+  end
   if topped > 0 then
-    redis.call('HINCRBY', KEYS[13], 'batched', topped)
     redis.call('HINCRBY', KEYS[13], 'topped_up', topped)
   end
 end

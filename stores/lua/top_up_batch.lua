@@ -9,7 +9,11 @@
 -- KEYS[6] due       ZSET   field -> due ms, bulk lane; a taken change leaves it
 -- KEYS[7] inflight  HASH   field -> batch id; a taken change's field is locked to the batch
 -- KEYS[8] due live  ZSET   like KEYS[6], the live lane's
--- KEYS[9] stats     HASH   "batched" and "topped_up" += members taken
+-- KEYS[9] stats     HASH   "batched" += members taken from the buffer, "topped_up" +=
+--                          members taken from the buffer or another batch
+-- KEYS[10] short    ZSET   short batches not yet claimed (_prelude.lua `absorb`)
+-- KEYS[11] schedule ZSET   batch id -> due ms (read: a waiting batch is not absorbed)
+-- KEYS[12] batches  ZSET   batch id -> sweep deadline; an emptied absorbed batch leaves it
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] lease that must remain, in ms (the HTTP
 -- timeout, as the fence asks)  ARGV[4] history retention (ms)  ARGV[5] most history
 -- events per identifier  ARGV[6] most identifiers per batch (and per v2 request)
@@ -21,7 +25,8 @@
 -- batch's message; under a binding budget the batch then waits for its turn
 -- (acquire_token.lua, up to TOKEN_WAIT_MAX_SECONDS), and changes of its kind that become
 -- due meanwhile (the next wave's, or a flip released when the batch that locked it ended)
--- would otherwise be cut into batches of their own. This is the same top-up, with the same
+-- would otherwise be cut into batches of their own (and short batches of its kind cut
+-- since, not yet claimed: `absorb`). This is the same top-up, with the same
 -- rules (`top_up` in _prelude.lua: a batch short of ARGV[6], never attempted, never split;
 -- its group, state, kind and double opt-in; live then bulk for a live batch, bulk only
 -- for a bulk one; only a change the buffer holds, due, whose field no batch locks, taken
@@ -55,14 +60,19 @@ if #record.members >= most_members or record.attempts ~= 0 or record.split
   return {'kept', record_json}
 end
 local kept = record.members
-local topped = top_up(KEYS[1], record, kept, {prefix = key_prefix(KEYS[5]),
-  pending = KEYS[5], due = KEYS[6], due_live = KEYS[8], inflight = KEYS[7],
-  keep = tonumber(ARGV[4]), most = tonumber(ARGV[5]), subject_keep = tonumber(ARGV[8]),
-  now = now}, most_members, tonumber(ARGV[7]))
+local at = {prefix = key_prefix(KEYS[5]), pending = KEYS[5], due = KEYS[6],
+  due_live = KEYS[8], inflight = KEYS[7], keep = tonumber(ARGV[4]),
+  most = tonumber(ARGV[5]), subject_keep = tonumber(ARGV[8]), now = now, short = KEYS[10],
+  tokens = KEYS[3], schedule = KEYS[11], batches = KEYS[12]}
+local absorbed = absorb(at, KEYS[1], record, kept, most_members)
+local taken = top_up(KEYS[1], record, kept, at, most_members, tonumber(ARGV[7]))
+local topped = absorbed + taken
 if topped == 0 then
   return {'kept', record_json}
 end
-redis.call('HINCRBY', KEYS[9], 'batched', topped)
+if taken > 0 then
+  redis.call('HINCRBY', KEYS[9], 'batched', taken)
+end
 redis.call('HINCRBY', KEYS[9], 'topped_up', topped)
 record.members = kept
 record_json = cjson.encode(record)

@@ -467,3 +467,84 @@ def test_a_take_tops_up_only_a_batch_that_travels_alone(env, redis_client):
     assert members(alone) == [email(30)]
     assert buffer_field(GROUP, "email", email(20)) in due_fields(redis_client)
     assert stat(redis_client, "topped_up") == 0
+
+
+# --------------------------------------------------------------------------------------
+# A short batch's claim absorbs the short batches of its kind cut since and not claimed
+# --------------------------------------------------------------------------------------
+
+
+def cut_short(rows: list[dict], lane: Lane = Lane.BULK) -> str:
+    """`cut`, taken as the coalescer takes (top-up and listing of a short batch)."""
+    buffer: Buffer = services().buffer
+    enqueue(rows, lane)
+    now = server_time_ms(buffer.client)
+    values = {r.get("email") or r.get("external_id") for r in rows}
+    changes = [c for c in buffer.read_due(now, 1000)[0] if c.value in values]
+    [batch] = plan_batches(changes, now_ms=now, max_identifiers=50)
+    [pack] = buffer.take([[batch]], 60_000, lane, top_up_to=50)
+    [(batch_id, _size)] = pack
+    return batch_id
+
+
+def test_a_short_batch_claimed_absorbs_a_short_batch_of_its_kind_not_yet_claimed(env, redis_client):
+    """The last of a wave: a short batch is cut, then the changes its claim would have
+    taken come (flips released by the batches that held them) and are cut short too. Its
+    claim takes that batch's members in, each with its lock, so one request goes instead
+    of two short ones; the emptied batch ends and its message finds it gone. Fails without
+    `absorb`: the claim takes nothing (nothing is due)."""
+    found = services()
+    store, keys = found.batches, found.keys
+    first = cut_short([row(email(1)), row(email(2))], Lane.LIVE)
+    later = cut_short([row(email(3)), row(email(4)), row(email(5))])  # bulk: a live one takes it
+    other = cut_short([row(email(6), "unsubscribed")])  # another state: left
+    assert redis_client.zcard(keys.short_batches) == 3
+
+    claim = store.claim(first, A, LEASE_MS, top_up_to=50)
+
+    assert claim.status is ClaimStatus.CLAIMED and claim.topped_up == 3
+    moved = [email(1), email(2), email(3), email(4), email(5)]
+    assert sorted(claim.record.values) == moved == sorted(members(first))
+    assert {f: b for f, b in locked(redis_client).items() if b != other} == {
+        buffer_field(GROUP, "email", v): first for v in moved
+    }
+    assert redis_client.get(keys.batch(later)) is None
+    assert redis_client.zscore(keys.batches, later) is None
+    assert store.claim(later, B, LEASE_MS, top_up_to=50).status is ClaimStatus.GONE
+    batched = [e["b"] for e in events(redis_client, "email", email(3)) if e["e"] == "batched"]
+    assert batched == [later, first]
+    assert stat(redis_client, "topped_up") == 3
+    # The claimed batch left the list, the absorbed one too; the other state's stays.
+    assert [
+        m.decode().rsplit("\x1f", 1)[1] for m in redis_client.zrange(keys.short_batches, 0, -1)
+    ] == [other]
+    assert store.delivered(first, A) == Finish(Ended.ENDED, 5)
+    assert set(locked(redis_client).values()) == {other}
+
+
+def test_a_claim_absorbs_no_batch_someone_holds_that_waits_or_lost_members(env, redis_client):
+    store = services().batches
+    host = cut_short([row(email(1))])
+    held = cut_short([row(email(10))])
+    assert store.claim(held, B, LEASE_MS).status is ClaimStatus.CLAIMED  # someone holds it
+    waiting = cut_short([row(email(20))])
+    assert store.claim(waiting, B, LEASE_MS).status is ClaimStatus.CLAIMED
+    store.defer(
+        waiting,
+        B,
+        error="",
+        count_attempt=False,
+        due_in_ms=60_000,
+        reason=WaitReason.BUDGET,
+        grace_ms=120_000,
+    )
+    superseded = cut_short([row(email(30)), row(email(31))])
+    enqueue([row(email(30), "unsubscribed")])  # its own claim drops that member first
+    live = cut_short([row(email(40))], Lane.LIVE)  # a bulk batch takes no live one
+
+    claim = store.claim(host, A, LEASE_MS, top_up_to=50)
+
+    assert claim.topped_up == 0 and members(host) == [email(1)]
+    for batch_id, value in ((held, 10), (waiting, 20), (superseded, 30), (live, 40)):
+        assert locked(redis_client)[buffer_field(GROUP, "email", email(value))] == batch_id
+    assert members(superseded) == [email(30), email(31)]

@@ -13,7 +13,9 @@ Each step is one Lua script (or one request) of the real system:
   change supersedes the identifier in the host as in any batch;
 - top_up_batch.lua: between its claim and its fence (while it waited for its turn), a
   worker holding the host may top it up again with the identifier's due change, by the
-  claim's rules, and only while it still holds the claim (issue 26);
+  claim's rules, and only while it still holds the claim (issue 26); at its claim and
+  there, the host may also absorb the identifier's batch, short like it, if no one has
+  claimed that batch and its member was not superseded (`absorb`, issue 26);
 - fence_batch.lua + the request: the fence runs right before the first byte is written
   (httpcore's trace hook, delivery/braze_client.py), so the model treats fence-and-write as
   one step (the limit of any fencing without Braze's help: README, guarantees);
@@ -470,6 +472,7 @@ def _claim_host(
         workers=_set_worker(state, index, Worker(True, (HOST, token, "c", ""))),
     )
     yield f"w{index} claims {HOST}", claimed
+    yield from _absorbs(claimed, f"w{index} claims {HOST}", rules)
     takeable = locked_by is None or not rules.top_up_checks_lock
     if state.pending is not None and takeable and version == 0:
         yield (
@@ -493,6 +496,7 @@ def _top_up_before_send(
     Whether it does or not (nothing due of its kind yet), the fence comes next."""
     if rules.send_top_up_checks_claim and not held:
         return  # the script answers "lost": nothing written
+    yield from _absorbs(state, f"w{index} before sending {HOST}", rules)
     takeable = state.locked_by is None or not rules.top_up_checks_lock
     if state.pending is not None and takeable and _version(state, HOST) == 0:
         yield (
@@ -503,6 +507,31 @@ def _top_up_before_send(
                 | {(HOST, state.pending)},
                 locked_by=HOST,
                 pending=None,
+            ),
+        )
+
+
+def _absorbs(state: State, step: str, rules: Rules) -> Iterator[tuple[str, State]]:
+    """_prelude.lua `absorb`, in a claim of the host or right before its send: the host
+    takes in the identifier's batch (short, of its kind) with its lock, if no one holds
+    that batch, it does not wait in the schedule and its member was not superseded (no
+    newer change pending); the emptied batch ends, its messages find it gone."""
+    if _version(state, HOST) != 0:
+        return
+    for batch, version in sorted(state.batches):
+        if batch == HOST or not version or state.locked_by != batch:
+            continue
+        if state.pending is not None or batch in state.schedule:
+            continue
+        if _holder(state, batch) is not None:
+            continue
+        yield (
+            f"{step}, absorbing {batch}",
+            replace(
+                state,
+                batches=frozenset(b for b in state.batches if b[0] not in (HOST, batch))
+                | {(HOST, version)},
+                locked_by=HOST,
             ),
         )
 
@@ -658,3 +687,28 @@ def test_the_checker_finds_the_lost_change_when_the_second_top_up_ignores_the_cl
     )
     assert counterexample is not None
     assert any("before sending" in step for step in counterexample)
+
+
+def test_absorbing_a_short_batch_never_sends_a_stale_state():
+    """Issue 26: the host takes in the identifier's own batch (no one has claimed it) at
+    its claim or right before its send, with a newer state written meanwhile, a failed
+    request and the sweep around it; then with a freeze anywhere."""
+    visited, counterexample = explore(Rules(), freezes=0, writes=2, host=True)
+    assert counterexample is None, "\n".join(counterexample)
+    assert any("absorbing" in name for name in _step_names(Rules(), writes=2))  # reachable
+    visited, counterexample = explore(Rules(), freezes=1, writes=1, host=True, sweeps=0)
+    assert counterexample is None, "\n".join(counterexample)
+    assert visited > 10_000
+
+
+def _step_names(rules: Rules, **kwargs: int) -> set[str]:
+    """Every step name of every reachable state (to see a step is reachable at all)."""
+    first = start(host=True, freezes=0, **kwargs)
+    seen, stack, names = {first}, [first], set()
+    while stack:
+        for name, following in steps(stack.pop(), rules):
+            names.add(name)
+            if following not in seen:
+                seen.add(following)
+                stack.append(following)
+    return names
