@@ -1,7 +1,7 @@
 """The pipeline's ceiling (issue 26): identifiers per second two v1 workers drain with an
 unlimited budget, this tree and a base commit side by side, alternating, in one run.
 
-    .venv/bin/python -m bench.ceiling                       # base: main before its second step
+    .venv/bin/python -m bench.ceiling                       # base: main before its third step
     .venv/bin/python -m bench.ceiling --rounds 5 --identifiers 50000
 
 Each round runs `bench.drain`'s drain (a private redis-server, the simulator on the same
