@@ -3,6 +3,7 @@ at Braze's full budget, this tree (a batch that loses members at its claim is to
 and a base commit side by side, in one run.
 
     .venv/bin/python -m bench.flip_fill                 # base: main before the top-up
+    .venv/bin/python -m bench.flip_fill --base main     # today's main beside this tree
     .venv/bin/python -m bench.flip_fill --changes 6000 --skip-base   # quicker
 
 For each tree (the base is checked out into a temporary git worktree and run from there,
