@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
+from redis.exceptions import OutOfMemoryError
 
 from devtools.processes import local_redis
 from stores.keys import Keys
@@ -157,3 +158,55 @@ def test_a_full_redis_mid_import_of_two_workspaces_resumes_from_a_line_both_hold
         "us": ROWS - ROWS // 40,
         "eu": ROWS // 40,
     }
+
+
+def test_a_refused_call_followed_by_an_applied_one_is_counted_and_the_prefix_stops_before_it(
+    tmp_path,
+):
+    """Issue 26: with three calls in flight, Redis may refuse one for want of memory (the
+    calls in flight fill its input buffer) and apply the next. After the failure the
+    enqueuer reads every answer in flight (`settle`): `count` holds every change Redis
+    applied, `prefix` only those before the refused call, which the import's line to
+    resume from rests on. The refusal is made certain here by sending the middle call
+    with a script that answers with Redis's OOM error and writes nothing."""
+    from core.changes import parse_change
+    from stores.buffer import Buffer, encode_changes
+
+    def changes(start: int) -> list[bytes]:
+        rows = [
+            {
+                "subscription_group_id": "newsletter",
+                "subscription_state": "subscribed",
+                "external_id": f"user-{n:06d}",
+            }
+            for n in range(start, start + 1000)
+        ]
+        return encode_changes(parse_change(row) for row in rows)
+
+    with local_redis(tmp_path) as url:
+        client = Redis.from_url(url)
+        buffer = Buffer(client, Keys("braze-subs"))
+        with buffer.pipelined() as enqueuer:
+            real_head = enqueuer._head_body
+            refusing = (
+                "return redis.error_reply('OOM command not allowed when used memory > maxmemory')"
+            )
+            enqueuer.add(changes(0))
+            enqueuer._head_body = real_head.replace(
+                b"$%d\r\n%s\r\n"
+                % (
+                    len(buffer.scripts.enqueue.script.encode()),
+                    buffer.scripts.enqueue.script.encode(),
+                ),
+                b"$%d\r\n%s\r\n" % (len(refusing), refusing.encode()),
+            )
+            assert enqueuer._head_body != real_head
+            enqueuer.add(changes(1000))
+            enqueuer._head_body = real_head
+            enqueuer.add(changes(2000))  # the third call in flight: the first is answered
+            assert (enqueuer.count, enqueuer.prefix) == (1000, 1000)
+            with pytest.raises(OutOfMemoryError):
+                enqueuer.finish()
+            enqueuer.settle()
+            assert (enqueuer.count, enqueuer.prefix, enqueuer.sent) == (2000, 1000, 3000)
+        assert int(client.hlen(Keys("braze-subs").pending)) == 2000
