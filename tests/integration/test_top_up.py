@@ -47,6 +47,25 @@ def cut(rows: list[dict], lane: Lane = Lane.BULK) -> str:
     return batch_id
 
 
+def retried_once(rows: list[dict], token: str) -> str:
+    """A batch cut from `rows`, claimed with `token`, failed once (an attempt counted) and
+    due again, out of the schedule: what a retry's message claims next. Returns its id."""
+    store = services().batches
+    batch_id = cut(rows)
+    assert store.claim(batch_id, token, LEASE_MS).status is ClaimStatus.CLAIMED
+    store.defer(
+        batch_id,
+        token,
+        error="HTTP 503",
+        count_attempt=True,
+        due_in_ms=0,
+        reason=WaitReason.RETRY,
+        grace_ms=120_000,
+    )
+    assert store.dispatch_due(1000, 120_000) == [batch_id]
+    return batch_id
+
+
 def members(batch_id: str) -> list[str]:
     raw = services().redis.get(services().keys.batch(batch_id))
     return [m[0] for m in json.loads(raw)["members"]]
@@ -187,18 +206,7 @@ def test_no_top_up_on_a_renewal_a_retry_or_a_split_half(env, redis_client):
     assert members(intact) == [email(2)]
 
     # A batch with an attempt counted: new members would inherit its attempts.
-    retried = cut([row(email(40)), row(email(41))])
-    assert store.claim(retried, B, LEASE_MS).status is ClaimStatus.CLAIMED
-    store.defer(
-        retried,
-        B,
-        error="HTTP 503",
-        count_attempt=True,
-        due_in_ms=0,
-        reason=WaitReason.RETRY,
-        grace_ms=120_000,
-    )
-    assert store.dispatch_due(1000, 120_000) == [retried]
+    retried = retried_once([row(email(40)), row(email(41))], B)
     enqueue([row(email(40), "unsubscribed")])
     again = store.claim(retried, B, LEASE_MS, top_up_to=50)
     assert again.status is ClaimStatus.CLAIMED and again.topped_up == 0
@@ -383,18 +391,7 @@ def test_the_second_top_up_takes_nothing_into_a_claim_it_does_not_hold(env, redi
 def test_the_second_top_up_skips_a_retry_a_split_half_and_a_sent_batch(env, redis_client):
     found = services()
     store, keys = found.batches, found.keys
-    retried = cut([row(email(1)), row(email(2))])
-    assert store.claim(retried, A, LEASE_MS).status is ClaimStatus.CLAIMED
-    store.defer(
-        retried,
-        A,
-        error="HTTP 503",
-        count_attempt=True,
-        due_in_ms=0,
-        reason=WaitReason.RETRY,
-        grace_ms=120_000,
-    )
-    assert store.dispatch_due(1000, 120_000) == [retried]
+    retried = retried_once([row(email(1)), row(email(2))], A)
     assert store.claim(retried, A, LEASE_MS).status is ClaimStatus.CLAIMED
     enqueue([row(email(30))])
     kept = store.top_up_before_send(retried, A, 5_000, top_up_to=50)
