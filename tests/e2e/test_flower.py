@@ -40,8 +40,23 @@ def test_flower_shows_batches_and_never_identifiers_or_the_key(env, sim, process
         except httpx.HTTPError:
             return False
 
+    def tasks() -> dict:
+        return httpx.get(f"{base}/api/tasks", auth=AUTH, timeout=5).json()
+
+    def seen(name: str) -> list[dict]:
+        return [t for t in tasks().values() if t.get("name") == name]
+
     wait_for(answers, timeout=60, what="Flower to answer")
     assert httpx.get(f"{base}/api/tasks").status_code == 401, "the API needs the password"
+    # Flower answers before it listens to the events (Redis pub/sub: what is published
+    # before it subscribes never reaches it; seen once: the post's task-succeeded missed, its
+    # state left short of SUCCESS). The ticks, every COALESCE_INTERVAL_SECONDS, show when
+    # it does: a tick that has succeeded in Flower.
+    wait_for(
+        lambda: any(t.get("state") == "SUCCESS" for t in seen("subscriptions.coalesce")),
+        timeout=60,
+        what="Flower to see the worker's events",
+    )
 
     app.send_task(
         "subscriptions.record_change",
@@ -51,12 +66,6 @@ def test_flower_shows_batches_and_never_identifiers_or_the_key(env, sim, process
             "email": "jane.doe@example.com",
         },
     )
-
-    def tasks() -> dict:
-        return httpx.get(f"{base}/api/tasks", auth=AUTH, timeout=5).json()
-
-    def seen(name: str) -> list[dict]:
-        return [t for t in tasks().values() if t.get("name") == name]
 
     wait_for(lambda: seen("subscriptions.post_batch"), timeout=60, what="post_batch in Flower")
     wait_for(lambda: seen("subscriptions.record_change"), timeout=30, what="record_change")
