@@ -33,17 +33,18 @@ def enqueue(rows: list[dict], lane: Lane = Lane.BULK) -> None:
     services().buffer.enqueue([parse_change(r) for r in rows], lane=lane)
 
 
-def cut(rows: list[dict], lane: Lane = Lane.BULK) -> str:
-    """Enqueue the rows and take them into one batch of `lane`; returns its id."""
+def cut(rows: list[dict], lane: Lane = Lane.BULK, *, top_up_to: int = 0) -> str:
+    """Enqueue the rows and take them into one batch of `lane`; returns its id. With
+    `top_up_to`, taken as the coalescer takes (top-up and listing of a short batch)."""
     buffer: Buffer = services().buffer
     enqueue(rows, lane)
     now = server_time_ms(buffer.client)
     values = {r.get("email") or r.get("external_id") for r in rows}
     changes = [c for c in buffer.read_due(now, 1000)[0] if c.value in values]
     [batch] = plan_batches(changes, now_ms=now, max_identifiers=50)
-    [pack] = buffer.take([[batch]], 60_000, lane)
+    [pack] = buffer.take([[batch]], 60_000, lane, top_up_to=top_up_to)
     [(batch_id, size)] = pack
-    assert size == len(rows)
+    assert top_up_to or size == len(rows)
     return batch_id
 
 
@@ -473,15 +474,7 @@ def test_a_take_tops_up_only_a_batch_that_travels_alone(env, redis_client):
 
 def cut_short(rows: list[dict], lane: Lane = Lane.BULK) -> str:
     """`cut`, taken as the coalescer takes (top-up and listing of a short batch)."""
-    buffer: Buffer = services().buffer
-    enqueue(rows, lane)
-    now = server_time_ms(buffer.client)
-    values = {r.get("email") or r.get("external_id") for r in rows}
-    changes = [c for c in buffer.read_due(now, 1000)[0] if c.value in values]
-    [batch] = plan_batches(changes, now_ms=now, max_identifiers=50)
-    [pack] = buffer.take([[batch]], 60_000, lane, top_up_to=50)
-    [(batch_id, _size)] = pack
-    return batch_id
+    return cut(rows, lane, top_up_to=50)
 
 
 def test_a_short_batch_claimed_absorbs_a_short_batch_of_its_kind_not_yet_claimed(env, redis_client):
