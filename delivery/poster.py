@@ -199,8 +199,22 @@ class Poster:
             sent = _Sent()
             try:
                 return self._post_claimed(claim.record, token, lease_ms, sent, seat, seated)
-            except Exception:
-                self._give_back_after_error(token, sent.sent)
+            except Exception as exc:
+                held = [b for b, by in live.held().items() if by == token]
+                given_back = self._give_back_after_error(token, sent.sent)
+                if isinstance(exc, REDIS_UNAVAILABLE) and given_back == {Deferred.LOST}:
+                    # The claim had been lost already (this worker froze past its lease
+                    # and the tick took its batch back): the post is over like any other
+                    # whose claim was lost, and Redis's error (a connection it closed
+                    # meanwhile) changes nothing about the batch, which is its new
+                    # holder's or waits in the schedule.
+                    logger.warning(
+                        "batch %s: claim lost (%s after it was taken back): ended",
+                        batch_id,
+                        type(exc).__name__,
+                    )
+                    self._recover_orphans(held)
+                    return PostReport(batch_id, PostStatus.LOST, detail="claim lost")
                 raise
             finally:
                 live.release_token(token)
@@ -208,7 +222,7 @@ class Poster:
             if seat is not None:
                 seat.release()
 
-    def _give_back_after_error(self, token: str, sent: bool) -> None:
+    def _give_back_after_error(self, token: str, sent: bool) -> set[Deferred | None]:
         """An error of this process mid-post (Redis unreachable, a bug): put what it holds
         back into the schedule at once rather than let it wait for the lease to run out.
         If the request had been sent its outcome is unknown: a retry is what that calls
@@ -224,11 +238,15 @@ class Poster:
         it, so a give-back that comes late, after the tick took the batch back (this
         worker frozen, or its heartbeat expired during the failover), finds it not its
         own and changes nothing; and a process that dies or freezes while it tries again
-        stops beating, so the tick takes the batch back as from any dead worker."""
+        stops beating, so the tick takes the batch back as from any dead worker.
+
+        Returns what the give-backs found: `Deferred` statuses, None for one that failed
+        (an empty set: this token held nothing any more)."""
         held = [b for b, held_by in self.liveness.held().items() if held_by == token]
+        found: set[Deferred | None] = set()
         for batch_id in held:
             try:
-                self._until_answered(
+                deferral = self._until_answered(
                     lambda batch_id=batch_id: self.store.defer(
                         batch_id,
                         token,
@@ -244,22 +262,34 @@ class Poster:
                 )
             except Exception as exc:  # the original error is the one that matters
                 logger.warning("batch %s: could not be given back: %s", batch_id, exc)
+                found.add(None)
+            else:
+                found.add(deferral.status)
+        return found
 
     def _until_answered(self, call: Callable[[], T], within_ms: int) -> T:
         """`call()`, tried again after each error of a Redis that does not answer for now
         (stores.connection.REDIS_UNAVAILABLE: a failover) after UNAVAILABLE_BACKOFF's
         wait, until it answers; the last error is raised once the next try would come
-        after `within_ms` or the worker begins to stop (its heartbeat goes with it, and
-        the tick takes back what it holds). Any other error is raised at once. Safe for
-        the steps it wraps because each checks the claim itself: a claim by its token (a
-        renewal if the first try was made), a give-back only while the token holds it."""
-        deadline = time.monotonic() + within_ms / 1000
+        more than `within_ms` after the first error, or the worker begins to stop (its
+        heartbeat goes with it, and the tick takes back what it holds). Any other error is
+        raised at once. Safe for the steps it wraps because each checks the claim itself:
+        a claim by its token (a renewal if the first try was made), a give-back only while
+        the token holds it, a read.
+
+        The bound counts from the first error, not from the call: a worker frozen in the
+        middle of a call (a paused container) for longer than the bound finds its
+        connection closed by Redis (its idle `timeout`) when thawed, and that first error
+        is a stale socket, not an outage: it is tried again like any other."""
+        deadline: float | None = None
         failures = 0
         while True:
             try:
                 return call()
             except REDIS_UNAVAILABLE:
                 failures += 1
+                if deadline is None:
+                    deadline = time.monotonic() + within_ms / 1000
                 delay = UNAVAILABLE_BACKOFF.compute(failures)
                 if time.monotonic() + delay > deadline or not self.liveness.wait(delay):
                     raise
@@ -351,7 +381,7 @@ class Poster:
                 lead.id,
                 report.size,
             )
-            self._recover_orphans(records)
+            self._recover_orphans([r.id for r in records])
             return replace(report, status=PostStatus.LOST, detail="claim lost before sending")
         result = reply.classified()
         report = replace(
@@ -716,16 +746,15 @@ class Poster:
         # Another worker holds or will take the claim (this one froze after its fence): it
         # ends the batch; this worker does not report what it cannot vouch for.
         logger.warning("batch %s: claim lost during its request", report.batch_id)
-        self._recover_orphans(records)
+        self._recover_orphans([r.id for r in records])
         return replace(report, status=PostStatus.LOST, detail="claim lost during the request")
 
-    def _recover_orphans(self, records: list[BatchRecord]) -> None:
+    def _recover_orphans(self, ids: list[str]) -> None:
         """A claim can also be lost with the Redis master that took it (killed before its
         replica had the write): then nobody holds the batch on the new master, its message
         is consumed, and only the sweep would send it again, minutes later. Such batches go
         back into the schedule now (recover_orphans.lua); one someone holds or that waits
         already is left alone."""
-        ids = [record.id for record in records]
         self._guarded(
             "recovering batches nobody holds",
             lambda: self.store.recover_orphans(ids, self.grace_ms),
@@ -853,7 +882,12 @@ class Poster:
         outcome = None
         for record in records:
             key = record.key
-            refusal = self.refusals.standing(key.group_id, key.state.value, key.kind.value)
+            refusal = self._until_answered(
+                lambda key=key: self.refusals.standing(
+                    key.group_id, key.state.value, key.kind.value
+                ),
+                self.settings.claim_lease_ms,
+            )
             if refusal is None:
                 continue
             detail = f"not sent: group refused as a whole by Braze: {refusal.detail}"

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from admin.exporter import read_extras
 from admin.status import read_status
@@ -667,6 +668,55 @@ def test_an_error_mid_post_gives_the_batch_back_at_once(sim, redis_client, monke
     assert redis_client.hexists(found.keys.claim_tokens, batch_id) == 0
     assert redis_client.hget(found.keys.schedule_reasons, batch_id) == b"retry"
     assert record(redis_client, batch_id)["attempts"] == 0
+    assert found.liveness.held() == {}
+
+
+def test_a_thawed_post_whose_connection_redis_closed_is_tried_again_and_sends_nothing(
+    sim, redis_client, monkeypatch
+):
+    """A worker frozen mid-call past its lease: the tick took its batch back, and Redis
+    closed its idle connection. Thawed, the call raises "Connection closed by server";
+    it is tried again like any error of a Redis that does not answer, the fence finds the
+    claim gone, and the post ends `lost` with nothing sent. Before, the post raised (its
+    Celery task failed, no report named the batch)."""
+    found = services()
+    batch_id = email_batch([email(9)])
+    poster = found.poster()
+    original = poster.refusals.standing
+    calls: list[str] = []
+
+    def thawed(*args: Any) -> Any:
+        calls.append("standing")
+        if len(calls) == 1:
+            redis_client.hset(found.keys.claim_tokens, batch_id, "another-worker/1")
+            raise RedisConnectionError("Connection closed by server.")
+        return original(*args)
+
+    monkeypatch.setattr(poster.refusals, "standing", thawed)
+    report = poster.post(batch_id)
+    assert (report.status, len(calls)) == ("lost", 2)
+    assert sim_stats(sim, log=True)["requests"] == []
+    assert redis_client.hget(found.keys.claim_tokens, batch_id) == b"another-worker/1"
+
+
+def test_a_post_failing_on_redis_after_its_claim_was_lost_reports_lost(
+    sim, redis_client, monkeypatch
+):
+    """Any step of a post that Redis fails (a connection it closed while this worker was
+    frozen) after the claim was taken back: the give-back finds the batch not this post's,
+    and the post reports `lost` instead of raising; the batch stays its new holder's."""
+    found = services()
+    batch_id = email_batch([email(10)])
+
+    def thawed(*_args: Any, **_kwargs: Any) -> Any:
+        redis_client.hset(found.keys.claim_tokens, batch_id, "another-worker/1")
+        raise RedisConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(found.limiter, "acquire", thawed)
+    report = found.poster().post(batch_id)
+    assert report.status == "lost"
+    assert sim_stats(sim, log=True)["requests"] == []
+    assert redis_client.hget(found.keys.claim_tokens, batch_id) == b"another-worker/1"
     assert found.liveness.held() == {}
 
 

@@ -69,3 +69,20 @@ def test_a_stopping_worker_stops_trying():
     with pytest.raises(RedisConnectionError):
         found._until_answered(call, 60_000)
     assert len(calls) == 1
+
+
+def test_a_call_frozen_past_the_bound_is_still_tried_again():
+    """The bound counts from the first error, not from the call: a worker frozen in the
+    middle of a call for longer than the bound (SIGSTOP, a paused container) finds its
+    connection closed by Redis's idle timeout when thawed; that first error is tried again.
+    Before, the time frozen counted, and the thawed post raised at its first error."""
+    frozen = [True]
+
+    def call() -> str:
+        if frozen:
+            frozen.clear()
+            time.sleep(0.4)  # the freeze, longer than the bound below
+            raise RedisConnectionError("Connection closed by server.")
+        return "answered"
+
+    assert poster()._until_answered(call, 300) == "answered"
