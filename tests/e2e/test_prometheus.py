@@ -13,7 +13,6 @@ import contextlib
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import pytest
 from devtools.processes import free_port
 from tasks.producer import enqueue_changes
 from tests.conftest import SIM_KEY, identifier, wait_for
+from tests.metrics_scrape import metrics_exporter
 from tests.sim_control import faults, sim_stats
 
 pytestmark = pytest.mark.slow
@@ -70,21 +70,7 @@ def running(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
 @pytest.fixture
 def exporter(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     """`braze-subs metrics` as the Procfile runs it, on a free port; yields host:port."""
-    import os
-
-    port = free_port()
-    args = [sys.executable, "-m", "worker", "metrics", "--host", "127.0.0.1", "--port", str(port)]
-    with running(args, {**os.environ, **env}, tmp_path / "exporter.log") as process:
-        target = f"127.0.0.1:{port}"
-
-        def serving() -> bool:
-            assert process.poll() is None, (tmp_path / "exporter.log").read_text()
-            try:
-                return httpx.get(f"http://{target}/metrics", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(serving, timeout=30, what="the exporter to serve /metrics")
+    with metrics_exporter(tmp_path / "exporter.log", env) as target:
         yield target
 
 

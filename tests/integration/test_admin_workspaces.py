@@ -8,27 +8,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from core.changes import Lane, parse_change
 from core.planning import plan_batches
 from delivery.services import services
-from devtools.processes import free_port
 from stores.clock import server_time_ms
 from stores.keys import FIELD_SEPARATOR
 from tasks.producer import enqueue_changes
 from tests.cli_runs import assert_one_line_error, run_cli, run_real
-from tests.conftest import ROOT, email, keyspace_traces, wait_for
+from tests.conftest import email, keyspace_traces
 from tests.import_files import write_rows
+from tests.metrics_scrape import metrics_exporter, scrape
 from tests.sim_control import set_in_braze, sim_stats
 
 US, EU = "us-email", "eu-email"  # a group of each workspace (`TwoWorkspaces.groups`)
@@ -128,40 +123,8 @@ def test_one_workspace_status_json_is_as_before_and_names_it_default(env):
 @contextlib.contextmanager
 def exporter(tmp_path: Path) -> Iterator[str]:
     """`braze-subs metrics` as the Procfile runs it, on a free port; yields its URL."""
-    port = free_port()
-    log = tmp_path / "exporter.log"
-    command = [sys.executable, "-m", "worker", "metrics", "--host", "127.0.0.1"]
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)],
-            cwd=ROOT,
-            env=dict(os.environ),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/metrics"
-
-    def serving() -> bool:
-        assert process.poll() is None, log.read_text()
-        try:
-            return httpx.get(url, timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(serving, timeout=30, what="the exporter to serve /metrics")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-
-
-def scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    parsed: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
-        for sample in family.samples:
-            parsed.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return parsed
+    with metrics_exporter(tmp_path / "exporter.log") as target:
+        yield f"http://{target}/metrics"
 
 
 def test_the_exporter_labels_each_workspaces_series(workspaces_env, tmp_path):

@@ -16,16 +16,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from core.waiting import WaitReason
 from delivery.services import services
-from devtools.processes import free_port
 from stores.clock import server_time_ms
 from stores.fleet import ALIVE_IDS_SHOWN, read_fleet
 from stores.keys import Keys
 from tests.conftest import wait_for
+from tests.metrics_scrape import metrics_exporter, scrape
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY_MS = 24 * 3600 * 1000
@@ -209,40 +208,8 @@ def test_status_warns_when_work_waits_and_no_heartbeat_is_alive(env):
 @pytest.fixture
 def exporter(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     """`braze-subs metrics` as the Procfile runs it, on a free port; yields its URL."""
-    port = free_port()
-    log = tmp_path / "exporter.log"
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "metrics", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/metrics"
-
-    def serving() -> bool:
-        assert process.poll() is None, log.read_text()
-        try:
-            return httpx.get(url, timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(serving, timeout=30, what="the exporter to serve /metrics")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-
-
-def scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    parsed: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    text = httpx.get(url, timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            parsed.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return parsed
+    with metrics_exporter(tmp_path / "exporter.log", env) as target:
+        yield f"http://{target}/metrics"
 
 
 def test_a_scrape_exports_the_schedule_posting_and_workers_alive(env, exporter):

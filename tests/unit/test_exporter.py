@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from admin.exporter import (
     Extras,
@@ -16,6 +15,7 @@ from admin.exporter import (
 )
 from admin.status import Status
 from stores.counters import RequestCount
+from tests.metrics_scrape import parse_exposition
 
 IDLE = Status(
     pending=0,
@@ -68,12 +68,7 @@ def parse(collect) -> dict[str, dict[tuple, float]]:
 
     registry = CollectorRegistry()
     registry.register(Fixed())
-    parsed: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
-        for sample in family.samples:
-            labels = tuple(sorted(sample.labels.items()))
-            parsed.setdefault(sample.name, {})[labels] = sample.value
-    return parsed
+    return parse_exposition(generate_latest(registry).decode())
 
 
 def test_a_paused_budget_after_a_429_and_the_request_totals():
