@@ -343,11 +343,68 @@ def _is_valid_domain(domain: str) -> bool:
 
 @lru_cache(maxsize=65536)
 def is_valid_phone(value: str) -> bool:
-    """E.164 (`+` then up to 15 digits) that phonenumbers parses as a possible number."""
+    """E.164 (`+` then up to 15 digits) that phonenumbers parses as a possible number.
+
+    An ASCII E.164 number whose national number the country's national prefix cannot
+    start (`_phone_shape`) takes the verdict phonenumbers gave the first number of its
+    shape (country calling code, national number's length): ~19 us a number for the full
+    parse was a quarter of the simulator's CPU in bench.ceiling, where every phone is new
+    (issue 26). For such a number the verdict depends on nothing else: phonenumbers
+    extracts the code from the first digits, leaves a national number no prefix pattern
+    matches as it is, and `is_possible_number` compares its length with the country's
+    possible lengths. Every other number goes through the full parse, so what is refused
+    is phonenumbers' verdict alone; tests/unit/test_simulator_validation.py checks that
+    the two agree."""
     if not E164.match(value):
         return False
+    shape = _phone_shape(value)
+    if shape is None:
+        return _is_valid_phone_in_full(value)
+    verdict = _SHAPE_VERDICTS.get(shape)
+    if verdict is None:
+        verdict = _SHAPE_VERDICTS[shape] = _is_valid_phone_in_full(value)
+    return verdict
+
+
+def _is_valid_phone_in_full(value: str) -> bool:
     try:
         number = phonenumbers.parse(value)
     except phonenumbers.NumberParseException:
         return False
     return phonenumbers.is_possible_number(number)
+
+
+# (country calling code, national number's length) -> phonenumbers' verdict on the first
+# number of that shape. At most ~215 codes x 15 lengths; a race fills one twice, alike.
+_SHAPE_VERDICTS: dict[tuple[int, int], bool] = {}
+_MAX_COUNTRY_CODE_DIGITS = 3  # phonenumbers' _MAX_LENGTH_COUNTRY_CODE
+
+
+def _phone_shape(value: str) -> tuple[int, int] | None:
+    """(country calling code, national number's length) of an ASCII `+digits` number whose
+    verdict is decided by those alone; None when the full parse must decide: other digits
+    than ASCII (phonenumbers normalises them), an unknown code, or a national number the
+    country's national prefix pattern matches (phonenumbers may strip it)."""
+    digits = value[1:]
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    # As phonenumbers' _extract_country_code: the shortest known code of 1 to 3 digits.
+    for size in range(1, min(len(digits), _MAX_COUNTRY_CODE_DIGITS) + 1):
+        code = int(digits[:size])
+        if code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            national = digits[size:]
+            prefix = _national_prefix(code)
+            if prefix is not None and prefix.match(national):
+                return None
+            return code, len(national)
+    return None
+
+
+@lru_cache(maxsize=1024)
+def _national_prefix(code: int) -> re.Pattern[str] | None:
+    """The pattern phonenumbers strips a national prefix by, for a country calling code."""
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(
+        code, phonenumbers.region_code_for_country_code(code)
+    )
+    pattern = metadata.national_prefix_for_parsing if metadata is not None else None
+    return re.compile(pattern) if pattern else None

@@ -1,15 +1,22 @@
-"""The simulator's email check (issue 26): its plain-address shortcut accepts exactly what
-email-validator's full parse accepts, so the simulator refuses the same identifiers, with
-the same messages, as before the shortcut."""
+"""The simulator's email and phone checks (issue 26): the plain-address shortcut accepts
+exactly what email-validator's full parse accepts, the phone shortcut exactly what
+phonenumbers' does, so the simulator refuses the same identifiers, with the same messages,
+as before the shortcuts."""
 
 from __future__ import annotations
 
+import random
+import string
+
+import phonenumbers
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simulator import validation
-from simulator.validation import PLAIN_EMAIL, is_valid_email
+from simulator.validation import PLAIN_EMAIL, is_valid_email, is_valid_phone
+
+DIGITS = string.digits
 
 # Addresses at the shortcut's edges: each is decided by the full parse, with the shortcut
 # and without it.
@@ -90,3 +97,102 @@ def test_any_string_is_decided_as_the_full_parse_decides_it(value: str) -> None:
 )
 def test_every_plain_shaped_address_is_decided_as_the_full_parse_decides_it(value: str) -> None:
     assert is_valid_email(value) is full_parse(value)
+
+
+# The phone check's shortcut (issue 26): a number of a known shape takes the verdict
+# phonenumbers gave the first number of that shape.
+
+
+def full_phone_parse(value: str) -> bool:
+    return validation._is_valid_phone_in_full(value)
+
+
+def _fresh_phone_verdicts() -> None:
+    validation.is_valid_phone.cache_clear()
+    validation._SHAPE_VERDICTS.clear()
+
+
+def test_every_shape_of_every_calling_code_is_decided_as_the_full_parse_decides_it() -> None:
+    """Every known calling code with national numbers of every length E.164 allows, several
+    numbers of each shape (digits at random, and each national number that starts as the
+    country's own numbers do: its example numbers' first digits), checked one after
+    another against the full parse, so that a shape's cached verdict meets every other
+    number of that shape."""
+    _fresh_phone_verdicts()
+    rng = random.Random(26)
+    starts = {""}
+    for region in phonenumbers.SUPPORTED_REGIONS:
+        example = phonenumbers.example_number(region)
+        if example is not None:
+            starts.update(str(example.national_number)[:k] for k in (1, 2, 3))
+    wrong = []
+    for code in sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE):
+        for length in range(15 - len(str(code)) + 1):
+            nationals = {"".join(rng.choice(DIGITS) for _ in range(length)) for _ in range(6)}
+            nationals.update(
+                (start + "".join(rng.choice(DIGITS) for _ in range(length)))[:length]
+                for start in rng.sample(sorted(starts), 6)
+            )
+            nationals.update(("0" + "9" * length)[:length] for _ in (0,))
+            for national in sorted(nationals):
+                value = f"+{code}{national}"
+                if is_valid_phone(value) is not full_phone_parse(value):
+                    wrong.append(value)
+    assert wrong == []
+
+
+PHONE_EDGES = [
+    "+14152000000",
+    "+114152000000",  # +1 then the national prefix 1: phonenumbers may strip it
+    "+1415200000",
+    "+4401234567890",  # a trunk 0 after the code
+    "+390612345678",  # Italy keeps its leading zero
+    "+5491123456789",  # Argentina's prefix transform
+    "+80012345678",  # a non-geographic code
+    "+999123456789",  # no such code
+    "+1",
+    "+12",
+    "+123",
+    "+14155550100\n",  # E164's `$` lets a final newline through
+    "+١٤١٥٥٥٥٠١٠٠",  # Arabic-Indic digits match `\\d`
+    "+1 415 555 0100",
+    "14155550100",
+    "",
+]
+
+
+@pytest.mark.parametrize("value", PHONE_EDGES)
+def test_the_phone_shortcut_agrees_with_the_full_parse(value: str) -> None:
+    """Each edge after a plain number of the same code and length filled the shape's
+    verdict (`+1` and ten 5s for +1 and ten more digits, ...)."""
+    _fresh_phone_verdicts()
+    for code in (1, 44, 39, 54, 800):
+        prefix = f"+{code}"
+        if value.startswith(prefix) and value[1:].isascii() and value[1:].isdigit():
+            is_valid_phone(prefix + "5" * (len(value) - len(prefix)))
+    assert is_valid_phone(value) is (bool(validation.E164.match(value)) and full_phone_parse(value))
+
+
+def test_the_phone_shortcut_is_taken_for_the_drains_numbers() -> None:
+    """bench.drain's phones (+1415 and 7 digits) take the shortcut: one full parse in all."""
+    _fresh_phone_verdicts()
+    calls = []
+    original = validation._is_valid_phone_in_full
+
+    def counted(value: str) -> bool:
+        calls.append(value)
+        return original(value)
+
+    validation._is_valid_phone_in_full = counted  # type: ignore[assignment]
+    try:
+        for n in range(200):
+            assert is_valid_phone(f"+1415{2_000_000 + n:07d}")
+    finally:
+        validation._is_valid_phone_in_full = original  # type: ignore[assignment]
+    assert calls == ["+14152000000"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.from_regex(r"\+[1-9][0-9]{1,14}", fullmatch=True))
+def test_every_e164_number_is_decided_as_the_full_parse_decides_it(value: str) -> None:
+    assert is_valid_phone(value) is full_phone_parse(value)
