@@ -5,6 +5,7 @@ simulator's `answer` faults over real HTTP, batch records in real Redis."""
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import re
 import socket
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import pytest
 
 from admin.status import read_status
@@ -214,34 +216,41 @@ def test_a_trickled_answer_ends_at_the_overall_deadline(sim):
     assert took < 1.9, f"the exchange took {took:.2f} s with a 1 s deadline"
 
 
-def read_request(connection: socket.socket) -> None:
-    """Read one HTTP request, headers and its Content-Length body."""
+def read_request(connection: socket.socket) -> bytes:
+    """Read one HTTP request, headers and its Content-Length body (returned as read)."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = connection.recv(65536)
         if not chunk:
-            return
+            return data
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
     while length and len(body) < int(length.group(1)):
         chunk = connection.recv(65536)
         if not chunk:
-            return
+            break
         body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 @contextmanager
-def trickling_server(answer: bytes, interval: float) -> Iterator[str]:
-    """A bare HTTP server that reads a request, then sends `answer` (status line and
-    headers included) one byte every `interval` seconds: no body phase to time out in."""
+def trickling_server(
+    answer: bytes, interval: float, requests: list[bytes] | None = None
+) -> Iterator[str]:
+    """A bare HTTP server that reads a request (appended to `requests`), then sends `answer`
+    (status line and headers included) one byte every `interval` seconds: no body phase to
+    time out in."""
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
     def serve() -> None:
         connection, _ = listener.accept()
         with connection:
-            read_request(connection)  # whole: closing on unread bytes would reset it
+            # Whole: closing on unread bytes would reset it.
+            request = read_request(connection)
+            if requests is not None:
+                requests.append(request)
             for byte in answer:
                 if stop.wait(interval):
                     return
@@ -295,6 +304,34 @@ def test_a_compressed_answer_is_still_brazes():
     assert (reply.status, reply.body, reply.truncated) == (201, '{"message":"success"}', False)
 
 
+def test_a_proxy_from_the_environment_carries_the_posts(monkeypatch):
+    """HTTP_PROXY in the environment: a post goes through the proxy (the transport httpx
+    mounted for it), with the key's header and httpx's JSON bytes, as through
+    `httpx.Client.send` before the client sent to its transports itself (issue 26)."""
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    received: list[bytes] = []
+    answer = (
+        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 21\r\n"
+        b'Connection: close\r\n\r\n{"message":"success"}'
+    )
+    with trickling_server(answer, 0.0, received) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+        monkeypatch.setenv("http_proxy", proxy)
+        braze = client("http://braze.invalid")
+        try:
+            reply = braze.post(V1_PATH, BODY)
+        finally:
+            braze.close()
+    assert (reply.status, reply.body) == (201, '{"message":"success"}')
+    [request] = received
+    head, _, body = request.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST http://braze.invalid/subscription/status/set HTTP/1.1\r\n")
+    assert f"Authorization: Bearer {SIM_KEY}".encode() in head
+    assert b"Content-Type: application/json" in head
+    assert body == json.dumps(BODY, separators=(",", ":")).encode()
+
+
 def test_the_deadline_wraps_the_transports_httpx_made():
     """The deadline rests on httpx's pool keeping `_network_backend` (httpx takes no backend
     argument): an upgrade that moves it fails here and at the client's start."""
@@ -302,6 +339,8 @@ def test_the_deadline_wraps_the_transports_httpx_made():
     try:
         pool = braze._http._transport._pool
         assert type(pool._network_backend).__name__ == "_DeadlineBackend"
+        # ...and the client sends to the transport httpx chose for the URL (its own method).
+        assert braze._transport_for(httpx.URL("http://127.0.0.1:9/")) is braze._http._transport
     finally:
         braze.close()
 
