@@ -549,16 +549,46 @@ def test_a_turn_reserved_before_the_key_was_refused_waits_for_the_key(
     poster = found.poster()
     batch_id = email_batch([email(1)])
     real_wait = found.liveness.wait
+    spend_the_burst(found.limiter)  # the post's turn is one interval off: it waits
+    waits: list[float] = []
 
     def wait_while_another_worker_sees_a_401(seconds: float) -> bool:
+        waits.append(seconds)
         found.limiter.open_circuit("HTTP 401: Invalid API key")
         return real_wait(seconds)
 
     monkeypatch.setattr(found.liveness, "wait", wait_while_another_worker_sees_a_401)
     report = poster.post(batch_id)
+    assert waits and waits[0] > 0
     assert report.status == "waiting"
     assert sim_stats(sim)["requests_total"] == 0
     assert redis_client.hget(found.keys.schedule_reasons, batch_id) == b"credentials"
+
+
+def spend_the_burst(limiter: RateLimiter) -> None:
+    """Reserve turns until the next one is not now (the budget's burst is spent)."""
+    for _ in range(10_000):
+        if limiter.acquire().wait_seconds > 0:
+            return
+    raise AssertionError("the budget never made a turn wait")
+
+
+def test_a_turn_granted_for_now_goes_without_reading_the_pause_again(
+    sim, redis_client, monkeypatch
+):
+    """The script that grants a turn for now read the pause and the circuit at that
+    instant: the post does not read them again before its request (issue 26: a round trip
+    of the worker's CPU a post), and goes out."""
+    found = services()
+    poster = found.poster()
+    batch_id = email_batch([email(1)])
+
+    def must_not_read() -> tuple[float, str]:
+        raise AssertionError("the pause was read again for a turn granted for now")
+
+    monkeypatch.setattr(found.limiter, "pause_after_turn", must_not_read)
+    assert poster.post(batch_id).status == "delivered"
+    assert sim_stats(sim)["requests_total"] == 1
 
 
 # --------------------------------------------------------------------------------------
