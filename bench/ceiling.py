@@ -44,6 +44,9 @@ CPU_SPLIT = ROOT / "bench" / "cpu_split.py"
 # them. redis-py uses hiredis whenever it can import it.
 NEWER_PACKAGES = ("hiredis",)
 PROCESSES = ("workers", "beat", "simulator", "redis-server")
+# Within the simulator's process (the drain's): its own thread, the drain's status poll
+# left out. Shown beside the processes, not added to their total.
+THREADS = ("simulator thread",)
 
 # Runs in the tree's own directory (first on sys.path), so the tree's code is measured.
 # Redis's own figures over the drain (the enqueue before it left out): the drain's status
@@ -173,7 +176,7 @@ def main() -> None:
                         f"({figures['drain_seconds']} s, {figures['requests']} requests; "
                         f"Redis: {per_request:,.0f} commands a request, "
                         f"{figures['redis_cpu_seconds']} s CPU; CPU s per 1,000 identifiers: "
-                        + ", ".join(f"{p} {per_thousand.get(p, 0)}" for p in PROCESSES)
+                        + ", ".join(f"{p} {per_thousand.get(p, 0)}" for p in (*PROCESSES, *THREADS))
                         + ")",
                         flush=True,
                     )
@@ -202,6 +205,10 @@ def main() -> None:
         # identifiers/s the machine's cores allow at that cost (nothing else running).
         split = {p: statistics.median(r.get(p, 0.0) for r in cpu[name]) for p in PROCESSES}
         result[f"{name}.cpu_seconds_per_1000"] = {p: round(v, 3) for p, v in split.items()}
+        for thread in THREADS:
+            result[f"{name}.cpu_seconds_per_1000.{thread}"] = round(
+                statistics.median(r.get(thread, 0.0) for r in cpu[name]), 3
+            )
         total = sum(split.values())
         result[f"{name}.cpu_seconds_per_1000_total"] = round(total, 3)
         result[f"{name}.cpu_bound_identifiers_per_second"] = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 import tracemalloc
 
 from simulator import SimulatorConfig, SimulatorState
-from simulator.model import SUBSCRIPTION_STATES, Update, ValidatedRequest
+from simulator.model import SUBSCRIPTION_STATES, UpdateList, ValidatedRequest
 from simulator.state import Outcome, RequestRecord
 
 UPDATES = 100_000
@@ -23,17 +23,10 @@ PER_POST = 50
 def posts(distinct: int) -> list[ValidatedRequest]:
     requests = []
     for start in range(0, UPDATES, PER_POST):
-        updates = tuple(
-            Update(
-                "group-1",
-                SUBSCRIPTION_STATES[(i // distinct) % 2],
-                "external_id",
-                f"user-{i % distinct:08}",
-                False,
-            )
-            for i in range(start, start + PER_POST)
-        )
-        requests.append(ValidatedRequest(updates, PER_POST, 1))
+        values = tuple(f"user-{i % distinct:08}" for i in range(start, start + PER_POST))
+        state = SUBSCRIPTION_STATES[(start // distinct) % 2]  # one state a post, as posted
+        update_list = UpdateList("group-1", state, "external_id", values, False)
+        requests.append(ValidatedRequest((update_list,), PER_POST, 1))
     return requests
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
-from simulator.braze_api import BrazeApi
+from simulator.braze_api import BrazeApi, BrazePosts
 from simulator.config import SimulatorConfig, WorkspacesConfig, as_workspaces
 from simulator.control import ControlApi, unknown_workspace
 from simulator.hold import HoldGate
@@ -37,11 +38,13 @@ def create_app(
     """
     workspaces = simulator_workspaces(config, state)
     gates = {name: HoldGate(ws_state) for name, ws_state in workspaces}
-    routes = [
-        *BrazeApi(workspaces, gates).routes(),
-        *ControlApi(workspaces, gates).routes(),
-    ]
-    app = Starlette(routes=routes, exception_handlers={UnknownWorkspace: unknown_workspace})
+    braze = BrazeApi(workspaces, gates)
+    routes = [*braze.routes(), *ControlApi(workspaces, gates).routes()]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(BrazePosts, api=braze)],  # the posts, without the routing
+        exception_handlers={UnknownWorkspace: unknown_workspace},
+    )
     app.state.simulator = workspaces.first
     app.state.workspaces = workspaces
     return app

@@ -30,17 +30,42 @@ class Update:
 
 
 @dataclass(frozen=True, slots=True)
+class UpdateList:
+    """The identifiers of one kind a request sets to one state in one group, each once,
+    in the order posted: a request's updates kept per list rather than one `Update` an
+    identifier (a v1 request sets 50; issue 26)."""
+
+    group: str
+    state: SubscriptionState
+    kind: Kind
+    values: tuple[str, ...]
+    double_opt_in: bool
+
+    def updates(self) -> tuple[Update, ...]:
+        return tuple(
+            Update(self.group, self.state, self.kind, value, self.double_opt_in)
+            for value in self.values
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ValidatedRequest:
     """A request body that passed validation, normalised.
 
+    `lists` are its updates, list by list in the order posted (`updates` one by one).
     `learned_groups` holds the channels fixed by this request for groups unknown so far
     (auto-groups mode only); they are recorded when the request is applied.
     """
 
-    updates: tuple[Update, ...]
+    lists: tuple[UpdateList, ...]
     identifiers: int
     entries: int
     learned_groups: dict[str, Channel] = field(default_factory=dict)
+
+    @property
+    def updates(self) -> tuple[Update, ...]:
+        """Every update, one an identifier and list, in the order posted."""
+        return tuple(update for lst in self.lists for update in lst.updates())
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,9 @@ and the applied-states log (the order oracle).
 Thread-safe: the server's event loop writes, tests and the control API read from anywhere.
 
 Memory: the request logs hold one small record per request; the applied-states log one
-per identifier a successful post applied (about 90 bytes, 200 for an identifier's first,
-`bench/sim_applied_memory.py`), kept until `reset()`, at most `applied_log_limit` of them.
+entry per identifier a successful post applied (about 30 bytes, 55 for an identifier's
+first, `bench/sim_applied_memory.py`: the list's record is shared by its identifiers),
+kept until `reset()`, at most `applied_log_limit` of them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import enum
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -31,6 +32,7 @@ from simulator.model import (
     Kind,
     ReadEndpoint,
     SubscriptionState,
+    UpdateList,
     ValidatedRequest,
 )
 from simulator.ratelimit import FixedWindowCounter, WindowStatus, sliding_window_max
@@ -74,11 +76,12 @@ class ReadRecord:
         return dataclasses.asdict(self)
 
 
-@dataclass(slots=True)
-class Subscription:
-    state: SubscriptionState
-    double_opt_in: bool
-    updates: int
+# One identifier's subscription in one group: (state, double_opt_in, updates so far). A
+# tuple of plain values, which Python's garbage collector stops tracking: 100,000 objects
+# it traversed at each full collection cost ~20 % of the simulator's CPU in bench.sim_cpu
+# (issue 26), as the applied log's lists did (now tuples of ints).
+Subscription = tuple[SubscriptionState, bool, int]
+_TUPLE_ENTRIES = 16
 
 
 @dataclass(slots=True)
@@ -157,8 +160,9 @@ class SimulatorState:
         self._configured_groups: dict[str, Channel] = config.group_channels()
         self._groups: dict[str, Channel] = dict(self._configured_groups)
         self._subscriptions: dict[SubscriptionKey, Subscription] = {}
-        # (kind, value) -> the groups holding a state for it: `/subscription/user/status`.
-        self._groups_of: dict[tuple[Kind, str], set[str]] = {}
+        # The groups holding a state for some identifier: `/subscription/user/status` looks
+        # an identifier up in each (a few groups, against a set per identifier to keep).
+        self._held_groups: set[str] = set()
         self._log: list[RequestRecord] = []
         self._counters = Counters()
         self._faults = Faults.from_config(config)
@@ -166,7 +170,11 @@ class SimulatorState:
         self._read_window = FixedWindowCounter(config.read_rate_limit, config.read_window_seconds)
         self._read_log: list[ReadRecord] = []
         self._read_counters = ReadCounters()
-        self._applied: dict[SubscriptionKey, list[Applied]] = {}
+        # The applied log: per key, indexes into `_applied_records` (one record per list a
+        # post applied or per `set_state` call, shared by its identifiers); a tuple, which
+        # the garbage collector stops tracking, up to _TUPLE_ENTRIES of them, then a list.
+        self._applied: dict[SubscriptionKey, tuple[int, ...] | list[int]] = {}
+        self._applied_records: list[Applied] = []
         self._applied_count = 0
         self._applied_complete = True
         self._held = 0
@@ -294,31 +302,45 @@ class SimulatorState:
                 self._counters.queued_202 += 1
             for group, channel in request.learned_groups.items():
                 self._groups.setdefault(group, channel)
-            for update in request.updates:
-                if (update.kind, update.value) in skipped:
-                    continue
-                key = (update.group, update.kind, update.value)
-                self._apply(key, update.state, update.double_opt_in)
-                self._record(key, Applied(record.t, update.state, record.endpoint, position))
+            for update_list in request.lists:
+                values = update_list.values
+                if skipped:
+                    kind = update_list.kind
+                    values = tuple(value for value in values if (kind, value) not in skipped)
+                # One record for the list's every identifier (they are alike, and frozen).
+                applied = Applied(record.t, update_list.state, record.endpoint, position)
+                self._apply_list(update_list, values, applied)
 
-    def _apply(self, key: SubscriptionKey, state: SubscriptionState, double_opt_in: bool) -> None:
-        current = self._subscriptions.get(key)
-        if current is None:
-            self._subscriptions[key] = Subscription(state, double_opt_in, 1)
-            group, kind, value = key
-            self._groups_of.setdefault((kind, value), set()).add(group)
-        else:
-            current.state = state
-            current.double_opt_in = double_opt_in
-            current.updates += 1
-
-    def _record(self, key: SubscriptionKey, applied: Applied) -> None:
+    def _apply_list(self, update_list: UpdateList, values: Sequence[str], applied: Applied) -> None:
+        """Set `values` of `update_list` to its state and record `applied` for each (as far
+        as `applied_log_limit` allows): the per-identifier work of a post, in two tight
+        loops (issue 26)."""
+        group, kind = update_list.group, update_list.kind
+        first = (update_list.state, update_list.double_opt_in, 1)  # shared by new keys
+        keys = [(group, kind, value) for value in values]
+        subscriptions = self._subscriptions
+        for key in keys:
+            current = subscriptions.get(key)
+            subscriptions[key] = first if current is None else (*first[:2], current[2] + 1)
+        self._held_groups.add(group)
         limit = self._config.applied_log_limit
-        if limit is not None and self._applied_count >= limit:
+        if limit is not None and self._applied_count + len(keys) > limit:
+            keys = keys[: max(0, limit - self._applied_count)]
             self._applied_complete = False
-            return
-        self._applied_count += 1
-        self._applied.setdefault(key, []).append(applied)
+        self._applied_count += len(keys)
+        record = (len(self._applied_records),)
+        self._applied_records.append(applied)
+        log = self._applied
+        for key in keys:
+            entries = log.get(key)
+            if entries is None:
+                log[key] = record
+            elif isinstance(entries, list):
+                entries.append(record[0])
+            elif len(entries) < _TUPLE_ENTRIES:
+                log[key] = entries + record
+            else:  # a key applied often: a list (tracked, but rare), not a tuple per append
+                log[key] = [*entries, record[0]]
 
     def set_state(self, group: str, kind: Kind, value: str, state: SubscriptionState) -> None:
         """Set a state "in Braze" directly, as a footer-link opt-out or a STOP reply would.
@@ -355,12 +377,9 @@ class SimulatorState:
                 raise ValueError(f"Subscription group {group} is an email group")
             if channel is None and kind != "external_id" and values:
                 self._groups[group] = "email" if kind == "email" else "sms"
-            now = self._clock()
-            for value in values:
-                key = (group, kind, value)
-                self._apply(key, state, False)
-                self._record(key, Applied(now, state, "external", None))
-                self._counters.external_changes += 1
+            update_list = UpdateList(group, state, kind, tuple(values), False)
+            self._apply_list(update_list, values, Applied(self._clock(), state, "external", None))
+            self._counters.external_changes += len(values)
 
     def finish_read(self, record: ReadRecord) -> None:
         """Log one call of a read endpoint."""
@@ -377,7 +396,7 @@ class SimulatorState:
         """The state of one identifier in one group, None when never set."""
         with self._lock:
             subscription = self._subscriptions.get((group, kind, value))
-            return subscription.state if subscription else None
+            return subscription[0] if subscription else None
 
     def lookup(self, group: str, identifiers: Iterable[tuple[Kind, str]]) -> dict[str, str]:
         """`{value: "subscribed" | "unsubscribed" | "unknown"}`, as the status/get endpoint says."""
@@ -385,16 +404,18 @@ class SimulatorState:
             result: dict[str, str] = {}
             for kind, value in identifiers:
                 subscription = self._subscriptions.get((group, kind, value))
-                result[value] = subscription.state if subscription else "unknown"
+                result[value] = subscription[0] if subscription else "unknown"
             return result
 
     def user_groups(self, kind: Kind, value: str) -> list[tuple[str, Channel | None, str]]:
         """`(group, channel, state)` of every group holding a state for the identifier,
         sorted by group id: what `/subscription/user/status` lists."""
         with self._lock:
-            groups = sorted(self._groups_of.get((kind, value), ()))
+            groups = sorted(
+                group for group in self._held_groups if (group, kind, value) in self._subscriptions
+            )
             return [
-                (group, self._groups.get(group), self._subscriptions[(group, kind, value)].state)
+                (group, self._groups.get(group), self._subscriptions[(group, kind, value)][0])
                 for group in groups
             ]
 
@@ -406,8 +427,9 @@ class SimulatorState:
         """Per (group, kind, value), every state applied to it since the last reset, in the
         order applied (posts and, flagged `external`, `set_state`). Filters narrow it."""
         with self._lock:
+            records = self._applied_records
             return {
-                key: list(entries)
+                key: [records[index] for index in entries]
                 for key, entries in self._applied.items()
                 if (group is None or key[0] == group)
                 and (kind is None or key[1] == kind)
@@ -445,11 +467,11 @@ class SimulatorState:
                 "group": group,
                 "kind": kind,
                 "value": value,
-                "state": sub.state,
-                "double_opt_in": sub.double_opt_in,
-                "updates": sub.updates,
+                "state": state,
+                "double_opt_in": double_opt_in,
+                "updates": updates,
             }
-            for (group, kind, value), sub in items
+            for (group, kind, value), (state, double_opt_in, updates) in items
         ]
 
     def requests(self) -> list[RequestRecord]:
@@ -521,7 +543,7 @@ class SimulatorState:
         with self._lock:
             self._groups = dict(self._configured_groups)
             self._subscriptions.clear()
-            self._groups_of.clear()
+            self._held_groups.clear()
             self._log = []
             self._counters = Counters()
             self._faults = Faults.from_config(config)
@@ -532,5 +554,6 @@ class SimulatorState:
             self._read_log = []
             self._read_counters = ReadCounters()
             self._applied = {}
+            self._applied_records = []
             self._applied_count = 0
             self._applied_complete = True

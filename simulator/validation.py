@@ -22,7 +22,7 @@ from simulator.model import (
     Endpoint,
     Kind,
     SubscriptionState,
-    Update,
+    UpdateList,
     ValidatedRequest,
 )
 
@@ -30,6 +30,8 @@ BOTH_EMAIL_AND_PHONE = "Either an email address or a phone number should be prov
 MAX_PER_LIST = 50
 
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+# The E.164 numbers `is_valid_phone` may decide by their shape: ASCII digits, no newline.
+ASCII_E164 = re.compile(r"\+([1-9][0-9]{1,14})")
 # The plain ASCII addresses `is_valid_email` accepts without email-validator's full parse:
 # a dot-atom local part of letters, digits, `_`, `+`, `-` (a subset of RFC 5322's atext),
 # then a domain of two or more labels, which email-validator itself checks (once a domain).
@@ -145,8 +147,8 @@ def _validate_v1(body: object, rules: GroupRules) -> ValidatedRequest:
     _check_group(group, lists, rules, learned, prefix="")
     _check_values(lists)
     updates = _updates(group, state, double_opt_in, lists)
-    distinct = {(u.kind, u.value) for u in updates}
-    return ValidatedRequest(tuple(updates), len(distinct), 1, learned)
+    distinct = sum(len(update_list.values) for update_list in updates)  # kinds differ
+    return ValidatedRequest(tuple(updates), distinct, 1, learned)
 
 
 def _validate_v2(body: object, rules: GroupRules) -> ValidatedRequest:
@@ -158,7 +160,7 @@ def _validate_v2(body: object, rules: GroupRules) -> ValidatedRequest:
     if not isinstance(entries, list) or not entries:
         raise _Invalid("subscription_groups must be a non-empty array")
     learned: dict[str, Channel] = {}
-    updates: list[Update] = []
+    updates: list[UpdateList] = []
     distinct: set[tuple[Kind, str]] = set()
     channels_used: set[Channel] = set()
     has_contacts = False
@@ -178,7 +180,8 @@ def _validate_v2(body: object, rules: GroupRules) -> ValidatedRequest:
         has_contacts = has_contacts or "email" in lists or "phone" in lists
         _check_values(lists)
         entry_updates = _updates(group, state, double_opt_in, lists)
-        distinct.update((u.kind, u.value) for u in entry_updates)
+        for update_list in entry_updates:
+            distinct.update((update_list.kind, value) for value in update_list.values)
         if len(distinct) > rules.max_identifiers:
             raise _Invalid(
                 f"Too many identifiers: more than {rules.max_identifiers} distinct identifiers "
@@ -249,11 +252,14 @@ def _identifier_lists(
                 f"{prefix}Too many identifiers: {field} holds {len(items)}, "
                 f"at most {limit} are allowed"
             )
-        for item in items:
-            if not isinstance(item, str):
-                raise _Invalid(f"{prefix}{field} must contain only strings")
-            if not item:
-                raise _Invalid(f"{prefix}{field} must not contain empty strings")
+        # Only strings, none empty, checked in C (no JSON value but "" equals ""); else
+        # the first bad item decides the message.
+        if set(map(type, items)) != {str} or "" in items:
+            for item in items:
+                if not isinstance(item, str):
+                    raise _Invalid(f"{prefix}{field} must contain only strings")
+                if not item:
+                    raise _Invalid(f"{prefix}{field} must not contain empty strings")
         lists[kind] = cast(list[str], items)
     if not lists:
         names = ", ".join(fields)
@@ -299,15 +305,14 @@ def _check_values(lists: dict[Kind, list[str]]) -> None:
 
 def _updates(
     group: str, state: SubscriptionState, double_opt_in: bool, lists: dict[Kind, list[str]]
-) -> list[Update]:
-    updates: list[Update] = []
-    for kind, values in lists.items():
-        for value in dict.fromkeys(values):  # duplicates within a list are fine; apply once
-            updates.append(Update(group, state, kind, value, double_opt_in))
-    return updates
+) -> list[UpdateList]:
+    # Duplicates within a list are fine; each value is applied once.
+    return [
+        UpdateList(group, state, kind, tuple(dict.fromkeys(values)), double_opt_in)
+        for kind, values in lists.items()
+    ]
 
 
-@lru_cache(maxsize=65536)
 def is_valid_email(value: str) -> bool:
     """Syntactic check (no DNS), as Braze would reject an unusable address: email-validator's
     verdict. A plain ASCII address (`PLAIN_EMAIL`, within the lengths) is accepted when
@@ -315,7 +320,8 @@ def is_valid_email(value: str) -> bool:
     address was a third of the simulator's CPU in bench.ceiling, where every address is
     new (issue 26). Every address that shape does not accept goes through the full parse,
     so what is refused, and how, is email-validator's alone; tests/unit/test_simulator_validation.py
-    checks that the two agree."""
+    checks that the two agree. Only the full parse's verdicts are cached (by address): an
+    address the shortcut decides costs less than a cache's look-up and entry."""
     plain = PLAIN_EMAIL.fullmatch(value)
     if (
         plain is not None
@@ -327,6 +333,7 @@ def is_valid_email(value: str) -> bool:
     return _is_valid_email_in_full(value)
 
 
+@lru_cache(maxsize=65536)
 def _is_valid_email_in_full(value: str) -> bool:
     try:
         validate_email(value, check_deliverability=False)
@@ -341,7 +348,6 @@ def _is_valid_domain(domain: str) -> bool:
     return _is_valid_email_in_full("a@" + domain)
 
 
-@lru_cache(maxsize=65536)
 def is_valid_phone(value: str) -> bool:
     """E.164 (`+` then up to 15 digits) that phonenumbers parses as a possible number.
 
@@ -354,10 +360,11 @@ def is_valid_phone(value: str) -> bool:
     matches as it is, and `is_possible_number` compares its length with the country's
     possible lengths. Every other number goes through the full parse, so what is refused
     is phonenumbers' verdict alone; tests/unit/test_simulator_validation.py checks that
-    the two agree."""
-    if not E164.match(value):
-        return False
-    shape = _phone_shape(value)
+    the two agree. Only the full parse's verdicts are cached by number (as for emails)."""
+    plain = ASCII_E164.fullmatch(value)
+    if plain is None:
+        return E164.match(value) is not None and _is_valid_phone_in_full(value)
+    shape = _phone_shape(plain.group(1))
     if shape is None:
         return _is_valid_phone_in_full(value)
     verdict = _SHAPE_VERDICTS.get(shape)
@@ -366,6 +373,7 @@ def is_valid_phone(value: str) -> bool:
     return verdict
 
 
+@lru_cache(maxsize=65536)
 def _is_valid_phone_in_full(value: str) -> bool:
     try:
         number = phonenumbers.parse(value)
@@ -378,20 +386,19 @@ def _is_valid_phone_in_full(value: str) -> bool:
 # number of that shape. At most ~215 codes x 15 lengths; a race fills one twice, alike.
 _SHAPE_VERDICTS: dict[tuple[int, int], bool] = {}
 _MAX_COUNTRY_CODE_DIGITS = 3  # phonenumbers' _MAX_LENGTH_COUNTRY_CODE
+_COUNTRY_CODES = {str(code): code for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE}
 
 
-def _phone_shape(value: str) -> tuple[int, int] | None:
-    """(country calling code, national number's length) of an ASCII `+digits` number whose
-    verdict is decided by those alone; None when the full parse must decide: other digits
-    than ASCII (phonenumbers normalises them), an unknown code, or a national number the
-    country's national prefix pattern matches (phonenumbers may strip it)."""
-    digits = value[1:]
-    if not (digits.isascii() and digits.isdigit()):
-        return None
+def _phone_shape(digits: str) -> tuple[int, int] | None:
+    """(country calling code, national number's length) of the ASCII digits after an E.164
+    number's `+` when its verdict is decided by those alone; None when the full parse must
+    decide: an unknown code, or a national number the country's national prefix pattern
+    matches (phonenumbers may strip it). (Digits other than ASCII, which phonenumbers
+    normalises, and E164's final newline never get here: `ASCII_E164`.)"""
     # As phonenumbers' _extract_country_code: the shortest known code of 1 to 3 digits.
     for size in range(1, min(len(digits), _MAX_COUNTRY_CODE_DIGITS) + 1):
-        code = int(digits[:size])
-        if code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+        code = _COUNTRY_CODES.get(digits[:size])
+        if code is not None:
             national = digits[size:]
             prefix = _national_prefix(code)
             if prefix is not None and prefix.match(national):

@@ -307,6 +307,23 @@ def test_non_json_body_is_400(client, content):
     assert stats(client)["malformed"] == 1
 
 
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+@pytest.mark.parametrize("path", [V1, V2])
+def test_other_methods_on_the_post_paths_are_405(client, method, path):
+    """The posts are served ahead of the routing (`BrazePosts`, issue 26); any other method
+    still reaches the routes and their 405, nothing counted."""
+    response = client.request(method, path, json=v1("email-a", email="a@example.com"))
+    assert (response.status_code, response.headers["allow"]) == (405, "POST")
+    assert stats(client)["requests_total"] == 0
+
+
+def test_a_post_to_the_path_with_a_slash_is_redirected_as_before(client):
+    response = client.post(V1 + "/", json=v1("email-a", email="a@example.com"))
+    assert response.status_code == 307
+    assert response.headers["location"].endswith(V1)
+    assert stats(client)["requests_total"] == 0
+
+
 # --- good requests change state ---------------------------------------------------------------
 
 

@@ -108,7 +108,7 @@ def full_phone_parse(value: str) -> bool:
 
 
 def _fresh_phone_verdicts() -> None:
-    validation.is_valid_phone.cache_clear()
+    validation._is_valid_phone_in_full.cache_clear()
     validation._SHAPE_VERDICTS.clear()
 
 
