@@ -1,6 +1,7 @@
 """How fast `braze-subs import` enqueues, against a raw redis-py pipeline writing the same rows.
 
     .venv/bin/python -m bench.import_speed --rows 200000 [--kinds phone] [--jobs N] [--repeat 3]
+    .venv/bin/python -m bench.import_speed --base main --repeat 5 [--kinds phone]
 
 Both read the same JSON Lines file from disk into a private redis-server. The raw baseline
 parses each line with json.loads and writes one HSET per row through a pipeline (1,000 rows
@@ -9,30 +10,36 @@ validates every row (email-validator, phonenumbers), normalises, validates the w
 before enqueuing anything, and enqueues through the Lua script; `--jobs` processes validate
 (default: one per CPU, as `braze-subs import`; 1: the importing process alone). With
 `--repeat`, both run that many times, alternating, and the best run of each counts (the
-machine may be busy with other work). Prints rows/s of both, the ratio, the jobs used and
-the peak Python memory of the importing process (worker processes are not traced).
+machine may be busy with other work); the ratio of each round is kept too, and their median
+and spread printed. `--occurred` gives every row an `occurred_at` and a `source`, so the
+import pays for event time and history as a producer's file would make it.
+
+`--base REV` times that commit's import beside this tree's in the same rounds (checked out
+into a temporary git worktree; each round runs raw, this tree, the base, in that order), so
+the machine's other load is the same for both. Imports run in a child process with the
+tree on PYTHONPATH, both trees alike. Prints rows/s of each, the ratios, the jobs used, the
+load average, and the peak Python memory of this tree's importing process (worker processes
+are not traced).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from redis import Redis
-
-from bench.figures import publish
-from devtools.processes import local_redis
-from stores.buffer import Buffer
-from stores.keys import Keys
-from tasks.bulk_import import enqueue_file
-from tasks.parallel import cpu_count
+ROOT = Path(__file__).resolve().parents[1]
+OCCURRED = "2026-11-28T06:00:00Z"
 
 
-def write_rows(path: Path, rows: int, kinds: str) -> None:
+def write_rows(path: Path, rows: int, kinds: str, occurred: bool = False) -> None:
     chosen = kinds.split(",")
     with open(path, "w") as handle:
         for n in range(rows):
@@ -44,12 +51,15 @@ def write_rows(path: Path, rows: int, kinds: str) -> None:
                 row["phone"] = f"+1415{2_000_000 + n:07d}"
             else:
                 row["external_id"] = f"user-{n}"
+            if occurred:
+                row["occurred_at"] = OCCURRED
+                row["source"] = "backfill"
             handle.write(json.dumps(row) + "\n")
 
 
-def raw_pipeline(path: Path, client: Redis) -> float:
+def raw_pipeline(path: Path, client: object) -> float:
     started = time.perf_counter()
-    pipe = client.pipeline(transaction=False)
+    pipe = client.pipeline(transaction=False)  # type: ignore[attr-defined]
     with open(path) as handle:
         for count, line in enumerate(handle, 1):
             row = json.loads(line)
@@ -61,6 +71,47 @@ def raw_pipeline(path: Path, client: Redis) -> float:
     return time.perf_counter() - started
 
 
+def child(url: str, path: Path, rows: int, jobs: int | None) -> None:
+    """Run in a child process with a tree on PYTHONPATH: that tree's import, timed."""
+    from redis import Redis
+
+    from stores.buffer import Buffer
+    from stores.keys import Keys
+    from tasks.bulk_import import enqueue_file
+
+    started = time.perf_counter()
+    result = enqueue_file(path, Buffer(Redis.from_url(url), Keys("braze-subs")), jobs=jobs)
+    seconds = time.perf_counter() - started
+    assert result.enqueued == rows, result
+    print(json.dumps({"seconds": seconds, "jobs": result.jobs}))
+
+
+def timed_import(
+    tree: Path, url: str, path: Path, rows: int, jobs: int | None
+) -> tuple[float, int]:
+    command = [sys.executable, "-m", "bench.import_speed", "--child", url, "--file", str(path)]
+    command += ["--rows", str(rows)]
+    if jobs is not None:
+        command += ["--jobs", str(jobs)]
+    out = subprocess.run(
+        command,
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    answer = json.loads(out.strip().splitlines()[-1])
+    return answer["seconds"], answer["jobs"]
+
+
+def spread(values: list[float], digits: int = 3) -> str:
+    return (
+        f"{round(statistics.median(values), digits)} "
+        f"({round(min(values), digits)}-{round(max(values), digits)})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -69,39 +120,100 @@ def main() -> None:
         "--jobs", type=int, default=None, help="validating processes (default: one per CPU)"
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; the best counts")
+    parser.add_argument("--base", help="a commit whose import runs beside this tree's")
+    parser.add_argument("--occurred", action="store_true", help="rows with occurred_at and source")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    raw = ours = float("inf")
+    if args.child:
+        child(args.child, args.file, args.rows, args.jobs)
+        return
+
+    sys.path.insert(0, str(ROOT))
+    from redis import Redis
+
+    from bench.figures import publish
+    from devtools.processes import local_redis
+    from stores.buffer import Buffer
+    from stores.keys import Keys
+    from tasks.bulk_import import enqueue_file
+    from tasks.parallel import cpu_count
+
+    times: dict[str, list[float]] = {"raw": [], "this": [], "base": []}
+    loads: list[float] = []
+    jobs = 0
     with TemporaryDirectory(prefix="braze-subs-import-") as tmp:
         workdir = Path(tmp)
         path = workdir / "changes.jsonl"
-        write_rows(path, args.rows, args.kinds)
-        with local_redis(workdir) as url:
-            client = Redis.from_url(url)
-            for _ in range(max(1, args.repeat)):
+        write_rows(path, args.rows, args.kinds, args.occurred)
+        trees = {"this": ROOT}
+        if args.base:
+            trees["base"] = workdir / "base"
+            subprocess.run(
+                [
+                    "git",
+                    "-C",
+                    str(ROOT),
+                    "worktree",
+                    "add",
+                    "--detach",
+                    str(trees["base"]),
+                    args.base,
+                ],
+                check=True,
+                capture_output=True,
+            )
+        try:
+            with local_redis(workdir) as url:
+                client = Redis.from_url(url)
+                for round_ in range(max(1, args.repeat)):
+                    loads.append(os.getloadavg()[0])
+                    client.flushall()
+                    times["raw"].append(raw_pipeline(path, client))
+                    for name, tree in trees.items():
+                        client.flushall()
+                        seconds, jobs = timed_import(tree, url, path, args.rows, args.jobs)
+                        times[name].append(seconds)
+                    print(
+                        f"round {round_ + 1}: load {loads[-1]:.1f} "
+                        + " ".join(
+                            f"{name} {values[-1]:.2f} s" for name, values in times.items() if values
+                        ),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                # Memory in a separate, untimed run: tracemalloc slows Python several times.
                 client.flushall()
-                raw = min(raw, raw_pipeline(path, client))
-                client.flushall()
-                started = time.perf_counter()
-                result = enqueue_file(path, Buffer(client, Keys("braze-subs")), jobs=args.jobs)
-                ours = min(ours, time.perf_counter() - started)
-                assert result.enqueued == args.rows, result
-            # Memory in a second, untimed run: tracemalloc slows Python several times over.
-            client.flushall()
-            tracemalloc.start()
-            enqueue_file(path, Buffer(client, Keys("braze-subs")), jobs=args.jobs)
-            _, peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
-    figures = {
+                tracemalloc.start()
+                enqueue_file(path, Buffer(client, Keys("braze-subs")), jobs=args.jobs)
+                _, peak = tracemalloc.get_traced_memory()
+                tracemalloc.stop()
+        finally:
+            if args.base:
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees["base"])],
+                    check=False,
+                    capture_output=True,
+                )
+    raw = min(times["raw"])
+    figures: dict[str, object] = {
         "rows": args.rows,
         "kinds": args.kinds,
+        "occurred_at_and_source": args.occurred,
         "cpus": cpu_count(),
-        "jobs": result.jobs,
+        "jobs": jobs,
         "repeat": max(1, args.repeat),
+        "load_average": spread(loads, 1),
         "raw_rows_per_second": round(args.rows / raw),
-        "import_rows_per_second": round(args.rows / ours),
-        "ratio": round(raw / ours, 3),
-        "import_peak_python_memory_mib": round(peak / 2**20, 2),
     }
+    for name in trees:
+        label = "import" if name == "this" else f"base_{args.base}_import"
+        best = min(times[name])
+        figures[f"{label}_rows_per_second"] = round(args.rows / best)
+        figures[f"{label}_ratio"] = round(raw / best, 3)
+        rounds = [r / t for r, t in zip(times["raw"], times[name], strict=True)]
+        figures[f"{label}_ratio_per_round"] = spread(rounds)
+    figures["import_peak_python_memory_mib"] = round(peak / 2**20, 2)
     publish(figures, f"import-{args.kinds.replace(',', '-')}.json")
 
 

@@ -20,8 +20,8 @@ from typing import Any, NoReturn
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
-from phonenumbers import phonenumberutil
 
+from core import phones
 from core.errors import InputRefused
 
 
@@ -353,6 +353,21 @@ def normalise_phone(value: Any) -> str:
         raise InvalidChange(
             "phone", f"must be in international format, e.g. {_PHONE_EXAMPLE}, got {_show(text)}"
         )
+    digits = text[1:]
+    if digits.isdigit() and digits.isascii():  # E.164 already: phonenumbers' answer, cheaper
+        found = phones.e164(text)
+        if isinstance(found, str):
+            return found
+        if found == phones.INVALID:
+            raise InvalidChange("phone", f"{_show(text)} is not a valid phone number")
+        reason = _PHONE_PARSE_ERRORS.get(found, "is not a phone number")
+        raise InvalidChange("phone", f"{_show(text)} {reason}")
+    return _normalise_phone_by_library(text)
+
+
+def _normalise_phone_by_library(text: str) -> str:
+    """`normalise_phone` of a trimmed text beginning with "+", by phonenumbers' `parse`
+    (any spelling it reads), then its validity check (`_is_valid_number`)."""
     if _PHONE_CHARS.match(text) is None:
         raise InvalidChange(
             "phone",
@@ -368,38 +383,14 @@ def normalise_phone(value: Any) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
-# phonenumbers' own type check (private, in every release since 8.x; without it the public
-# is_valid_number is used).
-_NUMBER_TYPE = getattr(phonenumberutil, "_number_type_helper", None)
-
-
 def _is_valid_number(number: phonenumbers.PhoneNumber) -> bool:
-    """`phonenumbers.is_valid_number`, the same answer for every number, for less CPU.
-
-    For a calling code shared by several regions (+1: the US and 24 others; +7, +44, ...)
-    the library finds the number's region by checking its type against each region's
-    patterns in turn, then checks the type against the region found all over again, ~10
-    regular expressions each time (~5 µs of the ~27 µs a +1 number costs). A region
-    found by its type is one the number is valid for (the second check is the same
-    function of the same number and metadata), so here the answer is taken from the first
-    check; regions found by their leading digits, and single-region calling codes, go
-    through the library's own check. tests/unit/test_phone_validity.py compares the two
-    on every region's example numbers and their neighbours.
-    """
-    regions = phonenumbers.COUNTRY_CODE_TO_REGION_CODE.get(number.country_code)
-    if _NUMBER_TYPE is None or regions is None or len(regions) == 1:
-        return phonenumbers.is_valid_number(number)
-    national = phonenumbers.national_significant_number(number)
-    for region in regions:
-        metadata = phonenumbers.PhoneMetadata.metadata_for_region(region.upper(), None)
-        if metadata is None:
-            continue
-        if metadata.leading_digits is not None:
-            if re.match(metadata.leading_digits, national):
-                return phonenumbers.is_valid_number_for_region(number, region)
-        elif _NUMBER_TYPE(national, metadata) != phonenumbers.PhoneNumberType.UNKNOWN:
-            return True
-    return False
+    """`phonenumbers.is_valid_number`, the same answer for every number, for less CPU
+    (`core.phones.is_valid`: its patterns cached per region and length, each region's
+    type patterns matched as one). tests/unit/test_phone_validity.py compares the two on
+    every region's example numbers, their neighbours and random numbers."""
+    if not phones.FAST:
+        return bool(phonenumbers.is_valid_number(number))
+    return phones.is_valid(number.country_code, phonenumbers.national_significant_number(number))
 
 
 # --------------------------------------------------------------------------------------
