@@ -89,7 +89,8 @@ def child(url: str, path: Path, rows: int, jobs: int | None) -> None:
 def timed_import(
     tree: Path, url: str, path: Path, rows: int, jobs: int | None
 ) -> tuple[float, int]:
-    command = [sys.executable, "-m", "bench.import_speed", "--child", url, "--file", str(path)]
+    # This file, run as a script: the base tree's copy may have no --child.
+    command = [sys.executable, __file__, "--child", url, "--file", str(path)]
     command += ["--rows", str(rows)]
     if jobs is not None:
         command += ["--jobs", str(jobs)]
