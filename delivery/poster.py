@@ -445,7 +445,12 @@ class Poster:
             ),
         ]
         if reply.status is not None and result.outcome is not Outcome.RATE_LIMITED:
-            steps.append(("read the rate-limit headers", lambda: self.limiter.observe(rate)))
+            steps.append(
+                (
+                    "read the rate-limit headers",
+                    lambda: self.limiter.observe(rate, sent_at_ms=grant.send_at_ms),
+                )
+            )
         if grant.tests_the_key and result.outcome is Outcome.DELIVERED:
             steps.append(("close the credentials circuit", lambda: self._close_circuit(grant)))
         steps.append(("log the outcome", lambda: self._log(records, report)))

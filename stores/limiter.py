@@ -207,11 +207,34 @@ class RateLimiter:
             )
         )
 
-    def observe(self, rate: RateLimit) -> bool:
-        """Yield to Braze's count when it says less is left than we would still spend."""
+    def observe(self, rate: RateLimit, *, sent_at_ms: float | None = None) -> bool:
+        """Yield to Braze's count when it says less is left than we would still spend.
+
+        `sent_at_ms`: the send time the grant of the request that brought these headers
+        reserved (Redis's clock, `Grant.send_at_ms`). The script cannot yield then unless
+        its floor lies beyond it (`may_yield`): without that, it is not called (a round
+        trip of the worker's CPU a post, issue 26)."""
         if rate.remaining is None or rate.reset_epoch is None:
             return False
+        if sent_at_ms is not None and not self.may_yield(
+            rate.remaining, rate.reset_epoch, sent_at_ms
+        ):
+            return False
         return self._observe(rate.remaining, rate.reset_epoch, "observe", "")
+
+    def may_yield(self, remaining: int, reset_epoch: float, sent_at_ms: float) -> bool:
+        """Whether observe_rate_limit.lua could move the budget for these headers, read
+        after a request granted for `sent_at_ms`: the script moves it only to a floor
+        (`reset - (remaining - burst) * interval + tolerance`) beyond both the budget's
+        "tat" and Redis's now, and its now is past that send time by then (the request
+        was sent after it and answered). The same arithmetic, on the script's rounding."""
+        budget = self.budget
+        floor = (
+            round(reset_epoch * 1000)
+            - (remaining - budget.burst) * budget.interval_ms
+            + budget.tolerance_ms
+        )
+        return floor > sent_at_ms
 
     def pause_until(self, reset_epoch: float, reason: str) -> bool:
         """Pause every worker sharing this budget until `reset_epoch` (after a 429)."""

@@ -128,6 +128,52 @@ def test_yields_when_braze_reports_less_left(limiter_for):
     assert len(before_reset) <= 20 - limiter.budget.burst + 1
 
 
+def test_headers_said_not_to_yield_leave_the_budget_as_the_script_would(limiter_for):
+    """`may_yield` (issue 26: the poster skips the script when it is False) never says no
+    where observe_rate_limit.lua would move the budget: for headers read after a request
+    granted for `send_at` (Redis's now past it), every "no" is a script answering 0 with
+    "tat" unchanged; a grid of what Braze may say and how far the budget is spent, the
+    boundary included."""
+    limiter = limiter_for(limit=1000, window=10)
+    budget = limiter.budget
+    client = limiter.client
+    said_no = yielded = 0
+    for spent in (0, budget.burst + 3):
+        for remaining in (0, 1, budget.burst, budget.burst + 1, 20, 500, 990, 10**6):
+            for reset_in_ms in (-1000, 0, 5, 300, 3_000, 9_999, 19_000, 10**6):
+                client.delete(limiter.key)
+                grant = limiter.acquire()
+                for _ in range(spent):
+                    grant = limiter.acquire()
+                assert grant.send_at_ms is not None
+                # The request went out at its turn and was answered: Redis's now is past it.
+                wait_for(
+                    lambda g=grant: server_time_ms(client) > g.send_at_ms, timeout=5, interval=0.002
+                )
+                now = server_time_ms(client)
+                # The boundary: headers whose floor lands exactly at the send time.
+                at_floor = (
+                    grant.send_at_ms
+                    + (remaining - budget.burst) * budget.interval_ms
+                    - budget.tolerance_ms
+                ) / 1000
+                for reset_epoch in ((now + reset_in_ms) / 1000, at_floor):
+                    tat = client.hget(limiter.key, "tat")
+                    if limiter.may_yield(remaining, reset_epoch, grant.send_at_ms):
+                        continue
+                    said_no += 1
+                    moved = limiter.observe(RateLimit(1000, remaining, reset_epoch))
+                    assert not moved, (spent, remaining, reset_in_ms, reset_epoch)
+                    assert client.hget(limiter.key, "tat") == tat
+    # Both answers occur: the grid is not all "no".
+    client.delete(limiter.key)
+    grant = limiter.acquire()
+    now_s = server_time_ms(client) / 1000
+    assert limiter.may_yield(20, now_s + 5, grant.send_at_ms)
+    yielded += limiter.observe(RateLimit(1000, 20, now_s + 5), sent_at_ms=grant.send_at_ms)
+    assert said_no > 100 and yielded == 1
+
+
 def test_ignores_headers_that_leave_room(limiter_for):
     limiter = limiter_for(limit=1000, window=10)
     now_s = server_time_ms(limiter.client) / 1000

@@ -565,6 +565,31 @@ def test_a_turn_reserved_before_the_key_was_refused_waits_for_the_key(
     assert redis_client.hget(found.keys.schedule_reasons, batch_id) == b"credentials"
 
 
+def test_brazes_headers_reach_the_budget_only_when_they_could_move_it(
+    sim, redis_client, monkeypatch
+):
+    """Braze's rate-limit headers after a request go to observe_rate_limit.lua only when
+    they could move the budget (issue 26: one round trip of the worker's CPU a post): not
+    for a window with room left, as at the default budget's first request; yes once
+    another client has spent most of Braze's window, and the budget then yields."""
+    found = services()
+    poster = found.poster()
+    calls: list[tuple[Any, ...]] = []
+    real = found.limiter._observe
+
+    def observed(*args: Any) -> bool:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(found.limiter, "_observe", observed)
+    assert poster.post(email_batch([email(1)])).status == "delivered"
+    assert calls == []
+    faults(sim, spend=4_900)  # of the simulator's 5,000 a minute, as BRAZE_RATE_LIMIT's
+    assert poster.post(email_batch([email(2)])).status == "delivered"
+    assert [call[2] for call in calls] == ["observe"]
+    assert not found.limiter.acquire().granted  # yielded: no turn left before the reset
+
+
 def spend_the_burst(limiter: RateLimiter) -> None:
     """Reserve turns until the next one is not now (the budget's burst is spent)."""
     for _ in range(10_000):
