@@ -28,7 +28,7 @@ class SimulatorConfig:
     from the 5,000 per minute of the subscription posts).
 
     `applied_log_limit` caps the applied-states log (one record per identifier a post
-    applied, see `SimulatorState.applied`; 1,000,000 records are about 30-55 MB, measured
+    applied, see `SimulatorState.applied`; 1,000,000 records are up to ~30 MB, measured
     by `bench/sim_applied_memory.py`), so a simulator kept running does not grow without
     bound. Once the cap is reached, recording stops and the log says it is incomplete (the
     order check then refuses it); None keeps every record.

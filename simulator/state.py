@@ -4,9 +4,10 @@ and the applied-states log (the order oracle).
 Thread-safe: the server's event loop writes, tests and the control API read from anywhere.
 
 Memory: the request logs hold one small record per request; the applied-states log one
-entry per identifier a successful post applied (about 30 bytes, 55 for an identifier's
-first, `bench/sim_applied_memory.py`: the list's record is shared by its identifiers),
-kept until `reset()`, at most `applied_log_limit` of them.
+entry per identifier a successful post applied (about 30 bytes, next to nothing for an
+identifier's first, `bench/sim_applied_memory.py`: the list's record is shared by its
+identifiers, and a first entry rides in the subscription's tuple), kept until `reset()`,
+at most `applied_log_limit` of them.
 """
 
 from __future__ import annotations
@@ -76,11 +77,14 @@ class ReadRecord:
         return dataclasses.asdict(self)
 
 
-# One identifier's subscription in one group: (state, double_opt_in, updates so far). A
-# tuple of plain values, which Python's garbage collector stops tracking: 100,000 objects
-# it traversed at each full collection cost ~20 % of the simulator's CPU in bench.sim_cpu
-# (issue 26), as the applied log's lists did (now tuples of ints).
-Subscription = tuple[SubscriptionState, bool, int]
+# One identifier's subscription in one group: (state, double_opt_in, updates so far, its
+# applied log: indexes into the state's shared `Applied` records, in the order applied).
+# A tuple of plain values, which Python's garbage collector stops tracking: 100,000
+# objects and lists it traversed at each collection cost ~20 % of the simulator's CPU in
+# bench.sim_cpu (issue 26). The log is a tuple up to _TUPLE_ENTRIES indexes, then a list
+# (tracked, but rare), not a new tuple per append. One dict for both: one look-up and one
+# store an identifier.
+Subscription = tuple[SubscriptionState, bool, int, tuple[int, ...] | list[int]]
 _TUPLE_ENTRIES = 16
 
 
@@ -170,10 +174,8 @@ class SimulatorState:
         self._read_window = FixedWindowCounter(config.read_rate_limit, config.read_window_seconds)
         self._read_log: list[ReadRecord] = []
         self._read_counters = ReadCounters()
-        # The applied log: per key, indexes into `_applied_records` (one record per list a
-        # post applied or per `set_state` call, shared by its identifiers); a tuple, which
-        # the garbage collector stops tracking, up to _TUPLE_ENTRIES of them, then a list.
-        self._applied: dict[SubscriptionKey, tuple[int, ...] | list[int]] = {}
+        # The applied log's records, one per list a post applied or per `set_state` call,
+        # shared by its identifiers (a subscription holds their indexes).
         self._applied_records: list[Applied] = []
         self._applied_count = 0
         self._applied_complete = True
@@ -313,34 +315,44 @@ class SimulatorState:
 
     def _apply_list(self, update_list: UpdateList, values: Sequence[str], applied: Applied) -> None:
         """Set `values` of `update_list` to its state and record `applied` for each (as far
-        as `applied_log_limit` allows): the per-identifier work of a post, in two tight
-        loops (issue 26)."""
+        as `applied_log_limit` allows): the per-identifier work of a post, in tight loops
+        (issue 26)."""
         group, kind = update_list.group, update_list.kind
-        first = (update_list.state, update_list.double_opt_in, 1)  # shared by new keys
-        keys = [(group, kind, value) for value in values]
-        subscriptions = self._subscriptions
-        for key in keys:
-            current = subscriptions.get(key)
-            subscriptions[key] = first if current is None else (*first[:2], current[2] + 1)
-        self._held_groups.add(group)
+        state, double_opt_in = update_list.state, update_list.double_opt_in
         limit = self._config.applied_log_limit
-        if limit is not None and self._applied_count + len(keys) > limit:
-            keys = keys[: max(0, limit - self._applied_count)]
+        recorded = len(values)
+        if limit is not None and self._applied_count + recorded > limit:
+            recorded = max(0, limit - self._applied_count)
             self._applied_complete = False
-        self._applied_count += len(keys)
+        self._applied_count += recorded
         record = (len(self._applied_records),)
         self._applied_records.append(applied)
-        log = self._applied
-        for key in keys:
-            entries = log.get(key)
-            if entries is None:
-                log[key] = record
-            elif isinstance(entries, list):
+        subscriptions = self._subscriptions
+        first = (state, double_opt_in, 1, record)  # shared by the keys new here
+        for value in values[:recorded]:
+            key = (group, kind, value)
+            current = subscriptions.get(key)
+            if current is None:
+                subscriptions[key] = first
+                continue
+            entries = current[3]
+            if isinstance(entries, list):
                 entries.append(record[0])
             elif len(entries) < _TUPLE_ENTRIES:
-                log[key] = entries + record
-            else:  # a key applied often: a list (tracked, but rare), not a tuple per append
-                log[key] = [*entries, record[0]]
+                entries = entries + record
+            else:
+                entries = [*entries, record[0]]
+            subscriptions[key] = (state, double_opt_in, current[2] + 1, entries)
+        unrecorded = (state, double_opt_in, 1, ())
+        for value in values[recorded:]:  # past the log's limit: applied, not recorded
+            key = (group, kind, value)
+            current = subscriptions.get(key)
+            subscriptions[key] = (
+                unrecorded
+                if current is None
+                else (state, double_opt_in, current[2] + 1, current[3])
+            )
+        self._held_groups.add(group)
 
     def set_state(self, group: str, kind: Kind, value: str, state: SubscriptionState) -> None:
         """Set a state "in Braze" directly, as a footer-link opt-out or a STOP reply would.
@@ -430,8 +442,9 @@ class SimulatorState:
             records = self._applied_records
             return {
                 key: [records[index] for index in entries]
-                for key, entries in self._applied.items()
-                if (group is None or key[0] == group)
+                for key, (_, _, _, entries) in self._subscriptions.items()
+                if entries
+                and (group is None or key[0] == group)
                 and (kind is None or key[1] == kind)
                 and (value is None or key[2] == value)
             }
@@ -471,7 +484,7 @@ class SimulatorState:
                 "double_opt_in": double_opt_in,
                 "updates": updates,
             }
-            for (group, kind, value), (state, double_opt_in, updates) in items
+            for (group, kind, value), (state, double_opt_in, updates, _) in items
         ]
 
     def requests(self) -> list[RequestRecord]:
@@ -553,7 +566,6 @@ class SimulatorState:
             )
             self._read_log = []
             self._read_counters = ReadCounters()
-            self._applied = {}
             self._applied_records = []
             self._applied_count = 0
             self._applied_complete = True
