@@ -45,12 +45,22 @@ end
 --                          append an event (a table; cjson-encoded) to a history, drop
 --                          the events beyond `max_events` or older than `keep_ms`, and
 --                          let the history expire `keep_ms` after its newest event
--- remember_entries(h, now, entries, keep_ms, max_events)
+-- remember_entries(h, now, entries, keep_ms, max_events, first_ms)
 --                          the same for entries already encoded ("ms" SEP JSON, oldest
---                          first), appended in one RPUSH, the cutoff `now` - `keep_ms`
--- enqueued_entry(group, change)
+--                          first), appended in one RPUSH, the cutoff `now` - `keep_ms`;
+--                          `first_ms` (optional), the time of entries[1]: a list that
+--                          holds no entry but these is not looked at again for its oldest
+-- enqueued_entry(group, change, arrival, occurred, seq)
 --                          the encoded "enqueued" entry of a pending change (its JSON
---                          decoded), at its arrival time
+--                          decoded), at its arrival time; the optional texts (`digits`
+--                          of its arrival, its "w", its "q") spare formatting them again
+-- digits(n)                the text of number `n` as cjson writes it (%.14g), integers
+--                          by integer formatting
+--
+-- (Issue 26: Redis 7.0 formats a number passed to redis.call with %.17g, and cjson and
+-- Lua's `..` theirs with %.14g, each through libc's floating-point printf: a fifth of the
+-- cut's instructions went there. The per-member scripts pass texts instead: the ARGV
+-- strings as given, a time formatted once, an integer through `digits`.)
 local function key_prefix(key)
   return string.match(key, '^(.-}:)')
 end
@@ -69,7 +79,14 @@ local function touch_subject(key, keep_ms)
   redis.call('PEXPIRE', key, keep_ms)
 end
 
-local function remember_entries(key, now, entries, keep_ms, max_events)
+local function digits(n)
+  if n == math.floor(n) and n > -1e15 and n < 1e15 then
+    return string.format('%d', n)
+  end
+  return string.format('%.14g', n)
+end
+
+local function remember_entries(key, now, entries, keep_ms, max_events, first_ms)
   local length = redis.call('RPUSH', key, unpack(entries))
   if length > 1 then
     if length > max_events then
@@ -77,7 +94,11 @@ local function remember_entries(key, now, entries, keep_ms, max_events)
       length = max_events
     end
     local cutoff = now - keep_ms
-    for _ = 1, length - 1 do
+    -- What is left is these entries only (the RPUSH created the list, or the trim left
+    -- no older one): its oldest is known, no LINDEX (issue 26: every identifier's first
+    -- batch).
+    local known = first_ms and length <= #entries and first_ms >= cutoff
+    for _ = 1, known and 0 or length - 1 do
       local oldest = redis.call('LINDEX', key, 0)
       if tonumber(string.sub(oldest, 1, string.find(oldest, SEP, 1, true) - 1)) >= cutoff then
         break
@@ -106,14 +127,42 @@ local function occurred_of(change)
   return change.w or (change.t - (change.d or 0))
 end
 
-local function enqueued_entry(group, change)
-  local respect = nil
-  if change.r == 1 then
-    respect = 1
+-- JSON text of a value from a decoded change: numbers by `digits`, the rest by cjson.
+local function json_value(v)
+  if type(v) == 'number' then
+    return digits(v)
   end
-  return (change.t - (change.d or 0)) .. SEP .. cjson.encode({e = 'enqueued', g = group,
-    s = change.s, o = change.w, c = change.c, q = change.q, r = respect, d = change.d,
-    x = change.x})
+  return cjson.encode(v)
+end
+
+-- The same object cjson.encode({e = 'enqueued', g = group, s, o = w, c, q, r = 1 or nil,
+-- d, x}) writes, its numbers formatted as `digits` does (issue 26: by hand, once a member).
+local function enqueued_entry(group, change, arrival, occurred, seq)
+  local parts = {arrival or digits(change.t - (change.d or 0)), SEP,
+    '{"e":"enqueued","g":', cjson.encode(group)}
+  if change.s ~= nil then
+    parts[#parts + 1] = ',"s":' .. json_value(change.s)
+  end
+  if change.w ~= nil then
+    parts[#parts + 1] = ',"o":' .. (occurred or json_value(change.w))
+  end
+  if change.c ~= nil then
+    parts[#parts + 1] = ',"c":' .. json_value(change.c)
+  end
+  if change.q ~= nil then
+    parts[#parts + 1] = ',"q":' .. (seq or json_value(change.q))
+  end
+  if change.r == 1 then
+    parts[#parts + 1] = ',"r":1'
+  end
+  if change.d ~= nil then
+    parts[#parts + 1] = ',"d":' .. json_value(change.d)
+  end
+  if change.x ~= nil then
+    parts[#parts + 1] = ',"x":' .. json_value(change.x)
+  end
+  parts[#parts + 1] = '}'
+  return table.concat(parts)
 end
 
 local function remember_enqueued(key, group, change, keep_ms, max_events)
@@ -124,7 +173,7 @@ end
 -- Taking a pending change into a batch: one owner for the coalescer's cut (take_batch.lua)
 -- and a claim's top-up (claim_batch.lua), so both take a change exactly alike.
 --
--- take_change(at, id, group, kind, value, change)
+-- take_change(at, id, group, kind, value, change, seq)
 --                          move the pending change of `group SEP kind SEP value` (its JSON
 --                          decoded) into batch `id`, where `at` holds the declared keys and
 --                          the bookkeeping's arguments: {prefix = "{prefix}:", pending,
@@ -138,28 +187,56 @@ end
 --                          whose "replayed" is there) and "batched". The caller has checked
 --                          that the buffer holds this change and that no batch locks the
 --                          field. Returns the record's member {value, seq, respect opt-out
---                          0|1, occurred at ms}.
-local function take_change(at, id, group, kind, value, change)
+--                          0|1, occurred at ms}. `seq` (optional): the text of change.q.
+--                          With `at.taken` (a list), the buffer's part is left to
+--                          `flush_taken` (one HDEL, two ZREMs, one HSET for all the members
+--                          of a take, issue 26), and the member's JSON text is appended to
+--                          `at.texts`: the caller must flush before it reads the buffer or
+--                          the locks again.
+local function take_change(at, id, group, kind, value, change, seq)
   local field = group .. SEP .. kind .. SEP .. value
-  redis.call('HDEL', at.pending, field)
-  redis.call('ZREM', at.due, field)
-  redis.call('ZREM', at.due_live, field)
-  redis.call('HSET', at.inflight, field, id)
+  if at.taken then
+    at.taken[#at.taken + 1] = field
+  else
+    redis.call('HDEL', at.pending, field)
+    redis.call('ZREM', at.due, field)
+    redis.call('ZREM', at.due_live, field)
+    redis.call('HSET', at.inflight, field, id)
+  end
   local occurred = occurred_of(change)
+  local occurred_text = digits(occurred)
+  seq = seq or json_value(change.q)
   local subject, history = identity_keys(at.prefix, kind .. SEP .. value)
-  redis.call('HSET', subject, 'w' .. SEP .. group, occurred)
+  redis.call('HSET', subject, 'w' .. SEP .. group, occurred_text)
   touch_subject(subject, at.subject_keep)
   -- Both events in one append (issue 26: one RPUSH, one look at the oldest, one PEXPIRE a
   -- change, not two): the same list as appending them one by one, since the later
   -- event's cutoff (now) is the stricter one and the trim keeps the newest events either way.
-  local entries = {}
-  if not change.p then
-    entries[1] = enqueued_entry(group, change)
+  -- The "batched" event's text is the same for every member but its "q": written once a
+  -- take (`at.batched`), not encoded once a member.
+  if at.batched_id ~= id then
+    at.now_text = at.now_text or digits(at.now)
+    at.batched = at.now_text .. SEP .. '{"e":"batched","g":' .. cjson.encode(group)
+      .. ',"b":' .. cjson.encode(id) .. ',"q":'
+    at.batched_id = id
   end
-  entries[#entries + 1] = at.now .. SEP .. cjson.encode({e = 'batched', g = group, b = id,
-    q = change.q})
-  remember_entries(history, at.now, entries, at.keep, at.most)
-  return {value, change.q, change.r or 0, occurred}
+  local entries, first = {}, at.now
+  if not change.p then
+    first = change.t - (change.d or 0)
+    local arrival = occurred_text
+    if change.w ~= nil then
+      arrival = digits(first)
+    end
+    entries[1] = enqueued_entry(group, change, arrival, occurred_text, seq)
+  end
+  entries[#entries + 1] = at.batched .. seq .. '}'
+  remember_entries(history, at.now, entries, at.keep, at.most, first)
+  local respect = change.r or 0
+  if at.texts then
+    at.texts[#at.texts + 1] = '[' .. cjson.encode(value) .. ',' .. seq .. ','
+      .. json_value(respect) .. ',' .. occurred_text .. ']'
+  end
+  return {value, change.q, respect, occurred}
 end
 
 -- Step of the top-up's read of a due set (entries per ZRANGEBYSCORE).
@@ -302,6 +379,26 @@ local function call_in_slices(command, key, items)
     end
   end
   return replies, sum
+end
+
+-- flush_taken(at, id)      the buffer's part of the changes `take_change` took into batch
+--                          `id` with `at.taken`: they leave pending and both due sets and
+--                          their fields are locked to `id`, in one call each (issue 26)
+local function flush_taken(at, id)
+  local fields = at.taken
+  if #fields == 0 then
+    return
+  end
+  call_in_slices('HDEL', at.pending, fields)
+  call_in_slices('ZREM', at.due, fields)
+  call_in_slices('ZREM', at.due_live, fields)
+  local locks = {}
+  for n, field in ipairs(fields) do
+    locks[2 * n - 1] = field
+    locks[2 * n] = id
+  end
+  call_in_slices('HSET', at.inflight, locks)
+  at.taken = {}
 end
 
 -- Short batches not yet claimed (issue 26): stores/keys.py `short_batches`, a ZSET of

@@ -60,8 +60,10 @@ if ARGV[5] and ARGV[5] ~= '' then
 end
 local keys_prefix = key_prefix(KEYS[6])
 local status, answered = tonumber(ARGV[6]), tonumber(ARGV[7])
-local keep, most = tonumber(ARGV[8]), tonumber(ARGV[9])
-local subject_keep = tonumber(ARGV[10])
+-- The retention's texts as given: PEXPIRE and the cutoff's arithmetic take them as they
+-- are (issue 26: no number formatted per member, see `digits` in _prelude.lua).
+local keep, most = ARGV[8], tonumber(ARGV[9])
+local subject_keep = ARGV[10]
 local sent = nil
 if ARGV[12] == 'listed' then
   sent = {}
@@ -89,6 +91,7 @@ for n, member in ipairs(record.members) do
 end
 local locks = call_in_slices('HMGET', KEYS[8], fields)
 local newers = call_in_slices('HMGET', KEYS[6], fields)
+local released = {}  -- the locks this batch holds, released in one HDEL (issue 26)
 for n, member in ipairs(record.members) do
   local dead = ARGV[3] == 'dead' or named[member[1]] == true
   local field = fields[n]
@@ -97,7 +100,7 @@ for n, member in ipairs(record.members) do
   if occurred then
     local mark = tonumber(redis.call('HGET', subject, mark_field))
     if not mark or mark < occurred then
-      redis.call('HSET', subject, mark_field, occurred)
+      redis.call('HSET', subject, mark_field, digits(occurred))
     end
   end
   if dead then
@@ -112,7 +115,7 @@ for n, member in ipairs(record.members) do
   touch_subject(subject, subject_keep)
   local newer = newers[n]
   if locks[n] == ARGV[1] then
-    redis.call('HDEL', KEYS[8], field)
+    released[#released + 1] = field
     if newer then
       local change = cjson.decode(newer)
       redis.call('ZADD', lane_due(KEYS[7], change), change.t, field)
@@ -130,6 +133,7 @@ for n, member in ipairs(record.members) do
     delivered = delivered + 1
   end
 end
+call_in_slices('HDEL', KEYS[8], released)
 if #identifiers > 0 then
   redis.call('HSET', KEYS[9], ARGV[1], cjson.encode({
     id = ARGV[1], subscription_group_id = record.group, subscription_state = record.state,

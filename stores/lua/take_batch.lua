@@ -43,9 +43,12 @@
 -- written).
 local prefix = ARGV[2] .. SEP .. ARGV[4] .. SEP
 local now = now_ms()
+-- The retention's texts as given (PEXPIRE and the cutoff's arithmetic take them as they
+-- are: no number formatted per member, see `digits` in _prelude.lua); the planned members
+-- taken with `at.taken`, their buffer's part in one call each (`flush_taken`).
 local at = {prefix = key_prefix(KEYS[1]), pending = KEYS[1], due = KEYS[2], due_live = KEYS[7],
-  inflight = KEYS[3], keep = tonumber(ARGV[8]), most = tonumber(ARGV[9]),
-  subject_keep = tonumber(ARGV[10]), now = now}
+  inflight = KEYS[3], keep = ARGV[8], most = tonumber(ARGV[9]), subject_keep = ARGV[10],
+  now = now, taken = {}, texts = {}}
 local members = {}
 -- The planned members' changes and locks in one HMGET each (issue 26: two calls a batch,
 -- not two a member). Read before any is taken: taking one changes neither the change nor
@@ -63,24 +66,40 @@ for n = 1, #fields do
   local change = current and cjson.decode(current)
   if change and change.q == tonumber(ARGV[i + 1]) and not locks[n] and not seen[ARGV[i]] then
     seen[ARGV[i]] = true
-    members[#members + 1] = take_change(at, ARGV[1], ARGV[2], ARGV[4], ARGV[i], change)
+    members[#members + 1] = take_change(at, ARGV[1], ARGV[2], ARGV[4], ARGV[i], change,
+      ARGV[i + 1])
   end
 end
 if #members == 0 then
   return 0
 end
+flush_taken(at, ARGV[1])
+local texts = at.texts
+at.taken, at.texts = nil, nil  -- a top-up takes each change at once (it reads the buffer)
 local record = {
   id = ARGV[1], group = ARGV[2], state = ARGV[3], kind = ARGV[4],
-  doi = tonumber(ARGV[5]), members = members, attempts = 0, created = now,
+  doi = tonumber(ARGV[5]), attempts = 0, created = now,
   pack = cjson.decode(ARGV[7])}
 local top_up_to = tonumber(ARGV[11])
+local topped = 0
 if #members < top_up_to and #record.pack <= 1 then
-  local topped = top_up(KEYS[5], record, members, at, top_up_to, tonumber(ARGV[12]))
+  topped = top_up(KEYS[5], record, members, at, top_up_to, tonumber(ARGV[12]))
   if topped > 0 then
     redis.call('HINCRBY', KEYS[6], 'topped_up', topped)
   end
 end
-redis.call('SET', KEYS[5], cjson.encode(record))
+local record_json
+if topped == 0 then
+  -- The members' texts written by take_change (issue 26: no number formatted again):
+  -- the same JSON cjson writes, the members last.
+  local head = cjson.encode(record)
+  record_json = string.sub(head, 1, -2) .. ',"members":[' .. table.concat(texts, ',') .. ']}'
+  record.members = members
+else
+  record.members = members
+  record_json = cjson.encode(record)
+end
+redis.call('SET', KEYS[5], record_json)
 if #members < top_up_to and #record.pack <= 1 then
   redis.call('ZADD', KEYS[8], 0, short_entry(record))
 end

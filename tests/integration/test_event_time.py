@@ -485,3 +485,67 @@ def test_the_commands_say_when_a_change_is_dropped_as_stale(env, redis_client, t
     status = json.loads(run_real("status", "--json").stdout)
     assert status["stale"] == 2
     assert pending_state(email(1)) == "unsubscribed"
+
+
+def test_a_take_writes_each_members_history_and_record_as_cjson_did(env, redis_client):
+    """take_batch.lua writes its members' history entries and record by hand (issue 26: no
+    per-member cjson.encode, no number through printf): the same JSON as before, every
+    field of a change, a source needing escapes, a delay, equal and unequal occurred and
+    arrival times."""
+    found = services()
+    rows = [
+        row(email(1), "unsubscribed", T0 + 0.5, source='form "A" \\ é', respect_opt_out=True),
+        row(email(2), "subscribed", delay_seconds=0.05),
+        row(email(3), "subscribed", T0, delay_seconds=0.05),
+        row(email(4), "unsubscribed"),
+    ]
+    enqueue(*rows)
+    wanted = {}
+    for value in (email(n) for n in range(1, 5)):
+        raw = redis_client.hget(found.keys.pending, buffer_field(GROUP, "email", value))
+        wanted[value] = json.loads(raw)
+    due = max(change["t"] for change in wanted.values())
+    wait_for(lambda: server_time_ms(redis_client) > due, what="the delayed changes due")
+    members, batch_of = {}, {}
+    for batch_id in take_all():
+        record = json.loads(redis_client.get(found.keys.batch(batch_id)))
+        for member in record["members"]:
+            members[member[0]], batch_of[member[0]] = member, batch_id
+    for value, change in wanted.items():
+        arrival = change["t"] - change.get("d", 0)
+        occurred = change.get("w", arrival)
+        assert members[value] == [value, change["q"], change.get("r", 0), occurred]
+        raw = redis_client.lrange(found.keys.history("email", value), 0, -1)
+        (stamp1, _, first), (stamp2, _, second) = (e.decode().partition("\x1f") for e in raw)
+        assert int(stamp1) == arrival and int(stamp2) >= arrival
+        expected = {"e": "enqueued", "g": GROUP, "s": change["s"], "q": change["q"]}
+        expected.update({k: change[k] for k in ("c", "d", "x") if k in change})
+        if "w" in change:
+            expected["o"] = change["w"]
+        if change.get("r") == 1:
+            expected["r"] = 1
+        assert json.loads(first) == expected
+        batched = {"e": "batched", "g": GROUP, "b": batch_of[value], "q": change["q"]}
+        assert json.loads(second) == batched
+    assert members[email(1)][2] == 1 and "c" in wanted[email(1)] and "d" in wanted[email(2)]
+    assert redis_client.hget(found.keys.subject("email", email(1)), f"w\x1f{GROUP}") == (
+        b"%d" % wanted[email(1)]["w"]
+    )
+
+
+def test_a_first_batch_drops_an_enqueued_event_older_than_the_retention(env, redis_client):
+    """The take looks at no oldest event of a history it creates (issue 26) unless its own
+    first event, the change's arrival, is older than the retention: then it goes."""
+    keys = services().keys
+    buffer = Buffer(redis_client, keys, retention=Retention(history_ms=300))
+    buffer.enqueue([parse_change(row(email(1), "subscribed"))])
+    buffer.enqueue([parse_change(row(email(2), "subscribed"))])
+    start = server_time_ms(redis_client)
+    wait_for(lambda: server_time_ms(redis_client) > start + 300, what="300 ms on Redis's clock")
+    now = server_time_ms(redis_client)
+    changes, _ = buffer.read_due(now, 10_000)
+    plan = plan_batches(changes, now_ms=now, max_identifiers=50, linger_ms=0)
+    assert len(take_each(buffer, plan, 60_000)) == 1
+    for value in (email(1), email(2)):
+        story = ConsentHistory(redis_client, keys).events("email", value)
+        assert [e.event for e in story] == ["batched"]
