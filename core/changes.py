@@ -166,6 +166,11 @@ def parse_change(data: Mapping[str, Any], *, now: float | None = None) -> Change
         value = normalise_email(raw_value)
     else:
         value = normalise_phone(raw_value)
+    if len(data) == 3:
+        # The group, the state and the identifier were given (each is required, and the
+        # keys are known fields), so nothing optional was: every option is its default.
+        # The usual import row; reading the seven absent options cost ~10 % of its check.
+        return Change(group_id, state, kind, value)
 
     double_opt_in = _parse_double_opt_in(data.get("use_double_opt_in_logic"))
     if double_opt_in:
