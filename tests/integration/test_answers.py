@@ -8,7 +8,9 @@ import gzip
 import json
 import logging
 import re
+import shutil
 import socket
+import ssl
 import threading
 import time
 import tracemalloc
@@ -26,6 +28,7 @@ from core.outcome import MAX_ANSWER_BYTES, redirected
 from delivery.braze_client import V1_PATH, BrazeClient, Reply
 from delivery.poster import Poster
 from delivery.services import services
+from devtools.certs import make_ca, make_server
 from stores.dead_letters import DeadLetters
 from tests.conftest import SIM_KEY, come_due, email
 from tests.integration.test_poster import GROUP, email_batch, inflight, record
@@ -358,3 +361,153 @@ def test_a_huge_body_is_read_only_up_to_the_cap(sim):
     assert reply.status == 500 and reply.truncated
     assert len(reply.body) == MAX_ANSWER_BYTES
     assert peak < 8 * MAX_ANSWER_BYTES, f"peak {peak} bytes while reading"
+
+
+# --- the client's own send (issue 26 review): what Client.send did that a post still needs ---
+
+SUCCESS = (
+    b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 21\r\n\r\n"
+    b'{"message":"success"}'
+)
+
+
+@contextmanager
+def keep_alive_server(
+    requests: list[bytes], connections: list[int], tls: ssl.SSLContext | None = None
+) -> Iterator[str]:
+    """A bare HTTP/1.1 server that answers SUCCESS to every request on a connection until
+    the client closes it; each request is appended to `requests`, each accepted connection
+    counted in `connections`. With `tls`, it speaks https (its URL still says http)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)  # accept() wakes to see `stop`: closing does not wake it
+    stop = threading.Event()
+
+    def serve_one(connection: socket.socket) -> None:
+        connection.settimeout(None)
+        if tls is not None:
+            try:
+                connection = tls.wrap_socket(connection, server_side=True)
+            except OSError:  # the client refused the certificate
+                connection.close()
+                return
+        with connection:
+            while request := read_request(connection):
+                requests.append(request)
+                connection.sendall(SUCCESS)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            connections.append(1)
+            threading.Thread(target=serve_one, args=(connection,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_posts_reuse_one_kept_alive_connection():
+    """Every answer is read and its response closed, so the connection goes back to the
+    pool and the next post reuses it (HTTP/1.1 keep-alive): three posts, one connection,
+    each with its Host header."""
+    requests: list[bytes] = []
+    connections: list[int] = []
+    with keep_alive_server(requests, connections) as url:
+        braze = client(url)
+        try:
+            replies = [braze.post(V1_PATH, BODY) for _ in range(3)]
+        finally:
+            braze.close()
+    assert [(r.status, r.body) for r in replies] == [(201, '{"message":"success"}')] * 3
+    assert len(requests) == 3 and len(connections) == 1, f"{len(connections)} connections"
+    host = url.removeprefix("http://").encode()
+    assert all(f"Host: {host.decode()}\r\n".encode() in request for request in requests)
+    assert all(r.startswith(b"POST /subscription/status/set HTTP/1.1\r\n") for r in requests)
+
+
+def test_no_proxy_sends_the_posts_straight_to_braze(monkeypatch):
+    """HTTP_PROXY and NO_PROXY naming Braze's host: the posts go straight to Braze, never to
+    the proxy (the transport httpx chose for the URL honours NO_PROXY, as Client.send did)."""
+    for name in ("ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    proxied: list[bytes] = []
+    direct: list[bytes] = []
+    with keep_alive_server(proxied, []) as proxy, keep_alive_server(direct, []) as url:
+        for name in ("HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(name, proxy)
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.setenv(name, "127.0.0.1")
+        braze = client(url)
+        try:
+            reply = braze.post(V1_PATH, BODY)
+        finally:
+            braze.close()
+    assert (reply.status, reply.body) == (201, '{"message":"success"}')
+    assert proxied == [] and len(direct) == 1
+    assert direct[0].startswith(b"POST /subscription/status/set HTTP/1.1\r\n")
+
+
+@pytest.mark.alone  # the deadline's overshoot is timed
+def test_the_deadline_holds_through_a_proxy_from_the_environment(monkeypatch):
+    """A proxy from the environment that trickles the answer's headers: the exchange still
+    ends at its overall deadline (the proxy's transport is wrapped too, and the post goes
+    to it). HTTP_TIMEOUT_SECONDS 1 s here: the setting under test."""
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    answer = b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n" + b"X-Pad: " + b"x" * 200
+    received: list[bytes] = []
+    with trickling_server(answer, 0.05, received) as proxy:
+        for name in ("HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(name, proxy)
+        braze = client("http://braze.invalid", timeout=1.0)
+        try:
+            started = time.monotonic()
+            reply = braze.post(V1_PATH, BODY)
+            took = time.monotonic() - started
+        finally:
+            braze.close()
+    assert len(received) == 1, "the post did not go to the proxy"
+    assert reply.status is None and "Timeout" in (reply.error or "")
+    assert took < 1.9, f"the exchange took {took:.2f} s with a 1 s deadline"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_brazes_certificate_is_verified_against_the_ca_the_environment_names(tmp_path, monkeypatch):
+    """https: the server's certificate is verified, so a post to a server whose CA is not
+    trusted fails before one byte of it (or the key) is sent; SSL_CERT_FILE names a CA to
+    trust (a corporate TLS proxy's), read by the transport the posts go to."""
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                 "all_proxy"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    ca = make_ca(tmp_path, "ca")
+    files = make_server(tmp_path, ca)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(files.certificate, files.key)
+    requests: list[bytes] = []
+    with keep_alive_server(requests, [], tls) as url:
+        url = url.replace("http://", "https://")
+        untrusted = client(url)
+        try:
+            refused = untrusted.post(V1_PATH, BODY)
+        finally:
+            untrusted.close()
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+        trusted = client(url)
+        try:
+            accepted = trusted.post(V1_PATH, BODY)
+        finally:
+            trusted.close()
+    assert refused.status is None and "CERTIFICATE_VERIFY_FAILED" in (refused.error or "")
+    assert SIM_KEY not in (refused.error or "")
+    assert (accepted.status, accepted.body) == (201, '{"message":"success"}')
+    assert len(requests) == 1  # the trusted post's only
