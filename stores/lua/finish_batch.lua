@@ -64,6 +64,7 @@ local status, answered = tonumber(ARGV[6]), tonumber(ARGV[7])
 -- are (issue 26: no number formatted per member, see `digits` in _prelude.lua).
 local keep, most = ARGV[8], tonumber(ARGV[9])
 local subject_keep = ARGV[10]
+local keep_at, subject_at = digits(now + tonumber(keep)), digits(now + tonumber(subject_keep))
 local sent = nil
 if ARGV[12] == 'listed' then
   sent = {}
@@ -105,14 +106,14 @@ for n, member in ipairs(record.members) do
   end
   if dead then
     redis.call('HSET', subject, 'd' .. SEP .. ARGV[1], record.group)
-    remember_entries(history, now, dead_entry, keep, most)
+    remember_entries(history, now, dead_entry, keep, most, nil, keep_at)
   elseif sent and not sent[member[1]] then
-    remember_entries(history, now, skipped_entry, keep, most)
+    remember_entries(history, now, skipped_entry, keep, most, nil, keep_at)
     redis.call('HINCRBY', KEYS[12], 'opt_out_skipped', 1)
   else
-    remember_entries(history, now, posted_entry, keep, most)
+    remember_entries(history, now, posted_entry, keep, most, nil, keep_at)
   end
-  touch_subject(subject, subject_keep)
+  touch_subject(subject, subject_keep, subject_at)
   local newer = newers[n]
   if locks[n] == ARGV[1] then
     released[#released + 1] = field

@@ -48,7 +48,8 @@ local now = now_ms()
 -- taken with `at.taken`, their buffer's part in one call each (`flush_taken`).
 local at = {prefix = key_prefix(KEYS[1]), pending = KEYS[1], due = KEYS[2], due_live = KEYS[7],
   inflight = KEYS[3], keep = ARGV[8], most = tonumber(ARGV[9]), subject_keep = ARGV[10],
-  now = now, taken = {}, texts = {}}
+  now = now, taken = {}, texts = {},
+  keep_at = digits(now + tonumber(ARGV[8])), subject_at = digits(now + tonumber(ARGV[10]))}
 local members = {}
 -- The planned members' changes and locks in one HMGET each (issue 26: two calls a batch,
 -- not two a member). Read before any is taken: taking one changes neither the change nor
