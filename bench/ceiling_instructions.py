@@ -128,7 +128,9 @@ def measure(tree: Path, hidden: str, identifiers: int, workdir: Path) -> dict[st
             env={
                 **os.environ,
                 "PYTHONPATH": path,
-                "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+                # Under callgrind a take of many batches outlasts redis-py's read
+                # timeout on a loaded machine (both trees failed so): no timeout here.
+                "REDIS_URL": f"redis://127.0.0.1:{port}/0?socket_timeout=600",
                 "REDIS_PID": str(redis_server.pid),
                 "SIM_URL": sim.url,
                 "IDENTIFIERS": str(identifiers),
