@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.figures import publish
+from bench.trees import add_base_tree, remove_base_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "468eece"  # main before the ceiling's third step (hiredis, the split per process)
@@ -142,11 +143,7 @@ def main() -> None:
     cpu: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
     with tempfile.TemporaryDirectory(prefix="braze-subs-ceiling-") as tmp:
         base_tree = Path(tmp) / "base"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
-            check=True,
-            capture_output=True,
-        )
+        add_base_tree(base_tree, args.base)
         hidden = {
             "base": hiding(hidden_packages(base_tree), Path(tmp) / "hidden"),
             "this": "",
@@ -181,11 +178,7 @@ def main() -> None:
                         flush=True,
                     )
         finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
-                check=False,
-                capture_output=True,
-            )
+            remove_base_tree(base_tree)
     result: dict[str, Any] = {
         "base": args.base,
         "identifiers": args.identifiers,

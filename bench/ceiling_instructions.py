@@ -35,6 +35,7 @@ from redis import Redis
 
 from bench.ceiling import BASE, ROOT, hidden_packages, hiding
 from bench.figures import publish
+from bench.trees import add_base_tree, remove_base_tree
 from devtools.processes import free_port
 from simulator import SimulatorConfig, SimulatorServer
 
@@ -160,11 +161,7 @@ def main() -> None:
     result: dict[str, Any] = {"base": args.base, "backlogs": f"{args.small}, {args.large}"}
     with tempfile.TemporaryDirectory(prefix="braze-subs-instructions-") as tmp:
         base_tree = Path(tmp) / "base"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
-            check=True,
-            capture_output=True,
-        )
+        add_base_tree(base_tree, args.base)
         try:
             trees = {
                 "base": (base_tree, hiding(hidden_packages(base_tree), Path(tmp) / "hidden")),
@@ -188,11 +185,7 @@ def main() -> None:
                         flush=True,
                     )
         finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
-                check=False,
-                capture_output=True,
-            )
+            remove_base_tree(base_tree)
     for process in ("python", "redis-server"):
         base = result[f"base.{process}_instructions_per_1000"]
         result[f"{process}_this_over_base"] = round(

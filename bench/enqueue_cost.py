@@ -46,6 +46,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.trees import add_base_tree, remove_base_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "038db7a"  # main before the cheaper enqueue (issue 26)
 WAYS = ("raw", "import", "enqueue_changes", "api", "record_change")
@@ -331,11 +333,7 @@ def main() -> None:
             for row in rows(0, args.rows):
                 handle.write(json.dumps(row) + "\n")
         base_tree = work / "base"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
-            check=True,
-            capture_output=True,
-        )
+        add_base_tree(base_tree, args.base)
         trees = {"new": ROOT, "base": base_tree}
         try:
             for round_ in range(args.rounds):
@@ -353,11 +351,7 @@ def main() -> None:
                             flush=True,
                         )
         finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
-                check=False,
-                capture_output=True,
-            )
+            remove_base_tree(base_tree)
     out: dict[str, Any] = {
         "rows": args.rows,
         "calls": args.calls,

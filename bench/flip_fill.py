@@ -44,6 +44,7 @@ from redis import Redis
 
 from bench.figures import publish
 from bench.lanes import spawn, stop
+from bench.trees import add_base_tree, remove_base_tree
 from devtools.demo import EMAIL_GROUPS, SMS_GROUPS, sample_changes
 from devtools.processes import local_redis
 from simulator import SimulatorConfig, SimulatorServer
@@ -259,11 +260,7 @@ def main() -> None:
         runs = [("top_up", ROOT)]
         base_tree = work / "base"
         if not args.skip_base:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
-                check=True,
-                capture_output=True,
-            )
+            add_base_tree(base_tree, args.base)
             runs.append(("base", base_tree))
         try:
             for name, tree in runs:
@@ -273,11 +270,7 @@ def main() -> None:
                 print(name, {k: v for k, v in figures.items() if k.startswith(name)}, flush=True)
         finally:
             if not args.skip_base:
-                subprocess.run(
-                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
-                    check=False,
-                    capture_output=True,
-                )
+                remove_base_tree(base_tree)
     figures["base"] = args.base
     publish(figures, "flip-fill.json")
 

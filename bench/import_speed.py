@@ -149,21 +149,10 @@ def main() -> None:
         write_rows(path, args.rows, args.kinds, args.occurred)
         trees = {"this": ROOT}
         if args.base:
+            from bench.trees import add_base_tree  # the child runs this file as a script
+
             trees["base"] = workdir / "base"
-            subprocess.run(
-                [
-                    "git",
-                    "-C",
-                    str(ROOT),
-                    "worktree",
-                    "add",
-                    "--detach",
-                    str(trees["base"]),
-                    args.base,
-                ],
-                check=True,
-                capture_output=True,
-            )
+            add_base_tree(trees["base"], args.base)
         try:
             with local_redis(workdir) as url:
                 client = Redis.from_url(url)
@@ -195,11 +184,9 @@ def main() -> None:
                 tracemalloc.stop()
         finally:
             if args.base:
-                subprocess.run(
-                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees["base"])],
-                    check=False,
-                    capture_output=True,
-                )
+                from bench.trees import remove_base_tree
+
+                remove_base_tree(trees["base"])
     raw = min(times["raw"])
     figures: dict[str, object] = {
         "rows": args.rows,

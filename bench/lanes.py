@@ -35,6 +35,7 @@ import httpx
 from redis import Redis
 
 from bench.figures import publish
+from bench.trees import add_base_tree, remove_base_tree
 from devtools.processes import local_redis
 from simulator import SimulatorConfig, SimulatorServer
 from stores.keys import Keys
@@ -244,21 +245,13 @@ def main() -> None:
             figures[f"lanes.{name}"] = value
         if not args.skip_base:
             base_tree = work / "base"
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
-                check=True,
-                capture_output=True,
-            )
+            add_base_tree(base_tree, args.base)
             try:
                 (work / "base-run").mkdir()
                 for name, value in run_tree(base_tree, args, work / "base-run").items():
                     figures[f"base.{name}"] = value
             finally:
-                subprocess.run(
-                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
-                    check=False,
-                    capture_output=True,
-                )
+                remove_base_tree(base_tree)
     figures["base"] = args.base
     publish(figures, "lanes.json")
 

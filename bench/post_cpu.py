@@ -30,6 +30,7 @@ from typing import Any
 
 from bench.ceiling import ROOT, hidden_packages, hiding
 from bench.figures import publish
+from bench.trees import add_base_tree, remove_base_tree
 
 BASE = "1526bcf"  # main before the fourth step's changes to the workers (issue 26)
 
@@ -156,11 +157,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {"base": [], "this": []}
     with tempfile.TemporaryDirectory(prefix="braze-subs-post-cpu-") as tmp:
         base_tree = Path(tmp) / "base"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
-            check=True,
-            capture_output=True,
-        )
+        add_base_tree(base_tree, args.base)
         try:
             trees = {
                 "base": (base_tree, hiding(hidden_packages(base_tree), Path(tmp) / "hidden")),
@@ -177,11 +174,7 @@ def main() -> None:
                         flush=True,
                     )
         finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
-                check=False,
-                capture_output=True,
-            )
+            remove_base_tree(base_tree)
     result: dict[str, Any] = {
         "base": args.base,
         "identifiers": args.identifiers,

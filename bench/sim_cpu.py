@@ -36,6 +36,7 @@ import httpx
 import psutil
 
 from bench.figures import publish
+from bench.trees import add_base_tree, remove_base_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "main"
@@ -166,11 +167,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
     with tempfile.TemporaryDirectory(prefix="braze-subs-sim-cpu-") as tmp:
         base_tree = Path(tmp) / "base"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
-            check=True,
-            capture_output=True,
-        )
+        add_base_tree(base_tree, args.base)
         try:
             for round_ in range(args.rounds):
                 order = [("base", base_tree), ("this", ROOT)]
@@ -186,11 +183,7 @@ def main() -> None:
                         flush=True,
                     )
         finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
-                check=False,
-                capture_output=True,
-            )
+            remove_base_tree(base_tree)
     result: dict[str, Any] = {
         "base": args.base,
         "requests": args.requests,
