@@ -25,7 +25,6 @@ bench/results/ceiling.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.figures import publish
-from bench.trees import add_base_tree, remove_base_tree
+from bench.trees import add_base_tree, child_figures, remove_base_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "468eece"  # main before the ceiling's third step (hiredis, the split per process)
@@ -119,11 +118,7 @@ def drain(tree: Path, args: argparse.Namespace, hidden: str = "") -> dict[str, A
         text=True,
         check=False,
     )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("FIGURES ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"drain in {tree} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    figures: dict[str, Any] = json.loads(lines[-1].removeprefix("FIGURES "))
-    return figures
+    return child_figures(done, tree)
 
 
 def main() -> None:

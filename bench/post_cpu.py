@@ -30,7 +30,7 @@ from typing import Any
 
 from bench.ceiling import ROOT, hidden_packages, hiding
 from bench.figures import publish
-from bench.trees import add_base_tree, remove_base_tree
+from bench.trees import add_base_tree, child_figures, remove_base_tree
 
 BASE = "1526bcf"  # main before the fourth step's changes to the workers (issue 26)
 
@@ -140,11 +140,7 @@ def measure(tree: Path, hidden: str, identifiers: int) -> dict[str, Any]:
         text=True,
         check=False,
     )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("FIGURES ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"the run in {tree} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    figures: dict[str, Any] = json.loads(lines[-1].removeprefix("FIGURES "))
-    return figures
+    return child_figures(done, tree)
 
 
 def main() -> None:

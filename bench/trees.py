@@ -3,8 +3,10 @@ worktree of this repository in a temporary folder, removed when the bench ends."
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,3 +27,13 @@ def remove_base_tree(path: Path) -> None:
         check=False,
         capture_output=True,
     )
+
+
+def child_figures(done: subprocess.CompletedProcess[str], tree: Path) -> dict[str, Any]:
+    """The figures a bench's child process printed last (a `FIGURES {json}` line) for
+    `tree`; exits naming the tree with the child's output if it failed or printed none."""
+    lines = [line for line in done.stdout.splitlines() if line.startswith("FIGURES ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"the run in {tree} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    figures: dict[str, Any] = json.loads(lines[-1].removeprefix("FIGURES "))
+    return figures

@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -238,6 +238,22 @@ def read_request(connection: socket.socket) -> bytes:
 
 
 @contextmanager
+def serving(
+    listener: socket.socket, stop: threading.Event, serve: Callable[[], None]
+) -> Iterator[str]:
+    """`serve` run in a thread on `listener`; yields the listener's URL, then sets `stop`,
+    closes the listener (which wakes an accept) and waits for the thread."""
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+
+
+@contextmanager
 def trickling_server(
     answer: bytes, interval: float, requests: list[bytes] | None = None
 ) -> Iterator[str]:
@@ -262,14 +278,8 @@ def trickling_server(
                 except OSError:
                     return
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        listener.close()
-        thread.join(5)
+    with serving(listener, stop, serve) as url:
+        yield url
 
 
 @pytest.mark.alone  # the deadline's overshoot is timed
@@ -406,14 +416,8 @@ def keep_alive_server(
             connections.append(1)
             threading.Thread(target=serve_one, args=(connection,), daemon=True).start()
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
+    with serving(listener, stop, accept) as url:
+        yield url
 
 
 def test_posts_reuse_one_kept_alive_connection():
