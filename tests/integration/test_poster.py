@@ -584,10 +584,15 @@ def test_brazes_headers_reach_the_budget_only_when_they_could_move_it(
     monkeypatch.setattr(found.limiter, "_observe", observed)
     assert poster.post(email_batch([email(1)])).status == "delivered"
     assert calls == []
+    # The spend and the post land in one of Braze's minutes: not in its last seconds.
+    while 60 - time.time() % 60 < 5:
+        time.sleep(0.1)
     faults(sim, spend=4_900)  # of the simulator's 5,000 a minute, as BRAZE_RATE_LIMIT's
     assert poster.post(email_batch([email(2)])).status == "delivered"
     assert [call[2] for call in calls] == ["observe"]
-    assert not found.limiter.acquire().granted  # yielded: no turn left before the reset
+    # Yielded: the next turn is not now. Refused, or (when Braze's reset is within the
+    # longest wait a turn may have) granted for later, ahead of Braze's reset.
+    assert found.limiter.acquire().wait_seconds > 0
 
 
 def spend_the_burst(limiter: RateLimiter) -> None:
