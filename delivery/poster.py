@@ -64,7 +64,7 @@ from delivery.opt_outs import OptOutCheck
 from delivery.thread_share import Seat, ThreadShare
 from stores.batch_records import BatchRecord, BatchStore, Claim, ClaimStatus, Deferred, Ended
 from stores.connection import REDIS_UNAVAILABLE
-from stores.counters import Counters
+from stores.counters import Counters, Tally
 from stores.limiter import Grant, RateLimiter
 from stores.refusals import Refusals
 
@@ -96,9 +96,20 @@ class PostReport:
 
 @dataclass(slots=True)
 class _Sent:
-    """Whether this post's request passed its fence (its bytes may have reached Braze)."""
+    """Whether this post's request passed its fence (its bytes may have reached Braze), and
+    its count once answered: told to the first finish that records the outcome, which counts
+    it in the same call (finish_batch.lua; issue 26), else counted on its own afterwards."""
 
     sent: bool = False
+    tally: Tally | None = None
+    counted: bool = False
+
+    def count_once(self) -> Tally | None:
+        """The request's tally for the finish that will count it; None after the first."""
+        if self.counted:
+            return None
+        self.counted = self.tally is not None
+        return self.tally
 
 
 # The least a batch waits in the schedule for a thread of its workspace's share (plus as
@@ -198,7 +209,7 @@ class Poster:
             live.hold(batch_id, token)
             sent = _Sent()
             try:
-                return self._post_claimed(claim.record, token, lease_ms, sent, seat, seated)
+                return self._post_claimed(claim.record, claim, token, lease_ms, sent, seat, seated)
             except Exception as exc:
                 held = [b for b, by in live.held().items() if by == token]
                 given_back = self._give_back_after_error(token, sent.sent)
@@ -297,6 +308,7 @@ class Poster:
     def _post_claimed(
         self,
         lead: BatchRecord,
+        claim: Claim,
         token: str,
         lease_ms: int,
         sent: _Sent,
@@ -304,8 +316,11 @@ class Poster:
         seated: bool,
     ) -> PostReport:
         records = [lead]
+        claims = {lead.id: claim}
         if self.settings.braze_api_version == "v2":
-            records += self._claim_siblings(lead, token, lease_ms)
+            for record, sibling in self._claim_siblings(lead, token, lease_ms):
+                records.append(record)
+                claims[record.id] = sibling
         elif len(lead.pack) > 1:
             # A v2 worker's tick packed this message; a v1 worker posts one batch a request:
             # the others of the pack go out alone, each with a message of its own.
@@ -317,7 +332,7 @@ class Poster:
             entries=len(records),
             attempt=lead.attempts + 1,
         )
-        unsent = self._refused_unsent(records, token, report)
+        unsent = self._refused_unsent(records, claims, token, report)
         if unsent is not None:
             unsent = replace(unsent, detail=masked_detail(unsent.detail, records))
             self._log(records, unsent)
@@ -390,13 +405,19 @@ class Poster:
             latency_ms=round(reply.latency_ms, 1),
             detail=result.detail,
         )
+        sent.tally = self.counters.tally(
+            identifiers=report.size,
+            throttled=result.outcome is Outcome.RATE_LIMITED,
+            endpoint=V2_PATH if self.settings.braze_api_version == "v2" else V1_PATH,
+            status=reply.status,
+        )
         # The outcome first (ended, or deferred with its attempt counted), then the
         # bookkeeping: nothing after the outcome can make the batch go again.
         rate = parse_rate_limit(reply.headers)
-        report = self._settle(records, token, report, reply, result, rate)
+        report = self._settle(records, token, report, reply, result, rate, sent)
         # The report is the task's result, which Flower shows: identifiers masked.
         report = replace(report, detail=masked_detail(report.detail, records))
-        self._bookkeeping(records, report, reply, result, rate, grant)
+        self._bookkeeping(records, report, reply, result, rate, grant, sent)
         return report
 
     def _top_up_before_send(self, records: list[BatchRecord], token: str) -> list[BatchRecord]:
@@ -428,22 +449,16 @@ class Poster:
         result: Classified,
         rate: RateLimit,
         grant: Grant,
+        sent: _Sent,
     ) -> None:
-        """What follows a recorded outcome: counters, Braze's rate-limit headers, a closed
-        credentials circuit, the log line. Each step that fails is logged and skipped; none
-        can change the outcome (the batch has ended or waits with its attempt counted)."""
-        v2 = self.settings.braze_api_version == "v2"
-        steps: list[tuple[str, Callable[[], object]]] = [
-            (
-                "count the request",
-                lambda: self.counters.request(
-                    identifiers=report.size,
-                    throttled=result.outcome is Outcome.RATE_LIMITED,
-                    endpoint=V2_PATH if v2 else V1_PATH,
-                    status=reply.status,
-                ),
-            ),
-        ]
+        """What follows a recorded outcome: counters (unless the finish counted the request),
+        Braze's rate-limit headers, a closed credentials circuit, the log line. Each step
+        that fails is logged and skipped; none can change the outcome (the batch has ended
+        or waits with its attempt counted)."""
+        steps: list[tuple[str, Callable[[], object]]] = []
+        tally = sent.count_once()
+        if tally is not None:
+            steps.append(("count the request", lambda: self.counters.count(tally)))
         if reply.status is not None and result.outcome is not Outcome.RATE_LIMITED:
             steps.append(
                 (
@@ -608,10 +623,12 @@ class Poster:
             return done
         return screened.send
 
-    def _claim_siblings(self, lead: BatchRecord, token: str, lease_ms: int) -> list[BatchRecord]:
+    def _claim_siblings(
+        self, lead: BatchRecord, token: str, lease_ms: int
+    ) -> list[tuple[BatchRecord, Claim]]:
         """The other batches of the lead's v2 pack that no one holds and that do not wait
-        in the schedule: they travel in the same request."""
-        siblings: list[BatchRecord] = []
+        in the schedule, with their claims: they travel in the same request."""
+        siblings: list[tuple[BatchRecord, Claim]] = []
         values = set(lead.values)
         for sibling_id in lead.pack:
             if sibling_id == lead.id:
@@ -629,7 +646,7 @@ class Poster:
                 self._put_back_alone(sibling_id, token)
                 continue
             values |= set(record.values)
-            siblings.append(record)
+            siblings.append((record, claim))
         return siblings
 
     def _hand_off_pack(self, lead: BatchRecord, token: str, lease_ms: int) -> None:
@@ -675,9 +692,11 @@ class Poster:
         reply: Reply,
         result: Classified,
         rate: RateLimit,
+        sent: _Sent,
     ) -> PostReport:
         """Record the outcome of a request that was sent: the batches end, or wait in the
-        schedule (a retry with its attempt counted; a pause or the key, without)."""
+        schedule (a retry with its attempt counted; a pause or the key, without). A delivery
+        without errors (nearly every post) counts the request in its first batch's finish."""
         settings = self.settings
         answer = {"http_status": reply.status, "latency_ms": report.latency_ms}  # for history
         if result.outcome is Outcome.DELIVERED:
@@ -685,7 +704,13 @@ class Poster:
             if errors:
                 return self._delivered_with_errors(records, token, report, errors)
             ended = [
-                self.store.delivered(record.id, token, sent=sent_members(record), **answer)
+                self.store.delivered(
+                    record.id,
+                    token,
+                    sent=sent_members(record),
+                    tally=sent.count_once(),
+                    **answer,
+                )
                 for record in records
             ]
             if any(finish.status is not Ended.ENDED for finish in ended):
@@ -886,20 +911,21 @@ class Poster:
         return replace(ended, detail=f"{detail} (group refused)")
 
     def _refused_unsent(
-        self, records: list[BatchRecord], token: str, report: PostReport
+        self,
+        records: list[BatchRecord],
+        claims: dict[str, Claim],
+        token: str,
+        report: PostReport,
     ) -> PostReport | None:
         """Before a request: a batch whose group Braze refuses as a whole is dead-lettered
         unsent, and a refused half awaiting its sibling is decided without a request.
-        None: send the request."""
+        None: send the request. Both are read by each batch's claim (claim_batch.lua), at
+        its instant: one round trip a post where the reads after it took one or two more
+        (issue 26). The claim is tried again while Redis does not answer, so these reads
+        are too, as they were on their own."""
         outcome = None
         for record in records:
-            key = record.key
-            refusal = self._until_answered(
-                lambda key=key: self.refusals.standing(
-                    key.group_id, key.state.value, key.kind.value
-                ),
-                self.settings.claim_lease_ms,
-            )
+            refusal = claims[record.id].refusal
             if refusal is None:
                 continue
             detail = f"not sent: group refused as a whole by Braze: {refusal.detail}"
@@ -908,7 +934,7 @@ class Poster:
             outcome = replace(self._dead_letter([record], token, report, detail), detail=detail)
         if outcome is None and len(records) == 1 and records[0].sibling:
             (record,) = records
-            detail = self.refusals.half_refused(record.id)
+            detail = claims[record.id].half_refused
             if detail is not None:
                 return self._refused(record, token, replace(report, detail=detail), detail)
         if outcome is not None and len(records) > 1:

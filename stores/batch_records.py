@@ -31,6 +31,8 @@ from core.planning import BatchKey, batch_lane, lane_prefix
 from core.redaction import confine
 from core.waiting import WaitReason
 from stores.base import ScriptedStore
+from stores.counters import NO_TALLY_ARGS, Tally
+from stores.refusals import Refusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,12 @@ class Claim:
     status: ClaimStatus
     record: BatchRecord | None = None
     topped_up: int = 0  # members the claim's top-up took into the batch (claim_batch.lua)
+    # Read by the claim at its instant (claim_batch.lua; issue 26: the poster's own reads
+    # right after it cost two round trips a post): the refusal of the batch's group +
+    # state + kind while it stands (stores/refusals.py), and, for a half of a split,
+    # Braze's message while the half awaits its sibling (`Refusals.half_refused`).
+    refusal: Refusal | None = None
+    half_refused: str | None = None
 
 
 # Most due entries a top-up looks at (claim_batch.lua ARGV[7]; top_up_batch.lua and
@@ -218,10 +226,17 @@ class BatchStore(ScriptedStore):
         )
         status = ClaimStatus(_text(reply[0]))
         record = BatchRecord.from_json(reply[1]) if len(reply) > 1 else None
-        topped_up = int(reply[2]) if len(reply) > 2 else 0
-        if status is ClaimStatus.CLAIMED and record is not None:
-            self._texts.claimed(token, record)
-        return Claim(status, record, topped_up)
+        if status is not ClaimStatus.CLAIMED or record is None:
+            return Claim(status, record)
+        self._texts.claimed(token, record)
+        raw_refusal, raw_half = reply[3], reply[4]
+        return Claim(
+            status,
+            record,
+            int(reply[2]),
+            refusal=None if raw_refusal is None else Refusal.from_json(raw_refusal),
+            half_refused=None if raw_half is None else _text(raw_half),
+        )
 
     def top_up_before_send(
         self, batch_id: str, token: str, need_ms: int, *, top_up_to: int
@@ -286,6 +301,7 @@ class BatchStore(ScriptedStore):
         latency_ms: float | None,
         sent: Iterable[str] | None = None,
         named: list[str] | None = None,
+        tally: Tally | None = None,
     ) -> Finish:
         k = self.keys
         r = self.retention
@@ -299,6 +315,7 @@ class BatchStore(ScriptedStore):
             k.dead_letter_identifiers,
             k.stats,
             k.dead_letter_fields,
+            k.request_totals if tally is None else tally.totals_key,
         ]
         stored, told = self._texts.texts(token, batch_id, error)
         args: list[str | int | float] = [
@@ -312,8 +329,11 @@ class BatchStore(ScriptedStore):
             *r.history_args,
             r.subject_ms,
             told,
+            "all" if sent is None else "listed",
+            *(NO_TALLY_ARGS if tally is None else tally.finish_args()),
         ]
-        args += ["all"] if sent is None else ["listed", *sent]
+        if sent is not None:
+            args += sent
         members = int(self.scripts.finish_batch(keys=keys, args=args))
         if members == -1:
             return Finish(Ended.LOST)
@@ -327,12 +347,17 @@ class BatchStore(ScriptedStore):
         http_status: int | None = None,
         latency_ms: float | None = None,
         sent: Iterable[str] | None = None,
+        tally: Tally | None = None,
     ) -> Finish:
         """Braze accepted the batch: end it and let waiting newer changes become due.
 
         For the history: Braze's status and answer time; `sent`, the members actually in
-        the request when some were left out (an opt-out Braze holds; None: all were)."""
-        return self._finish(batch_id, token, "delivered", "", http_status, latency_ms, sent)
+        the request when some were left out (an opt-out Braze holds; None: all were).
+        `tally`: the request, counted in the same call after the outcome (stores/counters.py;
+        in any case, as the request was sent: also when the claim was lost)."""
+        return self._finish(
+            batch_id, token, "delivered", "", http_status, latency_ms, sent, tally=tally
+        )
 
     def delivered_except(
         self,

@@ -110,6 +110,27 @@ def arrival_rate(client: Redis, keys: Keys, now_ms: float, window_ms: float) -> 
     return max(0.0, (total - oldest_total) * 1000 / elapsed)
 
 
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """One post's request as the counters count it (`Counters.tally`): by count_request.lua,
+    or by the finish that records its outcome (finish_batch.lua KEYS[14], ARGV[13..16]:
+    `finish_args`; issue 26, one call a post). Both count with `count_post` (_prelude.lua)."""
+
+    totals_key: str  # KEYS: the totals by endpoint and HTTP status
+    metrics_prefix: str  # the per-second hashes' name without the second
+    identifiers: int
+    throttled: bool  # a 429 (never a finish's: a 429 is deferred)
+    field: str  # "<endpoint> <status>" in the totals; "" counts per second only
+
+    def finish_args(self) -> list[str | int]:
+        """finish_batch.lua's ARGV[13..16]."""
+        return [self.metrics_prefix, self.identifiers, self.field, RETENTION_SECONDS]
+
+
+# finish_batch.lua's ARGV[13..16] when the finish counts no request.
+NO_TALLY_ARGS: list[str | int] = ["", "", "", ""]
+
+
 class Counters:
     """The counters one poster writes, bound to its Redis (so the poster need not reach
     into another store's client)."""
@@ -118,6 +139,21 @@ class Counters:
         self.client = client
         self.keys = keys
         self.scripts = scripts or Scripts(client)
+        # The same for every post of the process: built once (issue 26).
+        self._metrics_prefix = keys.metrics(0).removesuffix("0")
+        self._totals_key = keys.request_totals
+
+    def tally(
+        self, *, identifiers: int, throttled: bool, endpoint: str, status: int | None
+    ) -> Tally:
+        """One post's request, to count (`request`, or the finish told it)."""
+        return Tally(
+            self._totals_key,
+            self._metrics_prefix,
+            identifiers,
+            throttled,
+            f"{endpoint} {status or NO_ANSWER}" if endpoint else "",
+        )
 
     def request(
         self, *, identifiers: int, throttled: bool, endpoint: str, status: int | None
@@ -125,14 +161,21 @@ class Counters:
         """One post answered (or not): per second, and in the totals by endpoint and HTTP
         status. The second is Redis's, so every worker counts on one clock: read inside
         count_request.lua, one round trip a post (a TIME and then a pipeline before)."""
-        metrics_prefix = self.keys.metrics(0).removesuffix("0")
+        self.count(
+            self.tally(
+                identifiers=identifiers, throttled=throttled, endpoint=endpoint, status=status
+            )
+        )
+
+    def count(self, tally: Tally) -> None:
+        """Count a request no finish counted (count_request.lua)."""
         self.scripts.count_request(
-            keys=[self.keys.request_totals],
+            keys=[tally.totals_key],
             args=[
-                metrics_prefix,
-                identifiers,
-                1 if throttled else 0,
-                f"{endpoint} {status or NO_ANSWER}" if endpoint else "",
+                tally.metrics_prefix,
+                tally.identifiers,
+                1 if tally.throttled else 0,
+                tally.field,
                 RETENTION_SECONDS,
             ],
         )

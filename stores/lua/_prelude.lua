@@ -511,3 +511,29 @@ local function absorb(at, record_key, record, kept, max_members)
   end
   return moved
 end
+
+-- count_post(totals, metrics_prefix, identifiers, throttled, field, keep_seconds, now)
+--                          count one post's request (stores/counters.py owns the names):
+--                          in the per-second hash `metrics_prefix` .. second of `now`
+--                          (Redis's clock, so every worker counts on one), "requests" +1
+--                          and "throttled" +1 if `throttled` is "1", else "identifiers" +=
+--                          `identifiers`, kept `keep_seconds`; and the HASH `totals`'s
+--                          `field` +1 ("<endpoint> <status>"; "" counts per second only).
+--                          count_request.lua's operation, and the finish's when it is
+--                          told the request (finish_batch.lua; issue 26: one call a post)
+local function count_post(totals, metrics_prefix, identifiers, throttled, field,
+    keep_seconds, now)
+  local second = math.floor(now / 1000)
+  local key = metrics_prefix .. second
+  redis.call('HINCRBY', key, 'requests', 1)
+  if throttled == '1' then
+    redis.call('HINCRBY', key, 'throttled', 1)
+  else
+    redis.call('HINCRBY', key, 'identifiers', identifiers)
+  end
+  redis.call('EXPIRE', key, keep_seconds)
+  if field ~= '' then
+    redis.call('HINCRBY', totals, field, 1)
+  end
+  return second
+end

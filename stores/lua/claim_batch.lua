@@ -30,6 +30,12 @@
 -- Per member superseded (see _prelude.lua): its history gets "superseded" (in its batch).
 -- Per member of a top-up: what take_batch.lua does per member (`take_change`).
 -- The records of the batch's v2 pack siblings are read (named like KEYS[1], with their id).
+-- Read too, named from the declared keys' prefix P as stores/keys.py names them (same hash
+-- tag, so the same slot): P .. "refused:" .. group SEP state SEP kind (STRING, a refusal of
+-- the batch's group + state + kind as a whole, stores/refusals.py) and, for a half of a
+-- split, P .. "refused-half:" .. batch id (STRING, Braze's message while the half awaits
+-- its sibling). The poster read both right after the claim, two round trips a post; the
+-- claim's reply carries them now (issue 26), read at the instant of the claim.
 --
 -- Guarantees: at most one claim per batch, and only a batch that is neither claimed nor
 -- waiting in the schedule can be claimed. So a duplicate or late message for a batch that
@@ -61,7 +67,10 @@
 -- it), by the same rules, each member moving with its lock.
 -- Returns {"gone"} (finished already), {"busy"} (another worker holds it), {"waiting"}
 -- (it waits in the schedule), {"empty", record as it was} or {"claimed", record, members
--- the top-up took}. The holder may claim again with its own token (a renewal).
+-- the top-up took, the standing refusal's JSON or nil, the refused half's message or nil}.
+-- The holder may claim again with its own token (a renewal). The reads change nothing: a
+-- refused batch is claimed (and topped up) as before, and the poster dead-letters it
+-- unsent.
 
 local id = ARGV[1]
 local record_json = redis.call('GET', KEYS[1])
@@ -156,4 +165,10 @@ if not holder then
   redis.call('HDEL', KEYS[5], id)
 end
 redis.call('ZADD', KEYS[2], lease_end, id)
-return {'claimed', record_json, topped}
+local refusal = redis.call('GET', keys_prefix .. 'refused:' .. record.group .. SEP
+  .. record.state .. SEP .. record.kind)
+local half = false
+if type(record.sibling) == 'string' and record.sibling ~= '' then
+  half = redis.call('GET', keys_prefix .. 'refused-half:' .. id)
+end
+return {'claimed', record_json, topped, refusal, half}

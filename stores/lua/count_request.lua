@@ -10,17 +10,6 @@
 --
 -- Guarantees: the second is Redis's, so every worker counts on one clock, as
 -- stores/counters.py's record did with a TIME and then a pipeline; one round trip instead
--- of two (issue 26, ceiling). Returns the second counted in.
-local second = math.floor(now_ms() / 1000)
-local key = ARGV[1] .. second
-redis.call('HINCRBY', key, 'requests', 1)
-if ARGV[3] == '1' then
-  redis.call('HINCRBY', key, 'throttled', 1)
-else
-  redis.call('HINCRBY', key, 'identifiers', tonumber(ARGV[2]))
-end
-redis.call('EXPIRE', key, tonumber(ARGV[5]))
-if ARGV[4] ~= '' then
-  redis.call('HINCRBY', KEYS[1], ARGV[4], 1)
-end
-return second
+-- of two (issue 26, ceiling). Returns the second counted in. (`count_post` in
+-- _prelude.lua: a finish told its request counts it the same way, in its own call.)
+return count_post(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], now_ms())

@@ -15,14 +15,20 @@
 -- KEYS[12] stats    HASH   "delivered" / "dead_lettered" += members; "opt_out_skipped" +=
 --                          members left out (listed in ARGV[11..]), counted once, here
 -- KEYS[13] dlq fields HASH field -> entry id, for the members no newer change supersedes
+-- KEYS[14] request totals HASH "<endpoint> <status>" -> requests (when ARGV[13] is given)
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] "delivered" | "dead"  ARGV[4] error text
 -- ARGV[5] JSON array of member values Braze's 2xx `errors` named (delivered only; may be
 --         empty): those members alone are dead-lettered, with ARGV[4]; the rest delivered
 -- ARGV[6] HTTP status ("" when none came)   ARGV[7] Braze's answer time in ms ("")
 -- ARGV[8] history retention (ms)   ARGV[9] most history events per identifier
 -- ARGV[10] subject key lifetime (ms)   ARGV[11] the error text for the members' histories
--- ARGV[12] "all" when every member was sent, "listed" when only ARGV[13..] were (the
+-- ARGV[12] "all" when every member was sent, "listed" when only ARGV[17..] were (the
 -- others were left out: Braze holds an opt-out their change asked to respect)
+-- ARGV[13..16] the request to count with the outcome, as count_request.lua's ARGV[1],
+-- [2], [4], [5] (never a 429's: that one is deferred): the per-second counters' key name
+-- without the second, identifiers, totals field, seconds kept; ARGV[13] "" counts nothing
+-- (a pack's other batches: its first counts the request). Issue 26: one call a post where
+-- the count was one of its own after the finish.
 -- The texts are confined by the caller (core/redaction.py `confine`): ARGV[4], for the
 -- dead-letter entry, quotes no identifier but this batch's members; ARGV[11] quotes none,
 -- so no identifier's history or dead letter ever names another one.
@@ -41,17 +47,26 @@
 -- holds or took it next ends it, and the caller must not report it delivered); -2 if the
 -- caller holds the claim of a batch that is gone (cannot happen: only the holder ends a
 -- batch). A dead batch left without members (all erased) leaves no dead-letter entry.
+-- The request told (ARGV[13..16]) is counted in every case, after the outcome (it was
+-- sent whoever ends the batch), as the poster's count after the finish did.
+local now = now_ms()
+local function count()
+  if ARGV[13] ~= '' then
+    count_post(KEYS[14], ARGV[13], ARGV[14], '0', ARGV[15], ARGV[16], now)
+  end
+end
 if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[2] then
+  count()
   return -1
 end
 local record_json = redis.call('GET', KEYS[1])
 if not record_json then
   end_claim(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
+  count()
   return -2
 end
 local record = cjson.decode(record_json)
 local prefix = record.group .. SEP .. record.kind .. SEP
-local now = now_ms()
 local named = {}
 if ARGV[5] and ARGV[5] ~= '' then
   for _, value in ipairs(cjson.decode(ARGV[5])) do
@@ -68,7 +83,7 @@ local keep_at, subject_at = digits(now + tonumber(keep)), digits(now + tonumber(
 local sent = nil
 if ARGV[12] == 'listed' then
   sent = {}
-  for i = 13, #ARGV do
+  for i = 17, #ARGV do
     sent[ARGV[i]] = true
   end
 end
@@ -151,4 +166,5 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 end_claim(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
+count()
 return #record.members

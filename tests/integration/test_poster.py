@@ -736,27 +736,31 @@ def test_a_thawed_post_whose_connection_redis_closed_is_tried_again_and_sends_no
 ):
     """A worker frozen mid-call past its lease: the tick took its batch back, and Redis
     closed its idle connection. Thawed, the call raises "Connection closed by server";
-    it is tried again like any error of a Redis that does not answer, the fence finds the
-    claim gone, and the post ends `lost` with nothing sent. Before, the post raised (its
-    Celery task failed, no report named the batch)."""
+    it is tried again like any error of a Redis that does not answer, finds the batch
+    another worker's, and the post ends with nothing sent. Before, the post raised (its
+    Celery task failed, no report named the batch). The call is the claim, which reads the
+    group's refusal too (claim_batch.lua; the refusal check was a call of its own before
+    issue 26, where this failure was injected): the claim was made and its answer lost."""
     found = services()
     batch_id = email_batch([email(9)])
     poster = found.poster()
-    original = poster.refusals.standing
+    original = poster.store.claim
     calls: list[str] = []
 
-    def thawed(*args: Any) -> Any:
-        calls.append("standing")
+    def thawed(*args: Any, **kwargs: Any) -> Any:
+        calls.append("claim")
         if len(calls) == 1:
+            original(*args, **kwargs)  # made, then frozen past the lease: taken back
             redis_client.hset(found.keys.claim_tokens, batch_id, "another-worker/1")
             raise RedisConnectionError("Connection closed by server.")
-        return original(*args)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(poster.refusals, "standing", thawed)
+    monkeypatch.setattr(poster.store, "claim", thawed)
     report = poster.post(batch_id)
-    assert (report.status, len(calls)) == ("lost", 2)
+    assert (report.status, len(calls)) == ("busy", 2)
     assert sim_stats(sim, log=True)["requests"] == []
     assert redis_client.hget(found.keys.claim_tokens, batch_id) == b"another-worker/1"
+    assert found.liveness.held() == {}
 
 
 def test_a_post_failing_on_redis_after_its_claim_was_lost_reports_lost(

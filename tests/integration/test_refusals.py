@@ -14,7 +14,7 @@ from delivery.poster import Poster
 from delivery.services import services
 from stores.dead_letters import DeadLetters
 from stores.refusals import Refusals
-from tests.conftest import email
+from tests.conftest import come_due, email
 from tests.integration.test_poster import drive, make_batch
 from tests.sim_control import faults, sim_stats, sim_subscriptions
 
@@ -185,3 +185,32 @@ def test_a_refused_halfs_message_is_stored_without_the_siblings_identifiers(env,
     stored = redis_client.get(found.keys.refused_half("half-a")).decode()
     assert email(7) not in stored and "+14155550107" not in stored, stored
     assert "invalid email" in stored
+
+
+def test_the_claim_reads_the_groups_refusal_and_a_refused_halfs_message(env, redis_client):
+    """The claim's reply carries what the poster checks before a request (claim_batch.lua;
+    two calls of their own before issue 26): the refusal standing for its batch's group +
+    state + kind, and for a half of a split Braze's message while the half awaits its
+    sibling, both read where `Refusals` writes them; nothing for a batch of another state,
+    nor once the refusal is lifted."""
+    found = services()
+    refusals = Refusals(found.redis, found.keys)
+    refused = batch("email", [email(1)], group="gone")
+    other_state = batch("email", [email(2)], group="gone", state="unsubscribed")
+    later = batch("email", [email(3)], group="gone")
+    refusal = refusals.refuse("gone", "subscribed", "email", "Unknown group: gone", seconds=60)
+    claim = found.batches.claim(refused, "w/1", 60_000)
+    assert (claim.status, claim.refusal, claim.half_refused) == ("claimed", refusal, None)
+    assert found.batches.claim(other_state, "w/1", 60_000).refusal is None
+    refusals.lift()
+    assert found.batches.claim(later, "w/1", 60_000).refusal is None
+    # The halves of an anonymous split each name the other as `sibling`.
+    two = batch("email", [email(4), email(5)])
+    assert found.batches.claim(two, "w/2", 60_000).status == "claimed"
+    halves = found.batches.split(two, "w/2", isolate=None, grace_ms=120_000)
+    assert halves is not None
+    first, second = halves
+    refusals.mark_half_refused(first, second, "invalid request", ttl_seconds=60)
+    assert sorted(come_due(first, second)) == sorted(halves)
+    assert found.batches.claim(first, "w/3", 60_000).half_refused == "invalid request"
+    assert found.batches.claim(second, "w/3", 60_000).half_refused is None
