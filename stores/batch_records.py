@@ -33,6 +33,7 @@ from core.waiting import WaitReason
 from stores.base import ScriptedStore
 from stores.counters import NO_TALLY_ARGS, Tally
 from stores.refusals import Refusal
+from stores.scripts import encoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +186,48 @@ class BatchStore(ScriptedStore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._texts = _RequestTexts()
+        # The keys and arguments of the claim and the finish that are the same for every
+        # call of this store (all but the batch's own key, its id and token, the outcome's
+        # texts), encoded once (`stores.scripts.encoded`; issue 26: a post's claim and
+        # finish carry ~50 of them).
+        k, r = self.keys, self.retention
+        self._claim_keys_tail = encoded(
+            [
+                k.batches,
+                k.claims,
+                k.claim_tokens,
+                k.fences,
+                k.schedule,
+                k.schedule_reasons,
+                k.pending,
+                k.due,
+                k.inflight,
+                k.coalesce_nudge,
+                k.due_live,
+                k.stats,
+                k.short_batches,
+            ]
+        )
+        self._history_args = encoded(r.history_args)
+        self._look_at_and_subject = encoded([TOP_UP_LOOK_AT, r.subject_ms])
+        self._finish_keys_tail = encoded(
+            [
+                k.batches,
+                k.claims,
+                k.claim_tokens,
+                k.fences,
+                k.pending,
+                k.due,
+                k.inflight,
+                k.dead_letters,
+                k.dead_letter_index,
+                k.dead_letter_identifiers,
+                k.stats,
+                k.dead_letter_fields,
+            ]
+        )
+        self._request_totals = encoded([k.request_totals])[0]
+        self._retention_args = [*self._history_args, encoded([r.subject_ms])[0]]
 
     def _claim_keys(self, batch_id: str) -> list[str]:
         """KEYS[1..5] of every script that touches a claim: the record, the sweep's deadline,
@@ -200,28 +243,15 @@ class BatchStore(ScriptedStore):
         cut short), it is topped up with due
         changes of its group, state, kind and double opt-in up to that many members (a
         v2 pack: that many distinct identifiers)."""
-        k = self.keys
         reply = self.scripts.claim_batch(
-            keys=[
-                *self._claim_keys(batch_id),
-                k.schedule,
-                k.schedule_reasons,
-                k.pending,
-                k.due,
-                k.inflight,
-                k.coalesce_nudge,
-                k.due_live,
-                k.stats,
-                k.short_batches,
-            ],
+            keys=[self.keys.batch(batch_id), *self._claim_keys_tail],
             args=[
                 batch_id,
                 token,
                 lease_ms,
-                *self.retention.history_args,
+                *self._history_args,
                 top_up_to,
-                TOP_UP_LOOK_AT,
-                self.retention.subject_ms,
+                *self._look_at_and_subject,
             ],
         )
         status = ClaimStatus(_text(reply[0]))
@@ -303,31 +333,21 @@ class BatchStore(ScriptedStore):
         named: list[str] | None = None,
         tally: Tally | None = None,
     ) -> Finish:
-        k = self.keys
-        r = self.retention
         keys = [
-            *self._claim_keys(batch_id),
-            k.pending,
-            k.due,
-            k.inflight,
-            k.dead_letters,
-            k.dead_letter_index,
-            k.dead_letter_identifiers,
-            k.stats,
-            k.dead_letter_fields,
-            k.request_totals if tally is None else tally.totals_key,
+            self.keys.batch(batch_id),
+            *self._finish_keys_tail,
+            self._request_totals if tally is None else tally.totals_key,
         ]
         stored, told = self._texts.texts(token, batch_id, error)
-        args: list[str | int | float] = [
+        args: list[str | int | float | bytes] = [
             batch_id,
             token,
             outcome,
             stored,
-            json.dumps(named or []),
+            json.dumps(named) if named else b"[]",
             "" if http_status is None else http_status,
             "" if latency_ms is None else round(latency_ms, 1),
-            *r.history_args,
-            r.subject_ms,
+            *self._retention_args,
             told,
             "all" if sent is None else "listed",
             *(NO_TALLY_ARGS if tally is None else tally.finish_args()),

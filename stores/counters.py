@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from redis import Redis
 
 from stores.keys import Keys
-from stores.scripts import Scripts
+from stores.scripts import Scripts, encoded
 
 # Seconds a per-second hash is kept: the last minute, with room for a slow reader.
 RETENTION_SECONDS = 180
@@ -116,19 +116,20 @@ class Tally:
     or by the finish that records its outcome (finish_batch.lua KEYS[14], ARGV[13..16]:
     `finish_args`; issue 26, one call a post). Both count with `count_post` (_prelude.lua)."""
 
-    totals_key: str  # KEYS: the totals by endpoint and HTTP status
-    metrics_prefix: str  # the per-second hashes' name without the second
+    totals_key: bytes  # KEYS: the totals by endpoint and HTTP status
+    metrics_prefix: bytes  # the per-second hashes' name without the second
     identifiers: int
     throttled: bool  # a 429 (never a finish's: a 429 is deferred)
     field: str  # "<endpoint> <status>" in the totals; "" counts per second only
 
-    def finish_args(self) -> list[str | int]:
+    def finish_args(self) -> list[str | int | bytes]:
         """finish_batch.lua's ARGV[13..16]."""
-        return [self.metrics_prefix, self.identifiers, self.field, RETENTION_SECONDS]
+        return [self.metrics_prefix, self.identifiers, self.field, _RETENTION]
 
 
 # finish_batch.lua's ARGV[13..16] when the finish counts no request.
-NO_TALLY_ARGS: list[str | int] = ["", "", "", ""]
+NO_TALLY_ARGS: list[str | int | bytes] = [b"", b"", b"", b""]
+_RETENTION = str(RETENTION_SECONDS).encode()
 
 
 class Counters:
@@ -139,9 +140,10 @@ class Counters:
         self.client = client
         self.keys = keys
         self.scripts = scripts or Scripts(client)
-        # The same for every post of the process: built once (issue 26).
-        self._metrics_prefix = keys.metrics(0).removesuffix("0")
-        self._totals_key = keys.request_totals
+        # The same for every post of the process: built and encoded once (issue 26).
+        self._metrics_prefix, self._totals_key = encoded(
+            [keys.metrics(0).removesuffix("0"), keys.request_totals]
+        )
 
     def tally(
         self, *, identifiers: int, throttled: bool, endpoint: str, status: int | None
@@ -176,7 +178,7 @@ class Counters:
                 tally.identifiers,
                 1 if tally.throttled else 0,
                 tally.field,
-                RETENTION_SECONDS,
+                _RETENTION,
             ],
         )
 

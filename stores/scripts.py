@@ -49,6 +49,15 @@ def script_source(name: str) -> str:
     return f"{prelude}\n{body}"
 
 
+def encoded(values: Iterable[str | int]) -> list[bytes]:
+    """`values` as redis-py would send them (a text as UTF-8, a number as its decimal
+    text), for the keys and arguments of a script call that are the same for every call of
+    a process: built once, they pass redis-py's encoder as they are. It encodes each
+    argument of each call in Python (~0.35 us a text or number, bytes left alone), and a
+    post's calls carry ~70 constant ones (issue 26)."""
+    return [value.encode() if isinstance(value, str) else str(value).encode() for value in values]
+
+
 class ClusterScript(Script):
     """A script on a Redis Cluster. Called on the client, it is redis-py's: EVALSHA sent
     to the master of its first key's slot (every key of a call shares one hash tag, so one
