@@ -368,8 +368,10 @@ class Poster:
         waiting = self._wait_for_turn(grant, records, token, report)
         if waiting is not None:
             return waiting
-        records = self._top_up_before_send(records, token)
-        report = replace(report, size=len({value for record in records for value in record.values}))
+        topped = self._top_up_before_send(records, token)
+        if topped is not records:  # a full request is left as it is (the report's size too)
+            records = topped
+            report = replace(report, size=len({v for record in records for v in record.values}))
 
         records_or_report = self._respect_opt_outs(records, token, report)
         if isinstance(records_or_report, PostReport):
@@ -415,8 +417,10 @@ class Poster:
         # bookkeeping: nothing after the outcome can make the batch go again.
         rate = parse_rate_limit(reply.headers)
         report = self._settle(records, token, report, reply, result, rate, sent)
-        # The report is the task's result, which Flower shows: identifiers masked.
-        report = replace(report, detail=masked_detail(report.detail, records))
+        # The report is the task's result, which Flower shows: identifiers masked (a
+        # delivery's detail is empty).
+        if report.detail:
+            report = replace(report, detail=masked_detail(report.detail, records))
         self._bookkeeping(records, report, reply, result, rate, grant, sent)
         return report
 
