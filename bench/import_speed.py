@@ -11,15 +11,17 @@ before enqueuing anything, and enqueues through the Lua script; `--jobs` process
 (default: one per CPU, as `braze-subs import`; 1: the importing process alone). With
 `--repeat`, both run that many times, alternating, and the best run of each counts (the
 machine may be busy with other work); the ratio of each round is kept too, and their median
-and spread printed. `--occurred` gives every row an `occurred_at` and a `source`, so the
-import pays for event time and history as a producer's file would make it.
+and spread printed. `--occurred` gives every row an `occurred_at` (each its own, 37 ms apart) and a
+`source`, so the import pays for event time and history as a producer's file would make it.
 
 `--base REV` times that commit's import beside this tree's in the same rounds (checked out
 into a temporary git worktree; each round runs raw, this tree, the base, in that order), so
 the machine's other load is the same for both. Imports run in a child process with the
 tree on PYTHONPATH, both trees alike. Prints rows/s of each, the ratios, the jobs used, the
-load average, and the peak Python memory of this tree's importing process (worker processes
-are not traced).
+load average, the CPU a row costs each process (median and spread of the rounds: the
+validating processes', the importing process's own, Redis's; for the raw pipeline its
+one process and Redis), and the peak Python memory of this tree's importing process
+(worker processes are not traced).
 """
 
 from __future__ import annotations
@@ -27,16 +29,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 import tracemalloc
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
-OCCURRED = "2026-11-28T06:00:00Z"
+# --occurred: the rows' event times, one every 37 ms from here on, each row's its own text
+# (a producer's backfill; one text for every row would flatter any cache of parsed times).
+OCCURRED = datetime(2026, 11, 28, 6, tzinfo=UTC)
 
 
 def write_rows(path: Path, rows: int, kinds: str, occurred: bool = False) -> None:
@@ -52,7 +58,8 @@ def write_rows(path: Path, rows: int, kinds: str, occurred: bool = False) -> Non
             else:
                 row["external_id"] = f"user-{n}"
             if occurred:
-                row["occurred_at"] = OCCURRED
+                moment = OCCURRED + timedelta(milliseconds=37 * n)
+                row["occurred_at"] = moment.isoformat(timespec="milliseconds")[:-6] + "Z"
                 row["source"] = "backfill"
             handle.write(json.dumps(row) + "\n")
 
@@ -83,12 +90,23 @@ def child(url: str, path: Path, rows: int, jobs: int | None) -> None:
     result = enqueue_file(path, Buffer(Redis.from_url(url), Keys("braze-subs")), jobs=jobs)
     seconds = time.perf_counter() - started
     assert result.enqueued == rows, result
-    print(json.dumps({"seconds": seconds, "jobs": result.jobs}))
+    # CPU: this (the importing) process's own, and its validating processes' (reaped when
+    # the pool shut down, so RUSAGE_CHILDREN holds them).
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "jobs": result.jobs,
+                "cpu_importing": own.ru_utime + own.ru_stime,
+                "cpu_validating": children.ru_utime + children.ru_stime,
+            }
+        )
+    )
 
 
-def timed_import(
-    tree: Path, url: str, path: Path, rows: int, jobs: int | None
-) -> tuple[float, int]:
+def timed_import(tree: Path, url: str, path: Path, rows: int, jobs: int | None) -> dict[str, float]:
     # This file, run as a script: the base tree's copy may have no --child.
     command = [sys.executable, __file__, "--child", url, "--file", str(path)]
     command += ["--rows", str(rows)]
@@ -102,8 +120,13 @@ def timed_import(
         text=True,
         check=True,
     ).stdout
-    answer = json.loads(out.strip().splitlines()[-1])
-    return answer["seconds"], answer["jobs"]
+    answer: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return answer
+
+
+def redis_cpu(client: object) -> float:
+    info = client.info("cpu")  # type: ignore[attr-defined]
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
 def spread(values: list[float], digits: int = 3) -> str:
@@ -141,6 +164,10 @@ def main() -> None:
     from tasks.parallel import cpu_count
 
     times: dict[str, list[float]] = {"raw": [], "this": [], "base": []}
+    # CPU seconds of each run: validating processes, importing (or raw) process, Redis
+    cpu: dict[str, dict[str, list[float]]] = {
+        name: {"validating": [], "importing": [], "redis": []} for name in times
+    }
     loads: list[float] = []
     jobs = 0
     with TemporaryDirectory(prefix="braze-subs-import-") as tmp:
@@ -159,15 +186,27 @@ def main() -> None:
                 for round_ in range(max(1, args.repeat)):
                     loads.append(os.getloadavg()[0])
                     client.flushall()
+                    redis_before, own_before = redis_cpu(client), time.process_time()
                     times["raw"].append(raw_pipeline(path, client))
+                    cpu["raw"]["importing"].append(time.process_time() - own_before)
+                    cpu["raw"]["redis"].append(redis_cpu(client) - redis_before)
                     for name, tree in trees.items():
                         client.flushall()
-                        seconds, jobs = timed_import(tree, url, path, args.rows, args.jobs)
-                        times[name].append(seconds)
+                        redis_before = redis_cpu(client)
+                        run = timed_import(tree, url, path, args.rows, args.jobs)
+                        cpu[name]["redis"].append(redis_cpu(client) - redis_before)
+                        cpu[name]["validating"].append(run["cpu_validating"])
+                        cpu[name]["importing"].append(run["cpu_importing"])
+                        times[name].append(run["seconds"])
+                        jobs = int(run["jobs"])
                     print(
                         f"round {round_ + 1}: load {loads[-1]:.1f} "
                         + " ".join(
-                            f"{name} {values[-1]:.2f} s" for name, values in times.items() if values
+                            f"{name} {values[-1]:.2f} s (CPU "
+                            + "/".join(f"{v[-1]:.2f}" for v in cpu[name].values() if v)
+                            + ")"
+                            for name, values in times.items()
+                            if values
                         ),
                         file=sys.stderr,
                         flush=True,
@@ -205,6 +244,14 @@ def main() -> None:
         figures[f"{label}_ratio"] = round(raw / best, 3)
         rounds = [r / t for r, t in zip(times["raw"], times[name], strict=True)]
         figures[f"{label}_ratio_per_round"] = spread(rounds)
+        for part, values in cpu[name].items():
+            figures[f"{label}_cpu_us_per_row_{part}"] = spread(
+                [v / args.rows * 1e6 for v in values], 2
+            )
+    for part in ("importing", "redis"):
+        figures[f"raw_cpu_us_per_row_{part}"] = spread(
+            [v / args.rows * 1e6 for v in cpu["raw"][part]], 2
+        )
     figures["import_peak_python_memory_mib"] = round(peak / 2**20, 2)
     suffix = "-occurred" if args.occurred else ""
     publish(figures, f"import-{args.kinds.replace(',', '-')}{suffix}.json")

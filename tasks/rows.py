@@ -35,15 +35,17 @@ from typing import IO, Any
 from core.changes import (
     IDENTIFIER_FIELDS,
     Change,
+    ChangeFields,
     InvalidChange,
     parse_change,
+    parse_fields,
 )
 from core.errors import InputRefused
 from core.routing import Routes
 from stores.buffer import (
     ARGS_PER_CHANGE,
     PackedChanges,
-    encode_change,
+    encode_fields,
     pack_changes,
     unpack_changes,
 )
@@ -252,17 +254,22 @@ def check_chunk(
         if line < from_line:  # resuming after an interrupted import: already enqueued
             continue
         count += 1
-        item = _to_change(line, row)
-        if isinstance(item, RowError):
-            errors.append(item)
+        # The change as a tuple (`ChangeFields`), never a `Change`: nothing here needs one.
+        if isinstance(row, InvalidRow):
+            errors.append(RowError(line, "", row.message))
             continue
         try:
-            target = routes.route(item.group_id, item.workspace, workspace)
+            item = parse_fields(row)
         except InvalidChange as exc:
             errors.append(RowError(line, exc.field, exc.message))
             continue
         try:
-            args += encode_change(item, respect_opt_out=respect_opt_outs)
+            target = routes.route(item[0], item[10], workspace)
+        except InvalidChange as exc:
+            errors.append(RowError(line, exc.field, exc.message))
+            continue
+        try:
+            args += encode_fields(item, respect_opt_out=respect_opt_outs)
         except UnicodeEncodeError:
             errors.append(_unencodable(line, item))
             continue
@@ -279,13 +286,13 @@ def check_chunk(
     return ChunkResult(chunk.last_line, count, len(args) // ARGS_PER_CHANGE, errors, tuple(pieces))
 
 
-def _unencodable(line: int, change: Change) -> RowError:
+def _unencodable(line: int, change: ChangeFields) -> RowError:
     """The error of a change whose text UTF-8 cannot carry: a lone surrogate, which a JSON
     escape can produce. Redis could not store it, so the row is refused like any bad row."""
-    name, value = "subscription_group_id", change.group_id
+    name, value = "subscription_group_id", change[0]
     found = _lone_surrogate(value)
     if found is None:
-        name, value = change.kind.value, change.value
+        name, value = change[2].value, change[3]
         found = _lone_surrogate(value) or 0
     return RowError(
         line, name, f"must not contain lone surrogates, found {value[found]!r} at position {found}"

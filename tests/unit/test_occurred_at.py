@@ -1,0 +1,386 @@
+"""The import's faster parsing (issue 26) gives the answers of the parsing before it.
+
+`parse_occurred_at` skips `float()` for a text with a "T", "t" or a space after its date;
+`parse_fields` (what `parse_change` and the import share) reads only `occurred_at` and
+`source` for a row whose only options they are; `encode_fields` writes a plain `source`
+without `json.dumps`. Each is compared here, on generated input, with a copy of the code
+before it (main at 91ae1f1): the same value or the same error message, field included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import core.changes as changes
+from core.changes import (
+    MAX_FUTURE_SECONDS,
+    Change,
+    IdentifierKind,
+    InvalidChange,
+    SubscriptionState,
+    parse_change,
+    parse_fields,
+    parse_occurred_at,
+)
+from stores.buffer import encode_change, encode_fields
+
+NOW = 1_796_000_000.0  # 2026-11-30T00:53:20Z: the "now" every comparison here shares
+
+
+# --------------------------------------------------------------------------------------
+# The parsers before (91ae1f1), copied: what the new ones must answer alike
+# --------------------------------------------------------------------------------------
+
+
+def old_parse_occurred_at(value: Any, now: float | None = None) -> int:
+    field = "occurred_at"
+    _show = changes._show
+    if isinstance(value, bool):
+        raise InvalidChange(field, f"must be an RFC 3339 time or epoch seconds, got {_show(value)}")
+    if isinstance(value, int | float):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            where = "before 1970" if value < 0 else "in the future, beyond any time"
+            raise InvalidChange(field, f"lies {where}, got {_show(value)}") from None
+    elif isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidChange(field, f"needs a UTC offset (an aware datetime), got {value}")
+        seconds = value.timestamp()
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = old_rfc3339_seconds(text)
+    else:
+        raise InvalidChange(
+            field, f"must be an RFC 3339 time or epoch seconds, got {changes._type(value)}"
+        )
+    if not math.isfinite(seconds):
+        raise InvalidChange(field, f"must be a finite time, got {_show(value)}")
+    if seconds < 0:
+        raise InvalidChange(field, f"must not be before 1970, got {_show(value)}")
+    limit = (time.time() if now is None else now) + MAX_FUTURE_SECONDS
+    if seconds > limit:
+        hint = " (milliseconds? give seconds)" if seconds > limit * 100 else ""
+        raise InvalidChange(
+            field,
+            f"lies more than {MAX_FUTURE_SECONDS // 60} minutes in the future{hint}, "
+            f"got {_show(value)}",
+        )
+    return round(seconds * 1000)
+
+
+def old_rfc3339_seconds(text: str) -> float:
+    field = "occurred_at"
+    _show = changes._show
+    if len(text) < 11 or text[10] not in "Tt ":
+        raise InvalidChange(
+            field,
+            f"must be RFC 3339 (e.g. 2026-11-28T06:00:00Z) or epoch seconds, got {_show(text)}",
+        )
+    try:
+        moment = datetime.fromisoformat(text.upper() if text[10] == "t" else text)
+    except ValueError:
+        raise InvalidChange(
+            field, f"is not a valid RFC 3339 time (e.g. 2026-11-28T06:00:00Z), got {_show(text)}"
+        ) from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise InvalidChange(
+            field, f"needs a UTC offset, e.g. {text}Z or {text}+01:00, got {_show(text)}"
+        )
+    return moment.timestamp()
+
+
+def old_parse_change(data: Mapping[str, Any], *, now: float | None = None) -> Change:
+    """`parse_change` before, without either shortcut: every option read."""
+    c = changes
+    if type(data) is not dict and not isinstance(data, Mapping):
+        raise InvalidChange("change", f"must be a mapping of field names, got {c._type(data)}")
+    if not c.KNOWN_FIELDS.issuperset(data):
+        for key in data:
+            if key not in c.KNOWN_FIELDS:
+                raise InvalidChange(c._show_key(key), "unknown field")
+    group_id = c._parse_group_id(data.get("subscription_group_id"))
+    state = c._parse_state(data.get("subscription_state"))
+    kind, raw_value = c._pick_identifier(data)
+    if kind is IdentifierKind.EXTERNAL_ID:
+        value = c.normalise_external_id(raw_value)
+    elif kind is IdentifierKind.EMAIL:
+        value = c.normalise_email(raw_value)
+    else:
+        value = c.normalise_phone(raw_value)
+    double_opt_in = c._parse_double_opt_in(data.get("use_double_opt_in_logic"))
+    if double_opt_in:
+        if state is not SubscriptionState.SUBSCRIBED:
+            raise InvalidChange(
+                "use_double_opt_in_logic", "only meaningful with subscribed, not unsubscribed"
+            )
+        if kind is IdentifierKind.EMAIL:
+            raise InvalidChange(
+                "use_double_opt_in_logic", "only for SMS groups (phone or external_id)"
+            )
+    delay = c._parse_delay(data.get("delay_seconds"))
+    occurred = data.get("occurred_at")
+    occurred_ms = None if c._is_blank(occurred) else old_parse_occurred_at(occurred, now)
+    source = data.get("source")
+    respect = data.get("respect_opt_out")
+    lane = data.get("lane")
+    workspace = data.get("workspace")
+    return Change(
+        group_id,
+        state,
+        kind,
+        value,
+        double_opt_in,
+        delay,
+        occurred_ms,
+        "" if source is None else c._parse_source(source),
+        False if respect is None else c._parse_bool("respect_opt_out", respect),
+        None if c._is_blank(lane) else c.parse_lane(lane),
+        None if c._is_blank(workspace) else c.parse_workspace_name(workspace),
+    )
+
+
+def answer(parse: Any, *args: Any, **kwargs: Any) -> tuple[str, Any]:
+    try:
+        return "value", parse(*args, **kwargs)
+    except InvalidChange as exc:
+        return "refused", (exc.field, str(exc))
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+
+OFFSETS = ["Z", "z", "+00:00", "-00:00", "+02:00", "-05:30", "+14:00", "-23:59", "+24:00"]
+OFFSETS += ["+0530", "+05", "+05:30:15", "+05:30:15.5", "", " Z", "UTC", "+5:30", "Z "]
+SEPARATORS = ["T", "t", " ", "_", "", "TT", "x"]
+
+
+@st.composite
+def rfc3339_like(draw: st.DrawFn) -> str:
+    """Texts shaped like RFC 3339, right and wrong: any year, month 00-13, day 00-32
+    (leap days included), hour 00-25, minute and second 00-61, 0-9 fraction digits, many
+    offsets and separators, padding."""
+    year = draw(
+        st.one_of(st.sampled_from([1969, 1970, 2000, 2024, 2025, 2026, 2100]), st.integers(0, 9999))
+    )
+    month = draw(st.integers(0, 13))
+    day = draw(st.sampled_from([0, 1, 28, 29, 30, 31, 32]) | st.integers(1, 28))
+    hour = draw(st.integers(0, 25))
+    minute = draw(st.sampled_from([0, 59, 60, 61]) | st.integers(0, 59))
+    second = draw(st.sampled_from([0, 59, 60, 61]) | st.integers(0, 59))
+    fraction = draw(st.sampled_from(["", "."]) | st.from_regex(r"\.[0-9]{1,9}", fullmatch=True))
+    separator = draw(st.sampled_from(SEPARATORS))
+    offset = draw(st.sampled_from(OFFSETS))
+    text = f"{year:04d}-{month:02d}-{day:02d}{separator}{hour:02d}:{minute:02d}:{second:02d}"
+    text += fraction + offset
+    if draw(st.booleans()):  # a date, hour or minute alone, or a character changed
+        cut = draw(st.integers(0, len(text)))
+        text = text[:cut] + draw(st.sampled_from(["", "0", ":", "-", "T", " ", "\u0661"]))
+        text += text[cut + 1 :] if draw(st.booleans()) else ""
+    padding = draw(st.sampled_from(["", " ", "\t", "\u00a0", "\n"]))
+    return padding + text + padding
+
+
+@st.composite
+def recent_times(draw: st.DrawFn) -> str:
+    """Valid RFC 3339 times around NOW (the future limit on either side), in every offset."""
+    ms = draw(st.integers(-3 * 86400_000, 3 * 86400_000))
+    minutes = draw(st.integers(-23 * 60 - 59, 23 * 60 + 59))
+    zone = timezone(timedelta(minutes=minutes))
+    moment = datetime.fromtimestamp(NOW, UTC) + timedelta(milliseconds=ms)
+    spec = draw(st.sampled_from(["seconds", "milliseconds", "microseconds"]))
+    text = moment.astimezone(zone).isoformat(timespec=spec)
+    return text.replace("+00:00", "Z") if draw(st.booleans()) else text
+
+
+NUMBER_TEXTS = st.sampled_from(
+    [
+        "1796000000",
+        " 1.5e9 ",
+        "1_796_000_000",
+        "inf",
+        "-inf",
+        "nan",
+        "-1",
+        "0",
+        "-0.0",
+        "1796000000000",
+        "1e400",
+        "0x10",
+        "1796000300",
+        "1796000301",
+        "\u0661\u0662",
+        "12345678901t",
+    ]
+)
+VALUES = st.one_of(
+    rfc3339_like(),
+    recent_times(),
+    NUMBER_TEXTS,
+    st.from_regex(r"[0-9\-:Tt .Zz+_e]{0,30}", fullmatch=True),
+    st.text(max_size=40),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.integers(min_value=-10, max_value=2 * 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.datetimes(
+        timezones=st.none()
+        | st.just(UTC)
+        | st.builds(lambda m: timezone(timedelta(minutes=m)), st.integers(-1439, 1439))
+    ),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(VALUES)
+def test_occurred_at_same_verdict_and_message_as_before(value: Any) -> None:
+    assert answer(parse_occurred_at, value, NOW) == answer(old_parse_occurred_at, value, NOW)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2024-02-29T12:00:00Z",  # a leap day
+        "2023-02-29T12:00:00Z",  # none that year
+        "2026-11-28t06:00:00z",
+        "2026-11-28 06:00:00+02:00",
+        "2026-11-28T06:00:00.123456789Z",  # more fraction digits than microseconds
+        "2026-11-28T06:00:00",  # no offset
+        "2026-11-28T24:00:00Z",
+        "1969-12-31T23:59:59Z",  # before 1970
+        "1970-01-01T00:00:00Z",
+        "2026-11-30T00:58:20Z",  # exactly at the future limit
+        "2026-11-30T00:58:20.001Z",  # just past it
+        "9999-12-31T23:59:59Z",
+        "0001-01-01T00:00:00+14:00",
+        "12345678901T",
+    ],
+)
+def test_occurred_at_edges_as_before(text: str) -> None:
+    assert answer(parse_occurred_at, text, NOW) == answer(old_parse_occurred_at, text, NOW)
+
+
+# --------------------------------------------------------------------------------------
+# parse_change / parse_fields: the shortcuts answer as reading every option did
+# --------------------------------------------------------------------------------------
+
+OPTION_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "occurred_at": st.one_of(
+        recent_times(), NUMBER_TEXTS, st.sampled_from(["", " ", None, 5, True])
+    ),
+    "source": st.sampled_from(
+        ["backfill", " form ", "", " ", None, 3, "a\x00b", "x" * 101, 'é"\\']
+    ),
+    "use_double_opt_in_logic": st.sampled_from([True, False, "yes", "no", "", None, "maybe"]),
+    "delay_seconds": st.sampled_from([0, 5, "10", "", None, -1, "x", 10**9]),
+    "respect_opt_out": st.sampled_from([True, False, "1", None, "x"]),
+    "lane": st.sampled_from(["live", "bulk", "", None, "fast"]),
+    "workspace": st.sampled_from(["eu", "", None, "a/b"]),
+}
+IDENTIFIERS: dict[str, st.SearchStrategy[Any]] = {
+    "external_id": st.sampled_from(["user-1", " user-2 ", "", None, 7]),
+    "email": st.sampled_from(["a@example.com", "Bob@Example.COM", "", "nope", None]),
+    "phone": st.sampled_from(["+14155550100", "+1 415 555 0100", "", "+1", None]),
+}
+
+
+@st.composite
+def rows(draw: st.DrawFn) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    if draw(st.integers(0, 20)):
+        row["subscription_group_id"] = draw(st.sampled_from(["group-1", " g ", "", None, 5]))
+    if draw(st.integers(0, 20)):
+        row["subscription_state"] = draw(
+            st.sampled_from(["subscribed", "unsubscribed", "", "maybe", None])
+        )
+    for name in draw(st.lists(st.sampled_from(list(IDENTIFIERS)), min_size=0, max_size=3)):
+        row[name] = draw(IDENTIFIERS[name])
+    # Mostly the import's kinds of row: occurred_at and/or source alone, or nothing else.
+    for name in draw(st.lists(st.sampled_from(["occurred_at", "source"]), max_size=2)):
+        row[name] = draw(OPTION_VALUES[name])
+    if not draw(st.integers(0, 3)):
+        for name in draw(st.lists(st.sampled_from(list(OPTION_VALUES)), max_size=3)):
+            row[name] = draw(OPTION_VALUES[name])
+    if not draw(st.integers(0, 30)):
+        row["unknown"] = 1
+    return row
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows())
+def test_rows_parse_as_before(row: dict[str, Any]) -> None:
+    before = answer(old_parse_change, row, now=NOW)
+    assert answer(parse_change, row, now=NOW) == before
+    fields = answer(parse_fields, row, now=NOW)
+    if before[0] == "value":
+        assert fields == ("value", tuple(getattr(before[1], f) for f in Change.__slots__))
+    else:
+        assert fields == before
+
+
+def test_a_row_of_occurred_at_and_source_only_reads_no_other_option() -> None:
+    """The shortcut is taken (the row is never read for the five other options): a row
+    that names an option the shortcut would skip takes the full path instead."""
+    row = {
+        "subscription_group_id": "group-1",
+        "subscription_state": "subscribed",
+        "external_id": "user-1",
+        "occurred_at": "2026-11-28T06:00:00Z",
+        "source": "backfill",
+    }
+
+    class Counting(dict):  # type: ignore[type-arg]
+        read: list[str]
+
+        def get(self, key: str, default: Any = None) -> Any:
+            self.read.append(key)
+            return super().get(key, default)
+
+    counted = Counting(row)
+    counted.read = []
+    assert parse_fields(counted, now=NOW)[6:8] == (1_795_845_600_000, "backfill")
+    assert "delay_seconds" not in counted.read and "lane" not in counted.read
+    counted = Counting({**row, "email": ""})  # a blank identifier too: the full path
+    counted.read = []
+    parse_fields(counted, now=NOW)
+    assert "delay_seconds" in counted.read
+
+
+# --------------------------------------------------------------------------------------
+# encode_fields: a source without json.dumps, the same bytes
+# --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.text(min_size=1, max_size=30)
+    | st.sampled_from(["backfill", 'a"b', "a\\b", "\u2028", "\x7f", "é"])
+)
+def test_a_source_is_encoded_as_json_dumps_wrote_it(source: str) -> None:
+    change = Change(
+        "g", SubscriptionState.SUBSCRIBED, IdentifierKind.EXTERNAL_ID, "u", source=source
+    )
+    try:
+        expected = b',"c":' + json.dumps(source, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        with pytest.raises(UnicodeEncodeError):
+            encode_change(change)
+        return
+    members = encode_change(change)[4]
+    assert members.endswith(expected)
+    assert members == encode_fields(changes.change_fields(change))[4]
