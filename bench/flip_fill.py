@@ -19,7 +19,9 @@ batches, superseded before their post, taken in by a top-up, identifiers not in 
 last-written state, order violations (the order oracle, `simulator.order_check`) and
 429s; and where the requests beyond the floor went: the short requests, the requests
 beyond the floor per key, and why each short batch was short (`short_batches`, from the
-identifiers' histories). FLIP_FILL_DUMP=PREFIX also writes each request's key and size.
+identifiers' histories). FLIP_FILL_DUMP=PREFIX also writes each request's key and size,
+and each short batch's story (`batch_stories`: its key, cut, members lost at its claim and
+taken in later, post).
 Writes bench/results/flip-fill.json.
 """
 
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import subprocess
@@ -48,7 +49,12 @@ from bench.trees import add_base_tree, remove_base_tree
 from devtools.demo import EMAIL_GROUPS, SMS_GROUPS, sample_changes
 from devtools.processes import local_redis
 from simulator import SimulatorConfig, SimulatorServer
-from simulator.order_check import applied_from_document, check_order, enqueued_from_rows
+from simulator.order_check import (
+    applied_from_document,
+    check_order,
+    enqueued_from_rows,
+    requests_by_key,
+)
 from stores.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +87,54 @@ SHORT_KINDS = (
     "lost_none_taken",  # cut full, lost members, the top-up found nothing to take
     "lost_partly_taken",  # cut full, lost members, the top-up took fewer than were free
 )
+
+
+def batch_stories(client: Redis, keys: Keys, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each short posted batch's story, from the identifiers' histories (FLIP_FILL_DUMP):
+    its key, lane, when it was cut and with how many, how many it lost at its claim and
+    took in later (a top-up or an absorb), and when it was posted with how many."""
+    kinds = {}
+    for row in rows:
+        kind = next(k for k in ("email", "phone", "external_id") if k in row)
+        kinds[keys.history(kind, row[kind])] = kind
+    batches: dict[str, dict[str, Any]] = {}
+    for key, kind in kinds.items():
+        states: dict[Any, str] = {}
+        for raw in client.lrange(key, 0, -1):
+            at, _, body = raw.decode().partition("\x1f")
+            event = json.loads(body)
+            if event.get("e") == "enqueued":
+                states[event.get("q")] = event.get("s")
+            if event.get("e") not in ("batched", "superseded", "posted") or not event.get("b"):
+                continue
+            slot = batches.setdefault(event["b"], {"events": []})
+            slot["events"].append((int(float(at)), event["e"]))
+            if event["e"] == "batched":
+                slot["key"] = f"{event['g']}/{states.get(event.get('q'))}/{kind}"
+    stories = []
+    start = min((t for b in batches.values() for t, _ in b["events"]), default=0)
+    for batch_id, slot in batches.items():
+        events = slot["events"]
+        posted = [t for t, e in events if e == "posted"]
+        if not posted or len(posted) >= BATCH:
+            continue
+        batched = sorted(t for t, e in events if e == "batched")
+        cut = sum(1 for t in batched if t == batched[0])
+        lost = [t for t, e in events if e == "superseded"]
+        stories.append(
+            {
+                "key": slot.get("key"),
+                "live": batch_id.startswith("live-"),
+                "cut_at": batched[0] - start,
+                "cut": cut,
+                "lost": len(lost),
+                "lost_at": max(lost) - start if lost else None,
+                "taken_later": [t - start for t in batched[cut:]],
+                "posted_at": posted[0] - start,
+                "posted": len(posted),
+            }
+        )
+    return sorted(stories, key=lambda s: s["posted_at"])
 
 
 def short_batches(client: Redis) -> dict[str, Any]:
@@ -178,38 +232,27 @@ def run_tree(tree: Path, args: argparse.Namespace, workdir: Path) -> dict[str, A
         state = httpx.get(f"{sim.url}/_sim/state", params={"log": "0"}, timeout=60).json()
         counted = {k.decode(): int(v) for k, v in client.hgetall(keys.stats).items()}
         short = short_batches(client)
+        stories = batch_stories(client, keys, rows) if os.environ.get("FLIP_FILL_DUMP") else []
 
     accepted = [r for r in stats["requests"] if r["status"] == 201]
     posted = sum(r["identifiers"] for r in accepted)
     applied = applied_from_document(document)
-    # The fewest requests the identifiers posted need: per (group, state, kind), ceil(n/50).
-    per_key: Counter[tuple[str, str, str]] = Counter()
-    for (group, kind, _value), states in applied.items():
-        for entry in states:
-            per_key[(group, entry["state"], kind)] += 1
-    floor_requests = sum(math.ceil(n / BATCH) for n in per_key.values())
-    # Each accepted request's key and size, from the applied log (one time per request):
-    # where the requests beyond the floor went (keys sent in more requests than they need).
+    # The fewest requests the identifiers posted need: per (group, state, kind), ceil(n/50);
+    # and where the requests beyond it went (keys sent in more requests than they need).
+    by_key = requests_by_key(applied, BATCH)
+    floor_requests = sum(need for _sent, need, _n in by_key.values())
+    extra = {"/".join(key): counts for key, counts in by_key.items() if counts[0] > counts[1]}
     sent: dict[float, Counter[tuple[str, str, str]]] = {}
     for (group, kind, _value), states in applied.items():
         for entry in states:
             sent.setdefault(entry["t"], Counter())[(group, entry["state"], kind)] += 1
-    requests_per_key: Counter[tuple[str, str, str]] = Counter()
-    for per_request in sent.values():
-        for key in per_request:
-            requests_per_key[key] += 1
-    extra = {
-        "/".join(key): (requests_per_key[key], math.ceil(n / BATCH), n)
-        for key, n in per_key.items()
-        if requests_per_key[key] > math.ceil(n / BATCH)
-    }
     if os.environ.get("FLIP_FILL_DUMP"):
         dump = [
             {"t": t - min(sent), "keys": {"/".join(k): n for k, n in c.items()}}
             for t, c in sorted(sent.items())
         ]
         Path(os.environ["FLIP_FILL_DUMP"] + f"-{tree.name}.json").write_text(
-            json.dumps({"requests": dump, "extra": extra}, indent=1)
+            json.dumps({"requests": dump, "extra": extra, "short": stories}, indent=1)
         )
     expected = {}
     for row in rows:

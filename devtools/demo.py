@@ -28,6 +28,7 @@ from rich.table import Table
 from core.errors import BrazeSubsError
 from devtools.processes import celery_process, free_port, local_redis, port_is_free
 from simulator import SimulatorConfig, SimulatorServer
+from simulator.order_check import applied_from_document, requests_by_key
 
 DEMO_KEY = "demo-key"
 EMAIL_GROUPS = ("newsletter", "product-updates")
@@ -161,12 +162,28 @@ def run_demo(*, changes: int, console: Console, out: Console, keep_running: bool
         per_request = identifiers / max(1, len(requests))
         table.add_row("identifiers per request", f"{per_request:.1f}")
         table.add_row("fill (of 50 per request)", f"{per_request / 50:.2f}")
+        # The workload's floor (issue 26): per group, state and kind, the fewest requests
+        # its identifiers need (ceil(n / 50)); a key sent in more is beyond it.
+        try:
+            applied = applied_from_document(httpx.get(f"{sim.url}/_sim/applied").json())
+        except ValueError:  # the simulator's applied log is incomplete: no floor to show
+            applied = None
+        if applied is not None:
+            by_key = requests_by_key(applied, 50)
+            floor = sum(need for _sent, need, _n in by_key.values())
+            beyond = sum(max(0, sent - need) for sent, need, _n in by_key.values())
+            table.add_row(
+                "floor: fewest requests (fill)",
+                f"{floor:,} ({identifiers / max(1, floor) / 50:.2f})",
+            )
+            table.add_row("requests beyond the floor", f"{beyond:,}")
         # Batches are cut full; a member a later wave flipped before its batch was posted
         # leaves it at the claim (its older state is never sent), and the claim tops the
         # batch up with due changes of its group, state and kind, when there are any; the
         # newer state goes in a later batch. A short batch is topped up at its take and
-        # right before its request too, and takes in short batches of its kind no one has
-        # claimed. "Cut" counts the members a top-up took from the buffer too.
+        # right before its request too, and takes in members of the batches of its kind no
+        # one has claimed, the last cut first (the empty places end in a key's last
+        # request). "Cut" counts the members a top-up took from the buffer too.
         counted = client.hmget(keys.stats, ["batched", "topped_up"])
         cut, topped_up = (int(value or 0) for value in counted)
         table.add_row("identifiers cut into batches", f"{cut:,}")

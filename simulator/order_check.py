@@ -158,6 +158,27 @@ def applied_from_document(document: Mapping[str, Any]) -> dict[Key, list[dict[st
     }
 
 
+def requests_by_key(
+    applied: Mapping[Key, Sequence[Mapping[str, Any]]], batch: int
+) -> dict[tuple[str, str, str], tuple[int, int, int]]:
+    """Per (group, state, kind): how many accepted requests carried it, the fewest it needs
+    (ceil(n / batch)) and n, the identifiers applied, from `applied_from_document`'s log
+    (one applied time per request: the simulator stamps a request's entries alike). What
+    the fill under flips is measured against (issue 26: bench/flip_fill.py, its e2e test)."""
+    count: dict[tuple[str, str, str], int] = {}
+    sent: dict[float, set[tuple[str, str, str]]] = {}
+    for (group, kind, _value), states in applied.items():
+        for entry in states:
+            key = (group, entry["state"], kind)
+            count[key] = count.get(key, 0) + 1
+            sent.setdefault(entry["t"], set()).add(key)
+    requests: dict[tuple[str, str, str], int] = {}
+    for keys in sent.values():
+        for key in keys:
+            requests[key] = requests.get(key, 0) + 1
+    return {key: (requests[key], math.ceil(n / batch), n) for key, n in count.items()}
+
+
 def applied_from_state(state: Any) -> dict[Key, list[Any]]:
     """`SimulatorState.applied()` as `check_order` takes it, refusing an incomplete log."""
     if not state.applied_complete():

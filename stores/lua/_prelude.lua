@@ -414,37 +414,43 @@ local function flush_taken(at, id)
   at.taken = {}
 end
 
--- Short batches not yet claimed (issue 26): stores/keys.py `short_batches`, a ZSET of
--- "group SEP state SEP kind SEP doi SEP batch id", all scored 0 and read by prefix.
--- take_batch.lua adds a batch that travels alone and comes out short; its claim takes it
--- out (claim_batch.lua), whatever the claim finds; an entry whose batch is gone or was
--- claimed is dropped where a look finds it.
+-- Batches not yet claimed, by kind (issue 26): stores/keys.py `short_batches`, a ZSET of
+-- "group SEP state SEP kind SEP doi SEP cut at ms SEP batch id", all scored 0 and read by
+-- prefix (within a kind, in the order they were cut: the cut time has 13 digits until
+-- 2286). take_batch.lua adds every batch that travels alone (short or full); its claim
+-- takes it out (claim_batch.lua), whatever the claim finds; an entry whose batch is gone
+-- or was claimed is dropped where a look finds it. (An entry written before the cut time
+-- was in it, "... doi SEP batch id", is read alike: the id is what follows the last SEP.)
 --
 -- short_entry(record)      the entry of a batch record (decoded)
 -- absorb(at, record, kept, max_members)
 --                          move into `record` (being claimed or about to be sent; its kept
---                          members `kept`, appended to) the members of other short
---                          batches of its group, state, kind and double opt-in that no
---                          one has claimed, oldest cut first, until it holds
---                          `max_members`: a batch claimed now goes out now, and the later
---                          one would have gone out short after it. Only a batch travelling
---                          alone (so no v2 pack's distinct identifiers to count), never
---                          attempted, never split, neither claimed nor waiting in the
---                          schedule, of the same lane or, for a live `record`, bulk's;
---                          and only if none of its members was superseded (the buffer
---                          holds a newer change for none of them: those wait for their
---                          own claim to leave). Each member moves with its lock (inflight
---                          -> `record`), so its identifier is still in one batch only and
---                          the newest change of it; its history gets "batched" in
---                          `record`. An emptied batch ends (its record and sweep entry go:
---                          its message finds it gone); a partly taken one is rewritten.
---                          `at` as for `take_change`, with short, tokens, schedule and
---                          batches. Returns the members moved.
+--                          members `kept`, appended to) members of other batches of its
+--                          group, state, kind and double opt-in that no one has claimed,
+--                          the last cut first, until it holds `max_members`: a batch
+--                          claimed now goes out now, and those members would have gone
+--                          out after it anyway. Under flips a batch cut full loses members
+--                          at its claim while later batches of its key wait their turns;
+--                          taking from the last of them leaves the places empty in the
+--                          last request of the key, not in each (the floor counts one short
+--                          request a key). Only a batch travelling alone (so no v2 pack's
+--                          distinct identifiers to count), never attempted, never split,
+--                          neither claimed nor waiting in the schedule, of the same lane
+--                          or, for a live `record`, bulk's; and only its members not
+--                          superseded (the buffer holds no newer change for them: a
+--                          superseded one stays, to leave at its own batch's claim, which
+--                          releases its lock for the newer change). Each member moves with
+--                          its lock (inflight -> `record`), so its identifier is still in
+--                          one batch only and the newest change of it; its history gets
+--                          "batched" in `record`. An emptied batch ends (its record and
+--                          sweep entry go: its message finds it gone); a partly taken one
+--                          is rewritten. `at` as for `take_change`, with short, tokens,
+--                          schedule and batches. Returns the members moved.
 local ABSORB_LOOK = 20
 
 local function short_entry(record)
   return record.group .. SEP .. record.state .. SEP .. record.kind .. SEP .. record.doi
-    .. SEP .. record.id
+    .. SEP .. digits(record.created or 0) .. SEP .. record.id
 end
 
 local function absorb(at, record_key, record, kept, max_members)
@@ -455,7 +461,8 @@ local function absorb(at, record_key, record, kept, max_members)
   local live = string.sub(record.id, 1, 5) == 'live-'  -- core/planning.py LIVE_BATCH_PREFIX
   local key = record.group .. SEP .. record.state .. SEP .. record.kind .. SEP .. record.doi
     .. SEP
-  local entries = redis.call('ZRANGEBYLEX', at.short, '[' .. key, '[' .. key .. '\255',
+  -- The last cut first: the places taken are left empty in the key's last batch.
+  local entries = redis.call('ZREVRANGEBYLEX', at.short, '[' .. key .. '\255', '[' .. key,
     'LIMIT', 0, ABSORB_LOOK)
   local moved = 0
   local field_prefix = record.group .. SEP .. record.kind .. SEP
@@ -463,7 +470,7 @@ local function absorb(at, record_key, record, kept, max_members)
     if #kept >= max_members then
       break
     end
-    local other_id = string.sub(entry, #key + 1)
+    local other_id = string.match(entry, '([^' .. SEP .. ']*)$')
     if other_id ~= record.id then
       local raw = redis.call('GET', named .. other_id)
       local other = raw and cjson.decode(raw)
@@ -477,34 +484,28 @@ local function absorb(at, record_key, record, kept, max_members)
         for n, member in ipairs(other.members) do
           fields[n] = field_prefix .. member[1]
         end
-        local superseded = false
-        for _, newer in ipairs(call_in_slices('HMGET', at.pending, fields)) do
-          if newer then
-            superseded = true
+        -- A member with a newer change in the buffer stays (its own claim drops it).
+        local newers = call_in_slices('HMGET', at.pending, fields)
+        local left = {}
+        for n, member in ipairs(other.members) do
+          if #kept < max_members and not newers[n] then
+            kept[#kept + 1] = member
+            redis.call('HSET', at.inflight, fields[n], record.id)
+            local _, history = identity_keys(at.prefix, record.kind .. SEP .. member[1])
+            remember(history, at.now, {e = 'batched', g = record.group, b = record.id,
+              q = member[2]}, at.keep, at.most)
+            moved = moved + 1
+          else
+            left[#left + 1] = member
           end
         end
-        if not superseded then
-          local left = {}
-          for n, member in ipairs(other.members) do
-            if #kept < max_members then
-              kept[#kept + 1] = member
-              redis.call('HSET', at.inflight, fields[n], record.id)
-              local _, history = identity_keys(at.prefix, record.kind .. SEP .. member[1])
-              remember(history, at.now, {e = 'batched', g = record.group, b = record.id,
-                q = member[2]}, at.keep, at.most)
-              moved = moved + 1
-            else
-              left[#left + 1] = member
-            end
-          end
-          if #left == 0 then
-            redis.call('DEL', named .. other_id)
-            redis.call('ZREM', at.batches, other_id)
-            redis.call('ZREM', at.short, entry)
-          else
-            other.members = left
-            redis.call('SET', named .. other_id, cjson.encode(other))
-          end
+        if #left == 0 then
+          redis.call('DEL', named .. other_id)
+          redis.call('ZREM', at.batches, other_id)
+          redis.call('ZREM', at.short, entry)
+        elseif #left < #other.members then
+          other.members = left
+          redis.call('SET', named .. other_id, cjson.encode(other))
         end
       end
     end

@@ -7,8 +7,8 @@
 -- KEYS[5] batch     STRING the new batch record (JSON)
 -- KEYS[6] stats     HASH   "batches" += 1, "batched" += members taken
 -- KEYS[7] due live  ZSET   like KEYS[2], the live lane's; the members taken leave it
--- KEYS[8] short     ZSET   short batches not yet claimed (_prelude.lua `short_entry`); a
---                          batch travelling alone that stays short is added
+-- KEYS[8] short     ZSET   batches not yet claimed, by kind (_prelude.lua `short_entry`);
+--                          a batch travelling alone is added
 -- ARGV[1] batch id  ARGV[2] group  ARGV[3] state  ARGV[4] kind  ARGV[5] double opt-in 0|1
 -- ARGV[6] redispatch after (ms)    ARGV[7] JSON array: ids of the batches planned to share
 -- one v2 request with this one (its pack)   ARGV[8] history retention (ms)
@@ -38,9 +38,10 @@
 -- live then bulk for a live batch, bulk only for a bulk one, oldest due first; only a
 -- change the buffer holds, due, whose field no batch locks). So the changes that came
 -- after the read join the batch rather than a short batch of their own; order holds as
--- for any member taken. One that stays short is listed in KEYS[8], where the claim of a
--- short batch of its kind finds it (`absorb`). Returns the members taken (0: nothing was
--- written).
+-- for any member taken. Every batch that travels alone is listed in KEYS[8], where the
+-- claim of a short batch of its kind finds it (`absorb`: one that stays short is emptied
+-- into it; under flips, a full one that waits for its turn lends it the places its lost
+-- members left). Returns the members taken (0: nothing was written).
 local prefix = ARGV[2] .. SEP .. ARGV[4] .. SEP
 local now = now_ms()
 -- The retention's texts as given (PEXPIRE and the cutoff's arithmetic take them as they
@@ -101,7 +102,7 @@ else
   record_json = cjson.encode(record)
 end
 redis.call('SET', KEYS[5], record_json)
-if #members < top_up_to and #record.pack <= 1 then
+if top_up_to > 0 and #record.pack <= 1 then
   redis.call('ZADD', KEYS[8], 0, short_entry(record))
 end
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), ARGV[1])

@@ -109,7 +109,13 @@ def test_demo_honours_redis_key_prefix(tmp_path):
     assert "every identifier is in its last-written state" in result.stderr
     (checked,) = re.findall(r"last-written state\s*│\s*([\d,]+) of ([\d,]+)", result.stdout)
     assert checked[0] == checked[1] and int(checked[0]) > 100, result.stdout
-    # The table shows the fill of the requests and what the claims' top-ups took in.
+    # The table shows the fill of the requests and what the claims' top-ups took in, and
+    # the workload's floor beside it (issue 26): the fewest requests, and those beyond it.
     (fill,) = re.findall(r"fill \(of 50 per request\)\s*│\s*([\d.]+)", result.stdout)
     assert 0 < float(fill) <= 1, result.stdout
+    (floor,) = re.findall(
+        r"floor: fewest requests \(fill\)\s*│\s*[\d,]+ \(([\d.]+)\)", result.stdout
+    )
+    assert float(fill) <= float(floor) <= 1, result.stdout
+    assert re.search(r"requests beyond the floor\s*│\s*\d+", result.stdout), result.stdout
     assert re.search(r"taken in by a top-up\s*│\s*[\d,]+", result.stdout), result.stdout

@@ -14,8 +14,9 @@ Each step is one Lua script (or one request) of the real system:
 - top_up_batch.lua: between its claim and its fence (while it waited for its turn), a
   worker holding the host may top it up again with the identifier's due change, by the
   claim's rules, and only while it still holds the claim (issue 26); at its claim and
-  there, the host may also absorb the identifier's batch, short like it, if no one has
-  claimed that batch and its member was not superseded (`absorb`, issue 26);
+  there, the host may also absorb the identifier's batch (any batch of its kind, short or
+  full, lends its members one by one), if no one has claimed that batch and the
+  identifier's member in it was not superseded (`absorb`, issue 26);
 - fence_batch.lua + the request: the fence runs right before the first byte is written
   (httpcore's trace hook, delivery/braze_client.py), so the model treats fence-and-write as
   one step (the limit of any fencing without Braze's help: README, guarantees);
@@ -513,9 +514,11 @@ def _top_up_before_send(
 
 def _absorbs(state: State, step: str, rules: Rules) -> Iterator[tuple[str, State]]:
     """_prelude.lua `absorb`, in a claim of the host or right before its send: the host
-    takes in the identifier's batch (short, of its kind) with its lock, if no one holds
-    that batch, it does not wait in the schedule and its member was not superseded (no
-    newer change pending); the emptied batch ends, its messages find it gone."""
+    takes in the identifier's member of another batch of its kind (short or full: absorb
+    weighs each member on its own) with its lock, if no one holds that batch, it does not
+    wait in the schedule and that member was not superseded (no newer change pending);
+    the batch left without members ends, its messages find it gone. (A batch that keeps
+    other identifiers is the host's case: this model's one identifier is all it holds.)"""
     if _version(state, HOST) != 0:
         return
     for batch, version in sorted(state.batches):
