@@ -565,7 +565,7 @@ def _parse_bool(field: str, value: Any) -> bool:
 def _parse_source(value: Any) -> str:
     if not isinstance(value, str):
         raise InvalidChange("source", f"must be a string, got {_type(value)}")
-    if _is_blank(value):
+    if not value or value.isspace():  # blank
         return ""
     return _plain_string("source", value, MAX_SOURCE_LENGTH)
 
