@@ -46,12 +46,24 @@ end
 --                          append an event (a table; cjson-encoded) to a history, drop
 --                          the events beyond `max_events` or older than `keep_ms`, and
 --                          let the history expire `keep_ms` after its newest event
--- remember_entries(h, now, entries, keep_ms, max_events, first_ms)
+-- remember_entries(h, now, entries, keep_ms, max_events, first_ms, expire_at, head_ms)
 --                          the same for entries already encoded ("ms" SEP JSON, oldest
 --                          first), appended in one RPUSH, the cutoff `now` - `keep_ms`;
 --                          `first_ms` (optional), the time of entries[1]: a list that
---                          holds no entry but these is not looked at again for its oldest
---                          (and a 7th, `expire_at`: the text of now + `keep_ms`, see `expire`)
+--                          holds no entry but these is not looked at again for its oldest;
+--                          `expire_at` (optional), the text of now + `keep_ms` (`expire`);
+--                          `head_ms` (optional), a time no later than the oldest event's
+--                          of the list before this append (a batch record's member holds
+--                          the one its take learnt, `member_head`): not past the
+--                          retention, the list is not looked at for its oldest either.
+--                          Returns a time no later than the oldest event's now (nil when
+--                          not known without reading), for the caller to keep as such
+-- member_keys(P, kind, member)
+--                          the subject and history keys of a batch record's member: by
+--                          the digest its take stored (member[5]), else (a record a
+--                          previous release wrote) by SHA-1 of "kind SEP value"
+-- member_head(member)      the time no later than its history's oldest event that the
+--                          member's take stored (member[6]; nil when none)
 -- enqueued_entry(group, change, arrival, occurred, seq)
 --                          the encoded "enqueued" entry of a pending change (its JSON
 --                          decoded), at its arrival time; the optional texts (`digits`
@@ -74,7 +86,32 @@ end
 
 local function identity_keys(prefix, ident)
   local digest = redis.sha1hex(ident)
+  return prefix .. 'subject:' .. digest, prefix .. 'history:' .. digest, digest
+end
+
+-- A batch record's member is [value, seq, respect opt-out 0|1, occurred at ms, digest,
+-- head]: the digest of "kind SEP value" and a time no later than the oldest event of the
+-- identifier's history, both as its take learnt them (issue 26: the finish spares a
+-- SHA-1 and a LINDEX a member). A record written by a previous release holds the first
+-- four only, and that release reads the first four only (a rolling upgrade in either
+-- direction finishes every record). The head stays a lower bound while the record lives:
+-- events are appended at the end and dropped from the head only, and the list expires
+-- only `keep` after its newest event, which is after the take's "batched" (later, the head
+-- is past the retention and is read again); erasure takes the member out of the record.
+local function member_keys(prefix, kind, member)
+  local digest = member[5]
+  if type(digest) ~= 'string' or #digest ~= 40 then
+    digest = redis.sha1hex(kind .. SEP .. member[1])
+  end
   return prefix .. 'subject:' .. digest, prefix .. 'history:' .. digest
+end
+
+local function member_head(member)
+  local head = member[6]
+  if type(head) == 'number' then
+    return head
+  end
+  return nil
 end
 
 -- Let `key` live `keep_ms` more: at `expire_at` when the caller gives it (the text of now
@@ -99,8 +136,13 @@ local function digits(n)
   return string.format('%.14g', n)
 end
 
-local function remember_entries(key, now, entries, keep_ms, max_events, first_ms, expire_at)
+local function remember_entries(key, now, entries, keep_ms, max_events, first_ms, expire_at,
+                                 head_ms)
   local length = redis.call('RPUSH', key, unpack(entries))
+  local head = nil
+  if length <= #entries then
+    head = first_ms  -- the list holds these entries only: the oldest is entries[1]
+  end
   if length > 1 then
     if length > max_events then
       redis.call('LTRIM', key, length - max_events, -1)
@@ -109,17 +151,24 @@ local function remember_entries(key, now, entries, keep_ms, max_events, first_ms
     local cutoff = now - keep_ms
     -- What is left is these entries only (the RPUSH created the list, or the trim left
     -- no older one): its oldest is known, no LINDEX (issue 26: every identifier's first
-    -- batch).
+    -- batch). Or the caller knows a time no later than the oldest, within the retention
+    -- (a member's take learnt it): no LINDEX either (issue 26: every finish).
     local known = first_ms and length <= #entries and first_ms >= cutoff
+    if not known and head_ms and length > #entries and head_ms >= cutoff then
+      known, head = true, head_ms
+    end
     for _ = 1, known and 0 or length - 1 do
       local oldest = redis.call('LINDEX', key, 0)
-      if tonumber(string.sub(oldest, 1, string.find(oldest, SEP, 1, true) - 1)) >= cutoff then
+      local at = tonumber(string.sub(oldest, 1, string.find(oldest, SEP, 1, true) - 1))
+      if at >= cutoff then
+        head = at
         break
       end
       redis.call('LPOP', key)
     end
   end
   expire(key, keep_ms, expire_at)
+  return head
 end
 
 local function remember(key, now, event, keep_ms, max_events)
@@ -219,7 +268,7 @@ local function take_change(at, id, group, kind, value, change, seq)
   local occurred = occurred_of(change)
   local occurred_text = digits(occurred)
   seq = seq or json_value(change.q)
-  local subject, history = identity_keys(at.prefix, kind .. SEP .. value)
+  local subject, history, digest = identity_keys(at.prefix, kind .. SEP .. value)
   redis.call('HSET', subject, 'w' .. SEP .. group, occurred_text)
   touch_subject(subject, at.subject_keep, at.subject_at)
   -- Both events in one append (issue 26: one RPUSH, one look at the oldest, one PEXPIRE a
@@ -234,22 +283,36 @@ local function take_change(at, id, group, kind, value, change, seq)
     at.batched_id = id
   end
   local entries, first = {}, at.now
+  local first_text = nil
   if not change.p then
     first = change.t - (change.d or 0)
     local arrival = occurred_text
     if change.w ~= nil then
       arrival = digits(first)
     end
+    first_text = arrival
     entries[1] = enqueued_entry(group, change, arrival, occurred_text, seq)
   end
   entries[#entries + 1] = at.batched .. seq .. '}'
-  remember_entries(history, at.now, entries, at.keep, at.most, first, at.keep_at)
+  local head = remember_entries(history, at.now, entries, at.keep, at.most, first, at.keep_at)
   local respect = change.r or 0
+  -- The record's member carries the digest and the history's head (`member_keys`,
+  -- `member_head`), so the finish names the keys without a SHA-1 and trims without LINDEX.
   if at.texts then
+    local head_text = ''
+    if head then
+      if head == first and first_text then
+        head_text = ',' .. first_text
+      else
+        at.now_text = at.now_text or digits(at.now)
+        head_text = ',' .. (head == at.now and at.now_text or digits(head))
+      end
+    end
     at.texts[#at.texts + 1] = '[' .. cjson.encode(value) .. ',' .. seq .. ','
-      .. json_value(respect) .. ',' .. occurred_text .. ']'
+      .. json_value(respect) .. ',' .. occurred_text .. ',"' .. digest .. '"' .. head_text
+      .. ']'
   end
-  return {value, change.q, respect, occurred}
+  return {value, change.q, respect, occurred, digest, head}
 end
 
 -- Step of the top-up's read of a due set (entries per ZRANGEBYSCORE).
@@ -491,7 +554,7 @@ local function absorb(at, record_key, record, kept, max_members)
           if #kept < max_members and not newers[n] then
             kept[#kept + 1] = member
             redis.call('HSET', at.inflight, fields[n], record.id)
-            local _, history = identity_keys(at.prefix, record.kind .. SEP .. member[1])
+            local _, history = member_keys(at.prefix, record.kind, member)
             remember(history, at.now, {e = 'batched', g = record.group, b = record.id,
               q = member[2]}, at.keep, at.most)
             moved = moved + 1

@@ -111,7 +111,7 @@ for n, member in ipairs(record.members) do
         redis.call('ZADD', KEYS[9], change.t, field)
       end
     end
-    local _, history = identity_keys(keys_prefix, record.kind .. SEP .. member[1])
+    local _, history = member_keys(keys_prefix, record.kind, member)
     remember(history, now, {e = 'superseded', g = record.group, at = 'batch', b = id},
       keep, most)
   else

@@ -51,7 +51,7 @@ if status or tonumber(ARGV[3]) > 0 then
   local keys_prefix = key_prefix(KEYS[2])
   local keep, most = tonumber(ARGV[10]), tonumber(ARGV[11])
   for _, member in ipairs(record.members) do
-    local _, history = identity_keys(keys_prefix, record.kind .. SEP .. member[1])
+    local _, history = member_keys(keys_prefix, record.kind, member)
     remember(history, now, {e = 'retried', g = record.group, b = id, h = status,
       n = record.attempts, x = ARGV[12]}, keep, most)
   end

@@ -111,7 +111,10 @@ local released = {}  -- the locks this batch holds, released in one HDEL (issue 
 for n, member in ipairs(record.members) do
   local dead = ARGV[3] == 'dead' or named[member[1]] == true
   local field = fields[n]
-  local subject, history = identity_keys(keys_prefix, record.kind .. SEP .. member[1])
+  -- The keys by the digest, the oldest event's time as the take learnt them (issue 26:
+  -- no SHA-1, no LINDEX a member; a previous release's record: both as before).
+  local subject, history = member_keys(keys_prefix, record.kind, member)
+  local head = member_head(member)
   local occurred = member[4]
   if occurred then
     local mark = tonumber(redis.call('HGET', subject, mark_field))
@@ -121,12 +124,12 @@ for n, member in ipairs(record.members) do
   end
   if dead then
     redis.call('HSET', subject, 'd' .. SEP .. ARGV[1], record.group)
-    remember_entries(history, now, dead_entry, keep, most, nil, keep_at)
+    remember_entries(history, now, dead_entry, keep, most, nil, keep_at, head)
   elseif sent and not sent[member[1]] then
-    remember_entries(history, now, skipped_entry, keep, most, nil, keep_at)
+    remember_entries(history, now, skipped_entry, keep, most, nil, keep_at, head)
     redis.call('HINCRBY', KEYS[12], 'opt_out_skipped', 1)
   else
-    remember_entries(history, now, posted_entry, keep, most, nil, keep_at)
+    remember_entries(history, now, posted_entry, keep, most, nil, keep_at, head)
   end
   touch_subject(subject, subject_keep, subject_at)
   local newer = newers[n]

@@ -20,8 +20,11 @@
 -- watermark, the history), as a claim's top-up takes one (claim_batch.lua).
 -- KEYS[6] "topped_up" += members a top-up took (they count in "batched" too).
 --
--- The record's members are [value, seq, respect opt-out 0|1, occurred at ms], so the poster
--- sees per member whether Braze's opt-out is to be respected.
+-- The record's members are [value, seq, respect opt-out 0|1, occurred at ms, digest, head],
+-- so the poster sees per member whether Braze's opt-out is to be respected, and the finish
+-- names the identifier's keys by the digest of "kind SEP value" and trims its history
+-- without reading its oldest event while `head` (a time no later than it; absent when the
+-- take did not learn it) is within the retention (_prelude.lua `member_keys`, issue 26).
 --
 -- Guarantees: a member is taken only if the buffer still holds exactly the planned change
 -- (same sequence number) and no batch locks its field. So a change enters at most one

@@ -13,10 +13,11 @@ from core.changes import parse_change
 from core.planning import plan_batches
 from delivery.poster import Poster
 from delivery.services import services
+from stores.batch_records import BatchStore, ClaimStatus, Ended
 from stores.buffer import Buffer
 from stores.clock import server_time_ms
 from stores.history import DAY_MS, ConsentHistory, Retention
-from stores.keys import Keys, buffer_field
+from stores.keys import Keys, buffer_field, identity_digest
 from tests.cli_runs import run_real
 from tests.conftest import come_due, email, keyspace_traces, take_each, wait_for
 from tests.sim_control import faults, set_in_braze
@@ -514,7 +515,16 @@ def test_a_take_writes_each_members_history_and_record_as_cjson_did(env, redis_c
     for value, change in wanted.items():
         arrival = change["t"] - change.get("d", 0)
         occurred = change.get("w", arrival)
-        assert members[value] == [value, change["q"], change.get("r", 0), occurred]
+        # [value, seq, respect, occurred, digest, head] (issue 26): the digest names the
+        # keys, the head is the history's oldest event (its "enqueued", at the arrival).
+        assert members[value] == [
+            value,
+            change["q"],
+            change.get("r", 0),
+            occurred,
+            identity_digest("email", value),
+            arrival,
+        ]
         raw = redis_client.lrange(found.keys.history("email", value), 0, -1)
         (stamp1, _, first), (stamp2, _, second) = (e.decode().partition("\x1f") for e in raw)
         assert int(stamp1) == arrival and int(stamp2) >= arrival
@@ -549,3 +559,79 @@ def test_a_first_batch_drops_an_enqueued_event_older_than_the_retention(env, red
     for value in (email(1), email(2)):
         story = ConsentHistory(redis_client, keys).events("email", value)
         assert [e.event for e in story] == ["batched"]
+
+
+def lindex_calls(redis_client: Any) -> int:
+    stats = redis_client.info("commandstats")
+    return int(stats.get("cmdstat_lindex", {}).get("calls", 0))
+
+
+def test_a_finish_reads_no_oldest_event_its_take_learnt(env, redis_client):
+    """The batch record's members carry their history's oldest time as the take learnt it
+    (issue 26): the finish appends its event and trims the history without reading the
+    oldest event again, for a history the take created and for one it found (two batches of
+    one identifier); the histories are the same as before."""
+    found = services()
+    enqueue(row(email(1), "subscribed"), row(email(2), "subscribed"))
+    first = take_all()
+    redis_client.config_resetstat()
+    for batch_id in first:
+        assert found.batches.claim(batch_id, "w/1", 30_000).status is ClaimStatus.CLAIMED
+        assert found.batches.delivered(batch_id, "w/1", http_status=201).status is Ended.ENDED
+    assert lindex_calls(redis_client) == 0
+    ended = server_time_ms(redis_client)  # the next arrival a millisecond after "posted"
+    wait_for(lambda: server_time_ms(redis_client) > ended, what="a millisecond on Redis's clock")
+    enqueue(row(email(1), "unsubscribed"))
+    [second] = take_all()
+    record = json.loads(redis_client.get(found.keys.batch(second)))
+    [member] = record["members"]
+    oldest = redis_client.lindex(found.keys.history("email", email(1)), 0)
+    assert member[5] == int(oldest.split(b"\x1f")[0])  # the take read it: it kept it
+    redis_client.config_resetstat()
+    assert found.batches.claim(second, "w/1", 30_000).status is ClaimStatus.CLAIMED
+    assert found.batches.delivered(second, "w/1", http_status=201).status is Ended.ENDED
+    assert lindex_calls(redis_client) == 0
+    assert events(email(1)) == ["enqueued", "batched", "posted"] * 2
+    assert events(email(2)) == ["enqueued", "batched", "posted"]
+
+
+def test_a_record_of_the_previous_release_is_finished_as_before(env, redis_client):
+    """A batch record a previous release's take wrote (members of four: no digest, no
+    oldest time) is finished by this release as it was then: its identifiers' keys named
+    by their SHA-1, the oldest event read; a rolling upgrade finishes every record."""
+    found = services()
+    enqueue(row(email(1), "subscribed"), row(email(2), "unsubscribed"))
+    batches = take_all()
+    for batch_id in batches:
+        key = found.keys.batch(batch_id)
+        record = json.loads(redis_client.get(key))
+        record["members"] = [member[:4] for member in record["members"]]
+        redis_client.set(key, json.dumps(record))
+        assert found.batches.claim(batch_id, "w/1", 30_000).status is ClaimStatus.CLAIMED
+        assert found.batches.delivered(batch_id, "w/1", http_status=201).status is Ended.ENDED
+    for value in (email(1), email(2)):
+        assert events(value) == ["enqueued", "batched", "posted"]
+        assert redis_client.hget(found.keys.subject("email", value), f"w\x1f{GROUP}")
+
+
+def test_a_finish_drops_events_past_the_retention_though_its_take_knew_the_oldest(
+    env, redis_client
+):
+    """The oldest time a member carries spares the finish its look at the history only
+    while it is within the retention: past it, the finish reads and drops as before."""
+    keys = services().keys
+    retention = Retention(history_ms=300)
+    buffer = Buffer(redis_client, keys, retention=retention)
+    batches = BatchStore(redis_client, keys, retention=retention)
+    buffer.enqueue([parse_change(row(email(1), "subscribed"))])
+    now = server_time_ms(redis_client)
+    changes, _ = buffer.read_due(now, 10_000)
+    plan = plan_batches(changes, now_ms=now, max_identifiers=50, linger_ms=0)
+    [(batch_id, size)] = take_each(buffer, plan, 60_000)
+    assert size == 1
+    start = server_time_ms(redis_client)
+    wait_for(lambda: server_time_ms(redis_client) > start + 300, what="300 ms on Redis's clock")
+    assert batches.claim(batch_id, "w/1", 30_000).status is ClaimStatus.CLAIMED
+    assert batches.delivered(batch_id, "w/1", http_status=201).status is Ended.ENDED
+    story = ConsentHistory(redis_client, keys).events("email", email(1))
+    assert [e.event for e in story] == ["posted"]
