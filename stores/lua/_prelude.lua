@@ -64,10 +64,12 @@ end
 --                          previous release wrote) by SHA-1 of "kind SEP value"
 -- member_head(member)      the time no later than its history's oldest event that the
 --                          member's take stored (member[6]; nil when none)
--- enqueued_entry(group, change, arrival, occurred, seq)
+-- enqueued_entry(group, change, arrival, occurred, seq, texts)
 --                          the encoded "enqueued" entry of a pending change (its JSON
 --                          decoded), at its arrival time; the optional texts (`digits`
---                          of its arrival, its "w", its "q") spare formatting them again
+--                          of its arrival, its "w", its "q"; `texts`: the group's JSON as
+--                          .group, the states' JSON by state in .states, filled as met)
+--                          spare formatting them again
 -- digits(n)                the text of number `n` as cjson writes it (%.14g), integers
 --                          by integer formatting
 --
@@ -199,11 +201,18 @@ end
 
 -- The same object cjson.encode({e = 'enqueued', g = group, s, o = w, c, q, r = 1 or nil,
 -- d, x}) writes, its numbers formatted as `digits` does (issue 26: by hand, once a member).
-local function enqueued_entry(group, change, arrival, occurred, seq)
+local function enqueued_entry(group, change, arrival, occurred, seq, texts)
   local parts = {arrival or digits(change.t - (change.d or 0)), SEP,
-    '{"e":"enqueued","g":', cjson.encode(group)}
+    '{"e":"enqueued","g":', texts and texts.group or cjson.encode(group)}
   if change.s ~= nil then
-    parts[#parts + 1] = ',"s":' .. json_value(change.s)
+    local state = texts and texts.states[change.s]
+    if not state then
+      state = json_value(change.s)
+      if texts then
+        texts.states[change.s] = state
+      end
+    end
+    parts[#parts + 1] = ',"s":' .. state
   end
   if change.w ~= nil then
     parts[#parts + 1] = ',"o":' .. (occurred or json_value(change.w))
@@ -269,7 +278,14 @@ local function take_change(at, id, group, kind, value, change, seq)
   local occurred_text = digits(occurred)
   seq = seq or json_value(change.q)
   local subject, history, digest = identity_keys(at.prefix, kind .. SEP .. value)
-  redis.call('HSET', subject, 'w' .. SEP .. group, occurred_text)
+  -- The group's texts once a take, not once a member (issue 26): its watermark's field
+  -- name, its JSON, the states' JSON (`enqueued_entry`'s `texts`).
+  if at.texts_of ~= group then
+    at.group_texts = {group = cjson.encode(group), mark = 'w' .. SEP .. group, states = {}}
+    at.texts_of = group
+  end
+  local texts = at.group_texts
+  redis.call('HSET', subject, texts.mark, occurred_text)
   touch_subject(subject, at.subject_keep, at.subject_at)
   -- Both events in one append (issue 26: one RPUSH, one look at the oldest, one PEXPIRE a
   -- change, not two): the same list as appending them one by one, since the later
@@ -278,7 +294,7 @@ local function take_change(at, id, group, kind, value, change, seq)
   -- take (`at.batched`), not encoded once a member.
   if at.batched_id ~= id then
     at.now_text = at.now_text or digits(at.now)
-    at.batched = at.now_text .. SEP .. '{"e":"batched","g":' .. cjson.encode(group)
+    at.batched = at.now_text .. SEP .. '{"e":"batched","g":' .. texts.group
       .. ',"b":' .. cjson.encode(id) .. ',"q":'
     at.batched_id = id
   end
@@ -291,7 +307,7 @@ local function take_change(at, id, group, kind, value, change, seq)
       arrival = digits(first)
     end
     first_text = arrival
-    entries[1] = enqueued_entry(group, change, arrival, occurred_text, seq)
+    entries[1] = enqueued_entry(group, change, arrival, occurred_text, seq, texts)
   end
   entries[#entries + 1] = at.batched .. seq .. '}'
   local head = remember_entries(history, at.now, entries, at.keep, at.most, first, at.keep_at)
@@ -309,7 +325,7 @@ local function take_change(at, id, group, kind, value, change, seq)
       end
     end
     at.texts[#at.texts + 1] = '[' .. cjson.encode(value) .. ',' .. seq .. ','
-      .. json_value(respect) .. ',' .. occurred_text .. ',"' .. digest .. '"' .. head_text
+      .. (respect == 0 and '0' or respect == 1 and '1' or json_value(respect)) .. ',' .. occurred_text .. ',"' .. digest .. '"' .. head_text
       .. ']'
   end
   return {value, change.q, respect, occurred, digest, head}
