@@ -110,11 +110,13 @@ class Keys:
 
     @property
     def short_batches(self) -> str:
-        """ZSET (all scored 0, read by prefix) "group SEP state SEP kind SEP doi SEP batch
-        id" of every short batch travelling alone that no one has claimed yet: a claim of a
-        short batch of the same kind takes their members in (issue 26, _prelude.lua
-        `absorb`). Added by the cut's take, removed by the batch's claim; an entry whose
-        batch ended unclaimed is dropped when a look finds it."""
+        """ZSET (all scored 0, read by prefix) "group SEP state SEP kind SEP doi SEP cut at
+        ms SEP batch id" of every batch travelling alone (short or full) that no one has
+        claimed yet: a claim of a batch of the same kind that is short takes their members
+        in, the last cut first (issue 26, _prelude.lua `absorb`; an entry of the previous
+        release, without the cut time, is read alike). Added by the cut's take, removed by
+        the batch's claim; an entry whose batch ended unclaimed is dropped when a look
+        finds it."""
         return self._key("batches:short")
 
     def batch(self, batch_id: str) -> str:

@@ -586,3 +586,32 @@ def test_a_batch_that_lost_members_takes_them_from_the_last_batch_of_its_kind_cu
     assert store.claim(last, B, LEASE_MS).record.values == (email(23),)
     assert buffer_field(GROUP, "email", email(21)) in due_fields(redis_client)
     assert store.delivered(host, A) == Finish(Ended.ENDED, 4)
+
+
+def test_a_short_batch_listed_by_the_previous_release_is_still_absorbed(env, redis_client):
+    """An upgrade in place: a coalescer of the previous release listed its short batches
+    as "group SEP state SEP kind SEP doi SEP batch id" (no cut time). A claim of this
+    release reads such an entry alike (the id is what follows the last SEP): it takes
+    that batch's members in, each with its lock, and the entry goes with the emptied
+    batch. Fails if the id is read at a fixed place (the cut time's): the old batch's
+    members stay where they are and go out in a short request of their own."""
+    found = services()
+    store, keys = found.batches, found.keys
+    host = cut_short([row(email(1))])
+    old = cut_short([row(email(2)), row(email(3))])
+    [entry] = [
+        m for m in redis_client.zrange(keys.short_batches, 0, -1) if m.decode().endswith(old)
+    ]
+    group, state, kind, doi, _cut_at, batch_id = entry.decode().split("\x1f")
+    previous = "\x1f".join((group, state, kind, doi, batch_id))
+    redis_client.zrem(keys.short_batches, entry)
+    redis_client.zadd(keys.short_batches, {previous: 0})
+
+    claim = store.claim(host, A, LEASE_MS, top_up_to=50)
+
+    assert claim.status is ClaimStatus.CLAIMED and claim.topped_up == 2
+    assert members(host) == [email(1), email(2), email(3)]
+    assert {locked(redis_client)[buffer_field(GROUP, "email", email(n))] for n in (2, 3)} == {host}
+    assert redis_client.get(keys.batch(old)) is None
+    assert redis_client.zrange(keys.short_batches, 0, -1) == []
+    assert store.claim(old, B, LEASE_MS).status is ClaimStatus.GONE
