@@ -23,6 +23,9 @@ command, so a busy machine inflates it; the CPU figure is the steadier — and t
 time of the way in (`import`: the ratio to `raw` in the same round). Each figure is the
 median of the rounds with its spread (min-max).
 
+`--occurred` gives the rows of `raw` and `import` an `occurred_at` each and a `source`
+(what a producer's backfill carries; results in a file of their own).
+
 `--callgrind` counts instead of timing: the redis-server runs under valgrind's callgrind,
 its counters zeroed right before the way in starts and dumped when it ends, and the
 figure is the instructions the server executed per change (`instructions_per_change`;
@@ -43,22 +46,30 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from bench.trees import add_base_tree, remove_base_tree
 
 ROOT = Path(__file__).resolve().parents[1]
+OCCURRED = datetime(2026, 11, 28, 6, tzinfo=UTC)
 BASE = "038db7a"  # main before the cheaper enqueue (issue 26)
 WAYS = ("raw", "import", "enqueue_changes", "api", "record_change")
 TOKEN = "bench-token-0123456789abcdef"
 
 
-def rows(start: int, count: int) -> list[dict[str, str]]:
-    """The import_speed mix: a third each of external ids, emails and phones, 4 groups."""
+def rows(start: int, count: int, occurred: bool = False) -> list[dict[str, str]]:
+    """The import_speed mix: a third each of external ids, emails and phones, 4 groups;
+    with `occurred`, each with its own `occurred_at` (37 ms apart) and a `source`, as
+    `bench.import_speed --occurred` writes them."""
     out = []
     for n in range(start, start + count):
         row = {"subscription_group_id": f"group-{n % 4}", "subscription_state": "subscribed"}
+        if occurred:
+            moment = OCCURRED + timedelta(milliseconds=37 * n)
+            row["occurred_at"] = moment.isoformat(timespec="milliseconds")[:-6] + "Z"
+            row["source"] = "backfill"
         kind = n % 3
         if kind == 0:
             row["external_id"] = f"user-{n}"
@@ -312,6 +323,11 @@ def main() -> None:
     parser.add_argument(
         "--callgrind", action="store_true", help="count the server's instructions instead"
     )
+    parser.add_argument(
+        "--occurred",
+        action="store_true",
+        help="raw and import rows with occurred_at and source (the other ways as ever)",
+    )
     parser.add_argument("--child")
     parser.add_argument("--redis")
     parser.add_argument("--file", type=Path)
@@ -330,7 +346,7 @@ def main() -> None:
         work = Path(tmp)
         path = work / "changes.jsonl"
         with open(path, "w") as handle:
-            for row in rows(0, args.rows):
+            for row in rows(0, args.rows, args.occurred):
                 handle.write(json.dumps(row) + "\n")
         base_tree = work / "base"
         add_base_tree(base_tree, args.base)
@@ -357,6 +373,7 @@ def main() -> None:
         "calls": args.calls,
         "rounds": args.rounds,
         "base": args.base,
+        "occurred_at_and_source": args.occurred,
     }
     raw = results.get("new", {}).get("raw", [])
     for name in trees:
@@ -373,7 +390,8 @@ def main() -> None:
             if way == "import" and raw:
                 ratios = [r0["seconds"] / r["seconds"] for r0, r in zip(raw, runs, strict=False)]
                 out[f"{key}.ratio_to_raw"] = spread(ratios, 3)
-    publish(out, "enqueue-instructions.json" if args.callgrind else "enqueue-cost.json")
+    name = "enqueue-instructions" if args.callgrind else "enqueue-cost"
+    publish(out, f"{name}{'-occurred' if args.occurred else ''}.json")
 
 
 if __name__ == "__main__":

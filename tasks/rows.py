@@ -418,9 +418,14 @@ def _jsonl_chunks(path: Path, size: int) -> Iterator[JsonlChunk]:
             first_line += len(lines)
 
 
+# json.loads without its own checks, which a str without a leading BOM passes: what it
+# calls for such a text (one Python call a row less, ~0.15 us).
+_JSON_DECODE = json.JSONDecoder().decode
+
+
 def _json_object(text: str) -> Row | InvalidRow:
     try:
-        value = json.loads(text)
+        value = json.loads(text) if text.startswith("\ufeff") else _JSON_DECODE(text)
     except json.JSONDecodeError as exc:
         return InvalidRow(f"line is not a JSON object: {exc.msg} at column {exc.colno}")
     except RecursionError:

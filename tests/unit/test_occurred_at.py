@@ -384,3 +384,50 @@ def test_a_source_is_encoded_as_json_dumps_wrote_it(source: str) -> None:
     members = encode_change(change)[4]
     assert members.endswith(expected)
     assert members == encode_fields(changes.change_fields(change))[4]
+
+
+# --------------------------------------------------------------------------------------
+# A line's JSON: the decoder called without json.loads around it, the same answers
+# --------------------------------------------------------------------------------------
+
+
+def old_json_object(text: str) -> Any:
+    """`tasks.rows._json_object` before (91ae1f1): json.loads itself."""
+    import sys
+
+    from tasks.rows import InvalidRow, _json_type
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return InvalidRow(f"line is not a JSON object: {exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return InvalidRow("line is not a JSON object: nested too deeply")
+    except ValueError:
+        return InvalidRow(
+            "line is not a JSON object: a number with more than "
+            f"{sys.get_int_max_str_digits():,} digits"
+        )
+    if not isinstance(value, dict):
+        return InvalidRow(f"line is not a JSON object: found {_json_type(value)}")
+    return value
+
+
+LINES = st.one_of(
+    st.text(max_size=40),
+    st.from_regex(
+        r"\ufeff?\s*\{\"[a-z_]{0,8}\"\s*:\s*(\"[^\"]{0,8}\"|-?[0-9.e]{1,6}|NaN|null|true)\s*\}\s*",
+        fullmatch=True,
+    ),
+    st.sampled_from(
+        ['\ufeff{"a": 1}', '{"a": 1}\ufeff', "[1]", '"x"', "{", '{"a": NaN}', "1" * 5000, " "]
+    ),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(LINES)
+def test_a_line_reads_as_json_loads_read_it(text: str) -> None:
+    from tasks.rows import _json_object
+
+    assert repr(_json_object(text)) == repr(old_json_object(text))
