@@ -717,6 +717,15 @@ class Poster:
                 )
                 for record in records
             ]
+            for finish in ended:
+                if finish.count_error is not None:  # as `_bookkeeping` logs a failed step
+                    logger.error(
+                        "batch %s: count the request failed after its outcome (%s) was "
+                        "recorded: ResponseError: %s",
+                        report.batch_id,
+                        finish.status,
+                        finish.count_error[:200],
+                    )
             if any(finish.status is not Ended.ENDED for finish in ended):
                 return self._lost_during_request(records, report)
             return replace(report, status=PostStatus.DELIVERED, detail="")

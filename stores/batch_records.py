@@ -123,6 +123,9 @@ class Ended(StrEnum):
 class Finish:
     status: Ended
     members: int = 0  # members ended
+    # Redis's error when the request the finish was told could not be counted (the
+    # outcome stands: finish_batch.lua counts after it and lets no count fail it).
+    count_error: str | None = None
 
 
 class Deferred(StrEnum):
@@ -354,10 +357,16 @@ class BatchStore(ScriptedStore):
         ]
         if sent is not None:
             args += sent
-        members = int(self.scripts.finish_batch(keys=keys, args=args))
+        reply = self.scripts.finish_batch(keys=keys, args=args)
+        count_error = None
+        if isinstance(reply, list):  # {members, the count's error}
+            reply, count_error = reply[0], _text(reply[1])
+        members = int(reply)
         if members == -1:
-            return Finish(Ended.LOST)
-        return Finish(Ended.GONE) if members < 0 else Finish(Ended.ENDED, members)
+            return Finish(Ended.LOST, count_error=count_error)
+        if members < 0:
+            return Finish(Ended.GONE, count_error=count_error)
+        return Finish(Ended.ENDED, members, count_error=count_error)
 
     def delivered(
         self,

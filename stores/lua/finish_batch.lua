@@ -48,22 +48,30 @@
 -- caller holds the claim of a batch that is gone (cannot happen: only the holder ends a
 -- batch). A dead batch left without members (all erased) leaves no dead-letter entry.
 -- The request told (ARGV[13..16]) is counted in every case, after the outcome (it was
--- sent whoever ends the batch), as the poster's count after the finish did.
+-- sent whoever ends the batch), as the poster's count after the finish did. The count is
+-- bookkeeping: a count that fails (an error of Redis's) fails nothing else, as the count
+-- after the finish did not (its writes so far stand, the outcome's too: Redis undoes no
+-- write of a script that raises, so a raise here would have left the outcome recorded and
+-- the caller told nothing, a v2 pack's other batches never finished); the reply is then
+-- {the number above, Redis's error text} for the caller to log.
 local now = now_ms()
-local function count()
+local function count(reply)
   if ARGV[13] ~= '' then
-    count_post(KEYS[14], ARGV[13], ARGV[14], '0', ARGV[15], ARGV[16], now)
+    local ok, err = pcall(count_post, KEYS[14], ARGV[13], ARGV[14], '0', ARGV[15],
+      ARGV[16], now)
+    if not ok then
+      return {reply, type(err) == 'table' and tostring(err.err) or tostring(err)}
+    end
   end
+  return reply
 end
 if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[2] then
-  count()
-  return -1
+  return count(-1)
 end
 local record_json = redis.call('GET', KEYS[1])
 if not record_json then
   end_claim(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
-  count()
-  return -2
+  return count(-2)
 end
 local record = cjson.decode(record_json)
 local prefix = record.group .. SEP .. record.kind .. SEP
@@ -169,5 +177,4 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 end_claim(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
-count()
-return #record.members
+return count(#record.members)

@@ -12,7 +12,7 @@ from stores.clock import server_time_ms
 from stores.counters import RETENTION_SECONDS, Counters, last_minute, request_totals
 from tests.conftest import email
 from tests.integration.test_poster import cut_pack_of_two, email_batch
-from tests.sim_control import faults
+from tests.sim_control import faults, sim_stats
 
 
 def test_a_request_is_counted_in_redis_second_and_in_the_totals(env, redis_client):
@@ -95,3 +95,26 @@ def test_a_finish_that_finds_its_claim_lost_still_counts_the_request(env, redis_
     totals = last_minute(redis_client, found.keys, server_time_ms(redis_client))
     assert (totals.requests, totals.identifiers) == (1, 1)
     assert counted_by_status(redis_client, found.keys) == {("/v1", "201"): 1}
+
+
+def test_a_count_that_fails_in_the_finish_leaves_every_outcome_recorded(sim, redis_client, caplog):
+    """The count rides on the finish (issue 26), after its outcome: a count that fails
+    there (here the totals key of another type: WRONGTYPE) is bookkeeping, logged and
+    skipped as the count after the finish was. Before this was fixed, the first finish of a
+    v2 pack raised after recording its own outcome: the pack's other batch was never
+    finished, was given back as "outcome unknown" with an attempt counted, and its members
+    went to Braze a second time though Braze had accepted them; a v1 post raised too."""
+    found = services()
+    redis_client.set(found.keys.request_totals, "not a hash")
+    lead, _group, sibling = cut_pack_of_two([email(1), email(2)])
+    v2 = found.poster(settings=load_settings(braze_api_version="v2"))
+
+    assert v2.post(lead).status == "delivered"
+
+    for batch_id in (lead, sibling):
+        assert redis_client.get(found.keys.batch(batch_id)) is None  # ended, not given back
+        assert redis_client.zscore(found.keys.schedule, batch_id) is None
+    assert len(sim_stats(sim, log=True)["requests"]) == 1
+    assert found.poster().post(email_batch([email(3)])).status == "delivered"
+    assert "count the request failed after its outcome" in caplog.text
+    assert email(1) not in caplog.text
