@@ -9,9 +9,10 @@ key waits for company until its oldest change has been due for `linger_ms`.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import attrgetter
+from typing import NamedTuple
 
 from core.changes import IdentifierKind, Lane, SubscriptionState
 
@@ -31,9 +32,13 @@ def lane_prefix(lane: Lane) -> str:
     return LIVE_BATCH_PREFIX if lane is Lane.LIVE else ""
 
 
-@dataclass(frozen=True, slots=True)
-class PendingChange:
-    """A change as the buffer holds it: validated, sequenced, with its due time."""
+class PendingChange(NamedTuple):
+    """A change as the buffer holds it: validated, sequenced, with its due time.
+
+    A named tuple, not a frozen dataclass (issue 26, the tick): every due change a tick
+    reads becomes one, 1.3-2 times per change under a backlog, and a frozen dataclass's
+    `__init__` sets each of its seven fields through `object.__setattr__` (~3 times the
+    cost of a tuple's construction)."""
 
     group_id: str
     kind: IdentifierKind
@@ -98,28 +103,96 @@ def plan_batches(
     Members are ordered by value, so the same users changing several groups land in
     aligned batches (v2 can pack those into one request).
     """
+    return plan_cut(
+        changes,
+        now_ms=now_ms,
+        max_identifiers=max_identifiers,
+        linger_ms=linger_ms,
+        max_batches=max_batches,
+        backlog=backlog,
+        max_hold_ms=max_hold_ms,
+    ).batches
+
+
+class Cut(NamedTuple):
+    """A plan (`plan_batches`) and when the oldest due change it leaves out became due."""
+
+    batches: list[PlannedBatch]
+    # The lowest due time among the changes read and not planned (a key's remainder held
+    # for company, batches past `max_batches`, changes not due yet); None: all planned.
+    held_due_ms: int | None
+
+
+_VALUE = attrgetter("value")
+
+
+def plan_cut(
+    changes: Iterable[PendingChange],
+    *,
+    now_ms: int,
+    max_identifiers: int,
+    linger_ms: int = 0,
+    max_batches: int | None = None,
+    backlog: bool = False,
+    max_hold_ms: int = 0,
+) -> Cut:
+    """`plan_batches`' plan, with the oldest due time of what it leaves out (the coalescer
+    ticks again when a held remainder is ready). The tick's planning (issue 26): per due change
+    two dict look-ups by plain tuples (the newest per identifier, then its key's list),
+    not a `BatchKey` made and hashed in Python per change; a `BatchKey` is made once a
+    key and a batch's oldest due time once a batch."""
     if max_identifiers < 1:
         raise ValueError("max_identifiers must be at least 1")
-    by_key: dict[BatchKey, list[PendingChange]] = defaultdict(list)
-    for change in latest_per_identifier(changes):
-        if change.due_ms <= now_ms:
-            key = BatchKey(change.group_id, change.state, change.kind, change.double_opt_in)
-            by_key[key].append(change)
+    # The newest change of each identifier (group, kind, value), then its key's members.
+    latest: dict[tuple[str, IdentifierKind, str], PendingChange] = {}
+    for change in changes:
+        slot = (change.group_id, change.kind, change.value)
+        current = latest.get(slot)
+        if current is None or change.seq > current.seq:
+            latest[slot] = change
+    by_key: dict[tuple[str, SubscriptionState, IdentifierKind, bool], list[PendingChange]]
+    by_key = {}
+    for change in latest.values():
+        key = (change.group_id, change.state, change.kind, change.double_opt_in)
+        members = by_key.get(key)
+        if members is None:
+            by_key[key] = [change]
+        else:
+            members.append(change)
+    # A superseded change is not held: the buffer holds the newer one in its place.
+    held: int | None = None
 
-    planned: list[PlannedBatch] = []
-    for key, members in by_key.items():
-        members.sort(key=lambda change: change.value)
+    planned: list[tuple[int, BatchKey, PlannedBatch]] = []
+    for key_tuple, changes_of_key in by_key.items():
+        members = sorted(
+            (change for change in changes_of_key if change.due_ms <= now_ms), key=_VALUE
+        )
+        if len(members) < len(changes_of_key):
+            for change in changes_of_key:
+                if change.due_ms > now_ms and (held is None or change.due_ms < held):
+                    held = change.due_ms
+        if not members:
+            continue
+        key = BatchKey(*key_tuple)
         for start in range(0, len(members), max_identifiers):
-            batch = PlannedBatch(key, tuple(members[start : start + max_identifiers]))
-            waited = now_ms - batch.oldest_due_ms
-            if len(batch.members) == max_identifiers or (
+            chunk = tuple(members[start : start + max_identifiers])
+            oldest = min(member.due_ms for member in chunk)
+            waited = now_ms - oldest
+            if len(chunk) == max_identifiers or (
                 waited >= linger_ms and (not backlog or waited >= max_hold_ms)
             ):
-                planned.append(batch)
+                planned.append((oldest, key, PlannedBatch(key, chunk)))
+            elif held is None or oldest < held:
+                held = oldest
 
     # Oldest first, so that under back-pressure no key waits behind a busier one forever.
-    planned.sort(key=lambda batch: (batch.oldest_due_ms, batch.key))
-    return planned if max_batches is None else planned[: max(0, max_batches)]
+    planned.sort(key=lambda entry: (entry[0], entry[1]))
+    if max_batches is not None:
+        for oldest, _key, _batch in planned[max(0, max_batches) :]:
+            if held is None or oldest < held:
+                held = oldest
+        planned = planned[: max(0, max_batches)]
+    return Cut([batch for _oldest, _key, batch in planned], held)
 
 
 # Most entries (groups) in one v2 request. SPEC.md sets no number; 50 keeps a request's

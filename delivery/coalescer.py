@@ -25,13 +25,7 @@ from dataclasses import dataclass, replace
 from config.settings import Settings
 from core.changes import Lane
 from core.linger import BudgetRate, Load, linger_ms, pressure
-from core.planning import (
-    PendingChange,
-    PlannedBatch,
-    message_groups,
-    pack_batches,
-    plan_batches,
-)
+from core.planning import message_groups, pack_batches, plan_cut
 from stores import counters
 from stores.batch_records import BatchStore
 from stores.buffer import Buffer
@@ -96,15 +90,6 @@ class TickReport:
     backlog: bool = False  # more changes were due than one tick reads
     next_check_ms: int | None = None  # Redis time a partial batch or a waiting one is due
     now_ms: int = 0  # Redis time of the tick
-
-
-def _held_until(
-    changes: list[PendingChange], plan: list[PlannedBatch], linger: int, now_ms: int
-) -> int | None:
-    """When the oldest due change left out of `plan` (a partial batch lingering) is ready."""
-    planned = {(m.group_id, m.kind, m.value) for batch in plan for m in batch.members}
-    held = [c.due_ms for c in changes if (c.group_id, c.kind, c.value) not in planned]
-    return max(now_ms, min(held) + linger) if held else None
 
 
 class Coalescer:
@@ -348,7 +333,7 @@ class Coalescer:
             low=settings.batch_linger_pressure_low,
             high=settings.batch_linger_pressure_high,
         )
-        plan = plan_batches(
+        plan, held_due_ms = plan_cut(
             changes,
             now_ms=now_ms,
             max_identifiers=settings.batch_max_identifiers,
@@ -376,7 +361,8 @@ class Coalescer:
             pressure=round(load_now, 3),
             linger_ms=linger,
             more=more,
-            held_until=_held_until(changes, plan, linger, now_ms),
+            # The oldest due change left out (a partial batch lingering) is ready then.
+            held_until=None if held_due_ms is None else max(now_ms, held_due_ms + linger),
         )
 
     def _send_cut(self, leads: list[str]) -> None:

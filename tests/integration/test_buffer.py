@@ -11,8 +11,10 @@ import json
 import threading
 from typing import Any
 
+import pytest
+
 from config.settings import load_settings
-from core.changes import Change, Lane, parse_change
+from core.changes import Change, Lane, SubscriptionState, parse_change
 from core.planning import PlannedBatch, plan_batches
 from delivery.coalescer import Coalescer
 from delivery.services import services
@@ -128,6 +130,40 @@ def test_last_write_wins_within_one_call(env):
         (email(1), "unsubscribed"),
         (email(2), "subscribed"),
     }
+
+
+def test_read_due_reads_a_pending_change_whatever_its_json_layout(env):
+    """`read_due` decodes a read's changes in one call (msgspec, issue 26): a pending change
+    written in another member order, with members it does not read, "o" as a JSON boolean
+    and numbers cjson wrote as floats (a replay's, another version's) reads as the same
+    change; a change the layout does not describe (an unknown state) fails the read as
+    the json module's path always did, naming the state."""
+    buffer = services().buffer
+    buffer.enqueue([change(email(1), "subscribed"), change(email(2), "unsubscribed")])
+    now = server_time_ms(buffer.client)
+    written, _ = buffer.read_due(now, 100)
+    first = next(c for c in written if c.value == email(1))
+    buffer.client.hset(
+        buffer.keys.pending,
+        field(email(1)),
+        f'{{"c":"crm","t":{first.due_ms}.0,"w":1,"q":{first.seq}.0,"o":true,"p":1,'
+        '"s":"unsubscribed"}',
+    )
+    read, more = buffer.read_due(now, 100)
+    assert not more
+    assert sorted(read) == sorted(
+        [
+            first._replace(state=SubscriptionState.UNSUBSCRIBED, double_opt_in=True),
+            next(c for c in written if c.value == email(2)),
+        ]
+    )
+    buffer.client.hset(
+        buffer.keys.pending,
+        field(email(1)),
+        f'{{"s":"maybe","o":0,"q":{first.seq},"t":{first.due_ms}}}',
+    )
+    with pytest.raises(KeyError, match="maybe"):
+        buffer.read_due(now, 100)
 
 
 def test_one_call_writes_each_field_once_in_its_lane_whatever_its_changes(env, redis_client):

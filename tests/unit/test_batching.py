@@ -16,6 +16,7 @@ from core.planning import (
     PlannedBatch,
     latest_per_identifier,
     plan_batches,
+    plan_cut,
 )
 
 NOW = 1_000_000
@@ -217,6 +218,36 @@ def test_max_batches_keeps_the_oldest(changes, max_identifiers, max_batches):
         assert max(b.oldest_due_ms for b in limited) <= min(
             b.oldest_due_ms for b in full[len(limited) :]
         )
+
+
+@PROPERTY
+@given(
+    changes=change_lists(),
+    max_identifiers=st.integers(1, 5),
+    linger_ms=st.integers(0, 4_000),
+    max_batches=st.one_of(st.none(), st.integers(0, 40)),
+    backlog=st.booleans(),
+)
+def test_the_cut_names_the_oldest_due_time_it_leaves_out(
+    changes, max_identifiers, linger_ms, max_batches, backlog
+):
+    """`plan_cut` (the tick's planning, issue 26) plans what `plan_batches` plans and says
+    when the oldest change it leaves out became due: of the identifiers' newest changes,
+    those not planned (a remainder held, a batch past `max_batches`, one not due yet) —
+    what the coalescer's `_held_until` used to work out from the changes and the plan."""
+    options = dict(
+        now_ms=NOW,
+        max_identifiers=max_identifiers,
+        linger_ms=linger_ms,
+        max_batches=max_batches,
+        backlog=backlog,
+        max_hold_ms=2_000,
+    )
+    cut = plan_cut(changes, **options)
+    assert cut.batches == plan_batches(changes, **options)
+    planned = {identity(member) for member in members(cut.batches)}
+    left = [c.due_ms for c in latest_per_identifier(changes) if identity(c) not in planned]
+    assert cut.held_due_ms == (min(left) if left else None)
 
 
 def test_max_batches_prefers_the_oldest_key():
