@@ -15,7 +15,10 @@
 -- ARGV[9] most history events per identifier   ARGV[10] subject key lifetime (ms)
 -- ARGV[11] most identifiers per batch a top-up fills it to (0: no top-up)
 -- ARGV[12] most due entries the top-up looks at
--- ARGV[13..] pairs: value, sequence number planned
+-- ARGV[13] the members planned, in one text: value SEP sequence number, each member's pair
+--          joined by SEP (issue 26: one argument a batch, not two a member, which cost the
+--          worker's redis-py ~1.5 us a member to encode and Redis ~850 instructions each
+--          to parse; values never hold a control character, see core/changes.py)
 -- Each member is taken by `take_change` (_prelude.lua: the buffer, the lock, the
 -- watermark, the history), as a claim's top-up takes one (claim_batch.lua).
 -- KEYS[6] "topped_up" += members a top-up took (they count in "batched" too).
@@ -58,21 +61,21 @@ local members = {}
 -- The planned members' changes and locks in one HMGET each (issue 26: two calls a batch,
 -- not two a member). Read before any is taken: taking one changes neither the change nor
 -- the lock of another field, and a value planned twice is taken once (`seen`).
-local fields = {}
-for i = 13, #ARGV, 2 do
-  fields[#fields + 1] = prefix .. ARGV[i]
+local fields, values, seqs = {}, {}, {}
+for value, seq in string.gmatch(ARGV[13], '([^\31]+)\31([^\31]+)') do
+  values[#values + 1], seqs[#seqs + 1] = value, seq
+  fields[#fields + 1] = prefix .. value
 end
 local currents = call_in_slices('HMGET', KEYS[1], fields)
 local locks = call_in_slices('HMGET', KEYS[3], fields)
 local seen = {}
 for n = 1, #fields do
-  local i = 11 + 2 * n
+  local value, seq = values[n], seqs[n]
   local current = currents[n]
   local change = current and cjson.decode(current)
-  if change and change.q == tonumber(ARGV[i + 1]) and not locks[n] and not seen[ARGV[i]] then
-    seen[ARGV[i]] = true
-    members[#members + 1] = take_change(at, ARGV[1], ARGV[2], ARGV[4], ARGV[i], change,
-      ARGV[i + 1])
+  if change and change.q == tonumber(seq) and not locks[n] and not seen[value] then
+    seen[value] = true
+    members[#members + 1] = take_change(at, ARGV[1], ARGV[2], ARGV[4], value, change, seq)
   end
 end
 if #members == 0 then
