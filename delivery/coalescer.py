@@ -45,6 +45,8 @@ DISPATCH_LIMIT = 1000
 
 # A tick reads up to this many times the changes its room in flight can take (at least
 # MIN_READ), so batches come out full without reading a whole tick's worth for a few.
+# It reads the room's worth plus at most MIN_READ first, and the rest of that only when
+# what it read did not fill the room (see `Coalescer._read`).
 READ_AHEAD = 2
 MIN_READ = 2000
 
@@ -307,11 +309,12 @@ class Coalescer:
         # drains, each tick has room for about a second of requests, and reading 20,000
         # changes for that held the tick's lock (and a core) for most of the second, which
         # a live change's tick then waited for.
-        limit = min(
-            settings.coalesce_max_changes_per_tick,
-            max(READ_AHEAD * budget * settings.batch_max_identifiers, MIN_READ),
-        )
-        changes, more = self.buffer.read_due(now_ms, limit, lane)
+        room = budget * settings.batch_max_identifiers
+        limit = min(settings.coalesce_max_changes_per_tick, max(READ_AHEAD * room, MIN_READ))
+        # The room's worth and at most MIN_READ more first: under a backlog the rest of
+        # READ_AHEAD's read was read again by the next tick (1.3-1.9 reads a change).
+        first = min(limit, max(MIN_READ, room + min(room, MIN_READ)))
+        changes, more = self.buffer.read_due(now_ms, first, lane)
         if not changes:
             return _Cut()
         if lane is Lane.LIVE:
@@ -342,6 +345,20 @@ class Coalescer:
             backlog=more,
             max_hold_ms=settings.batch_max_hold_ms,
         )
+        if more and len(plan) < budget and first < limit:
+            # Its keys' remainders (held while more is due) left room: the rest of the
+            # read, and the plan again over both, as if read at once.
+            rest, more = self.buffer.read_due(now_ms, limit - first, lane, offset=first)
+            changes += rest
+            plan, held_due_ms = plan_cut(
+                changes,
+                now_ms=now_ms,
+                max_identifiers=settings.batch_max_identifiers,
+                linger_ms=linger,
+                max_batches=budget,
+                backlog=more,
+                max_hold_ms=settings.batch_max_hold_ms,
+            )
         if settings.braze_api_version == "v2":
             packs = pack_batches(plan, max_identifiers=settings.batch_max_identifiers)
         else:

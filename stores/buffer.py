@@ -362,18 +362,22 @@ class Buffer(ScriptedStore):
         return PipelinedEnqueue(self, lane)
 
     def read_due(
-        self, now_ms: int, limit: int, lane: Lane | None = None
+        self, now_ms: int, limit: int, lane: Lane | None = None, *, offset: int = 0
     ) -> tuple[list[PendingChange], bool]:
         """The lane's oldest due changes not locked by a batch (no lane: live's, then
-        bulk's); True if more were left unread."""
+        bulk's); True if more were left unread. `offset`: skip that many of the oldest
+        (one lane only: a read that goes on from an earlier one)."""
         if lane is None:
+            assert not offset, "a read of both lanes starts at the oldest"
             live, more = self.read_due(now_ms, limit, Lane.LIVE)
             if more:
                 return live, more
             bulk, more = self.read_due(now_ms, limit - len(live), Lane.BULK)
             return live + bulk, more
         due = self.keys.due_live if lane is Lane.LIVE else self.keys.due
-        fields: list[bytes] = self.client.zrangebyscore(due, "-inf", now_ms, start=0, num=limit + 1)
+        fields: list[bytes] = self.client.zrangebyscore(
+            due, "-inf", now_ms, start=offset, num=limit + 1
+        )
         more = len(fields) > limit
         fields = fields[:limit]
         if not fields:

@@ -15,7 +15,7 @@ import pytest
 
 from config.settings import load_settings
 from core.changes import Change, Lane, SubscriptionState, parse_change
-from core.planning import PlannedBatch, plan_batches
+from core.planning import PendingChange, PlannedBatch, plan_batches
 from delivery.coalescer import Coalescer
 from delivery.services import services
 from stores.batch_records import BatchStore
@@ -164,6 +164,46 @@ def test_read_due_reads_a_pending_change_whatever_its_json_layout(env):
     )
     with pytest.raises(KeyError, match="maybe"):
         buffer.read_due(now, 100)
+
+
+def test_a_cut_reads_on_when_its_first_read_leaves_room(env):
+    """A tick's cut reads its room's worth plus at most MIN_READ first, and the rest of
+    READ_AHEAD's read only when that did not fill the room (issue 26: under a backlog the
+    rest was read again by the next tick). Here the first read (4,500 changes for a room
+    of 50 batches) holds 90 keys' 49 oldest changes each — remainders, held while more is
+    due — and the next 500 complete them: the cut still takes 50 full batches, as one read
+    of 5,000 did, and reads 5,000 changes in all."""
+    buffer = services().buffer
+    groups = [f"g{n:02}" for n in range(90)]
+
+    def enqueue_after_a_tick(changes: list[Change]) -> None:
+        # Due times rise from call to call (equal ones would order by field, not by call).
+        last = server_time_ms(buffer.client)
+        wait_for(lambda: server_time_ms(buffer.client) > last, interval=0.001, what="Redis's clock")
+        buffer.enqueue(changes, lane=Lane.BULK)
+
+    enqueue_after_a_tick([change(email(n), group=group) for group in groups for n in range(49)])
+    enqueue_after_a_tick([change(email(n), group="h") for n in range(90)])
+    enqueue_after_a_tick([change(email(49), group=group) for group in groups])
+    enqueue_after_a_tick([change(email(n), group="z") for n in range(1000)])
+    reads: list[int] = []
+    read_due = buffer.read_due
+
+    def counted(*args: Any, **kwargs: Any) -> tuple[list[PendingChange], bool]:
+        changes, more = read_due(*args, **kwargs)
+        reads.append(len(changes))
+        return changes, more
+
+    buffer.read_due = counted  # type: ignore[method-assign]
+    recorder = Recorder()
+    ticker = coalescer(recorder)
+    ticker.buffer = buffer
+    cut = ticker._cut(Lane.BULK, server_time_ms(buffer.client), 50)
+    assert (cut.batches, cut.identifiers, cut.more) == (50, 2_500, True)
+    assert reads == [4_500, 500]
+    records = [batch_record(buffer, batch_id) for batch_id in recorder.ids]
+    assert all(len(record["members"]) == 50 for record in records)
+    assert {record["group"] for record in records} <= set(groups)
 
 
 def test_one_call_writes_each_field_once_in_its_lane_whatever_its_changes(env, redis_client):
