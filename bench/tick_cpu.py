@@ -236,8 +236,14 @@ def main() -> None:
                     )
         finally:
             remove_base_tree(base_tree)
+    base_commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", args.base],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     result: dict[str, Any] = {
-        "base": args.base,
+        "base": base_commit or args.base,
         "identifiers": args.identifiers,
         "posts_between": args.posts_between,
         "rounds": args.rounds,
