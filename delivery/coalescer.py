@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 from config.settings import Settings
 from core.changes import Lane
@@ -336,29 +337,21 @@ class Coalescer:
             low=settings.batch_linger_pressure_low,
             high=settings.batch_linger_pressure_high,
         )
-        plan, held_due_ms = plan_cut(
-            changes,
+        plan_read = partial(
+            plan_cut,
             now_ms=now_ms,
             max_identifiers=settings.batch_max_identifiers,
             linger_ms=linger,
             max_batches=budget,
-            backlog=more,
             max_hold_ms=settings.batch_max_hold_ms,
         )
+        plan, held_due_ms = plan_read(changes, backlog=more)
         if more and len(plan) < budget and first < limit:
             # Its keys' remainders (held while more is due) left room: the rest of the
             # read, and the plan again over both, as if read at once.
             rest, more = self.buffer.read_due(now_ms, limit - first, lane, offset=first)
             changes += rest
-            plan, held_due_ms = plan_cut(
-                changes,
-                now_ms=now_ms,
-                max_identifiers=settings.batch_max_identifiers,
-                linger_ms=linger,
-                max_batches=budget,
-                backlog=more,
-                max_hold_ms=settings.batch_max_hold_ms,
-            )
+            plan, held_due_ms = plan_read(changes, backlog=more)
         if settings.braze_api_version == "v2":
             packs = pack_batches(plan, max_identifiers=settings.batch_max_identifiers)
         else:
