@@ -58,7 +58,17 @@ def flipping_waves(sim, processes) -> None:
         # every wave (not only the first) a cut taken after it landed has been posted.
         landed = pending()
         answered = sim_stats(sim.url)["requests_ok"]
-        wait_for(lambda landed=landed: pending() < landed, what="a cut of this wave")
+        # Or the whole wave was cut already, before `landed` was read: then pending is 0,
+        # which no later read is below. The tick cuts a wave within a few ms of its last
+        # nudge (issue 26), so a test process descheduled for a moment after the enqueue
+        # read 0 and waited its 30 s for nothing while every tick cut 0 batches with no
+        # backlog (seen at load ~9, and at the defaults at load 2: the first wave's 1,143
+        # changes cut in one tick before the read). Nothing writes the buffer after the
+        # enqueue returns (no other producer; a change locked behind an in-flight batch
+        # stays counted until that batch ends and a tick cuts it), so pending only falls
+        # from `landed`: a stall that leaves changes pending still fails this wait, and
+        # the drain below.
+        wait_for(lambda landed=landed: landed == 0 or pending() < landed, what="a cut of this wave")
         # Or the whole wave went out already, between `landed` and `answered` (a quick
         # pipeline posts 1,500 changes in well under a second; issue 26).
         wait_for(
