@@ -162,17 +162,15 @@ def test_absurd_rate_limit_headers_on_a_429_pause_at_most_a_window(sim, poster, 
     assert record(redis_client, batch_id)["attempts"] == 0
 
 
-def test_failing_bookkeeping_after_a_201_cannot_re_post(sim, redis_client, monkeypatch, caplog):
+def test_failing_bookkeeping_after_a_201_cannot_re_post(sim, redis_client, caplog):
     """A Redis error while counting the request, after Braze accepted it: the batch has
-    ended already; the failure is logged and the batch is not posted again."""
+    ended already; the failure is logged and the batch is not posted again. (The count of a
+    delivery rides on its finish, after the outcome (issue 26): here it fails there, on a
+    totals key of another type.)"""
     found = services()
     batch_id = email_batch([email(6)])
     poster = found.poster()
-
-    def broken(**_kwargs: Any) -> None:
-        raise ConnectionError("Redis went away while counting")
-
-    monkeypatch.setattr(poster.counters, "request", broken)
+    redis_client.set(found.keys.request_totals, "not a hash")
     with caplog.at_level(logging.ERROR, logger="braze_subs.poster"):
         report = poster.post(batch_id)
     assert report.status == "delivered"
