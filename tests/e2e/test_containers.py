@@ -14,6 +14,7 @@ working runtime); `./dev test` installs it where apt-get can.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -116,19 +117,25 @@ def images() -> Iterator[dict[str, Any]]:
     if reason:
         pytest.skip(reason)
     timings: dict[str, float] = {}
-    base = timed(
-        "base image", timings, [str(ROOT / "deploy" / "base-image.sh")], timeout=900
-    ).strip()
-    deps = hashlib.sha256(base.encode() + (ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    wheels = CACHE / f"wheels-{deps[:16]}"
-    if not (wheels / ".complete").exists():
-        shutil.rmtree(wheels, ignore_errors=True)
-        timed("wheels", timings, [str(ROOT / "deploy" / "wheels.sh"), base, str(wheels)], 900)
-        (wheels / ".complete").touch()
-    # --format docker: the OCI format has no HEALTHCHECK.
-    build = ["podman", "build", "--format", "docker", "--build-arg", f"BASE_IMAGE={base}"]
-    build += ["-v", f"{wheels}:/wheels:ro", "--build-arg", "WHEELS=/wheels"]
-    timed("image build", timings, [*build, "-t", IMAGE, str(ROOT)], timeout=900)
+    # The modules sharing this fixture may run at once in two pytest-xdist workers: one
+    # builds while the other waits (once a dependency changes, both found no wheelhouse,
+    # and one's rmtree pulled the other's wheels from under its pip).
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "images.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        base = timed(
+            "base image", timings, [str(ROOT / "deploy" / "base-image.sh")], timeout=900
+        ).strip()
+        deps = hashlib.sha256(base.encode() + (ROOT / "pyproject.toml").read_bytes()).hexdigest()
+        wheels = CACHE / f"wheels-{deps[:16]}"
+        if not (wheels / ".complete").exists():
+            shutil.rmtree(wheels, ignore_errors=True)
+            timed("wheels", timings, [str(ROOT / "deploy" / "wheels.sh"), base, str(wheels)], 900)
+            (wheels / ".complete").touch()
+        # --format docker: the OCI format has no HEALTHCHECK.
+        build = ["podman", "build", "--format", "docker", "--build-arg", f"BASE_IMAGE={base}"]
+        build += ["-v", f"{wheels}:/wheels:ro", "--build-arg", "WHEELS=/wheels"]
+        timed("image build", timings, [*build, "-t", IMAGE, str(ROOT)], timeout=900)
     yield {"base": base, "timings": timings}
     print("container timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
 
