@@ -224,6 +224,7 @@ def create_app(settings: Settings) -> Celery:
         broker=broker.pop("broker_url"),
         include=["tasks.subscriptions"],
         amqp="tasks.masked_messages:MaskingAMQP",
+        events="tasks.celery_events:Events",  # no task event lost between pool threads
     )
     app.conf.update(
         # At-least-once: a message is acknowledged after its task ran, and redelivered if
