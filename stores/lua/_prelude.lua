@@ -463,8 +463,12 @@ local function call_in_slices(command, key, items)
       reply = redis.call(command, unpack(items, start, stop))
     end
     if type(reply) == 'table' then
-      for _, value in ipairs(reply) do
-        replies[#replies + 1] = value
+      if stop == #items and start == 1 then
+        return reply, sum  -- one slice: its reply as it is (no copy of each item)
+      end
+      local at = #replies
+      for k, value in ipairs(reply) do
+        replies[at + k] = value
       end
     elseif type(reply) == 'number' then
       sum = sum + reply

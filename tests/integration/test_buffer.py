@@ -19,7 +19,7 @@ from core.planning import PendingChange, PlannedBatch, plan_batches
 from delivery.coalescer import Coalescer
 from delivery.services import services
 from stores.batch_records import BatchStore
-from stores.buffer import Buffer
+from stores.buffer import Buffer, encode_change
 from stores.clock import server_time_ms
 from stores.history import ConsentHistory
 from stores.keys import buffer_field
@@ -255,6 +255,28 @@ def test_one_call_writes_each_field_once_in_its_lane_whatever_its_changes(env, r
         "superseded",
         "enqueued",
     ]
+
+
+@pytest.mark.parametrize("start", [0, 985, 99_990, 999_999_999_999_990, 9_007_199_254_739_990])
+def test_each_change_gets_the_next_sequence_number_written_as_an_integer(env, redis_client, start):
+    """enqueue.lua writes a change's "q" without formatting a number a change (issue 26):
+    the thousands once, the tens and units looked up. Whatever the counter stood at —
+    a fresh Redis (below 1,000, written whole), across a thousand, a hundred thousand,
+    10^15 (beyond %.14g's digits) and near 2^53 — every change of a call gets the next
+    number, as JSON's integer text, through `enqueue` and the import's pipelined calls."""
+    buffer = services().buffer
+    redis_client.set(buffer.keys.seq, start)
+    values = [email(n) for n in range(30)]
+    buffer.enqueue([change(value) for value in values[:15]], lane=Lane.BULK)
+    with buffer.pipelined() as enqueuer:
+        enqueuer.add([arg for value in values[15:] for arg in encode_change(change(value))])
+        enqueuer.finish()
+    for n, value in enumerate(values, 1):
+        raw = redis_client.hget(buffer.keys.pending, field(value))
+        text = raw.decode().split('"q":', 1)[1].split(",", 1)[0]
+        assert text == str(start + n), (n, raw)
+        assert json.loads(raw)["q"] == start + n
+    assert int(redis_client.get(buffer.keys.seq)) == start + len(values)
 
 
 def test_last_write_wins_across_calls(env):
