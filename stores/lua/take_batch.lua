@@ -35,6 +35,14 @@
 -- buffer for the next tick. The record is written in the same step that removes its
 -- changes from the buffer: a crash on either side of this script loses nothing, and the
 -- sweep re-dispatches a record whose task message never left.
+-- Run twice, it takes once: a take whose record exists already answers what that record
+-- holds, and takes nothing more. Each take names a new batch id (stores/buffer.py), so an
+-- existing record is this very take's, run before by a call whose reply was lost: the
+-- connection dropped after Redis ran it (a master killed mid-pipeline, whose replica had
+-- the write), and redis-py sent the pipeline again. Answered 0 then ("nothing was
+-- written"), the coalescer sent no message for a batch that holds its members' locks,
+-- and only the sweep (BATCH_REDISPATCH_SECONDS) would post it
+-- (e2e/test_redis_cluster.py's kill test, 1 run in ~10).
 -- Top-up at the cut (issue 26): a batch that comes out short of ARGV[11] (a key's
 -- remainder, or planned members a newer change replaced between the cut's read and this
 -- take: under flips, whole runs of a key's batches came out short this way) and that
@@ -47,7 +55,12 @@
 -- for any member taken. Every batch that travels alone is listed in KEYS[8], where the
 -- claim of a short batch of its kind finds it (`absorb`: one that stays short is emptied
 -- into it; under flips, a full one that waits for its turn lends it the places its lost
--- members left). Returns the members taken (0: nothing was written).
+-- members left). Returns the members taken (0: nothing was written), or, run again, the
+-- members its record holds now (fewer if a claim's absorb took some meanwhile).
+local existing = redis.call('GET', KEYS[5])
+if existing then
+  return #cjson.decode(existing).members
+end
 local prefix = ARGV[2] .. SEP .. ARGV[4] .. SEP
 local now = now_ms()
 -- The retention's texts as given (PEXPIRE and the cutoff's arithmetic take them as they

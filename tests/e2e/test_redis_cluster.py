@@ -20,6 +20,12 @@ pytestmark = pytest.mark.slow
 
 # promotion -> drained after a master's kill -9 (what is left of the drain, and the posts the
 # outage caught given back): well under the claim's lease (60 s) and the sweep (120 s).
+# The product recovers what a failover leaves without them (README "State on a Redis
+# Cluster"), so the bound holds at default timings: 2.6-4.5 s measured (21 runs). It once
+# timed out in CI and 1 run in 10 here: a cut's take ran on the master, its reply was lost
+# with it, and redis-py sent the pipeline again, which answered "nothing taken"; the
+# batches, with their members' locks, got no message until the sweep. take_batch.lua now
+# answers a second run with what the first took (integration/test_buffer.py).
 FAILOVER_DRAIN_BOUND_SECONDS = 45
 
 GROUPS = {"email": ["news", "promo-mail"], "phone": ["sms-promos"], "external_id": ["news"]}
@@ -167,7 +173,7 @@ def test_a_master_killed_mid_drain_every_identifier_ends_in_its_last_state(
             timeout=FAILOVER_DRAIN_BOUND_SECONDS,
             what="the buffer to drain after the failover",
         )
-    except AssertionError as exc:  # seen once in CI (session 10): say what was left
+    except AssertionError as exc:  # say what was left (ids and counts, no identifier)
         raise AssertionError(f"{exc}; left: {what_is_left()}") from None
     print(f"promotion -> drained: {time.monotonic() - promoted_at:.1f} s")
     assert sim_stats(sim.url)["requests_ok"] > answered  # the drain went on on the replica

@@ -12,6 +12,9 @@ import threading
 from typing import Any
 
 import pytest
+from redis import Redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from config.settings import load_settings
 from core.changes import Change, Lane, SubscriptionState, parse_change
@@ -23,7 +26,9 @@ from stores.buffer import Buffer, encode_change
 from stores.clock import server_time_ms
 from stores.history import ConsentHistory
 from stores.keys import buffer_field
+from stores.scripts import Scripts
 from tests.conftest import email, wait_for
+from tests.lost_reply import ReplyLosingRelay
 
 GROUP = "news"
 
@@ -425,6 +430,43 @@ def test_take_with_nothing_current_writes_no_record(env, redis_client):
     assert take_each(buffer, plan, 1000) == []
     assert redis_client.zcard(buffer.keys.batches) == 0
     assert redis_client.hlen(buffer.keys.inflight) == 0
+
+
+def test_a_cut_whose_reply_was_lost_and_sent_again_sends_every_batch_its_message(env, redis_client):
+    """The take's pipeline runs on Redis, then its reply is lost (the connection dropped:
+    in e2e/test_redis_cluster.py a master killed mid-pipeline, whose replica had the
+    writes) and redis-py sends it again with the same batch ids, as RedisCluster does after
+    a ConnectionError (REDIS_URL=redis+cluster://; a plain client given the same `Retry`
+    stands for it here, behind a relay that loses the reply). The second run takes nothing
+    more and answers what the first took, so each batch cut gets its message. Before, it
+    answered 0 ("nothing written"): the records stayed, holding their members' locks,
+    with no message, for the sweep (BATCH_REDISPATCH_SECONDS, 120 s) to post."""
+    found = services()
+    relay = ReplyLosingRelay(env["REDIS_URL"])
+    retrying = Redis.from_url(
+        relay.url, retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=1), 10)
+    )
+    buffer = Buffer(retrying, found.keys, Scripts(retrying), found.retention)
+    buffer.enqueue([change(email(n)) for n in range(120)])
+    # The take names each member as "value SEP seq" (take_batch.lua ARGV[13]); no other
+    # command of the tick does: its three scripts' replies (one integer each) are lost.
+    relay.lose_reply(email(0).encode() + b"\x1f", replies=3)
+    recorder = Recorder()
+    settings = load_settings(batch_linger_seconds=0)
+    cutter = Coalescer(settings, buffer, found.batches, found.limiter, found.heartbeats, recorder)
+    try:
+        report = cutter.tick()
+    finally:
+        retrying.close()
+        relay.close()
+    assert relay.lost.is_set()
+    cut = {raw.decode() for raw in redis_client.zrange(buffer.keys.batches, 0, -1)}
+    assert len(cut) == 3
+    assert sorted(recorder.ids) == sorted(cut)
+    assert (report.batches, report.identifiers) == (3, 120)
+    assert sorted(len(batch_record(buffer, bid)["members"]) for bid in cut) == [20, 50, 50]
+    assert redis_client.hlen(buffer.keys.inflight) == 120
+    assert buffer.pending_count() == 0
 
 
 def test_locked_field_waits_in_pending_until_its_batch_is_finished(env, redis_client):
