@@ -109,6 +109,12 @@ class Claim:
 # ~80 of the batch's key: enough to refill what a flip takes out.
 TOP_UP_LOOK_AT = 1000
 
+# How long dispatch_due.lua and sweep_batches.lua keep a call's answer for the same call
+# sent again (redis-py resends a command whose connection dropped before its reply: a
+# master killed after running it). Far beyond redis-py's retries of one command (a few
+# seconds); the key is one short list, written only by a call that handed out ids.
+HANDED_KEEP_MS = 60_000
+
 
 class Ended(StrEnum):
     """What `delivered`, `delivered_except` and `dead_letter` did."""
@@ -558,18 +564,23 @@ class BatchStore(ScriptedStore):
         return [_text(raw) for raw in ids]
 
     def dispatch_due(self, limit: int, grace_ms: int) -> list[str]:
-        """Take the due batches out of the schedule: the caller sends each a message."""
+        """Take the due batches out of the schedule: the caller sends each a message. The
+        call is named (`Keys.handed`): sent again by redis-py after its reply was lost, it
+        answers the same ids (dispatch_due.lua)."""
         k = self.keys
         ids = self.scripts.dispatch_due(
-            keys=[k.schedule, k.schedule_reasons, k.batches], args=[limit, grace_ms]
+            keys=[k.schedule, k.schedule_reasons, k.batches, k.handed(uuid.uuid4().hex)],
+            args=[limit, grace_ms, HANDED_KEEP_MS],
         )
         return [_text(raw) for raw in ids]
 
     def sweep(self, limit: int, grace_ms: int) -> list[str]:
-        """Batches between message and claim past their deadline: the message was lost."""
+        """Batches between message and claim past their deadline: the message was lost.
+        Named like `dispatch_due`'s call, for the same reason (sweep_batches.lua)."""
         k = self.keys
         ids = self.scripts.sweep_batches(
-            keys=[k.batches, k.claims, k.schedule], args=[limit, grace_ms]
+            keys=[k.batches, k.claims, k.schedule, k.handed(uuid.uuid4().hex)],
+            args=[limit, grace_ms, HANDED_KEEP_MS],
         )
         return [_text(raw) for raw in ids]
 

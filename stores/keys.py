@@ -153,6 +153,13 @@ class Keys:
         """HASH batch id -> what its schedule entry waits for (see `WaitReason`)."""
         return self._key("schedule:reason")
 
+    def handed(self, call_id: str) -> str:
+        """STRING JSON list of the batch ids one call of dispatch_due.lua or
+        sweep_batches.lua handed its caller to send messages for, kept a short while
+        (`stores.batch_records.HANDED_KEEP_MS`): the same call sent again after its reply
+        was lost (redis-py's resend after a ConnectionError) answers the same ids."""
+        return self._key(f"handed:{call_id}")
+
     def heartbeat(self, worker_id: str) -> str:
         """STRING present while the worker process `worker_id` is alive (a short expiry,
         renewed every HEARTBEAT_INTERVAL_SECONDS)."""

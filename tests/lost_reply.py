@@ -12,11 +12,15 @@ import socket
 import threading
 from urllib.parse import urlsplit
 
+from redis import Redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
 
 class ReplyLosingRelay:
-    """Relays every connection to `redis_url`'s server. `lose_reply(marker, replies)`: the
-    next request holding `marker` goes through; once Redis has sent `replies` replies to
-    it (each a one-line reply: an integer, a status or an error), the client's connection
+    """Relays every connection to `redis_url`'s server. `lose_reply(marker, lines)`: the
+    next request holding `marker` goes through; once Redis has sent `lines` lines of reply
+    to it (an integer reply is one, an array of two strings five), the client's connection
     is closed and they are dropped. Once only."""
 
     def __init__(self, redis_url: str) -> None:
@@ -26,7 +30,7 @@ class ReplyLosingRelay:
         self.port = int(self.listener.getsockname()[1])
         self._lock = threading.Lock()
         self._marker: bytes | None = None
-        self._replies = 0
+        self._lines = 0
         self.lost = threading.Event()  # set once a reply was dropped
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -35,9 +39,17 @@ class ReplyLosingRelay:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def lose_reply(self, marker: bytes, replies: int) -> None:
+    def retrying_client(self) -> Redis:
+        """A plain client through the relay that sends a command (or a pipeline) again
+        after a ConnectionError as redis-py's RedisCluster does by default (10 tries,
+        waits from 10 ms doubling to 1 s; a plain client from a URL sends nothing again)."""
+        return Redis.from_url(
+            self.url, retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=1), 10)
+        )
+
+    def lose_reply(self, marker: bytes, lines: int) -> None:
         with self._lock:
-            self._marker, self._replies = marker, replies
+            self._marker, self._lines = marker, lines
 
     def close(self) -> None:
         self._closed = True
@@ -73,7 +85,7 @@ class ReplyLosingRelay:
                     client.sendall(data)
                     continue
                 seen += data.count(b"\r\n")
-                if seen >= self._replies:  # Redis ran it all: its answer is lost
+                if seen >= self._lines:  # Redis ran it all: its answer is lost
                     self.lost.set()
                     break
         _close(client, server)

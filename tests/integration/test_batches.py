@@ -17,12 +17,21 @@ from core.changes import parse_change
 from core.planning import plan_batches
 from core.waiting import WaitReason
 from delivery.services import services
-from stores.batch_records import ClaimStatus, Deferral, Deferred, Ended, Finish, TakeBack
+from stores.batch_records import (
+    BatchStore,
+    ClaimStatus,
+    Deferral,
+    Deferred,
+    Ended,
+    Finish,
+    TakeBack,
+)
 from stores.buffer import Buffer
 from stores.clock import server_time_ms
 from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
 from tests.conftest import email, take_each, wait_for
+from tests.lost_reply import ReplyLosingRelay
 
 GROUP = "news"
 LEASE_MS = 30_000
@@ -624,3 +633,43 @@ def test_ends_lost_with_the_master_are_found_by_the_beat_after_redis_failed(
     assert raw_record(redis_client, ended) is None  # finished: never revived
     live.beat()  # checked once
     assert store.dispatch_due(1000, GRACE_MS) == []
+
+
+# --------------------------------------------------------------------------------------
+# a tick's hand-outs sent again after their reply was lost (redis-py's resend)
+# --------------------------------------------------------------------------------------
+
+
+def test_dispatch_and_sweep_sent_again_after_a_lost_reply_answer_the_same_batches(
+    env, redis_client
+):
+    """dispatch_due and the sweep take batches off the schedule (or push their sweep
+    deadline on) and hand the ids to the tick, which sends their messages. Their reply
+    lost after Redis ran them (the connection dropped: a master killed, its replica had
+    the writes), redis-py's cluster client sends the same call again: it answers the same
+    ids. Before, it answered none: the batches had no message until the sweep (120 s)."""
+    keys = services().keys
+    relay = ReplyLosingRelay(env["REDIS_URL"])
+    retrying = relay.retrying_client()
+    store = BatchStore(retrying, keys)
+    try:
+        due = sorted(make_batch([email(n)]) for n in (1, 2))
+        lost = sorted(make_batch([email(n)]) for n in (3, 4))
+        assert store.dispatch_due(1000, GRACE_MS) == []  # the scripts loaded
+        assert store.sweep(1000, GRACE_MS) == []
+        redis_client.zadd(keys.schedule, dict.fromkeys(due, 0))  # due now
+        redis_client.zadd(keys.batches, dict.fromkeys(lost, 0))  # past their deadline
+        # Each reply: an array of two ids, five lines. Only these calls name these keys.
+        relay.lose_reply(keys.schedule_reasons.encode(), lines=5)
+        assert sorted(store.dispatch_due(1000, GRACE_MS)) == due
+        assert relay.lost.is_set()
+        relay.lost.clear()
+        relay.lose_reply(keys.claims.encode(), lines=5)
+        assert sorted(store.sweep(1000, GRACE_MS)) == lost
+        assert relay.lost.is_set()
+    finally:
+        retrying.close()
+        relay.close()
+    # Each call hands its batches out once: the next call finds none.
+    assert store.dispatch_due(1000, GRACE_MS) == [] == services().batches.sweep(1000, GRACE_MS)
+    assert redis_client.zcard(keys.schedule) == 0

@@ -12,9 +12,6 @@ import threading
 from typing import Any
 
 import pytest
-from redis import Redis
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
 from config.settings import load_settings
 from core.changes import Change, Lane, SubscriptionState, parse_change
@@ -443,14 +440,12 @@ def test_a_cut_whose_reply_was_lost_and_sent_again_sends_every_batch_its_message
     with no message, for the sweep (BATCH_REDISPATCH_SECONDS, 120 s) to post."""
     found = services()
     relay = ReplyLosingRelay(env["REDIS_URL"])
-    retrying = Redis.from_url(
-        relay.url, retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=1), 10)
-    )
+    retrying = relay.retrying_client()
     buffer = Buffer(retrying, found.keys, Scripts(retrying), found.retention)
     buffer.enqueue([change(email(n)) for n in range(120)])
     # The take names each member as "value SEP seq" (take_batch.lua ARGV[13]); no other
     # command of the tick does: its three scripts' replies (one integer each) are lost.
-    relay.lose_reply(email(0).encode() + b"\x1f", replies=3)
+    relay.lose_reply(email(0).encode() + b"\x1f", lines=3)
     recorder = Recorder()
     settings = load_settings(batch_linger_seconds=0)
     cutter = Coalescer(settings, buffer, found.batches, found.limiter, found.heartbeats, recorder)
