@@ -12,7 +12,12 @@ A beat that fails (Redis did not answer: perhaps a failover) makes the next beat
 goes through check the claims this process ended in the seconds before: a master killed
 before its replica had an end loses it, and on the new master the batch is still claimed
 in a token no post holds; it is put back into the schedule at once (`recover_ended`),
-not left for the lease to run out (BATCH_CLAIM_SECONDS).
+not left for the lease to run out (BATCH_CLAIM_SECONDS). So does a beat that went through
+only after SLOW_BEAT_SECONDS (redis-py's cluster client tries a command again for seconds,
+following the slot map to the promoted replica: such a beat rode a failover out without
+an error), and the ends of the posts in progress at either are checked once they end (an
+end Redis acknowledged just before the master died may be released only after the post's
+next Redis call, which waited out the outage).
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ logger = logging.getLogger("braze_subs.liveness")
 # Claims ended this long before a beat failed are checked once Redis answers again: far
 # beyond a replica's lag behind its master (milliseconds; seconds on a starved host).
 RECENT_ENDS_SECONDS = 10.0
+
+# A beat that took this long went through only after Redis did not answer for a while (a
+# beat takes milliseconds): checked as after a failed one. The outage of a failover is at
+# least the cluster's failure detection (cluster-node-timeout: 15 s by default, 2 s in the
+# tests) and the thread beats every HEARTBEAT_INTERVAL_SECONDS (1 s), so some beat waits
+# out most of it. A false alarm costs one recover_orphans call, which changes only
+# batches still claimed in a token this process let go of, or held by no one.
+SLOW_BEAT_SECONDS = 0.5
 
 
 def new_worker_id() -> str:
@@ -63,6 +76,9 @@ class Liveness:
         # (monotonic time, batch id, token) of the claims let go of lately, oldest first
         self._ended: deque[tuple[float, str, str]] = deque()
         self._to_check: dict[str, str] = {}  # ended claims to check once Redis answers
+        # tokens of posts in progress when Redis failed: their ends are checked too
+        self._watched: set[str] = set()
+        self._beat_started: float | None = None  # a beat in progress keeps the ends before it
         self.recover_ended = recover_ended
         self._lock = threading.Lock()
         self._halt = threading.Event()
@@ -72,21 +88,38 @@ class Liveness:
 
     def beat(self) -> int:
         """Beat now; returns the leases extended. Raises what Redis raises: then the claims
-        ended lately are checked by the next beat that goes through (`redis_failed`)."""
+        ended lately are checked by the next beat that goes through (`redis_failed`, from
+        the failed beat's start: redis-py tried it again for seconds). A beat that took
+        SLOW_BEAT_SECONDS or more checks them at once."""
+        started = time.monotonic()
         with self._lock:
             held = list(self._held.items())
-        extended = self.heartbeats.beat(
-            self.worker_id, self.ttl_ms, claims=held, lease_ms=self.lease_ms
-        )
+            self._beat_started = started
+        try:
+            extended = self.heartbeats.beat(
+                self.worker_id, self.ttl_ms, claims=held, lease_ms=self.lease_ms
+            )
+        except Exception:  # RedisError, and redis-py's cluster errors (not RedisErrors)
+            self.redis_failed(since=started)
+            raise
+        finally:
+            with self._lock:
+                self._beat_started = None
+        if time.monotonic() - started >= SLOW_BEAT_SECONDS:
+            self.redis_failed(since=started)
         self._check_ended()
         return extended
 
-    def redis_failed(self) -> None:
-        """Redis did not answer a beat: the claims ended in the last RECENT_ENDS_SECONDS
-        may have ended only on a master that is gone; check them once it answers again."""
+    def redis_failed(self, since: float | None = None) -> None:
+        """Redis did not answer a beat (or answered only after a while, from `since`): the
+        claims ended in the RECENT_ENDS_SECONDS before may have ended only on a master that
+        is gone, and so may those of the posts in progress; check them once it answers."""
         with self._lock:
-            self._trim_ended()
-            self._to_check.update((batch_id, token) for _, batch_id, token in self._ended)
+            horizon = (time.monotonic() if since is None else since) - RECENT_ENDS_SECONDS
+            self._to_check.update(
+                (batch_id, token) for at, batch_id, token in self._ended if at >= horizon
+            )
+            self._watched = set(self._held.values())
 
     def _check_ended(self) -> None:
         with self._lock:
@@ -106,7 +139,8 @@ class Liveness:
             )
 
     def _trim_ended(self) -> None:
-        horizon = time.monotonic() - RECENT_ENDS_SECONDS
+        now = time.monotonic()
+        horizon = min(now, self._beat_started or now) - RECENT_ENDS_SECONDS
         while self._ended and self._ended[0][0] < horizon:
             self._ended.popleft()
 
@@ -131,7 +165,6 @@ class Liveness:
                 # are not RedisErrors: a slot not covered mid-failover): the thread goes on.
                 # The key expires and the batches go to other workers: the safe side.
                 logger.warning("heartbeat failed: %s: %s", type(exc).__name__, exc)
-                self.redis_failed()
 
     # --- the claims in progress -----------------------------------------------------------
 
@@ -145,9 +178,13 @@ class Liveness:
         waited in the schedule or were lost; remembered a few seconds (`redis_failed`)."""
         now = time.monotonic()
         with self._lock:
+            watched = token in self._watched
+            self._watched.discard(token)
             for batch_id in [b for b, held in self._held.items() if held == token]:
                 del self._held[batch_id]
                 self._ended.append((now, batch_id, token))
+                if watched:  # in progress when Redis failed: its end may be lost
+                    self._to_check[batch_id] = token
             self._trim_ended()
 
     def held(self) -> dict[str, str]:
