@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import msgspec
+
 from core.changes import (
     IDENTIFIER_FIELDS,
     Change,
@@ -382,6 +384,18 @@ def _jsonl_rows(
         if raw is None:
             yield number, InvalidRow(too_long_message())
             continue
+        # A line msgspec reads as a JSON object is that object (json.loads' answer: held
+        # to it by tests/unit/test_occurred_at.py); anything else (not an object, blank,
+        # bad UTF-8 or JSON, NaN, a float beyond range, a lone surrogate, nested too
+        # deeply) goes the json module's way below, for its verdict and its message.
+        # ~3 times faster than decoding the UTF-8 and json.loads (issue 26).
+        try:
+            value = _FAST_DECODE(raw)
+        except (msgspec.MsgspecError, RecursionError):
+            value = None
+        if type(value) is dict:
+            yield number, value
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -417,6 +431,8 @@ def _jsonl_chunks(path: Path, size: int) -> Iterator[JsonlChunk]:
             yield JsonlChunk(first_line, lines)
             first_line += len(lines)
 
+
+_FAST_DECODE = msgspec.json.Decoder().decode
 
 # json.loads without its own checks, which a str without a leading BOM passes: what it
 # calls for such a text (one Python call a row less, ~0.15 us).

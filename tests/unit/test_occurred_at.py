@@ -502,3 +502,91 @@ def test_a_line_reads_as_json_loads_read_it(text: str) -> None:
     from tasks.rows import _json_object
 
     assert repr(_json_object(text)) == repr(old_json_object(text))
+
+
+def old_jsonl_row(raw: bytes) -> list[tuple[int, Any]]:
+    """`tasks.rows._jsonl_rows` of one line before msgspec read it first (29c2a3c): the
+    UTF-8 decoded, a blank line skipped, then `old_json_object`."""
+    from tasks.rows import InvalidRow, _utf8_problem
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return [(1, InvalidRow(_utf8_problem(exc)))]
+    if text.isspace() or not text:
+        return []
+    return [(1, old_json_object(text))]
+
+
+# Values of every JSON kind and spelling msgspec and the json module might read apart:
+# numbers (exponents, -0, leading zeros, beyond a float, 4,300 digits and one more),
+# strings (escapes, lone and paired surrogates, control and non-ASCII characters, bad
+# UTF-8), literals, nesting; whitespace and trailing bytes around the object.
+JSON_VALUES = st.one_of(
+    st.from_regex(r"-?(0|[1-9][0-9]{0,20})(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?", fullmatch=True),
+    st.sampled_from(
+        [
+            "01",
+            "-0",
+            "-0.0",
+            "1.",
+            ".5",
+            "+1",
+            "1e309",
+            "-1e400",
+            "2.5e-324",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "1" * 4300,
+            "1" * 4301,
+            "9007199254740993.0",
+            '"\\ud800"',
+            '"\\udc00\\ud800"',
+            '"\\ud83d\\ude00"',
+            '"\\u0000"',
+            '"\\/"',
+            '"\\x"',
+            '"\x7f"',
+            '"\x1f"',
+            '"\t"',
+            "true",
+            "false",
+            "null",
+            "tru",
+            "[]",
+            "{}",
+            '{"b": [1, {"c": null}]}',
+            "[" * 3000 + "]" * 3000,
+            '"é\u2028"',
+        ]
+    ),
+    st.text(max_size=12).map(json.dumps),
+    st.floats(allow_nan=False).map(repr),
+    st.integers().map(str),
+)
+JSON_LINES = st.one_of(
+    st.builds(
+        lambda key, value, before, after: f'{before}{{"{key}": {value}}}{after}'.encode(
+            "utf-8", "surrogatepass"
+        ),
+        st.sampled_from(["subscription_group_id", "occurred_at", "a", ""]),
+        JSON_VALUES,
+        st.sampled_from(["", " ", "\t", "\ufeff", "\x0c"]),
+        st.sampled_from(["", "\n", "\r\n", " \n", "x", "{}", "\x00", ","]),
+    ),
+    st.binary(max_size=30).map(lambda tail: b'{"a": "' + tail + b'"}\n'),
+    st.binary(max_size=30),
+    st.sampled_from([b"\n", b"   \n", b"", b'{"a":1,"a":2}', b'{"b":1,"a":2,"b":3}\n']),
+)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(JSON_LINES)
+def test_a_line_msgspec_reads_reads_as_json_loads_read_it(raw: bytes) -> None:
+    """The import reads a line with msgspec first (issue 26): where msgspec answers with
+    an object it is json.loads' object (the same keys in the same order, the same values
+    of the same types); every other line has the json module's verdict and message."""
+    from tasks.rows import _jsonl_rows
+
+    assert repr(list(_jsonl_rows([(1, raw)]))) == repr(old_jsonl_row(raw))
