@@ -84,7 +84,17 @@ end
 if not holder and redis.call('ZSCORE', KEYS[6], id) then
   return {'waiting'}
 end
-local record = cjson.decode(record_json)
+-- The record without its members first (`record_head`, issue 26): a claim that finds no
+-- member superseded and no room for a top-up (a full batch) neither decodes nor rewrites
+-- the members and answers the record as stored; any other decodes it whole, as before.
+local record, values = record_head(record_json)
+if not record then
+  record = cjson.decode(record_json)
+  values = {}
+  for n, member in ipairs(record.members) do
+    values[n] = member[1]
+  end
+end
 redis.call('ZREM', KEYS[14], short_entry(record))
 local prefix = record.group .. SEP .. record.kind .. SEP
 local kept = {}
@@ -94,11 +104,24 @@ local now = now_ms()
 -- The members' newer changes, if any, in one HMGET (issue 26: one call a batch, not one a
 -- member); nothing below writes the buffer's changes before the top-up.
 local fields = {}
-for n, member in ipairs(record.members) do
-  fields[n] = prefix .. member[1]
+for n, value in ipairs(values) do
+  fields[n] = prefix .. value
 end
 local newers = call_in_slices('HMGET', KEYS[8], fields)
-for n, member in ipairs(record.members) do
+local whole = #fields >= tonumber(ARGV[6])
+for n = 1, #fields do
+  if newers[n] then
+    whole = false
+    break
+  end
+end
+if whole then
+  -- Every member stays and there is no room for a top-up: the reply is the record as
+  -- stored, its lease written below.
+elseif not record.members then
+  record = cjson.decode(record_json)
+end
+for n, member in ipairs(whole and {} or record.members) do
   local field = fields[n]
   local newer = newers[n]
   if newer then
@@ -118,7 +141,7 @@ for n, member in ipairs(record.members) do
     kept[#kept + 1] = member
   end
 end
-if #kept == 0 then
+if not whole and #kept == 0 then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], id)
   end_claim(KEYS[3], KEYS[4], KEYS[5], id)
@@ -137,9 +160,9 @@ if #kept == 0 then
   return {'empty', record_json}
 end
 local topped = 0
-local lost = #kept < #record.members
-if #kept < tonumber(ARGV[6]) and not holder and record.attempts == 0 and not record.split
-    and not record.sibling then
+local lost = not whole and #kept < #record.members
+if not whole and #kept < tonumber(ARGV[6]) and not holder and record.attempts == 0
+    and not record.split and not record.sibling then
   local at = {prefix = keys_prefix, pending = KEYS[8], due = KEYS[9], due_live = KEYS[12],
     inflight = KEYS[10], keep = keep, most = most, subject_keep = tonumber(ARGV[8]),
     now = now, short = KEYS[14], tokens = KEYS[4], schedule = KEYS[6], batches = KEYS[2]}

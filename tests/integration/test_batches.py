@@ -12,6 +12,8 @@ import json
 import time
 from typing import Any
 
+import pytest
+
 from admin.status import read_status
 from core.changes import parse_change
 from core.planning import plan_batches
@@ -221,6 +223,73 @@ def test_claim_with_every_member_superseded_is_empty_and_ends_the_batch(env, red
     assert inflight(redis_client) == {}
     assert due(redis_client) == {field(email(1)), field(email(2))}
     assert store.claim(batch_id, A, LEASE_MS).status is ClaimStatus.GONE
+
+
+# Values a batch record's JSON must carry exactly: JSON's punctuation unescaped (a
+# member's `]`, `,`, `[`, `]]}`, `:`) and UTF-8, which the claim reads without decoding
+# the members; and the escaped (a quote, a backslash, cjson's `\/`), which it decodes.
+PLAIN = ["a],[b", "c,members:[d", "k\u00e9l", "m]]}", "[n]", "o:p"]
+ESCAPED = ['q"r', "s\\t", "u/v", 'w",["x', '"members":["y']
+
+
+@pytest.mark.parametrize("awkward", [[], PLAIN, PLAIN + ESCAPED])
+def test_a_full_batch_is_claimed_as_stored_and_its_superseded_member_still_leaves(
+    env, redis_client, awkward
+):
+    """The claim reads a record without decoding its members when the layout allows
+    (`record_head` in _prelude.lua, issue 26: no backslash anywhere) and decodes it whole
+    otherwise: the same answers either way. A full batch (no room for a top-up) with no
+    member superseded is answered and kept byte for byte as stored; one with a superseded
+    member (each awkward value in turn) loses exactly that member, whose lock is released
+    and whose newer change becomes due."""
+    found = services()
+    buffer, store, keys = found.buffer, found.batches, found.keys
+    values = awkward + [f"user-{n}" for n in range(50 - len(awkward))]
+
+    def ext(value: str, state: str = "subscribed") -> Any:
+        return parse_change(
+            {"subscription_group_id": GROUP, "subscription_state": state, "external_id": value}
+        )
+
+    def full_batch() -> str:
+        buffer.enqueue([ext(v) for v in values])
+        now = server_time_ms(redis_client)
+        changes, _ = buffer.read_due(now, 1000)
+        [(batch_id, size)] = take_each(
+            buffer, plan_batches(changes, now_ms=now, max_identifiers=50), 60_000
+        )
+        assert size == 50
+        return batch_id
+
+    batch_id = full_batch()
+    stored = redis_client.get(keys.batch(batch_id))
+    claim = store.claim(batch_id, A, LEASE_MS, top_up_to=50)
+    assert claim.status is ClaimStatus.CLAIMED
+    assert claim.record is not None and sorted(claim.record.values) == sorted(values)
+    assert redis_client.get(keys.batch(batch_id)) == stored
+    assert store.delivered(batch_id, A) == Finish(Ended.ENDED, 50)
+
+    for n, value in enumerate(awkward or values[:1]):
+        batch_id = full_batch()
+        buffer.enqueue([ext(value, "unsubscribed")])  # newer: waits for the lock
+        claim = store.claim(batch_id, A, LEASE_MS, top_up_to=50)
+        assert claim.status is ClaimStatus.CLAIMED, value
+        assert claim.record is not None
+        assert sorted(claim.record.values) == sorted(v for v in values if v != value), value
+        superseded = buffer_field(GROUP, "external_id", value)
+        assert superseded not in inflight(redis_client), value
+        assert due(redis_client) == {superseded}, value
+        assert store.delivered(batch_id, A) == Finish(Ended.ENDED, 49), value
+        changes, _ = buffer.read_due(server_time_ms(redis_client), 100)
+        [(drained, size)] = take_each(
+            buffer,
+            plan_batches(changes, now_ms=server_time_ms(redis_client), max_identifiers=50),
+            60_000,
+        )
+        assert size == 1
+        claimed(drained, B)
+        assert store.delivered(drained, B) == Finish(Ended.ENDED, 1)
+        assert inflight(redis_client) == {} and buffer.pending_count() == 0, n
 
 
 # --------------------------------------------------------------------------------------
