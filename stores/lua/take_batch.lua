@@ -88,7 +88,8 @@ for n = 1, #fields do
   local change = current and cjson.decode(current)
   if change and change.q == tonumber(seq) and not locks[n] and not seen[value] then
     seen[value] = true
-    members[#members + 1] = take_change(at, ARGV[1], ARGV[2], ARGV[4], value, change, seq)
+    members[#members + 1] = take_change(at, ARGV[1], ARGV[2], ARGV[4], value, change, seq,
+      fields[n])
   end
 end
 if #members == 0 then
