@@ -27,22 +27,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.figures import publish
-from bench.trees import add_base_tree, child_figures, remove_base_tree
+from bench.trees import ROOT, figures_in_tree, rounds_in_both
 
-ROOT = Path(__file__).resolve().parent.parent
 BASE = "468eece"  # main before the ceiling's third step (hiredis, the split per process)
 CPU_SPLIT = ROOT / "bench" / "cpu_split.py"
-# Packages this tree requires that a base may not (checked in the base's pyproject.toml):
-# hidden from the base's processes (an import of them fails), as the base's install lacks
-# them. redis-py uses hiredis whenever it can import it.
-NEWER_PACKAGES = ("hiredis",)
 PROCESSES = ("workers", "beat", "simulator", "redis-server")
 # Within the simulator's process (the drain's): its own thread, the drain's status poll
 # left out. Shown beside the processes, not added to their total.
@@ -84,24 +76,7 @@ DRAIN = (
 )
 
 
-def hidden_packages(tree: Path) -> list[str]:
-    """The packages of NEWER_PACKAGES the tree's pyproject.toml does not name."""
-    requirements = (tree / "pyproject.toml").read_text()
-    return [name for name in NEWER_PACKAGES if f'"{name}' not in requirements]
-
-
-def hiding(packages: list[str], folder: Path) -> str:
-    """A folder for PYTHONPATH whose sitecustomize.py makes importing `packages` fail in
-    every process started with it ("" when there is none to hide)."""
-    if not packages:
-        return ""
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = ["import sys"] + [f"sys.modules[{name!r}] = None" for name in packages]
-    (folder / "sitecustomize.py").write_text("\n".join(lines) + "\n")
-    return str(folder)
-
-
-def drain(tree: Path, args: argparse.Namespace, hidden: str = "") -> dict[str, Any]:
+def drain(tree: Path, hidden: str, args: argparse.Namespace) -> dict[str, Any]:
     code = DRAIN.format(
         identifiers=args.identifiers,
         limit=args.limit,
@@ -109,16 +84,7 @@ def drain(tree: Path, args: argparse.Namespace, hidden: str = "") -> dict[str, A
         timeout=args.timeout,
         cpu_split=str(CPU_SPLIT),
     )
-    path = os.pathsep.join(p for p in (hidden, str(tree)) if p)
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tree,
-        env={**os.environ, "PYTHONPATH": path},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return child_figures(done, tree)
+    return figures_in_tree(tree, code, hidden)
 
 
 def main() -> None:
@@ -136,44 +102,28 @@ def main() -> None:
     commands: dict[str, list[float]] = {"base": [], "this": []}
     redis_cpu: dict[str, list[float]] = {"base": [], "this": []}
     cpu: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
-    with tempfile.TemporaryDirectory(prefix="braze-subs-ceiling-") as tmp:
-        base_tree = Path(tmp) / "base"
-        add_base_tree(base_tree, args.base)
-        hidden = {
-            "base": hiding(hidden_packages(base_tree), Path(tmp) / "hidden"),
-            "this": "",
+    for round_, name, tree, hidden in rounds_in_both(args.base, args.rounds, "braze-subs-ceiling-"):
+        figures = drain(tree, hidden, args)
+        rate = figures["identifiers"] / figures["drain_seconds"]
+        per_thousand = {
+            process: round(seconds * 1000 / figures["identifiers"], 3)
+            for process, seconds in figures["cpu_seconds"].items()
         }
-        if hidden["base"]:
-            print(f"hidden from the base: {', '.join(hidden_packages(base_tree))}", flush=True)
-        try:
-            for round_ in range(args.rounds):
-                order = [("base", base_tree), ("this", ROOT)]
-                if round_ % 2:
-                    order.reverse()
-                for name, tree in order:
-                    figures = drain(tree, args, hidden[name])
-                    rate = figures["identifiers"] / figures["drain_seconds"]
-                    per_thousand = {
-                        process: round(seconds * 1000 / figures["identifiers"], 3)
-                        for process, seconds in figures["cpu_seconds"].items()
-                    }
-                    cpu[name].append(per_thousand)
-                    rates[name].append(round(rate))
-                    wrong[name] += figures["wrong_final_state"]
-                    per_request = figures["redis_commands"] / max(1, figures["requests"])
-                    commands[name].append(round(per_request))
-                    redis_cpu[name].append(figures["redis_cpu_seconds"])
-                    print(
-                        f"round {round_ + 1} {name}: {rate:,.0f} identifiers/s "
-                        f"({figures['drain_seconds']} s, {figures['requests']} requests; "
-                        f"Redis: {per_request:,.0f} commands a request, "
-                        f"{figures['redis_cpu_seconds']} s CPU; CPU s per 1,000 identifiers: "
-                        + ", ".join(f"{p} {per_thousand.get(p, 0)}" for p in (*PROCESSES, *THREADS))
-                        + ")",
-                        flush=True,
-                    )
-        finally:
-            remove_base_tree(base_tree)
+        cpu[name].append(per_thousand)
+        rates[name].append(round(rate))
+        wrong[name] += figures["wrong_final_state"]
+        per_request = figures["redis_commands"] / max(1, figures["requests"])
+        commands[name].append(round(per_request))
+        redis_cpu[name].append(figures["redis_cpu_seconds"])
+        print(
+            f"round {round_} {name}: {rate:,.0f} identifiers/s "
+            f"({figures['drain_seconds']} s, {figures['requests']} requests; "
+            f"Redis: {per_request:,.0f} commands a request, "
+            f"{figures['redis_cpu_seconds']} s CPU; CPU s per 1,000 identifiers: "
+            + ", ".join(f"{p} {per_thousand.get(p, 0)}" for p in (*PROCESSES, *THREADS))
+            + ")",
+            flush=True,
+        )
     result: dict[str, Any] = {
         "base": args.base,
         "identifiers": args.identifiers,

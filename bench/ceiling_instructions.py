@@ -22,7 +22,6 @@ bench/results/ceiling-instructions.json.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -33,9 +32,9 @@ from typing import Any
 
 from redis import Redis
 
-from bench.ceiling import BASE, ROOT, hidden_packages, hiding
+from bench.ceiling import BASE
 from bench.figures import publish
-from bench.trees import add_base_tree, remove_base_tree
+from bench.trees import base_and_this, run_in_tree
 from devtools.processes import free_port
 from simulator import SimulatorConfig, SimulatorServer
 
@@ -122,23 +121,16 @@ def measure(tree: Path, hidden: str, identifiers: int, workdir: Path) -> dict[st
                 time.sleep(0.2)
         sim.start()
         python_out = workdir / "python.out"
-        path = os.pathsep.join(p for p in (hidden, str(tree)) if p)
-        done = subprocess.run(
+        done = run_in_tree(
+            tree,
             [*callgrind, f"--callgrind-out-file={python_out}", sys.executable, "-c", HARNESS],
-            cwd=tree,
-            env={
-                **os.environ,
-                "PYTHONPATH": path,
-                # Under callgrind a take of many batches outlasts redis-py's read
-                # timeout on a loaded machine (both trees failed so): no timeout here.
-                "REDIS_URL": f"redis://127.0.0.1:{port}/0?socket_timeout=600",
-                "REDIS_PID": str(redis_server.pid),
-                "SIM_URL": sim.url,
-                "IDENTIFIERS": str(identifiers),
-            },
-            capture_output=True,
-            text=True,
-            check=False,
+            hidden,
+            # Under callgrind a take of many batches outlasts redis-py's read timeout on a
+            # loaded machine (both trees failed so): no timeout here.
+            REDIS_URL=f"redis://127.0.0.1:{port}/0?socket_timeout=600",
+            REDIS_PID=str(redis_server.pid),
+            SIM_URL=sim.url,
+            IDENTIFIERS=str(identifiers),
         )
         if done.returncode != 0:
             raise SystemExit(f"the counted run in {tree} failed:\n{done.stderr[-2000:]}")
@@ -159,33 +151,27 @@ def main() -> None:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found (apt-get install valgrind redis-server)")
     result: dict[str, Any] = {"base": args.base, "backlogs": f"{args.small}, {args.large}"}
-    with tempfile.TemporaryDirectory(prefix="braze-subs-instructions-") as tmp:
-        base_tree = Path(tmp) / "base"
-        add_base_tree(base_tree, args.base)
-        try:
-            trees = {
-                "base": (base_tree, hiding(hidden_packages(base_tree), Path(tmp) / "hidden")),
-                "this": (ROOT, ""),
+    with (
+        tempfile.TemporaryDirectory(prefix="braze-subs-instructions-") as tmp,
+        base_and_this(args.base, Path(tmp)) as trees,
+    ):
+        for name, (tree, hidden) in trees.items():
+            counted = {
+                n: measure(tree, hidden, n, Path(tmp) / f"{name}-{n}")
+                for n in (args.small, args.large)
             }
-            for name, (tree, hidden) in trees.items():
-                counted = {
-                    n: measure(tree, hidden, n, Path(tmp) / f"{name}-{n}")
-                    for n in (args.small, args.large)
-                }
-                for process in ("python", "redis-server"):
-                    per_thousand = (
-                        (counted[args.large][process] - counted[args.small][process])
-                        * 1000
-                        / (args.large - args.small)
-                    )
-                    result[f"{name}.{process}_instructions_per_1000"] = round(per_thousand)
-                    print(
-                        f"{name} {process}: {per_thousand / 1e6:,.1f} M instructions per "
-                        "1,000 identifiers",
-                        flush=True,
-                    )
-        finally:
-            remove_base_tree(base_tree)
+            for process in ("python", "redis-server"):
+                per_thousand = (
+                    (counted[args.large][process] - counted[args.small][process])
+                    * 1000
+                    / (args.large - args.small)
+                )
+                result[f"{name}.{process}_instructions_per_1000"] = round(per_thousand)
+                print(
+                    f"{name} {process}: {per_thousand / 1e6:,.1f} M instructions per "
+                    "1,000 identifiers",
+                    flush=True,
+                )
     for process in ("python", "redis-server"):
         base = result[f"base.{process}_instructions_per_1000"]
         result[f"{process}_this_over_base"] = round(

@@ -22,15 +22,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.ceiling import ROOT, hidden_packages, hiding
 from bench.figures import publish
-from bench.trees import add_base_tree, child_figures, remove_base_tree
+from bench.trees import figures_in_tree, rounds_in_both
 
 BASE = "1526bcf"  # main before the fourth step's changes to the workers (issue 26)
 
@@ -126,21 +122,9 @@ print("FIGURES " + json.dumps(figures))
 
 
 def measure(tree: Path, hidden: str, identifiers: int) -> dict[str, Any]:
-    path = os.pathsep.join(p for p in (hidden, str(tree)) if p)
-    done = subprocess.run(
-        [sys.executable, "-c", HARNESS],
-        cwd=tree,
-        env={
-            **os.environ,
-            "PYTHONPATH": path,
-            "IDENTIFIERS": str(identifiers),
-            "STEPS": json.dumps(STEPS),
-        },
-        capture_output=True,
-        text=True,
-        check=False,
+    return figures_in_tree(
+        tree, HARNESS, hidden, IDENTIFIERS=str(identifiers), STEPS=json.dumps(STEPS)
     )
-    return child_figures(done, tree)
 
 
 def main() -> None:
@@ -151,26 +135,16 @@ def main() -> None:
     args = parser.parse_args()
     labels = [step[3] for step in STEPS] + ["post in all", "cut, a batch"]
     runs: dict[str, list[dict[str, Any]]] = {"base": [], "this": []}
-    with tempfile.TemporaryDirectory(prefix="braze-subs-post-cpu-") as tmp:
-        base_tree = Path(tmp) / "base"
-        add_base_tree(base_tree, args.base)
-        try:
-            trees = {
-                "base": (base_tree, hiding(hidden_packages(base_tree), Path(tmp) / "hidden")),
-                "this": (ROOT, ""),
-            }
-            for round_ in range(args.rounds):
-                order = ["base", "this"] if round_ % 2 == 0 else ["this", "base"]
-                for name in order:
-                    figures = measure(*trees[name], args.identifiers)
-                    runs[name].append(figures)
-                    print(
-                        f"round {round_ + 1} {name}: {figures['post in all']:,.0f} us a post, "
-                        f"cut {figures['cut, a batch']:,.0f} us a batch ({figures['posts']} posts)",
-                        flush=True,
-                    )
-        finally:
-            remove_base_tree(base_tree)
+    for round_, name, tree, hidden in rounds_in_both(
+        args.base, args.rounds, "braze-subs-post-cpu-"
+    ):
+        figures = measure(tree, hidden, args.identifiers)
+        runs[name].append(figures)
+        print(
+            f"round {round_} {name}: {figures['post in all']:,.0f} us a post, "
+            f"cut {figures['cut, a batch']:,.0f} us a batch ({figures['posts']} posts)",
+            flush=True,
+        )
     result: dict[str, Any] = {
         "base": args.base,
         "identifiers": args.identifiers,

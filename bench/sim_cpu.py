@@ -27,7 +27,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,8 @@ import httpx
 import psutil
 
 from bench.figures import publish
-from bench.trees import add_base_tree, remove_base_tree
+from bench.trees import rounds_in_both, tree_env
 
-ROOT = Path(__file__).resolve().parent.parent
 BASE = "main"
 KEY = "bench-key"
 BATCH = 50
@@ -118,14 +116,16 @@ def cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def measure(tree: Path, args: argparse.Namespace, rng: random.Random) -> dict[str, float]:
+def measure(
+    tree: Path, hidden: str, args: argparse.Namespace, rng: random.Random
+) -> dict[str, float]:
     """Serve `tree`'s simulator in a process and post to it; its CPU over the posts."""
     warm = bodies(args.warmup, 0, rng)
     payloads = bodies(args.requests, args.warmup * BATCH, rng)
     server = subprocess.Popen(
         [sys.executable, "-c", SERVE.format(key=KEY)],
         cwd=tree,
-        env={**os.environ, "PYTHONPATH": str(tree)},
+        env=tree_env(tree, hidden),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -165,25 +165,15 @@ def main() -> None:
     args = parser.parse_args()
 
     runs: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
-    with tempfile.TemporaryDirectory(prefix="braze-subs-sim-cpu-") as tmp:
-        base_tree = Path(tmp) / "base"
-        add_base_tree(base_tree, args.base)
-        try:
-            for round_ in range(args.rounds):
-                order = [("base", base_tree), ("this", ROOT)]
-                if round_ % 2:
-                    order.reverse()
-                for name, tree in order:
-                    figures = measure(tree, args, random.Random(round_))
-                    runs[name].append(figures)
-                    print(
-                        f"round {round_ + 1} {name}: {figures['us_per_request']} us a request, "
-                        f"{figures['cpu_seconds_per_1000_identifiers']} CPU s per 1,000 "
-                        "identifiers",
-                        flush=True,
-                    )
-        finally:
-            remove_base_tree(base_tree)
+    for round_, name, tree, hidden in rounds_in_both(args.base, args.rounds, "braze-subs-sim-cpu-"):
+        figures = measure(tree, hidden, args, random.Random(round_ - 1))
+        runs[name].append(figures)
+        print(
+            f"round {round_} {name}: {figures['us_per_request']} us a request, "
+            f"{figures['cpu_seconds_per_1000_identifiers']} CPU s per 1,000 "
+            "identifiers",
+            flush=True,
+        )
     result: dict[str, Any] = {
         "base": args.base,
         "requests": args.requests,

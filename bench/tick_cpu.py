@@ -27,14 +27,11 @@ import json
 import os
 import statistics
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.ceiling import ROOT, hidden_packages, hiding
 from bench.figures import publish
-from bench.trees import add_base_tree, child_figures, remove_base_tree
+from bench.trees import ROOT, figures_in_tree, rounds_in_both
 
 BASE = "91ae1f1"  # main before the fifth step (the tick)
 # Batches posted between two ticks: a drain's beat (1 s) at ~10,000 identifiers/s. The
@@ -182,22 +179,14 @@ LABELS = (
 
 
 def measure(tree: Path, hidden: str, identifiers: int, posts_between: int) -> dict[str, Any]:
-    path = os.pathsep.join(p for p in (hidden, str(tree)) if p)
-    done = subprocess.run(
-        [sys.executable, "-c", HARNESS],
-        cwd=tree,
-        env={
-            **os.environ,
-            "PYTHONPATH": path,
-            "IDENTIFIERS": str(identifiers),
-            "STEPS": json.dumps(STEPS),
-            "POSTS_BETWEEN": str(posts_between),
-        },
-        capture_output=True,
-        text=True,
-        check=False,
+    return figures_in_tree(
+        tree,
+        HARNESS,
+        hidden,
+        IDENTIFIERS=str(identifiers),
+        STEPS=json.dumps(STEPS),
+        POSTS_BETWEEN=str(posts_between),
     )
-    return child_figures(done, tree)
 
 
 def main() -> None:
@@ -213,29 +202,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     runs: dict[str, list[dict[str, Any]]] = {"base": [], "this": []}
-    with tempfile.TemporaryDirectory(prefix="braze-subs-tick-cpu-") as tmp:
-        base_tree = Path(tmp) / "base"
-        add_base_tree(base_tree, args.base)
-        try:
-            trees = {
-                "base": (base_tree, hiding(hidden_packages(base_tree), Path(tmp) / "hidden")),
-                "this": (ROOT, ""),
-            }
-            for round_ in range(args.rounds):
-                order = ["base", "this"] if round_ % 2 == 0 else ["this", "base"]
-                for name in order:
-                    figures = measure(*trees[name], args.identifiers, args.posts_between)
-                    runs[name].append(figures)
-                    print(
-                        f"round {round_ + 1} {name}: tick {figures['tick in all']:.2f} us a "
-                        f"change, redis-server {figures['redis-server during ticks']:.2f}, "
-                        f"{figures['reads a change']:.2f} reads a change "
-                        f"({figures['identifiers']} identifiers, {figures['ticks']} ticks, "
-                        f"{figures['messages']} messages)",
-                        flush=True,
-                    )
-        finally:
-            remove_base_tree(base_tree)
+    for round_, name, tree, hidden in rounds_in_both(
+        args.base, args.rounds, "braze-subs-tick-cpu-"
+    ):
+        figures = measure(tree, hidden, args.identifiers, args.posts_between)
+        runs[name].append(figures)
+        print(
+            f"round {round_} {name}: tick {figures['tick in all']:.2f} us a "
+            f"change, redis-server {figures['redis-server during ticks']:.2f}, "
+            f"{figures['reads a change']:.2f} reads a change "
+            f"({figures['identifiers']} identifiers, {figures['ticks']} ticks, "
+            f"{figures['messages']} messages)",
+            flush=True,
+        )
     base_commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", args.base],
         capture_output=True,
