@@ -746,6 +746,61 @@ def test_the_end_of_a_post_in_progress_when_redis_failed_is_checked_once_it_ends
     assert redis_client.zscore(keys.schedule, lost) is None
 
 
+def test_a_slow_beat_without_a_failover_changes_no_batch_that_ended_waits_or_is_held(
+    env, redis_client
+):
+    """A beat slow for another reason than a failover (a busy Redis; CLIENT PAUSE WRITE
+    holds it 0.8 s here) counts as a failed one: the ends before it, and those of the posts
+    in progress at it once they end, are checked. With no end lost, the check changes
+    nothing: a batch delivered stays ended, one waiting in the schedule keeps its due time
+    and reason, one another worker claimed since keeps that claim (a live holder is never
+    taken from), and a post still in progress keeps its claim. (The false alarm's cost,
+    README's failover section: one recover_orphans call.)"""
+    store, keys, live = services().batches, services().keys, services().liveness
+    done, reclaimed, waiting, later, ongoing = (make_batch([email(n)]) for n in range(1, 6))
+    tokens = {
+        done: "me/done",
+        reclaimed: "me/re",
+        waiting: "me/wait",
+        later: "me/later",
+        ongoing: "me/on",
+    }
+    for batch_id, token in tokens.items():
+        claimed(batch_id, token)
+        live.hold(batch_id, token)
+    # Ended before the slow beat: one delivered, one given back due now and claimed since
+    # by another worker, whose post is in progress.
+    assert store.delivered(done, tokens[done]).status is Ended.ENDED
+    live.release_token(tokens[done])
+    defer(reclaimed, tokens[reclaimed], count_attempt=False, due_in_ms=0, reason=WaitReason.READY)
+    live.release_token(tokens[reclaimed])
+    assert store.dispatch_due(1000, GRACE_MS) == [reclaimed]
+    beat("worker-b")
+    claimed(reclaimed, B)
+
+    redis_client.execute_command("CLIENT", "PAUSE", 800, "WRITE")
+    started = time.monotonic()
+    live.beat()  # slow: checked as after a failure
+    assert time.monotonic() - started >= 0.5
+    # The posts in progress at it end: one waits for its retry, one is delivered.
+    defer(waiting, tokens[waiting])
+    live.release_token(tokens[waiting])
+    due_at = redis_client.zscore(keys.schedule, waiting)
+    assert store.delivered(later, tokens[later]).status is Ended.ENDED
+    live.release_token(tokens[later])
+    live.beat()  # their ends are checked
+
+    assert raw_record(redis_client, done) is None
+    assert raw_record(redis_client, later) is None
+    assert redis_client.hget(keys.claim_tokens, reclaimed) == B.encode()
+    assert redis_client.zscore(keys.schedule, reclaimed) is None
+    assert redis_client.hget(keys.claim_tokens, ongoing) == tokens[ongoing].encode()
+    assert redis_client.zscore(keys.schedule, waiting) == due_at
+    assert redis_client.hget(keys.schedule_reasons, waiting) == b"retry"
+    assert b"recovered" not in redis_client.hvals(keys.schedule_reasons)
+    assert store.dispatch_due(1000, GRACE_MS) == []
+
+
 # --------------------------------------------------------------------------------------
 # a tick's hand-outs sent again after their reply was lost (redis-py's resend)
 # --------------------------------------------------------------------------------------

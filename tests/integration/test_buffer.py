@@ -464,6 +464,60 @@ def test_a_cut_whose_reply_was_lost_and_sent_again_sends_every_batch_its_message
     assert buffer.pending_count() == 0
 
 
+def test_a_take_sent_again_after_claims_absorbed_its_batch_answers_what_its_record_holds(
+    env, redis_client, monkeypatch
+):
+    """The take's resend (redis-py after a lost reply, as above) may come after another
+    batch's claim absorbed members of the batch it wrote (the record is listed in the short
+    batches from its first run, and the failover's retries last seconds): it answers the
+    members the record holds then, and takes nothing again. Partly absorbed: 1 of 3 is
+    left, so 1 (a message for it); wholly absorbed (the record ended): nothing, and no
+    record written again. Before take_batch.lua answered a second run from its record
+    (e1110fb), the partly absorbed batch answered 0: no message for its member."""
+    import stores.buffer as buffer_module
+
+    found = services()
+    buffer, store, keys = found.buffer, found.batches, found.keys
+    buffer.enqueue([change(email(n)) for n in range(3)])
+    now = server_time_ms(redis_client)  # as take_all cuts: every due change, no linger
+    [plan] = plan_batches(buffer.read_due(now, 100)[0], now_ms=now, max_identifiers=50, linger_ms=0)
+
+    class _Id:  # the take's batch id, the same in the first run and in its resend
+        hex = "a" * 32
+
+    def take_x() -> list[list[tuple[str, int]]]:
+        with monkeypatch.context() as patched:
+            patched.setattr(buffer_module.uuid, "uuid4", lambda: _Id())
+            return buffer.take([[plan]], 60_000, top_up_to=50)
+
+    x = _Id.hex
+    assert take_x() == [[(x, 3)]]  # the first run; its reply is the one lost
+    buffer.enqueue([change(email(n)) for n in (3, 4)])
+    [(y, members)] = take_all(buffer)
+    assert members == 2
+    assert store.claim(y, "worker-a/1", 60_000, top_up_to=4).record is not None
+    assert len(batch_record(buffer, y)["members"]) == 4  # two of x's absorbed
+    batched = redis_client.hget(keys.stats, "batches")
+
+    assert take_x() == [[(x, 1)]]  # the resend: what the record holds now
+    assert [m[0] for m in batch_record(buffer, x)["members"]] == [email(2)]
+    assert redis_client.hget(keys.stats, "batches") == batched  # nothing taken again
+
+    buffer.enqueue([change(email(5))])
+    [(z, members)] = take_all(buffer)
+    assert members == 1
+    assert store.claim(z, "worker-b/1", 60_000, top_up_to=2).record is not None
+    assert redis_client.get(keys.batch(x)) is None  # emptied into z: ended
+    batched = redis_client.hget(keys.stats, "batches")
+
+    assert take_x() == []  # sent again once more: nothing to send, nothing written
+    assert redis_client.get(keys.batch(x)) is None
+    assert redis_client.zscore(keys.batches, x) is None
+    assert redis_client.hget(keys.stats, "batches") == batched
+    locks = {f.decode(): b.decode() for f, b in redis_client.hgetall(keys.inflight).items()}
+    assert locks == {field(email(n)): (y if n in (0, 1, 3, 4) else z) for n in range(6)}
+
+
 def test_locked_field_waits_in_pending_until_its_batch_is_finished(env, redis_client):
     found = services()
     buffer, store = found.buffer, found.batches
