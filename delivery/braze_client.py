@@ -207,7 +207,7 @@ FIRST_BYTE_EVENTS = ("http11.send_request_headers.started", "http2.send_request_
 
 
 class BrazeClient:
-    """A keep-alive connection pool to one REST endpoint. Thread-safe (httpx.Client is)."""
+    """Keep-alive connections to one REST endpoint, one a thread. Thread-safe."""
 
     def __init__(
         self,
@@ -223,29 +223,57 @@ class BrazeClient:
         # Scrubbed out of every transport error (never stored elsewhere on the object).
         self._secrets = (api_key.get_secret_value(),)
         self._deadline = _Deadline()
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        self._http = httpx.Client(
-            base_url=endpoint,
-            # The key goes only into this header; httpx never logs header values.
-            headers={
+        self._max_connections = max_connections
+        self._transport = transport
+        # One client (one connection pool) a thread: httpcore's pool looks at every
+        # connection it holds twice a request (on the request's arrival and on its end),
+        # asking each idle one whether its socket is readable (a poll() each) and, for each,
+        # counting all of them again; a pool shared by a worker's 16 threads held ~11-16
+        # connections in a drain, ~0.1-0.2 ms of CPU a post (issue 26). A thread posts one
+        # request at a time, so its own pool holds at most one connection: the process
+        # keeps one connection a posting thread (WORKER_CONCURRENCY), as the shared pool
+        # of that size did. A test's own transport has no pool: one client shares it.
+        self._local = threading.local()
+        # One TLS context for all of them, made as httpx makes it (certifi's roots, or
+        # SSL_CERT_FILE / SSL_CERT_DIR): loading the roots costs ~15 ms of CPU a context.
+        self._tls = httpx.create_ssl_context()
+        self._clients: list[httpx.Client] = []
+        self._clients_lock = threading.Lock()
+        self._http = self._new_client(
+            {
+                # The key goes only into this header; httpx never logs header values.
                 "Authorization": f"Bearer {api_key.get_secret_value()}",
                 "Content-Type": "application/json",
                 "User-Agent": "braze-subs",
                 # Braze's answers are small: uncompressed, the cap counts what is sent.
                 "Accept-Encoding": "identity",
-            },
+            }
+        )
+        self._local.http = self._http
+        self._headers = self._http.headers  # the client's defaults and ours, merged once
+        self._timeouts = self._http.timeout.as_dict()
+        self._urls: dict[str, httpx.URL] = {}  # a path's URL on the endpoint, parsed once
+
+    def _new_client(self, headers: httpx.Headers | dict[str, str]) -> httpx.Client:
+        """An httpx client to the endpoint with `headers`: a pool of one connection (its
+        thread's), or of `max_connections` when a test's transport is shared by every
+        thread."""
+        connections = self._max_connections if self._transport is not None else 1
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        http = httpx.Client(
+            base_url=self.endpoint,
+            headers=headers,
             # Each phase at most the whole; the deadline cuts every one to what is left.
-            timeout=timeout_seconds,
+            timeout=self.timeout_seconds,
             limits=limits,
             # Redirects are never followed: the key would go wherever they point (httpx's
             # default; said here because it is a promise). A 3xx is a configuration error.
             follow_redirects=False,
-            transport=transport,
+            transport=self._transport,
+            verify=self._tls,
         )
-        if transport is None:  # a test's own transport has no sockets to bound
-            _apply_deadline(self._http, self._deadline)
+        if self._transport is None:  # a test's own transport has no sockets to bound
+            _apply_deadline(http, self._deadline)
         # Requests go straight to the transport httpx chose for their URL (its pool, or a
         # proxy's from the environment): `Client.send` added per request an auth flow, the
         # redirect and cookie handling and the URL's merge and parse, none of which a post
@@ -253,12 +281,26 @@ class BrazeClient:
         # ~0.3-0.5 ms of a worker's CPU a post of ~2.3 (issue 26). httpx offers no public way
         # to send without them; like `_apply_deadline`, a missing method fails at start
         # (tests/integration/test_answers.py), never silently.
-        self._transport_for = getattr(self._http, "_transport_for_url", None)
-        if self._transport_for is None:
+        if getattr(http, "_transport_for_url", None) is None:
             raise RuntimeError("httpx changed: cannot send to the client's transports")
-        self._headers = self._http.headers  # the client's defaults and ours, merged once
-        self._timeouts = self._http.timeout.as_dict()
-        self._urls: dict[str, httpx.URL] = {}  # a path's URL on the endpoint, parsed once
+        with self._clients_lock:
+            self._clients.append(http)
+        return http
+
+    def _client(self) -> httpx.Client:
+        """This thread's client (made on its first exchange); the shared one for a test's
+        transport."""
+        if self._transport is not None:
+            return self._http
+        http: httpx.Client | None = getattr(self._local, "http", None)
+        if http is None:
+            # The first client's headers: the same key, no copy of it kept elsewhere.
+            http = self._local.http = self._new_client(self._http.headers)
+        return http
+
+    def _transport_for(self, url: httpx.URL) -> httpx.BaseTransport:
+        """The transport this thread's client chose for `url`."""
+        return self._client()._transport_for_url(url)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"BrazeClient(endpoint={self.endpoint!r})"
@@ -370,4 +412,7 @@ class BrazeClient:
         )
 
     def close(self) -> None:
-        self._http.close()
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for http in clients:
+            http.close()

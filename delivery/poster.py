@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from redis.backoff import FullJitterBackoff
 
@@ -92,6 +92,22 @@ class PostReport:
     attempt: int = 0
     retry_in: float | None = None
     detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as the post tasks' result: `dataclasses.asdict`'s dict, the status as
+        its plain string (equal to the member). Written out: `asdict` deep-copies every
+        field, ~70 us a report against ~5 (issue 26: ten reports a message)."""
+        return {
+            "batch_id": self.batch_id,
+            "status": self.status.value,
+            "size": self.size,
+            "entries": self.entries,
+            "http_status": self.http_status,
+            "latency_ms": self.latency_ms,
+            "attempt": self.attempt,
+            "retry_in": self.retry_in,
+            "detail": self.detail,
+        }
 
 
 @dataclass(slots=True)

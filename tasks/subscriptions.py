@@ -193,14 +193,38 @@ def _publish(task: Any, args: tuple[Any, ...], workspace: str, lead: str, whose:
             time.sleep(NACKED_PUBLISH_PAUSE_SECONDS)
 
 
+class Shown:
+    """A post task's result (plain data: a report's dict, or a list of them), shown by its
+    own `repr`. Celery renders a task's result for the task-succeeded event (Flower) and
+    the success log line with its `saferepr`, which walks a dict or list token by token and
+    renders every key with a `saferepr` call of its own: ~0.45 ms of a worker's CPU for a
+    message's ten reports in a drain, ~12x what `repr` of the same data costs (issue 26).
+    An object that is no dict, list or tuple is rendered by its `repr`, cut to the same
+    length (`resultrepr_maxsize`): the same text, as plain data holds nothing `repr` shows
+    otherwise. Equal to the value it holds."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: dict[str, Any] | list[dict[str, Any]]) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return self.value == (other.value if isinstance(other, Shown) else other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @app.task(name="subscriptions.post_batch")
-def post_batch(batch_id: str, workspace: str | None = None) -> dict[str, Any]:
+def post_batch(batch_id: str, workspace: str | None = None) -> Shown:
     # Whatever has to wait is put into the schedule by the poster; nothing is retried here.
-    return asdict(services(workspace).poster().post(batch_id))
+    return Shown(services(workspace).poster().post(batch_id).as_dict())
 
 
 @app.task(name="subscriptions.post_batches")
-def post_batches(batch_ids: list[str], workspace: str | None = None) -> list[dict[str, Any]]:
+def post_batches(batch_ids: list[str], workspace: str | None = None) -> Shown:
     """Each batch as `post_batch` posts it, in the message's order. A batch whose post
     fails (its batches were given back to the schedule: `Poster.post`) does not keep the
     others from going; the first error is raised once all had their turn. On SIGTERM the
@@ -212,10 +236,10 @@ def post_batches(batch_ids: list[str], workspace: str | None = None) -> list[dic
     failed: Exception | None = None
     for batch_id in batch_ids:
         try:
-            reports.append(asdict(poster.post(batch_id)))
+            reports.append(poster.post(batch_id).as_dict())
         except Exception as exc:  # the others still go; raised below
             logger.error("batch %s: post failed: %s: %s", batch_id, type(exc).__name__, exc)
             failed = failed or exc
     if failed is not None:
         raise failed
-    return reports
+    return Shown(reports)

@@ -381,11 +381,15 @@ SUCCESS = (
 
 @contextmanager
 def keep_alive_server(
-    requests: list[bytes], connections: list[int], tls: ssl.SSLContext | None = None
+    requests: list[bytes],
+    connections: list[int],
+    tls: ssl.SSLContext | None = None,
+    closed: list[int] | None = None,
 ) -> Iterator[str]:
     """A bare HTTP/1.1 server that answers SUCCESS to every request on a connection until
     the client closes it; each request is appended to `requests`, each accepted connection
-    counted in `connections`. With `tls`, it speaks https (its URL still says http)."""
+    counted in `connections` (and, once the client closed it, in `closed`). With `tls`, it
+    speaks https (its URL still says http)."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.05)  # accept() wakes to see `stop`: closing does not wake it
     stop = threading.Event()
@@ -402,6 +406,8 @@ def keep_alive_server(
             while request := read_request(connection):
                 requests.append(request)
                 connection.sendall(SUCCESS)
+        if closed is not None:
+            closed.append(1)
 
     def accept() -> None:
         while not stop.is_set():
@@ -435,6 +441,44 @@ def test_posts_reuse_one_kept_alive_connection():
     host = url.removeprefix("http://").encode()
     assert all(f"Host: {host.decode()}\r\n".encode() in request for request in requests)
     assert all(r.startswith(b"POST /subscription/status/set HTTP/1.1\r\n") for r in requests)
+
+
+def test_each_posting_thread_keeps_one_connection_of_its_own():
+    """One connection pool a thread (issue 26: httpcore's pool looks at every connection it
+    holds twice a request, a poll() for each idle one): four threads posting at once, three
+    posts each, open four connections, one a thread, each kept alive for its thread's next
+    posts, and a thread's pool holds its own only; `close` closes every thread's."""
+    requests: list[bytes] = []
+    connections: list[int] = []
+    closed: list[int] = []
+    threads = 4
+    start = threading.Barrier(threads)
+    replies: list[int | None] = []
+    pooled: list[int] = []
+
+    def post_three() -> None:
+        start.wait(timeout=10)
+        replies.extend(braze.post(V1_PATH, BODY).status for _ in range(3))
+        pooled.append(len(braze._client()._transport._pool.connections))
+
+    with keep_alive_server(requests, connections, closed=closed) as url:
+        braze = client(url)
+        try:
+            posting = [threading.Thread(target=post_three) for _ in range(threads)]
+            for thread in posting:
+                thread.start()
+            for thread in posting:
+                thread.join(timeout=30)
+        finally:
+            braze.close()
+        deadline = time.monotonic() + 10
+        while len(closed) < len(connections) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert replies == [201] * 3 * threads
+    assert len(requests) == 3 * threads
+    assert len(connections) == threads, f"{len(connections)} connections for {threads} threads"
+    assert pooled == [1] * threads
+    assert len(closed) == threads, f"{len(closed)} of {threads} connections closed"
 
 
 def test_no_proxy_sends_the_posts_straight_to_braze(monkeypatch):
