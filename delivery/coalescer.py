@@ -22,13 +22,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import TypeVar
+
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import LockNotOwnedError
+from redis.retry import Retry
 
 from config.settings import Settings
 from core.changes import Lane
 from core.linger import BudgetRate, Load, linger_ms, pressure
 from core.planning import message_groups, pack_batches, plan_cut
 from stores import counters
-from stores.batch_records import BatchStore
+from stores.batch_records import BatchStore, new_call_id
 from stores.buffer import Buffer
 from stores.clock import server_time_ms
 from stores.heartbeats import Heartbeats
@@ -60,6 +65,42 @@ BACKLOG_DISPATCH_SECONDS = 0.1
 
 # How soon a run whose tick found the lock held ticks again.
 SKIPPED_RETRY_SECONDS = 0.05
+
+# A take, dispatch_due or sweep whose call raised a ConnectionError or a timeout may have
+# run on Redis with its reply lost (a connection cut, a master killed after running it
+# whose replica had the writes): its batches hold their locks, or left the schedule, with
+# no message until the sweep (BATCH_REDISPATCH_SECONDS, 120 s). The tick sends the same
+# call again (the same batch ids, the same handed key), which answers what the first run
+# did (take_batch.lua, dispatch_due.lua, sweep_batches.lua): at most LOST_REPLY_TRIES
+# tries, from 50 ms doubling to 0.5 s apart, none begun LOST_REPLY_SECONDS after the first
+# (well inside the tick lock's lease, at least 3 s: a retry that outlived it would only
+# let another tick run beside this one, which the scripts make safe). redis-py's own
+# `Retry` runs it; RedisCluster's resends (10 by default) come first, a plain redis://
+# client has none. Then the error goes up as before and the sweep is the backstop.
+LOST_REPLY_TRIES = 5
+LOST_REPLY_SECONDS = 1.5
+
+_T = TypeVar("_T")
+
+
+def _sent_again_after_lost_reply(call: Callable[[], _T], what: str) -> _T:
+    """`call()`, sent again while it raises a ConnectionError or a timeout (see
+    LOST_REPLY_TRIES). `call` must be the same call each time (same ids)."""
+    deadline = time.monotonic() + LOST_REPLY_SECONDS
+
+    def failed(error: Exception) -> None:
+        if time.monotonic() >= deadline:
+            raise error
+        # The error's type only: its text names the Redis host, not for every log line.
+        logger.warning(
+            "the %s's reply was lost (%s): sending the same call again",
+            what,
+            type(error).__name__,
+        )
+
+    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=LOST_REPLY_TRIES - 1)
+    return retry.call_with_retry(call, failed)
+
 
 # Share of MAX_BATCHES_IN_FLIGHT that bulk leaves to live: a backfill that fills the rest
 # keeps no live change waiting in the buffer for a batch of its to end.
@@ -184,7 +225,13 @@ class Coalescer:
         try:
             report = self._tick(live_only)
         finally:
-            lock.release()
+            try:
+                lock.release()
+            except LockNotOwnedError:
+                # The tick outlived its lease (a slow Redis, resends after lost replies):
+                # another tick may have run beside it, which the scripts make safe. Its
+                # messages are sent; not worth failing the beat's task for.
+                logger.warning("a coalescer tick outlived its lock's lease")
         # When the coalescer last made progress: the exporter's "no coalescer tick" alert
         # (a full tick: recovery and bulk ran too).
         if not live_only:
@@ -206,15 +253,23 @@ class Coalescer:
                 len(taken.batch_ids),
                 taken.sent_before,
             )
-        due = self.store.dispatch_due(DISPATCH_LIMIT, grace_ms)
+        due = self._dispatch_due()
         for batch_id in due:
             self.dispatch(batch_id)
-        lost = self.store.sweep(DISPATCH_LIMIT, grace_ms)
+        sweep = partial(self.store.sweep, DISPATCH_LIMIT, grace_ms, call_id=new_call_id())
+        lost = _sent_again_after_lost_reply(sweep, "sweep")
         for batch_id in lost:
             self.dispatch(batch_id)
         if lost:
             logger.warning("re-dispatched %d batches whose message was lost", len(lost))
         return len(taken.batch_ids), len(due), len(lost)
+
+    def _dispatch_due(self) -> list[str]:
+        """The schedule's due batches (`BatchStore.dispatch_due`), the call sent again
+        under its name after a lost reply: the caller sends each a message."""
+        grace_ms = self.settings.redispatch_grace_ms
+        call = partial(self.store.dispatch_due, DISPATCH_LIMIT, grace_ms, call_id=new_call_id())
+        return _sent_again_after_lost_reply(call, "dispatch")
 
     def _tick(self, live_only: bool = False) -> TickReport:
         settings = self.settings
@@ -227,7 +282,7 @@ class Coalescer:
                 settings.max_batches_in_flight - in_flight - self._owed_to_bulk(now_ms, in_flight)
             )
             live = self._cut(Lane.LIVE, now_ms, room)
-            due = self.store.dispatch_due(DISPATCH_LIMIT, settings.redispatch_grace_ms)
+            due = self._dispatch_due()
             for batch_id in due:
                 self.dispatch(batch_id)
             # It saw no bulk: it keeps the backlog state it was woken in.
@@ -358,9 +413,17 @@ class Coalescer:
             packs = [[batch] for batch in plan]
         # A batch that travels alone and comes out short (a remainder, or planned members
         # replaced since the read) takes the due changes of its kind that came since.
-        taken = self.buffer.take(
-            packs, settings.redispatch_grace_ms, lane, top_up_to=settings.batch_max_identifiers
+        # The batch ids chosen here, so that a take whose reply was lost is sent again
+        # as the same take: it answers what its first run took.
+        take = partial(
+            self.buffer.take,
+            packs,
+            settings.redispatch_grace_ms,
+            lane,
+            top_up_to=settings.batch_max_identifiers,
+            ids=self.buffer.new_batch_ids(sum(len(pack) for pack in packs), lane),
         )
+        taken = _sent_again_after_lost_reply(take, "take")
         # One message per pack, for its first batch: a v2 worker claims the rest of the pack
         # and sends it in one request (v1 packs hold one batch each).
         self._send_cut([pack[0][0] for pack in taken])

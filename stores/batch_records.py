@@ -116,6 +116,12 @@ TOP_UP_LOOK_AT = 1000
 HANDED_KEEP_MS = 60_000
 
 
+def new_call_id() -> str:
+    """A new name for one dispatch_due or sweep call (`Keys.handed`): the same name sends
+    the same call again."""
+    return uuid.uuid4().hex
+
+
 class Ended(StrEnum):
     """What `delivered`, `delivered_except` and `dead_letter` did."""
 
@@ -563,23 +569,24 @@ class BatchStore(ScriptedStore):
         )
         return [_text(raw) for raw in ids]
 
-    def dispatch_due(self, limit: int, grace_ms: int) -> list[str]:
+    def dispatch_due(self, limit: int, grace_ms: int, *, call_id: str | None = None) -> list[str]:
         """Take the due batches out of the schedule: the caller sends each a message. The
-        call is named (`Keys.handed`): sent again by redis-py after its reply was lost, it
+        call is named (`Keys.handed`; `call_id`, None: a new name): sent again after its
+        reply was lost (by redis-py, or by the coalescer with the same `call_id`), it
         answers the same ids (dispatch_due.lua)."""
         k = self.keys
         ids = self.scripts.dispatch_due(
-            keys=[k.schedule, k.schedule_reasons, k.batches, k.handed(uuid.uuid4().hex)],
+            keys=[k.schedule, k.schedule_reasons, k.batches, k.handed(call_id or new_call_id())],
             args=[limit, grace_ms, HANDED_KEEP_MS],
         )
         return [_text(raw) for raw in ids]
 
-    def sweep(self, limit: int, grace_ms: int) -> list[str]:
+    def sweep(self, limit: int, grace_ms: int, *, call_id: str | None = None) -> list[str]:
         """Batches between message and claim past their deadline: the message was lost.
         Named like `dispatch_due`'s call, for the same reason (sweep_batches.lua)."""
         k = self.keys
         ids = self.scripts.sweep_batches(
-            keys=[k.batches, k.claims, k.schedule, k.handed(uuid.uuid4().hex)],
+            keys=[k.batches, k.claims, k.schedule, k.handed(call_id or new_call_id())],
             args=[limit, grace_ms, HANDED_KEEP_MS],
         )
         return [_text(raw) for raw in ids]

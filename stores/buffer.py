@@ -412,6 +412,7 @@ class Buffer(ScriptedStore):
         lane: Lane = Lane.BULK,
         *,
         top_up_to: int = 0,
+        ids: Sequence[str] | None = None,
     ) -> list[list[tuple[str, int]]]:
         """Move planned batches out of the buffer into batch records, in one round trip.
 
@@ -421,13 +422,18 @@ class Buffer(ScriptedStore):
         in its take with due changes of its kind (take_batch.lua; 0: not topped up).
         Returns, pack by pack, (batch id, members taken) for every batch that took at least
         one member (packs that took nothing are left out).
+        `ids`: the batches' ids, one a batch in order (`new_batch_ids`; None: new ones).
+        A take sent again with the same ids after its reply was lost takes nothing more
+        and answers what its first run took (take_batch.lua; the coalescer's resend).
         """
         batches = [batch for pack in packs for batch in pack]
         if not batches:
             return []
         k = self.keys
-        prefix = lane_prefix(lane)
-        ids = [prefix + uuid.uuid4().hex for _ in batches]
+        if ids is None:
+            ids = self.new_batch_ids(len(batches), lane)
+        if len(ids) != len(batches):
+            raise ValueError(f"{len(ids)} batch ids for {len(batches)} batches")
         pack_of: list[str] = []
         start = 0
         for pack in packs:
@@ -473,6 +479,12 @@ class Buffer(ScriptedStore):
             if members:
                 result.append(members)
         return result
+
+    @staticmethod
+    def new_batch_ids(count: int, lane: Lane = Lane.BULK) -> list[str]:
+        """`count` new batch ids carrying `lane` (`core.planning.lane_prefix`), for `take`."""
+        prefix = lane_prefix(lane)
+        return [prefix + uuid.uuid4().hex for _ in range(count)]
 
     def pending_count(self) -> int:
         """Distinct group + identifier pairs waiting, not yet in a batch."""

@@ -13,7 +13,7 @@ import threading
 from urllib.parse import urlsplit
 
 from redis import Redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 
@@ -46,6 +46,11 @@ class ReplyLosingRelay:
         return Redis.from_url(
             self.url, retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=1), 10)
         )
+
+    def plain_client(self) -> Redis:
+        """A plain client through the relay that sends nothing again itself (a redis://
+        REDIS_URL's client: no `Retry`): what is sent again is the caller's doing."""
+        return Redis.from_url(self.url, retry=Retry(NoBackoff(), 0))
 
     def lose_reply(self, marker: bytes, lines: int) -> None:
         with self._lock:

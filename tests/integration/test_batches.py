@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 from admin.status import read_status
+from config.settings import load_settings
 from core.changes import parse_change
 from core.planning import plan_batches
 from core.waiting import WaitReason
+from delivery.coalescer import Coalescer
 from delivery.services import services
 from stores.batch_records import (
     BatchStore,
@@ -32,6 +34,7 @@ from stores.buffer import Buffer
 from stores.clock import server_time_ms
 from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
+from stores.scripts import Scripts
 from tests.conftest import email, take_each, wait_for
 from tests.lost_reply import ReplyLosingRelay
 
@@ -839,3 +842,48 @@ def test_dispatch_and_sweep_sent_again_after_a_lost_reply_answer_the_same_batche
     # Each call hands its batches out once: the next call finds none.
     assert store.dispatch_due(1000, GRACE_MS) == [] == services().batches.sweep(1000, GRACE_MS)
     assert redis_client.zcard(keys.schedule) == 0
+
+
+def test_a_tick_whose_dispatch_or_sweep_reply_was_lost_on_a_plain_client_sends_their_messages(
+    env, redis_client
+):
+    """As above, in a coalescer tick on a plain client (REDIS_URL=redis://, no resend of
+    its own; or a cluster client whose resends ran out): the dispatch's (then the sweep's)
+    call raises a ConnectionError after Redis ran it. The tick sends the same call again
+    under the same name, which answers the same ids, and their messages go out in this
+    tick. Before, the tick raised: those batches had no message until the sweep (120 s)."""
+    found = services()
+    keys = found.keys
+    relay = ReplyLosingRelay(env["REDIS_URL"])
+    plain = relay.plain_client()
+    scripts = Scripts(plain)
+    sent: list[str] = []
+    tick = Coalescer(
+        load_settings(),
+        Buffer(plain, keys, scripts, found.retention),
+        BatchStore(plain, keys),
+        found.limiter,
+        found.heartbeats,
+        sent.append,
+    ).tick
+    try:
+        due = sorted(make_batch([email(n)]) for n in (1, 2))
+        lost = sorted(make_batch([email(n)]) for n in (3, 4))
+        tick()  # the scripts loaded (EVALSHA finds them): nothing due yet
+        assert sent == []
+        # Only the call of that script names its sha; its reply: two ids, five lines.
+        redis_client.zadd(keys.schedule, dict.fromkeys(due, 0))  # due now
+        relay.lose_reply(scripts.dispatch_due.sha.encode(), lines=5)
+        assert tick().dispatched == 2
+        assert relay.lost.is_set()
+        assert sorted(sent) == due
+        sent.clear()
+        relay.lost.clear()
+        redis_client.zadd(keys.batches, dict.fromkeys(lost, 0))  # past their deadline
+        relay.lose_reply(scripts.sweep_batches.sha.encode(), lines=5)
+        assert tick().redispatched == 2
+        assert relay.lost.is_set()
+        assert sorted(sent) == lost
+    finally:
+        plain.close()
+        relay.close()

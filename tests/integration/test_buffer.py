@@ -518,6 +518,37 @@ def test_a_take_sent_again_after_claims_absorbed_its_batch_answers_what_its_reco
     assert locks == {field(email(n)): (y if n in (0, 1, 3, 4) else z) for n in range(6)}
 
 
+def test_a_tick_whose_take_reply_was_lost_on_a_plain_client_sends_every_batch_its_message(
+    env, redis_client
+):
+    """As above, but on a plain client (REDIS_URL=redis://, which sends nothing again
+    itself), or a cluster client whose own resends ran out: the take's call raises a
+    ConnectionError after Redis ran it. The coalescer sends the same take again (the same
+    batch ids), which answers what the first run took, and each batch gets its message in
+    this tick. Before, the tick raised and the 3 records waited for the sweep (120 s)."""
+    found = services()
+    relay = ReplyLosingRelay(env["REDIS_URL"])
+    plain = relay.plain_client()
+    buffer = Buffer(plain, found.keys, Scripts(plain), found.retention)
+    buffer.enqueue([change(email(n)) for n in range(120)])
+    relay.lose_reply(email(0).encode() + b"\x1f", lines=3)
+    recorder = Recorder()
+    settings = load_settings(batch_linger_seconds=0)
+    cutter = Coalescer(settings, buffer, found.batches, found.limiter, found.heartbeats, recorder)
+    try:
+        report = cutter.tick()
+    finally:
+        plain.close()
+        relay.close()
+    assert relay.lost.is_set()
+    cut = {raw.decode() for raw in redis_client.zrange(buffer.keys.batches, 0, -1)}
+    assert len(cut) == 3
+    assert sorted(recorder.ids) == sorted(cut)
+    assert (report.batches, report.identifiers) == (3, 120)
+    assert redis_client.hlen(buffer.keys.inflight) == 120
+    assert buffer.pending_count() == 0
+
+
 def test_locked_field_waits_in_pending_until_its_batch_is_finished(env, redis_client):
     found = services()
     buffer, store = found.buffer, found.batches
@@ -791,6 +822,26 @@ def test_tick_skips_while_another_tick_holds_the_lock(env, redis_client):
     finally:
         lock.release()
     assert coalescer(recorder, batch_linger_seconds=0).tick().batches == 1
+
+
+def test_a_tick_that_outlived_its_lock_still_reports_and_marks_its_tick(env, redis_client):
+    """A tick slower than its lock's lease (a slow Redis, or sends again after lost
+    replies): the lock is gone by the time it releases it (the key deleted here, as its
+    expiry would). Its batches are cut and their messages sent; the tick ends as usual
+    and marks its progress. Before, its release raised LockNotOwnedError out of the task."""
+    buffer = services().buffer
+    buffer.enqueue([change(email(1))])
+
+    class LeaseRunsOut(Recorder):
+        def __call__(self, batch_id: str) -> None:
+            redis_client.delete(buffer.keys.coalesce_lock)  # the lease ran out meanwhile
+            super().__call__(batch_id)
+
+    recorder = LeaseRunsOut()
+    assert redis_client.get(buffer.keys.coalesce_last_tick) is None
+    report = coalescer(recorder, batch_linger_seconds=0).tick()
+    assert (report.batches, len(recorder.ids)) == (1, 1)
+    assert redis_client.get(buffer.keys.coalesce_last_tick) is not None
 
 
 def test_sweep_redispatches_a_batch_whose_message_was_lost(env, redis_client):
