@@ -429,7 +429,10 @@ def test_take_with_nothing_current_writes_no_record(env, redis_client):
     assert redis_client.hlen(buffer.keys.inflight) == 0
 
 
-def test_a_cut_whose_reply_was_lost_and_sent_again_sends_every_batch_its_message(env, redis_client):
+@pytest.mark.parametrize("client", ["cluster-like-resend", "plain-coalescer-resend"])
+def test_a_cut_whose_reply_was_lost_and_sent_again_sends_every_batch_its_message(
+    env, redis_client, client
+):
     """The take's pipeline runs on Redis, then its reply is lost (the connection dropped:
     in e2e/test_redis_cluster.py a master killed mid-pipeline, whose replica had the
     writes) and redis-py sends it again with the same batch ids, as RedisCluster does after
@@ -437,11 +440,17 @@ def test_a_cut_whose_reply_was_lost_and_sent_again_sends_every_batch_its_message
     stands for it here, behind a relay that loses the reply). The second run takes nothing
     more and answers what the first took, so each batch cut gets its message. Before, it
     answered 0 ("nothing written"): the records stayed, holding their members' locks,
-    with no message, for the sweep (BATCH_REDISPATCH_SECONDS, 120 s) to post."""
+    with no message, for the sweep (BATCH_REDISPATCH_SECONDS, 120 s) to post.
+
+    `plain-coalescer-resend`: a plain client (REDIS_URL=redis://, which sends nothing again
+    itself), or a cluster client whose own resends ran out. The take's call raises a
+    ConnectionError after Redis ran it; the coalescer sends the same take again (the same
+    batch ids), which answers what the first run took, and each batch gets its message in
+    this tick. Before, the tick raised and the 3 records waited for the sweep (120 s)."""
     found = services()
     relay = ReplyLosingRelay(env["REDIS_URL"])
-    retrying = relay.retrying_client()
-    buffer = Buffer(retrying, found.keys, Scripts(retrying), found.retention)
+    redis = relay.retrying_client() if client == "cluster-like-resend" else relay.plain_client()
+    buffer = Buffer(redis, found.keys, Scripts(redis), found.retention)
     buffer.enqueue([change(email(n)) for n in range(120)])
     # The take names each member as "value SEP seq" (take_batch.lua ARGV[13]); no other
     # command of the tick does: its three scripts' replies (one integer each) are lost.
@@ -452,7 +461,7 @@ def test_a_cut_whose_reply_was_lost_and_sent_again_sends_every_batch_its_message
     try:
         report = cutter.tick()
     finally:
-        retrying.close()
+        redis.close()
         relay.close()
     assert relay.lost.is_set()
     cut = {raw.decode() for raw in redis_client.zrange(buffer.keys.batches, 0, -1)}
@@ -516,37 +525,6 @@ def test_a_take_sent_again_after_claims_absorbed_its_batch_answers_what_its_reco
     assert redis_client.hget(keys.stats, "batches") == batched
     locks = {f.decode(): b.decode() for f, b in redis_client.hgetall(keys.inflight).items()}
     assert locks == {field(email(n)): (y if n in (0, 1, 3, 4) else z) for n in range(6)}
-
-
-def test_a_tick_whose_take_reply_was_lost_on_a_plain_client_sends_every_batch_its_message(
-    env, redis_client
-):
-    """As above, but on a plain client (REDIS_URL=redis://, which sends nothing again
-    itself), or a cluster client whose own resends ran out: the take's call raises a
-    ConnectionError after Redis ran it. The coalescer sends the same take again (the same
-    batch ids), which answers what the first run took, and each batch gets its message in
-    this tick. Before, the tick raised and the 3 records waited for the sweep (120 s)."""
-    found = services()
-    relay = ReplyLosingRelay(env["REDIS_URL"])
-    plain = relay.plain_client()
-    buffer = Buffer(plain, found.keys, Scripts(plain), found.retention)
-    buffer.enqueue([change(email(n)) for n in range(120)])
-    relay.lose_reply(email(0).encode() + b"\x1f", lines=3)
-    recorder = Recorder()
-    settings = load_settings(batch_linger_seconds=0)
-    cutter = Coalescer(settings, buffer, found.batches, found.limiter, found.heartbeats, recorder)
-    try:
-        report = cutter.tick()
-    finally:
-        plain.close()
-        relay.close()
-    assert relay.lost.is_set()
-    cut = {raw.decode() for raw in redis_client.zrange(buffer.keys.batches, 0, -1)}
-    assert len(cut) == 3
-    assert sorted(recorder.ids) == sorted(cut)
-    assert (report.batches, report.identifiers) == (3, 120)
-    assert redis_client.hlen(buffer.keys.inflight) == 120
-    assert buffer.pending_count() == 0
 
 
 def test_locked_field_waits_in_pending_until_its_batch_is_finished(env, redis_client):
