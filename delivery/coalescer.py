@@ -256,8 +256,7 @@ class Coalescer:
         due = self._dispatch_due()
         for batch_id in due:
             self.dispatch(batch_id)
-        sweep = partial(self.store.sweep, DISPATCH_LIMIT, grace_ms, call_id=new_call_id())
-        lost = _sent_again_after_lost_reply(sweep, "sweep")
+        lost = self._sweep()
         for batch_id in lost:
             self.dispatch(batch_id)
         if lost:
@@ -270,6 +269,13 @@ class Coalescer:
         grace_ms = self.settings.redispatch_grace_ms
         call = partial(self.store.dispatch_due, DISPATCH_LIMIT, grace_ms, call_id=new_call_id())
         return _sent_again_after_lost_reply(call, "dispatch")
+
+    def _sweep(self) -> list[str]:
+        """The batches whose message was lost (`BatchStore.sweep`), the call sent again
+        under its name after a lost reply: the caller sends each a message."""
+        grace_ms = self.settings.redispatch_grace_ms
+        call = partial(self.store.sweep, DISPATCH_LIMIT, grace_ms, call_id=new_call_id())
+        return _sent_again_after_lost_reply(call, "sweep")
 
     def _tick(self, live_only: bool = False) -> TickReport:
         settings = self.settings

@@ -67,9 +67,9 @@
 -- as integers (never cjson's floats), and the sequence numbers' text without a sprintf
 -- each; the occurred time read by arithmetic, not tonumber() (two strtod). History
 -- written here is only what no later step can write: a change dropped as stale, one
--- replaced while pending (its "enqueued" and "superseded") or replacing a dead letter; a change that is accepted gets its
--- "enqueued", "batched" and the watermark when taken into a batch (take_batch.lua), at
--- the rate Braze accepts.
+-- replaced while pending (its "enqueued" and "superseded") or replacing a dead letter; a
+-- change that is accepted gets its "enqueued", "batched" and the watermark when taken
+-- into a batch (take_batch.lua), at the rate Braze accepts.
 local GROUPS = tonumber(ARGV[5])
 local FIRST = 6 + GROUPS
 local WIDTH = 5
