@@ -198,6 +198,11 @@ class Poster:
         # changes of its kind (claim_batch.lua), so the request goes out full (issue 26).
         self.top_up_to = settings.batch_max_identifiers
 
+    @property
+    def v2(self) -> bool:
+        """A request is a pack of batches (Braze's v2 endpoint), not one batch."""
+        return self.settings.braze_api_version == "v2"
+
     # --- the steps ------------------------------------------------------------------------
 
     def post(self, batch_id: str) -> PostReport:
@@ -216,8 +221,20 @@ class Poster:
             # way (a renewal if it was made), rather than leave the batch for the sweep or
             # the lease. Without a seat, once: this thread is not the workspace's to hold
             # (a claim that fails then leaves the batch to the sweep).
+            # A v1 request is this one batch: its claim takes the batch's turn of the rate
+            # budget in the same call (claim_batch.lua; issue 26: one round trip a post less),
+            # and a claim tried again answers the turn its first try took. Not for v2 (the
+            # request is the pack, whose other batches are claimed after), nor without a seat
+            # (the batch goes back to wait for a thread) or once the worker stops (it hands
+            # the batch back): no turn is spent on a request that is not sent then.
+            turn = None
+            if seated and not self.v2 and not live.stopping.is_set():
+                turn = self.limiter.turn_ask(batch_lane(batch_id))
+
             def claim_it() -> Claim:
-                return self.store.claim(batch_id, token, lease_ms, top_up_to=self.top_up_to)
+                return self.store.claim(
+                    batch_id, token, lease_ms, top_up_to=self.top_up_to, turn=turn
+                )
 
             claim = self._until_answered(claim_it, lease_ms) if seated else claim_it()
             if claim.status is not ClaimStatus.CLAIMED or claim.record is None:
@@ -333,7 +350,7 @@ class Poster:
     ) -> PostReport:
         records = [lead]
         claims = {lead.id: claim}
-        if self.settings.braze_api_version == "v2":
+        if self.v2:
             for record, sibling in self._claim_siblings(lead, token, lease_ms):
                 records.append(record)
                 claims[record.id] = sibling
@@ -367,7 +384,7 @@ class Poster:
                 WaitReason.BUDGET,
                 "waiting for a thread: the workspace holds its share of the worker's threads",
             )
-        return self._post_in_seat(lead, records, token, report, sent, seat)
+        return self._post_in_seat(lead, records, token, report, sent, seat, claim.grant)
 
     def _post_in_seat(
         self,
@@ -377,8 +394,12 @@ class Poster:
         report: PostReport,
         sent: _Sent,
         seat: Seat | None,
+        grant: Grant | None,
     ) -> PostReport:
-        grant = self.limiter.acquire(batch_lane(lead.id))
+        if grant is None:  # the claim took no turn (v2; or the worker stops)
+            if self.liveness.stopping.is_set():
+                return self._hand_back(records, token, report)
+            grant = self.limiter.acquire(batch_lane(lead.id))
         if seat is not None and grant.granted:
             seat.expect_release_in(grant.wait_seconds)
         waiting = self._wait_for_turn(grant, records, token, report)

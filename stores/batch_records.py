@@ -32,6 +32,7 @@ from core.redaction import confine
 from core.waiting import WaitReason
 from stores.base import ScriptedStore
 from stores.counters import NO_TALLY_ARGS, Tally
+from stores.limiter import Grant, TurnAsk, grant_of
 from stores.refusals import Refusal
 from stores.scripts import encoded
 
@@ -98,6 +99,10 @@ class Claim:
     # Braze's message while the half awaits its sibling (`Refusals.half_refused`).
     refusal: Refusal | None = None
     half_refused: str | None = None
+    # The batch's turn of the rate budget, when the claim was told to take it and took it
+    # (or a renewal found the one its token took): None when it was not told to, or the
+    # claim found a refusal above (no request goes out then).
+    grant: Grant | None = None
 
 
 # Most due entries a top-up looks at (claim_batch.lua ARGV[7]; top_up_batch.lua and
@@ -252,23 +257,31 @@ class BatchStore(ScriptedStore):
 
     # --- the claim ---------------------------------------------------------------------
 
-    def claim(self, batch_id: str, token: str, lease_ms: int, *, top_up_to: int = 0) -> Claim:
+    def claim(
+        self,
+        batch_id: str,
+        token: str,
+        lease_ms: int,
+        *,
+        top_up_to: int = 0,
+        turn: TurnAsk | None = None,
+    ) -> Claim:
         """Claim a batch for `token` (claim_batch.lua). Members superseded by a newer
         change leave it; if it holds fewer than `top_up_to` members then (it lost some, or was
         cut short), it is topped up with due
         changes of its group, state, kind and double opt-in up to that many members (a
-        v2 pack: that many distinct identifiers)."""
-        reply = self.scripts.claim_batch(
-            keys=[self.keys.batch(batch_id), *self._claim_keys_tail],
-            args=[
-                batch_id,
-                token,
-                lease_ms,
-                *self._history_args,
-                top_up_to,
-                *self._look_at_and_subject,
-            ],
-        )
+        v2 pack: that many distinct identifiers). With `turn` (`RateLimiter.turn_ask` of
+        the batch's lane), a claim made that finds no refusal takes the batch's turn of the
+        rate budget in the same call (`Claim.grant`; a renewal by `token` answers the turn
+        it took again, and takes none)."""
+        keys = [self.keys.batch(batch_id), *self._claim_keys_tail]
+        args = [batch_id, token, lease_ms, *self._history_args, top_up_to]
+        args += self._look_at_and_subject
+        if turn is not None:
+            keys += turn.keys
+            args.append(b"1")
+            args += turn.args
+        reply = self.scripts.claim_batch(keys=keys, args=args)
         status = ClaimStatus(_text(reply[0]))
         record = BatchRecord.from_json(reply[1]) if len(reply) > 1 else None
         if status is not ClaimStatus.CLAIMED or record is None:
@@ -281,6 +294,7 @@ class BatchStore(ScriptedStore):
             int(reply[2]),
             refusal=None if raw_refusal is None else Refusal.from_json(raw_refusal),
             half_refused=None if raw_half is None else _text(raw_half),
+            grant=grant_of(reply[5:10]) if len(reply) > 5 else None,
         )
 
     def top_up_before_send(

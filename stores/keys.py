@@ -249,6 +249,12 @@ class Keys:
         its sibling's answer is awaited; expires."""
         return self._key(f"refused-half:{batch_id}")
 
+    def turn(self, batch_id: str) -> str:
+        """STRING the rate budget's answer to the claim of a batch that took its turn in the
+        same call ("token SEP granted SEP time SEP mark SEP why", claim_batch.lua), for a
+        renewal by the same token; expires after the claim's lease. Named by the script."""
+        return self._key(f"turn:{batch_id}")
+
     @property
     def credentials(self) -> str:
         """HASH the workspace's credentials circuit (circuit.lua): the workspace id of the

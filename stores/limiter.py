@@ -22,7 +22,7 @@ from core.changes import Lane
 from core.outcome import RateLimit
 from stores.clock import exact_ms
 from stores.refusals import KEY_REFUSAL_FIELDS, KeyRefusal
-from stores.scripts import Scripts
+from stores.scripts import Scripts, encoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +87,17 @@ class Grant:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnAsk:
+    """One lane's turn of a budget, as a script call asks for it: acquire_token.lua's keys
+    and arguments, encoded once (they are the same for every call of a process). A claim
+    told to take the batch's turn carries them too (claim_batch.lua KEYS[15..16],
+    ARGV[10..18]; issue 26: the claim and the turn in one call)."""
+
+    keys: list[bytes]
+    args: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class LimiterState:
     tokens_left: int  # requests that could go at once right now
     paused_until_ms: float | None  # after a 429
@@ -96,6 +107,21 @@ class LimiterState:
     circuit: str | None = None
     circuit_since_ms: float | None = None
     circuit_here: bool = False  # the refused key is this budget's
+
+
+def grant_of(reply: list[Any]) -> Grant:
+    """A turn's answer (acquire_token.lua's reply; the tail of a claim's that took the
+    batch's turn, claim_batch.lua) as a `Grant`."""
+    granted, wait_ms, send_at, mark, why = reply
+    mark = mark.decode() if isinstance(mark, bytes) else mark
+    return Grant(
+        bool(int(granted)),
+        int(wait_ms) / 1000,
+        float(send_at) if send_at else None,
+        probe=mark == "probe",
+        check=mark == "check",
+        waits_for=why.decode() if isinstance(why, bytes) else why,
+    )
 
 
 # How long after a bulk request live still keeps to its share of the budget: bulk asks
@@ -145,35 +171,38 @@ class RateLimiter:
         )
         self.probe_interval_ms = round(probe_interval_seconds * 1000)
         self.scripts = scripts or Scripts(client)
+        self._asks = {lane: self._ask(lane) for lane in Lane}
+
+    def _ask(self, lane: Lane) -> TurnAsk:
+        budget = self.budget
+        live = lane is Lane.LIVE
+        return TurnAsk(
+            encoded([self.key, self.credentials_key]),
+            encoded(
+                [
+                    budget.interval_ms,
+                    budget.tolerance_ms,
+                    self.max_wait_ms if live else self.bulk_max_wait_ms,
+                    round(budget.window_ms * 2),
+                    self.probe_interval_ms,
+                    self.workspace,
+                    self.live_interval_ms if live else 0,
+                    BULK_SEEN_MS,
+                    self.live_floor_reach_ms,
+                ]
+            ),
+        )
+
+    def turn_ask(self, lane: Lane = Lane.LIVE) -> TurnAsk:
+        """The keys and arguments of a turn in `lane`, for a script that takes it in its own
+        call (`acquire`, or a claim told to take its batch's turn: `BatchStore.claim`)."""
+        return self._asks[lane]
 
     def acquire(self, lane: Lane = Lane.LIVE) -> Grant:
         """Reserve one request. Granted only if its turn comes within `max_wait_seconds`
         (bulk: `bulk_max_wait_seconds`; live: also within its share of the budget)."""
-        budget = self.budget
-        live = lane is Lane.LIVE
-        granted, wait_ms, send_at, mark, why = self.scripts.acquire_token(
-            keys=[self.key, self.credentials_key],
-            args=[
-                budget.interval_ms,
-                budget.tolerance_ms,
-                self.max_wait_ms if live else self.bulk_max_wait_ms,
-                round(budget.window_ms * 2),
-                self.probe_interval_ms,
-                self.workspace,
-                self.live_interval_ms if live else 0,
-                BULK_SEEN_MS,
-                self.live_floor_reach_ms,
-            ],
-        )
-        mark = mark.decode() if isinstance(mark, bytes) else mark
-        return Grant(
-            bool(int(granted)),
-            int(wait_ms) / 1000,
-            float(send_at) if send_at else None,
-            probe=mark == "probe",
-            check=mark == "check",
-            waits_for=why.decode() if isinstance(why, bytes) else why,
-        )
+        ask = self._asks[lane]
+        return grant_of(self.scripts.acquire_token(keys=ask.keys, args=ask.args))
 
     def open_circuit(self, reason: str) -> bool:
         """Braze refused this budget's key: every worker holding it stops, but for one probe

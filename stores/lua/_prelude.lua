@@ -685,3 +685,93 @@ local function count_post(totals, metrics_prefix, identifiers, throttled, field,
   end
   return second
 end
+
+-- take_turn(limiter, credentials, a, o)
+--                          acquire_token.lua's operation (its opening comment has the
+--                          keys, the arguments and the reply): one turn of the workspace's
+--                          rate budget, its arguments a[o + 1] .. a[o + 9] (acquire_token's
+--                          ARGV[1..9]); acquire_token.lua's and, for a claim told to take
+--                          the batch's turn, claim_batch.lua's (issue 26: one call a post)
+local function take_turn(limiter, credentials, a, o)
+  local now = now_ms_exact()
+  local interval = tonumber(a[o + 1])
+  local tolerance = tonumber(a[o + 2])
+  local paused = tonumber(redis.call('HGET', limiter, 'paused_until') or '0')
+  if paused > now then
+    return {0, math.ceil(paused - now), '', '', 'paused'}
+  end
+  local refused = redis.call('HMGET', credentials, 'workspace', 'probe_at')
+  local check = ''
+  if refused[1] then
+    if refused[1] == a[o + 6] then
+      local probe_at = tonumber(refused[2] or '0')
+      if probe_at > now then
+        return {0, math.ceil(probe_at - now), '', '', 'credentials'}
+      end
+      redis.call('HSET', credentials, 'probe_at',
+        string.format('%.3f', now + tonumber(a[o + 5])))
+      return {1, 0, string.format('%.3f', now), 'probe', ''}
+    end
+    check = 'check'
+  end
+  local tat = tonumber(redis.call('HGET', limiter, 'tat') or '0')
+  if tat < now then
+    tat = now
+  end
+  local wait = tat - tolerance - now
+  local live_interval = tonumber(a[o + 7])
+  local live_tat = 0
+  local floor_applies = false
+  if live_interval > 0 then
+    -- Live keeps to its share only while bulk is asking for turns: alone, it may have all.
+    local bulk_at = tonumber(redis.call('HGET', limiter, 'bulk_at') or '0')
+    floor_applies = now - bulk_at <= tonumber(a[o + 8])
+    if floor_applies then
+      live_tat = math.max(tonumber(redis.call('HGET', limiter, 'live_tat') or '0'), now)
+      local own = live_tat - tolerance - now
+      local horizon = tonumber(a[o + 9])
+      if own > horizon then
+        -- Live's own share is reserved that far already: ask again when it is within reach,
+        -- the refused live callers one live interval apart.
+        local queued = math.max(
+          tonumber(redis.call('HGET', limiter, 'live_queue_tat') or '0'), live_tat)
+        redis.call('HSET', limiter, 'live_queue_tat',
+          string.format('%.3f', queued + live_interval))
+        local back = math.max(queued - tolerance - horizon / 2 - now, own - horizon)
+        return {0, math.ceil(back), '', '', 'budget'}
+      end
+      wait = math.max(wait, own)
+    end
+  else
+    redis.call('HSET', limiter, 'bulk_at', string.format('%.3f', now))
+  end
+  if wait < 0 then
+    wait = 0
+  end
+  local reach = tonumber(a[o + 3])
+  if wait > reach then
+    -- Not granted: say when a turn will be within reach, counting the callers refused
+    -- before this one ("queue_tat": one interval each), so refused batches come back one
+    -- interval apart, each when its turn is half its reach away, rather than all at once
+    -- to be refused again (a backfill's batches in flight churning through the schedule).
+    local queued = math.max(tonumber(redis.call('HGET', limiter, 'queue_tat') or '0'), tat)
+    redis.call('HSET', limiter, 'queue_tat', string.format('%.3f', queued + interval))
+    local back = math.max(queued - tolerance - reach / 2 - now, wait - reach)
+    return {0, math.ceil(back), '', '', 'budget'}
+  end
+  -- A live turn pushed later by live's own limit moves the shared one on with it: no two
+  -- sends closer than the interval, whatever the lanes.
+  redis.call('HSET', limiter, 'tat',
+    string.format('%.3f', math.max(tat, now + wait) + interval))
+  if live_interval > 0 then
+    -- Without bulk, live's own limit follows its sends, so it holds nothing back from live
+    -- when bulk comes.
+    local base = live_tat
+    if not floor_applies then
+      base = now + wait
+    end
+    redis.call('HSET', limiter, 'live_tat', string.format('%.3f', base + live_interval))
+  end
+  redis.call('PEXPIRE', limiter, a[o + 4])
+  return {1, math.ceil(wait), string.format('%.3f', now + wait), check, ''}
+end

@@ -23,10 +23,15 @@
 -- KEYS[14] short    ZSET   short batches not yet claimed (_prelude.lua `short_entry`): this
 --                          batch's entry goes; a batch whose members this one absorbs
 --                          leaves it when emptied
+-- KEYS[15] limiter     HASH   the workspace's rate budget (acquire_token.lua's KEYS[1]);
+--                           only with ARGV[9] "1"
+-- KEYS[16] credentials HASH   the credentials circuit (acquire_token.lua's KEYS[2]); likewise
 -- ARGV[1] batch id  ARGV[2] claim token  ARGV[3] lease (ms)
 -- ARGV[4] history retention (ms)  ARGV[5] most history events per identifier
 -- ARGV[6] most identifiers per batch (and per v2 request)   ARGV[7] most due entries the
 -- top-up looks at   ARGV[8] subject key lifetime (ms)
+-- ARGV[9] "1": take the batch's turn of the rate budget too (the poster's v1 post; absent
+-- or anything else: no turn)   ARGV[10..18] acquire_token.lua's ARGV[1..9] (the lane's)
 -- Per member superseded (see _prelude.lua): its history gets "superseded" (in its batch).
 -- Per member of a top-up: what take_batch.lua does per member (`take_change`).
 -- The records of the batch's v2 pack siblings are read (named like KEYS[1], with their id).
@@ -65,9 +70,22 @@
 -- Before the due changes, such a batch takes in the members of other short batches of its
 -- kind no one has claimed yet (`absorb` in _prelude.lua: they would go out short after
 -- it), by the same rules, each member moving with its lock.
+-- The turn (issue 26: the claim and the turn in one call, where a post made two): with
+-- ARGV[9] "1", a claim made (status "claimed") that finds no standing refusal and no
+-- refused half's message (the poster then sends no request) takes the batch's turn exactly
+-- as acquire_token.lua does (`take_turn` in _prelude.lua; same keys, same answer) and
+-- notes the answer for the claim's token in P .. "turn:" .. batch id (STRING "token SEP
+-- granted SEP time SEP mark SEP why", the time absolute: the send time granted, or when to
+-- ask again; expires after the lease). A claim that is not made takes no turn: nothing of
+-- the budget is spent. A renewal by the same token (the poster's claim tried again after
+-- a reply lost to a failover: its first try may have run) answers the noted turn again,
+-- its wait counted from now, and takes none; with none noted for its token (its first try
+-- took none, or the note expired with the lease), it takes one.
 -- Returns {"gone"} (finished already), {"busy"} (another worker holds it), {"waiting"}
 -- (it waits in the schedule), {"empty", record as it was} or {"claimed", record, members
--- the top-up took, the standing refusal's JSON or nil, the refused half's message or nil}.
+-- the top-up took, the standing refusal's JSON or nil, the refused half's message or nil}
+-- followed, when it took or renewed a turn, by acquire_token.lua's five answers (granted
+-- 1/0, wait ms, send time ms or "", "probe" | "check" | "", why not granted or "").
 -- The holder may claim again with its own token (a renewal). The reads change nothing: a
 -- refused batch is claimed (and topped up) as before, and the poster dead-letters it
 -- unsent.
@@ -194,4 +212,27 @@ local half = false
 if type(record.sibling) == 'string' and record.sibling ~= '' then
   half = redis.call('GET', keys_prefix .. 'refused-half:' .. id)
 end
-return {'claimed', record_json, topped, refusal, half}
+if ARGV[9] ~= '1' or refusal or half then
+  return {'claimed', record_json, topped, refusal, half}
+end
+local noted = keys_prefix .. 'turn:' .. id
+local token_sep = ARGV[2] .. SEP
+if holder then
+  local note = redis.call('GET', noted)
+  if note and string.sub(note, 1, #token_sep) == token_sep then
+    local granted, at, mark, why = string.match(string.sub(note, #token_sep + 1),
+      '^(%d)\31([^\31]*)\31([^\31]*)\31(.*)$')
+    local wait = math.max(0, math.ceil(tonumber(at) - now_ms_exact()))
+    return {'claimed', record_json, topped, refusal, half, tonumber(granted), wait,
+      granted == '1' and at or '', mark, why}
+  end
+end
+local turn = take_turn(KEYS[15], KEYS[16], ARGV, 9)
+local at = turn[3]
+if turn[1] == 0 then
+  at = string.format('%.3f', now + turn[2])
+end
+redis.call('SET', noted, token_sep .. turn[1] .. SEP .. at .. SEP .. turn[4] .. SEP .. turn[5],
+  'PX', ARGV[3])
+return {'claimed', record_json, topped, refusal, half, turn[1], turn[2], turn[3], turn[4],
+  turn[5]}

@@ -156,17 +156,18 @@ def test_forget_while_the_batch_waits_for_its_turn_sends_nothing_for_it(env, sim
     poster = found.poster()
     enqueue(("news", JANE), ("news", BOB))
     [batch_id] = tick("v1")
-    original = poster.limiter.acquire
+    # A v1 claim takes the batch's turn in the same call: the wait for it comes next.
+    original = poster.liveness.wait
 
-    def turn_after_forget(*args: Any, **options: Any) -> Any:
+    def turn_after_forget(seconds: float) -> bool:
         forget(JANE)
-        return original(*args, **options)
+        return original(seconds)
 
-    poster.limiter.acquire = turn_after_forget  # type: ignore[method-assign]
+    poster.liveness.wait = turn_after_forget  # type: ignore[method-assign]
     try:
         report = poster.post(batch_id)
     finally:
-        poster.limiter.acquire = original  # type: ignore[method-assign]
+        poster.liveness.wait = original  # type: ignore[method-assign]
     assert report.status == "lost"
     assert JANE not in applied_values(sim)
     assert_no_trace(redis_client, "email", JANE)
@@ -252,17 +253,18 @@ def test_forget_before_the_opt_out_read_keeps_the_identifier_out_of_the_read(
     set_in_braze(sim.url, "news", "subscribed", [BOB])
     enqueue(("news", JANE), ("news", BOB), respect_opt_out=True)
     [batch_id] = tick("v1")
-    original = poster.limiter.acquire
+    # A v1 claim takes the batch's turn in the same call: the wait for it comes next.
+    original = poster.liveness.wait
 
-    def turn_after_forget(*args: Any, **options: Any) -> Any:
+    def turn_after_forget(seconds: float) -> bool:
         forget(JANE)
-        return original(*args, **options)
+        return original(seconds)
 
-    poster.limiter.acquire = turn_after_forget  # type: ignore[method-assign]
+    poster.liveness.wait = turn_after_forget  # type: ignore[method-assign]
     try:
         assert poster.post(batch_id).status in ("lost", "waiting", "queued")
     finally:
-        poster.limiter.acquire = original  # type: ignore[method-assign]
+        poster.liveness.wait = original  # type: ignore[method-assign]
     statuses: list[str] = []
     for _ in range(3):
         statuses += post_due(poster)

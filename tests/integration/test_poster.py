@@ -776,8 +776,10 @@ def test_a_post_failing_on_redis_after_its_claim_was_lost_reports_lost(
         redis_client.hset(found.keys.claim_tokens, batch_id, "another-worker/1")
         raise RedisConnectionError("Connection closed by server.")
 
-    monkeypatch.setattr(found.limiter, "acquire", thawed)
-    report = found.poster().post(batch_id)
+    poster = found.poster()
+    # The first step after the claim (and its turn: one call) for a short v1 batch.
+    monkeypatch.setattr(poster.store, "top_up_before_send", thawed)
+    report = poster.post(batch_id)
     assert report.status == "lost"
     assert sim_stats(sim, log=True)["requests"] == []
     assert redis_client.hget(found.keys.claim_tokens, batch_id) == b"another-worker/1"
