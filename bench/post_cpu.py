@@ -11,7 +11,10 @@ trees alternate, their order swapped every round) one process enqueues a backlog
 tick and posts every batch with the poster (v1, one thread, the simulator in a process of
 its own), and measures the posting thread's CPU (`time.thread_time`) in each step of a post:
 the HTTP exchange (the fence's round trip included), each Redis call, and the post in all;
-then the cut's CPU a batch. Medians over the rounds, in microseconds a post. One thread and
+then the cut's CPU a batch; and over the posts, Redis's commands a post (INFO
+commandstats, a script's own commands included), the script calls a post (round trips)
+and redis-server's CPU a post (INFO cpu, the whole server). Medians over the rounds, in
+microseconds a post. One thread and
 no Celery: the work of a post itself, without the contention of a worker's pool (a drain
 adds that: bench.ceiling). Writes bench/results/post-cpu.json.
 """
@@ -96,6 +99,17 @@ try:
         poster.liveness.ensure_started()
         cut = post = 0.0
         posts = 0
+        commands = Counter()
+        redis_cpu = 0.0
+
+        def commandstats():
+            return {name: stat["calls"] for name, stat in
+                    services.redis.info("commandstats").items() if name != "cmdstat_info"}
+
+        def server_cpu():
+            cpu = services.redis.info("cpu")
+            return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
         while True:
             started = time.thread_time()
             coalescer._tick()
@@ -104,11 +118,16 @@ try:
                 break
             batches = list(messages)
             messages.clear()
+            before = commandstats()
+            redis_cpu -= server_cpu()
             started = time.thread_time()
             for batch_id in batches:
                 poster.post(batch_id)
             post += time.thread_time() - started
+            redis_cpu += server_cpu()
             posts += len(batches)
+            for name, made in commandstats().items():
+                commands[name] += made - before.get(name, 0)
 finally:
     sim.stdin.close()
     sim.wait(timeout=30)
@@ -117,6 +136,12 @@ figures["calls"] = {label: calls[label] / posts for label in calls}
 figures["post in all"] = post * 1e6 / posts
 figures["cut, a batch"] = cut * 1e6 / posts
 figures["posts"] = posts
+# Redis's commands in the posts (INFO commandstats: a script's own commands counted too),
+# and of them the calls the worker made (round trips: scripts, and commands outside them).
+figures["Redis commands a post"] = sum(commands.values()) / posts
+figures["redis-server CPU a post (us)"] = redis_cpu * 1e6 / posts
+figures["script calls a post"] = sum(
+    commands[name] for name in ("cmdstat_evalsha", "cmdstat_eval")) / posts
 print("FIGURES " + json.dumps(figures))
 """
 
@@ -151,6 +176,11 @@ def main() -> None:
         "rounds": args.rounds,
         "load_average": round(os.getloadavg()[0], 1),
     }
+    for label in ("Redis commands a post", "script calls a post", "redis-server CPU a post (us)"):
+        for name in runs:
+            made = [run.get(label) for run in runs[name] if run.get(label) is not None]
+            result[f"{name}.{label}"] = round(statistics.median(made), 2) if made else None
+        print(f"{label}: base {result['base.' + label]}, this {result['this.' + label]}")
     print(f"\n{'us of the posting thread CPU a post (medians)':<52}{'base':>10}{'this':>10}")
     for label in labels:
         medians = {

@@ -23,6 +23,7 @@ from core.changes import Lane, parse_change
 from core.planning import plan_batches
 from delivery.coalescer import Coalescer
 from delivery.services import Services, reset_services, services
+from delivery.thread_share import ThreadShare
 from stores.batch_records import ClaimStatus
 from stores.buffer import Buffer
 from stores.clock import server_time_ms
@@ -277,5 +278,22 @@ def test_a_worker_stopping_takes_no_turn(found, sim, monkeypatch):
     poster.liveness.ensure_started()
     poster.liveness.stopping.set()
     assert poster.post(cut([row(email(1))])).status == "handed_back"
+    assert acquired == [] and spent(found) == 0
+    assert sim_stats(sim)["requests_ok"] == 0
+
+
+def test_a_post_without_a_thread_of_its_workspace_takes_no_turn(found, sim, monkeypatch):
+    """Two workspaces served by one thread: while this workspace holds its share, its post
+    puts the batch back into the schedule to wait for a thread, and takes no turn."""
+    acquired = refuse_acquire(found, monkeypatch)
+    poster = found.poster()
+    poster.share = ThreadShare(1, 2)
+    held = poster.share.take(poster.workspace)
+    assert held is not None and poster.share.take(poster.workspace) is None
+    try:
+        report = poster.post(cut([row(email(1))]))
+    finally:
+        held.release()
+    assert report.status == "waiting" and report.retry_in is not None
     assert acquired == [] and spent(found) == 0
     assert sim_stats(sim)["requests_ok"] == 0
