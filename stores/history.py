@@ -57,7 +57,9 @@ class Retention:
         """How long an identifier's subject key lives after its last change, delivery or
         dead letter: its watermarks for their retention, and its references to dead letters
         as long as the entries may live (forget finds them there). One lifetime for every
-        script, so refreshing it never shortens it."""
+        script, so refreshing it never shortens it. The scripts add a minute to it and to
+        the history's (`EXPIRY_SLACK_MS` in stores/lua/_prelude.lua: a take's expiries cover
+        a finish within that minute, which sets none)."""
         return max(self.watermark_ms, self.dead_letter_ms)
 
 

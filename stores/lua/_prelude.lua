@@ -33,10 +33,14 @@ end
 -- key_prefix(key)          "{prefix}:" of a declared key name
 -- split_field(field)       group, "kind SEP value" of a buffer field
 -- identity_keys(P, ident)  the subject and history keys of "kind SEP value"
--- touch_subject(k, ms)     let the subject key live `ms` more; every caller passes the
---                          same lifetime (at least the watermark and dead-letter
+-- EXPIRY_SLACK_MS         every expiry of a subject or history key is its retention and
+--                          this minute more (issue 26: so the take's expiries cover the
+--                          finish's, which then sets none; see `member_covered`)
+-- touch_subject(k, ms)     let the subject key live `ms` (and the slack) more; every caller
+--                          passes the same lifetime (at least the watermark and dead-letter
 --                          retentions) counted from now, so this never shortens it
---                          (`touch_subject(k, ms, at)`: at `at`, the text of now + `ms`)
+--                          (`touch_subject(k, ms, at)`: at `at`, `expiry_at`'s text)
+-- expiry_at(now, ms)       the text of the expiry a key kept `ms` after `now` gets
 -- occurred_of(change)      occurred at of a pending change (its JSON decoded): "w", or
 --                          its arrival (due time less its delay)
 -- remember_enqueued(h, group, change, keep_ms, max_events)
@@ -51,7 +55,8 @@ end
 --                          first), appended in one RPUSH, the cutoff `now` - `keep_ms`;
 --                          `first_ms` (optional), the time of entries[1]: a list that
 --                          holds no entry but these is not looked at again for its oldest;
---                          `expire_at` (optional), the text of now + `keep_ms` (`expire`);
+--                          `expire_at` (optional), `expiry_at(now, keep_ms)` (`expire`);
+--                          false: no expiry set (the caller knows the key's covers it);
 --                          `head_ms` (optional), a time no later than the oldest event's
 --                          of the list before this append (a batch record's member holds
 --                          the one its take learnt, `member_head`): not past the
@@ -64,6 +69,8 @@ end
 --                          previous release wrote) by SHA-1 of "kind SEP value"
 -- member_head(member)      the time no later than its history's oldest event that the
 --                          member's take stored (member[6]; nil when none)
+-- member_covered(member)   the least of the expiries the member's take gave its subject
+--                          and history keys (member[7]; nil when none)
 -- enqueued_entry(group, change, arrival, occurred, seq, texts)
 --                          the encoded "enqueued" entry of a pending change (its JSON
 --                          decoded), at its arrival time; the optional texts (`digits`
@@ -93,11 +100,17 @@ local function identity_keys(prefix, ident)
 end
 
 -- A batch record's member is [value, seq, respect opt-out 0|1, occurred at ms, digest,
--- head]: the digest of "kind SEP value" and a time no later than the oldest event of the
--- identifier's history, both as its take learnt them (issue 26: the finish spares a
--- SHA-1 and a LINDEX a member). A record written by a previous release holds the first
--- four only, and that release reads the first four only (a rolling upgrade in either
--- direction finishes every record). The head stays a lower bound while the record lives:
+-- head, covered]: the digest of "kind SEP value" and a time no later than the oldest event
+-- of the identifier's history (null when not learnt), both as its take learnt them (issue
+-- 26: the finish spares a SHA-1 and a LINDEX a member), and the least of the expiries the
+-- take gave the identifier's subject and history keys (issue 26: the finish spares its
+-- watermark read and its expiries while they cover its own, see finish_batch.lua). A
+-- record written by a previous release holds the first four (or six) only, and that
+-- release reads the first four (or six) only (a rolling upgrade in either direction
+-- finishes every record). The covered time stays true while the record lives: an expiry
+-- only moves later (every writer sets now + retention + EXPIRY_SLACK_MS; erasure, which
+-- deletes the keys, takes the member out of the record), and a member moves between
+-- records (absorb, split) with its own. The head stays a lower bound while the record lives:
 -- events are appended at the end and dropped from the head only, and the list expires
 -- only `keep` after its newest event, which is after the take's "batched" (later, the head
 -- is past the retention and is read again); erasure takes the member out of the record.
@@ -163,26 +176,44 @@ local function member_head(member)
   return nil
 end
 
--- Let `key` live `keep_ms` more: at `expire_at` when the caller gives it (the text of now
--- + `keep_ms`, formatted once a script), which spares Redis 7.0 rewriting each PEXPIRE
--- into a PEXPIREAT for its replicas (issue 26: ~1,400 instructions a call).
-local function expire(key, keep_ms, expire_at)
-  if expire_at then
-    redis.call('PEXPIREAT', key, expire_at)
-  else
-    redis.call('PEXPIRE', key, keep_ms)
+local function member_covered(member)
+  local covered = member[7]
+  if type(covered) == 'number' then
+    return covered
   end
+  return nil
 end
 
-local function touch_subject(key, keep_ms, expire_at)
-  expire(key, keep_ms, expire_at)
-end
+-- Every subject and history key expires its retention and a minute after its last write
+-- (issue 26): a take's expiries then cover a finish within that minute, whose own would
+-- set a time no later (finish_batch.lua: a PEXPIREAT of each key and the watermark's read
+-- spared, per member). So a key lives at most a minute longer than its retention says.
+local EXPIRY_SLACK_MS = 60000
 
 local function digits(n)
   if n == math.floor(n) and n > -1e15 and n < 1e15 then
     return string.format('%d', n)
   end
   return string.format('%.14g', n)
+end
+
+local function expiry_at(now, keep_ms)
+  return digits(now + tonumber(keep_ms) + EXPIRY_SLACK_MS)
+end
+
+-- Let `key` live `keep_ms` (and the slack) more: at `expire_at` when the caller gives it
+-- (`expiry_at`'s text, formatted once a script), which spares Redis 7.0 rewriting each
+-- PEXPIRE into a PEXPIREAT for its replicas (issue 26: ~1,400 instructions a call).
+local function expire(key, keep_ms, expire_at)
+  if expire_at then
+    redis.call('PEXPIREAT', key, expire_at)
+  elseif expire_at == nil then
+    redis.call('PEXPIRE', key, tonumber(keep_ms) + EXPIRY_SLACK_MS)
+  end
+end
+
+local function touch_subject(key, keep_ms, expire_at)
+  expire(key, keep_ms, expire_at)
 end
 
 local function remember_entries(key, now, entries, keep_ms, max_events, first_ms, expire_at,
@@ -376,10 +407,18 @@ local function take_change(at, id, group, kind, value, change, seq, field)
   entries[#entries + 1] = at.batched .. seq .. '}'
   local head = remember_entries(history, at.now, entries, at.keep, at.most, first, at.keep_at)
   local respect = change.r or 0
-  -- The record's member carries the digest and the history's head (`member_keys`,
-  -- `member_head`), so the finish names the keys without a SHA-1 and trims without LINDEX.
+  -- The least of the expiries given above (both at least now + retention + the slack),
+  -- once a take: the finish sets none that this covers (`member_covered`, issue 26).
+  if not at.covered then
+    at.covered = at.now + EXPIRY_SLACK_MS
+      + math.min(tonumber(at.keep), tonumber(at.subject_keep))
+    at.covered_text = digits(at.covered)
+  end
+  -- The record's member carries the digest, the history's head and the expiries' time
+  -- (`member_keys`, `member_head`, `member_covered`), so the finish names the keys without
+  -- a SHA-1, trims without LINDEX and, while covered, reads no watermark and sets no expiry.
   if at.texts then
-    local head_text = ''
+    local head_text = ',null'
     if head then
       if head == first and first_text then
         head_text = ',' .. first_text
@@ -389,10 +428,11 @@ local function take_change(at, id, group, kind, value, change, seq, field)
       end
     end
     at.texts[#at.texts + 1] = '[' .. cjson.encode(value) .. ',' .. seq .. ','
-      .. (respect == 0 and '0' or respect == 1 and '1' or json_value(respect)) .. ',' .. occurred_text .. ',"' .. digest .. '"' .. head_text
-      .. ']'
+      .. (respect == 0 and '0' or respect == 1 and '1' or json_value(respect)) .. ','
+      .. occurred_text .. ',"' .. digest .. '"' .. head_text .. ',' .. at.covered_text .. ']'
   end
-  return {value, change.q, respect, occurred, digest, head}
+  return {value, change.q, respect, occurred, digest, head == nil and cjson.null or head,
+    at.covered}
 end
 
 -- Step of the top-up's read of a due set (entries per ZRANGEBYSCORE).
@@ -455,13 +495,25 @@ local function top_up(record_key, record, kept, at, max_members, look_at)
       end
       looked = looked + #fields
       local left = #fields
+      -- The changes of the fields of its group and kind in one HMGET a step (issue 26: one
+      -- HGET each was ~0.44 calls an identifier in bench.ceiling's drain, mostly other
+      -- states' changes): taking one changes no other field's change (the fields differ).
+      local mine = {}
+      for _, field in ipairs(fields) do
+        if string.sub(field, 1, #prefix) == prefix then
+          mine[#mine + 1] = field
+        end
+      end
+      local currents = #mine > 0 and redis.call('HMGET', at.pending, unpack(mine)) or {}
+      local read = 0
       for _, field in ipairs(fields) do
         if #kept >= max_members then
           break
         end
         if string.sub(field, 1, #prefix) == prefix then
           local value = string.sub(field, #prefix + 1)
-          local current = redis.call('HGET', at.pending, field)
+          read = read + 1
+          local current = currents[read]
           local change = current and cjson.decode(current)
           if change and change.s == record.state and tonumber(change.o) == record.doi
               and (values[value] or distinct < max_members)

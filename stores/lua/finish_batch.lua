@@ -35,7 +35,15 @@
 -- Per member (see _prelude.lua): history gets "posted" (status, answer time),
 -- "skipped_opt_out" or "dead_lettered" (status, attempts, error); the subject keeps the
 -- watermark (set again to the member's change if it expired meanwhile) and, when dead, a
--- reference to the entry. Members erased while the batch was on the wire are no longer in
+-- reference to the entry. Both keys live their retention (and the slack) from now: when
+-- the member's take already gave them that long (`member_covered`: now + retention no later
+-- than its covered time, so within a minute of the take, see EXPIRY_SLACK_MS), no expiry
+-- is set again and the watermark is not read: the subject cannot have expired since the
+-- take wrote the watermark, which only a later change raises (issue 26: three calls of
+-- four a member; a previous release's member, or a finish past the cover, as before). A
+-- dead member's new reference to its entry is covered alike: the subject's lifetime is at
+-- least the dead-letter retention. (Settings that shorten a lifetime between a take and
+-- its finish shorten keys already expiring later, as they do today.) Members erased while the batch was on the wire are no longer in
 -- the record (forget.lua scrubbed it), so nothing about them is written here.
 --
 -- Guarantees: the batch ends exactly once, in one step with the release of its locks, so
@@ -87,7 +95,8 @@ local status, answered = tonumber(ARGV[6]), tonumber(ARGV[7])
 -- are (issue 26: no number formatted per member, see `digits` in _prelude.lua).
 local keep, most = ARGV[8], tonumber(ARGV[9])
 local subject_keep = ARGV[10]
-local keep_at, subject_at = digits(now + tonumber(keep)), digits(now + tonumber(subject_keep))
+local keep_at, subject_at = expiry_at(now, keep), expiry_at(now, subject_keep)
+local keep_until, subject_until = now + tonumber(keep), now + tonumber(subject_keep)
 local sent = nil
 if ARGV[12] == 'listed' then
   sent = {}
@@ -124,7 +133,14 @@ for n, member in ipairs(record.members) do
   local subject, history = member_keys(keys_prefix, record.kind, member)
   local head = member_head(member)
   local occurred = member[4]
-  if occurred then
+  -- What the take's expiries cover (issue 26): nothing for a previous release's member.
+  local covered = member_covered(member)
+  local history_at = keep_at
+  if covered and keep_until <= covered then
+    history_at = false
+  end
+  local subject_covered = covered and subject_until <= covered
+  if occurred and not subject_covered then
     local mark = tonumber(redis.call('HGET', subject, mark_field))
     if not mark or mark < occurred then
       redis.call('HSET', subject, mark_field, digits(occurred))
@@ -132,14 +148,16 @@ for n, member in ipairs(record.members) do
   end
   if dead then
     redis.call('HSET', subject, 'd' .. SEP .. ARGV[1], record.group)
-    remember_entries(history, now, dead_entry, keep, most, nil, keep_at, head)
+    remember_entries(history, now, dead_entry, keep, most, nil, history_at, head)
   elseif sent and not sent[member[1]] then
-    remember_entries(history, now, skipped_entry, keep, most, nil, keep_at, head)
+    remember_entries(history, now, skipped_entry, keep, most, nil, history_at, head)
     redis.call('HINCRBY', KEYS[12], 'opt_out_skipped', 1)
   else
-    remember_entries(history, now, posted_entry, keep, most, nil, keep_at, head)
+    remember_entries(history, now, posted_entry, keep, most, nil, history_at, head)
   end
-  touch_subject(subject, subject_keep, subject_at)
+  if not subject_covered then
+    touch_subject(subject, subject_keep, subject_at)
+  end
   local newer = newers[n]
   if locks[n] == ARGV[1] then
     released[#released + 1] = field

@@ -23,11 +23,13 @@
 -- watermark, the history), as a claim's top-up takes one (claim_batch.lua).
 -- KEYS[6] "topped_up" += members a top-up took (they count in "batched" too).
 --
--- The record's members are [value, seq, respect opt-out 0|1, occurred at ms, digest, head],
--- so the poster sees per member whether Braze's opt-out is to be respected, and the finish
--- names the identifier's keys by the digest of "kind SEP value" and trims its history
--- without reading its oldest event while `head` (a time no later than it; absent when the
--- take did not learn it) is within the retention (_prelude.lua `member_keys`, issue 26).
+-- The record's members are [value, seq, respect opt-out 0|1, occurred at ms, digest, head,
+-- covered], so the poster sees per member whether Braze's opt-out is to be respected, and
+-- the finish names the identifier's keys by the digest of "kind SEP value", trims its
+-- history without reading its oldest event while `head` (a time no later than it; null
+-- when the take did not learn it) is within the retention, and reads no watermark and
+-- sets no expiry its take's cover (`covered`, the least of the expiries this take gave the
+-- identifier's keys) (_prelude.lua `member_keys`, `member_covered`, issue 26).
 --
 -- Guarantees: a member is taken only if the buffer still holds exactly the planned change
 -- (same sequence number) and no batch locks its field. So a change enters at most one
@@ -69,7 +71,7 @@ local now = now_ms()
 local at = {prefix = key_prefix(KEYS[1]), pending = KEYS[1], due = KEYS[2], due_live = KEYS[7],
   inflight = KEYS[3], keep = ARGV[8], most = tonumber(ARGV[9]), subject_keep = ARGV[10],
   now = now, taken = {}, texts = {},
-  keep_at = digits(now + tonumber(ARGV[8])), subject_at = digits(now + tonumber(ARGV[10]))}
+  keep_at = expiry_at(now, ARGV[8]), subject_at = expiry_at(now, ARGV[10])}
 local members = {}
 -- The planned members' changes and locks in one HMGET each (issue 26: two calls a batch,
 -- not two a member). Read before any is taken: taking one changes neither the change nor

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 
 from admin.status import read_status
 from core.changes import parse_change
@@ -176,15 +177,132 @@ def test_watermark_and_history_expire_with_their_retention(env, redis_client):
     # is taken into a batch (at the delivery rate), its "enqueued" at its arrival time.
     assert redis_client.exists(found.keys.subject("email", email(1))) == 0
     assert events(email(1)) == ["enqueued"]  # read from the buffer meanwhile
-    take_all()
-    subject_ttl = redis_client.pttl(found.keys.subject("email", email(1)))
-    history_ttl = redis_client.pttl(found.keys.history("email", email(1)))
+    [batch_id] = take_all()
     settings = found.settings
     lifetime = max(settings.watermark_retention_days, settings.dead_letter_retention_days)
-    assert lifetime * DAY_MS - 5_000 < subject_ttl <= lifetime * DAY_MS
-    assert settings.history_retention_days * DAY_MS - 5_000 < history_ttl
-    assert history_ttl <= settings.history_retention_days * DAY_MS
+    # Each key lives its retention after its last write, and at most a minute more
+    # (EXPIRY_SLACK_MS: the take's expiries then cover the finish's, issue 26).
+    retained = (lifetime * DAY_MS, settings.history_retention_days * DAY_MS)
+    for ttl, days in zip(ttls(redis_client, email(1)), retained, strict=True):
+        assert days - 5_000 < ttl <= days + EXPIRY_SLACK_MS
     assert events(email(1)) == ["enqueued", "batched"]
+    assert found.batches.claim(batch_id, "w/1", 30_000).status is ClaimStatus.CLAIMED
+    assert found.batches.delivered(batch_id, "w/1", http_status=201).status is Ended.ENDED
+    for ttl, days in zip(ttls(redis_client, email(1)), retained, strict=True):
+        assert days - 5_000 < ttl <= days + EXPIRY_SLACK_MS  # after the delivery too
+    assert events(email(1)) == ["enqueued", "batched", "posted"]
+
+
+EXPIRY_SLACK_MS = 60_000  # _prelude.lua: a subject or history key's retention, a minute more
+
+
+def ttls(redis_client: Any, value: str) -> tuple[int, int]:
+    """The subject key's and the history's time to live (ms) of an email."""
+    keys = services().keys
+    return (
+        redis_client.pttl(keys.subject("email", value)),
+        redis_client.pttl(keys.history("email", value)),
+    )
+
+
+def command_calls(redis_client: Any, name: str) -> int:
+    stats = redis_client.info("commandstats")
+    return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+
+
+def test_a_finish_within_its_takes_cover_reads_no_watermark_and_sets_no_expiry(env, redis_client):
+    """Each member of a record carries the least expiry its take gave the identifier's
+    subject and history keys (issue 26): a finish whose own expiries (now + retention) it
+    covers sets none and reads no watermark (the subject cannot have expired since the
+    take wrote it), delivered or dead-lettered, and leaves what today's finish leaves: the
+    watermarks, the events, the dead letter's reference, each key living its retention
+    after the finish and at most a minute more. Fails on the previous finish (two
+    PEXPIREATs and a watermark read a member)."""
+    found = services()
+    retention = Retention.from_settings(found.settings)
+    enqueue(row(email(1), "subscribed", T0), row(email(2), "subscribed", T0 + 1))
+    [delivered] = take_all()
+    enqueue(row(email(3), "unsubscribed", T0 + 2))
+    [dead] = take_all()
+    for batch_id in (delivered, dead):
+        assert found.batches.claim(batch_id, "w/1", 30_000).status is ClaimStatus.CLAIMED
+    redis_client.config_resetstat()
+    assert found.batches.delivered(delivered, "w/1", http_status=201).status is Ended.ENDED
+    assert found.batches.dead_letter(dead, "w/1", "HTTP 400").status is Ended.ENDED
+    assert command_calls(redis_client, "pexpireat") == 0
+    assert command_calls(redis_client, "pexpire") == 0
+    assert command_calls(redis_client, "hget") == 2  # each finish's claim token, no watermark
+    marks = ConsentHistory(found.redis, found.keys)
+    for n, when in ((1, T0), (2, T0 + 1), (3, T0 + 2)):
+        assert marks.watermarks("email", email(n)) == {GROUP: when * 1000}
+        subject_ttl, history_ttl = ttls(redis_client, email(n))
+        assert retention.subject_ms - 5_000 < subject_ttl <= retention.subject_ms + 60_000
+        assert retention.history_ms - 5_000 < history_ttl <= retention.history_ms + 60_000
+    assert events(email(1)) == ["enqueued", "batched", "posted"]
+    assert events(email(3)) == ["enqueued", "batched", "dead_lettered"]
+    references = redis_client.hgetall(found.keys.subject("email", email(3)))
+    assert references[f"d\x1f{dead}".encode()] == GROUP.encode()
+
+
+def past_the_cover(redis_client: Any, batch_id: str, how: str) -> None:
+    """Make `batch_id`'s record as a finish past its members' cover finds it: the cover
+    ended (a finish more than the retention after its take), or a previous release's
+    members (four fields, or six: no cover). Either way its keys may have expired: the
+    subject is gone and the history about to go."""
+    keys = services().keys
+    key = keys.batch(batch_id)
+    record = json.loads(redis_client.get(key))
+    now = server_time_ms(redis_client)
+    for member in record["members"]:
+        if how == "cover ended":
+            member[6] = now - 1
+        else:
+            del member[int(how.split()[0]) :]
+        redis_client.delete(keys.subject("email", member[0]))
+        redis_client.pexpire(keys.history("email", member[0]), 10_000)
+    redis_client.set(key, json.dumps(record, separators=(",", ":")))
+
+
+@pytest.mark.parametrize("how", ["cover ended", "6 fields", "4 fields"])
+def test_a_finish_past_its_takes_cover_sets_the_watermark_and_expiries_as_before(
+    env, redis_client, how
+):
+    """A member whose take's cover ended, or a previous release's member (no cover): the
+    finish reads the watermark, sets it again if the subject expired meanwhile, and lets
+    both keys live their retention from now, as before (issue 26). Fails if the finish
+    skipped them unconditionally: no watermark, the history gone in seconds."""
+    found = services()
+    retention = Retention.from_settings(found.settings)
+    enqueue(row(email(1), "subscribed", T0), row(email(2), "subscribed", T0 + 1))
+    [batch_id] = take_all()
+    past_the_cover(redis_client, batch_id, how)
+    assert found.batches.claim(batch_id, "w/1", 30_000).status is ClaimStatus.CLAIMED
+    assert found.batches.delivered(batch_id, "w/1", http_status=201).status is Ended.ENDED
+    marks = ConsentHistory(found.redis, found.keys)
+    for n, when in ((1, T0), (2, T0 + 1)):
+        assert marks.watermarks("email", email(n)) == {GROUP: when * 1000}
+        subject_ttl, history_ttl = ttls(redis_client, email(n))
+        assert retention.subject_ms - 5_000 < subject_ttl <= retention.subject_ms + 60_000
+        assert retention.history_ms - 5_000 < history_ttl <= retention.history_ms + 60_000
+        assert events(email(n)) == ["enqueued", "batched", "posted"]
+
+
+def test_a_finish_with_a_longer_retention_than_its_take_sets_the_expiries(env, redis_client):
+    """Retention raised between a take and its finish (a rolling change of settings): the
+    take's cover no longer covers the finish's expiries, which are set, the watermark read
+    (issue 26). Fails if the finish compared its cover with anything but its own expiries."""
+    found = services()
+    longer = Retention(watermark_ms=31 * DAY_MS, history_ms=31 * DAY_MS, dead_letter_ms=DAY_MS)
+    enqueue(row(email(1), "subscribed", T0))
+    [batch_id] = take_all()
+    batches = BatchStore(redis_client, found.keys, retention=longer)
+    assert batches.claim(batch_id, "w/1", 30_000).status is ClaimStatus.CLAIMED
+    redis_client.config_resetstat()
+    assert batches.delivered(batch_id, "w/1", http_status=201).status is Ended.ENDED
+    assert command_calls(redis_client, "pexpireat") == 2
+    assert command_calls(redis_client, "hget") == 2  # the claim token, the watermark
+    for ttl in ttls(redis_client, email(1)):
+        assert 31 * DAY_MS - 5_000 < ttl <= 31 * DAY_MS + EXPIRY_SLACK_MS
 
 
 def test_history_keeps_at_most_the_configured_events(env, redis_client):
@@ -494,6 +612,7 @@ def test_a_take_writes_each_members_history_and_record_as_cjson_did(env, redis_c
     field of a change, a source needing escapes, a delay, equal and unequal occurred and
     arrival times."""
     found = services()
+    retention = Retention.from_settings(found.settings)
     rows = [
         row(email(1), "unsubscribed", T0 + 0.5, source='form "A" \\ é', respect_opt_out=True),
         row(email(2), "subscribed", delay_seconds=0.05),
@@ -515,8 +634,11 @@ def test_a_take_writes_each_members_history_and_record_as_cjson_did(env, redis_c
     for value, change in wanted.items():
         arrival = change["t"] - change.get("d", 0)
         occurred = change.get("w", arrival)
-        # [value, seq, respect, occurred, digest, head] (issue 26): the digest names the
-        # keys, the head is the history's oldest event (its "enqueued", at the arrival).
+        raw = redis_client.lrange(found.keys.history("email", value), 0, -1)
+        (stamp1, _, first), (stamp2, _, second) = (e.decode().partition("\x1f") for e in raw)
+        # [value, seq, respect, occurred, digest, head, covered] (issue 26): the digest
+        # names the keys, the head is the history's oldest event (its "enqueued", at the
+        # arrival), covered the least expiry the take (at "batched") gave the keys.
         assert members[value] == [
             value,
             change["q"],
@@ -524,9 +646,8 @@ def test_a_take_writes_each_members_history_and_record_as_cjson_did(env, redis_c
             occurred,
             identity_digest("email", value),
             arrival,
+            int(stamp2) + EXPIRY_SLACK_MS + min(retention.history_ms, retention.subject_ms),
         ]
-        raw = redis_client.lrange(found.keys.history("email", value), 0, -1)
-        (stamp1, _, first), (stamp2, _, second) = (e.decode().partition("\x1f") for e in raw)
         assert int(stamp1) == arrival and int(stamp2) >= arrival
         expected = {"e": "enqueued", "g": GROUP, "s": change["s"], "q": change["q"]}
         expected.update({k: change[k] for k in ("c", "d", "x") if k in change})

@@ -512,6 +512,39 @@ def test_a_short_batch_claimed_absorbs_a_short_batch_of_its_kind_not_yet_claimed
     assert set(locked(redis_client).values()) == {other}
 
 
+def test_a_member_absorbed_from_an_older_batch_keeps_its_own_takes_cover(env, redis_client):
+    """A member moves between records with the cover its own take gave its keys (issue 26):
+    absorbed from a batch cut long before (its cover ended, its subject expired, its
+    history about to), the finish reads and sets its watermark and expiries as before,
+    while the claimed batch's own member, within its cover, gets neither. Fails if the
+    finish judged a member by the record it ends in."""
+    found = services()
+    store, keys = found.batches, found.keys
+    older = cut_short([row(email(2))])
+    record = json.loads(redis_client.get(keys.batch(older)))
+    record["members"][0][6] = server_time_ms(redis_client) - 1  # its cover ended
+    redis_client.set(keys.batch(older), json.dumps(record, separators=(",", ":")))
+    redis_client.delete(keys.subject("email", email(2)))
+    redis_client.pexpire(keys.history("email", email(2)), 10_000)
+    first = cut_short([row(email(1))])
+    claim = store.claim(first, A, LEASE_MS, top_up_to=50)
+    assert claim.status is ClaimStatus.CLAIMED and sorted(claim.record.values) == [
+        email(1),
+        email(2),
+    ]
+    redis_client.config_resetstat()
+    assert store.delivered(first, A) == Finish(Ended.ENDED, 2)
+    calls = redis_client.info("commandstats")
+    assert calls["cmdstat_pexpireat"]["calls"] == 2  # email(2)'s subject and history only
+    assert calls["cmdstat_hget"]["calls"] == 2  # the claim token, email(2)'s watermark
+    subject = redis_client.hgetall(keys.subject("email", email(2)))
+    assert list(subject) == [f"w\x1f{GROUP}".encode()]
+    for value in (email(1), email(2)):
+        assert redis_client.pttl(keys.subject("email", value)) > 29 * 86_400_000
+        assert redis_client.pttl(keys.history("email", value)) > 29 * 86_400_000
+        assert [e["e"] for e in events(redis_client, "email", value)][-1] == "posted"
+
+
 def test_a_claim_absorbs_no_batch_someone_holds_that_waits_nor_a_superseded_member(
     env, redis_client
 ):
