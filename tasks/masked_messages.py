@@ -99,7 +99,50 @@ class MaskingAMQP(AMQP):
                 options["kwargsrepr"] = repr(redact_row(kwargs))
             if options.get("argsrepr") is None:
                 options["argsrepr"] = f"<{len(args)} positional>" if args else "()"
+        elif options.get("argsrepr") is None and options.get("kwargsrepr") is None:
+            shown = _shown_plainly(args, kwargs, self.argsrepr_maxsize, self.kwargsrepr_maxsize)
+            if shown is not None:
+                options["argsrepr"], options["kwargsrepr"] = shown
         return super().as_task_v2(task_id, name, args, kwargs, *rest, **options)
+
+
+def _plain_text(value: Any) -> bool:
+    """A text `repr` and `saferepr` render alike: printable, no quote, no backslash."""
+    return (
+        type(value) is str
+        and value.isprintable()
+        and "'" not in value
+        and '"' not in value
+        and "\\" not in value
+    )
+
+
+def _is_text_or_texts(value: Any) -> bool:
+    return _plain_text(value) or (
+        type(value) in (list, tuple) and all(_plain_text(item) for item in value)
+    )
+
+
+def _shown_plainly(
+    args: Any, kwargs: Any, args_most: int, kwargs_most: int
+) -> tuple[str, str] | None:
+    """A message's arguments rendered by `repr`, when they are plain texts or lists of them
+    (the post messages': batch ids, the workspace) and the renderings fit Celery's sizes: the
+    text Celery's `saferepr` would give (the message's headers and the task-sent event
+    Flower shows), without its walk token by token (~55 us a message of ten batch ids
+    against ~2 us; issue 26, the seventh step). Anything else is left to Celery (None)."""
+    args, kwargs = args or (), kwargs or {}  # as Celery's `as_task_v2` takes them
+    if (
+        type(args) not in (list, tuple)
+        or type(kwargs) is not dict
+        or not all(_is_text_or_texts(arg) for arg in args)
+        or not all(_plain_text(key) and _is_text_or_texts(v) for key, v in kwargs.items())
+    ):
+        return None
+    args_shown, kwargs_shown = repr(args), repr(kwargs)
+    if len(args_shown) > args_most or len(kwargs_shown) > kwargs_most:
+        return None
+    return args_shown, kwargs_shown
 
 
 def _masked_payload(message: Any, body: Any) -> Any:
