@@ -14,10 +14,12 @@ batch cut is posted with the poster (v1, one thread, the simulator in a process 
 own), so the in-flight cap frees as in a drain. Counted inside the ticks only: the
 ticking thread's CPU (`time.thread_time`) in each step — `read_due`, the planning
 (`plan_batches`), the take (`Buffer.take`: its arguments and the pipeline's round trip),
-the publish (`Coalescer._send_cut`) and the tick in all —, the changes read, and
-redis-server's CPU (`INFO cpu`, read before and after each tick: nothing else runs on it
-meanwhile). Medians over the rounds, per change cut (µs) and per 1,000 identifiers.
-Writes bench/results/tick-cpu.json.
+the publish (`Coalescer._send_cut`) and the tick in all, and of it the cyclic garbage
+collector's (`gc.callbacks`) —, the changes read, and redis-server's CPU (`INFO cpu`,
+read before and after each tick: nothing else runs on it meanwhile). Each tree's heap is
+left as its worker leaves it at `ready` (frozen from the collector's full collections
+since the seventh step). Medians over the rounds, per change cut (µs) and per 1,000
+identifiers. Writes bench/results/tick-cpu.json.
 """
 
 from __future__ import annotations
@@ -57,6 +59,16 @@ from devtools.processes import local_redis
 STEPS = json.loads(os.environ["STEPS"])
 spent, ticking = defaultdict(float), [False]
 
+# The cyclic garbage collector's thread CPU inside the ticks (within the steps above).
+import gc
+collecting = [0.0, 0.0]
+def collection(phase, info):
+    if phase == "start":
+        collecting[0] = time.thread_time()
+    elif ticking[0]:
+        collecting[1] += time.thread_time() - collecting[0]
+gc.callbacks.append(collection)
+
 def counted(owner, names, label):
     name = next(name for name in names.split("|") if hasattr(owner, name))
     original = getattr(owner, name)
@@ -95,6 +107,12 @@ try:
         # scripts loaded, a tick with nothing due (none of it counted).
         subscriptions._dispatch(services.workspace, "warm-up")
         services.coalescer(lambda _id: None)._tick()
+        # The heap as the tree's worker leaves it at `ready` (this tree freezes it from the
+        # collector's full collections, tasks.celery_app.freeze_start_up_heap; a base
+        # before the seventh step does not).
+        freeze = getattr(importlib.import_module("tasks.celery_app"), "freeze_start_up_heap", None)
+        if freeze is not None:
+            freeze()
         identifiers = int(os.environ["IDENTIFIERS"])
         services.buffer.enqueue(drain.backlog(identifiers, 4, random.Random(1)))
         read = [0]
@@ -158,6 +176,7 @@ figures = {label: spent[label] * per for label in spent}
 figures["tick in all"] = tick * per
 figures["rest of the tick"] = figures["tick in all"] - sum(spent.values()) * per
 figures["reads a change"] = read[0] / cut_identifiers
+figures["of it the collector"] = collecting[1] * per
 figures["redis-server during ticks"] = redis * per
 figures["redis commands"] = {
     name.removeprefix("cmdstat_"): round(spent_usec * 1000 / cut_identifiers, 2)
@@ -174,6 +193,7 @@ LABELS = (
     *(step[3] for step in STEPS),
     "rest of the tick",
     "tick in all",
+    "of it the collector",
     "redis-server during ticks",
 )
 
