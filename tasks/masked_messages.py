@@ -99,7 +99,11 @@ class MaskingAMQP(AMQP):
                 options["kwargsrepr"] = repr(redact_row(kwargs))
             if options.get("argsrepr") is None:
                 options["argsrepr"] = f"<{len(args)} positional>" if args else "()"
-        elif options.get("argsrepr") is None and options.get("kwargsrepr") is None:
+        elif (
+            name != RECORD_CHANGE  # its texts may hold an identifier: Celery's, as before
+            and options.get("argsrepr") is None
+            and options.get("kwargsrepr") is None
+        ):
             shown = _shown_plainly(args, kwargs, self.argsrepr_maxsize, self.kwargsrepr_maxsize)
             if shown is not None:
                 options["argsrepr"], options["kwargsrepr"] = shown
