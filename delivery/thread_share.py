@@ -17,6 +17,16 @@ have work too, an equal share. A post that finds its workspace's seats taken put
 batch back into the schedule (no attempt spent, `WaitReason.BUDGET`), due when a seat is
 likely free; its thread takes the next message at once.
 
+A workspace "has work" while one of its posts holds a turn (it sleeps until the turn or
+waits for Braze's answer), for `ACTIVE_SECONDS` after such a post, and while its posts find
+its seats taken. A post that held its seat only to find no turn to take — the workspace's
+key refused, posting paused after a 429, its budget reserved too far ahead — goes back into
+the schedule and holds no thread: it does not count. It did (any seat taken counted), so
+a workspace refusing its key held the others to an equal share for ACTIVE_SECONDS after
+each of its batches went by on its way to the schedule (its whole first cut, each probe):
+the others' messages beyond that share went round the schedule, a tick's wait each, while
+threads stood free.
+
 Why not a queue per workspace: Celery gives one worker's queues one pool, so a queue of its
 own does not keep a workspace's posts from holding every thread; and a worker per
 workspace means a fleet per workspace, which is what the issue takes away. Why not a
@@ -59,8 +69,13 @@ def seats_for(threads: int, served: int, others_active: int) -> int:
 @dataclass(slots=True)
 class _Workspace:
     held: int = 0
+    # When it last had work: a post with a turn ended, or a post found its seats taken.
     last_seen: float = float("-inf")
     releases: dict[int, float] = field(default_factory=dict)  # seat -> expected release
+    turns: set[int] = field(default_factory=set)  # seats whose post holds a turn
+
+    def has_work(self, now: float) -> bool:
+        return bool(self.turns) or now - self.last_seen < ACTIVE_SECONDS
 
 
 class Seat:
@@ -72,7 +87,8 @@ class Seat:
         self._number = number
 
     def expect_release_in(self, seconds: float) -> None:
-        """The post's turn is this far off: others learn when a seat is likely free."""
+        """The post's turn is this far off: others learn when a seat is likely free, and
+        that the workspace has work (a post with a turn)."""
         if self._share is not None:
             self._share._expect(self._workspace, self._number, seconds)
 
@@ -102,13 +118,13 @@ class ThreadShare:
         with self._lock:
             now = self._clock()
             mine = self._workspaces.setdefault(workspace, _Workspace())
-            mine.last_seen = now
             others = sum(
                 1
                 for name, other in self._workspaces.items()
-                if name != workspace and (other.held > 0 or now - other.last_seen < ACTIVE_SECONDS)
+                if name != workspace and other.has_work(now)
             )
             if mine.held >= seats_for(self.threads, self.served, others):
+                mine.last_seen = now  # more work than its share: it has work
                 return None
             mine.held += 1
             self._next += 1
@@ -133,13 +149,16 @@ class ThreadShare:
             mine = self._workspaces[workspace]
             if number in mine.releases:
                 mine.releases[number] = self._clock() + seconds
+                mine.turns.add(number)
 
     def _release(self, workspace: str, number: int) -> None:
         with self._lock:
             mine = self._workspaces[workspace]
             if mine.releases.pop(number, None) is not None:
                 mine.held -= 1
-                mine.last_seen = self._clock()
+                if number in mine.turns:  # a post with a turn: work, not a way to the schedule
+                    mine.turns.discard(number)
+                    mine.last_seen = self._clock()
 
 
 _process: tuple[int, ThreadShare] | None = None

@@ -70,9 +70,15 @@ def test_another_workspace_with_work_gets_an_equal_share_at_once() -> None:
     clock = Clock()
     share = ThreadShare(16, 2, clock=clock)
     us = [share.take("us") for _ in range(14)]
-    # eu's first message finds a reserved thread free, and from then on us's share is 8
+    for seat in us:  # posts with their turns: us has work
+        assert seat is not None
+        seat.expect_release_in(1.0)
+    # eu's first message finds a reserved thread free, and from its turn on us's share is 8
     eu = [share.take("eu") for _ in range(8)]
     assert all(seat is not None for seat in eu)
+    for seat in eu:
+        assert seat is not None
+        seat.expect_release_in(0.2)
     assert share.take("eu") is None
     assert share.take("us") is None
     for seat in us[:6]:
@@ -87,6 +93,54 @@ def test_another_workspace_with_work_gets_an_equal_share_at_once() -> None:
     assert share.take("us") is None
     clock.now += ACTIVE_SECONDS + 0.01
     assert share.take("us") is not None
+
+
+def test_a_workspace_whose_posts_find_no_turn_leaves_the_others_their_share() -> None:
+    """us's key refused (or us paused, or its budget reserved far ahead): each of its
+    posts takes a seat, finds no turn and goes back into the schedule. It holds no thread,
+    so eu keeps all but the reserve; fails when taking a seat counted as having work (eu
+    held to an equal share for ACTIVE_SECONDS after each of us's messages)."""
+    clock = Clock()
+    share = ThreadShare(8, 2, clock=clock)
+    eu = [share.take("eu") for _ in range(7)]
+    assert all(seat is not None for seat in eu)
+    for seat in eu:
+        assert seat is not None
+        seat.expect_release_in(0.5)
+    for _ in range(50):  # us's first cut, each batch on its way to the schedule
+        seat = share.take("us")
+        assert seat is not None  # us always gets its own seat
+        clock.now += 0.001
+        seat.release()
+    clock.now += 0.01
+    assert share.take("eu") is None  # eu holds all but the reserve
+    eu[0].release()
+    assert share.take("eu") is not None  # and gets its seventh back at once, not its half
+    # A post with a turn is work: us's probe halves eu's share for ACTIVE_SECONDS.
+    probe = share.take("us")
+    assert probe is not None
+    probe.expect_release_in(0.0)
+    probe.release()
+    assert share.take("eu") is None
+    assert share.held("eu") == 7
+    for seat in eu[1:4]:
+        assert seat is not None
+        seat.release()
+    assert share.take("eu") is None  # 4 held: its equal share while us has work
+    clock.now += ACTIVE_SECONDS + 0.01
+    assert share.take("eu") is not None
+
+
+def test_a_workspace_whose_posts_find_their_share_taken_has_work() -> None:
+    clock = Clock()
+    share = ThreadShare(4, 2, clock=clock)
+    us = [share.take("us") for _ in range(3)]
+    assert all(seat is not None for seat in us) and share.take("us") is None
+    for seat in us:
+        assert seat is not None
+        seat.release()  # no turn taken (e.g. refused): yet us's last post found no seat
+    assert share.take("eu") is not None and share.take("eu") is not None
+    assert share.take("eu") is None  # us has work: eu's equal share is 2
 
 
 def test_one_workspace_served_is_never_refused() -> None:
