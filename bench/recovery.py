@@ -350,9 +350,13 @@ def kill_and_term(
     enqueue(backlog_rows(rng, changes // 5, population, expected))
 
     def both_busy() -> Holdings | None:
-        # Mid-backlog: the one to be killed busy on half its threads, the other posting.
+        # Mid-backlog: the one to be killed posting on a quarter of its threads (two of
+        # eight), the other posting. A cut's batches travel ten to a message, posted one
+        # after the other (`subscriptions.post_batches`), so a worker holds one claim per
+        # message it runs: half its threads (four messages of the few a cut makes) was
+        # rare enough once the posts got cheaper that the wait timed out (1 CI in ~30).
         term = fleet.holdings(stopper.pid)
-        busy = len(fleet.holdings(victim.pid).claims) >= max(1, concurrency // 2)
+        busy = len(fleet.holdings(victim.pid).claims) >= max(2, concurrency // 4)
         return term if busy and term.claims else None
 
     term_held = poll(

@@ -76,11 +76,13 @@
 -- as acquire_token.lua does (`take_turn` in _prelude.lua; same keys, same answer) and
 -- notes the answer for the claim's token in P .. "turn:" .. batch id (STRING "token SEP
 -- granted SEP time SEP mark SEP why", the time absolute: the send time granted, or when to
--- ask again; expires after the lease). A claim that is not made takes no turn: nothing of
+-- ask again; expires after twice the lease: the poster tries a claim again up to a lease
+-- after its first error, which may come up to a lease after the first try, so a renewal
+-- finds the note its first try left). A claim that is not made takes no turn: nothing of
 -- the budget is spent. A renewal by the same token (the poster's claim tried again after
 -- a reply lost to a failover: its first try may have run) answers the noted turn again,
 -- its wait counted from now, and takes none; with none noted for its token (its first try
--- took none, or the note expired with the lease), it takes one.
+-- took none, or the note expired), it takes one.
 -- Returns {"gone"} (finished already), {"busy"} (another worker holds it), {"waiting"}
 -- (it waits in the schedule), {"empty", record as it was} or {"claimed", record, members
 -- the top-up took, the standing refusal's JSON or nil, the refused half's message or nil}
@@ -233,6 +235,6 @@ if turn[1] == 0 then
   at = string.format('%.3f', now + turn[2])
 end
 redis.call('SET', noted, token_sep .. turn[1] .. SEP .. at .. SEP .. turn[4] .. SEP .. turn[5],
-  'PX', ARGV[3])
+  'PX', 2 * tonumber(ARGV[3]))
 return {'claimed', record_json, topped, refusal, half, turn[1], turn[2], turn[3], turn[4],
   turn[5]}

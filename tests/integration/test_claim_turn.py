@@ -24,6 +24,7 @@ from core.planning import plan_batches
 from delivery.coalescer import Coalescer
 from delivery.services import Services, reset_services, services
 from delivery.thread_share import ThreadShare
+from devtools.processes import wait_until
 from stores.batch_records import ClaimStatus
 from stores.buffer import Buffer
 from stores.clock import server_time_ms
@@ -158,6 +159,27 @@ def test_a_renewal_by_the_same_token_answers_its_turn_again_and_takes_none(found
     redis_client.zrem(found.keys.claims, refused_id)
     taken = store.claim(refused_id, B, LEASE_MS, turn=ask)
     assert taken.grant is not None and budget(found) != before
+
+
+def test_a_renewal_past_the_lease_still_answers_its_turn_and_takes_none(found, redis_client):
+    """The poster tries a claim again up to a lease after its first error, which may come
+    up to a lease after the first try: past the first lease, the same token's renewal
+    still finds the turn its first try noted (kept twice the lease) and takes none. With
+    the note kept one lease only, this renewal spent a second turn."""
+    store, limiter = found.batches, found.limiter
+    lease_ms = 2_000  # the setting under test: a short lease to pass it
+    ask = limiter.turn_ask(Lane.BULK)
+    batch_id = cut([row(email(1))])
+    first = store.claim(batch_id, A, lease_ms, turn=ask)
+    assert first.grant is not None and first.grant.granted and spent(found) == 1
+    lease_end = float(redis_client.zscore(found.keys.claims, batch_id))
+    wait_until(
+        lambda: server_time_ms(redis_client) > lease_end + 100, timeout=10, what="the lease's end"
+    )
+    renewed = store.claim(batch_id, A, lease_ms, turn=ask)
+    assert renewed.status is ClaimStatus.CLAIMED
+    assert renewed.grant is not None and renewed.grant.granted
+    assert spent(found) == 1
 
 
 def test_a_refusal_read_by_the_claim_takes_no_turn(found):
