@@ -8,18 +8,21 @@ thread (and, through the heartbeat, its claim) longer than that. Bodies are read
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpcore
 import httpx
 
-# httpx's own mapping of httpcore's errors and its response stream, as its transport uses
-# them (`BrazeClient._send_straight`); if an upgrade moves them this fails at import.
+# httpx's own parts, as its transport and Response use them (`BrazeClient._send_straight`):
+# the mapping of httpcore's errors, its response stream and the charset of a content type;
+# if an upgrade moves them this fails at import.
+from httpx._models import _parse_content_type_charset
 from httpx._transports.default import ResponseStream, map_httpcore_exceptions
 from pydantic import SecretStr
 
@@ -250,6 +253,58 @@ class _FenceRefused(Exception):
 FIRST_BYTE_EVENTS = ("http11.send_request_headers.started", "http2.send_request_headers.started")
 
 
+class _Answer(NamedTuple):
+    """An answer as an exchange reads it: its status, headers as `dict(response.headers)`
+    gives them, the charset its content type names, its body up to MAX_ANSWER_BYTES."""
+
+    status: int
+    headers: dict[str, str]
+    charset: str | None
+    raw: bytes
+    truncated: bool
+
+
+def _capped(chunks: Iterator[bytes] | Iterable[bytes]) -> tuple[bytes, bool]:
+    """The body up to MAX_ANSWER_BYTES, and whether there was more (not read further)."""
+    parts: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        parts.append(chunk)
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            return b"".join(parts)[:MAX_ANSWER_BYTES], True
+    return b"".join(parts), False
+
+
+def header_dict(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """`dict(httpx.Headers(raw))`: names lowercased, a repeated name's values joined with
+    ", ", all decoded as ASCII, else UTF-8, else ISO-8859-1 (httpx's `Headers.encoding`),
+    without building httpx's Headers (~10-20 us an answer; tests/unit/test_braze_body.py
+    holds them equal)."""
+    for encoding in ("ascii", "utf-8"):
+        try:
+            pairs = [(name.lower().decode(encoding), value.decode(encoding)) for name, value in raw]
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        pairs = [
+            (name.lower().decode("iso-8859-1"), value.decode("iso-8859-1")) for name, value in raw
+        ]
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+@functools.lru_cache(maxsize=64)
+def content_charset(content_type: str | None) -> str | None:
+    """`httpx.Response.charset_encoding` for an answer whose Content-Type is
+    `content_type`, parsed once a content type (httpx parses it with the email package on
+    every call: ~4-14 us an answer)."""
+    return None if content_type is None else _parse_content_type_charset(content_type)
+
+
 class BrazeClient:
     """Keep-alive connections to one REST endpoint, one a thread. Thread-safe."""
 
@@ -428,51 +483,62 @@ class BrazeClient:
 
         return fenced
 
-    def _read(self, request: _Request) -> tuple[httpx.Response, bytes, bool]:
+    def _read(self, request: _Request) -> _Answer:
         """Send `request` and read its answer's body up to MAX_ANSWER_BYTES; the rest is
         left unread (the connection is closed rather than drained)."""
         if isinstance(request, _Straight):
-            response = self._send_straight(request)
-        else:
-            response = self._transport_for(request.url).handle_request(request)
-            response.request = request
+            return self._send_straight(request)
+        response = self._transport_for(request.url).handle_request(request)
+        response.request = request
+        return self._read_response(response)
+
+    @staticmethod
+    def _read_response(response: httpx.Response) -> _Answer:
+        """An httpx response read and closed."""
         try:
-            chunks: list[bytes] = []
-            size = 0
-            truncated = False
             # Decoded as it comes: a server that compresses although asked not to is still
             # read (a compressed chunk expands at most ~1000-fold before the cap stops it).
-            for chunk in response.iter_bytes():
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_ANSWER_BYTES:
-                    truncated = True
-                    break
+            raw, truncated = _capped(response.iter_bytes())
         finally:
             response.close()
-        return response, b"".join(chunks)[:MAX_ANSWER_BYTES], truncated
+        headers = dict(response.headers)
+        return _Answer(response.status_code, headers, response.charset_encoding, raw, truncated)
 
-    def _send_straight(self, request: _Straight) -> httpx.Response:
-        """What httpx's HTTPTransport.handle_request does with the httpcore request it
-        makes: sent to the pool of the transport this thread's client chose for the URL
-        (its own, or a proxy's), httpcore's errors raised as httpx's, the answer httpx's
-        Response on httpcore's stream (so read and decoded as any)."""
+    def _send_straight(self, request: _Straight) -> _Answer:
+        """What httpx's HTTPTransport.handle_request and Response do with the httpcore
+        request it makes: sent to the pool of the transport this thread's client chose for
+        the URL (its own, or a proxy's), httpcore's errors raised as httpx's. An answer
+        with a Content-Encoding is read through httpx's Response (its decoders); any other
+        straight from httpcore's stream (httpx's identity decoding is the bytes as they
+        come), its headers and charset as httpx's Response gives them."""
         transport = self._transport_for(request.url)
         pool: httpcore.ConnectionPool = transport._pool  # type: ignore[attr-defined]
         with map_httpcore_exceptions():
             answer = pool.handle_request(request.core)
-        return httpx.Response(
-            status_code=answer.status,
-            headers=answer.headers,
-            stream=ResponseStream(answer.stream),
-            extensions=answer.extensions,
+        stream = ResponseStream(answer.stream)  # httpcore's errors raised as httpx's
+        if any(name.lower() == b"content-encoding" for name, _ in answer.headers):
+            return self._read_response(
+                httpx.Response(
+                    status_code=answer.status,
+                    headers=answer.headers,
+                    stream=stream,
+                    extensions=answer.extensions,
+                )
+            )
+        try:
+            raw, truncated = _capped(stream)
+        finally:
+            stream.close()
+        headers = header_dict(answer.headers)
+        return _Answer(
+            answer.status, headers, content_charset(headers.get("content-type")), raw, truncated
         )
 
     def _exchange(self, build: Callable[[], _Request]) -> Reply:
         started = time.perf_counter()
         self._deadline.at = time.monotonic() + self.timeout_seconds
         try:
-            response, raw, truncated = self._read(build())
+            answer = self._read(build())
         except _FenceRefused:
             latency_ms = (time.perf_counter() - started) * 1000
             return Reply(status=None, body="", headers={}, latency_ms=latency_ms, unsent=True)
@@ -490,11 +556,11 @@ class BrazeClient:
         finally:
             self._deadline.at = None
         return Reply(
-            status=response.status_code,
-            body=raw.decode(response.charset_encoding or "utf-8", errors="replace"),
-            headers=dict(response.headers),
+            status=answer.status,
+            body=answer.raw.decode(answer.charset or "utf-8", errors="replace"),
+            headers=answer.headers,
             latency_ms=(time.perf_counter() - started) * 1000,
-            truncated=truncated,
+            truncated=answer.truncated,
         )
 
     def get(
