@@ -12,7 +12,7 @@ import functools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -264,7 +264,7 @@ class _Answer(NamedTuple):
     truncated: bool
 
 
-def _capped(chunks: Iterator[bytes] | Iterable[bytes]) -> tuple[bytes, bool]:
+def _capped(chunks: Iterable[bytes]) -> tuple[bytes, bool]:
     """The body up to MAX_ANSWER_BYTES, and whether there was more (not read further)."""
     parts: list[bytes] = []
     size = 0
@@ -279,7 +279,7 @@ def _capped(chunks: Iterator[bytes] | Iterable[bytes]) -> tuple[bytes, bool]:
 def header_dict(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     """`dict(httpx.Headers(raw))`: names lowercased, a repeated name's values joined with
     ", ", all decoded as ASCII, else UTF-8, else ISO-8859-1 (httpx's `Headers.encoding`),
-    without building httpx's Headers (~10-20 us an answer; tests/unit/test_braze_body.py
+    without building httpx's Headers (~10-20 us an answer; tests/unit/test_braze_answer_reading.py
     holds them equal)."""
     for encoding in ("ascii", "utf-8"):
         try:
