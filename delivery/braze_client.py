@@ -8,15 +8,22 @@ thread (and, through the heartbeat, its claim) longer than that. Bodies are read
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import httpcore
 import httpx
+
+# httpx's own parts, as its transport and Response use them (`BrazeClient._send_straight`):
+# the mapping of httpcore's errors, its response stream and the charset of a content type;
+# if an upgrade moves them this fails at import.
+from httpx._models import _parse_content_type_charset
+from httpx._transports.default import ResponseStream, map_httpcore_exceptions
 from pydantic import SecretStr
 
 from core.changes import SubscriptionState
@@ -198,12 +205,104 @@ def _apply_deadline(client: httpx.Client, deadline: _Deadline) -> None:
         pool._network_backend = _DeadlineBackend(backend, deadline)
 
 
+@dataclass(frozen=True, slots=True)
+class _PostTemplate:
+    """A path's POST as httpcore's pool takes it, prepared once from the request httpx
+    builds (`BrazeClient._template`): its URL (httpx's, to choose the transport, and
+    httpcore's) and httpx's headers in httpx's order, `length_at` the Content-Length to
+    fill in. The headers hold the key: never shown (`repr=False`)."""
+
+    url: httpx.URL
+    core_url: httpcore.URL
+    headers: list[tuple[bytes, bytes]] = field(repr=False)
+    length_at: int
+
+    def request(self, content: bytes, extensions: dict[str, Any]) -> _Straight:
+        """The httpcore request httpx's transport would make of the httpx request with
+        `content` as its body."""
+        headers = self.headers.copy()
+        headers[self.length_at] = (headers[self.length_at][0], b"%d" % len(content))
+        core = httpcore.Request(
+            b"POST", self.core_url, headers=headers, content=content, extensions=extensions
+        )
+        return _Straight(self.url, core)
+
+
+@dataclass(frozen=True, slots=True)
+class _Straight:
+    """A request for httpcore's pool (`core`) and the URL its transport is chosen by."""
+
+    url: httpx.URL
+    core: httpcore.Request = field(repr=False)
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        return self.core.extensions
+
+
+# What an exchange sends: httpx's request (a test's transport, the GETs) or one straight
+# to httpcore's pool (the posts).
+_Request = httpx.Request | _Straight
+
+
 class _FenceRefused(Exception):
     """Raised inside httpcore's trace hook to stop a request before its first byte."""
 
 
 # httpcore's trace events right before the request's first byte goes out (HTTP/1.1, 2).
 FIRST_BYTE_EVENTS = ("http11.send_request_headers.started", "http2.send_request_headers.started")
+
+
+class _Answer(NamedTuple):
+    """An answer as an exchange reads it: its status, headers as `dict(response.headers)`
+    gives them, the charset its content type names, its body up to MAX_ANSWER_BYTES."""
+
+    status: int
+    headers: dict[str, str]
+    charset: str | None
+    raw: bytes
+    truncated: bool
+
+
+def _capped(chunks: Iterable[bytes]) -> tuple[bytes, bool]:
+    """The body up to MAX_ANSWER_BYTES, and whether there was more (not read further)."""
+    parts: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        parts.append(chunk)
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            return b"".join(parts)[:MAX_ANSWER_BYTES], True
+    return b"".join(parts), False
+
+
+def header_dict(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """`dict(httpx.Headers(raw))`: names lowercased, a repeated name's values joined with
+    ", ", all decoded as ASCII, else UTF-8, else ISO-8859-1 (httpx's `Headers.encoding`),
+    without building httpx's Headers (~10-20 us an answer; tests/unit/test_braze_answer_reading.py
+    holds them equal)."""
+    for encoding in ("ascii", "utf-8"):
+        try:
+            pairs = [(name.lower().decode(encoding), value.decode(encoding)) for name, value in raw]
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        pairs = [
+            (name.lower().decode("iso-8859-1"), value.decode("iso-8859-1")) for name, value in raw
+        ]
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+@functools.lru_cache(maxsize=64)
+def content_charset(content_type: str | None) -> str | None:
+    """`httpx.Response.charset_encoding` for an answer whose Content-Type is
+    `content_type`, parsed once a content type (httpx parses it with the email package on
+    every call: ~4-14 us an answer)."""
+    return None if content_type is None else _parse_content_type_charset(content_type)
 
 
 class BrazeClient:
@@ -253,6 +352,7 @@ class BrazeClient:
         self._headers = self._http.headers  # the client's defaults and ours, merged once
         self._timeouts = self._http.timeout.as_dict()
         self._urls: dict[str, httpx.URL] = {}  # a path's URL on the endpoint, parsed once
+        self._templates: dict[str, _PostTemplate] = {}  # a path's POST, prepared once
 
     def _new_client(self, headers: httpx.Headers | dict[str, str]) -> httpx.Client:
         """An httpx client to the endpoint with `headers`: a pool of one connection (its
@@ -311,7 +411,28 @@ class BrazeClient:
         """POST `body`. `fence`, when given, is asked right before the request's first byte
         is written (after the pool and the connection are ready, httpcore's trace hook);
         if it answers False, nothing is sent and the reply says `unsent`."""
-        return self._exchange(self._fenced(lambda: self._post_request(path, body), fence))
+        template = self._templates.get(path)
+        if template is None:
+            template = self._templates[path] = self._template(path)
+        if self._transport is not None:  # a test's transport: httpx's request, as it takes
+            return self._exchange(self._fenced(lambda: self._post_request(path, body), fence))
+        # Straight to httpcore's pool (issue 26, the eighth step): httpx's Request (its
+        # headers copied and looked through, the body's stream) and its transport's
+        # conversion of it into httpcore's cost ~30-40 us of a worker's CPU a post; the
+        # same request is built from the template, the same bytes go out.
+        return self._exchange(
+            self._fenced(lambda: template.request(self._encoded(body), self._extensions()), fence)
+        )
+
+    @staticmethod
+    def _encoded(body: dict[str, Any]) -> bytes:
+        """`body` as `Client.build_request(json=body)` encodes it (httpx's compact JSON)."""
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return content.encode("utf-8")
+
+    def _extensions(self) -> dict[str, Any]:
+        """A request's extensions as httpx's client gives them: its timeouts."""
+        return {"timeout": self._timeouts}
 
     def _post_request(self, path: str, body: dict[str, Any]) -> httpx.Request:
         """The POST `Client.build_request(json=body)` builds (the same bytes: httpx's
@@ -319,19 +440,34 @@ class BrazeClient:
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = self._http.build_request("POST", path).url
-        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         return httpx.Request(
             "POST",
             url,
             headers=self._headers,
-            content=content.encode("utf-8"),
-            extensions={"timeout": self._timeouts},
+            content=self._encoded(body),
+            extensions=self._extensions(),
+        )
+
+    def _template(self, path: str) -> _PostTemplate:
+        """`path`'s POST prepared from the request httpx builds, as its transport converts
+        it (HTTPTransport.handle_request)."""
+        request = self._post_request(path, {})
+        headers = list(request.headers.raw)
+        names = [name.lower() for name, _ in headers]
+        url = request.url
+        return _PostTemplate(
+            url=url,
+            core_url=httpcore.URL(
+                scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
+            ),
+            headers=headers,
+            length_at=names.index(b"content-length"),
         )
 
     @staticmethod
     def _fenced(
-        build: Callable[[], httpx.Request], fence: Callable[[], bool] | None
-    ) -> Callable[[], httpx.Request]:
+        build: Callable[[], _Request], fence: Callable[[], bool] | None
+    ) -> Callable[[], _Request]:
         """`build`, with `fence` asked right before the request's first byte."""
         if fence is None:
             return build
@@ -340,39 +476,69 @@ class BrazeClient:
             if event in FIRST_BYTE_EVENTS and not fence():
                 raise _FenceRefused
 
-        def fenced() -> httpx.Request:
+        def fenced() -> _Request:
             request = build()
             request.extensions["trace"] = trace
             return request
 
         return fenced
 
-    def _read(self, request: httpx.Request) -> tuple[httpx.Response, bytes, bool]:
+    def _read(self, request: _Request) -> _Answer:
         """Send `request` and read its answer's body up to MAX_ANSWER_BYTES; the rest is
         left unread (the connection is closed rather than drained)."""
+        if isinstance(request, _Straight):
+            return self._send_straight(request)
         response = self._transport_for(request.url).handle_request(request)
         response.request = request
+        return self._read_response(response)
+
+    @staticmethod
+    def _read_response(response: httpx.Response) -> _Answer:
+        """An httpx response read and closed."""
         try:
-            chunks: list[bytes] = []
-            size = 0
-            truncated = False
             # Decoded as it comes: a server that compresses although asked not to is still
             # read (a compressed chunk expands at most ~1000-fold before the cap stops it).
-            for chunk in response.iter_bytes():
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_ANSWER_BYTES:
-                    truncated = True
-                    break
+            raw, truncated = _capped(response.iter_bytes())
         finally:
             response.close()
-        return response, b"".join(chunks)[:MAX_ANSWER_BYTES], truncated
+        headers = dict(response.headers)
+        return _Answer(response.status_code, headers, response.charset_encoding, raw, truncated)
 
-    def _exchange(self, build: Callable[[], httpx.Request]) -> Reply:
+    def _send_straight(self, request: _Straight) -> _Answer:
+        """What httpx's HTTPTransport.handle_request and Response do with the httpcore
+        request it makes: sent to the pool of the transport this thread's client chose for
+        the URL (its own, or a proxy's), httpcore's errors raised as httpx's. An answer
+        with a Content-Encoding is read through httpx's Response (its decoders); any other
+        straight from httpcore's stream (httpx's identity decoding is the bytes as they
+        come), its headers and charset as httpx's Response gives them."""
+        transport = self._transport_for(request.url)
+        pool: httpcore.ConnectionPool = transport._pool  # type: ignore[attr-defined]
+        with map_httpcore_exceptions():
+            answer = pool.handle_request(request.core)
+        stream = ResponseStream(answer.stream)  # httpcore's errors raised as httpx's
+        if any(name.lower() == b"content-encoding" for name, _ in answer.headers):
+            return self._read_response(
+                httpx.Response(
+                    status_code=answer.status,
+                    headers=answer.headers,
+                    stream=stream,
+                    extensions=answer.extensions,
+                )
+            )
+        try:
+            raw, truncated = _capped(stream)
+        finally:
+            stream.close()
+        headers = header_dict(answer.headers)
+        return _Answer(
+            answer.status, headers, content_charset(headers.get("content-type")), raw, truncated
+        )
+
+    def _exchange(self, build: Callable[[], _Request]) -> Reply:
         started = time.perf_counter()
         self._deadline.at = time.monotonic() + self.timeout_seconds
         try:
-            response, raw, truncated = self._read(build())
+            answer = self._read(build())
         except _FenceRefused:
             latency_ms = (time.perf_counter() - started) * 1000
             return Reply(status=None, body="", headers={}, latency_ms=latency_ms, unsent=True)
@@ -390,11 +556,11 @@ class BrazeClient:
         finally:
             self._deadline.at = None
         return Reply(
-            status=response.status_code,
-            body=raw.decode(response.charset_encoding or "utf-8", errors="replace"),
-            headers=dict(response.headers),
+            status=answer.status,
+            body=answer.raw.decode(answer.charset or "utf-8", errors="replace"),
+            headers=answer.headers,
             latency_ms=(time.perf_counter() - started) * 1000,
-            truncated=truncated,
+            truncated=answer.truncated,
         )
 
     def get(

@@ -443,6 +443,35 @@ def test_posts_reuse_one_kept_alive_connection():
     assert all(r.startswith(b"POST /subscription/status/set HTTP/1.1\r\n") for r in requests)
 
 
+def test_a_post_sent_straight_to_httpcore_is_the_request_httpx_sends():
+    """A post goes straight to httpcore's pool from a template made once a path (issue 26,
+    the eighth step): on the wire it is byte for byte the request httpx's own client sends
+    for `post(path, json=body)` (its request line, headers in their order, the body and its
+    length in bytes: a text beyond ASCII, and bodies of two lengths on one connection)."""
+    bodies = [
+        BODY,
+        {**BODY, "email": ["zoë@exämple.co", "a" * 40 + "@b.co"], "use_double_opt_in_logic": True},
+    ]
+    requests: list[bytes] = []
+    with keep_alive_server(requests, []) as url:
+        braze = client(url)
+        try:
+            for body in bodies:
+                reply = braze.post(V1_PATH, body, fence=lambda: True)
+                assert (reply.status, reply.body) == (201, '{"message":"success"}')
+            for body in bodies:  # the thread's httpx client, the whole of Client.send
+                braze._client().post(V1_PATH, json=body).read()
+        finally:
+            braze.close()
+    straight, by_httpx = requests[: len(bodies)], requests[len(bodies) :]
+    assert len(straight) == len(bodies) and straight == by_httpx
+    assert (
+        b"Content-Length: %d\r\n"
+        % len(json.dumps(bodies[1], ensure_ascii=False, separators=(",", ":")).encode())
+        in straight[1]
+    )
+
+
 def test_each_posting_thread_keeps_one_connection_of_its_own():
     """One connection pool a thread (issue 26: httpcore's pool looks at every connection it
     holds twice a request, a poll() for each idle one): four threads posting at once, three
