@@ -191,7 +191,7 @@ end
 local EXPIRY_SLACK_MS = 60000
 
 local function digits(n)
-  if n == math.floor(n) and n > -1e15 and n < 1e15 then
+  if n % 1 == 0 and n > -1e15 and n < 1e15 then
     return string.format('%d', n)
   end
   return string.format('%.14g', n)
@@ -221,6 +221,8 @@ local function remember_entries(key, now, entries, keep_ms, max_events, first_ms
   local length
   if #entries == 1 then
     length = redis.call('RPUSH', key, entries[1])  -- (no unpack: every finish's member)
+  elseif #entries == 2 then
+    length = redis.call('RPUSH', key, entries[1], entries[2])  -- (every take's member)
   else
     length = redis.call('RPUSH', key, unpack(entries))
   end

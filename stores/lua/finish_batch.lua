@@ -91,12 +91,13 @@ if ARGV[5] and ARGV[5] ~= '' then
 end
 local keys_prefix = key_prefix(KEYS[6])
 local status, answered = tonumber(ARGV[6]), tonumber(ARGV[7])
--- The retention's texts as given: PEXPIRE and the cutoff's arithmetic take them as they
--- are (issue 26: no number formatted per member, see `digits` in _prelude.lua).
-local keep, most = ARGV[8], tonumber(ARGV[9])
+-- The expiries' texts formatted once a batch (issue 26: no number formatted per member,
+-- see `digits` in _prelude.lua); the history's retention a number once (the cutoff's
+-- arithmetic converted its text once a member).
+local keep, most = tonumber(ARGV[8]), tonumber(ARGV[9])
 local subject_keep = ARGV[10]
 local keep_at, subject_at = expiry_at(now, keep), expiry_at(now, subject_keep)
-local keep_until, subject_until = now + tonumber(keep), now + tonumber(subject_keep)
+local keep_until, subject_until = now + keep, now + tonumber(subject_keep)
 local sent = nil
 if ARGV[12] == 'listed' then
   sent = {}

@@ -65,21 +65,26 @@ if existing then
 end
 local prefix = ARGV[2] .. SEP .. ARGV[4] .. SEP
 local now = now_ms()
--- The retention's texts as given (PEXPIRE and the cutoff's arithmetic take them as they
--- are: no number formatted per member, see `digits` in _prelude.lua); the planned members
--- taken with `at.taken`, their buffer's part in one call each (`flush_taken`).
+-- The expiries' texts formatted once a take (no number formatted per member, see `digits`
+-- in _prelude.lua), the history's retention a number once (the cutoff's arithmetic took
+-- its text, one conversion a member: issue 26); the planned members taken with
+-- `at.taken`, their buffer's part in one call each (`flush_taken`).
 local at = {prefix = key_prefix(KEYS[1]), pending = KEYS[1], due = KEYS[2], due_live = KEYS[7],
-  inflight = KEYS[3], keep = ARGV[8], most = tonumber(ARGV[9]), subject_keep = ARGV[10],
+  inflight = KEYS[3], keep = tonumber(ARGV[8]), most = tonumber(ARGV[9]),
+  subject_keep = ARGV[10],
   now = now, taken = {}, texts = {},
   keep_at = expiry_at(now, ARGV[8]), subject_at = expiry_at(now, ARGV[10])}
 local members = {}
 -- The planned members' changes and locks in one HMGET each (issue 26: two calls a batch,
 -- not two a member). Read before any is taken: taking one changes neither the change nor
 -- the lock of another field, and a value planned twice is taken once (`seen`).
-local fields, values, seqs = {}, {}, {}
+-- The sequence numbers made numbers here, before any write (`+ 0`: one conversion, where
+-- tonumber() makes two and a call; a malformed one raises before anything is taken).
+local fields, values, seqs, numbers = {}, {}, {}, {}
 for value, seq in string.gmatch(ARGV[13], '([^\31]+)\31([^\31]+)') do
-  values[#values + 1], seqs[#seqs + 1] = value, seq
-  fields[#fields + 1] = prefix .. value
+  local n = #fields + 1
+  values[n], seqs[n], numbers[n] = value, seq, seq + 0
+  fields[n] = prefix .. value
 end
 local currents = call_in_slices('HMGET', KEYS[1], fields)
 local locks = call_in_slices('HMGET', KEYS[3], fields)
@@ -88,7 +93,7 @@ for n = 1, #fields do
   local value, seq = values[n], seqs[n]
   local current = currents[n]
   local change = current and cjson.decode(current)
-  if change and change.q == tonumber(seq) and not locks[n] and not seen[value] then
+  if change and change.q == numbers[n] and not locks[n] and not seen[value] then
     seen[value] = true
     members[#members + 1] = take_change(at, ARGV[1], ARGV[2], ARGV[4], value, change, seq,
       fields[n])
