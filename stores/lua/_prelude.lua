@@ -67,6 +67,9 @@ end
 --                          the subject and history keys of a batch record's member: by
 --                          the digest its take stored (member[5]), else (a record a
 --                          previous release wrote) by SHA-1 of "kind SEP value"
+-- member_digest(kind, member)
+--                          that digest alone (the finish names the subject key only where
+--                          it writes it)
 -- member_head(member)      the time no later than its history's oldest event that the
 --                          member's take stored (member[6]; nil when none)
 -- member_covered(member)   the least of the expiries the member's take gave its subject
@@ -114,11 +117,16 @@ end
 -- events are appended at the end and dropped from the head only, and the list expires
 -- only `keep` after its newest event, which is after the take's "batched" (later, the head
 -- is past the retention and is read again); erasure takes the member out of the record.
-local function member_keys(prefix, kind, member)
+local function member_digest(kind, member)
   local digest = member[5]
   if type(digest) ~= 'string' or #digest ~= 40 then
     digest = redis.sha1hex(kind .. SEP .. member[1])
   end
+  return digest
+end
+
+local function member_keys(prefix, kind, member)
+  local digest = member_digest(kind, member)
   return prefix .. 'subject:' .. digest, prefix .. 'history:' .. digest
 end
 
