@@ -67,6 +67,9 @@ end
 --                          the subject and history keys of a batch record's member: by
 --                          the digest its take stored (member[5]), else (a record a
 --                          previous release wrote) by SHA-1 of "kind SEP value"
+-- member_digest(kind, member)
+--                          that digest alone (the finish names the subject key only where
+--                          it writes it)
 -- member_head(member)      the time no later than its history's oldest event that the
 --                          member's take stored (member[6]; nil when none)
 -- member_covered(member)   the least of the expiries the member's take gave its subject
@@ -114,11 +117,16 @@ end
 -- events are appended at the end and dropped from the head only, and the list expires
 -- only `keep` after its newest event, which is after the take's "batched" (later, the head
 -- is past the retention and is read again); erasure takes the member out of the record.
-local function member_keys(prefix, kind, member)
+local function member_digest(kind, member)
   local digest = member[5]
   if type(digest) ~= 'string' or #digest ~= 40 then
     digest = redis.sha1hex(kind .. SEP .. member[1])
   end
+  return digest
+end
+
+local function member_keys(prefix, kind, member)
+  local digest = member_digest(kind, member)
   return prefix .. 'subject:' .. digest, prefix .. 'history:' .. digest
 end
 
@@ -191,7 +199,7 @@ end
 local EXPIRY_SLACK_MS = 60000
 
 local function digits(n)
-  if n == math.floor(n) and n > -1e15 and n < 1e15 then
+  if n % 1 == 0 and n > -1e15 and n < 1e15 then
     return string.format('%d', n)
   end
   return string.format('%.14g', n)
@@ -221,6 +229,8 @@ local function remember_entries(key, now, entries, keep_ms, max_events, first_ms
   local length
   if #entries == 1 then
     length = redis.call('RPUSH', key, entries[1])  -- (no unpack: every finish's member)
+  elseif #entries == 2 then
+    length = redis.call('RPUSH', key, entries[1], entries[2])  -- (every take's member)
   else
     length = redis.call('RPUSH', key, unpack(entries))
   end
@@ -353,13 +363,15 @@ end
 --                          that the buffer holds this change and that no batch locks the
 --                          field. Returns the record's member {value, seq, respect opt-out
 --                          0|1, occurred at ms}. `seq` (optional): the text of change.q;
---                          `field` (optional): the buffer field, when the caller has it.
+--                          `field` (optional): the buffer field, when the caller has it;
+--                          `digest` (optional): SHA-1 of "kind SEP value" as the caller
+--                          was given it (take_batch.lua ARGV[14]), else computed here.
 --                          With `at.taken` (a list), the buffer's part is left to
 --                          `flush_taken` (one HDEL, two ZREMs, one HSET for all the members
 --                          of a take, issue 26), and the member's JSON text is appended to
 --                          `at.texts`: the caller must flush before it reads the buffer or
 --                          the locks again.
-local function take_change(at, id, group, kind, value, change, seq, field)
+local function take_change(at, id, group, kind, value, change, seq, field, digest)
   field = field or group .. SEP .. kind .. SEP .. value
   if at.taken then
     at.taken[#at.taken + 1] = field
@@ -372,7 +384,12 @@ local function take_change(at, id, group, kind, value, change, seq, field)
   local occurred = occurred_of(change)
   local occurred_text = digits(occurred)
   seq = seq or json_value(change.q)
-  local subject, history, digest = identity_keys(at.prefix, kind .. SEP .. value)
+  local subject, history
+  if digest then
+    subject, history = at.prefix .. 'subject:' .. digest, at.prefix .. 'history:' .. digest
+  else
+    subject, history, digest = identity_keys(at.prefix, kind .. SEP .. value)
+  end
   -- The group's texts once a take, not once a member (issue 26): its watermark's field
   -- name, its JSON, the states' JSON (`enqueued_entry`'s `texts`).
   if at.texts_of ~= group then
@@ -498,21 +515,23 @@ local function top_up(record_key, record, kept, at, max_members, look_at)
       -- The changes of the fields of its group and kind in one HMGET a step (issue 26: one
       -- HGET each was ~0.44 calls an identifier in bench.ceiling's drain, mostly other
       -- states' changes): taking one changes no other field's change (the fields differ).
-      local mine = {}
-      for _, field in ipairs(fields) do
+      -- Each field's prefix compared once (issue 26: a string.sub ~1,250 instructions, and
+      -- a short batch's top-up looks at up to TOP_UP_LOOK_AT fields, mostly other keys').
+      local mine, at_read = {}, {}
+      for k, field in ipairs(fields) do
         if string.sub(field, 1, #prefix) == prefix then
           mine[#mine + 1] = field
+          at_read[k] = #mine
         end
       end
       local currents = #mine > 0 and redis.call('HMGET', at.pending, unpack(mine)) or {}
-      local read = 0
-      for _, field in ipairs(fields) do
+      for k, field in ipairs(fields) do
         if #kept >= max_members then
           break
         end
-        if string.sub(field, 1, #prefix) == prefix then
+        local read = at_read[k]
+        if read then
           local value = string.sub(field, #prefix + 1)
-          read = read + 1
           local current = currents[read]
           local change = current and cjson.decode(current)
           if change and change.s == record.state and tonumber(change.o) == record.doi

@@ -90,13 +90,15 @@ if ARGV[5] and ARGV[5] ~= '' then
   end
 end
 local keys_prefix = key_prefix(KEYS[6])
+local subject_prefix, history_prefix = keys_prefix .. 'subject:', keys_prefix .. 'history:'
 local status, answered = tonumber(ARGV[6]), tonumber(ARGV[7])
--- The retention's texts as given: PEXPIRE and the cutoff's arithmetic take them as they
--- are (issue 26: no number formatted per member, see `digits` in _prelude.lua).
-local keep, most = ARGV[8], tonumber(ARGV[9])
+-- The expiries' texts formatted once a batch (issue 26: no number formatted per member,
+-- see `digits` in _prelude.lua); the history's retention a number once (the cutoff's
+-- arithmetic converted its text once a member).
+local keep, most = tonumber(ARGV[8]), tonumber(ARGV[9])
 local subject_keep = ARGV[10]
 local keep_at, subject_at = expiry_at(now, keep), expiry_at(now, subject_keep)
-local keep_until, subject_until = now + tonumber(keep), now + tonumber(subject_keep)
+local keep_until, subject_until = now + keep, now + tonumber(subject_keep)
 local sent = nil
 if ARGV[12] == 'listed' then
   sent = {}
@@ -130,7 +132,8 @@ for n, member in ipairs(record.members) do
   local field = fields[n]
   -- The keys by the digest, the oldest event's time as the take learnt them (issue 26:
   -- no SHA-1, no LINDEX a member; a previous release's record: both as before).
-  local subject, history = member_keys(keys_prefix, record.kind, member)
+  local digest = member_digest(record.kind, member)
+  local history, subject = history_prefix .. digest, nil
   local head = member_head(member)
   local occurred = member[4]
   -- What the take's expiries cover (issue 26): nothing for a previous release's member.
@@ -140,6 +143,10 @@ for n, member in ipairs(record.members) do
     history_at = false
   end
   local subject_covered = covered and subject_until <= covered
+  if dead or not subject_covered then
+    -- (issue 26: the subject's name only where it is written, a concatenation a member)
+    subject = subject_prefix .. digest
+  end
   if occurred and not subject_covered then
     local mark = tonumber(redis.call('HGET', subject, mark_field))
     if not mark or mark < occurred then

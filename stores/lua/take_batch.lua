@@ -19,6 +19,10 @@
 --          joined by SEP (issue 26: one argument a batch, not two a member, which cost the
 --          worker's redis-py ~1.5 us a member to encode and Redis ~850 instructions each
 --          to parse; values never hold a control character, see core/changes.py)
+-- ARGV[14] the members' digests (SHA-1 of "kind SEP value", stores/keys.py
+--          `identity_digest`, 40 hex characters each), one after the other in ARGV[13]'s
+--          order, so the take names each identifier's keys without `redis.sha1hex` (issue 26:
+--          ~4,000 instructions a member); any other length: each computed here as before
 -- Each member is taken by `take_change` (_prelude.lua: the buffer, the lock, the
 -- watermark, the history), as a claim's top-up takes one (claim_batch.lua).
 -- KEYS[6] "topped_up" += members a top-up took (they count in "batched" too).
@@ -65,21 +69,30 @@ if existing then
 end
 local prefix = ARGV[2] .. SEP .. ARGV[4] .. SEP
 local now = now_ms()
--- The retention's texts as given (PEXPIRE and the cutoff's arithmetic take them as they
--- are: no number formatted per member, see `digits` in _prelude.lua); the planned members
--- taken with `at.taken`, their buffer's part in one call each (`flush_taken`).
+-- The expiries' texts formatted once a take (no number formatted per member, see `digits`
+-- in _prelude.lua), the history's retention a number once (the cutoff's arithmetic took
+-- its text, one conversion a member: issue 26); the planned members taken with
+-- `at.taken`, their buffer's part in one call each (`flush_taken`).
 local at = {prefix = key_prefix(KEYS[1]), pending = KEYS[1], due = KEYS[2], due_live = KEYS[7],
-  inflight = KEYS[3], keep = ARGV[8], most = tonumber(ARGV[9]), subject_keep = ARGV[10],
+  inflight = KEYS[3], keep = tonumber(ARGV[8]), most = tonumber(ARGV[9]),
+  subject_keep = ARGV[10],
   now = now, taken = {}, texts = {},
   keep_at = expiry_at(now, ARGV[8]), subject_at = expiry_at(now, ARGV[10])}
 local members = {}
 -- The planned members' changes and locks in one HMGET each (issue 26: two calls a batch,
 -- not two a member). Read before any is taken: taking one changes neither the change nor
 -- the lock of another field, and a value planned twice is taken once (`seen`).
-local fields, values, seqs = {}, {}, {}
+-- The sequence numbers made numbers here, before any write (`+ 0`: one conversion, where
+-- tonumber() makes two and a call; a malformed one raises before anything is taken).
+local fields, values, seqs, numbers = {}, {}, {}, {}
 for value, seq in string.gmatch(ARGV[13], '([^\31]+)\31([^\31]+)') do
-  values[#values + 1], seqs[#seqs + 1] = value, seq
-  fields[#fields + 1] = prefix .. value
+  local n = #fields + 1
+  values[n], seqs[n], numbers[n] = value, seq, seq + 0
+  fields[n] = prefix .. value
+end
+local digests = ARGV[14]
+if not digests or #digests ~= 40 * #fields then
+  digests = nil
 end
 local currents = call_in_slices('HMGET', KEYS[1], fields)
 local locks = call_in_slices('HMGET', KEYS[3], fields)
@@ -88,10 +101,10 @@ for n = 1, #fields do
   local value, seq = values[n], seqs[n]
   local current = currents[n]
   local change = current and cjson.decode(current)
-  if change and change.q == tonumber(seq) and not locks[n] and not seen[value] then
+  if change and change.q == numbers[n] and not locks[n] and not seen[value] then
     seen[value] = true
     members[#members + 1] = take_change(at, ARGV[1], ARGV[2], ARGV[4], value, change, seq,
-      fields[n])
+      fields[n], digests and string.sub(digests, 40 * n - 39, 40 * n))
   end
 end
 if #members == 0 then
