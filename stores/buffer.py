@@ -462,7 +462,6 @@ class Buffer(ScriptedStore):
         pipe = self.client.pipeline(transaction=False)
         for batch_id, batch, pack_json in zip(ids, batches, pack_of, strict=True):
             key = batch.key
-            kind = key.kind.value
             args: list[str | int | bytes] = [
                 batch_id,
                 key.group_id,
@@ -476,9 +475,6 @@ class Buffer(ScriptedStore):
                 # each argument in Python, ~1.5 us apiece, two a member before. Formatted
                 # as text and encoded once (a member's bytes formatting cost ~1.4x).
                 sep.join([f"{m.value}{sep}{m.seq}" for m in batch.members]).encode(),
-                # Their digests (ARGV[14]), which name each identifier's keys: hashlib here
-                # (~0.4 us a member) spares Redis, the serial step, its redis.sha1hex.
-                "".join([identity_digest(kind, m.value) for m in batch.members]).encode(),
             ]
             self.scripts.take_batch(
                 keys=[

@@ -363,15 +363,13 @@ end
 --                          that the buffer holds this change and that no batch locks the
 --                          field. Returns the record's member {value, seq, respect opt-out
 --                          0|1, occurred at ms}. `seq` (optional): the text of change.q;
---                          `field` (optional): the buffer field, when the caller has it;
---                          `digest` (optional): SHA-1 of "kind SEP value" as the caller
---                          was given it (take_batch.lua ARGV[14]), else computed here.
+--                          `field` (optional): the buffer field, when the caller has it.
 --                          With `at.taken` (a list), the buffer's part is left to
 --                          `flush_taken` (one HDEL, two ZREMs, one HSET for all the members
 --                          of a take, issue 26), and the member's JSON text is appended to
 --                          `at.texts`: the caller must flush before it reads the buffer or
 --                          the locks again.
-local function take_change(at, id, group, kind, value, change, seq, field, digest)
+local function take_change(at, id, group, kind, value, change, seq, field)
   field = field or group .. SEP .. kind .. SEP .. value
   if at.taken then
     at.taken[#at.taken + 1] = field
@@ -384,12 +382,7 @@ local function take_change(at, id, group, kind, value, change, seq, field, diges
   local occurred = occurred_of(change)
   local occurred_text = digits(occurred)
   seq = seq or json_value(change.q)
-  local subject, history
-  if digest then
-    subject, history = at.prefix .. 'subject:' .. digest, at.prefix .. 'history:' .. digest
-  else
-    subject, history, digest = identity_keys(at.prefix, kind .. SEP .. value)
-  end
+  local subject, history, digest = identity_keys(at.prefix, kind .. SEP .. value)
   -- The group's texts once a take, not once a member (issue 26): its watermark's field
   -- name, its JSON, the states' JSON (`enqueued_entry`'s `texts`).
   if at.texts_of ~= group then

@@ -19,10 +19,6 @@
 --          joined by SEP (issue 26: one argument a batch, not two a member, which cost the
 --          worker's redis-py ~1.5 us a member to encode and Redis ~850 instructions each
 --          to parse; values never hold a control character, see core/changes.py)
--- ARGV[14] the members' digests (SHA-1 of "kind SEP value", stores/keys.py
---          `identity_digest`, 40 hex characters each), one after the other in ARGV[13]'s
---          order, so the take names each identifier's keys without `redis.sha1hex` (issue 26:
---          ~4,000 instructions a member); any other length: each computed here as before
 -- Each member is taken by `take_change` (_prelude.lua: the buffer, the lock, the
 -- watermark, the history), as a claim's top-up takes one (claim_batch.lua).
 -- KEYS[6] "topped_up" += members a top-up took (they count in "batched" too).
@@ -90,10 +86,6 @@ for value, seq in string.gmatch(ARGV[13], '([^\31]+)\31([^\31]+)') do
   values[n], seqs[n], numbers[n] = value, seq, seq + 0
   fields[n] = prefix .. value
 end
-local digests = ARGV[14]
-if not digests or #digests ~= 40 * #fields then
-  digests = nil
-end
 local currents = call_in_slices('HMGET', KEYS[1], fields)
 local locks = call_in_slices('HMGET', KEYS[3], fields)
 local seen = {}
@@ -104,7 +96,7 @@ for n = 1, #fields do
   if change and change.q == numbers[n] and not locks[n] and not seen[value] then
     seen[value] = true
     members[#members + 1] = take_change(at, ARGV[1], ARGV[2], ARGV[4], value, change, seq,
-      fields[n], digests and string.sub(digests, 40 * n - 39, 40 * n))
+      fields[n])
   end
 end
 if #members == 0 then

@@ -22,7 +22,7 @@ from stores.batch_records import BatchStore
 from stores.buffer import Buffer, encode_change
 from stores.clock import server_time_ms
 from stores.history import ConsentHistory
-from stores.keys import buffer_field, identity_digest
+from stores.keys import buffer_field
 from stores.scripts import Scripts
 from tests.conftest import email, wait_for
 from tests.lost_reply import ReplyLosingRelay
@@ -443,37 +443,6 @@ def test_change_rewritten_after_read_stays_in_the_buffer(env, redis_client):
     assert redis_client.hget(buffer.keys.inflight, field(email(1))) is None
     later, _ = buffer.read_due(server_time_ms(redis_client), 100)
     assert [(c.value, c.state.value) for c in later] == [(email(1), "unsubscribed")]
-
-
-@pytest.mark.parametrize("digests", ["given", "left out"])
-def test_a_take_names_each_members_keys_by_its_own_digest_past_a_member_it_skips(
-    env, redis_client, monkeypatch, digests
-):
-    """The take names each member's subject and history keys by the digest the coalescer
-    sends for it (take_batch.lua ARGV[14], in the members' order): a planned member the take
-    skips (rewritten after planning) shifts no other member's digest; without digests (any
-    other length) the script computes each as before."""
-    buffer = services().buffer
-    history = ConsentHistory(redis_client, buffer.keys)
-    buffer.enqueue([change(email(n)) for n in range(4)])
-    now = server_time_ms(redis_client)
-    plan = plan_batches(buffer.read_due(now, 100)[0], now_ms=now, max_identifiers=50)
-    buffer.enqueue([change(email(1), "unsubscribed")])  # after planning, before the take
-    if digests == "left out":
-        monkeypatch.setattr("stores.buffer.identity_digest", lambda kind, value: "")
-    (batch_id, size), *rest = take_each(buffer, plan, 60_000)
-    assert (size, rest) == (3, [])
-    members = batch_record(buffer, batch_id)["members"]
-    assert [m[0] for m in members] == [email(n) for n in (0, 2, 3)]
-    for member in members:
-        assert member[4] == identity_digest("email", member[0])
-        events = [(e.event, e.details.get("b")) for e in history.events("email", member[0])]
-        assert events == [("enqueued", None), ("batched", batch_id)]
-        assert GROUP in history.watermarks("email", member[0])
-    # the skipped one: its superseded change's events only, no batch and no watermark
-    skipped = [e.event for e in history.events("email", email(1))]
-    assert "batched" not in skipped
-    assert history.watermarks("email", email(1)) == {}
 
 
 def test_take_with_nothing_current_writes_no_record(env, redis_client):
