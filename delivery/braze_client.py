@@ -406,22 +406,33 @@ class BrazeClient:
         return f"BrazeClient(endpoint={self.endpoint!r})"
 
     def post(
-        self, path: str, body: dict[str, Any], *, fence: Callable[[], bool] | None = None
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        fence: Callable[[], bool] | None = None,
+        since: float | None = None,
     ) -> Reply:
         """POST `body`. `fence`, when given, is asked right before the request's first byte
         is written (after the pool and the connection are ready, httpcore's trace hook);
-        if it answers False, nothing is sent and the reply says `unsent`."""
+        if it answers False, nothing is sent and the reply says `unsent`. `since`: the
+        `time.monotonic()` the exchange's deadline counts from, when earlier than now (a
+        request fenced by its claim, before this call: the deadline counts from before
+        the fencing call was sent, so the whole exchange ends within the lease it found)."""
         template = self._templates.get(path)
         if template is None:
             template = self._templates[path] = self._template(path)
         if self._transport is not None:  # a test's transport: httpx's request, as it takes
-            return self._exchange(self._fenced(lambda: self._post_request(path, body), fence))
+            return self._exchange(
+                self._fenced(lambda: self._post_request(path, body), fence), since=since
+            )
         # Straight to httpcore's pool (issue 26, the eighth step): httpx's Request (its
         # headers copied and looked through, the body's stream) and its transport's
         # conversion of it into httpcore's cost ~30-40 us of a worker's CPU a post; the
         # same request is built from the template, the same bytes go out.
         return self._exchange(
-            self._fenced(lambda: template.request(self._encoded(body), self._extensions()), fence)
+            self._fenced(lambda: template.request(self._encoded(body), self._extensions()), fence),
+            since=since,
         )
 
     @staticmethod
@@ -534,9 +545,10 @@ class BrazeClient:
             answer.status, headers, content_charset(headers.get("content-type")), raw, truncated
         )
 
-    def _exchange(self, build: Callable[[], _Request]) -> Reply:
+    def _exchange(self, build: Callable[[], _Request], *, since: float | None = None) -> Reply:
         started = time.perf_counter()
-        self._deadline.at = time.monotonic() + self.timeout_seconds
+        now = time.monotonic()
+        self._deadline.at = (now if since is None else min(since, now)) + self.timeout_seconds
         try:
             answer = self._read(build())
         except _FenceRefused:

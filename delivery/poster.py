@@ -112,9 +112,10 @@ class PostReport:
 
 @dataclass(slots=True)
 class _Sent:
-    """Whether this post's request passed its fence (its bytes may have reached Braze), and
-    its count once answered: told to the first finish that records the outcome, which counts
-    it in the same call (finish_batch.lua; issue 26), else counted on its own afterwards."""
+    """Whether this post's request passed its fence (its bytes may have reached Braze: a
+    request its claim fenced, claim_batch.lua, counts from its first byte), and its count
+    once answered: told to the first finish that records the outcome, which counts it in
+    the same call (finish_batch.lua; issue 26), else counted on its own afterwards."""
 
     sent: bool = False
     tally: Tally | None = None
@@ -227,13 +228,28 @@ class Poster:
             # request is the pack, whose other batches are claimed after), nor without a seat
             # (the batch goes back to wait for a thread) or once the worker stops (it hands
             # the batch back): no turn is spent on a request that is not sent then.
+            # Told the turn, the claim also fences the batch (issue 26: one round trip a
+            # post less) when nothing can come between it and the request: the turn
+            # granted for now, no top-up left to make, no opt-out to read first, no pack
+            # to hand off (claim_batch.lua decides). Then the request goes without another
+            # fence, its exchange's deadline counted from before the claim's call that
+            # answered was sent, so it ends within the lease and the "sent at" mark's HTTP
+            # timeout (take_back.lua) as a request fenced right before its first byte does.
             turn = None
             if seated and not self.v2 and not live.stopping.is_set():
                 turn = self.limiter.turn_ask(batch_lane(batch_id))
+            since = [0.0]
 
             def claim_it() -> Claim:
+                since[0] = time.monotonic()
                 return self.store.claim(
-                    batch_id, token, lease_ms, top_up_to=self.top_up_to, turn=turn
+                    batch_id,
+                    token,
+                    lease_ms,
+                    top_up_to=self.top_up_to,
+                    turn=turn,
+                    fence_ms=self.settings.http_timeout_ms if turn is not None else None,
+                    opt_out_reads=self.opt_outs is not None,
                 )
 
             claim = self._until_answered(claim_it, lease_ms) if seated else claim_it()
@@ -242,6 +258,8 @@ class Poster:
             live.hold(batch_id, token)
             sent = _Sent()
             try:
+                if claim.fenced:
+                    return self._post_fenced(claim.record, claim, token, sent, since[0], seat)
                 return self._post_claimed(claim.record, claim, token, lease_ms, sent, seat, seated)
             except Exception as exc:
                 held = [b for b, by in live.held().items() if by == token]
@@ -338,6 +356,32 @@ class Poster:
                 if time.monotonic() + delay > deadline or not self.liveness.wait(delay):
                     raise
 
+    def _post_fenced(
+        self,
+        record: BatchRecord,
+        claim: Claim,
+        token: str,
+        sent: _Sent,
+        since: float,
+        seat: Seat | None,
+    ) -> PostReport:
+        """A v1 post whose claim took its turn, granted for now, and fenced the batch
+        (claim_batch.lua): nothing is left to do before the request (no wait, no top-up, no
+        opt-out read, no pack to hand off, no refusal), and it goes out now, without
+        `fence`, its exchange's deadline counted from `since` (before the claim was sent)."""
+        grant = claim.grant
+        assert grant is not None  # a claim fences only with its turn granted
+        if seat is not None:
+            seat.expect_release_in(grant.wait_seconds)
+        report = PostReport(
+            record.id,
+            PostStatus.RETRY,
+            size=len(set(record.values)),
+            entries=1,
+            attempt=record.attempts + 1,
+        )
+        return self._send_and_settle(record, [record], token, report, sent, grant, since)
+
     def _post_claimed(
         self,
         lead: BatchRecord,
@@ -416,18 +460,42 @@ class Poster:
         records = records_or_report
         if self.liveness.stopping.is_set():
             return self._hand_back(records, token, report)
-        # Fencing: the claim may have been lost while this worker waited for its turn or
-        # froze (a paused container): then the batch was taken back, and sending would
-        # risk an older state landing after a newer one. Checked last, right before the
-        # request's first byte is written, with lease enough left for the whole exchange.
-        need_ms = self.settings.http_timeout_ms
-        ids = [r.id for r in records]
+        return self._send_and_settle(lead, records, token, report, sent, grant, None)
 
-        def fence() -> bool:
-            sent.sent = self.store.fence(ids, token, need_ms)
-            return sent.sent
+    def _send_and_settle(
+        self,
+        lead: BatchRecord,
+        records: list[BatchRecord],
+        token: str,
+        report: PostReport,
+        sent: _Sent,
+        grant: Grant,
+        since: float | None,
+    ) -> PostReport:
+        """Send the request (fenced right before its first byte, unless its claim fenced
+        it: `since`) and act on the answer."""
+        if since is not None:
+            # Fenced by the claim: what is left of the fence here is to note that the
+            # request's first byte may go (its outcome unknown from then on).
+            def fenced() -> bool:
+                sent.sent = True
+                return True
 
-        reply = self._send(records, fence=fence)
+            reply = self._send(records, fence=fenced, since=since)
+        else:
+            # Fencing: the claim may have been lost while this worker waited for its turn
+            # or froze (a paused container): then the batch was taken back, and sending
+            # would risk an older state landing after a newer one. Checked last, right
+            # before the request's first byte is written, with lease enough left for the
+            # whole exchange.
+            need_ms = self.settings.http_timeout_ms
+            ids = [r.id for r in records]
+
+            def fence() -> bool:
+                sent.sent = self.store.fence(ids, token, need_ms)
+                return sent.sent
+
+            reply = self._send(records, fence=fence)
         if reply.unsent:
             logger.warning(
                 "batch %s: claim lost before sending (%d identifiers): not sent; it was taken "
@@ -718,12 +786,20 @@ class Poster:
             solo=True,
         )
 
-    def _send(self, records: list[BatchRecord], fence: Callable[[], bool]) -> Reply:
+    def _send(
+        self,
+        records: list[BatchRecord],
+        fence: Callable[[], bool],
+        since: float | None = None,
+    ) -> Reply:
         if self.settings.braze_api_version == "v2":
             body = v2_body([(r.key, r.values) for r in records])
             return self.braze.post(V2_PATH, body, fence=fence)
         (record,) = records
-        return self.braze.post(V1_PATH, v1_body(record.key, record.values), fence=fence)
+        body = v1_body(record.key, record.values)
+        if since is None:
+            return self.braze.post(V1_PATH, body, fence=fence)
+        return self.braze.post(V1_PATH, body, fence=fence, since=since)
 
     def _settle(
         self,

@@ -103,6 +103,10 @@ class Claim:
     # (or a renewal found the one its token took): None when it was not told to, or the
     # claim found a refusal above (no request goes out then).
     grant: Grant | None = None
+    # The claim fenced the batch too (claim_batch.lua, told to by `fence_ms`; issue 26):
+    # its "sent at" mark is written, and the request goes without `fence`, its exchange's
+    # deadline counted from before the claim was sent.
+    fenced: bool = False
 
 
 # Most due entries a top-up looks at (claim_batch.lua ARGV[7]; top_up_batch.lua and
@@ -265,6 +269,8 @@ class BatchStore(ScriptedStore):
         *,
         top_up_to: int = 0,
         turn: TurnAsk | None = None,
+        fence_ms: int | None = None,
+        opt_out_reads: bool = False,
     ) -> Claim:
         """Claim a batch for `token` (claim_batch.lua). Members superseded by a newer
         change leave it; if it holds fewer than `top_up_to` members then (it lost some, or was
@@ -273,7 +279,11 @@ class BatchStore(ScriptedStore):
         v2 pack: that many distinct identifiers). With `turn` (`RateLimiter.turn_ask` of
         the batch's lane), a claim made that finds no refusal takes the batch's turn of the
         rate budget in the same call (`Claim.grant`; a renewal by `token` answers the turn
-        it took again, and takes none)."""
+        it took again, and takes none). With `fence_ms` too (the lease that must remain,
+        as `fence` asks), a claim whose turn is granted for now, with no top-up before the
+        send to make and no opt-out to read first (`opt_out_reads`: the poster reads them
+        for members that ask) fences the batch in the same call (`Claim.fenced`; a renewal
+        by `token` after a fenced first try answers fenced again)."""
         keys = [self.keys.batch(batch_id), *self._claim_keys_tail]
         args = [batch_id, token, lease_ms, *self._history_args, top_up_to]
         args += self._look_at_and_subject
@@ -281,6 +291,8 @@ class BatchStore(ScriptedStore):
             keys += turn.keys
             args.append(b"1")
             args += turn.args
+            if fence_ms is not None:
+                args += (fence_ms, b"1" if opt_out_reads else b"0")
         reply = self.scripts.claim_batch(keys=keys, args=args)
         status = ClaimStatus(_text(reply[0]))
         record = BatchRecord.from_json(reply[1]) if len(reply) > 1 else None
@@ -295,6 +307,7 @@ class BatchStore(ScriptedStore):
             refusal=None if raw_refusal is None else Refusal.from_json(raw_refusal),
             half_refused=None if raw_half is None else _text(raw_half),
             grant=grant_of(reply[5:10]) if len(reply) > 5 else None,
+            fenced=len(reply) > 10 and int(reply[10]) == 1,
         )
 
     def top_up_before_send(

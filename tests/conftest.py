@@ -121,6 +121,16 @@ def come_due(*batch_ids: str) -> list[str]:
     return found.batches.dispatch_due(1000, 120_000)
 
 
+def turn_a_moment_off(ms: int = 300) -> None:
+    """Promise the rate budget `ms` ahead: the next post's turn is granted with a short
+    wait, so its claim does not fence the batch (claim_batch.lua fences only a turn for
+    now; issue 26) and the poster fences it right before the first byte (fence_batch.lua):
+    for tests of what may happen between the claim and that fence."""
+    found = services()
+    now = float(found.redis.time()[0]) * 1000 + float(found.redis.time()[1]) / 1000
+    found.redis.hset(found.limiter.key, "tat", now + found.limiter.budget.tolerance_ms + ms)
+
+
 def drained() -> bool:
     """Nothing pending, nothing in flight, no batch left: the pipeline has finished."""
     from admin.status import read_status

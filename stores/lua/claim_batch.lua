@@ -32,6 +32,10 @@
 -- top-up looks at   ARGV[8] subject key lifetime (ms)
 -- ARGV[9] "1": take the batch's turn of the rate budget too (the poster's v1 post; absent
 -- or anything else: no turn)   ARGV[10..18] acquire_token.lua's ARGV[1..9] (the lane's)
+-- ARGV[19] (only with ARGV[9] "1"; absent: no fence) lease that must remain, in ms (the
+-- HTTP timeout, as fence_batch.lua's ARGV[2]): fence the batch in this call when nothing
+-- can happen between the claim and the request (below)   ARGV[20] "1": the poster reads
+-- Braze's opt-outs before a request (delivery/opt_outs.py) for members that ask for it
 -- Per member superseded (see _prelude.lua): its history gets "superseded" (in its batch).
 -- Per member of a top-up: what take_batch.lua does per member (`take_change`).
 -- The records of the batch's v2 pack siblings are read (named like KEYS[1], with their id).
@@ -83,11 +87,26 @@
 -- a reply lost to a failover: its first try may have run) answers the noted turn again,
 -- its wait counted from now, and takes none; with none noted for its token (its first try
 -- took none, or the note expired), it takes one.
+-- The fence (issue 26: the claim, the turn and the fence in one call, where a post made
+-- two): with ARGV[19], a claim whose turn is granted for now (no wait), that holds no
+-- member whose opt-out Braze is to be read first (ARGV[20] "1", state "subscribed", a
+-- member's respect flag not 0), that travels alone (no v2 pack to hand off) and that no
+-- top-up before the send would add to (full; or claimed afresh, so the claim's top-up just
+-- looked; or never topped up: attempted, split, a half) is fenced here exactly as
+-- fence_batch.lua fences it: only while ARGV[2] holds it with more than ARGV[19] of lease
+-- left, its "sent at" mark (KEYS[5]) written now, before any byte can go. The poster then
+-- sends without fence_batch.lua, its exchange's deadline counted from before it sent
+-- this call (so the request ends before the lease does, and by the mark and the HTTP
+-- timeout, which take_back.lua waits for). A renewal by the same token that finds the mark
+-- (its first try fenced; a reply lost) answers fenced again with the mark moved to now,
+-- its noted turn and no refusal (its first try read none): the poster never sent on the
+-- lost reply. Anything else answers not fenced, and the poster fences before the request.
 -- Returns {"gone"} (finished already), {"busy"} (another worker holds it), {"waiting"}
 -- (it waits in the schedule), {"empty", record as it was} or {"claimed", record, members
 -- the top-up took, the standing refusal's JSON or nil, the refused half's message or nil}
 -- followed, when it took or renewed a turn, by acquire_token.lua's five answers (granted
--- 1/0, wait ms, send time ms or "", "probe" | "check" | "", why not granted or "").
+-- 1/0, wait ms, send time ms or "", "probe" | "check" | "", why not granted or ""), and,
+-- with ARGV[19], 1 (fenced: send now) or 0.
 -- The holder may claim again with its own token (a renewal). The reads change nothing: a
 -- refused batch is claimed (and topped up) as before, and the poster dead-letters it
 -- unsent.
@@ -208,15 +227,87 @@ if not holder then
   redis.call('HDEL', KEYS[5], id)
 end
 redis.call('ZADD', KEYS[2], lease_end, id)
-local refusal = redis.call('GET', keys_prefix .. 'refused:' .. record.group .. SEP
-  .. record.state .. SEP .. record.kind)
-local half = false
-if type(record.sibling) == 'string' and record.sibling ~= '' then
-  half = redis.call('GET', keys_prefix .. 'refused-half:' .. id)
+local need = ARGV[9] == '1' and tonumber(ARGV[19] or '') or nil
+-- A renewal whose first try fenced the batch (only this token's claims write a mark a
+-- renewal finds: a new holder's claim clears it above).
+local fenced_before = need and holder and redis.call('HEXISTS', KEYS[5], id) == 1
+local refusal, half = false, false
+if not fenced_before then
+  refusal = redis.call('GET', keys_prefix .. 'refused:' .. record.group .. SEP
+    .. record.state .. SEP .. record.kind)
+  if type(record.sibling) == 'string' and record.sibling ~= '' then
+    half = redis.call('GET', keys_prefix .. 'refused-half:' .. id)
+  end
 end
 if ARGV[9] ~= '1' or refusal or half then
   return {'claimed', record_json, topped, refusal, half}
 end
+
+-- Whether a member asks for its opt-out in Braze to be read before the request: its third
+-- element not 0 (delivery/opt_outs.py `to_check`; unsure: yes). Members decoded, or read
+-- off the text record_head accepted (no backslash: a value ends at its quote; a number
+-- as the second element holds no comma).
+local function asks_opt_out_read()
+  if record.state ~= 'subscribed' then
+    return false
+  end
+  local members = whole and record.members or (not whole and kept) or nil
+  if members then
+    for _, member in ipairs(members) do
+      local respect = member[3]
+      if respect ~= 0 and respect ~= false and respect ~= cjson.null then
+        return true
+      end
+    end
+    return false
+  end
+  local pos = string.find(record_json, MEMBERS_AT, 1, true) + #MEMBERS_AT
+  local last = #record_json - 2
+  while true do
+    local close = string.find(record_json, '"', pos + 2, true)
+    local first = string.byte(record_json, close + 2)
+    local comma = string.find(record_json, ',', close + 2, true)
+    local stop = string.find(record_json, ']', close, true)
+    if not first or first < 48 or first > 57 or not comma or comma > stop
+        or string.byte(record_json, comma + 1) ~= 48 then
+      return true
+    end
+    local after = string.byte(record_json, comma + 2)
+    if after ~= 44 and after ~= 93 then
+      return true
+    end
+    if stop == last then
+      return false
+    end
+    pos = stop + 2
+  end
+end
+
+-- The fence in this call (see above): 1 when fenced, 0 when the poster fences later;
+-- nothing when not asked.
+local function fence_now(granted, wait)
+  if not need then
+    return nil
+  end
+  if fenced_before then
+    redis.call('HSET', KEYS[5], id, now)
+    return 1
+  end
+  if granted ~= 1 or wait > 0 or lease_end - now <= need or #(record.pack or {}) > 1 then
+    return 0
+  end
+  local count = whole and #fields or #kept
+  if count < tonumber(ARGV[6]) and holder and record.attempts == 0 and not record.split
+      and not record.sibling then
+    return 0  -- a renewal's short batch: the top-up before the send may take some
+  end
+  if ARGV[20] == '1' and asks_opt_out_read() then
+    return 0
+  end
+  redis.call('HSET', KEYS[5], id, now)
+  return 1
+end
+
 local noted = keys_prefix .. 'turn:' .. id
 local token_sep = ARGV[2] .. SEP
 if holder then
@@ -226,7 +317,7 @@ if holder then
       '^(%d)\31([^\31]*)\31([^\31]*)\31(.*)$')
     local wait = math.max(0, math.ceil(tonumber(at) - now_ms_exact()))
     return {'claimed', record_json, topped, refusal, half, tonumber(granted), wait,
-      granted == '1' and at or '', mark, why}
+      granted == '1' and at or '', mark, why, fence_now(tonumber(granted), wait)}
   end
 end
 local turn = take_turn(KEYS[15], KEYS[16], ARGV, 9)
@@ -237,4 +328,4 @@ end
 redis.call('SET', noted, token_sep .. turn[1] .. SEP .. at .. SEP .. turn[4] .. SEP .. turn[5],
   'PX', 2 * tonumber(ARGV[3]))
 return {'claimed', record_json, topped, refusal, half, turn[1], turn[2], turn[3], turn[4],
-  turn[5]}
+  turn[5], fence_now(turn[1], turn[2])}

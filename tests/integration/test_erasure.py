@@ -21,7 +21,7 @@ from delivery.services import services
 from stores.history import ConsentHistory
 from stores.keys import FIELD_SEPARATOR
 from tests.cli_runs import run_real
-from tests.conftest import come_due, keyspace_traces
+from tests.conftest import come_due, keyspace_traces, turn_a_moment_off
 from tests.sim_control import faults, set_in_braze, sim_states, sim_stats
 
 # Distinct masks (j***@example.com, b***@…, c***@…): the texts can be read back.
@@ -156,7 +156,9 @@ def test_forget_while_the_batch_waits_for_its_turn_sends_nothing_for_it(env, sim
     poster = found.poster()
     enqueue(("news", JANE), ("news", BOB))
     [batch_id] = tick("v1")
-    # A v1 claim takes the batch's turn in the same call: the wait for it comes next.
+    # A v1 claim takes the batch's turn in the same call: the wait for it comes next (a
+    # turn a moment off: one for now, the claim fences the batch and the request goes).
+    turn_a_moment_off()
     original = poster.liveness.wait
 
     def turn_after_forget(seconds: float) -> bool:

@@ -20,7 +20,14 @@ from stores.clock import server_time_ms
 from stores.history import DAY_MS, ConsentHistory, Retention
 from stores.keys import Keys, buffer_field, identity_digest
 from tests.cli_runs import run_real
-from tests.conftest import come_due, email, keyspace_traces, take_each, wait_for
+from tests.conftest import (
+    come_due,
+    email,
+    keyspace_traces,
+    take_each,
+    turn_a_moment_off,
+    wait_for,
+)
 from tests.sim_control import faults, set_in_braze
 
 GROUP = "news"
@@ -520,28 +527,39 @@ def test_forget_removes_every_trace_and_nothing_brings_it_back(env, sim, redis_c
     assert shown["events"][0]["removed"]["pending"] == 2
 
 
-def test_forget_while_the_batch_is_being_posted(env, sim, redis_client):
+@pytest.mark.parametrize("fenced_by", ["the claim", "the fence before the first byte"])
+def test_forget_while_the_batch_is_being_posted(env, sim, redis_client, fenced_by):
     """The erasure comes after the check before the first byte: the request is on the wire
     and reaches Braze, but its end, a retry and a dead letter write nothing about the
     identifier. (Before that check, the request is not sent at all:
-    tests/integration/test_erasure.py.)"""
+    tests/integration/test_erasure.py.) The check is the claim's when its turn is for now
+    (issue 26: the erasure then comes between the claim and the request), else
+    fence_batch.lua's right before the first byte."""
     found = services()
     poster = found.poster()
     target, other = email(1), email(2)
     enqueue(row(target, "subscribed", T0), row(other, "subscribed", T0))
     [batch_id] = take_all()
-    original = poster.store.fence
+    step = (poster.braze, "post") if fenced_by == "the claim" else (poster.store, "fence")
+    original = getattr(*step)
+    if fenced_by != "the claim":
+        turn_a_moment_off()
 
-    def fence_then_erase(*args: Any, **options: Any) -> bool:
+    def then_erase(*args: Any, **options: Any) -> Any:
+        if fenced_by == "the claim":  # the claim wrote the mark: the request may go
+            assert redis_client.hexists(found.keys.fences, batch_id)
+            erased = run_real("forget", "--email", target)
+            assert erased.returncode == 0, erased.stderr
+            return original(*args, **options)
         sent = original(*args, **options)
-        result = run_real("forget", "--email", target)
-        assert result.returncode == 0, result.stderr
+        erased = run_real("forget", "--email", target)
+        assert erased.returncode == 0, erased.stderr
         return sent
 
-    poster.store.fence = fence_then_erase  # type: ignore[method-assign]
+    setattr(*step, then_erase)
     faults(sim, outage=True)
     assert poster.post(batch_id).status == "retry"
-    poster.store.fence = original  # type: ignore[method-assign]
+    setattr(*step, original)
     assert keyspace_traces(redis_client, target) == []
     faults(sim, outage=False)
     come_due(batch_id)

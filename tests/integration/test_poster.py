@@ -29,7 +29,7 @@ from stores.dead_letters import DeadLetters
 from stores.keys import buffer_field
 from stores.limiter import RateLimiter
 from stores.refusals import Refusals
-from tests.conftest import come_due, email, take_each, wait_for
+from tests.conftest import come_due, email, take_each, turn_a_moment_off, wait_for
 from tests.sim_control import faults, sim_stats, sim_subscriptions
 
 GROUP = "news"
@@ -699,6 +699,7 @@ def test_the_fence_runs_right_before_the_first_byte(sim, redis_client, monkeypat
     connection still stops the request, and nothing reaches Braze."""
     found = services()
     batch_id = email_batch([email(6)])
+    turn_a_moment_off()  # a turn for now: the claim fences (tests/integration/test_claim_fence.py)
     original = found.batches.fence
     checked: list[bool] = []
 
@@ -777,7 +778,9 @@ def test_a_post_failing_on_redis_after_its_claim_was_lost_reports_lost(
         raise RedisConnectionError("Connection closed by server.")
 
     poster = found.poster()
-    # The first step after the claim (and its turn: one call) for a short v1 batch.
+    # The first step after the claim (and its turn: one call) for a short v1 batch whose
+    # turn comes a moment later (a turn for now: the claim fences and the request goes).
+    turn_a_moment_off()
     monkeypatch.setattr(poster.store, "top_up_before_send", thawed)
     report = poster.post(batch_id)
     assert report.status == "lost"
