@@ -1,17 +1,21 @@
-"""The claim and the turn of a v1 post, in two calls or in one (issue 26), side by side.
+"""The claim, the turn and the fence of a v1 post, in three calls, two or one (issue 26),
+side by side.
 
     .venv/bin/python -m bench.claim_turn --identifiers 20000 --rounds 5
 
 bench.post_cpu compares whole posts of two trees, whose other steps (the HTTP exchange,
 the fence, the finish) swing by a tenth from round to round on a shared machine; this
-measures only the step that changed, both ways in one process on one redis-server, the
-ways alternating in blocks of --block batches so the machine's load falls on both alike:
-`BatchStore.claim` then `RateLimiter.acquire` (two script calls, as main before the fold
-and a v2 request still do) against `BatchStore.claim(turn=...)` (claim_batch.lua takes the
-turn). A backlog of --identifiers (bench.drain's mix) is cut by the coalescer's tick into
-batches, each claimed once, at an unlimited budget. Reports, medians over the rounds, the
-claiming thread's CPU (`time.thread_time`) a batch and redis-server's (INFO cpu, the whole
-server) a batch. Writes bench/results/claim-turn.json.
+measures only the steps that changed, every way in one process on one redis-server, the
+ways alternating in blocks of --block batches so the machine's load falls on all alike:
+`BatchStore.claim` then `RateLimiter.acquire` ("two calls", as the seventh step's base and
+a v2 request still do) against `BatchStore.claim(turn=...)` ("one call": claim_batch.lua
+takes the turn); and, the eighth step, that claim then `BatchStore.fence` ("claim+turn,
+fence": a v1 post before it) against `BatchStore.claim(turn=..., fence_ms=...)`
+("claim+turn+fence": the claim fences too). A backlog of --identifiers (bench.drain's mix)
+is cut by the coalescer's tick into batches, each claimed once, at an unlimited budget.
+Reports, medians over the rounds, the claiming thread's CPU (`time.thread_time`) a batch
+and redis-server's (INFO cpu, the whole server) a batch. Writes
+bench/results/claim-turn.json.
 """
 
 from __future__ import annotations
@@ -60,9 +64,11 @@ def one_round(identifiers: int, block: int, seed: int) -> dict[str, float]:
                 break
         store, limiter = services.batches, services.limiter
         lease = services.settings.claim_lease_ms
-        spent = {"two calls": [0.0, 0.0, 0], "one call": [0.0, 0.0, 0]}
+        need = services.settings.http_timeout_ms
+        ways = ["two calls", "one call", "claim+turn, fence", "claim+turn+fence"]
+        spent = {way: [0.0, 0.0, 0] for way in ways}
         for start in range(0, len(batches), block):
-            way = "two calls" if (start // block) % 2 == seed % 2 else "one call"
+            way = ways[(start // block + seed) % len(ways)]
             chunk = batches[start : start + block]
             redis_before = server_cpu(services)
             began = time.thread_time()
@@ -71,9 +77,25 @@ def one_round(identifiers: int, block: int, seed: int) -> dict[str, float]:
                 if way == "two calls":
                     store.claim(batch_id, token, lease, top_up_to=50)
                     limiter.acquire(batch_lane(batch_id))
-                else:
+                elif way == "one call":
                     ask = limiter.turn_ask(batch_lane(batch_id))
                     assert store.claim(batch_id, token, lease, top_up_to=50, turn=ask).grant
+                elif way == "claim+turn, fence":
+                    ask = limiter.turn_ask(batch_lane(batch_id))
+                    assert store.claim(batch_id, token, lease, top_up_to=50, turn=ask).grant
+                    assert store.fence([batch_id], token, need)
+                else:
+                    ask = limiter.turn_ask(batch_lane(batch_id))
+                    made = store.claim(
+                        batch_id,
+                        token,
+                        lease,
+                        top_up_to=50,
+                        turn=ask,
+                        fence_ms=need,
+                        opt_out_reads=True,
+                    )
+                    assert made.fenced
             spent[way][0] += time.thread_time() - began
             spent[way][1] += server_cpu(services) - redis_before
             spent[way][2] += len(chunk)

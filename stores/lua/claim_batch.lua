@@ -126,7 +126,9 @@ end
 -- The record without its members first (`record_head`, issue 26): a claim that finds no
 -- member superseded and no room for a top-up (a full batch) neither decodes nor rewrites
 -- the members and answers the record as stored; any other decodes it whole, as before.
-local record, values = record_head(record_json)
+-- (Told to fence with opt-outs read: whether a member asks for its read, see below.)
+local record, values, asks_read = record_head(record_json,
+  ARGV[9] == '1' and ARGV[19] ~= nil and ARGV[20] == '1')
 if not record then
   record = cjson.decode(record_json)
   values = {}
@@ -245,42 +247,22 @@ end
 
 -- Whether a member asks for its opt-out in Braze to be read before the request: its third
 -- element not 0 (delivery/opt_outs.py `to_check`; unsure: yes). Members decoded, or read
--- off the text record_head accepted (no backslash: a value ends at its quote; a number
--- as the second element holds no comma).
+-- off the text by record_head (`asks_read`).
 local function asks_opt_out_read()
   if record.state ~= 'subscribed' then
     return false
   end
   local members = whole and record.members or (not whole and kept) or nil
-  if members then
-    for _, member in ipairs(members) do
-      local respect = member[3]
-      if respect ~= 0 and respect ~= false and respect ~= cjson.null then
-        return true
-      end
-    end
-    return false
+  if not members then
+    return asks_read
   end
-  local pos = string.find(record_json, MEMBERS_AT, 1, true) + #MEMBERS_AT
-  local last = #record_json - 2
-  while true do
-    local close = string.find(record_json, '"', pos + 2, true)
-    local first = string.byte(record_json, close + 2)
-    local comma = string.find(record_json, ',', close + 2, true)
-    local stop = string.find(record_json, ']', close, true)
-    if not first or first < 48 or first > 57 or not comma or comma > stop
-        or string.byte(record_json, comma + 1) ~= 48 then
+  for _, member in ipairs(members) do
+    local respect = member[3]
+    if respect ~= 0 and respect ~= false and respect ~= cjson.null then
       return true
     end
-    local after = string.byte(record_json, comma + 2)
-    if after ~= 44 and after ~= 93 then
-      return true
-    end
-    if stop == last then
-      return false
-    end
-    pos = stop + 2
   end
+  return false
 end
 
 -- The fence in this call (see above): 1 when fenced, 0 when the poster fences later;

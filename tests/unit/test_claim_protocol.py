@@ -20,6 +20,16 @@ Each step is one Lua script (or one request) of the real system:
 - fence_batch.lua + the request: the fence runs right before the first byte is written
   (httpcore's trace hook, delivery/braze_client.py), so the model treats fence-and-write as
   one step (the limit of any fencing without Braze's help: README, guarantees);
+- with `Rules.claim_fences` (issue 26's eighth step), any claim may also fence its batch
+  (its turn was for now, nothing left before the request): the request is a step of its
+  own after it. A worker frozen between the two may find its claim gone when it thaws;
+  then its request sends no byte, since the exchange's deadline counts from before the
+  claim was sent: a take-back of a dead holder's fenced batch waits for its mark plus the
+  HTTP timeout and a lease outlasts that, so a claim gone means the deadline has passed
+  (`fenced_deadline`; without it the checker finds the stale state). `forget` leaves a
+  fenced batch's claim alone (the mark says its request may be on the wire): a request
+  its claim fenced before the erasure may carry the identifier after it, as one fenced
+  right before its first byte may;
 - finish_batch.lua / defer_batch.lua: only the claim's holder ends or defers;
 - take_back.lua: only from a holder whose heartbeat is gone (for a request already sent,
   only once it has timed out; the model takes it back at once, which is harsher);
@@ -87,6 +97,12 @@ class Rules:
     # The second top-up, right before the request (top_up_batch.lua), only into a batch
     # its worker still holds (issue 26).
     send_top_up_checks_claim: bool = True
+    # Issue 26, the eighth step: a claim may fence its batch too (phase "f"), the request a
+    # step after it; its deadline counts from before the claim, so a claim taken from a
+    # frozen worker meanwhile (after the mark's timeout, or the lease) leaves it no time to
+    # send: False is a request that goes whenever its worker thaws.
+    claim_fences: bool = False
+    fenced_deadline: bool = True
 
 
 @dataclass(frozen=True)
@@ -343,15 +359,18 @@ def _worker_steps(
                 yield f"w{index} claims {batch}: empty", _end_batch(after, batch)
             elif claimable:
                 token = state.next_token
-                yield (
-                    f"w{index} claims {batch}",
-                    replace(
-                        after,
-                        claims=state.claims | {(batch, token, index)},
-                        next_token=token + 1,
-                        workers=_set_worker(state, index, Worker(True, (batch, token, "c", ""))),
-                    ),
-                )
+                for phase in ("c", "f") if rules.claim_fences else ("c",):
+                    yield (
+                        f"w{index} claims {batch}" + (" and fences it" if phase == "f" else ""),
+                        replace(
+                            after,
+                            claims=state.claims | {(batch, token, index)},
+                            next_token=token + 1,
+                            workers=_set_worker(
+                                state, index, Worker(True, (batch, token, phase, ""))
+                            ),
+                        ),
+                    )
             else:
                 yield f"w{index} drops a message for {batch}", after
         return
@@ -360,8 +379,13 @@ def _worker_steps(
     idle = _set_worker(state, index, Worker(True, None))
     if phase == "c" and batch == HOST:
         yield from _top_up_before_send(state, index, held, rules)
-    if phase == "c":  # fence_batch.lua, then the request's first byte
-        if rules.fence and not held:
+    if phase == "f" and not held and rules.fenced_deadline:
+        # Fenced by its claim, then frozen until the claim was taken: the exchange's
+        # deadline has passed, no byte goes; the error's give-back finds the claim gone.
+        yield f"w{index} past its deadline: {batch} not sent", replace(state, workers=idle)
+        return
+    if phase in ("c", "f"):  # fence_batch.lua (or the claim's fence), then the first byte
+        if phase == "c" and rules.fence and not held:
             yield f"w{index} fence refuses {batch}", replace(state, workers=idle)
             return
         version = _version(state, batch)
@@ -373,7 +397,7 @@ def _worker_steps(
             violation = violation or f"w{index} sent state {version} after {state.braze}"
         if _send_status(state, batch) in ("inflight", "done"):
             violation = violation or f"{batch} sent again though its outcome was known"
-        if state.erased_token and token < state.erased_token:
+        if state.erased_token and token < state.erased_token and phase == "c":
             violation = violation or f"w{index} sent the identifier after forget returned"
         for result in ("ok", "fail") if state.failures else ("ok",):
             yield (
@@ -472,20 +496,28 @@ def _claim_host(
         next_token=token + 1,
         workers=_set_worker(state, index, Worker(True, (HOST, token, "c", ""))),
     )
-    yield f"w{index} claims {HOST}", claimed
-    yield from _absorbs(claimed, f"w{index} claims {HOST}", rules)
+    claims = [(f"w{index} claims {HOST}", claimed)]
+    claims += _absorbs(claimed, f"w{index} claims {HOST}", rules)
     takeable = locked_by is None or not rules.top_up_checks_lock
     if state.pending is not None and takeable and version == 0:
-        yield (
-            f"w{index} claims {HOST}, topped up with {state.pending}",
-            replace(
-                claimed,
-                batches=frozenset(b for b in state.batches if b[0] != HOST)
-                | {(HOST, state.pending)},
-                locked_by=HOST,
-                pending=None,
-            ),
+        claims.append(
+            (
+                f"w{index} claims {HOST}, topped up with {state.pending}",
+                replace(
+                    claimed,
+                    batches=frozenset(b for b in state.batches if b[0] != HOST)
+                    | {(HOST, state.pending)},
+                    locked_by=HOST,
+                    pending=None,
+                ),
+            )
         )
+    fenced = _set_worker(state, index, Worker(True, (HOST, token, "f", "")))
+    for name, following in claims:
+        yield name, following
+        if rules.claim_fences:
+            # Fenced by the claim too (its top-up just looked: none comes before the send).
+            yield f"{name}, and fenced", replace(following, workers=fenced)
 
 
 def _top_up_before_send(
@@ -702,6 +734,39 @@ def test_absorbing_a_short_batch_never_sends_a_stale_state():
     visited, counterexample = explore(Rules(), freezes=1, writes=1, host=True, sweeps=0)
     assert counterexample is None, "\n".join(counterexample)
     assert visited > 10_000
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"freezes": 1, "crashes": 1},
+        {"freezes": 1, "forget": True},
+        {"freezes": 0, "writes": 2, "host": True},
+        {"freezes": 1, "host": True, "sweeps": 0},
+    ],
+    ids=["freezes", "a crash", "forget", "top-ups", "top-ups-frozen"],
+)
+def test_a_claim_that_fences_never_sends_without_a_live_claim_or_a_stale_state(options):
+    """Issue 26, the eighth step: any claim may fence its batch too (its turn for now),
+    the request a step after it, a worker freezing between the two; with freezes, a crash,
+    forget, top-ups and absorbs around it: no send without a live claim (the deadline),
+    no stale state, no re-send of a known outcome, and the newest state arrives."""
+    rules = Rules(claim_fences=True)
+    visited, counterexample = explore(rules, **options)
+    assert counterexample is None, "\n".join(counterexample)
+    assert visited > 1_000
+    assert any("fences" in name or "fenced" in name for name in _step_names(rules))
+
+
+def test_the_checker_finds_the_stale_state_when_a_claims_fence_has_no_deadline():
+    """A request its claim fenced that goes whenever its worker thaws (its exchange's
+    deadline counted from the send, not from before the claim): the batch was taken back
+    from the frozen worker and sent newer meanwhile; the older state lands after it."""
+    _visited, counterexample = explore(Rules(claim_fences=True, fenced_deadline=False))
+    assert counterexample is not None
+    assert "without a live claim" in counterexample[-1] or "after" in counterexample[-1]
+    assert any("fences" in step for step in counterexample)
 
 
 def _step_names(rules: Rules, **kwargs: int) -> set[str]:
