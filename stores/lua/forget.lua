@@ -38,7 +38,8 @@
 -- turn or an opt-out read, with the identifier in memory) loses its claim here, with the
 -- other batches of the same request (a v2 pack): the worker's check right before the first
 -- byte (fence_batch.lua) then finds the claim gone and sends nothing, as after a take-back;
--- the batches wait in the schedule, due now, and go out without the identifier.
+-- the batches wait in the schedule, due now, and go out without the identifier. A batch
+-- whose claim fenced it (claim_batch.lua, a v1 turn for now) counts as sent from then.
 -- Returns a JSON object counting what was removed.
 local kind, value = ARGV[1], ARGV[2]
 local ident = kind .. SEP .. value

@@ -20,7 +20,9 @@
 -- heartbeat while it posts, and it sends only after fence_batch.lua found lease enough
 -- left, so no take-over runs beside a live request. A dead holder's batch whose request
 -- was sent is taken back only once that request has timed out, so the re-post cannot
--- overtake it at Braze. The first time a worker is found dead, every batch between its
+-- overtake it at Braze. (A v1 claim may fence its batch itself, claim_batch.lua: the mark
+-- is written by the claim, with the same lease check, and that request's deadline counts
+-- from before the claim, so it too has ended by the mark plus ARGV[1].) The first time a worker is found dead, every batch between its
 -- message and its claim is scheduled too: the dead worker may have taken its message off
 -- the queue (a message fetched is gone from the broker before the worker reads it, and
 -- dies with it), and no one can tell which; a message still queued then finds its batch
