@@ -796,10 +796,9 @@ class Poster:
             body = v2_body([(r.key, r.values) for r in records])
             return self.braze.post(V2_PATH, body, fence=fence)
         (record,) = records
-        body = v1_body(record.key, record.values)
-        if since is None:
-            return self.braze.post(V1_PATH, body, fence=fence)
-        return self.braze.post(V1_PATH, body, fence=fence, since=since)
+        return self.braze.post(
+            V1_PATH, v1_body(record.key, record.values), fence=fence, since=since
+        )
 
     def _settle(
         self,

@@ -23,7 +23,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from core.planning import PlannedBatch
+from core.changes import Lane, parse_change
+from core.planning import PlannedBatch, plan_batches
 from delivery.services import reset_services, services
 from devtools.processes import CeleryProcess, ProcessGroup, wait_until
 from devtools.rabbitmq import RabbitMQ
@@ -34,6 +35,7 @@ from simulator import SimulatorConfig, SimulatorServer
 from simulator.order_check import Enqueued, Key, applied_from_document, check_order
 from simulator.order_check import enqueued_from_rows as rows_by_key
 from stores.buffer import Buffer
+from stores.clock import server_time_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("unit", "integration", "e2e")
@@ -50,6 +52,18 @@ BASE_ENV = {
     "CREDENTIALS_PROBE_SECONDS": "1",
     "LOG_LEVEL": "INFO",
 }
+
+
+def cut_one_batch(rows: list[dict[str, Any]], lane: Lane = Lane.BULK) -> str:
+    """Enqueue the rows (the services' settings) and take them into one batch of `lane`,
+    as the coalescer's tick would; returns its id."""
+    buffer: Buffer = services().buffer
+    buffer.enqueue([parse_change(r) for r in rows], lane=lane)
+    now = server_time_ms(buffer.client)
+    changes = buffer.read_due(now, 1000)[0]
+    [batch] = plan_batches(changes, now_ms=now, max_identifiers=50)
+    [[(batch_id, _size)]] = buffer.take([[batch]], 60_000, lane)
+    return batch_id
 
 
 def wait_for(

@@ -21,13 +21,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config.settings import load_settings
 from core.changes import Lane, parse_change
-from core.planning import plan_batches
 from delivery.coalescer import Coalescer
 from delivery.services import Services, reset_services, services
 from stores.batch_records import ClaimStatus
-from stores.buffer import Buffer
 from stores.clock import server_time_ms
 from stores.refusals import Refusals
+from tests.conftest import cut_one_batch as cut
 from tests.conftest import email, turn_a_moment_off
 from tests.sim_control import sim_stats
 
@@ -50,17 +49,6 @@ def row(value: str, state: str = "subscribed", **options: Any) -> dict[str, Any]
         "email": value,
         **options,
     }
-
-
-def cut(rows: list[dict[str, Any]], lane: Lane = Lane.BULK) -> str:
-    """Enqueue the rows and take them into one batch of `lane`; returns its id."""
-    buffer: Buffer = services().buffer
-    buffer.enqueue([parse_change(r) for r in rows], lane=lane)
-    now = server_time_ms(buffer.client)
-    changes = buffer.read_due(now, 1000)[0]
-    [batch] = plan_batches(changes, now_ms=now, max_identifiers=50)
-    [[(batch_id, _size)]] = buffer.take([[batch]], 60_000, lane)
-    return batch_id
 
 
 def claim(found: Services, batch_id: str, token: str = A, **options: Any) -> Any:
